@@ -1,0 +1,98 @@
+// Block-sparse estimation: mean-pooled 64-token blocks of Q (per query head) and K (per
+// kv head), block scores scale * qpool[b] . kpool[j] for j <= b, top-k key blocks per
+// query block with the diagonal forced in; ties go to the lower block. All fp32.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "kernels/cpu/cpu.h"
+#include "kernels/cpu/dot.h"
+#include "kernels/cpu/parallel.h"
+
+namespace mprefill::cpu {
+namespace {
+
+// pooled[h][b][0..d): mean of the rows of block b (the last block may be partial).
+std::vector<float> mean_pool(const float* x, int64_t row_stride, int64_t head_stride, int heads,
+                             int d, int64_t n) {
+  const int64_t nb = num_blocks(n);
+  std::vector<float> pooled(static_cast<size_t>(heads) * nb * d, 0.f);
+  parallel_for(heads * nb, 4, [&](int64_t b, int64_t e) {
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t h = item / nb, blk = item % nb;
+      const int64_t r0 = blk * kBlock, r1 = std::min<int64_t>(n, r0 + kBlock);
+      float* out = pooled.data() + item * d;
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* row = x + r * row_stride + h * head_stride;
+        for (int i = 0; i < d; ++i) out[i] += row[i];
+      }
+      const float inv = 1.f / static_cast<float>(r1 - r0);
+      for (int i = 0; i < d; ++i) out[i] *= inv;
+    }
+  });
+  return pooled;
+}
+
+}  // namespace
+
+Status block_sparse_estimate(const BlockSparseEstimateParams& p, const int* topk,
+                             BlockSparseIndex* out) {
+  if (!p.q || !p.k || !topk || !out) return Status::kInvalidArgument;
+  if (p.seq_len <= 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 || p.head_dim <= 0 ||
+      p.num_heads % p.num_kv_heads != 0) {
+    return Status::kInvalidArgument;
+  }
+  if (p.q_head_stride < 0 || p.k_head_stride < 0 ||
+      (p.seq_len > 1 && (p.q_row_stride <= 0 || p.k_row_stride <= 0))) {
+    return Status::kInvalidArgument;
+  }
+  if (!(p.scale > 0.f) || !std::isfinite(p.scale)) return Status::kInvalidArgument;
+  int kmax = 0;
+  for (int h = 0; h < p.num_heads; ++h) {
+    if (topk[h] < 1) return Status::kInvalidArgument;
+    kmax = std::max(kmax, topk[h]);
+  }
+  if (p.dtype != DType::kF32) return Status::kUnsupported;
+
+  const int d = p.head_dim, group = p.num_heads / p.num_kv_heads;
+  const int64_t nb = num_blocks(p.seq_len);
+  const std::vector<float> qpool = mean_pool(static_cast<const float*>(p.q), p.q_row_stride,
+                                             p.q_head_stride, p.num_heads, d, p.seq_len);
+  const std::vector<float> kpool = mean_pool(static_cast<const float*>(p.k), p.k_row_stride,
+                                             p.k_head_stride, p.num_kv_heads, d, p.seq_len);
+
+  out->seq_len = p.seq_len;
+  out->num_heads = p.num_heads;
+  out->nblocks = nb;
+  out->k = kmax;
+  out->blocks.assign(static_cast<size_t>(p.num_heads) * nb * kmax, -1);
+  parallel_for(p.num_heads * nb, 4, [&](int64_t b, int64_t e) {
+    std::vector<float> score;
+    std::vector<int> idx;
+    for (int64_t item = b; item < e; ++item) {
+      const int h = static_cast<int>(item / nb);
+      const int64_t qb = item % nb;
+      const float* qv = qpool.data() + item * d;
+      const float* kv = kpool.data() + static_cast<int64_t>(h / group) * nb * d;
+      score.resize(qb + 1);
+      for (int64_t j = 0; j <= qb; ++j) score[j] = p.scale * detail::dot(qv, kv + j * d, d);
+      score[qb] = std::numeric_limits<float>::infinity();  // diagonal forced
+      for (float& s : score) {
+        if (std::isnan(s)) s = -std::numeric_limits<float>::infinity();
+      }
+      const int64_t take = std::min<int64_t>(topk[h], qb + 1);
+      idx.resize(qb + 1);
+      std::iota(idx.begin(), idx.end(), 0);
+      std::partial_sort(idx.begin(), idx.begin() + take, idx.end(), [&](int x, int y) {
+        return score[x] > score[y] || (score[x] == score[y] && x < y);
+      });
+      std::sort(idx.begin(), idx.begin() + take);
+      std::copy(idx.begin(), idx.begin() + take, out->blocks.begin() + item * kmax);
+    }
+  });
+  return Status::kOk;
+}
+
+}  // namespace mprefill::cpu

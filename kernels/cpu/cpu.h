@@ -1,0 +1,79 @@
+// CPU reference backend: fp32 data, fp32 accumulation (estimation softmax in fp32,
+// angles in double), multi-threaded over heads/rows. Readable first; every CUDA
+// kernel is checked against these.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "kernels/sparse.h"
+
+namespace mprefill::cpu {
+
+// Worker threads for CPU kernels (default: hardware concurrency, or MPREFILL_THREADS).
+void set_num_threads(int n);
+int num_threads();
+
+// ---- attention (dtype must be kF32)
+Status attention_dense(const AttentionParams& p);
+Status attention_ashape(const AttentionParams& p, const AShapeParams& a);
+// ix: index of the query heads of this call (heads 0..num_heads-1 map to ix heads
+// head_offset..). Keys outside [k_pos0, k_pos0 + n_k) are skipped (ring steps).
+Status attention_vs(const AttentionParams& p, const VsIndexView& ix, int head_offset = 0);
+Status attention_block_sparse(const AttentionParams& p, const BlockSparseView& ix,
+                              int head_offset = 0);
+Status merge_states(const MergeParams& p);
+
+// ---- vertical-slash estimation and index build
+// Pass 1: per-row (max, sum exp(x - max)) of this shard's keys; rows with no causal key
+// in the shard get (-inf, 0).
+Status vs_row_stats(const VsEstimateParams& p, RowStats* out);
+// Combine shard statistics in place: a <- a (+) b.
+void combine_row_stats(RowStats& a, const RowStats& b);
+// Pass 2: accumulate (+=) this shard's column and slash scores. col_score is
+// [num_heads][n_k] (local columns), slash_score is [num_heads][seq_len].
+Status vs_scores(const VsEstimateParams& p, const RowStats& global_stats,
+                 float* col_score, float* slash_score);
+// Top-k with forced entries and deterministic tie-breaks (lower column, smaller offset).
+// col_score: [N] global column scores of one head; slash_score: [N].
+VsSelection vs_select(const float* col_score, const float* slash_score, int64_t n,
+                      int v_budget, int s_budget);
+// Single-process convenience: estimate + select for every head of a call.
+Status vs_estimate(const VsEstimateParams& p, const int* v_budget, const int* s_budget,
+                   std::vector<VsSelection>* out);
+// Canonical index of one or more heads' selections over global length n.
+VsIndex vs_build_index(const std::vector<VsSelection>& heads, int64_t n);
+
+// ---- block-sparse estimation: mean-pooled 64-token Q and K blocks, scores
+// scale * qpool.kpool, block-causal, top-k per query block (diagonal always in, ties to
+// the lower block). q/k hold all N tokens (global rows 0..N-1).
+struct BlockSparseEstimateParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  int64_t q_row_stride = 0, q_head_stride = 0;
+  int64_t k_row_stride = 0, k_head_stride = 0;
+  int64_t seq_len = 0;
+  int num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  float scale = 0.f;
+  DType dtype = DType::kF32;
+};
+Status block_sparse_estimate(const BlockSparseEstimateParams& p, const int* topk,
+                             BlockSparseIndex* out);
+
+// ---- layer ops (fp32)
+// y[n][out] = x[n][in] * W^T, W row-major [out][in]; bias may be null. Multi-threaded.
+void gemm_xwt(const float* x, const float* w, const float* bias, float* y, int64_t n,
+              int64_t in, int64_t out);
+void rmsnorm(const float* x, const float* w, float* y, int64_t n, int64_t dim, float eps);
+// In-place RoPE on x[t][h][d] with row stride / head stride; token t at positions[t]
+// (or pos0 + t when positions is null). Angles: double(pos) * inv_freq[i] in double.
+void rope(float* x, int64_t n_tokens, int num_heads, int head_dim, int64_t row_stride,
+          int64_t head_stride, const int64_t* positions, int64_t pos0,
+          const std::vector<double>& inv_freq, RopeStyle style);
+// out[i] = silu(gate[i]) * up[i]
+void swiglu(const float* gate, const float* up, float* out, int64_t n);
+void embedding(const float* table, int64_t vocab, int64_t dim, const int* ids, int64_t n,
+               float* out);  // ids must be < vocab (checked by the caller)
+void add_inplace(float* x, const float* y, int64_t n);
+
+}  // namespace mprefill::cpu

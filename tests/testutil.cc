@@ -1,0 +1,95 @@
+#include "tests/testutil.h"
+
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <sstream>
+
+namespace mprefill::test {
+
+std::string shared_dir() {
+  if (const char* e = std::getenv("MPREFILL_SHARED_DIR")) return e;
+  return MPREFILL_SHARED_DIR;
+}
+std::string source_dir() { return MPREFILL_SOURCE_DIR; }
+std::string bin_dir() { return MPREFILL_BIN_DIR; }
+
+bool file_exists(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+std::vector<float> random_uniform(size_t n, uint64_t seed, float a) {
+  std::mt19937_64 g(seed);
+  std::uniform_real_distribution<float> d(-a, a);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(g);
+  return v;
+}
+
+std::vector<float> random_normal(size_t n, uint64_t seed, float sd) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<float> d(0.f, sd);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(g);
+  return v;
+}
+
+double max_abs(const std::vector<double>& x) {
+  double m = 0;
+  for (double v : x) m = std::max(m, std::fabs(v));
+  return m;
+}
+
+double max_abs_diff(const float* a, const double* ref, size_t n) {
+  double m = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double d = std::fabs(static_cast<double>(a[i]) - ref[i]);
+    if (std::isnan(d)) return INFINITY;
+    m = std::max(m, d);
+  }
+  return m;
+}
+
+double max_abs_diff(const float* a, const float* b, size_t n) {
+  double m = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double d = std::fabs(static_cast<double>(a[i]) - static_cast<double>(b[i]));
+    if (std::isnan(d)) return INFINITY;
+    m = std::max(m, d);
+  }
+  return m;
+}
+
+bool normwise_close(const float* out, const double* ref, size_t n, double tol, std::string* why) {
+  double mref = 0;
+  for (size_t i = 0; i < n; ++i) mref = std::max(mref, std::fabs(ref[i]));
+  const double err = max_abs_diff(out, ref, n);
+  const bool ok = err <= tol * mref;
+  if (!ok && why) {
+    std::ostringstream s;
+    s << "max|out-ref| = " << err << " > " << tol << " * max|ref| (" << mref << ")";
+    *why = s.str();
+  }
+  return ok;
+}
+
+int run_command(const std::string& cmd, std::string* output) {
+  std::string full = cmd + " 2>&1";
+  FILE* f = ::popen(full.c_str(), "r");
+  if (!f) return -1;
+  std::array<char, 4096> buf;
+  std::string out;
+  size_t k;
+  while ((k = std::fread(buf.data(), 1, buf.size(), f)) > 0) out.append(buf.data(), k);
+  const int st = ::pclose(f);
+  if (output) *output = out;
+  return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+}
+
+}  // namespace mprefill::test

@@ -1,0 +1,31 @@
+// Shared helpers for the test suites: random data, normwise comparison, paths.
+#pragma once
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace mprefill::test {
+
+// Path of ../shared (set at configure time; MPREFILL_SHARED_DIR in the environment wins).
+std::string shared_dir();
+std::string source_dir();
+std::string bin_dir();
+bool file_exists(const std::string& path);
+
+// Uniform(-a, a) or normal(0, sd) values from a seeded generator (never zeros).
+std::vector<float> random_uniform(size_t n, uint64_t seed, float a = 1.f);
+std::vector<float> random_normal(size_t n, uint64_t seed, float sd = 1.f);
+
+// max|x| and max|x - y|.
+double max_abs(const std::vector<double>& x);
+double max_abs_diff(const float* a, const double* ref, size_t n);
+double max_abs_diff(const float* a, const float* b, size_t n);
+
+// Normwise check: max|out - ref| <= tol * max|ref| (and no NaN in out).
+bool normwise_close(const float* out, const double* ref, size_t n, double tol, std::string* why);
+
+// Run a command through the shell; returns exit status, captures stdout+stderr.
+int run_command(const std::string& cmd, std::string* output);
+
+}  // namespace mprefill::test

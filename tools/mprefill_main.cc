@@ -1,0 +1,367 @@
+// mprefill: command-line front end. `mprefill generate` runs the single-process CPU engine
+// on a prompt (text through the llama2.c tokenizer, or token ids) and prints the
+// continuation, or one JSON object with --json.
+//
+// Exit status: 0 success; 1 a runtime error (one line "mprefill: error: ..." on stderr);
+// 2 a usage error (that line plus a short usage).
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/cpu.h"
+#include "worker/engine.h"
+#include "worker/sparse_policy.h"
+#include "worker/tokenizer.h"
+#include "worker/weights.h"
+
+namespace {
+
+using namespace mprefill;
+
+const char* kUsage =
+    "usage: mprefill <command> [options]\n"
+    "commands:\n"
+    "  generate   prefill a prompt and decode a continuation on the CPU engine\n"
+    "run 'mprefill generate --help' for its options\n";
+
+const char* kGenerateUsage =
+    "usage: mprefill generate --model PATH [--tokenizer PATH]\n"
+    "                         (--prompt TEXT | --prompt-ids 1,2,3 | --prompt-file FILE)\n"
+    "                         [--decode N] [--sparse dense|auto|FILE.json] [--dense-below N]\n"
+    "                         [--temperature T] [--top-p P] [--seed S] [--stop-ids a,b]\n"
+    "                         [--max-prompt N] [--device cpu|cuda] [--threads N] [--json]\n"
+    "  --model PATH        HF directory (config.json + safetensors) or llama2.c .bin\n"
+    "  --tokenizer PATH    llama2.c tokenizer.bin (needed for --prompt/--prompt-file;\n"
+    "                      BOS is prepended)\n"
+    "  --decode N          tokens to decode after the first one (default 0)\n"
+    "  --sparse SPEC       per-head pattern policy: dense (default), auto (vertical-slash\n"
+    "                      1000/6096 on every head) or an MInference per-head JSON\n"
+    "  --dense-below N     prompts shorter than N tokens run dense (default 32768)\n"
+    "  --temperature T     0 = greedy (default); --top-p P in (0, 1]; --seed S\n"
+    "  --stop-ids a,b      stop after emitting one of these ids\n"
+    "  --max-prompt N      prompt length limit (default: the model's max position)\n"
+    "  --device cpu|cuda   engine (default cpu)\n"
+    "  --threads N         CPU worker threads (default: all cores or MPREFILL_THREADS)\n"
+    "  --json              print one JSON object on stdout\n";
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+struct DeviceError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+std::string one_line(std::string s) {
+  for (char& c : s)
+    if (c == '\n' || c == '\r') c = ' ';
+  return s;
+}
+
+int64_t parse_int(const std::string& flag, const std::string& s, int64_t lo, int64_t hi) {
+  size_t used = 0;
+  long long v = 0;
+  try {
+    v = std::stoll(s, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (s.empty() || used != s.size())
+    throw UsageError(flag + " expects an integer, got '" + s + "'");
+  if (v < lo || v > hi)
+    throw UsageError(flag + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                     "], got " + s);
+  return v;
+}
+
+double parse_float(const std::string& flag, const std::string& s) {
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(s, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (s.empty() || used != s.size()) throw UsageError(flag + " expects a number, got '" + s + "'");
+  return v;
+}
+
+// "1,2,3" -> ids. Empty list is allowed here (the engine rejects an empty prompt).
+std::vector<int> parse_id_list(const std::string& flag, const std::string& s) {
+  std::vector<int> out;
+  if (s.empty()) return out;
+  size_t start = 0;
+  while (true) {
+    const size_t comma = s.find(',', start);
+    std::string item =
+        s.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    while (!item.empty() && item.front() == ' ') item.erase(item.begin());
+    while (!item.empty() && item.back() == ' ') item.pop_back();
+    out.push_back(static_cast<int>(parse_int(flag, item, -2147483648LL, 2147483647LL)));
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return out;
+}
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw std::runtime_error("cannot open prompt file " + path);
+  std::ostringstream s;
+  s << f.rdbuf();
+  std::string text = s.str();
+  if (!text.empty() && text.back() == '\n') text.pop_back();  // editors add one
+  if (!text.empty() && text.back() == '\r') text.pop_back();
+  return text;
+}
+
+struct GenerateArgs {
+  std::string model, tokenizer;
+  std::optional<std::string> prompt, prompt_ids, prompt_file;
+  int decode = 0;
+  std::string sparse = "dense";
+  int64_t dense_below = kDefaultDenseBelow;
+  double temperature = 0.0, top_p = 1.0;
+  uint64_t seed = 0;
+  std::vector<int> stop_ids;
+  int64_t max_prompt = 0;
+  std::string device = "cpu";
+  int threads = 0;
+  bool json = false;
+  bool help = false;
+};
+
+GenerateArgs parse_generate(int argc, char** argv) {
+  GenerateArgs a;
+  for (int i = 0; i < argc; ++i) {
+    std::string flag = argv[i];
+    std::optional<std::string> inline_value;
+    if (flag.rfind("--", 0) == 0) {
+      const size_t eq = flag.find('=');
+      if (eq != std::string::npos) {
+        inline_value = flag.substr(eq + 1);
+        flag = flag.substr(0, eq);
+      }
+    }
+    auto value = [&]() -> std::string {
+      if (inline_value) return *inline_value;
+      if (i + 1 >= argc) throw UsageError(flag + " needs a value");
+      return argv[++i];
+    };
+    if (flag == "--help" || flag == "-h") {
+      a.help = true;
+    } else if (flag == "--json") {
+      a.json = true;
+    } else if (flag == "--model") {
+      a.model = value();
+    } else if (flag == "--tokenizer") {
+      a.tokenizer = value();
+    } else if (flag == "--prompt") {
+      a.prompt = value();
+    } else if (flag == "--prompt-ids") {
+      a.prompt_ids = value();
+    } else if (flag == "--prompt-file") {
+      a.prompt_file = value();
+    } else if (flag == "--decode") {
+      a.decode = static_cast<int>(parse_int(flag, value(), 0, 1 << 24));
+    } else if (flag == "--sparse") {
+      a.sparse = value();
+    } else if (flag == "--dense-below") {
+      a.dense_below = parse_int(flag, value(), 0, int64_t{1} << 40);
+    } else if (flag == "--temperature") {
+      a.temperature = parse_float(flag, value());
+    } else if (flag == "--top-p") {
+      a.top_p = parse_float(flag, value());
+    } else if (flag == "--seed") {
+      a.seed = static_cast<uint64_t>(parse_int(flag, value(), 0, INT64_MAX));
+    } else if (flag == "--stop-ids") {
+      a.stop_ids = parse_id_list(flag, value());
+    } else if (flag == "--max-prompt") {
+      a.max_prompt = parse_int(flag, value(), 1, int64_t{1} << 40);
+    } else if (flag == "--device") {
+      a.device = value();
+      if (a.device != "cpu" && a.device != "cuda")
+        throw UsageError("--device must be cpu or cuda, got '" + a.device + "'");
+    } else if (flag == "--threads") {
+      a.threads = static_cast<int>(parse_int(flag, value(), 1, 4096));
+    } else {
+      throw UsageError("unknown option '" + std::string(argv[i]) + "'");
+    }
+  }
+  if (a.help) return a;
+  if (a.model.empty()) throw UsageError("--model is required");
+  const int sources = !!a.prompt + !!a.prompt_ids + !!a.prompt_file;
+  if (sources != 1) throw UsageError("give exactly one of --prompt, --prompt-ids, --prompt-file");
+  return a;
+}
+
+nlohmann::json sparse_json(const SparsePolicy& p, const PrefillStats& st) {
+  nlohmann::json patterns = nlohmann::json::array();
+  for (const PatternCount& c : p.summary()) {
+    nlohmann::json e = {{"pattern", to_string(c.pattern.kind)}, {"heads", c.count}};
+    switch (c.pattern.kind) {
+      case PatternKind::kAShape:
+        e["n_init"] = c.pattern.a;
+        e["n_local"] = c.pattern.b;
+        break;
+      case PatternKind::kVerticalSlash:
+        e["v"] = c.pattern.a;
+        e["s"] = c.pattern.b;
+        break;
+      case PatternKind::kBlockSparse:
+        e["topk"] = c.pattern.a;
+        break;
+      case PatternKind::kDense:
+        break;
+    }
+    patterns.push_back(e);
+  }
+  return {{"source", p.source},
+          {"dense_below", p.dense_below},
+          {"ran_dense", st.all_dense},
+          {"patterns", patterns},
+          {"heads_run",
+           {{"dense", st.heads_by_kind[0]},
+            {"a_shape", st.heads_by_kind[1]},
+            {"vertical_slash", st.heads_by_kind[2]},
+            {"block_sparse", st.heads_by_kind[3]}}}};
+}
+
+int run_generate(const GenerateArgs& a) {
+  if (a.device == "cuda") throw DeviceError("--device cuda: this build has no CUDA engine yet");
+  if (a.threads > 0) cpu::set_num_threads(a.threads);
+
+  std::optional<Tokenizer> tok;
+  if (!a.tokenizer.empty()) tok = Tokenizer::load(a.tokenizer);
+
+  std::vector<int> ids;
+  std::string prompt_text;
+  if (a.prompt_ids) {
+    ids = parse_id_list("--prompt-ids", *a.prompt_ids);
+    if (ids.empty()) throw std::runtime_error("prompt is empty (--prompt-ids has no ids)");
+  } else {
+    prompt_text = a.prompt ? *a.prompt : read_text_file(*a.prompt_file);
+    if (prompt_text.empty())
+      throw std::runtime_error(a.prompt ? "prompt is empty (--prompt \"\")"
+                                        : "prompt is empty (file " + *a.prompt_file + ")");
+    if (!tok) throw UsageError("a text prompt needs --tokenizer");
+    ids = tok->encode(prompt_text, true);
+  }
+
+  const auto t_load = std::chrono::steady_clock::now();
+  const ModelWeights w = load_model(a.model);
+  const double load_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_load).count();
+  if (tok && tok->vocab_size() != w.config.vocab)
+    throw std::runtime_error("tokenizer " + a.tokenizer + " has " +
+                             std::to_string(tok->vocab_size()) + " tokens but the model has " +
+                             std::to_string(w.config.vocab));
+
+  Engine engine(w);
+  GenerateOptions opt;
+  opt.decode_steps = a.decode;
+  opt.sampler.temperature = static_cast<float>(a.temperature);
+  opt.sampler.top_p = static_cast<float>(a.top_p);
+  opt.sampler.seed = a.seed;
+  opt.sampler.validate();
+  opt.stop_ids = a.stop_ids;
+  opt.max_prompt = a.max_prompt;
+  engine.check_prompt(ids, a.max_prompt);  // before reading a sparse config: cheap errors first
+  opt.policy = load_sparse_policy(a.sparse, w.config, a.dense_below);
+  opt.policy.check_model(w.config);
+
+  const GenerateResult r = engine.generate(ids, opt);
+
+  std::string text;
+  if (tok) {
+    int prev = ids.back();
+    for (int id : r.generated_ids) {
+      text += tok->decode_token(prev, id);
+      prev = id;
+    }
+  }
+
+  if (a.json) {
+    nlohmann::json j = {{"prompt_tokens", r.prompt_tokens},
+                        {"first_token_id", r.first_token_id},
+                        {"first_token_logit", r.first_token_logit},
+                        {"generated_ids", r.generated_ids},
+                        {"logits", r.logits},
+                        {"logprobs", r.logprobs},
+                        {"ttft_ms", r.ttft_ms},
+                        {"decode_ms", r.decode_ms},
+                        {"load_ms", load_ms},
+                        {"stopped_by", r.stopped_by},
+                        {"sparse", sparse_json(opt.policy, r.prefill)},
+                        {"device", "cpu"},
+                        {"threads", cpu::num_threads()}};
+    if (tok) j["text"] = text;
+    std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+  } else {
+    if (tok) {
+      std::cout << prompt_text << text << "\n";
+    } else {
+      for (size_t i = 0; i < r.generated_ids.size(); ++i)
+        std::cout << (i ? "," : "") << r.generated_ids[i];
+      std::cout << "\n";
+    }
+    const size_t ndec = r.generated_ids.size() - 1;
+    std::fprintf(stderr,
+                 "mprefill: %lld prompt tokens, ttft %.1f ms, %zu decoded in %.1f ms (%.1f tok/s), "
+                 "stop: %s, sparse: %s\n",
+                 static_cast<long long>(r.prompt_tokens), r.ttft_ms, ndec, r.decode_ms,
+                 ndec && r.decode_ms > 0 ? 1000.0 * ndec / r.decode_ms : 0.0, r.stopped_by.c_str(),
+                 one_line(opt.policy.summary_string()).c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::ios::sync_with_stdio(true);
+  if (argc < 2) {
+    std::fputs("mprefill: error: no command given\n", stderr);
+    std::fputs(kUsage, stderr);
+    return 2;
+  }
+  const std::string cmd = argv[1];
+  if (cmd == "--help" || cmd == "-h" || cmd == "help") {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  if (cmd != "generate") {
+    std::fprintf(stderr, "mprefill: error: unknown command '%s'\n", one_line(cmd).c_str());
+    std::fputs(kUsage, stderr);
+    return 2;
+  }
+  try {
+    const GenerateArgs a = parse_generate(argc - 2, argv + 2);
+    if (a.help) {
+      std::fputs(kGenerateUsage, stdout);
+      return 0;
+    }
+    return run_generate(a);
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "mprefill: error: %s\n", one_line(e.what()).c_str());
+    std::fputs(kGenerateUsage, stderr);
+    return 2;
+  } catch (const DeviceError& e) {
+    std::fprintf(stderr, "mprefill: error: %s\n", one_line(e.what()).c_str());
+    return 2;
+  } catch (const std::bad_alloc&) {
+    std::fputs("mprefill: error: out of memory\n", stderr);
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "mprefill: error: %s\n", one_line(e.what()).c_str());
+    return 1;
+  }
+}

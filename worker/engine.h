@@ -1,0 +1,102 @@
+// Single-process CPU engine (fp32): prefill of every layer into a KV cache with the
+// per-head sparse policy, logits of the last position, then decoding on that cache.
+// The reference that the GPU and distributed executors are compared against.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/sparse.h"
+#include "worker/sampler.h"
+#include "worker/sparse_policy.h"
+#include "worker/weights.h"
+
+namespace mprefill {
+
+// K (after RoPE, global positions) and V of every layer: k[l], v[l] are
+// [capacity][kv_dim] fp32, rows [0, n_tokens) valid.
+struct KvCache {
+  int n_layers = 0, kv_dim = 0;
+  int64_t capacity = 0, n_tokens = 0;
+  std::vector<std::vector<float>> k, v;
+
+  KvCache() = default;
+  KvCache(const ModelConfig& cfg, int64_t capacity);
+};
+
+// Estimated sparse indices of one query head for one prompt.
+struct HeadPlan {
+  PatternKind kind = PatternKind::kDense;
+  VsSelection vs;           // kVerticalSlash: the estimated selection
+  int topk = 0;             // kBlockSparse: slots per query block
+  std::vector<int> blocks;  // kBlockSparse: [nblocks][topk], ascending then -1 padded
+};
+
+// Indices of every (layer, head) of one prefill. prefill fills an empty plan and reuses
+// a filled one as given (same seq_len and kinds as the policy), so tests and other
+// executors can fix the indices. Heads that run dense or A-shape carry no index.
+struct PrefillPlan {
+  int64_t seq_len = 0;
+  std::vector<std::vector<HeadPlan>> layers;  // [n_layers][n_heads]
+  bool empty() const { return layers.empty(); }
+};
+
+struct PrefillStats {
+  int64_t tokens = 0;
+  bool all_dense = true;      // the policy ran dense on every head (short prompt or "dense")
+  bool plan_reused = false;   // the plan came filled in
+  int heads_by_kind[4] = {};  // (layer, head) pairs per PatternKind
+  double total_ms = 0, attention_ms = 0, estimate_ms = 0, gemm_ms = 0, mlp_ms = 0;
+};
+
+struct EngineOptions {
+  int64_t mlp_chunk = 512;  // tokens per MLP chunk (never a [N x ffn] buffer)
+};
+
+struct GenerateOptions {
+  int decode_steps = 0;  // tokens decoded after the first one (from the prefill)
+  SamplerOptions sampler;
+  std::vector<int> stop_ids;  // generation ends after emitting one of these
+  SparsePolicy policy;        // default: dense
+  int64_t max_prompt = 0;     // prompt limit; 0: config.max_position
+};
+
+struct GenerateResult {
+  int64_t prompt_tokens = 0;
+  int first_token_id = -1;
+  float first_token_logit = 0.f;
+  std::vector<int> generated_ids;  // the first token, then the decoded ones
+  std::vector<float> logits;       // raw logit of each chosen token at its step
+  std::vector<double> logprobs;    // see SampledToken::logprob
+  double ttft_ms = 0, decode_ms = 0;
+  std::string stopped_by;  // "length" | "stop_id"
+  PrefillStats prefill;
+};
+
+class Engine {
+ public:
+  explicit Engine(const ModelWeights& w, EngineOptions opt = {});
+
+  // ids: the whole prompt (positions 0..N-1) into an empty cache of capacity >= N.
+  // Returns the logits of position N-1 ([vocab]). plan_inout and stats may be null.
+  std::vector<float> prefill(const std::vector<int>& ids, const SparsePolicy& policy,
+                             KvCache* cache, PrefillPlan* plan_inout = nullptr,
+                             PrefillStats* stats = nullptr) const;
+  // One token at position pos == cache->n_tokens (dense attention over the cache).
+  std::vector<float> decode_step(int token, int64_t pos, KvCache* cache) const;
+  // Validates the prompt (non-empty, ids in range, length limit), prefills, samples.
+  GenerateResult generate(const std::vector<int>& ids, const GenerateOptions& opt) const;
+
+  // Throws std::runtime_error for an empty prompt, an id out of [0, vocab), or a prompt
+  // longer than max_prompt (config.max_position when 0).
+  void check_prompt(const std::vector<int>& ids, int64_t max_prompt) const;
+
+  const ModelWeights& weights() const { return w_; }
+
+ private:
+  const ModelWeights& w_;
+  EngineOptions opt_;
+  std::vector<double> inv_freq_;
+};
+
+}  // namespace mprefill

@@ -1,0 +1,82 @@
+#include "worker/weights.h"
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+
+#include "worker/llama2c.h"
+#include "worker/safetensors.h"
+
+namespace mprefill {
+
+namespace fs = std::filesystem;
+
+int64_t Tensor::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+ModelWeights load_hf_dir(const std::string& dir) {
+  const fs::path cfg_path = fs::path(dir) / "config.json";
+  std::ifstream f(cfg_path);
+  if (!f)
+    throw std::runtime_error("cannot open " + cfg_path.string() + " (not an HF model directory?)");
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  ModelConfig cfg;
+  try {
+    cfg = parse_hf_config(ss.str());
+  } catch (const std::exception& e) {
+    throw std::runtime_error(cfg_path.string() + ": " + e.what());
+  }
+  cfg.rope_style = RopeStyle::kRotateHalf;
+
+  const SafetensorsCheckpoint ck(dir);
+  const int64_t h = cfg.hidden, ffn = cfg.intermediate, q = cfg.q_dim(), kv = cfg.kv_dim(),
+                v = cfg.vocab;
+  ModelWeights w;
+  w.config = cfg;
+  w.embed = ck.load("model.embed_tokens.weight", {v, h});
+  w.layers.resize(cfg.n_layers);
+  for (int i = 0; i < cfg.n_layers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    LayerWeights& L = w.layers[i];
+    L.attn_norm = ck.load(p + "input_layernorm.weight", {h});
+    L.wq = ck.load(p + "self_attn.q_proj.weight", {q, h});
+    L.wk = ck.load(p + "self_attn.k_proj.weight", {kv, h});
+    L.wv = ck.load(p + "self_attn.v_proj.weight", {kv, h});
+    L.wo = ck.load(p + "self_attn.o_proj.weight", {h, q});
+    if (cfg.qkv_bias) {
+      L.bq = ck.load(p + "self_attn.q_proj.bias", {q});
+      L.bk = ck.load(p + "self_attn.k_proj.bias", {kv});
+      L.bv = ck.load(p + "self_attn.v_proj.bias", {kv});
+    }
+    L.ffn_norm = ck.load(p + "post_attention_layernorm.weight", {h});
+    L.w_gate = ck.load(p + "mlp.gate_proj.weight", {ffn, h});
+    L.w_up = ck.load(p + "mlp.up_proj.weight", {ffn, h});
+    L.w_down = ck.load(p + "mlp.down_proj.weight", {h, ffn});
+  }
+  w.final_norm = ck.load("model.norm.weight", {h});
+  if (!cfg.tie_word_embeddings) {
+    if (!ck.has("lm_head.weight"))
+      throw std::runtime_error("tensor lm_head.weight not found in " + dir +
+                               " (config.json has tie_word_embeddings false)");
+    w.lm_head = ck.load("lm_head.weight", {v, h});
+  }
+  return w;
+}
+
+ModelWeights load_model(const std::string& path) {
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  if (ec || !fs::exists(st)) throw std::runtime_error("model path " + path + " does not exist");
+  if (fs::is_directory(st)) return load_hf_dir(path);
+  if (fs::is_regular_file(st) && fs::path(path).extension() == ".bin") return load_llama2c(path);
+  throw std::runtime_error("model path " + path +
+                           " is neither an HF directory (config.json + safetensors) nor a "
+                           "llama2.c .bin file");
+}
+
+}  // namespace mprefill
