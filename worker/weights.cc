@@ -69,6 +69,20 @@ ModelWeights load_hf_dir(const std::string& dir) {
 }
 
 ModelWeights load_model(const std::string& path) {
+  // "random:NAME[:SEED]": deterministic random weights of a named shape (benchmarks, and
+  // the demo when no checkpoint is at hand).
+  if (path.rfind("random:", 0) == 0) {
+    const std::string spec = path.substr(7);
+    const size_t colon = spec.find(':');
+    uint64_t seed = 1;
+    if (colon != std::string::npos) {
+      const std::string s = spec.substr(colon + 1);
+      if (s.empty() || s.find_first_not_of("0123456789") != std::string::npos)
+        throw std::runtime_error("model spec " + path + ": seed '" + s + "' is not a number");
+      seed = std::stoull(s);
+    }
+    return random_model(named_shape(spec.substr(0, colon)), seed);
+  }
   std::error_code ec;
   const fs::file_status st = fs::status(path, ec);
   if (ec || !fs::exists(st)) throw std::runtime_error("model path " + path + " does not exist");

@@ -40,7 +40,8 @@ struct RowSlice {
 };
 
 // Load a model from a path: a directory with config.json (+ model.safetensors or
-// model.safetensors.index.json), or a llama2.c .bin file. Throws with a clear message.
+// model.safetensors.index.json), a llama2.c .bin file, or "random:NAME[:SEED]" (random
+// weights of named_shape(NAME)). Throws with a clear message.
 ModelWeights load_model(const std::string& path);
 ModelWeights load_llama2c(const std::string& bin_path);
 ModelWeights load_hf_dir(const std::string& dir);

@@ -183,6 +183,27 @@ TEST_F(Cli, DeviceCudaIsAClearError) {
   expect_error(r, "--device cuda");
 }
 
+// Random weights of a named shape: same seed, same ids; an unknown shape or a bad seed is
+// one clear error.
+TEST_F(Cli, RandomModelSpec) {
+  const CmdResult a =
+      run("generate --model random:tiny:7 --prompt-ids 1,5,9,300 --decode 4 --json");
+  const CmdResult b =
+      run("generate --model random:tiny:7 --prompt-ids 1,5,9,300 --decode 4 --json");
+  const CmdResult c =
+      run("generate --model random:tiny:8 --prompt-ids 1,5,9,300 --decode 4 --json");
+  ASSERT_EQ(a.status, 0) << a.err;
+  auto ids = [](const std::string& out) {
+    const auto j = nlohmann::json::parse(out);
+    return j.at("generated_ids").get<std::vector<int>>();
+  };
+  EXPECT_EQ(ids(a.out).size(), 5u);
+  EXPECT_EQ(ids(a.out), ids(b.out));
+  EXPECT_NE(nlohmann::json::parse(a.out).at("logits"), nlohmann::json::parse(c.out).at("logits"));
+  expect_error(run("generate --model random:nope --prompt-ids 1"), "unknown model shape 'nope'");
+  expect_error(run("generate --model random:tiny:x --prompt-ids 1"), "seed 'x' is not a number");
+}
+
 TEST_F(Cli, TruncatedModelFile) {
   need_model();
   std::ifstream in(model_bin(), std::ios::binary);

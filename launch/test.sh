@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Runs setup (install + build), then the test suites through ctest.
+#
+#   launch/test.sh [--gpu] [setup options...]
+#
+#   (default)  CPU suite: ctest -LE gpu, 2 at a time. GPU tests are not run here: on a
+#              machine without a GPU one GPU test binary is run to show that they skip.
+#   --gpu      GPU suite: ctest -L gpu, one at a time, with MPREFILL_REQUIRE_GPU=1; fails
+#              when no GPU is visible or any GPU test is skipped.
+# Other options go to launch/setup.sh (e.g. --ci, --offline, --build-dir DIR).
+# Prints the wall time, then one closing line "tests: N passed, N failed, N skipped".
+set -euo pipefail
+LOG_TAG=test
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+GPU=0
+SETUP_ARGS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --gpu) GPU=1 ;;
+    --build-dir) SETUP_ARGS+=("$1" "$2"); BUILD_DIR="$(realpath -m "$2")"; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) SETUP_ARGS+=("$1") ;;
+  esac
+  shift
+done
+
+T0=$(now_s)
+"$ROOT/launch/setup.sh" "${SETUP_ARGS[@]}"
+T_SETUP=$(elapsed "$T0")
+
+LOG_DIR="$BUILD_DIR/test-logs"
+mkdir -p "$LOG_DIR"
+PASSED=0 FAILED=0 SKIPPED=0
+
+# Runs ctest with the given arguments, teeing its output; adds to the counters.
+# ctest prints "NN% tests passed, F tests failed out of T" and lists "(Skipped)" tests.
+run_ctest() {  # $1 = log name, rest = ctest args
+  local name=$1; shift
+  local out="$LOG_DIR/$name.log" rc=0
+  ctest --test-dir "$BUILD_DIR" --output-on-failure --no-tests=error "$@" 2>&1 | tee "$out" || rc=$?
+  local line total failed skipped
+  line=$(grep -E 'tests passed, [0-9]+ tests? failed out of [0-9]+' "$out" | tail -n1 || true)
+  if [ -z "$line" ]; then
+    log "ctest ($name) printed no summary (exit $rc)"
+    FAILED=$((FAILED + 1))
+    return 1
+  fi
+  total=$(sed -E 's/.* out of ([0-9]+).*/\1/' <<<"$line")
+  failed=$(sed -E 's/.*passed, ([0-9]+) tests? failed.*/\1/' <<<"$line")
+  skipped=$(grep -cE '\(Skipped\)$' "$out" || true)
+  PASSED=$((PASSED + total - failed - skipped))
+  FAILED=$((FAILED + failed))
+  SKIPPED=$((SKIPPED + skipped))
+  [ "$rc" = 0 ] && [ "$failed" = 0 ]
+}
+
+status=0
+if [ $GPU = 1 ]; then
+  have_gpu || log "warning: nvidia-smi lists no GPU; the GPU tests will fail"
+  log "GPU suite: ctest -L gpu (MPREFILL_REQUIRE_GPU=1)"
+  MPREFILL_REQUIRE_GPU=1 run_ctest gpu -L gpu || status=1
+  if [ "$SKIPPED" -gt 0 ]; then
+    log "error: $SKIPPED GPU test(s) skipped; every GPU test must run with --gpu"
+    status=1
+  fi
+else
+  gpu_bins=$(compgen -G "$BUILD_DIR/bin/gpu_*_test" || true)
+  if [ -z "$gpu_bins" ]; then
+    log "GPU tests: not built (no CUDA compiler, or MPREFILL_CUDA=OFF)"
+  elif have_gpu; then
+    log "GPU tests: a GPU is present; run launch/test.sh --gpu to run them (not run now)"
+  else
+    probe="$BUILD_DIR/bin/gpu_layer_ops_test"
+    [ -x "$probe" ] || probe=$(head -n1 <<<"$gpu_bins")
+    log "GPU tests: no GPU on this machine, so they skip; shown with $(basename "$probe"):"
+    prc=0
+    "$probe" --gtest_brief=1 >"$LOG_DIR/gpu-skip.log" 2>&1 || prc=$?
+    { grep -m1 -E 'no CUDA device' "$LOG_DIR/gpu-skip.log" || true
+      grep -E '^\[ +(PASSED|SKIPPED|FAILED) +\]' "$LOG_DIR/gpu-skip.log" || true; } | sed 's/^/  /'
+    if [ $prc != 0 ]; then
+      log "error: $(basename "$probe") failed without a GPU (exit $prc, see $LOG_DIR/gpu-skip.log)"
+      status=1
+    fi
+  fi
+  log "CPU suite: ctest -LE gpu -j2"
+  run_ctest cpu -LE gpu -j2 || status=1
+fi
+
+T_TESTS=$(awk -v a="$(elapsed "$T0")" -v b="$T_SETUP" 'BEGIN { printf "%.1f", a - b }')
+log "wall time $(elapsed "$T0") s (setup + build ${T_SETUP} s, tests ${T_TESTS} s)"
+echo "tests: $PASSED passed, $FAILED failed, $SKIPPED skipped"
+exit $status
