@@ -23,12 +23,18 @@ void expect_valid(const VsSelection& s, int64_t n, int v, int sb) {
   for (size_t i = 0; i < s.columns.size(); ++i) {
     EXPECT_GE(s.columns[i], 0);
     EXPECT_LT(s.columns[i], n);
-    if (i) EXPECT_GT(s.columns[i], s.columns[i - 1]);
-    if (i < 30 && n >= 30) EXPECT_EQ(s.columns[i], static_cast<int>(i));
+    if (i) {
+      EXPECT_GT(s.columns[i], s.columns[i - 1]);
+    }
+    if (i < 30 && n >= 30) {
+      EXPECT_EQ(s.columns[i], static_cast<int>(i));
+    }
   }
   for (size_t i = 0; i < s.offsets.size(); ++i) {
     EXPECT_LT(s.offsets[i], n);
-    if (i) EXPECT_LT(s.offsets[i], s.offsets[i - 1]);
+    if (i) {
+      EXPECT_LT(s.offsets[i], s.offsets[i - 1]);
+    }
   }
   EXPECT_EQ(s.offsets.back(), 0);
 }

@@ -1,0 +1,284 @@
+// Vertical-slash sparse attention timing (kernels/cuda/sparse) against the own dense
+// flash kernel in the same process: batch 1, bf16, token-major Q/K/V/O, 32 q / 8 kv heads,
+// head_dim 128, causal. Per budget class (v, s) of the Llama-3-8B mix, every head gets its
+// own `clustered` (or `uniform`) selection (worker/index_sets.h: synthetic_vs) with that
+// budget; work = 64x64 mask tiles (vs_mask_tiles), TF/s = tiles * 4 * 64 * 64 * d / t.
+// The mix speedup weights each class's time by its share of the 1024 heads (473 / 278 /
+// 153 / 89 / 31) against the dense time of the same 32 heads.
+// Also: the dense causal mask through the sparse kernel (A-shape with n_init = N: one
+// range [0, m1) per block), which isolates the cost of the 64-row tiling.
+//
+//   mprefill-sparse-bench [--seq 32768,131072] [--reps 10] [--warmup 2] [--set clustered]
+//                         [--kernel-only 0|1]
+// One JSON object per case on stdout, then a short table on stderr.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "kernels/cpu/cpu.h"
+#include "kernels/cuda/cuda.h"
+#include "kernels/cuda/flash/flash.h"
+#include "kernels/cuda/sparse/sparse_attention.h"
+#include "kernels/sparse.h"
+#include "worker/index_sets.h"
+
+namespace {
+
+#define BENCH_CUDA(call)                                                      \
+  do {                                                                        \
+    const cudaError_t e_ = (call);                                            \
+    if (e_ != cudaSuccess) {                                                  \
+      std::fprintf(stderr, "error: %s: %s\n", #call, cudaGetErrorString(e_)); \
+      std::exit(2);                                                           \
+    }                                                                         \
+  } while (0)
+#define BENCH_OK(call)                                                             \
+  do {                                                                             \
+    const mprefill::Status s_ = (call);                                            \
+    if (s_ != mprefill::Status::kOk) {                                             \
+      std::fprintf(stderr, "error: %s: %s (%s)\n", #call, mprefill::to_string(s_), \
+                   mprefill::cuda::last_error().c_str());                          \
+      std::exit(2);                                                                \
+    }                                                                              \
+  } while (0)
+
+__global__ void fill_random(uint16_t* x, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    float s = 0.f;
+    for (int r = 0; r < 4; ++r) {
+      uint64_t z = (i * 4 + r) ^ (seed * 0x9E3779B97F4A7C15ull);
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+      z ^= z >> 31;
+      s += float(z >> 40) * (1.f / 16777216.f) - 0.5f;
+    }
+    s *= 1.7320508f;
+    uint32_t u;
+    std::memcpy(&u, &s, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    x[i] = uint16_t(u >> 16);
+  }
+}
+
+template <class F>
+double median_ms(F&& launch, int warmup, int reps) {
+  cudaEvent_t a, b;
+  BENCH_CUDA(cudaEventCreate(&a));
+  BENCH_CUDA(cudaEventCreate(&b));
+  for (int i = 0; i < warmup; ++i) launch();
+  BENCH_CUDA(cudaDeviceSynchronize());
+  std::vector<float> ms;
+  for (int i = 0; i < reps; ++i) {
+    BENCH_CUDA(cudaEventRecord(a));
+    launch();
+    BENCH_CUDA(cudaEventRecord(b));
+    BENCH_CUDA(cudaEventSynchronize(b));
+    float t = 0;
+    BENCH_CUDA(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t);
+  }
+  std::sort(ms.begin(), ms.end());
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return ms[ms.size() / 2];
+}
+
+template <typename T>
+T* upload(const std::vector<T>& v) {
+  T* d = nullptr;
+  BENCH_CUDA(cudaMalloc(&d, std::max<size_t>(1, v.size()) * sizeof(T)));
+  if (!v.empty()) BENCH_CUDA(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+std::vector<int64_t> parse_list(const std::string& s) {
+  std::vector<int64_t> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) out.push_back(std::stoll(item));
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace mprefill;
+  std::vector<int64_t> seqs = {32768, 131072};
+  int reps = 10, warmup = 2;
+  std::string set = "clustered";
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string k = argv[i], v = argv[i + 1];
+    if (k == "--seq")
+      seqs = parse_list(v);
+    else if (k == "--reps")
+      reps = std::stoi(v);
+    else if (k == "--warmup")
+      warmup = std::stoi(v);
+    else if (k == "--set")
+      set = v;
+    else {
+      std::fprintf(stderr, "unknown option %s\n", k.c_str());
+      return 1;
+    }
+  }
+  const IndexSetKind kind = parse_index_set_kind(set);
+  const int H = 32, HKV = 8, D = 128;
+  const std::vector<std::tuple<int, int, int>> mix = {
+      {1000, 6096, 473}, {30, 800, 278}, {100, 800, 153}, {3500, 100, 89}, {500, 700, 31}};
+  cudaDeviceProp prop{};
+  BENCH_CUDA(cudaGetDeviceProperties(&prop, 0));
+  const std::string card = prop.name;
+  struct Row {
+    std::string name;
+    int64_t n;
+    double ms, tfs, dense_ms, dense_tfs, density;
+  };
+  std::vector<Row> rows;
+
+  for (int64_t n : seqs) {
+    uint16_t *q, *k, *v, *o;
+    float* lse;
+    BENCH_CUDA(cudaMalloc(&q, size_t(n) * H * D * 2));
+    BENCH_CUDA(cudaMalloc(&k, size_t(n) * HKV * D * 2));
+    BENCH_CUDA(cudaMalloc(&v, size_t(n) * HKV * D * 2));
+    BENCH_CUDA(cudaMalloc(&o, size_t(n) * H * D * 2));
+    BENCH_CUDA(cudaMalloc(&lse, size_t(n) * H * 4));
+    fill_random<<<1024, 256>>>(q, size_t(n) * H * D, 1);
+    fill_random<<<1024, 256>>>(k, size_t(n) * HKV * D, 2);
+    fill_random<<<1024, 256>>>(v, size_t(n) * HKV * D, 3);
+    BENCH_CUDA(cudaDeviceSynchronize());
+    AttentionParams p;
+    p.q = q;
+    p.k = k;
+    p.v = v;
+    p.o = o;
+    p.lse = lse;
+    p.n_q = p.n_k = int(n);
+    p.num_heads = H;
+    p.num_kv_heads = HKV;
+    p.head_dim = D;
+    set_packed_strides(p);
+    p.causal = true;
+    p.scale = 1.f / std::sqrt(float(D));
+    p.dtype = DType::kBF16;
+    const int r = n > 65536 ? std::max(3, reps / 2) : reps;
+
+    const double nb = double(num_blocks(n));
+    const double causal_tiles = nb * (nb + 1) / 2 * H;
+    const double tile_flops = 4.0 * 64 * 64 * D;
+    const double dense_flops = 4.0 * double(n) * n * D * H / 2;
+    const double dense_ms =
+        median_ms([&] { BENCH_OK(cuda::flash_attention_fwd(p, nullptr)); }, warmup, r);
+    const double dense_tfs = dense_flops / dense_ms * 1e-9;
+    auto emit = [&](const std::string& name, double ms, double tiles) {
+      const double tfs = tiles * tile_flops / ms * 1e-9;
+      Row row{name, n, ms, tfs, dense_ms, dense_tfs, tiles / causal_tiles};
+      rows.push_back(row);
+      std::printf(
+          "{\"name\": \"%s\", \"card\": \"%s\", \"seq\": %lld, \"heads\": %d, \"kv_heads\": %d, "
+          "\"dim\": %d, \"dtype\": \"bf16\", \"pattern\": \"%s\", \"ms\": %.4f, \"tiles\": %.0f, "
+          "\"density\": %.4f, \"tflops_tiles\": %.1f, \"dense_ms\": %.4f, \"dense_tflops\": %.1f, "
+          "\"tfs_ratio_vs_dense\": %.3f, \"speedup_vs_dense\": %.3f}\n",
+          name.c_str(), card.c_str(), (long long)n, H, HKV, D, set.c_str(), ms, tiles,
+          tiles / causal_tiles, tfs, dense_ms, dense_tfs, tfs / dense_tfs, dense_ms / ms);
+      std::fflush(stdout);
+    };
+    emit("dense_flash", dense_ms, causal_tiles);
+    {
+      const double ms = median_ms(
+          [&] { BENCH_OK(cuda::ashape_attention_fwd(p, int(n), 0, nullptr)); }, warmup, r);
+      emit("dense_via_sparse_kernel", ms, causal_tiles);
+    }
+    {
+      // Block-sparse top-100: block b lists itself and min(99, b) random distinct j < b.
+      const int kTop = 100;
+      const int64_t nbl = num_blocks(n);
+      std::vector<int> blocks(size_t(H) * nbl * kTop, -1);
+      uint64_t st = 12345;
+      double tiles = 0;
+      for (int h = 0; h < H; ++h)
+        for (int64_t b = 0; b < nbl; ++b) {
+          std::vector<char> used(size_t(b + 1), 0);
+          used[b] = 1;
+          const int want = int(std::min<int64_t>(kTop, b + 1));
+          for (int got = 1; got < want;) {
+            st = st * 6364136223846793005ull + 1442695040888963407ull;
+            const int64_t j = int64_t((st >> 33) % uint64_t(b));
+            if (!used[j]) used[j] = 1, ++got;
+          }
+          int t = 0;
+          for (int64_t j = 0; j <= b; ++j)
+            if (used[j]) blocks[(size_t(h) * nbl + b) * kTop + t++] = int(j);
+          tiles += want;
+        }
+      int* db = upload(blocks);
+      BlockSparseView bv;
+      bv.seq_len = n;
+      bv.nblocks = nbl;
+      bv.k = kTop;
+      bv.blocks = db;
+      const double ms = median_ms(
+          [&] { BENCH_OK(cuda::block_sparse_attention_fwd(p, bv, 0, nullptr)); }, warmup, r);
+      emit("block_sparse_top100", ms, tiles);
+      cudaFree(db);
+    }
+    double mix_ms = 0;
+    for (auto [bv, bs, count] : mix) {
+      std::vector<VsSelection> sel;
+      for (int h = 0; h < H; ++h) sel.push_back(synthetic_vs(kind, n, bv, bs, 1000 * h + bv + bs));
+      const VsIndex ix = cpu::vs_build_index(sel, n);
+      double tiles = 0;
+      for (int h = 0; h < H; ++h) tiles += double(vs_mask_tiles(ix, h));
+      VsIndexView dv;
+      dv.seq_len = ix.seq_len;
+      dv.nblocks = ix.nblocks;
+      int64_t* rp = upload(ix.range_ptr);
+      int* rl = upload(ix.range_lo);
+      int* rh = upload(ix.range_hi);
+      int64_t* cp = upload(ix.col_ptr);
+      int* cc = upload(ix.col);
+      dv.range_ptr = rp;
+      dv.range_lo = rl;
+      dv.range_hi = rh;
+      dv.col_ptr = cp;
+      dv.col = cc;
+      const double ms =
+          median_ms([&] { BENCH_OK(cuda::vs_attention_fwd(p, dv, 0, nullptr)); }, warmup, r);
+      emit("vs_" + std::to_string(bv) + "_" + std::to_string(bs), ms, tiles);
+      mix_ms += ms * count / 1024.0;
+      cudaFree(rp);
+      cudaFree(rl);
+      cudaFree(rh);
+      cudaFree(cp);
+      cudaFree(cc);
+    }
+    std::printf(
+        "{\"name\": \"vs_llama3_8b_mix\", \"card\": \"%s\", \"seq\": %lld, \"pattern\": \"%s\", "
+        "\"ms_per_32_heads\": %.4f, \"dense_ms\": %.4f, \"speedup_vs_dense\": %.3f}\n",
+        card.c_str(), (long long)n, set.c_str(), mix_ms, dense_ms, dense_ms / mix_ms);
+    rows.push_back({"vs_mix", n, mix_ms, 0, dense_ms, dense_tfs, 0});
+    cudaFree(q);
+    cudaFree(k);
+    cudaFree(v);
+    cudaFree(o);
+    cudaFree(lse);
+  }
+  std::fprintf(stderr, "\n%-26s %8s %10s %8s %8s %10s %9s %8s\n", "case", "seq", "ms", "density",
+               "TF/s", "dense TF/s", "TF ratio", "speedup");
+  for (const Row& r : rows)
+    std::fprintf(stderr, "%-26s %8lld %10.3f %8.3f %8.1f %10.1f %9.3f %8.3f\n", r.name.c_str(),
+                 (long long)r.n, r.ms, r.density, r.tfs, r.dense_tfs,
+                 r.tfs > 0 ? r.tfs / r.dense_tfs : 0.0, r.dense_ms / r.ms);
+  return 0;
+}
