@@ -34,20 +34,24 @@ mkdir -p "$LOG_DIR"
 PASSED=0 FAILED=0 SKIPPED=0
 
 # Runs ctest with the given arguments, teeing its output; adds to the counters.
-# ctest prints "NN% tests passed, F tests failed out of T" and lists "(Skipped)" tests.
+# ctest prints "NN% tests passed, F tests failed out of T" (CMake 4 prints "100% tests
+# passed out of T" when none failed) and lists "(Skipped)" tests.
 run_ctest() {  # $1 = log name, rest = ctest args
   local name=$1; shift
   local out="$LOG_DIR/$name.log" rc=0
   ctest --test-dir "$BUILD_DIR" --output-on-failure --no-tests=error "$@" 2>&1 | tee "$out" || rc=$?
   local line total failed skipped
-  line=$(grep -E 'tests passed, [0-9]+ tests? failed out of [0-9]+' "$out" | tail -n1 || true)
+  line=$(grep -E 'tests passed(, [0-9]+ tests? failed)? out of [0-9]+' "$out" | tail -n1 || true)
   if [ -z "$line" ]; then
     log "ctest ($name) printed no summary (exit $rc)"
     FAILED=$((FAILED + 1))
     return 1
   fi
   total=$(sed -E 's/.* out of ([0-9]+).*/\1/' <<<"$line")
-  failed=$(sed -E 's/.*passed, ([0-9]+) tests? failed.*/\1/' <<<"$line")
+  failed=0
+  if grep -qE 'tests? failed' <<<"$line"; then
+    failed=$(sed -E 's/.*passed, ([0-9]+) tests? failed.*/\1/' <<<"$line")
+  fi
   skipped=$(grep -cE '\(Skipped\)$' "$out" || true)
   PASSED=$((PASSED + total - failed - skipped))
   FAILED=$((FAILED + failed))
