@@ -19,45 +19,13 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_common.cuh"
 #include "kernels/attention.h"
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/flash/flash.h"
 
 namespace {
-
-#define BENCH_CUDA(call)                                                      \
-  do {                                                                        \
-    const cudaError_t e_ = (call);                                            \
-    if (e_ != cudaSuccess) {                                                  \
-      std::fprintf(stderr, "error: %s: %s\n", #call, cudaGetErrorString(e_)); \
-      std::exit(2);                                                           \
-    }                                                                         \
-  } while (0)
-
-// Approximately normal values (sum of 4 hashed uniforms), as 16-bit floats.
-__global__ void fill_random(uint16_t* x, size_t n, uint64_t seed, bool bf16) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-       i += size_t(gridDim.x) * blockDim.x) {
-    float s = 0.f;
-    for (int r = 0; r < 4; ++r) {
-      uint64_t z = (i * 4 + r) ^ (seed * 0x9E3779B97F4A7C15ull);
-      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-      z ^= z >> 31;
-      s += float(z >> 40) * (1.f / 16777216.f) - 0.5f;
-    }
-    s *= 1.7320508f;  // variance 4 * 1/12 * 3 = 1
-    uint32_t u;
-    std::memcpy(&u, &s, 4);
-    if (bf16) {
-      u += 0x7fffu + ((u >> 16) & 1u);
-      x[i] = uint16_t(u >> 16);
-    } else {
-      x[i] = __half_as_ushort(__float2half_rn(s));
-    }
-  }
-}
 
 std::vector<int> parse_list(const std::string& s) {
   std::vector<int> v;
@@ -134,9 +102,9 @@ int main(int argc, char** argv) {
     BENCH_CUDA(cudaMalloc(&o, q_elems * 2));
     BENCH_CUDA(cudaMalloc(&lse, size_t(heads) * n * 4));
     const bool bf16 = dtype == mprefill::DType::kBF16;
-    fill_random<<<1024, 256>>>(q, q_elems, 1, bf16);
-    fill_random<<<1024, 256>>>(k, kv_elems, 2, bf16);
-    fill_random<<<1024, 256>>>(v, kv_elems, 3, bf16);
+    mprefill::bench::fill_random<<<1024, 256>>>(q, q_elems, 1, bf16);
+    mprefill::bench::fill_random<<<1024, 256>>>(k, kv_elems, 2, bf16);
+    mprefill::bench::fill_random<<<1024, 256>>>(v, kv_elems, 3, bf16);
     BENCH_CUDA(cudaGetLastError());
 
     for (bool causal : causals) {

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_common.cuh"
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/index/index.h"
 
@@ -31,43 +32,6 @@ namespace {
 namespace gi = mprefill::cuda::index;
 using mprefill::DType;
 using mprefill::Status;
-
-#define BENCH_CUDA(call)                                                      \
-  do {                                                                        \
-    const cudaError_t e_ = (call);                                            \
-    if (e_ != cudaSuccess) {                                                  \
-      std::fprintf(stderr, "error: %s: %s\n", #call, cudaGetErrorString(e_)); \
-      std::exit(2);                                                           \
-    }                                                                         \
-  } while (0)
-#define BENCH_OK(call)                                                             \
-  do {                                                                             \
-    const Status s_ = (call);                                                      \
-    if (s_ != Status::kOk) {                                                       \
-      std::fprintf(stderr, "error: %s: %s (%s)\n", #call, mprefill::to_string(s_), \
-                   mprefill::cuda::last_error().c_str());                          \
-      std::exit(2);                                                                \
-    }                                                                              \
-  } while (0)
-
-__global__ void fill_random(uint16_t* x, size_t n, uint64_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-       i += size_t(gridDim.x) * blockDim.x) {
-    float s = 0.f;
-    for (int r = 0; r < 4; ++r) {
-      uint64_t z = (i * 4 + r) ^ (seed * 0x9E3779B97F4A7C15ull);
-      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-      z ^= z >> 31;
-      s += float(z >> 40) * (1.f / 16777216.f) - 0.5f;
-    }
-    s *= 1.7320508f;
-    uint32_t u;
-    std::memcpy(&u, &s, 4);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    x[i] = uint16_t(u >> 16);
-  }
-}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -184,8 +148,8 @@ int main(int argc, char** argv) {
     const int H = hk.first, Hkv = hk.second;
     uint16_t* q = static_cast<uint16_t*>(dalloc(size_t(nl) * H * d * 2));
     uint16_t* k = static_cast<uint16_t*>(dalloc(size_t(n) * Hkv * d * 2));
-    fill_random<<<1024, 256, 0, st>>>(q, size_t(nl) * H * d, 1 + H);
-    fill_random<<<4096, 256, 0, st>>>(k, size_t(n) * Hkv * d, 2 + H);
+    mprefill::bench::fill_random<<<1024, 256, 0, st>>>(q, size_t(nl) * H * d, 1 + H);
+    mprefill::bench::fill_random<<<4096, 256, 0, st>>>(k, size_t(n) * Hkv * d, 2 + H);
     BENCH_CUDA(cudaGetLastError());
     mprefill::VsEstimateParams p;
     p.q_last = q;

@@ -56,6 +56,7 @@
 #include "kernels/sparse.h"
 #include "worker/index_sets.h"
 #if __has_include("kernels/cuda/sparse/sparse_attention.h") && !defined(MPREFILL_BENCH_NO_SPARSE)
+#include "bench/bench_common.cuh"
 #include "kernels/cuda/sparse/sparse_attention.h"
 #define MPREFILL_BENCH_SPARSE 1
 #else
@@ -69,32 +70,6 @@ using namespace mprefill;
 [[noreturn]] void die(const std::string& msg) {
   std::fprintf(stderr, "error: %s\n", msg.c_str());
   std::exit(2);
-}
-
-#define BENCH_CUDA(call)                                                            \
-  do {                                                                              \
-    const cudaError_t e_ = (call);                                                  \
-    if (e_ != cudaSuccess) die(std::string(#call) + ": " + cudaGetErrorString(e_)); \
-  } while (0)
-
-// Approximately normal values (sum of 4 hashed uniforms, variance 1) as bf16.
-__global__ void fill_random_bf16(uint16_t* x, size_t n, uint64_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-       i += size_t(gridDim.x) * blockDim.x) {
-    float s = 0.f;
-    for (int r = 0; r < 4; ++r) {
-      uint64_t z = (i * 4 + r) ^ (seed * 0x9E3779B97F4A7C15ull);
-      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-      z ^= z >> 31;
-      s += float(z >> 40) * (1.f / 16777216.f) - 0.5f;
-    }
-    s *= 1.7320508f;
-    uint32_t u;
-    memcpy(&u, &s, 4);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    x[i] = uint16_t(u >> 16);
-  }
 }
 
 std::vector<std::string> split(const std::string& s, char sep) {
@@ -586,9 +561,11 @@ void run_shape(const Options& o, const Shape& s, std::vector<Case> cases, const 
   v.alloc(kv_elems * 2);
   out.alloc(q_elems * 2);
   lse.alloc(static_cast<size_t>(s.heads) * n * 4);
-  fill_random_bf16<<<2048, 256>>>(static_cast<uint16_t*>(q.p), q_elems, o.seed * 3 + 1);
-  fill_random_bf16<<<2048, 256>>>(static_cast<uint16_t*>(k.p), kv_elems, o.seed * 3 + 2);
-  fill_random_bf16<<<2048, 256>>>(static_cast<uint16_t*>(v.p), kv_elems, o.seed * 3 + 3);
+  mprefill::bench::fill_random<<<2048, 256>>>(static_cast<uint16_t*>(q.p), q_elems, o.seed * 3 + 1);
+  mprefill::bench::fill_random<<<2048, 256>>>(static_cast<uint16_t*>(k.p), kv_elems,
+                                              o.seed * 3 + 2);
+  mprefill::bench::fill_random<<<2048, 256>>>(static_cast<uint16_t*>(v.p), kv_elems,
+                                              o.seed * 3 + 3);
   BENCH_CUDA(cudaGetLastError());
   BENCH_CUDA(cudaDeviceSynchronize());
   std::vector<uint16_t> hk(kv_elems), hv(kv_elems);

@@ -24,6 +24,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bench/bench_common.cuh"
 #include "kernels/attention.h"
 #include "kernels/cpu/cpu.h"
 #include "kernels/cuda/cuda.h"
@@ -33,43 +34,6 @@
 #include "worker/index_sets.h"
 
 namespace {
-
-#define BENCH_CUDA(call)                                                      \
-  do {                                                                        \
-    const cudaError_t e_ = (call);                                            \
-    if (e_ != cudaSuccess) {                                                  \
-      std::fprintf(stderr, "error: %s: %s\n", #call, cudaGetErrorString(e_)); \
-      std::exit(2);                                                           \
-    }                                                                         \
-  } while (0)
-#define BENCH_OK(call)                                                             \
-  do {                                                                             \
-    const mprefill::Status s_ = (call);                                            \
-    if (s_ != mprefill::Status::kOk) {                                             \
-      std::fprintf(stderr, "error: %s: %s (%s)\n", #call, mprefill::to_string(s_), \
-                   mprefill::cuda::last_error().c_str());                          \
-      std::exit(2);                                                                \
-    }                                                                              \
-  } while (0)
-
-__global__ void fill_random(uint16_t* x, size_t n, uint64_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-       i += size_t(gridDim.x) * blockDim.x) {
-    float s = 0.f;
-    for (int r = 0; r < 4; ++r) {
-      uint64_t z = (i * 4 + r) ^ (seed * 0x9E3779B97F4A7C15ull);
-      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-      z ^= z >> 31;
-      s += float(z >> 40) * (1.f / 16777216.f) - 0.5f;
-    }
-    s *= 1.7320508f;
-    uint32_t u;
-    std::memcpy(&u, &s, 4);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    x[i] = uint16_t(u >> 16);
-  }
-}
 
 template <class F>
 double median_ms(F&& launch, int warmup, int reps) {
@@ -154,9 +118,9 @@ int main(int argc, char** argv) {
     BENCH_CUDA(cudaMalloc(&v, size_t(n) * HKV * D * 2));
     BENCH_CUDA(cudaMalloc(&o, size_t(n) * H * D * 2));
     BENCH_CUDA(cudaMalloc(&lse, size_t(n) * H * 4));
-    fill_random<<<1024, 256>>>(q, size_t(n) * H * D, 1);
-    fill_random<<<1024, 256>>>(k, size_t(n) * HKV * D, 2);
-    fill_random<<<1024, 256>>>(v, size_t(n) * HKV * D, 3);
+    mprefill::bench::fill_random<<<1024, 256>>>(q, size_t(n) * H * D, 1);
+    mprefill::bench::fill_random<<<1024, 256>>>(k, size_t(n) * HKV * D, 2);
+    mprefill::bench::fill_random<<<1024, 256>>>(v, size_t(n) * HKV * D, 3);
     BENCH_CUDA(cudaDeviceSynchronize());
     AttentionParams p;
     p.q = q;
