@@ -35,9 +35,11 @@ if [ -f "$MODEL_DIR/stories15M.bin" ] && [ -f "$MODEL_DIR/tokenizer.bin" ]; then
   MODEL_ARGS=(--model "$MODEL_DIR/stories15M.bin" --tokenizer "$MODEL_DIR/tokenizer.bin"
     --prompt "$PROMPT")
   what="stories15M (llama2.c checkpoint, fp32) from $MODEL_DIR"
+  prompt_desc="\"$PROMPT\""
 elif "$BIN" generate --help 2>&1 | grep -q 'random:'; then
-  MODEL_ARGS=(--model random:tiny --prompt-ids 1,9038,2501,263,931)
+  MODEL_ARGS=(--model random:tiny --prompt-ids 1,15,27,301,42,7)  # tiny: vocab 512
   what="a randomly initialised 'tiny' model (no stories15M found under $SHARED); ids in and out"
+  prompt_desc="ids 1,15,27,301,42,7"
 else
   log "no model to run: $MODEL_DIR/stories15M.bin is missing (set MPREFILL_SHARED_DIR to the"
   log "folder holding models/stories15M) and this build of mprefill has no random models"
@@ -45,7 +47,7 @@ else
 fi
 
 log "model: $what"
-log "prompt: \"$PROMPT\"  decode: $DECODE tokens, greedy, device: $DEVICE"
+log "prompt: $prompt_desc  decode: $DECODE tokens, greedy, device: $DEVICE"
 log "command: ${BIN#$ROOT/} generate $(printf '%q ' "${MODEL_ARGS[@]}")--decode $DECODE --device $DEVICE"
 stats=$(mktemp)
 trap 'rm -f "$stats"' EXIT
