@@ -142,17 +142,3 @@ TEST(MpiComm, BadArgumentsAreRejected) {
 
 }  // namespace
 }  // namespace mprefill::comm
-
-int main(int argc, char** argv) {
-  mprefill::comm::MpiRuntime mpi(&argc, &argv);
-  testing::InitGoogleTest(&argc, argv);
-  const auto w = mprefill::comm::world_info();
-  if (w.rank != 0) {  // one rank reports; every rank checks (results are agreed on)
-    auto& listeners = testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-  }
-  const int rc = RUN_ALL_TESTS();
-  int worst = 0;
-  MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  return worst;
-}
