@@ -19,7 +19,7 @@ using flash::run_fwd;
 constexpr const char* kBuiltHeadDims = "128 (MPREFILL_CUDA_SUBSET build)";
 constexpr const char* kBuiltDtypes = "bf16 = 1 (MPREFILL_CUDA_SUBSET build)";
 #else
-constexpr const char* kBuiltHeadDims = "64, 128";
+constexpr const char* kBuiltHeadDims = "48 (padded to 64), 64, 128";
 constexpr const char* kBuiltDtypes = "bf16 = 1, fp16 = 2";
 #endif
 
@@ -43,6 +43,7 @@ Status dispatch_hdim(const AttentionParams& p, cudaStream_t s) {
       return dispatch_causal<E, 128>(p, s);
 #ifndef MPREFILL_CUDA_SUBSET
     case 64:
+    case 48:  // the 64 instance, zero-padded in shared memory by TMA
       return dispatch_causal<E, 64>(p, s);
 #endif
     default:
@@ -71,7 +72,8 @@ bool flash_attention_supported(DType dtype, int head_dim) {
 #ifdef MPREFILL_CUDA_SUBSET
   return dtype == DType::kBF16 && head_dim == 128;
 #else
-  return (dtype == DType::kBF16 || dtype == DType::kF16) && (head_dim == 64 || head_dim == 128);
+  return (dtype == DType::kBF16 || dtype == DType::kF16) &&
+         (head_dim == 48 || head_dim == 64 || head_dim == 128);
 #endif
 }
 

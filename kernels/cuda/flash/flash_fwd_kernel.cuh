@@ -107,6 +107,7 @@ struct FwdTraits {
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename Pipeline::PipelineState;
+  // Whole boxes: TMA counts zero-filled out-of-bounds elements (row tail, padded head_dim) too.
   static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kTmaBytesKV = kBlockN * kHeadDim * sizeof(Element);
 
@@ -130,6 +131,7 @@ struct FwdTraits {
     int64_t o_row_stride, o_head_stride, lse_head_stride;
     int32_t n_q, n_k, num_heads, num_kv_heads, head_ratio;
     int32_t num_m_blocks;
+    int32_t head_dim;    // real head_dim <= kHeadDim; columns >= head_dim are TMA zero-fill
     int64_t pos_offset;  // q_pos0 - k_pos0: row i sees key j iff j <= i + pos_offset
     float scale, scale_log2;
   };
@@ -445,6 +447,7 @@ __global__ void __launch_bounds__(T::kNumThreads, 1)
       for (int c = 0; c < size<1>(O_rc); c += 2) {
         // (c, c + 1) are adjacent columns (mode (0,0) of the accumulator has size 2).
         const int col = get<1>(cO_rc(r, c));
+        if (col >= p.head_dim) continue;  // padded head_dim: column pairs never straddle it
         const Element lo(O_rc(r, c) * inv), hi(O_rc(r, c + 1) * inv);
         *reinterpret_cast<uint32_t*>(o_row + col) = uint32_t(lo.raw()) | (uint32_t(hi.raw()) << 16);
       }
@@ -461,11 +464,16 @@ template <class T>
 Status run_flash_fwd(const AttentionParams& a, cudaStream_t stream) {
   using Element = typename T::Element;
   constexpr int D = T::kHeadDim;
+  // A smaller head_dim (multiple of 8, e.g. 48 on the 64 instance) runs padded: the tensor
+  // maps' dim extent is the real head_dim while the box stays D, so TMA zero-fills columns
+  // head_dim..D-1 of every Q/K/V tile (adding 0 to Q K^T and to the unused O columns), and the
+  // epilogue stores only columns < head_dim.
+  if (a.head_dim <= 0 || a.head_dim > D || a.head_dim % 8 != 0) return Status::kUnsupported;
   auto gmem = [&](const void* ptr, int32_t n, int32_t heads, int64_t row_stride,
                   int64_t head_stride) {
-    return make_tensor(
-        make_gmem_ptr(static_cast<Element const*>(ptr)),
-        make_layout(make_shape(n, int32_t(D), heads), make_stride(row_stride, _1{}, head_stride)));
+    return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)),
+                       make_layout(make_shape(n, int32_t(a.head_dim), heads),
+                                   make_stride(row_stride, _1{}, head_stride)));
   };
   typename T::Params p;
   p.tma_q =
@@ -488,6 +496,7 @@ Status run_flash_fwd(const AttentionParams& a, cudaStream_t stream) {
   p.num_kv_heads = a.num_kv_heads;
   p.head_ratio = a.num_heads / a.num_kv_heads;
   p.num_m_blocks = (a.n_q + T::kBlockM - 1) / T::kBlockM;
+  p.head_dim = a.head_dim;
   // Clamped so that row + offset cannot overflow; with n_q, n_k < 2^30 the mask is unchanged.
   p.pos_offset = cute::max<int64_t>(cute::min<int64_t>(a.q_pos0 - a.k_pos0, int64_t(1) << 40),
                                     -(int64_t(1) << 40));
