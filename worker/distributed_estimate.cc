@@ -1,0 +1,187 @@
+#include "worker/distributed_estimate.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "kernels/cpu/cpu.h"
+
+namespace mprefill {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+Status fail(comm::Communicator& sp, Status s, const std::string& stage, const std::string& detail,
+            std::string* error) {
+  if (error) {
+    *error = "rank " + std::to_string(sp.rank()) + ": vs_estimate_distributed: " + stage;
+    if (!detail.empty()) *error += ": " + detail;
+  }
+  return s;
+}
+
+}  // namespace
+
+Status vs_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine, int64_t n_total,
+                               const float* q_local, const float* k_local, int num_heads,
+                               int num_kv_heads, int head_dim, float scale, const int* v_budget,
+                               const int* s_budget, std::vector<VsSelection>* out,
+                               std::string* error, VsGlobalScores* scores) {
+  const Status bad = Status::kInvalidArgument;
+  if (!out || !v_budget || !s_budget)
+    return fail(sp, bad, "arguments", "null output/budget", error);
+  if (n_total <= 0 || num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 ||
+      num_heads % num_kv_heads != 0 || !(scale > 0.f) || !std::isfinite(scale)) {
+    return fail(sp, bad, "arguments", "bad n_total/heads/head_dim/scale", error);
+  }
+  int64_t n_local = 0, prev_end = 0;
+  for (auto [b, e] : mine) {
+    if (b < prev_end || e < b || e > n_total) {
+      return fail(sp, bad, "arguments", "ranges not ascending inside [0, n_total)", error);
+    }
+    prev_end = e;
+    n_local += e - b;
+  }
+  if (n_local > 0 && (!q_local || !k_local)) {
+    return fail(sp, bad, "arguments", "null q/k with local tokens", error);
+  }
+
+  const int64_t n = n_total;
+  const int n_last = static_cast<int>(std::min<int64_t>(kBlock, n));
+  const int64_t q_row = int64_t{num_heads} * head_dim, k_row = int64_t{num_kv_heads} * head_dim;
+  const int64_t first_row = n - n_last;
+
+  // (1) The last n_last query rows on every rank: owners write their rows into a zeroed
+  // buffer, a SUM all_reduce adds exact zeros elsewhere (the values arrive unchanged).
+  std::vector<float> q_last(static_cast<size_t>(n_last) * q_row, 0.f);
+  {
+    int64_t off = 0;
+    for (auto [b, e] : mine) {
+      for (int64_t t = std::max(b, first_row); t < e; ++t) {
+        std::copy_n(q_local + (off + t - b) * q_row, q_row,
+                    q_last.data() + (t - first_row) * q_row);
+      }
+      off += e - b;
+    }
+  }
+  if (const Status s = sp.all_reduce(q_last.data(), q_last.data(), q_last.size(), DType::kF32,
+                                     comm::ReduceOp::kSum, nullptr);
+      s != Status::kOk) {
+    return fail(sp, s, "all_reduce last query rows", sp.last_error(), error);
+  }
+
+  // Params of one local key range [b, e) whose rows start at local row off.
+  auto params = [&](int64_t b, int64_t e, int64_t off) {
+    VsEstimateParams p;
+    p.q_last = q_last.data();
+    p.k = k_local + off * k_row;
+    p.q_row_stride = q_row;
+    p.q_head_stride = head_dim;
+    p.k_row_stride = k_row;
+    p.k_head_stride = head_dim;
+    p.n_last = n_last;
+    p.seq_len = n;
+    p.n_k = static_cast<int>(e - b);
+    p.k_pos0 = b;
+    p.num_heads = num_heads;
+    p.num_kv_heads = num_kv_heads;
+    p.head_dim = head_dim;
+    p.scale = scale;
+    p.dtype = DType::kF32;
+    return p;
+  };
+
+  // (2) Row statistics: local combine over ranges, then global max and rescaled sums.
+  const size_t n_rows = static_cast<size_t>(num_heads) * n_last;
+  RowStats local;
+  local.max.assign(n_rows, kNegInf);
+  local.sum.assign(n_rows, 0.f);
+  {
+    int64_t off = 0;
+    for (auto [b, e] : mine) {
+      if (e > b) {
+        RowStats part;
+        if (const Status s = cpu::vs_row_stats(params(b, e, off), &part); s != Status::kOk) {
+          return fail(sp, s,
+                      "vs_row_stats of keys [" + std::to_string(b) + ", " + std::to_string(e) + ")",
+                      "", error);
+        }
+        cpu::combine_row_stats(local, part);
+      }
+      off += e - b;
+    }
+  }
+  RowStats global;
+  global.max.assign(n_rows, kNegInf);
+  global.sum.assign(n_rows, 0.f);
+  if (const Status s = sp.all_reduce(local.max.data(), global.max.data(), n_rows, DType::kF32,
+                                     comm::ReduceOp::kMax, nullptr);
+      s != Status::kOk) {
+    return fail(sp, s, "all_reduce row max", sp.last_error(), error);
+  }
+  for (size_t i = 0; i < n_rows; ++i) {
+    // A rank without causal keys for row i holds (-inf, 0) and contributes 0.
+    local.sum[i] =
+        local.max[i] == kNegInf
+            ? 0.f
+            : static_cast<float>(local.sum[i] *
+                                 std::exp(static_cast<double>(local.max[i]) - global.max[i]));
+  }
+  if (const Status s = sp.all_reduce(local.sum.data(), global.sum.data(), n_rows, DType::kF32,
+                                     comm::ReduceOp::kSum, nullptr);
+      s != Status::kOk) {
+    return fail(sp, s, "all_reduce row sum", sp.last_error(), error);
+  }
+
+  // (3) Scores. Column scores of local columns land at their global positions (zeros
+  // elsewhere, so the SUM all_reduce leaves them unchanged); slash scores are fp32 sums of
+  // per-range partial sums, summed again across ranks, so they may differ from the
+  // single-process sum in the last ulps (the order of the fp32 additions differs), and
+  // the row sums above differ likewise.
+  const size_t n_cells = static_cast<size_t>(num_heads) * n;
+  std::vector<float> col(n_cells, 0.f), slash(n_cells, 0.f), col_part;
+  {
+    int64_t off = 0;
+    for (auto [b, e] : mine) {
+      const int64_t len = e - b;
+      if (len > 0) {
+        col_part.assign(static_cast<size_t>(num_heads) * len, 0.f);
+        if (const Status s =
+                cpu::vs_scores(params(b, e, off), global, col_part.data(), slash.data());
+            s != Status::kOk) {
+          return fail(sp, s,
+                      "vs_scores of keys [" + std::to_string(b) + ", " + std::to_string(e) + ")",
+                      "", error);
+        }
+        for (int h = 0; h < num_heads; ++h) {
+          std::copy_n(col_part.data() + h * len, len, col.data() + h * n + b);
+        }
+      }
+      off += len;
+    }
+  }
+  if (const Status s = sp.all_reduce(col.data(), col.data(), n_cells, DType::kF32,
+                                     comm::ReduceOp::kSum, nullptr);
+      s != Status::kOk) {
+    return fail(sp, s, "all_reduce column scores", sp.last_error(), error);
+  }
+  if (const Status s = sp.all_reduce(slash.data(), slash.data(), n_cells, DType::kF32,
+                                     comm::ReduceOp::kSum, nullptr);
+      s != Status::kOk) {
+    return fail(sp, s, "all_reduce slash scores", sp.last_error(), error);
+  }
+
+  // (4) The same deterministic selection on the same arrays on every rank.
+  out->assign(num_heads, {});
+  for (int h = 0; h < num_heads; ++h) {
+    (*out)[h] =
+        cpu::vs_select(col.data() + h * n, slash.data() + h * n, n, v_budget[h], s_budget[h]);
+  }
+  if (scores) {
+    scores->col = std::move(col);
+    scores->slash = std::move(slash);
+  }
+  return Status::kOk;
+}
+
+}  // namespace mprefill

@@ -1,0 +1,41 @@
+// Vertical-slash estimation across sequence-parallel CPU ranks (MPI backend, fp32): each
+// sp rank holds the K rows of its zigzag token ranges (plan_sequence_parallel); row
+// statistics, column scores and slash scores are combined with all_reduce, and every
+// rank runs the same selection on the same global score arrays, so all ranks return
+// identical selections that match single-process cpu::vs_estimate up to fp32 sum order.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "kernels/sparse.h"
+#include "kernels/status.h"
+#include "worker/parallel_plan.h"
+
+namespace mprefill {
+
+// Global score arrays behind a selection, identical on every rank.
+struct VsGlobalScores {
+  std::vector<float> col;    // [num_heads][n_total]
+  std::vector<float> slash;  // [num_heads][n_total]
+};
+
+// Selections of every query head from the last n_last = min(64, n_total) query rows.
+//   mine: this rank's ranges (ascending, disjoint, inside [0, n_total)); the ranges of all
+//         ranks together must cover [0, n_total) exactly once.
+//   q_local: [local tokens][num_heads][head_dim]; k_local: [local tokens][num_kv_heads]
+//         [head_dim]; fp32, packed, rows in range order (local tokens = sum of range
+//         lengths, may be 0, then the pointers may be null).
+//   v_budget, s_budget: [num_heads], the same on every rank.
+//   scores: if non-null, receives the global column and slash scores.
+// Every rank of `sp` must call this with the same n_total, shapes, scale and budgets. On
+// failure returns the status and, if error is non-null, a one-line message naming the
+// rank and the stage.
+Status vs_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine, int64_t n_total,
+                               const float* q_local, const float* k_local, int num_heads,
+                               int num_kv_heads, int head_dim, float scale, const int* v_budget,
+                               const int* s_budget, std::vector<VsSelection>* out,
+                               std::string* error, VsGlobalScores* scores = nullptr);
+
+}  // namespace mprefill
