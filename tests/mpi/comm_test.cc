@@ -7,25 +7,15 @@
 #include <vector>
 
 #include "comm/mpi_comm.h"
+#include "tests/mpi/mpi_testutil.h"
 
 namespace mprefill::comm {
 namespace {
 
-std::unique_ptr<Communicator> world(int timeout_ms = 30000) {
-  CommConfig cfg;
-  cfg.timeout_ms = timeout_ms;
-  return make_mpi_communicator(MPI_COMM_WORLD, cfg);
-}
+using test::mpi::expect_all_ranks_ok;
+using test::mpi::world;
 
 float encode(int rank, size_t i) { return static_cast<float>(rank * 1000003 + (i % 9973)) * 0.5f; }
-
-// Every rank must agree that the test passed on every rank.
-void expect_all_ranks_ok(Communicator& c, bool ok) {
-  int32_t bad = ok ? 0 : 1, total = 0;
-  ASSERT_EQ(c.all_reduce(&bad, &total, 1, DType::kI32, ReduceOp::kSum, nullptr), Status::kOk)
-      << c.last_error();
-  EXPECT_EQ(total, 0) << total << " rank(s) saw a wrong result";
-}
 
 TEST(MpiComm, AllReduceSumAndMax) {
   auto c = world();

@@ -14,39 +14,17 @@
 
 #include "comm/mpi_comm.h"
 #include "kernels/cpu/cpu.h"
+#include "tests/mpi/mpi_testutil.h"
 
 namespace mprefill {
 namespace {
 
+using test::mpi::expect_all_ranks_ok;
+using test::mpi::random_tensor;
+using test::mpi::slice;
+using test::mpi::world;
+
 constexpr float kRelTol = 1e-5f;  // scores: fp32 sums in another order
-
-std::unique_ptr<comm::Communicator> world() {
-  comm::CommConfig cfg;
-  cfg.timeout_ms = 60000;
-  return comm::make_mpi_communicator(MPI_COMM_WORLD, cfg);
-}
-
-void expect_all_ranks_ok(comm::Communicator& c, bool ok) {
-  int32_t bad = ok ? 0 : 1, total = 0;
-  ASSERT_EQ(c.all_reduce(&bad, &total, 1, DType::kI32, comm::ReduceOp::kSum, nullptr), Status::kOk)
-      << c.last_error();
-  EXPECT_EQ(total, 0) << total << " rank(s) saw a wrong result";
-}
-
-std::vector<float> random_tensor(size_t n, uint32_t seed, float amp) {
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<float> dist(-amp, amp);
-  std::vector<float> x(n);
-  for (auto& e : x) e = dist(gen);
-  return x;
-}
-
-std::vector<float> slice(const std::vector<float>& all, const TokenRanges& ranges, int64_t width) {
-  std::vector<float> out;
-  for (auto [b, e] : ranges)
-    out.insert(out.end(), all.begin() + b * width, all.begin() + e * width);
-  return out;
-}
 
 struct Reference {
   std::vector<VsSelection> sel;

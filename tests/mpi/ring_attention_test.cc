@@ -16,38 +16,15 @@
 #include "comm/mpi_comm.h"
 #include "kernels/attention.h"
 #include "kernels/cpu/cpu.h"
+#include "tests/mpi/mpi_testutil.h"
 
 namespace mprefill {
 namespace {
 
-std::unique_ptr<comm::Communicator> world(int timeout_ms = 60000) {
-  comm::CommConfig cfg;
-  cfg.timeout_ms = timeout_ms;
-  return comm::make_mpi_communicator(MPI_COMM_WORLD, cfg);
-}
-
-void expect_all_ranks_ok(comm::Communicator& c, bool ok) {
-  int32_t bad = ok ? 0 : 1, total = 0;
-  ASSERT_EQ(c.all_reduce(&bad, &total, 1, DType::kI32, comm::ReduceOp::kSum, nullptr), Status::kOk)
-      << c.last_error();
-  EXPECT_EQ(total, 0) << total << " rank(s) saw a wrong result";
-}
-
-std::vector<float> random_tensor(size_t n, uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<float> dist(-2.f, 2.f);
-  std::vector<float> x(n);
-  for (auto& e : x) e = dist(gen);
-  return x;
-}
-
-// Rows of `ranges` gathered from a global [N][width] tensor.
-std::vector<float> slice(const std::vector<float>& all, const TokenRanges& ranges, int64_t width) {
-  std::vector<float> out;
-  for (auto [b, e] : ranges)
-    out.insert(out.end(), all.begin() + b * width, all.begin() + e * width);
-  return out;
-}
+using test::mpi::expect_all_ranks_ok;
+using test::mpi::random_tensor;
+using test::mpi::slice;
+using test::mpi::world;
 
 struct Case {
   int64_t n;
