@@ -1,0 +1,108 @@
+// Frames on every mprefill TCP connection: a 4-byte little-endian length, then a
+// serialized mprefill.v1.Envelope of that many bytes (see envelope.proto).
+//
+// CONTRACT (lead): the coordinator (async, Boost.Asio strands) uses encode_frame /
+// FrameParser; worker ranks, decoders and the CLI use the blocking Connection below.
+// Keep these names and meanings; add what you need.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "envelope.pb.h"
+
+namespace mprefill::wire {
+
+namespace v1 = ::mprefill::v1;
+
+constexpr uint32_t kProtocolVersion = 1;
+constexpr size_t kDefaultMaxFrame = size_t{64} << 20;
+
+// A connection-level failure: closed peer, timeout, malformed or oversize frame, version
+// mismatch, failed authentication. what() is one line with the peer and the operation.
+class WireError : public std::runtime_error {
+ public:
+  enum class Kind { kClosed, kTimeout, kBadFrame, kBadVersion, kAuth, kConnect };
+  WireError(Kind kind, const std::string& msg) : std::runtime_error(msg), kind_(kind) {}
+  Kind kind() const { return kind_; }
+
+ private:
+  Kind kind_;
+};
+
+// 4-byte little-endian length + envelope bytes (envelope.version is set to
+// kProtocolVersion when 0).
+std::string encode_frame(const v1::Envelope& env);
+
+// Incremental parser over a byte stream (the fuzz target). feed() appends bytes; next()
+// returns kOk with one envelope, kNeedMore, or kError with a one-line reason (oversize
+// length, unparsable envelope, wrong version); after kError the stream is unusable.
+class FrameParser {
+ public:
+  enum class Result { kOk, kNeedMore, kError };
+  explicit FrameParser(size_t max_frame = kDefaultMaxFrame);
+  void feed(const void* data, size_t n);
+  Result next(v1::Envelope* out, std::string* error);
+  size_t buffered() const;
+
+ private:
+  size_t max_frame_;
+  std::string buf_;
+  size_t pos_ = 0;
+};
+
+// Blocking framed TCP connection with a deadline on every call (Boost.Asio underneath).
+// Not thread-safe: one sender and one receiver thread at most (send and recv may run
+// concurrently with each other).
+class Connection {
+ public:
+  // Connects within timeout_ms; throws WireError(kConnect / kTimeout).
+  static std::unique_ptr<Connection> connect(const std::string& host, uint16_t port,
+                                             int timeout_ms, size_t max_frame = kDefaultMaxFrame);
+  ~Connection();
+
+  // Throws WireError on timeout or a closed peer.
+  void send(const v1::Envelope& env, int timeout_ms);
+  // true with one envelope; false when nothing complete arrived within timeout_ms;
+  // throws WireError on a closed peer or a bad frame.
+  bool recv(v1::Envelope* env, int timeout_ms);
+  void close();
+  std::string peer() const;  // "host:port"
+
+  // Connecting side of the hello exchange: reads ServerHello, answers ClientHello with
+  // role and name (and HMAC-SHA256(secret, nonce || role) when the server requires auth
+  // and secret is non-empty). Throws WireError(kBadVersion / kAuth / kTimeout).
+  void client_handshake(v1::Role role, const std::string& name, const std::string& secret,
+                        int timeout_ms);
+
+  struct Impl;
+
+ private:
+  explicit Connection(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Blocking listener for the decoder's KV port (accepting side of the hello exchange).
+class Listener {
+ public:
+  // port 0: any free port (see port()). host: bind address (default loopback).
+  Listener(const std::string& host, uint16_t port, size_t max_frame = kDefaultMaxFrame);
+  ~Listener();
+  uint16_t port() const;
+  // Waits up to timeout_ms for a connection (nullptr on timeout), sends ServerHello and
+  // checks the ClientHello (role expected, proof when secret is non-empty); a peer that
+  // fails the hello is closed and nullptr returned with *error set.
+  std::unique_ptr<Connection> accept(int timeout_ms, v1::Role expected_role,
+                                     const std::string& secret, std::string* peer_name,
+                                     std::string* error);
+  void close();
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace mprefill::wire
