@@ -5,6 +5,13 @@
 // shards. Every rank of the group calls the same methods with the same arguments
 // (collective); rank r of the world is (sp_rank = r / tp, tp_rank = r % tp).
 //
+// CPU implementation (worker/dist_engine.cc): the ring is sparse-aware
+// (ring_attention_sparse_cpu: each step computes only the query blocks whose mask selects
+// a tile of the visiting shard); vertical-slash and block-sparse indices are estimated
+// over the sp shards and equal the single process's; the FFN rows are split evenly over
+// tp; the token embedding is held whole on every rank (any id may come), the LM head is
+// split by vocab rows over tp and gathered by the owner of the last position.
+//
 // CONTRACT (used by the worker service loop, tools/mprefill_worker_main.cc): keep these
 // names and meanings; add fields freely.
 #pragma once
@@ -26,6 +33,27 @@ struct DistTopology {
   int tp = 1, sp = 1;
 };
 
+// Load-time choices of a DistEngine (added by the dist helper; all have defaults).
+struct DistOptions {
+  // KV-head groups are placed on tp ranks once, at load time (each rank loads only the
+  // weight slices of its groups): plan_tensor_parallel(config, placement_policy,
+  // placement_tokens, tp). Default: the all-dense policy (every group costs the same).
+  // A prefill under another policy is still exact; tp_imbalance reports its cost.
+  SparsePolicy placement_policy;
+  int64_t placement_tokens = 131072;
+  // Before a prefill whose policy makes the current placement's expected max/mean over tp
+  // ranks exceed tp_replace_threshold, the groups are re-placed with
+  // plan_tensor_parallel(config, policy, prompt length, tp) and the changed layers'
+  // attention slices re-read. Needs the weight source: an HF checkpoint (memory-mapped),
+  // or a llama2.c / random model of at most 2 GiB kept in memory; larger ones keep the
+  // load-time placement.
+  bool replace_heads_per_prefill = true;
+  double tp_replace_threshold = 1.10;
+  // The zigzag token split is replaced by a weighted one (plan_sequence_parallel_weighted)
+  // when its predicted max/mean of mask tiles over sp ranks exceeds this.
+  double sp_rebalance_threshold = 1.10;
+};
+
 struct DistPrefillResult {
   std::vector<float> logits;  // [vocab] of the last prompt position, on every rank
   PrefillStats stats;         // this rank's timings
@@ -33,6 +61,22 @@ struct DistPrefillResult {
   // 64x64 attention tiles (sp) and of the expected per-rank head cost (tp).
   double sp_imbalance = 1.0, tp_imbalance = 1.0;
   int64_t kv_bytes_exported = 0;  // by this rank
+
+  // How the work was split (same on every rank unless noted).
+  std::vector<TokenRanges> sp_layout;   // token ranges of every sp rank
+  bool sp_rebalanced = false;           // the weighted split replaced the zigzag
+  bool tp_replaced = false;             // the KV-head groups were re-placed for this prefill
+  double tp_replace_ms = 0;             // time spent re-reading attention slices for that
+  double sp_imbalance_zigzag = 1.0;     // predicted max/mean tiles of the plain zigzag
+  double sp_imbalance_predicted = 1.0;  // predicted for sp_layout (block weights below)
+  double tp_imbalance_tiles = 1.0;      // measured from the computed tiles
+  int64_t tiles_computed = 0;           // mask tiles this rank computed (all layers)
+  double ring_compute_ms = 0, ring_wait_ms = 0;  // this rank: attention vs exposed transfer
+  int64_t ring_bytes_sent = 0;                   // this rank
+  // sp_imbalance and tp_imbalance_tiles are sum over layers of the max over ranks /
+  // sum over layers of the mean (every layer ends in collectives, so per-layer balance is
+  // what counts). Predicted figures use per-block weights: the tiles of the given plan's
+  // indices when the plan is fixed, else the policy's expected tiles per block.
 };
 
 // Called on every rank after each layer (layer index, n_layers).
@@ -43,7 +87,7 @@ class DistEngine {
   // world: the group's communicator (size == topo.tp * topo.sp; clear error otherwise);
   // model_path as in load_model(); each rank loads only its tensor-parallel slices.
   DistEngine(comm::Communicator* world, const std::string& model_path, DistTopology topo,
-             EngineOptions opt = {});
+             EngineOptions opt = {}, DistOptions dist = {});
   ~DistEngine();
 
   // Collective. ids: the whole prompt (every rank passes it); each rank computes its
@@ -58,6 +102,11 @@ class DistEngine {
   const ModelConfig& config() const;
   DistTopology topology() const;
   int rank() const;
+  int tp_rank() const;
+  int sp_rank() const;
+  // KV-head placement of every layer and tp rank: plan_tensor_parallel at load time, or
+  // the re-placement of the last prefill (DistOptions::replace_heads_per_prefill).
+  const TpPlan& placement() const;
 
  private:
   struct Impl;

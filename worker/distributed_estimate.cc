@@ -184,4 +184,73 @@ Status vs_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine, 
   return Status::kOk;
 }
 
+Status block_sparse_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine,
+                                         int64_t n_total, const float* q_local,
+                                         const float* k_local, int num_heads, int num_kv_heads,
+                                         int head_dim, float scale, const int* topk,
+                                         BlockSparseIndex* out, std::string* error) {
+  auto bfail = [&](Status s, const std::string& stage, const std::string& detail) {
+    if (error) {
+      *error =
+          "rank " + std::to_string(sp.rank()) + ": block_sparse_estimate_distributed: " + stage;
+      if (!detail.empty()) *error += ": " + detail;
+    }
+    return s;
+  };
+  const Status bad = Status::kInvalidArgument;
+  if (!out || !topk) return bfail(bad, "arguments", "null output/topk");
+  if (n_total <= 0 || num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 ||
+      num_heads % num_kv_heads != 0) {
+    return bfail(bad, "arguments", "bad n_total/heads/head_dim");
+  }
+  int64_t n_local = 0, prev_end = 0;
+  for (auto [b, e] : mine) {
+    if (b < prev_end || e < b || e > n_total || b % kBlock != 0 ||
+        (e % kBlock != 0 && e != n_total)) {
+      return bfail(bad, "arguments", "ranges not ascending, 64-aligned, inside [0, n_total)");
+    }
+    prev_end = e;
+    n_local += e - b;
+  }
+  if (n_local > 0 && (!q_local || !k_local)) return bfail(bad, "arguments", "null q/k");
+  const int64_t nb = num_blocks(n_total), d = head_dim;
+  const int64_t q_row = int64_t{num_heads} * d, k_row = int64_t{num_kv_heads} * d;
+  std::vector<float> qpool(static_cast<size_t>(num_heads * nb * d), 0.f);
+  std::vector<float> kpool(static_cast<size_t>(num_kv_heads * nb * d), 0.f);
+  {
+    int64_t off = 0;
+    std::vector<float> part;
+    for (auto [b, e] : mine) {
+      const int64_t len = e - b, lb = num_blocks(len), b0 = b / kBlock;
+      if (len == 0) continue;
+      part.assign(static_cast<size_t>(num_heads * lb * d), 0.f);
+      cpu::block_mean_pool(q_local + off * q_row, q_row, d, num_heads, head_dim, len, part.data());
+      for (int h = 0; h < num_heads; ++h)
+        std::copy_n(part.data() + h * lb * d, lb * d, qpool.data() + (h * nb + b0) * d);
+      part.assign(static_cast<size_t>(num_kv_heads * lb * d), 0.f);
+      cpu::block_mean_pool(k_local + off * k_row, k_row, d, num_kv_heads, head_dim, len,
+                           part.data());
+      for (int h = 0; h < num_kv_heads; ++h)
+        std::copy_n(part.data() + h * lb * d, lb * d, kpool.data() + (h * nb + b0) * d);
+      off += len;
+    }
+  }
+  if (const Status s = sp.all_reduce(qpool.data(), qpool.data(), qpool.size(), DType::kF32,
+                                     comm::ReduceOp::kSum, nullptr);
+      s != Status::kOk) {
+    return bfail(s, "all_reduce pooled queries", sp.last_error());
+  }
+  if (const Status s = sp.all_reduce(kpool.data(), kpool.data(), kpool.size(), DType::kF32,
+                                     comm::ReduceOp::kSum, nullptr);
+      s != Status::kOk) {
+    return bfail(s, "all_reduce pooled keys", sp.last_error());
+  }
+  if (const Status s = cpu::block_sparse_select(qpool.data(), kpool.data(), n_total, num_heads,
+                                                num_kv_heads, head_dim, scale, topk, out);
+      s != Status::kOk) {
+    return bfail(s, "block_sparse_select", to_string(s));
+  }
+  return Status::kOk;
+}
+
 }  // namespace mprefill

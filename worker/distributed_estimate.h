@@ -38,4 +38,16 @@ Status vs_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine, 
                                const int* s_budget, std::vector<VsSelection>* out,
                                std::string* error, VsGlobalScores* scores = nullptr);
 
+// Block-sparse estimation across sequence-parallel ranks: every rank mean-pools the
+// 64-token blocks of its ranges (which must be 64-aligned, so no block is split), the
+// pooled Q and K blocks are combined with a SUM all_reduce of zero-initialised arrays
+// (exact: each block is written by one rank), and every rank runs the same
+// cpu::block_sparse_select, so all ranks get the single-process index exactly.
+// Arguments as in vs_estimate_distributed; topk: [num_heads].
+Status block_sparse_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine,
+                                         int64_t n_total, const float* q_local,
+                                         const float* k_local, int num_heads, int num_kv_heads,
+                                         int head_dim, float scale, const int* topk,
+                                         BlockSparseIndex* out, std::string* error);
+
 }  // namespace mprefill

@@ -104,4 +104,71 @@ int64_t causal_tiles(const TokenRanges& rows) {
   return tiles;
 }
 
+std::vector<TokenRanges> plan_sequence_parallel_weighted(int64_t n, int sp,
+                                                         const std::vector<double>& block_weight) {
+  if (sp <= 0) throw std::runtime_error("sequence parallel size must be positive");
+  const int64_t nb = num_blocks(n);
+  if (static_cast<int64_t>(block_weight.size()) != nb)
+    throw std::runtime_error(
+        "plan_sequence_parallel_weighted: " + std::to_string(block_weight.size()) +
+        " block weights for " + std::to_string(nb) + " blocks");
+  // Folded element f in [0, nf): blocks f and nb - 1 - f (one block when they coincide).
+  const int64_t nf = (nb + 1) / 2;
+  std::vector<double> prefix(nf + 1, 0.0);
+  for (int64_t f = 0; f < nf; ++f) {
+    const int64_t m = nb - 1 - f;
+    prefix[f + 1] = prefix[f] + std::max(0.0, block_weight[f]) +
+                    (m != f ? std::max(0.0, block_weight[m]) : 0.0);
+  }
+  // Cut c (1 <= c < sp) at the folded edge whose prefix is nearest c * total / sp,
+  // non-decreasing in c.
+  std::vector<int64_t> cut(sp + 1, 0);
+  cut[sp] = nf;
+  for (int c = 1; c < sp; ++c) {
+    const double target = prefix[nf] * c / sp;
+    int64_t e = std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin();
+    e = std::min<int64_t>(e, nf);
+    if (e > 0 && target - prefix[e - 1] < prefix[e] - target) --e;
+    cut[c] = std::max(cut[c - 1], e);
+  }
+  auto tok = [&](int64_t block) { return std::min(n, block * kBlock); };
+  std::vector<TokenRanges> out(sp);
+  for (int r = 0; r < sp; ++r) {
+    const int64_t a = cut[r], b = cut[r + 1];
+    if (a >= b) continue;
+    // Blocks [a, b) and their mirror [nb - b, nb - a); they touch or overlap only at the
+    // fold (a folded element of one block when nb is odd).
+    const int64_t lo1 = tok(a), hi1 = tok(b);
+    const int64_t lo2 = tok(std::max(b, nb - b)), hi2 = tok(nb - a);
+    if (lo2 <= hi1) {
+      out[r].emplace_back(lo1, std::max(hi1, hi2));
+    } else {
+      out[r].emplace_back(lo1, hi1);
+      if (lo2 < hi2) out[r].emplace_back(lo2, hi2);
+    }
+  }
+  return out;
+}
+
+double ranges_weight(const TokenRanges& rows, const std::vector<double>& block_weight) {
+  double w = 0;
+  for (auto [b, e] : rows)
+    for (int64_t q = b / kBlock; q < num_blocks(e) && q < static_cast<int64_t>(block_weight.size());
+         ++q)
+      w += block_weight[q];
+  return w;
+}
+
+double layout_imbalance(const std::vector<TokenRanges>& layout,
+                        const std::vector<double>& block_weight) {
+  if (layout.empty()) return 1.0;
+  double mx = 0, sum = 0;
+  for (const auto& r : layout) {
+    const double w = ranges_weight(r, block_weight);
+    mx = std::max(mx, w);
+    sum += w;
+  }
+  return sum > 0 ? mx / (sum / layout.size()) : 1.0;
+}
+
 }  // namespace mprefill

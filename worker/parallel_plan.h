@@ -44,4 +44,19 @@ std::vector<TokenRanges> plan_sequence_parallel(int64_t n, int sp);
 // Causal 64x64 tiles of the query rows a rank holds (dense work), for balance reports.
 int64_t causal_tiles(const TokenRanges& rows);
 
+// Zigzag split balanced by per-block work: the 64-token blocks are folded (block j pairs
+// with block nb - 1 - j, weight w[j] + w[nb - 1 - j]) and the folded sequence is cut into
+// sp contiguous parts of near-equal weight (prefix-sum targets i * total / sp), so rank i
+// holds blocks [a_i, a_i+1) and their mirror [nb - a_i+1, nb - a_i): the zigzag shape with
+// edges moved by the weights. block_weight: [num_blocks(n)] (non-negative). Ranks may get
+// no tokens when n is short. Ranges touching in the middle are merged.
+std::vector<TokenRanges> plan_sequence_parallel_weighted(int64_t n, int sp,
+                                                         const std::vector<double>& block_weight);
+
+// Sum of block_weight over the 64-token blocks of `rows` (64-aligned ranges).
+double ranges_weight(const TokenRanges& rows, const std::vector<double>& block_weight);
+// max / mean over ranks of ranges_weight (1 when all are zero).
+double layout_imbalance(const std::vector<TokenRanges>& layout,
+                        const std::vector<double>& block_weight);
+
 }  // namespace mprefill

@@ -1,6 +1,7 @@
 #include "worker/ring_attention.h"
 
 #include <algorithm>
+#include <chrono>
 #include <exception>
 #include <limits>
 #include <thread>
@@ -204,6 +205,276 @@ Status ring_attention_cpu(comm::Communicator& sp, const TokenRanges& mine, int64
     cur_k = nk;
     cur_v = nv;
   }
+  return Status::kOk;
+}
+
+namespace {
+
+// Key blocks touched by the keys [lo, hi).
+int64_t blocks_touched(int64_t lo, int64_t hi) {
+  return lo < hi ? (hi - 1) / kBlock - lo / kBlock + 1 : 0;
+}
+
+// Blocks touched by the union of [a0, a1) and [b0, b1) (a0 <= b0).
+int64_t union_blocks(int64_t a0, int64_t a1, int64_t b0, int64_t b1) {
+  const int64_t na = blocks_touched(a0, a1), nb = blocks_touched(b0, b1);
+  if (na == 0 || nb == 0) return na + nb;
+  const int64_t lo = std::max(a0 / kBlock, b0 / kBlock);
+  const int64_t hi = std::min((a1 - 1) / kBlock, (b1 - 1) / kBlock);
+  return na + nb - std::max<int64_t>(0, hi - lo + 1);
+}
+
+double ms_between(std::chrono::steady_clock::time_point a,
+                  std::chrono::steady_clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+}  // namespace
+
+int64_t mask_tiles(const HeadMask& m, int64_t qb, int64_t kb, int64_t ke, int64_t n) {
+  const int64_t m0 = qb * kBlock, m1 = std::min(m0 + kBlock, n);
+  ke = std::min(ke, m1);  // causal: no key at or after m1 is visible to the block
+  if (kb >= ke || m0 >= m1) return 0;
+  switch (m.kind) {
+    case PatternKind::kDense:
+      return blocks_touched(kb, ke);
+    case PatternKind::kAShape: {
+      // Rows r in [m0, m1) see [0, n_init) and [r - n_local + 1, r]: the block sees
+      // [0, n_init) and [m0 - n_local + 1, m1).
+      const int64_t i0 = kb, i1 = std::min<int64_t>(ke, m.n_init);
+      if (m.n_local <= 0) return blocks_touched(i0, i1);
+      const int64_t l0 = std::max({kb, m0 - m.n_local + 1, int64_t{0}}), l1 = ke;
+      if (i1 <= i0) return blocks_touched(l0, l1);
+      return union_blocks(i0, i1, std::max(l0, i0), l1);
+    }
+    case PatternKind::kVerticalSlash: {
+      const int64_t hb = m.vs_head * m.vs.nblocks + qb;
+      int64_t tiles = 0;
+      for (int64_t t = m.vs.range_ptr[hb]; t < m.vs.range_ptr[hb + 1]; ++t) {
+        const int64_t lo = std::max<int64_t>(m.vs.range_lo[t], kb);
+        const int64_t hi = std::min<int64_t>(m.vs.range_hi[t], ke);
+        if (lo < hi) tiles += (hi - lo + kBlock - 1) / kBlock;
+      }
+      int64_t cols = 0;
+      for (int64_t t = m.vs.col_ptr[hb]; t < m.vs.col_ptr[hb + 1]; ++t)
+        cols += m.vs.col[t] >= kb && m.vs.col[t] < ke;
+      return tiles + (cols + kBlock - 1) / kBlock;
+    }
+    case PatternKind::kBlockSparse: {
+      const int* list = m.bs.blocks + (m.bs_head * m.bs.nblocks + qb) * m.bs.k;
+      int64_t tiles = 0;
+      for (int t = 0; t < m.bs.k && list[t] >= 0; ++t) {
+        const int64_t lo = int64_t{list[t]} * kBlock;
+        tiles += lo < ke && lo + kBlock > kb;
+      }
+      return tiles;
+    }
+  }
+  return 0;
+}
+
+Status ring_attention_sparse_cpu(comm::Communicator& sp, const std::vector<TokenRanges>& layout,
+                                 int64_t n_total, const float* q, const float* k, const float* v,
+                                 float* o, float* lse, int num_heads, int num_kv_heads,
+                                 int head_dim, float scale, const HeadMask* masks, RingStats* stats,
+                                 std::string* error) {
+  using Clock = std::chrono::steady_clock;
+  const int rank = sp.rank(), size = sp.size();
+  const std::string who = "sparse ring attention rank " + std::to_string(rank) + ": ";
+  if (num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || num_heads % num_kv_heads != 0 ||
+      n_total <= 0 || !(scale > 0.f) || !masks) {
+    return fail(error, Status::kInvalidArgument,
+                who + "bad shape (heads " + std::to_string(num_heads) + ", kv heads " +
+                    std::to_string(num_kv_heads) + ", head_dim " + std::to_string(head_dim) +
+                    ", n " + std::to_string(n_total) + ") or no masks");
+  }
+  if (static_cast<int>(layout.size()) != size)
+    return fail(error, Status::kInvalidArgument,
+                who + "layout has " + std::to_string(layout.size()) + " ranks, the ring " +
+                    std::to_string(size));
+  // The layout must cover [0, n_total) exactly once with 64-aligned ranges.
+  {
+    std::vector<std::pair<int64_t, int64_t>> all;
+    for (const auto& r : layout) all.insert(all.end(), r.begin(), r.end());
+    std::sort(all.begin(), all.end());
+    int64_t at = 0;
+    bool ok = true;
+    for (auto [b, e] : all) {
+      ok &= b == at && e > b && b % kBlock == 0 && (e % kBlock == 0 || e == n_total);
+      at = e;
+    }
+    if (!ok || at != n_total)
+      return fail(error, Status::kInvalidArgument,
+                  who + "layout does not cover [0, " + std::to_string(n_total) +
+                      ") once with 64-aligned ranges");
+  }
+  const TokenRanges& mine = layout[rank];
+  const int64_t n_local = token_count(mine);
+  if (n_local > 0 && (!q || !k || !v || !o)) {
+    return fail(error, Status::kInvalidArgument, who + "null q/k/v/o");
+  }
+  const int group = num_heads / num_kv_heads;
+  const int64_t q_row = int64_t{num_heads} * head_dim;
+  const int64_t kv_row = int64_t{num_kv_heads} * head_dim;
+  int64_t max_tokens = 0;
+  for (const auto& r : layout) max_tokens = std::max(max_tokens, token_count(r));
+
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::fill(o, o + n_local * q_row, 0.f);
+  std::vector<float> lse_own;
+  if (!lse) {
+    lse_own.resize(static_cast<size_t>(num_heads * n_local));
+    lse = lse_own.data();
+  }
+  std::fill(lse, lse + num_heads * n_local, neg_inf);
+  std::vector<float> o_part(static_cast<size_t>(n_local * q_row));
+  std::vector<float> lse_part(static_cast<size_t>(num_heads * n_local));
+
+  std::vector<float> kbuf[2], vbuf[2];
+  if (size > 1) {
+    for (int i = 0; i < 2; ++i) {
+      kbuf[i].resize(static_cast<size_t>(max_tokens * kv_row));
+      vbuf[i].resize(static_cast<size_t>(max_tokens * kv_row));
+    }
+  }
+  const int next = (rank + 1) % size, prev = (rank + size - 1) % size;
+  RingStats st;
+
+  // Attention of head h, local rows [r0, r1) (global [g0, g0 + r1 - r0)) against the
+  // shard keys [kb, ke) at local offset k_off, merged into (o, lse).
+  auto run = [&](int h, int64_t r0, int64_t r1, int64_t g0, const float* ck, const float* cv,
+                 int64_t k_off, int64_t kb, int64_t ke) -> Status {
+    const HeadMask& m = masks[h];
+    const int kvh = h / group;
+    AttentionParams p;
+    p.q = q + r0 * q_row + int64_t{h} * head_dim;
+    p.k = ck + k_off * kv_row + int64_t{kvh} * head_dim;
+    p.v = cv + k_off * kv_row + int64_t{kvh} * head_dim;
+    p.o = o_part.data() + r0 * q_row + int64_t{h} * head_dim;
+    p.lse = lse_part.data() + int64_t{h} * n_local + r0;
+    p.q_row_stride = p.o_row_stride = q_row;
+    p.k_row_stride = p.v_row_stride = kv_row;
+    p.q_head_stride = p.o_head_stride = p.k_head_stride = p.v_head_stride = head_dim;
+    p.lse_head_stride = n_local;
+    p.n_q = static_cast<int>(r1 - r0);
+    p.n_k = static_cast<int>(ke - kb);
+    p.num_heads = p.num_kv_heads = 1;
+    p.head_dim = head_dim;
+    p.q_pos0 = g0;
+    p.k_pos0 = kb;
+    p.causal = true;
+    p.scale = scale;
+    p.dtype = DType::kF32;
+    Status s = Status::kOk;
+    switch (m.kind) {
+      case PatternKind::kDense:
+        s = cpu::attention_dense(p);
+        break;
+      case PatternKind::kAShape: {
+        AShapeParams a;
+        a.n_init = &m.n_init;
+        a.n_local = &m.n_local;
+        s = cpu::attention_ashape(p, a);
+        break;
+      }
+      case PatternKind::kVerticalSlash:
+        s = cpu::attention_vs(p, m.vs, m.vs_head);
+        break;
+      case PatternKind::kBlockSparse:
+        s = cpu::attention_block_sparse(p, m.bs, m.bs_head);
+        break;
+    }
+    if (s != Status::kOk) return s;
+    MergeParams mp;
+    mp.o_a = o + r0 * q_row + int64_t{h} * head_dim;
+    mp.lse_a = lse + int64_t{h} * n_local + r0;
+    mp.o_b = static_cast<const float*>(p.o);
+    mp.lse_b = p.lse;
+    mp.row_stride = q_row;
+    mp.head_stride = head_dim;
+    mp.lse_head_stride = n_local;
+    mp.n = p.n_q;
+    mp.num_heads = 1;
+    mp.head_dim = head_dim;
+    return cpu::merge_states(mp);
+  };
+
+  const float* cur_k = k;
+  const float* cur_v = v;
+  for (int step = 0; step < size; ++step) {
+    const int owner = (rank - step + size) % size;
+    const TokenRanges& keys = layout[owner];
+    const int64_t cur_tokens = token_count(keys);
+
+    std::thread xfer;
+    Status xfer_status = Status::kOk;
+    std::string xfer_error;
+    const bool more = step + 1 < size;
+    float* nk = nullptr;
+    float* nv = nullptr;
+    if (more) {
+      const int next_owner = (owner + size - 1) % size;
+      const size_t send_count = static_cast<size_t>(cur_tokens * kv_row);
+      const size_t recv_count = static_cast<size_t>(token_count(layout[next_owner]) * kv_row);
+      st.bytes_sent += static_cast<int64_t>(2 * send_count * sizeof(float));
+      nk = kbuf[(step + 1) % 2].data();
+      nv = vbuf[(step + 1) % 2].data();
+      try {
+        xfer = std::thread([&, send_count, recv_count, cur_k, cur_v, nk, nv] {
+          xfer_status =
+              exchange(sp, cur_k, cur_v, send_count, nk, nv, recv_count, next, prev, &xfer_error);
+        });
+      } catch (const std::exception&) {  // thread creation failed: run it inline
+        xfer_status =
+            exchange(sp, cur_k, cur_v, send_count, nk, nv, recv_count, next, prev, &xfer_error);
+      }
+    }
+
+    const auto tc = Clock::now();
+    Status compute_status = Status::kOk;
+    for (int h = 0; h < num_heads && compute_status == Status::kOk; ++h) {
+      int64_t q_off = 0;
+      for (auto [qb, qe] : mine) {
+        int64_t k_off = 0;
+        for (auto [kb, ke] : keys) {
+          // Runs of consecutive query blocks with at least one selected tile here.
+          int64_t run_lo = -1;
+          const int64_t b_first = qb / kBlock, b_end = num_blocks(qe);
+          for (int64_t b = b_first; b <= b_end && compute_status == Status::kOk; ++b) {
+            const int64_t tiles = b < b_end ? mask_tiles(masks[h], b, kb, ke, n_total) : 0;
+            st.tiles += tiles;
+            if (tiles > 0 && run_lo < 0) run_lo = b;
+            if (tiles == 0 && run_lo >= 0) {
+              const int64_t g0 = std::max(qb, run_lo * kBlock), g1 = std::min(qe, b * kBlock);
+              compute_status =
+                  run(h, q_off + g0 - qb, q_off + g1 - qb, g0, cur_k, cur_v, k_off, kb, ke);
+              run_lo = -1;
+            }
+          }
+          k_off += ke - kb;
+        }
+        q_off += qe - qb;
+      }
+    }
+    const auto tw = Clock::now();
+    st.compute_ms += ms_between(tc, tw);
+    if (xfer.joinable()) xfer.join();
+    st.wait_ms += ms_between(tw, Clock::now());
+    if (compute_status != Status::kOk) {
+      return fail(error, compute_status,
+                  who + "step " + std::to_string(step) + ": attention of the shard of rank " +
+                      std::to_string(owner) + " failed: " + to_string(compute_status));
+    }
+    if (xfer_status != Status::kOk) {
+      return fail(error, xfer_status,
+                  who + "step " + std::to_string(step) + ": ring transfer (send to " +
+                      std::to_string(next) + ", recv from " + std::to_string(prev) +
+                      ") failed: " + xfer_error);
+    }
+    cur_k = nk;
+    cur_v = nv;
+  }
+  if (stats) *stats = st;
   return Status::kOk;
 }
 

@@ -5,10 +5,13 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "comm/communicator.h"
+#include "kernels/sparse.h"
 #include "kernels/status.h"
 #include "worker/parallel_plan.h"
+#include "worker/sparse_policy.h"
 
 namespace mprefill {
 
@@ -29,5 +32,40 @@ Status ring_attention_cpu(comm::Communicator& sp, const TokenRanges& mine, int64
                           const float* q, const float* k, const float* v, float* o, float* lse,
                           int num_heads, int num_kv_heads, int head_dim, float scale,
                           std::string* error);
+
+// The mask of one query head of a sparse ring (global positions, sparse.h definitions).
+struct HeadMask {
+  PatternKind kind = PatternKind::kDense;
+  int n_init = 0, n_local = 0;  // kAShape
+  VsIndexView vs;               // kVerticalSlash: index holding this head ...
+  int vs_head = 0;              // ... as head vs_head
+  BlockSparseView bs;           // kBlockSparse: list of this head ...
+  int bs_head = 0;              // ... as head bs_head
+};
+
+// 64x64 tiles the mask selects for query block qb among the keys [kb, ke) (kb, ke on
+// 64-token block edges or ke == N). Counted as in vs_mask_tiles: dense, A-shape and
+// block-sparse count the key blocks touched; vertical-slash counts each range in
+// 64-column pieces plus the gathered vertical columns 64 at a time. Zero means the
+// ring step skips the block.
+int64_t mask_tiles(const HeadMask& m, int64_t qb, int64_t kb, int64_t ke, int64_t n_total);
+
+struct RingStats {
+  int64_t tiles = 0;      // mask tiles computed by this rank (all steps, all heads)
+  double compute_ms = 0;  // attention + merge
+  double wait_ms = 0;     // waiting for a transfer after the step's compute (exposed)
+  int64_t bytes_sent = 0;
+};
+
+// Sparse-aware ring attention: like ring_attention_cpu, for any layout of 64-aligned
+// token ranges (layout[i]: rank i's ranges, together covering [0, n_total) once; every
+// rank passes the same layout) and one mask per query head (masks[h], h < num_heads).
+// At each step a head computes only the runs of its query blocks whose mask selects a
+// tile of the visiting KV shard, and merges those rows by log-sum-exp.
+Status ring_attention_sparse_cpu(comm::Communicator& sp, const std::vector<TokenRanges>& layout,
+                                 int64_t n_total, const float* q, const float* k, const float* v,
+                                 float* o, float* lse, int num_heads, int num_kv_heads,
+                                 int head_dim, float scale, const HeadMask* masks, RingStats* stats,
+                                 std::string* error);
 
 }  // namespace mprefill

@@ -37,47 +37,43 @@ std::vector<float> mean_pool(const float* x, int64_t row_stride, int64_t head_st
 
 }  // namespace
 
-Status block_sparse_estimate(const BlockSparseEstimateParams& p, const int* topk,
-                             BlockSparseIndex* out) {
-  if (!p.q || !p.k || !topk || !out) return Status::kInvalidArgument;
-  if (p.seq_len <= 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 || p.head_dim <= 0 ||
-      p.num_heads % p.num_kv_heads != 0) {
+void block_mean_pool(const float* x, int64_t row_stride, int64_t head_stride, int heads,
+                     int head_dim, int64_t n_rows, float* pooled) {
+  const std::vector<float> p = mean_pool(x, row_stride, head_stride, heads, head_dim, n_rows);
+  std::copy(p.begin(), p.end(), pooled);
+}
+
+Status block_sparse_select(const float* qpool, const float* kpool, int64_t seq_len, int num_heads,
+                           int num_kv_heads, int head_dim, float scale, const int* topk,
+                           BlockSparseIndex* out) {
+  if (!qpool || !kpool || !topk || !out) return Status::kInvalidArgument;
+  if (seq_len <= 0 || num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 ||
+      num_heads % num_kv_heads != 0) {
     return Status::kInvalidArgument;
   }
-  if (p.q_head_stride < 0 || p.k_head_stride < 0 ||
-      (p.seq_len > 1 && (p.q_row_stride <= 0 || p.k_row_stride <= 0))) {
-    return Status::kInvalidArgument;
-  }
-  if (!(p.scale > 0.f) || !std::isfinite(p.scale)) return Status::kInvalidArgument;
+  if (!(scale > 0.f) || !std::isfinite(scale)) return Status::kInvalidArgument;
   int kmax = 0;
-  for (int h = 0; h < p.num_heads; ++h) {
+  for (int h = 0; h < num_heads; ++h) {
     if (topk[h] < 1) return Status::kInvalidArgument;
     kmax = std::max(kmax, topk[h]);
   }
-  if (p.dtype != DType::kF32) return Status::kUnsupported;
-
-  const int d = p.head_dim, group = p.num_heads / p.num_kv_heads;
-  const int64_t nb = num_blocks(p.seq_len);
-  const std::vector<float> qpool = mean_pool(static_cast<const float*>(p.q), p.q_row_stride,
-                                             p.q_head_stride, p.num_heads, d, p.seq_len);
-  const std::vector<float> kpool = mean_pool(static_cast<const float*>(p.k), p.k_row_stride,
-                                             p.k_head_stride, p.num_kv_heads, d, p.seq_len);
-
-  out->seq_len = p.seq_len;
-  out->num_heads = p.num_heads;
+  const int d = head_dim, group = num_heads / num_kv_heads;
+  const int64_t nb = num_blocks(seq_len);
+  out->seq_len = seq_len;
+  out->num_heads = num_heads;
   out->nblocks = nb;
   out->k = kmax;
-  out->blocks.assign(static_cast<size_t>(p.num_heads) * nb * kmax, -1);
-  parallel_for(p.num_heads * nb, 4, [&](int64_t b, int64_t e) {
+  out->blocks.assign(static_cast<size_t>(num_heads) * nb * kmax, -1);
+  parallel_for(num_heads * nb, 4, [&](int64_t b, int64_t e) {
     std::vector<float> score;
     std::vector<int> idx;
     for (int64_t item = b; item < e; ++item) {
       const int h = static_cast<int>(item / nb);
       const int64_t qb = item % nb;
-      const float* qv = qpool.data() + item * d;
-      const float* kv = kpool.data() + static_cast<int64_t>(h / group) * nb * d;
+      const float* qv = qpool + item * d;
+      const float* kv = kpool + static_cast<int64_t>(h / group) * nb * d;
       score.resize(qb + 1);
-      for (int64_t j = 0; j <= qb; ++j) score[j] = p.scale * detail::dot(qv, kv + j * d, d);
+      for (int64_t j = 0; j <= qb; ++j) score[j] = scale * detail::dot(qv, kv + j * d, d);
       score[qb] = std::numeric_limits<float>::infinity();  // diagonal forced
       for (float& s : score) {
         if (std::isnan(s)) s = -std::numeric_limits<float>::infinity();
@@ -93,6 +89,31 @@ Status block_sparse_estimate(const BlockSparseEstimateParams& p, const int* topk
     }
   });
   return Status::kOk;
+}
+
+Status block_sparse_estimate(const BlockSparseEstimateParams& p, const int* topk,
+                             BlockSparseIndex* out) {
+  if (!p.q || !p.k || !topk || !out) return Status::kInvalidArgument;
+  if (p.seq_len <= 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 || p.head_dim <= 0 ||
+      p.num_heads % p.num_kv_heads != 0) {
+    return Status::kInvalidArgument;
+  }
+  if (p.q_head_stride < 0 || p.k_head_stride < 0 ||
+      (p.seq_len > 1 && (p.q_row_stride <= 0 || p.k_row_stride <= 0))) {
+    return Status::kInvalidArgument;
+  }
+  if (!(p.scale > 0.f) || !std::isfinite(p.scale)) return Status::kInvalidArgument;
+  for (int h = 0; h < p.num_heads; ++h) {
+    if (topk[h] < 1) return Status::kInvalidArgument;
+  }
+  if (p.dtype != DType::kF32) return Status::kUnsupported;
+  const int d = p.head_dim;
+  const std::vector<float> qpool = mean_pool(static_cast<const float*>(p.q), p.q_row_stride,
+                                             p.q_head_stride, p.num_heads, d, p.seq_len);
+  const std::vector<float> kpool = mean_pool(static_cast<const float*>(p.k), p.k_row_stride,
+                                             p.k_head_stride, p.num_kv_heads, d, p.seq_len);
+  return block_sparse_select(qpool.data(), kpool.data(), p.seq_len, p.num_heads, p.num_kv_heads, d,
+                             p.scale, topk, out);
 }
 
 }  // namespace mprefill::cpu

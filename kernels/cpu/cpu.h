@@ -59,6 +59,17 @@ struct BlockSparseEstimateParams {
 };
 Status block_sparse_estimate(const BlockSparseEstimateParams& p, const int* topk,
                              BlockSparseIndex* out);
+// The two stages of block_sparse_estimate, for estimation over sequence-parallel shards
+// (64-aligned shards pool their own blocks; the pooled blocks are combined, then every
+// rank selects on the same arrays):
+// pooled[h][blk][0..head_dim) = mean of rows [64 blk, min(64 blk + 64, n_rows)) of x.
+void block_mean_pool(const float* x, int64_t row_stride, int64_t head_stride, int heads,
+                     int head_dim, int64_t n_rows, float* pooled);
+// qpool [num_heads][nblocks][head_dim], kpool [num_kv_heads][nblocks][head_dim] of all
+// seq_len tokens -> top-k lists (exactly what block_sparse_estimate selects).
+Status block_sparse_select(const float* qpool, const float* kpool, int64_t seq_len, int num_heads,
+                           int num_kv_heads, int head_dim, float scale, const int* topk,
+                           BlockSparseIndex* out);
 
 // ---- layer ops (fp32)
 // y[n][out] = x[n][in] * W^T, W row-major [out][in]; bias may be null. Multi-threaded.

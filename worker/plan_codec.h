@@ -1,0 +1,29 @@
+// PrefillPlan as a flat int32 array (to broadcast a fixed plan, or to gather the heads
+// that tensor-parallel ranks estimated), and the validation of a reused plan.
+//
+// Layout: [seq_len lo 31 bits, seq_len hi, n_layers, n_heads, then per (layer, head):
+// kind, then by kind: vertical-slash ncols, cols..., noffs, offs...; block-sparse topk,
+// nblocks * topk entries; nothing for dense / A-shape].
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "worker/engine.h"
+
+namespace mprefill {
+
+std::vector<int32_t> encode_plan(const PrefillPlan& plan);
+// Throws std::runtime_error on a malformed array.
+PrefillPlan decode_plan(const std::vector<int32_t>& data);
+
+// One head's entry: appends [kind, payload] to out / reads it at *at.
+void encode_head_plan(const HeadPlan& hp, std::vector<int32_t>* out);
+HeadPlan decode_head_plan(const std::vector<int32_t>& data, size_t* at);
+
+// A reused plan must match the prompt length, the model's layers / heads and the policy's
+// kinds, and hold indices the kernels can use (the rules of Engine::prefill). Throws
+// std::runtime_error naming the layer and head.
+void check_prefill_plan(const PrefillPlan& plan, const SparsePolicy& policy, const ModelConfig& cfg,
+                        int64_t n);
+
+}  // namespace mprefill
