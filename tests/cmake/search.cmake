@@ -1,0 +1,4 @@
+# Pattern search (issue 8): the test runs the mprefill-search binary for its CLI cases.
+if(TARGET pattern_search_test AND TARGET mprefill-search)
+  add_dependencies(pattern_search_test mprefill-search)
+endif()
