@@ -9,7 +9,9 @@
 // range [0, m1) per block), which isolates the cost of the 64-row tiling.
 //
 //   mprefill-sparse-bench [--seq 32768,131072] [--reps 10] [--warmup 2] [--set clustered]
-//                         [--kernel-only 0|1]
+//                         [--kernels 1,2]
+// --kernels: sparse kernel generations to time, each in turn on the same inputs and index
+// (kernels/cuda/sparse/sparse_attention.h: set_sparse_kernel_version); "kernel" in the JSON.
 // One JSON object per case on stdout, then a short table on stderr.
 #include <cuda_runtime_api.h>
 
@@ -81,6 +83,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> seqs = {32768, 131072};
   int reps = 10, warmup = 2;
   std::string set = "clustered";
+  std::vector<int64_t> versions = {1, 2};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--seq")
@@ -91,6 +94,8 @@ int main(int argc, char** argv) {
       warmup = std::stoi(v);
     else if (k == "--set")
       set = v;
+    else if (k == "--kernels")
+      versions = parse_list(v);
     else {
       std::fprintf(stderr, "unknown option %s\n", k.c_str());
       return 1;
@@ -145,21 +150,26 @@ int main(int argc, char** argv) {
     const double dense_ms =
         median_ms([&] { BENCH_OK(cuda::flash_attention_fwd(p, nullptr)); }, warmup, r);
     const double dense_tfs = dense_flops / dense_ms * 1e-9;
-    auto emit = [&](const std::string& name, double ms, double tiles) {
+    int kver = 0;  // kernel generation of the case being emitted (0: dense)
+    auto emit = [&](const std::string& base, double ms, double tiles) {
+      const std::string name = kver > 0 ? base + "_v" + std::to_string(kver) : base;
       const double tfs = tiles * tile_flops / ms * 1e-9;
       Row row{name, n, ms, tfs, dense_ms, dense_tfs, tiles / causal_tiles};
       rows.push_back(row);
       std::printf(
           "{\"name\": \"%s\", \"card\": \"%s\", \"seq\": %lld, \"heads\": %d, \"kv_heads\": %d, "
-          "\"dim\": %d, \"dtype\": \"bf16\", \"pattern\": \"%s\", \"ms\": %.4f, \"tiles\": %.0f, "
+          "\"dim\": %d, \"dtype\": \"bf16\", \"pattern\": \"%s\", \"kernel\": %d, \"ms\": %.4f, "
+          "\"tiles\": %.0f, "
           "\"density\": %.4f, \"tflops_tiles\": %.1f, \"dense_ms\": %.4f, \"dense_tflops\": %.1f, "
           "\"tfs_ratio_vs_dense\": %.3f, \"speedup_vs_dense\": %.3f}\n",
-          name.c_str(), card.c_str(), (long long)n, H, HKV, D, set.c_str(), ms, tiles,
+          name.c_str(), card.c_str(), (long long)n, H, HKV, D, set.c_str(), kver, ms, tiles,
           tiles / causal_tiles, tfs, dense_ms, dense_tfs, tfs / dense_tfs, dense_ms / ms);
       std::fflush(stdout);
     };
     emit("dense_flash", dense_ms, causal_tiles);
-    {
+    for (int64_t ver : versions) {
+      kver = int(ver);
+      BENCH_OK(cuda::set_sparse_kernel_version(kver));
       const double ms = median_ms(
           [&] { BENCH_OK(cuda::ashape_attention_fwd(p, int(n), 0, nullptr)); }, warmup, r);
       emit("dense_via_sparse_kernel", ms, causal_tiles);
@@ -192,12 +202,16 @@ int main(int argc, char** argv) {
       bv.nblocks = nbl;
       bv.k = kTop;
       bv.blocks = db;
-      const double ms = median_ms(
-          [&] { BENCH_OK(cuda::block_sparse_attention_fwd(p, bv, 0, nullptr)); }, warmup, r);
-      emit("block_sparse_top100", ms, tiles);
+      for (int64_t ver : versions) {
+        kver = int(ver);
+        BENCH_OK(cuda::set_sparse_kernel_version(kver));
+        const double ms = median_ms(
+            [&] { BENCH_OK(cuda::block_sparse_attention_fwd(p, bv, 0, nullptr)); }, warmup, r);
+        emit("block_sparse_top100", ms, tiles);
+      }
       cudaFree(db);
     }
-    double mix_ms = 0;
+    std::vector<double> mix_ms(versions.size(), 0.0);
     for (auto [bv, bs, count] : mix) {
       std::vector<VsSelection> sel;
       for (int h = 0; h < H; ++h) sel.push_back(synthetic_vs(kind, n, bv, bs, 1000 * h + bv + bs));
@@ -217,21 +231,31 @@ int main(int argc, char** argv) {
       dv.range_hi = rh;
       dv.col_ptr = cp;
       dv.col = cc;
-      const double ms =
-          median_ms([&] { BENCH_OK(cuda::vs_attention_fwd(p, dv, 0, nullptr)); }, warmup, r);
-      emit("vs_" + std::to_string(bv) + "_" + std::to_string(bs), ms, tiles);
-      mix_ms += ms * count / 1024.0;
+      for (size_t vi = 0; vi < versions.size(); ++vi) {
+        kver = int(versions[vi]);
+        BENCH_OK(cuda::set_sparse_kernel_version(kver));
+        const double ms =
+            median_ms([&] { BENCH_OK(cuda::vs_attention_fwd(p, dv, 0, nullptr)); }, warmup, r);
+        emit("vs_" + std::to_string(bv) + "_" + std::to_string(bs), ms, tiles);
+        mix_ms[vi] += ms * count / 1024.0;
+      }
       cudaFree(rp);
       cudaFree(rl);
       cudaFree(rh);
       cudaFree(cp);
       cudaFree(cc);
     }
-    std::printf(
-        "{\"name\": \"vs_llama3_8b_mix\", \"card\": \"%s\", \"seq\": %lld, \"pattern\": \"%s\", "
-        "\"ms_per_32_heads\": %.4f, \"dense_ms\": %.4f, \"speedup_vs_dense\": %.3f}\n",
-        card.c_str(), (long long)n, set.c_str(), mix_ms, dense_ms, dense_ms / mix_ms);
-    rows.push_back({"vs_mix", n, mix_ms, 0, dense_ms, dense_tfs, 0});
+    for (size_t vi = 0; vi < versions.size(); ++vi) {
+      std::printf(
+          "{\"name\": \"vs_llama3_8b_mix_v%d\", \"card\": \"%s\", \"seq\": %lld, \"pattern\": "
+          "\"%s\", "
+          "\"kernel\": %d, \"ms_per_32_heads\": %.4f, \"dense_ms\": %.4f, \"speedup_vs_dense\": "
+          "%.3f}\n",
+          int(versions[vi]), card.c_str(), (long long)n, set.c_str(), int(versions[vi]), mix_ms[vi],
+          dense_ms, dense_ms / mix_ms[vi]);
+      rows.push_back(
+          {"vs_mix_v" + std::to_string(versions[vi]), n, mix_ms[vi], 0, dense_ms, dense_tfs, 0});
+    }
     cudaFree(q);
     cudaFree(k);
     cudaFree(v);

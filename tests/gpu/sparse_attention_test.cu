@@ -104,33 +104,40 @@ void run_case(const Case& c) {
 
   const test::gpu::Ref ref = test::gpu::reference(sh, h, vis);
 
-  test::gpu::DeviceBuffers dev(sh, h);
-  ASSERT_TRUE(dev.ok()) << "cudaMalloc/cudaMemcpy failed";
-  AttentionParams p = dev.params();
-  p.causal = true;
-  Status st = Status::kInternal;
-  if (c.pat == Pat::kVs) {
-    const VsIndex ix = cpu::vs_build_index(c.sel, c.seq_len);
-    VsIndexView v;
-    v.seq_len = ix.seq_len;
-    v.nblocks = ix.nblocks;
-    v.range_ptr = dev.upload(ix.range_ptr);
-    v.range_lo = dev.upload(ix.range_lo);
-    v.range_hi = dev.upload(ix.range_hi);
-    v.col_ptr = dev.upload(ix.col_ptr);
-    v.col = dev.upload(ix.col);
-    ASSERT_TRUE(dev.ok()) << "index upload failed";
-    st = cuda::vs_attention_fwd(p, v, c.head_offset, nullptr);
-  } else if (c.pat == Pat::kBlock) {
-    BlockSparseView v = view(c.bs);
-    v.blocks = dev.upload(c.bs.blocks);
-    ASSERT_TRUE(dev.ok()) << "index upload failed";
-    st = cuda::block_sparse_attention_fwd(p, v, c.head_offset, nullptr);
-  } else {
-    st = cuda::ashape_attention_fwd(p, c.n_init, c.n_local, nullptr);
+  // Every kernel generation (kernels/cuda/sparse/sparse_attention.h; the default, 0,
+  // picks one of them per pattern), each on fresh, poisoned buffers.
+  for (int version : {1, 2}) {
+    SCOPED_TRACE("sparse kernel v" + std::to_string(version));
+    ASSERT_EQ(cuda::set_sparse_kernel_version(version), Status::kOk);
+    test::gpu::DeviceBuffers dev(sh, h);
+    ASSERT_TRUE(dev.ok()) << "cudaMalloc/cudaMemcpy failed";
+    AttentionParams p = dev.params();
+    p.causal = true;
+    Status st = Status::kInternal;
+    if (c.pat == Pat::kVs) {
+      const VsIndex ix = cpu::vs_build_index(c.sel, c.seq_len);
+      VsIndexView v;
+      v.seq_len = ix.seq_len;
+      v.nblocks = ix.nblocks;
+      v.range_ptr = dev.upload(ix.range_ptr);
+      v.range_lo = dev.upload(ix.range_lo);
+      v.range_hi = dev.upload(ix.range_hi);
+      v.col_ptr = dev.upload(ix.col_ptr);
+      v.col = dev.upload(ix.col);
+      ASSERT_TRUE(dev.ok()) << "index upload failed";
+      st = cuda::vs_attention_fwd(p, v, c.head_offset, nullptr);
+    } else if (c.pat == Pat::kBlock) {
+      BlockSparseView v = view(c.bs);
+      v.blocks = dev.upload(c.bs.blocks);
+      ASSERT_TRUE(dev.ok()) << "index upload failed";
+      st = cuda::block_sparse_attention_fwd(p, v, c.head_offset, nullptr);
+    } else {
+      st = cuda::ashape_attention_fwd(p, c.n_init, c.n_local, nullptr);
+    }
+    ASSERT_EQ(st, Status::kOk) << to_string(st) << ": " << cuda::last_error();
+    dev.check(ref, c.name() + " v" + std::to_string(version));
   }
-  ASSERT_EQ(st, Status::kOk) << to_string(st) << ": " << cuda::last_error();
-  dev.check(ref, c.name());
+  ASSERT_EQ(cuda::set_sparse_kernel_version(0), Status::kOk);  // back to the default
 }
 
 // ---------------------------------------------------------------- index sets
@@ -371,6 +378,10 @@ TEST(SparseAttentionApi, RejectsBadArguments) {
   bs.blocks = reinterpret_cast<const int*>(dummy.data());
   p.q_pos0 = 64;  // rows past seq_len
   EXPECT_EQ(cuda::block_sparse_attention_fwd(p, bs, 0, nullptr), Status::kInvalidArgument);
+  const int version = cuda::sparse_kernel_version();
+  EXPECT_EQ(cuda::set_sparse_kernel_version(3), Status::kInvalidArgument);
+  EXPECT_EQ(cuda::set_sparse_kernel_version(-1), Status::kInvalidArgument);
+  EXPECT_EQ(cuda::sparse_kernel_version(), version);
 }
 
 }  // namespace

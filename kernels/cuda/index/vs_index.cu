@@ -247,11 +247,26 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32)
   const int h = static_cast<int>(item / sel.nb), b = static_cast<int>(item % sel.nb);
   const BlockRanges r = block_ranges(sel, h, b);
   const int64_t out = range_ptr[item];
-  for (int q = lane; q < r.count; q += 32) {
-    int lo, hi;
-    range_at(sel, h, r, q, &lo, &hi);
-    range_lo[out + q] = lo;
-    range_hi[out + q] = hi;
+  // Four ranges per lane per round, all loads before the stores: the compiler may not
+  // move a load across a store to range_lo/range_hi (possible alias), so one range per
+  // round left a single load in flight per lane (v1: uniform 1000/6096 fill at 1M ran at
+  // ~3x its byte floor, bench/NOTES.md section 2).
+  constexpr int kUnroll = 4;
+  for (int q0 = lane; q0 < r.count; q0 += 32 * kUnroll) {
+    int lo[kUnroll], hi[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int q = q0 + 32 * u;
+      if (q < r.count) range_at(sel, h, r, q, &lo[u], &hi[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int q = q0 + 32 * u;
+      if (q < r.count) {
+        range_lo[out + q] = lo[u];
+        range_hi[out + q] = hi[u];
+      }
+    }
   }
   const int* cols = sel.columns + static_cast<int64_t>(h) * sel.col_cap;
   const int n_col = sel.n_columns[h];
@@ -271,7 +286,16 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32)
       const int next_a = __shfl_sync(0xffffffffu, a, sgm & 31);
       const int from = sgm == 0 ? 0 : prev_b;
       const int to = sgm == r.count ? n_lt : next_a;
-      for (int i = from + lane; i < to; i += 32) col[cout + (i - from)] = cols[i];
+      // Four loads in flight per lane (see the range loop above).
+      for (int i0 = from + lane; i0 < to; i0 += 32 * kUnroll) {
+        int v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if (i0 + 32 * u < to) v[u] = cols[i0 + 32 * u];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if (i0 + 32 * u < to) col[cout + (i0 + 32 * u - from)] = v[u];
+      }
       if (to > from) cout += to - from;
     }
     return;

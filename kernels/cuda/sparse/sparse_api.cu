@@ -1,9 +1,12 @@
 // Host entry of the sparse attention forward: argument checks and dispatch over
 // dtype x head_dim onto the explicit instances in inst/ (pattern kind is a kernel
 // parameter, so one instance serves vertical-slash, block-sparse and A-shape).
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <string>
 
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/sparse/sparse_attention.h"
@@ -53,8 +56,23 @@ Status check_common(const char* fn, const AttentionParams& p) {
   return Status::kOk;
 }
 
-Status run(const AttentionParams& p, const PatternArgs& pat, cudaStream_t s) {
+// 0 = auto (default): v2 for vertical-slash and A-shape, v1 for block-sparse (measured on
+// the H100, bench/NOTES.md section 3: v2 +7% on the clustered Llama-3-8B mix at 32K, +9%
+// on the dense mask; v1 +25% on random top-100 block lists, whose adjacent blocks share
+// few key tiles). MPREFILL_SPARSE_KERNEL=1 or =2 in the environment forces one generation
+// (A/B timing of tools that do not call set_sparse_kernel_version).
+int initial_version() {
+  const char* e = std::getenv("MPREFILL_SPARSE_KERNEL");
+  if (e == nullptr) return 0;
+  const std::string v(e);
+  return v == "1" ? 1 : v == "2" ? 2 : 0;
+}
+std::atomic<int> g_version{initial_version()};
+
+Status run(const AttentionParams& p, PatternArgs pat, cudaStream_t s) {
   if (p.n_q == 0) return Status::kOk;
+  const int version = g_version.load(std::memory_order_relaxed);
+  pat.version = version != 0 ? version : pat.kind == 1 ? 1 : 2;
   switch (p.dtype) {
     case DType::kBF16:
       if (p.head_dim == 128) return run_fwd<Bf16, 128>(p, pat, s);
@@ -75,6 +93,14 @@ Status run(const AttentionParams& p, const PatternArgs& pat, cudaStream_t s) {
 }
 
 }  // namespace
+
+Status set_sparse_kernel_version(int version) {
+  MPREFILL_CHECK_ARG(version >= 0 && version <= 2, Status::kInvalidArgument);
+  g_version.store(version, std::memory_order_relaxed);
+  return Status::kOk;
+}
+
+int sparse_kernel_version() { return g_version.load(std::memory_order_relaxed); }
 
 bool sparse_attention_supported(DType dtype, int head_dim) {
 #ifdef MPREFILL_CUDA_SUBSET

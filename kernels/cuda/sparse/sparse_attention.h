@@ -16,7 +16,8 @@
 // Index arguments are device pointers. Query head h of the call uses index head
 // head_offset + h. The index must be structurally valid (as produced by
 // cpu::vs_build_index / the GPU index build, or the block-sparse rules of sparse.h):
-// the kernels do not re-check it. Requires q_pos0 >= 0 and q_pos0 + n_q <= ix.seq_len.
+// the kernels do not re-check it (block lists ascending, as sparse.h specifies: kernel v2
+// walks them merged). Requires q_pos0 >= 0 and q_pos0 + n_q <= ix.seq_len.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -40,5 +41,14 @@ Status ashape_attention_fwd(const AttentionParams& p, int n_init, int n_local, c
 
 // True when the launchers above support this (dtype, head_dim) in this build.
 bool sparse_attention_supported(DType dtype, int head_dim);
+
+// Kernel generation behind the launchers above (process-wide; bench/NOTES.md section 3
+// has both): 1 = one 64-row query block per CTA; 2 = two adjacent blocks per CTA over the
+// union of their key tiles (bf16 / head_dim 128 only, and global positions < 2^31 - 256;
+// else 1 runs); 0 = auto (the default): 2 for vertical-slash and A-shape, 1 for
+// block-sparse. Same mask and results. Returns kInvalidArgument for any other value. The
+// environment variable MPREFILL_SPARSE_KERNEL=1 or =2 sets the initial value.
+Status set_sparse_kernel_version(int version);
+int sparse_kernel_version();
 
 }  // namespace mprefill::cuda

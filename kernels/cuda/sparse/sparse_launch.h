@@ -4,6 +4,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/attention.h"
 #include "kernels/status.h"
@@ -26,33 +27,45 @@ struct PatternArgs {
   const int* blocks = nullptr;
   int bs_k = 0;
   int64_t n_init = 0, n_local = 0;
+  int version = 2;  // kernel generation: 1 (sparse_fwd_kernel.cuh) or 2 (sparse_fwd_v2_kernel.cuh)
 };
 
 template <class E, int D>
 Status run_fwd(const AttentionParams& p, const PatternArgs& pat, cudaStream_t stream);
 
+// Kernel v2 exists for bf16 / head_dim 128 only (the instance tested on the H100, the one
+// the engine uses); the other instances run v1 whatever the version asks.
+template <class E, int D>
+inline constexpr bool kSparseV2Built = (D == 128) && std::is_same_v<E, Bf16>;
+
 }  // namespace mprefill::cuda::sparse
 
-// Instance file body: MPREFILL_SPARSE_FWD_INSTANCE(Bf16, cutlass::bfloat16_t, 128)
-#define MPREFILL_SPARSE_FWD_INSTANCE(TAG, ELEMENT, HDIM)                      \
-  namespace mprefill::cuda::sparse {                                          \
-  template <>                                                                 \
-  Status run_fwd<TAG, HDIM>(const AttentionParams& p, const PatternArgs& pat, \
-                            cudaStream_t stream) {                            \
-    using T = SparseTraits<ELEMENT, HDIM>;                                    \
-    typename T::Params sp{};                                                  \
-    sp.kind = static_cast<Kind>(pat.kind);                                    \
-    sp.nblocks = pat.nblocks;                                                 \
-    sp.range_ptr = pat.range_ptr;                                             \
-    sp.range_lo = pat.range_lo;                                               \
-    sp.range_hi = pat.range_hi;                                               \
-    sp.col_ptr = pat.col_ptr;                                                 \
-    sp.col = pat.col;                                                         \
-    sp.head_offset = pat.head_offset;                                         \
-    sp.blocks = pat.blocks;                                                   \
-    sp.bs_k = pat.bs_k;                                                       \
-    sp.n_init = pat.n_init;                                                   \
-    sp.n_local = pat.n_local;                                                 \
-    return run_sparse_fwd<T>(p, sp, stream);                                  \
-  }                                                                           \
+// Instance file body: MPREFILL_SPARSE_FWD_INSTANCE(Bf16, cutlass::bfloat16_t, 128); the
+// file includes sparse_fwd_v2_kernel.cuh (which includes v1's). Version 2 needs 32-bit
+// positions (sparse_v2_positions_ok) and kSparseV2Built; otherwise version 1 runs.
+#define MPREFILL_SPARSE_FWD_INSTANCE(TAG, ELEMENT, HDIM)                        \
+  namespace mprefill::cuda::sparse {                                            \
+  template <>                                                                   \
+  Status run_fwd<TAG, HDIM>(const AttentionParams& p, const PatternArgs& pat,   \
+                            cudaStream_t stream) {                              \
+    using T = SparseTraits<ELEMENT, HDIM>;                                      \
+    typename T::Params sp{};                                                    \
+    sp.kind = static_cast<Kind>(pat.kind);                                      \
+    sp.nblocks = pat.nblocks;                                                   \
+    sp.range_ptr = pat.range_ptr;                                               \
+    sp.range_lo = pat.range_lo;                                                 \
+    sp.range_hi = pat.range_hi;                                                 \
+    sp.col_ptr = pat.col_ptr;                                                   \
+    sp.col = pat.col;                                                           \
+    sp.head_offset = pat.head_offset;                                           \
+    sp.blocks = pat.blocks;                                                     \
+    sp.bs_k = pat.bs_k;                                                         \
+    sp.n_init = pat.n_init;                                                     \
+    sp.n_local = pat.n_local;                                                   \
+    if constexpr (kSparseV2Built<TAG, HDIM>) {                                  \
+      if (pat.version == 2 && sparse_v2_positions_ok(p))                        \
+        return run_sparse_fwd_v2<SparseTraitsV2<ELEMENT, HDIM>>(p, sp, stream); \
+    }                                                                           \
+    return run_sparse_fwd<T>(p, sp, stream);                                    \
+  }                                                                             \
   }
