@@ -1042,6 +1042,7 @@ int main(int argc, char** argv) {
   const std::string cmd = argv[1];
   try {
     if (cmd == "attention") return cmd_attention(argc, argv);
+    if (cmd == "prefill") { int prefill_bench_main(int, char**); return prefill_bench_main(argc, argv); }
   } catch (const std::exception& e) {
     die(e.what());
   }

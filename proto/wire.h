@@ -10,6 +10,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 
 #include "envelope.pb.h"
 
@@ -46,9 +47,14 @@ class FrameParser {
   void feed(const void* data, size_t n);
   Result next(v1::Envelope* out, std::string* error);
   size_t buffered() const;
+  // After kError: kBadVersion for a well-formed envelope of another protocol version,
+  // kBadFrame otherwise.
+  WireError::Kind error_kind() const { return error_kind_; }
 
  private:
   size_t max_frame_;
+  bool failed_ = false;
+  WireError::Kind error_kind_ = WireError::Kind::kBadFrame;
   std::string buf_;
   size_t pos_ = 0;
 };
@@ -59,27 +65,37 @@ class FrameParser {
 class Connection {
  public:
   // Connects within timeout_ms; throws WireError(kConnect / kTimeout).
-  static std::unique_ptr<Connection> connect(const std::string& host, uint16_t port,
-                                             int timeout_ms, size_t max_frame = kDefaultMaxFrame);
+  static std::unique_ptr<Connection> connect(const std::string& host, uint16_t port, int timeout_ms,
+                                             size_t max_frame = kDefaultMaxFrame);
   ~Connection();
 
   // Throws WireError on timeout or a closed peer.
   void send(const v1::Envelope& env, int timeout_ms);
+  // Sends bytes made by encode_frame (one encoding, several receivers).
+  void send_frame(const std::string& frame, int timeout_ms);
   // true with one envelope; false when nothing complete arrived within timeout_ms;
   // throws WireError on a closed peer or a bad frame.
   bool recv(v1::Envelope* env, int timeout_ms);
+  // Shuts the socket down (wakes a blocked send/recv in another thread, which then
+  // throws kClosed); the descriptor is released by the destructor.
   void close();
   std::string peer() const;  // "host:port"
+  // Name the peer gave in its ClientHello (accepted connections), or the server name
+  // from HelloAccepted (connecting side).
+  const std::string& peer_name() const;
 
   // Connecting side of the hello exchange: reads ServerHello, answers ClientHello with
   // role and name (and HMAC-SHA256(secret, nonce || role) when the server requires auth
-  // and secret is non-empty). Throws WireError(kBadVersion / kAuth / kTimeout).
+  // and secret is non-empty), then waits for HelloAccepted. Throws WireError(kBadVersion /
+  // kAuth / kTimeout / kClosed); a server that requires auth while secret is empty is kAuth
+  // without sending anything.
   void client_handshake(v1::Role role, const std::string& name, const std::string& secret,
                         int timeout_ms);
 
   struct Impl;
 
  private:
+  friend class Listener;
   explicit Connection(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
@@ -91,12 +107,18 @@ class Listener {
   Listener(const std::string& host, uint16_t port, size_t max_frame = kDefaultMaxFrame);
   ~Listener();
   uint16_t port() const;
+  // Bound on the hello exchange of each accepted connection (default 5000 ms), separate
+  // from accept()'s wait for a connection.
+  void set_hello_timeout_ms(int ms);
+  // Name sent in HelloAccepted (default "mprefill").
+  void set_server_name(const std::string& name);
   // Waits up to timeout_ms for a connection (nullptr on timeout), sends ServerHello and
   // checks the ClientHello (role expected, proof when secret is non-empty); a peer that
   // fails the hello is closed and nullptr returned with *error set.
   std::unique_ptr<Connection> accept(int timeout_ms, v1::Role expected_role,
                                      const std::string& secret, std::string* peer_name,
                                      std::string* error);
+  // Stops accepting (a blocked accept() returns nullptr with *error "listener closed").
   void close();
 
   struct Impl;
@@ -104,5 +126,29 @@ class Listener {
  private:
   std::unique_ptr<Impl> impl_;
 };
+
+// ---- hello helpers (shared by the blocking Listener and the coordinator's async server)
+
+// 32 bytes from the OS random source (getrandom).
+std::string random_nonce();
+// HMAC-SHA256(secret, nonce || role as 4-byte little-endian), 32 raw bytes.
+std::string hello_proof(std::string_view secret, std::string_view nonce, v1::Role role);
+// Checks a ClientHello against the ServerHello that was sent: version, expected role
+// (ROLE_UNSPECIFIED: any of CLIENT/WORKER/DECODER), proof in constant time when secret is
+// non-empty. false with a one-line *error and *code (BAD_VERSION / UNAUTHENTICATED /
+// BAD_FRAME); the secret never appears in the message.
+bool check_client_hello(const v1::ClientHello& hello, std::string_view nonce,
+                        v1::Role expected_role, std::string_view secret, std::string* error,
+                        v1::ErrorCode* code);
+v1::Envelope make_server_hello(const std::string& nonce, bool auth_required);
+v1::Envelope make_error(uint64_t job_id, v1::ErrorCode code, const std::string& message);
+
+// Reads a shared secret from a file (trailing whitespace stripped). Throws
+// std::runtime_error naming the path when the file is missing, unreadable or empty.
+std::string load_secret_file(const std::string& path);
+
+// "host:port" (or "[v6]:port") -> host, port in [0, 65535] (0: any port, for listening);
+// throws std::invalid_argument with the text on a bad value.
+void parse_host_port(const std::string& text, std::string* host, uint16_t* port);
 
 }  // namespace mprefill::wire

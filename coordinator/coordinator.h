@@ -1,0 +1,59 @@
+// The mprefill coordinator: one Boost.Asio io_context run by a small thread pool; every
+// connection is a session on its own strand (reads, writes), the service state (jobs,
+// worker groups, decoders, metrics) sits behind one mutex whose critical sections never
+// block on I/O (sends are queued onto the sessions' strands).
+//
+// Job states: QUEUED -> RUNNING (Expect sent to the decoder, then Assignment to the group
+// once the decoder is Ready) -> HANDING_OFF (WorkerDone: prefill finished, StartDecode
+// sent) -> DONE (DecodeDone, JobResult to the client) / FAILED / CANCELLED.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "proto/wire.h"
+
+namespace mprefill::coord {
+
+struct CoordinatorOptions {
+  std::string host = "127.0.0.1";    // bind address of the service port
+  uint16_t port = 0;                 // 0: any free port (see Coordinator::port())
+  int metrics_port = -1;             // -1: no metrics server; 0: any free port
+  std::string secret;                // HMAC secret of the hello; empty: no auth
+  std::string tokenizer;             // llama2.c tokenizer.bin for text prompts and result text
+  int64_t max_prompt = 0;            // prompt limit; 0: the model's max_position only
+  int queue_limit = 64;              // queued jobs at most; more are refused
+  int threads = 2;                   // io_context threads
+  int heartbeat_ms = 1000;           // groups and decoders send a Heartbeat this often
+  int heartbeat_timeout_ms = 10000;  // silent longer: dead, its jobs fail
+  int ready_timeout_ms = 30000;      // decoder's Ready after Expect
+  int handoff_timeout_ms = 60000;    // sent to groups and decoders: bound on each KV wait
+  int decode_timeout_ms = 600000;    // DecodeDone after StartDecode
+  int cancel_grace_ms = 30000;       // a group that does not end a cancelled job is freed
+  int hello_timeout_ms = 5000;
+  size_t max_frame = wire::kDefaultMaxFrame;
+  int keep_finished = 1000;  // finished jobs kept for status queries
+  bool log = true;           // one line per event on stderr
+};
+
+class Coordinator {
+ public:
+  // Binds the ports (throws std::runtime_error naming the address on failure).
+  explicit Coordinator(CoordinatorOptions opt);
+  ~Coordinator();  // stop()
+  Coordinator(const Coordinator&) = delete;
+  Coordinator& operator=(const Coordinator&) = delete;
+
+  void start();  // runs the io_context threads
+  void stop();   // closes every connection, joins the threads; idempotent
+  uint16_t port() const;
+  uint16_t metrics_port() const;  // 0 when there is no metrics server
+  std::string metrics_text();     // what GET /metrics returns
+
+  struct Impl;
+
+ private:
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace mprefill::coord

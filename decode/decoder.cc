@@ -1,0 +1,732 @@
+#include "decode/decoder.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+
+#include "worker/kv_handoff.h"
+#include "worker/sampler.h"
+
+namespace mprefill::decode {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double ms_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+int64_t unix_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+v1::Envelope failed_env(uint64_t job, const std::string& msg) {
+  v1::Envelope env;
+  env.mutable_decode_failed()->set_job_id(job);
+  env.mutable_decode_failed()->set_message(msg);
+  return env;
+}
+
+constexpr int kNotifyTimeoutMs = 2000;  // bound on telling a stream that its job failed
+
+}  // namespace
+
+// ---- KvReceiver ----------------------------------------------------------------------
+
+struct KvReceiver::Stream {
+  std::unique_ptr<wire::Connection> conn;
+  std::mutex send_mu;
+  std::string peer;
+  uint64_t job_id = 0;
+  int rank = -1;
+  std::atomic<bool> done{false};
+  std::thread th;
+
+  // Never throws: a stream that cannot take a frame is dropped by its reader.
+  void send(const std::string& frame, int timeout_ms) {
+    std::lock_guard<std::mutex> lock(send_mu);
+    try {
+      conn->send_frame(frame, timeout_ms);
+    } catch (const std::exception&) {
+      conn->close();
+    }
+  }
+};
+
+// Reads and drops frames until the peer closes or timeout_ms pass, then closes: the
+// frames we sent last (an Error, a DecodeFailed) reach the peer instead of a reset.
+void drain_and_close(wire::Connection* conn, int timeout_ms) {
+  const auto end = Clock::now() + std::chrono::milliseconds(timeout_ms);
+  try {
+    v1::Envelope env;
+    while (Clock::now() < end) conn->recv(&env, 50);
+  } catch (const std::exception&) {
+  }
+  conn->close();
+}
+
+struct KvReceiver::Job {
+  v1::Expect expect;
+  int timeout_ms = 0;
+  std::shared_ptr<JobKvStore> store;
+  std::vector<std::shared_ptr<Stream>> streams;
+  Clock::time_point last_activity, first_page, complete_at;
+  bool any_page = false, complete = false, failed = false;
+  std::string error;
+  uint64_t bytes = 0;
+  int layers_complete = 0;
+};
+
+KvReceiver::KvReceiver(ReceiverOptions opt, FailFn on_fail)
+    : opt_(std::move(opt)), on_fail_(std::move(on_fail)) {
+  const auto& m = opt_.contract.model();
+  shape_.n_layers = m.n_layers();
+  shape_.n_kv_heads = m.n_kv_heads();
+  shape_.head_dim = m.head_dim();
+  shape_.page_tokens = opt_.contract.page_tokens();
+  shape_.validate();
+  pool_ = std::make_unique<PagePool>(shape_, opt_.capacity_bytes);
+  listener_ = std::make_unique<wire::Listener>(opt_.listen_host, opt_.listen_port);
+  listener_->set_server_name("mprefill-decoder");
+  accept_thread_ = std::thread([this] { accept_loop(); });
+  monitor_thread_ = std::thread([this] { monitor_loop(); });
+}
+
+KvReceiver::~KvReceiver() {
+  stop_ = true;
+  cv_.notify_all();
+  listener_->close();
+  if (accept_thread_.joinable()) accept_thread_.join();
+  if (monitor_thread_.joinable()) monitor_thread_.join();
+  std::vector<std::shared_ptr<Stream>> streams;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    streams.swap(streams_);
+  }
+  for (auto& s : streams) s->conn->close();
+  for (auto& s : streams)
+    if (s->th.joinable()) s->th.join();
+}
+
+uint16_t KvReceiver::port() const { return listener_->port(); }
+
+bool KvReceiver::expect(const v1::Expect& e, std::string* why) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto say = [&](const std::string& m) {
+    if (why) *why = "job " + std::to_string(e.job_id()) + ": " + m;
+    return false;
+  };
+  if (jobs_.count(e.job_id())) return say("already expected");
+  int active = 0;
+  for (const auto& [id, j] : jobs_) active += !j->failed;
+  if (active >= opt_.max_jobs)
+    return say("decoder holds " + std::to_string(active) + " jobs (max " +
+               std::to_string(opt_.max_jobs) + ")");
+  if (e.prompt_tokens() < 1) return say("prompt_tokens must be >= 1");
+  if (e.n_layers() != 0 && e.n_layers() != shape_.n_layers)
+    return say("expects " + std::to_string(e.n_layers()) + " layers, the model has " +
+               std::to_string(shape_.n_layers));
+  auto job = std::make_shared<Job>();
+  job->expect = e;
+  job->timeout_ms = e.timeout_ms() > 0 ? static_cast<int>(e.timeout_ms()) : opt_.default_timeout_ms;
+  try {
+    job->store = std::make_shared<JobKvStore>(pool_.get(), e.prompt_tokens());
+  } catch (const std::exception& ex) {
+    return say(ex.what());
+  }
+  job->last_activity = Clock::now();
+  jobs_[e.job_id()] = job;
+  cv_.notify_all();
+  return true;
+}
+
+void KvReceiver::fail_locked(const std::shared_ptr<Job>& job, const std::string& message,
+                             std::vector<std::function<void()>>* after) {
+  if (job->failed) return;
+  job->failed = true;
+  job->error = message;
+  job->last_activity = Clock::now();  // failed jobs are forgotten a minute later
+  job->store.reset();                 // pages go back to the pool once in-flight puts finish
+  const uint64_t id = job->expect.job_id();
+  const std::string frame = wire::encode_frame(failed_env(id, message));
+  auto streams = job->streams;
+  // Each stream's reader drains and closes it (closing with unread pages would reset the
+  // connection and lose this message on the sender's side).
+  after->push_back([streams, frame] {
+    for (auto& s : streams) s->send(frame, kNotifyTimeoutMs);
+  });
+  if (on_fail_) after->push_back([this, id, message] { on_fail_(id, message); });
+  cv_.notify_all();
+}
+
+void KvReceiver::fail_job(uint64_t job_id, const std::string& message) {
+  std::vector<std::function<void()>> after;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = jobs_.find(job_id);
+    if (it == jobs_.end()) return;
+    fail_locked(it->second, message, &after);
+  }
+  for (auto& f : after) f();
+}
+
+bool KvReceiver::wait_complete(uint64_t job_id, std::string* why) {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    auto it = jobs_.find(job_id);
+    if (it == jobs_.end()) {
+      if (why) *why = "job " + std::to_string(job_id) + " is not expected (or was released)";
+      return false;
+    }
+    const auto& job = it->second;
+    if (job->failed) {
+      if (why) *why = job->error;
+      return false;
+    }
+    if (job->complete) return true;
+    if (stop_) {
+      if (why) *why = "decoder shutting down";
+      return false;
+    }
+    // The monitor thread fails the job when its pages stop for timeout_ms.
+    cv_.wait_for(lock, std::chrono::milliseconds(200));
+  }
+}
+
+std::shared_ptr<JobKvStore> KvReceiver::store(uint64_t job_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end() || it->second->failed) return nullptr;
+  return it->second->store;
+}
+
+void KvReceiver::release(uint64_t job_id) {
+  std::vector<std::shared_ptr<Stream>> streams;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = jobs_.find(job_id);
+    if (it == jobs_.end()) return;
+    streams = it->second->streams;
+    it->second->failed = true;  // late pages of a released job are refused
+    it->second->error = "job " + std::to_string(job_id) + " released";
+    it->second->store.reset();
+    jobs_.erase(it);
+    cv_.notify_all();
+  }
+  for (auto& s : streams) s->conn->close();
+}
+
+KvReceiver::JobInfo KvReceiver::info(uint64_t job_id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  JobInfo r;
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return r;
+  const Job& j = *it->second;
+  r.known = true;
+  r.complete = j.complete;
+  r.failed = j.failed;
+  r.layers_complete = j.layers_complete;
+  r.streams = static_cast<int>(j.streams.size());
+  r.bytes = j.bytes;
+  r.receive_ms = j.complete && j.any_page ? ms_between(j.first_page, j.complete_at) : 0;
+  r.error = j.error;
+  return r;
+}
+
+void KvReceiver::accept_loop() {
+  while (!stop_) {
+    std::string peer_name, error;
+    std::unique_ptr<wire::Connection> conn;
+    try {
+      conn = listener_->accept(200, v1::WORKER, opt_.secret, &peer_name, &error);
+    } catch (const std::exception& e) {
+      if (stop_) return;
+      std::fprintf(stderr, "mprefill-decoder: KV port accept: %s\n", e.what());
+      continue;
+    }
+    if (!conn) {
+      if (!error.empty() && !stop_)
+        std::fprintf(stderr, "mprefill-decoder: KV stream refused: %s\n", error.c_str());
+      continue;
+    }
+    auto s = std::make_shared<Stream>();
+    s->peer = conn->peer();
+    s->conn = std::move(conn);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return;
+    streams_.push_back(s);
+    s->th = std::thread([this, s] { serve_stream(s); });
+  }
+}
+
+void KvReceiver::monitor_loop() {
+  while (!stop_) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    std::vector<std::function<void()>> after;
+    std::vector<std::shared_ptr<Stream>> finished;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      const auto now = Clock::now();
+      for (auto it = jobs_.begin(); it != jobs_.end();) {  // failed jobs: kept a minute
+        const bool old = it->second->failed && ms_between(it->second->last_activity, now) > 60000;
+        it = old ? jobs_.erase(it) : std::next(it);
+      }
+      for (auto& [id, job] : jobs_) {
+        if (job->failed || job->complete) continue;
+        const double idle = ms_between(job->last_activity, now);
+        if (idle > job->timeout_ms)
+          fail_locked(job,
+                      "job " + std::to_string(id) + ": no KV page for " +
+                          std::to_string(static_cast<int64_t>(idle)) + " ms (timeout " +
+                          std::to_string(job->timeout_ms) + " ms; " +
+                          std::to_string(job->layers_complete) + " of " +
+                          std::to_string(shape_.n_layers) + " layers complete, " +
+                          std::to_string(job->streams.size()) + " streams of " +
+                          std::to_string(job->expect.senders()) + " senders connected)",
+                      &after);
+      }
+      // Reap stream threads that ended.
+      auto it = std::partition(streams_.begin(), streams_.end(),
+                               [](const std::shared_ptr<Stream>& s) { return !s->done; });
+      finished.assign(it, streams_.end());
+      streams_.erase(it, streams_.end());
+    }
+    for (auto& f : after) f();
+    for (auto& s : finished)
+      if (s->th.joinable()) s->th.join();
+  }
+}
+
+void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
+  struct Done {
+    Stream* s;
+    ~Done() { s->done = true; }
+  } done_guard{s.get()};
+  auto refuse = [&](v1::ErrorCode code, const std::string& msg) {
+    s->send(wire::encode_frame(wire::make_error(s->job_id, code, msg)), kNotifyTimeoutMs);
+    drain_and_close(s->conn.get(), kNotifyTimeoutMs);
+    std::fprintf(stderr, "mprefill-decoder: KV stream from %s refused: %s\n", s->peer.c_str(),
+                 msg.c_str());
+  };
+
+  // 1. KvStreamHello.
+  v1::Envelope env;
+  try {
+    if (!s->conn->recv(&env, opt_.hello_wait_ms))
+      return refuse(v1::BAD_FRAME,
+                    "no KvStreamHello within " + std::to_string(opt_.hello_wait_ms) + " ms");
+  } catch (const std::exception& e) {
+    return;  // gone before saying anything
+  }
+  if (!env.has_kv_hello()) return refuse(v1::BAD_FRAME, "first frame is not KvStreamHello");
+  const v1::KvStreamHello hello = env.kv_hello();
+  s->job_id = hello.job_id();
+  s->rank = hello.rank();
+
+  // 2. The job (its Expect may still be on its way from the coordinator).
+  std::shared_ptr<Job> job;
+  std::vector<std::function<void()>> after;
+  std::vector<int> complete_layers;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, std::chrono::milliseconds(opt_.hello_wait_ms),
+                 [&] { return stop_ || jobs_.count(s->job_id) > 0; });
+    auto it = jobs_.find(s->job_id);
+    if (it == jobs_.end()) {
+      lock.unlock();
+      return refuse(v1::NOT_FOUND, "job " + std::to_string(s->job_id) + " is not expected here");
+    }
+    job = it->second;
+    if (job->failed) {
+      const std::string err = job->error;
+      lock.unlock();
+      return refuse(v1::DECODER_FAILED, err);
+    }
+    const std::string mismatch = kv_contract_mismatch(hello.kv(), opt_.contract);
+    const int senders = job->expect.senders();
+    if (!mismatch.empty() || s->rank < 0 || (senders > 0 && s->rank >= senders)) {
+      const std::string msg =
+          "job " + std::to_string(s->job_id) + ": KV stream of rank " + std::to_string(s->rank) +
+          " from " + s->peer + ": " +
+          (mismatch.empty() ? "rank outside [0, " + std::to_string(senders) + ")" : mismatch);
+      fail_locked(job, msg, &after);
+      lock.unlock();
+      for (auto& f : after) f();
+      return refuse(mismatch.empty() ? v1::INVALID_ARGUMENT : v1::MODEL_MISMATCH, msg);
+    }
+    job->streams.push_back(s);
+    job->last_activity = Clock::now();
+    for (int l = 0; l < shape_.n_layers; ++l)
+      if (job->store->layer_complete(l)) complete_layers.push_back(l);
+  }
+  for (int l : complete_layers) {  // a stream that joins late still hears every ack
+    v1::Envelope ack;
+    ack.mutable_layer_ack()->set_job_id(s->job_id);
+    ack.mutable_layer_ack()->set_layer(l);
+    s->send(wire::encode_frame(ack), job->timeout_ms);
+  }
+
+  // 3. Pages until the sender closes.
+  for (;;) {
+    v1::Envelope in;
+    try {
+      if (!s->conn->recv(&in, 200)) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (stop_) return;
+        if (!job->failed) continue;
+      }
+      if (job_failed(job)) return drain_and_close(s->conn.get(), kNotifyTimeoutMs);
+    } catch (const std::exception& e) {
+      std::vector<std::function<void()>> fails;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (stop_ || job->failed || job->complete) return;
+        fail_locked(job,
+                    "job " + std::to_string(s->job_id) + ": KV stream of rank " +
+                        std::to_string(s->rank) + " (" + s->peer + ") ended with " +
+                        std::to_string(job->layers_complete) + " of " +
+                        std::to_string(shape_.n_layers) + " layers complete: " + e.what(),
+                    &fails);
+      }
+      for (auto& f : fails) f();
+      return;
+    }
+    if (in.has_kv_page()) {
+      handle_page(*s, job, in.kv_page());
+    } else if (in.has_error()) {
+      std::vector<std::function<void()>> fails;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        fail_locked(job,
+                    "job " + std::to_string(s->job_id) + ": rank " + std::to_string(s->rank) +
+                        " gave up: " + in.error().message(),
+                    &fails);
+      }
+      for (auto& f : fails) f();
+      return;
+    }
+  }
+}
+
+bool KvReceiver::job_failed(const std::shared_ptr<Job>& job) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return job->failed;
+}
+
+void KvReceiver::handle_page(Stream& s, const std::shared_ptr<Job>& job, const v1::KvPage& page) {
+  const v1::KvPageHeader& h = page.header();
+  std::shared_ptr<JobKvStore> store;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (job->failed) return;
+    store = job->store;
+    job->last_activity = Clock::now();
+    if (!job->any_page) {
+      job->any_page = true;
+      job->first_page = job->last_activity;
+    }
+  }
+  std::string bad;
+  bool layer_done = false;
+  if (h.job_id() != s.job_id || h.sender_rank() != s.rank)
+    bad = "page of job " + std::to_string(h.job_id()) + " rank " + std::to_string(h.sender_rank()) +
+          " on the stream of job " + std::to_string(s.job_id) + " rank " + std::to_string(s.rank);
+  else if (h.layout() != opt_.contract.layout() || h.page_tokens() != shape_.page_tokens ||
+           h.dtype() != opt_.contract.kv_dtype())
+    bad = "page layout / page_tokens / dtype differ from the KV contract";
+  if (bad.empty()) {
+    PageIn p;
+    p.layer = h.layer();
+    p.kv_heads.assign(h.kv_heads().begin(), h.kv_heads().end());
+    p.token_begin = h.token_begin();
+    p.token_end = h.token_end();
+    p.head_dim = h.head_dim();
+    p.dtype = h.dtype() == v1::BF16 ? DType::kBF16 : DType::kF32;
+    p.k = page.k().data();
+    p.v = page.v().data();
+    p.k_bytes = page.k().size();
+    p.v_bytes = page.v().size();
+    p.crc32c = h.crc32c();
+    try {
+      layer_done = store->put(p);
+    } catch (const std::exception& e) {
+      bad = e.what();
+    }
+  }
+  store.reset();  // a failed job's pages go back to the pool with the last reference
+  std::vector<std::function<void()>> after;
+  std::vector<std::shared_ptr<Stream>> to_ack;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!bad.empty()) {
+      fail_locked(job,
+                  "job " + std::to_string(s.job_id) + ": rank " + std::to_string(s.rank) + " (" +
+                      s.peer + "): " + bad,
+                  &after);
+    } else if (!job->failed) {
+      job->bytes += page.k().size() + page.v().size();
+      if (layer_done) {
+        job->layers_complete++;
+        to_ack = job->streams;
+        if (job->layers_complete == shape_.n_layers) {
+          job->complete = true;
+          job->complete_at = Clock::now();
+          cv_.notify_all();
+        }
+      }
+    }
+  }
+  for (auto& f : after) f();
+  if (!to_ack.empty()) {
+    v1::Envelope ack;
+    ack.mutable_layer_ack()->set_job_id(s.job_id);
+    ack.mutable_layer_ack()->set_layer(h.layer());
+    const std::string frame = wire::encode_frame(ack);
+    for (auto& st : to_ack) st->send(frame, job->timeout_ms);
+  }
+}
+
+// ---- Decoder -------------------------------------------------------------------------
+
+Decoder::Decoder(const ModelWeights& w, DecoderOptions opt, SendFn send)
+    : w_(w), opt_(std::move(opt)), engine_(w), send_(std::move(send)) {
+  fp_ = model_fingerprint(w, opt_.model_name);
+  ReceiverOptions ro = opt_.receiver;
+  ro.contract = make_kv_contract(fp_, opt_.page_tokens, v1::F32);
+  receiver_ = std::make_unique<KvReceiver>(ro, [this](uint64_t job, const std::string& msg) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      expects_.erase(job);
+    }
+    emit(failed_env(job, msg));
+  });
+  decode_thread_ = std::thread([this] { decode_loop(); });
+}
+
+Decoder::~Decoder() {
+  stop();
+  if (decode_thread_.joinable()) decode_thread_.join();
+  receiver_.reset();
+}
+
+void Decoder::stop() {
+  stop_ = true;
+  cv_.notify_all();
+}
+
+void Decoder::emit(const v1::Envelope& env) {
+  std::lock_guard<std::mutex> lock(send_mu_);
+  if (!send_) return;
+  try {
+    send_(env);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "mprefill-decoder: sending to the coordinator: %s\n", e.what());
+  }
+}
+
+void Decoder::handle(const v1::Envelope& env) {
+  if (env.has_expect()) {
+    const v1::Expect& e = env.expect();
+    std::string why;
+    if (e.decode_tokens() < 0) {
+      emit(failed_env(e.job_id(),
+                      "job " + std::to_string(e.job_id()) + ": decode_tokens must be >= 0"));
+      return;
+    }
+    if (!receiver_->expect(e, &why)) {
+      emit(failed_env(e.job_id(), why));
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      expects_[e.job_id()] = e;
+      cancelled_.erase(e.job_id());
+    }
+    v1::Envelope ready;
+    ready.mutable_ready()->set_job_id(e.job_id());
+    emit(ready);
+  } else if (env.has_start_decode()) {
+    std::lock_guard<std::mutex> lock(mu_);
+    decode_queue_.push_back(env.start_decode());
+    cv_.notify_all();
+  } else if (env.has_release()) {
+    const uint64_t id = env.release().job_id();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cancelled_[id] = true;
+      expects_.erase(id);
+    }
+    receiver_->release(id);
+  }
+}
+
+v1::DecodeDone Decoder::decode(uint64_t job_id, const v1::StartDecode& start) {
+  const std::string where = "job " + std::to_string(job_id) + ": ";
+  v1::Expect e;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = expects_.find(job_id);
+    if (it == expects_.end())
+      throw std::runtime_error(where + "StartDecode for a job not expected");
+    e = it->second;
+  }
+  std::string why;
+  if (!receiver_->wait_complete(job_id, &why)) throw std::runtime_error(why);
+  auto store = receiver_->store(job_id);
+  if (!store) throw std::runtime_error(where + "KV store gone (released)");
+  const KvReceiver::JobInfo info = receiver_->info(job_id);
+  const ModelConfig& c = w_.config;
+  if (start.first_token_id() < 0 || start.first_token_id() >= c.vocab)
+    throw std::runtime_error(where + "first token id " + std::to_string(start.first_token_id()) +
+                             " is out of range [0, " + std::to_string(c.vocab) + ")");
+
+  const auto t0 = Clock::now();
+  const int64_t n = store->n_tokens();
+  const int steps = e.decode_tokens();
+  KvCache cache(c, n + steps);
+  for (int l = 0; l < c.n_layers; ++l) {  // pages go back to the pool layer by layer
+    store->export_layer(l, cache.k[l].data(), cache.v[l].data());
+    store->release_layer(l);
+  }
+  cache.n_tokens = n;
+  store.reset();
+
+  SamplerOptions so;
+  so.temperature = e.sampling().temperature();
+  so.top_p = e.sampling().top_p() > 0.f ? e.sampling().top_p() : 1.f;
+  so.seed = e.sampling().seed();
+  Sampler sampler(so);
+  // The worker drew the first token from this seed's first draw (Engine::generate's
+  // order): skip it so the decoded tokens use the same stream.
+  if (so.temperature > 0.f) {
+    const float one = 0.f;
+    sampler.sample(&one, 1);
+  }
+  auto is_stop = [&](int id) {
+    return std::find(e.stop_ids().begin(), e.stop_ids().end(), id) != e.stop_ids().end();
+  };
+  v1::DecodeDone done;
+  done.set_job_id(job_id);
+  done.set_stopped_by("length");
+  int tok = start.first_token_id();
+  for (int step = 0;; ++step) {
+    done.add_generated_ids(tok);
+    if (is_stop(tok)) {
+      done.set_stopped_by("stop_id");
+      break;
+    }
+    if (step == steps) break;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (cancelled_.count(job_id) || stop_)
+        throw std::runtime_error(where + "released while decoding");
+    }
+    const std::vector<float> logits = engine_.decode_step(tok, n + step, &cache);
+    tok = sampler.sample(logits.data(), static_cast<int>(logits.size())).id;
+  }
+  done.set_decode_ms(ms_between(t0, Clock::now()));
+  done.set_kv_bytes_received(info.bytes);
+  done.set_receive_ms(info.receive_ms);
+  return done;
+}
+
+void Decoder::decode_loop() {
+  for (;;) {
+    v1::StartDecode s;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return stop_ || !decode_queue_.empty(); });
+      if (stop_) return;
+      s = decode_queue_.front();
+      decode_queue_.pop_front();
+    }
+    v1::Envelope out;
+    try {
+      *out.mutable_decode_done() = decode(s.job_id(), s);
+    } catch (const std::exception& e) {
+      out = failed_env(s.job_id(), e.what());
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      expects_.erase(s.job_id());
+    }
+    receiver_->release(s.job_id());
+    emit(out);
+  }
+}
+
+int Decoder::serve(const std::string& host, uint16_t port, const std::string& secret) {
+  std::unique_ptr<wire::Connection> conn;
+  try {
+    conn = wire::Connection::connect(host, port, opt_.io_timeout_ms);
+    conn->client_handshake(v1::DECODER, opt_.name, secret, opt_.io_timeout_ms);
+    v1::Envelope reg;
+    auto* r = reg.mutable_decoder_register();
+    r->set_name(opt_.name);
+    r->set_host(opt_.advertise_host.empty() ? opt_.receiver.listen_host : opt_.advertise_host);
+    r->set_kv_port(kv_port());
+    r->set_capacity_bytes(opt_.receiver.capacity_bytes);
+    r->set_max_jobs(opt_.receiver.max_jobs);
+    *r->mutable_kv() = contract();
+    r->add_kv_transports("tcp");
+    conn->send(reg, opt_.io_timeout_ms);
+    v1::Envelope ans;
+    if (!conn->recv(&ans, opt_.io_timeout_ms))
+      throw std::runtime_error("no answer to DecoderRegister within " +
+                               std::to_string(opt_.io_timeout_ms) + " ms");
+    if (ans.has_error()) throw std::runtime_error("registration refused: " + ans.error().message());
+    if (!ans.has_decoder_registered())
+      throw std::runtime_error("expected DecoderRegistered, got another message");
+    if (ans.decoder_registered().heartbeat_ms() > 0)
+      opt_.heartbeat_ms = static_cast<int>(ans.decoder_registered().heartbeat_ms());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "mprefill-decoder: coordinator %s:%u: %s\n", host.c_str(), port, e.what());
+    return 1;
+  }
+  std::fprintf(stderr, "mprefill-decoder: registered as '%s' with %s:%u (KV port %u, %s)\n",
+               opt_.name.c_str(), host.c_str(), port, kv_port(), fp_.to_string().c_str());
+  {
+    std::lock_guard<std::mutex> lock(send_mu_);
+    wire::Connection* c = conn.get();
+    const int t = opt_.io_timeout_ms;
+    send_ = [c, t](const v1::Envelope& env) { c->send(env, t); };
+  }
+  int rc = 0;
+  uint64_t seq = 0;
+  auto next_hb = Clock::now();
+  while (!stop_) {
+    if (Clock::now() >= next_hb) {
+      v1::Envelope hb;
+      hb.mutable_heartbeat()->set_seq(++seq);
+      hb.mutable_heartbeat()->set_unix_ms(unix_ms());
+      emit(hb);
+      next_hb = Clock::now() + std::chrono::milliseconds(opt_.heartbeat_ms);
+    }
+    v1::Envelope env;
+    try {
+      if (!conn->recv(&env, std::min(opt_.heartbeat_ms, 100))) continue;
+    } catch (const wire::WireError& e) {
+      if (!stop_)
+        std::fprintf(stderr, "mprefill-decoder: coordinator connection ended (%s); exiting\n",
+                     e.what());
+      rc = e.kind() == wire::WireError::Kind::kClosed ? 0 : 1;
+      break;
+    }
+    if (env.has_error()) {
+      std::fprintf(stderr, "mprefill-decoder: coordinator error: %s\n",
+                   env.error().message().c_str());
+      continue;
+    }
+    handle(env);
+  }
+  {
+    std::lock_guard<std::mutex> lock(send_mu_);
+    send_ = nullptr;
+  }
+  conn->close();
+  return rc;
+}
+
+}  // namespace mprefill::decode

@@ -1,0 +1,163 @@
+// The reference decoder (issue 6): receives a job's KV pages from every worker rank over
+// TCP into a paged store, acks each layer, then continues generation from the first
+// token with the CPU model code.
+//
+//   KvReceiver  the KV port: accepts worker streams (hello + KvStreamHello with the KV
+//               contract), stores their pages (JobKvStore: checksums, geometry, overlap),
+//               sends LayerAck to every stream of a job once a layer is complete, and
+//               fails a job whose pages stop arriving for its timeout, whose stream closes
+//               early, or that sends a bad page (memory released, streams told).
+//   Decoder     the coordinator side: DecoderRegister, Expect -> Ready, StartDecode ->
+//               DecodeDone (or DecodeFailed), Release, heartbeats. Decoding runs on its
+//               own thread: the store is copied into a KvCache layer by layer (pages
+//               released as they go) and Engine::decode_step continues from the first
+//               token, so the ids equal Engine::generate's for the same KV and sampler.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "decode/kv_store.h"
+#include "proto/wire.h"
+#include "worker/engine.h"
+#include "worker/fingerprint.h"
+
+namespace mprefill::decode {
+
+namespace v1 = ::mprefill::v1;
+
+struct ReceiverOptions {
+  std::string listen_host = "127.0.0.1";  // bind address of the KV port
+  uint16_t listen_port = 0;               // 0: any free port
+  std::string secret;                     // streams must prove it (empty: no auth)
+  v1::KvContract contract;                // what every stream must declare
+  uint64_t capacity_bytes = uint64_t{2} << 30;
+  int max_jobs = 4;
+  int default_timeout_ms = 30000;  // Expect.timeout_ms when 0
+  int hello_wait_ms = 5000;        // a stream for a job not expected yet waits this long
+};
+
+class KvReceiver {
+ public:
+  // Called (from a receiver thread) when a job fails: timeout, bad page, early close.
+  using FailFn = std::function<void(uint64_t job_id, const std::string& message)>;
+
+  KvReceiver(ReceiverOptions opt, FailFn on_fail);
+  ~KvReceiver();
+  uint16_t port() const;
+  const v1::KvContract& contract() const { return opt_.contract; }
+
+  // Reserves the job's pages. false with *why (duplicate id, too many jobs, no room).
+  bool expect(const v1::Expect& e, std::string* why);
+  // Waits until every layer arrived (true) or the job failed / was released (false,
+  // *why). Bounded: a job whose pages stop for its timeout fails.
+  bool wait_complete(uint64_t job_id, std::string* why);
+  // The complete store of a job (nullptr when unknown or failed).
+  std::shared_ptr<JobKvStore> store(uint64_t job_id);
+  // Drops a job: memory released, its streams closed. Unknown ids are ignored.
+  void release(uint64_t job_id);
+  // Fails a job (as if a stream had failed it), telling its streams.
+  void fail_job(uint64_t job_id, const std::string& message);
+
+  struct JobInfo {
+    bool known = false, complete = false, failed = false;
+    int layers_complete = 0, streams = 0;
+    uint64_t bytes = 0;
+    double receive_ms = 0;  // first page -> last layer complete
+    std::string error;
+  };
+  JobInfo info(uint64_t job_id) const;
+  uint64_t reserved_bytes() const { return pool_->reserved_bytes(); }
+
+ private:
+  struct Stream;
+  struct Job;
+  ReceiverOptions opt_;
+  FailFn on_fail_;
+  KvStoreShape shape_;
+  std::unique_ptr<PagePool> pool_;
+  std::unique_ptr<wire::Listener> listener_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<uint64_t, std::shared_ptr<Job>> jobs_;
+  std::vector<std::shared_ptr<Stream>> streams_;
+  std::atomic<bool> stop_{false};
+  std::thread accept_thread_, monitor_thread_;
+
+  void accept_loop();
+  void monitor_loop();
+  void serve_stream(std::shared_ptr<Stream> s);
+  bool job_failed(const std::shared_ptr<Job>& job) const;
+  void handle_page(Stream& s, const std::shared_ptr<Job>& job, const v1::KvPage& page);
+  void fail_locked(const std::shared_ptr<Job>& job, const std::string& message,
+                   std::vector<std::function<void()>>* after);
+};
+
+struct DecoderOptions {
+  std::string name = "decoder";
+  std::string model_name;      // fingerprint name (model_name_from_path of the model path)
+  std::string advertise_host;  // host workers connect to (default: listen host)
+  ReceiverOptions receiver;    // contract is filled by the Decoder from the weights
+  int page_tokens = 256;
+  int heartbeat_ms = 1000;    // until DecoderRegistered says otherwise
+  int io_timeout_ms = 10000;  // coordinator connect / send bound
+};
+
+class Decoder {
+ public:
+  using SendFn = std::function<void(const v1::Envelope&)>;
+
+  // w must outlive the decoder. send: where replies to the coordinator go (serve() sets
+  // its connection; tests pass their own).
+  Decoder(const ModelWeights& w, DecoderOptions opt, SendFn send = {});
+  ~Decoder();
+
+  // One coordinator message: Expect -> Ready / DecodeFailed, StartDecode (queued for the
+  // decode thread) -> DecodeDone / DecodeFailed, Release. Other messages are ignored.
+  void handle(const v1::Envelope& env);
+
+  // Connects to the coordinator, registers, then handles its messages and sends
+  // heartbeats until stop() or the coordinator goes away. Returns the exit status
+  // (0 after stop() or a coordinator that closed; 1 on a refused registration).
+  int serve(const std::string& host, uint16_t port, const std::string& secret);
+  void stop();
+
+  uint16_t kv_port() const { return receiver_->port(); }
+  const v1::KvContract& contract() const { return receiver_->contract(); }
+  const ModelFingerprint& fingerprint() const { return fp_; }
+  KvReceiver& receiver() { return *receiver_; }
+
+  // Decodes a complete job (the decode thread's work; public for tests). Throws
+  // std::runtime_error with context.
+  v1::DecodeDone decode(uint64_t job_id, const v1::StartDecode& start);
+
+ private:
+  const ModelWeights& w_;
+  DecoderOptions opt_;
+  ModelFingerprint fp_;
+  Engine engine_;
+  std::mutex send_mu_;
+  SendFn send_;
+  std::unique_ptr<KvReceiver> receiver_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<uint64_t, v1::Expect> expects_;
+  std::deque<v1::StartDecode> decode_queue_;
+  std::map<uint64_t, bool> cancelled_;
+  std::atomic<bool> stop_{false};
+  std::thread decode_thread_;
+
+  void emit(const v1::Envelope& env);
+  void decode_loop();
+};
+
+}  // namespace mprefill::decode

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Starts the mprefill service for real use: a coordinator, one worker group under mpirun
+# and one decoder, in the foreground; Ctrl-C (or SIGTERM) stops all three.
+#
+#   launch/serve.sh --model PATH [--ranks R] [--tp T] [--device cpu|cuda]
+#                   [--host ADDR] [--port P] [--metrics-port P] [--tokenizer PATH]
+#                   [--secret-file F] [--capacity-mb MB] [--build-dir DIR]
+#                   [-- EXTRA mpirun ARGS...]
+#
+# Defaults: 1 rank, tp 1, cpu, 127.0.0.1:7070, metrics on 9464, a fresh secret in
+# $BUILD_DIR/serve.secret (0600) unless --secret-file is given. Clients then use
+#   build/bin/mprefill submit --coordinator HOST:PORT --secret-file F --prompt ...
+# Logs: $BUILD_DIR/serve-{coordinator,workers,decoder}.log
+set -euo pipefail
+LOG_TAG=serve
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+MODEL=""
+RANKS=1
+TP=1
+DEVICE=cpu
+HOST=127.0.0.1
+PORT=7070
+METRICS_PORT=9464
+TOKENIZER=""
+SECRET_FILE=""
+CAPACITY_MB=2048
+MPI_EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --model) MODEL="$2"; shift ;;
+    --ranks) RANKS="$2"; shift ;;
+    --tp) TP="$2"; shift ;;
+    --device) DEVICE="$2"; shift ;;
+    --host) HOST="$2"; shift ;;
+    --port) PORT="$2"; shift ;;
+    --metrics-port) METRICS_PORT="$2"; shift ;;
+    --tokenizer) TOKENIZER="$2"; shift ;;
+    --secret-file) SECRET_FILE="$2"; shift ;;
+    --capacity-mb) CAPACITY_MB="$2"; shift ;;
+    --build-dir) BUILD_DIR="$(realpath -m "$2")"; shift ;;
+    --) shift; MPI_EXTRA=("$@"); break ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) die "unknown argument '$1' (see launch/serve.sh --help)" ;;
+  esac
+  shift
+done
+[ -n "$MODEL" ] || die "--model is required (see launch/serve.sh --help)"
+case "$DEVICE" in cpu|cuda) ;; *) die "--device must be cpu or cuda, not '$DEVICE'" ;; esac
+BIN="$BUILD_DIR/bin"
+for b in mprefill-coordinator mprefill-worker mprefill-decoder; do
+  [ -x "$BIN/$b" ] || die "$BIN/$b not built: run launch/setup.sh"
+done
+command -v mpirun >/dev/null 2>&1 || die "mpirun not found (openmpi-bin)"
+
+if [ -z "$SECRET_FILE" ]; then
+  SECRET_FILE="$BUILD_DIR/serve.secret"
+  (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SECRET_FILE")
+fi
+[ -s "$SECRET_FILE" ] || die "secret file $SECRET_FILE is empty"
+
+PIDS=()
+cleanup() {
+  trap - INT TERM EXIT
+  for p in "${PIDS[@]}"; do kill -TERM -- "-$p" 2>/dev/null || true; done
+  sleep 1
+  for p in "${PIDS[@]}"; do kill -KILL -- "-$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  log "stopped"
+}
+trap cleanup EXIT
+trap 'cleanup; exit 130' INT TERM
+
+COORD_ARGS=(--host "$HOST" --port "$PORT" --metrics-port "$METRICS_PORT" --secret-file "$SECRET_FILE")
+[ -n "$TOKENIZER" ] && COORD_ARGS+=(--tokenizer "$TOKENIZER")
+PORT_FILE="$BUILD_DIR/serve.port"
+rm -f "$PORT_FILE"
+setsid "$BIN/mprefill-coordinator" "${COORD_ARGS[@]}" --port-file "$PORT_FILE" \
+  >"$BUILD_DIR/serve-coordinator.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do [ -s "$PORT_FILE" ] && break; sleep 0.1; done
+[ -s "$PORT_FILE" ] || die "the coordinator did not start: $(tail -3 "$BUILD_DIR/serve-coordinator.log")"
+ADDR="$HOST:$(cut -d' ' -f1 "$PORT_FILE")"
+[ "$HOST" = 0.0.0.0 ] && ADDR="127.0.0.1:$(cut -d' ' -f1 "$PORT_FILE")"
+METRICS_PORT="$(cut -d' ' -f2 "$PORT_FILE")"
+
+MPI_ARGS=(-np "$RANKS")
+[ "$DEVICE" = cpu ] && MPI_ARGS+=(--oversubscribe --bind-to none)
+[ "$(id -u)" = 0 ] && export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+setsid mpirun "${MPI_ARGS[@]}" "${MPI_EXTRA[@]}" "$BIN/mprefill-worker" --coordinator "$ADDR" \
+  --model "$MODEL" --tp "$TP" --device "$DEVICE" --group serve --secret-file "$SECRET_FILE" \
+  >"$BUILD_DIR/serve-workers.log" 2>&1 &
+PIDS+=($!)
+setsid "$BIN/mprefill-decoder" --coordinator "$ADDR" --model "$MODEL" --name serve-decoder \
+  --capacity-mb "$CAPACITY_MB" --secret-file "$SECRET_FILE" \
+  >"$BUILD_DIR/serve-decoder.log" 2>&1 &
+PIDS+=($!)
+
+# Ready when the group and the decoder are registered.
+READY=0
+for _ in $(seq 600); do
+  ST="$("$BIN/mprefill" status --coordinator "$ADDR" --secret-file "$SECRET_FILE" --json 2>/dev/null || true)"
+  if grep -q '"groups":\[{' <<<"$ST" && grep -q '"decoders":\[{' <<<"$ST"; then
+    READY=1
+    log "ready: coordinator $ADDR (metrics http://$HOST:$METRICS_PORT/metrics), $RANKS rank(s) tp $TP on $DEVICE, secret $SECRET_FILE"
+    log "submit: $BIN/mprefill submit --coordinator $ADDR --secret-file $SECRET_FILE --prompt-ids 1,2,3 --decode 16"
+    break
+  fi
+  for p in "${PIDS[@]}"; do
+    kill -0 "$p" 2>/dev/null || die "a service process exited; see $BUILD_DIR/serve-*.log"
+  done
+  sleep 0.2
+done
+[ $READY = 1 ] || die "the worker group and decoder did not register within 120 s; see $BUILD_DIR/serve-*.log"
+# Foreground until a process ends or Ctrl-C.
+wait -n "${PIDS[@]}" || true
+log "a service process ended; see $BUILD_DIR/serve-*.log"

@@ -1,0 +1,593 @@
+#include "proto/wire.h"
+
+#include <poll.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <atomic>
+#include <boost/asio.hpp>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "proto/hmac.h"
+
+namespace mprefill::wire {
+
+namespace asio = boost::asio;
+using tcp = asio::ip::tcp;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr size_t kReadChunk = size_t{256} << 10;
+
+Clock::time_point deadline_after(int timeout_ms) {
+  return Clock::now() + std::chrono::milliseconds(std::max(timeout_ms, 0));
+}
+
+int remaining_ms(Clock::time_point deadline) {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+  // Round up so that a poll never returns early and spins.
+  return static_cast<int>(std::max<int64_t>(left.count() + 1, 0));
+}
+
+// poll() one descriptor for `events` until the deadline. Returns revents (0 on timeout);
+// EINTR retried.
+int poll_until(int fd, short events, Clock::time_point deadline) {
+  for (;;) {
+    pollfd p{fd, events, 0};
+    int left = remaining_ms(deadline);
+    int rc = ::poll(&p, 1, Clock::now() >= deadline ? 0 : left);
+    if (rc > 0) return p.revents;
+    if (rc == 0) return 0;
+    if (errno != EINTR) return POLLERR;
+  }
+}
+
+std::string endpoint_text(const tcp::endpoint& ep) {
+  std::ostringstream os;
+  os << ep.address().to_string() << ":" << ep.port();
+  return os.str();
+}
+
+const char* role_name(v1::Role r) {
+  switch (r) {
+    case v1::CLIENT:
+      return "client";
+    case v1::WORKER:
+      return "worker";
+    case v1::DECODER:
+      return "decoder";
+    default:
+      return "unspecified";
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- frames
+
+std::string encode_frame(const v1::Envelope& env) {
+  const size_t body = env.ByteSizeLong();
+  // proto3 does not serialize a zero version; field 1 varint 1 (0x08 0x01) is appended
+  // instead of copying the envelope (a later scalar field wins on parse).
+  const bool add_version = env.version() == 0;
+  const size_t total = body + (add_version ? 2 : 0);
+  if (total > 0xffffffffu)
+    throw WireError(WireError::Kind::kBadFrame,
+                    "encode_frame: envelope of " + std::to_string(total) + " bytes over 4 GiB");
+  std::string out(4 + total, '\0');
+  for (int i = 0; i < 4; ++i) out[i] = static_cast<char>((total >> (8 * i)) & 0xff);
+  if (!env.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(out.data() + 4)))
+    throw WireError(WireError::Kind::kBadFrame, "encode_frame: serialization failed");
+  if (add_version) {
+    out[4 + body] = 0x08;
+    out[4 + body + 1] = static_cast<char>(kProtocolVersion);
+    static_assert(kProtocolVersion < 128, "version must fit one varint byte");
+  }
+  return out;
+}
+
+FrameParser::FrameParser(size_t max_frame) : max_frame_(max_frame) {}
+
+void FrameParser::feed(const void* data, size_t n) {
+  if (failed_) return;
+  // Drop consumed bytes before growing (amortized: only when they are the larger part).
+  if (pos_ > 0 && pos_ >= buf_.size() / 2) {
+    buf_.erase(0, pos_);
+    pos_ = 0;
+  }
+  buf_.append(static_cast<const char*>(data), n);
+}
+
+size_t FrameParser::buffered() const { return buf_.size() - pos_; }
+
+FrameParser::Result FrameParser::next(v1::Envelope* out, std::string* error) {
+  auto fail = [&](WireError::Kind kind, const std::string& why) {
+    failed_ = true;
+    error_kind_ = kind;
+    if (error) *error = why;
+    return Result::kError;
+  };
+  if (failed_) {
+    if (error) *error = "stream unusable after an earlier frame error";
+    return Result::kError;
+  }
+  if (buffered() < 4) return Result::kNeedMore;
+  const auto* p = reinterpret_cast<const uint8_t*>(buf_.data() + pos_);
+  const uint64_t len =
+      uint64_t{p[0]} | uint64_t{p[1]} << 8 | uint64_t{p[2]} << 16 | uint64_t{p[3]} << 24;
+  if (len > max_frame_)
+    return fail(WireError::Kind::kBadFrame, "frame of " + std::to_string(len) +
+                                                " bytes exceeds the maximum of " +
+                                                std::to_string(max_frame_));
+  if (buffered() < 4 + len) return Result::kNeedMore;
+  out->Clear();
+  if (!out->ParseFromArray(p + 4, static_cast<int>(len)))
+    return fail(WireError::Kind::kBadFrame,
+                "unparsable envelope of " + std::to_string(len) + " bytes");
+  pos_ += 4 + len;
+  if (out->version() != kProtocolVersion)
+    return fail(WireError::Kind::kBadVersion, "protocol version " + std::to_string(out->version()) +
+                                                  " (this side speaks " +
+                                                  std::to_string(kProtocolVersion) + ")");
+  if (out->msg_case() == v1::Envelope::MSG_NOT_SET)
+    return fail(WireError::Kind::kBadFrame, "envelope without a message (unknown type?)");
+  if (pos_ == buf_.size()) {
+    buf_.clear();
+    pos_ = 0;
+  }
+  return Result::kOk;
+}
+
+// ---------------------------------------------------------------- hello helpers
+
+std::string random_nonce() {
+  std::string n(32, '\0');
+  size_t got = 0;
+  while (got < n.size()) {
+    ssize_t r = ::getrandom(n.data() + got, n.size() - got, 0);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      throw std::runtime_error(std::string("getrandom failed: ") + std::strerror(errno));
+    }
+    got += static_cast<size_t>(r);
+  }
+  return n;
+}
+
+std::string hello_proof(std::string_view secret, std::string_view nonce, v1::Role role) {
+  std::string msg(nonce);
+  const uint32_t r = static_cast<uint32_t>(role);
+  for (int i = 0; i < 4; ++i) msg.push_back(static_cast<char>((r >> (8 * i)) & 0xff));
+  Digest d = hmac_sha256(secret, msg);
+  return std::string(reinterpret_cast<const char*>(d.data()), d.size());
+}
+
+bool check_client_hello(const v1::ClientHello& hello, std::string_view nonce,
+                        v1::Role expected_role, std::string_view secret, std::string* error,
+                        v1::ErrorCode* code) {
+  auto refuse = [&](v1::ErrorCode c, const std::string& why) {
+    if (error) *error = why;
+    if (code) *code = c;
+    return false;
+  };
+  if (hello.version() != kProtocolVersion)
+    return refuse(v1::BAD_VERSION, "client speaks protocol version " +
+                                       std::to_string(hello.version()) + ", server " +
+                                       std::to_string(kProtocolVersion));
+  const v1::Role role = hello.role();
+  if (role != v1::CLIENT && role != v1::WORKER && role != v1::DECODER)
+    return refuse(v1::BAD_FRAME, "ClientHello without a valid role");
+  if (expected_role != v1::ROLE_UNSPECIFIED && role != expected_role)
+    return refuse(v1::BAD_FRAME, std::string("expected a ") + role_name(expected_role) +
+                                     ", got a " + role_name(role));
+  if (!secret.empty()) {
+    if (hello.proof().empty())
+      return refuse(v1::UNAUTHENTICATED, "authentication required: no proof (missing secret?)");
+    if (!constant_time_equal(hello.proof(), hello_proof(secret, nonce, role)))
+      return refuse(v1::UNAUTHENTICATED, "authentication failed: wrong proof (secret differs)");
+  }
+  return true;
+}
+
+v1::Envelope make_server_hello(const std::string& nonce, bool auth_required) {
+  v1::Envelope env;
+  env.set_version(kProtocolVersion);
+  auto* h = env.mutable_server_hello();
+  h->set_version(kProtocolVersion);
+  h->set_nonce(nonce);
+  h->set_auth_required(auth_required);
+  return env;
+}
+
+v1::Envelope make_error(uint64_t job_id, v1::ErrorCode code, const std::string& message) {
+  v1::Envelope env;
+  env.set_version(kProtocolVersion);
+  auto* e = env.mutable_error();
+  e->set_job_id(job_id);
+  e->set_code(code);
+  e->set_message(message);
+  return env;
+}
+
+std::string load_secret_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw std::runtime_error("cannot read secret file " + path);
+  std::ostringstream os;
+  os << f.rdbuf();
+  std::string s = os.str();
+  while (!s.empty() &&
+         (s.back() == '\n' || s.back() == '\r' || s.back() == ' ' || s.back() == '\t'))
+    s.pop_back();
+  if (s.empty()) throw std::runtime_error("secret file " + path + " is empty");
+  return s;
+}
+
+void parse_host_port(const std::string& text, std::string* host, uint16_t* port) {
+  const size_t colon = text.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == text.size())
+    throw std::invalid_argument("expected HOST:PORT, got '" + text + "'");
+  std::string h = text.substr(0, colon);
+  if (h.size() > 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
+  const std::string p = text.substr(colon + 1);
+  if (p.find_first_not_of("0123456789") != std::string::npos || p.size() > 5)
+    throw std::invalid_argument("bad port in '" + text + "'");
+  const unsigned long v = std::stoul(p);
+  if (v > 65535) throw std::invalid_argument("port out of range in '" + text + "'");
+  *host = h;
+  *port = static_cast<uint16_t>(v);
+}
+
+// ---------------------------------------------------------------- Connection
+
+struct Connection::Impl {
+  asio::io_context io;
+  tcp::socket socket{io};
+  FrameParser parser;
+  std::string peer;
+  std::string peer_name;
+  std::atomic<bool> closed{false};
+  bool send_broken = false;  // a partial frame went out: the stream is unusable
+  std::string read_buf;
+
+  explicit Impl(size_t max_frame) : parser(max_frame) {}
+
+  int fd() { return socket.native_handle(); }
+
+  [[noreturn]] void throw_closed(const char* op) {
+    throw WireError(WireError::Kind::kClosed, std::string(op) + " " + peer + ": connection closed");
+  }
+
+  void write_all(const char* data, size_t n, int timeout_ms) {
+    if (closed) throw_closed("send to");
+    if (send_broken)
+      throw WireError(WireError::Kind::kClosed,
+                      "send to " + peer + ": stream broken by an earlier timeout");
+    const auto deadline = deadline_after(timeout_ms);
+    size_t done = 0;
+    while (done < n) {
+      boost::system::error_code ec;
+      size_t w = socket.write_some(asio::buffer(data + done, n - done), ec);
+      done += w;
+      if (!ec) continue;
+      if (ec != asio::error::would_block && ec != asio::error::try_again) {
+        if (done > 0) send_broken = true;
+        closed = true;
+        throw WireError(WireError::Kind::kClosed, "send to " + peer + ": " + ec.message());
+      }
+      int ev = poll_until(fd(), POLLOUT, deadline);
+      if (closed) throw_closed("send to");
+      if (ev == 0) {
+        if (done > 0) send_broken = true;
+        throw WireError(WireError::Kind::kTimeout, "send to " + peer + ": timed out after " +
+                                                       std::to_string(timeout_ms) + " ms (" +
+                                                       std::to_string(done) + " of " +
+                                                       std::to_string(n) + " bytes sent)");
+      }
+    }
+  }
+
+  // true with a frame, false at the deadline.
+  bool read_frame(v1::Envelope* env, int timeout_ms) {
+    const auto deadline = deadline_after(timeout_ms);
+    std::string err;
+    for (;;) {
+      auto r = parser.next(env, &err);
+      if (r == FrameParser::Result::kOk) return true;
+      if (r == FrameParser::Result::kError)
+        throw WireError(parser.error_kind(), "recv from " + peer + ": " + err);
+      if (closed) throw_closed("recv from");
+      if (read_buf.size() < kReadChunk) read_buf.resize(kReadChunk);
+      boost::system::error_code ec;
+      size_t n = socket.read_some(asio::buffer(read_buf.data(), read_buf.size()), ec);
+      if (n > 0) {
+        parser.feed(read_buf.data(), n);
+        continue;
+      }
+      if (ec == asio::error::eof) {
+        closed = true;
+        throw_closed("recv from");
+      }
+      if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
+        closed = true;
+        throw WireError(WireError::Kind::kClosed, "recv from " + peer + ": " + ec.message());
+      }
+      if (Clock::now() >= deadline) return false;
+      int ev = poll_until(fd(), POLLIN, deadline);
+      if (ev == 0) return false;
+      // POLLIN / POLLHUP / POLLERR: read_some reports what happened.
+    }
+  }
+};
+
+Connection::Connection(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Connection::~Connection() {
+  if (impl_) {
+    boost::system::error_code ec;
+    impl_->socket.shutdown(tcp::socket::shutdown_both, ec);
+    impl_->socket.close(ec);
+  }
+}
+
+std::unique_ptr<Connection> Connection::connect(const std::string& host, uint16_t port,
+                                                int timeout_ms, size_t max_frame) {
+  auto impl = std::make_unique<Impl>(max_frame);
+  const std::string target = host + ":" + std::to_string(port);
+  impl->peer = target;
+  const auto deadline = deadline_after(timeout_ms);
+  boost::system::error_code ec;
+  tcp::resolver resolver(impl->io);
+  auto results = resolver.resolve(host, std::to_string(port), ec);
+  if (ec || results.empty())
+    throw WireError(WireError::Kind::kConnect,
+                    "connect to " + target + ": cannot resolve host: " + ec.message());
+  std::string last_error = "no address";
+  for (const auto& entry : results) {
+    tcp::socket& s = impl->socket;
+    s.close(ec);
+    s.open(entry.endpoint().protocol(), ec);
+    if (ec) {
+      last_error = ec.message();
+      continue;
+    }
+    s.non_blocking(true, ec);
+    s.connect(entry.endpoint(), ec);
+    if (ec == asio::error::in_progress || ec == asio::error::would_block) {
+      int ev = poll_until(s.native_handle(), POLLOUT, deadline);
+      if (ev == 0)
+        throw WireError(WireError::Kind::kTimeout, "connect to " + target + ": timed out after " +
+                                                       std::to_string(timeout_ms) + " ms");
+      int so_error = 0;
+      socklen_t len = sizeof(so_error);
+      ::getsockopt(s.native_handle(), SOL_SOCKET, SO_ERROR, &so_error, &len);
+      ec = boost::system::error_code(so_error, boost::system::system_category());
+    }
+    if (ec) {
+      last_error = ec.message();
+      continue;
+    }
+    s.set_option(tcp::no_delay(true), ec);
+    impl->peer = endpoint_text(entry.endpoint());
+    return std::unique_ptr<Connection>(new Connection(std::move(impl)));
+  }
+  throw WireError(WireError::Kind::kConnect, "connect to " + target + ": " + last_error);
+}
+
+void Connection::send(const v1::Envelope& env, int timeout_ms) {
+  const std::string frame = encode_frame(env);
+  impl_->write_all(frame.data(), frame.size(), timeout_ms);
+}
+
+void Connection::send_frame(const std::string& frame, int timeout_ms) {
+  impl_->write_all(frame.data(), frame.size(), timeout_ms);
+}
+
+bool Connection::recv(v1::Envelope* env, int timeout_ms) {
+  return impl_->read_frame(env, timeout_ms);
+}
+
+void Connection::close() {
+  impl_->closed = true;
+  boost::system::error_code ec;
+  // shutdown (not close): a thread blocked in poll() on this descriptor wakes up, and the
+  // descriptor number cannot be reused under it.
+  impl_->socket.shutdown(tcp::socket::shutdown_both, ec);
+}
+
+std::string Connection::peer() const { return impl_->peer; }
+const std::string& Connection::peer_name() const { return impl_->peer_name; }
+
+void Connection::client_handshake(v1::Role role, const std::string& name, const std::string& secret,
+                                  int timeout_ms) {
+  const auto deadline = deadline_after(timeout_ms);
+  v1::Envelope env;
+  if (!recv(&env, remaining_ms(deadline)))
+    throw WireError(WireError::Kind::kTimeout, "hello from " + peer() + ": no ServerHello within " +
+                                                   std::to_string(timeout_ms) + " ms");
+  if (env.has_error())
+    throw WireError(WireError::Kind::kAuth,
+                    "hello from " + peer() + ": refused: " + env.error().message());
+  if (!env.has_server_hello())
+    throw WireError(WireError::Kind::kBadFrame,
+                    "hello from " + peer() + ": expected ServerHello as the first frame");
+  const auto& sh = env.server_hello();
+  if (sh.version() != kProtocolVersion)
+    throw WireError(WireError::Kind::kBadVersion,
+                    "hello from " + peer() + ": server speaks protocol version " +
+                        std::to_string(sh.version()) + ", this side " +
+                        std::to_string(kProtocolVersion));
+  if (sh.auth_required() && secret.empty())
+    throw WireError(WireError::Kind::kAuth,
+                    "hello to " + peer() + ": server requires authentication; pass --secret-file");
+  v1::Envelope reply;
+  reply.set_version(kProtocolVersion);
+  auto* ch = reply.mutable_client_hello();
+  ch->set_version(kProtocolVersion);
+  ch->set_role(role);
+  ch->set_name(name);
+  if (sh.auth_required()) ch->set_proof(hello_proof(secret, sh.nonce(), role));
+  send(reply, std::max(remaining_ms(deadline), 1));
+  v1::Envelope ack;
+  bool got = false;
+  try {
+    got = recv(&ack, remaining_ms(deadline));
+  } catch (const WireError& e) {
+    if (e.kind() == WireError::Kind::kClosed)
+      throw WireError(WireError::Kind::kAuth,
+                      "hello to " + peer() + ": server closed the connection (refused)");
+    throw;
+  }
+  if (!got)
+    throw WireError(WireError::Kind::kTimeout, "hello to " + peer() + ": no answer within " +
+                                                   std::to_string(timeout_ms) + " ms");
+  if (ack.has_error()) {
+    auto kind = ack.error().code() == v1::BAD_VERSION ? WireError::Kind::kBadVersion
+                                                      : WireError::Kind::kAuth;
+    throw WireError(kind, "hello to " + peer() + ": refused: " + ack.error().message());
+  }
+  if (!ack.has_hello_accepted())
+    throw WireError(WireError::Kind::kBadFrame,
+                    "hello to " + peer() + ": expected HelloAccepted, got another message");
+  impl_->peer_name = ack.hello_accepted().server();
+}
+
+// ---------------------------------------------------------------- Listener
+
+struct Listener::Impl {
+  asio::io_context io;
+  tcp::acceptor acceptor{io};
+  size_t max_frame;
+  int hello_timeout_ms = 5000;
+  std::string server_name = "mprefill";
+  std::atomic<bool> closed{false};
+};
+
+Listener::Listener(const std::string& host, uint16_t port, size_t max_frame)
+    : impl_(std::make_unique<Impl>()) {
+  impl_->max_frame = max_frame;
+  boost::system::error_code ec;
+  auto addr = asio::ip::make_address(host.empty() ? "127.0.0.1" : host, ec);
+  if (ec) {
+    // A host name: resolve it.
+    tcp::resolver resolver(impl_->io);
+    auto results = resolver.resolve(host, std::to_string(port), ec);
+    if (ec || results.empty())
+      throw WireError(WireError::Kind::kConnect, "listen on " + host + ":" + std::to_string(port) +
+                                                     ": cannot resolve: " + ec.message());
+    addr = results.begin()->endpoint().address();
+  }
+  tcp::endpoint ep(addr, port);
+  auto& a = impl_->acceptor;
+  a.open(ep.protocol(), ec);
+  if (!ec) a.set_option(tcp::acceptor::reuse_address(true), ec);
+  if (!ec) a.bind(ep, ec);
+  if (!ec) a.listen(asio::socket_base::max_listen_connections, ec);
+  if (!ec) a.non_blocking(true, ec);
+  if (ec)
+    throw WireError(WireError::Kind::kConnect,
+                    "listen on " + endpoint_text(ep) + ": " + ec.message());
+}
+
+Listener::~Listener() {
+  boost::system::error_code ec;
+  impl_->acceptor.close(ec);
+}
+
+uint16_t Listener::port() const {
+  boost::system::error_code ec;
+  return impl_->acceptor.local_endpoint(ec).port();
+}
+
+void Listener::set_hello_timeout_ms(int ms) { impl_->hello_timeout_ms = std::max(ms, 1); }
+void Listener::set_server_name(const std::string& name) { impl_->server_name = name; }
+
+void Listener::close() {
+  impl_->closed = true;
+  // shutdown wakes a poll() on the listening socket (Linux); close in the destructor.
+  ::shutdown(impl_->acceptor.native_handle(), SHUT_RDWR);
+}
+
+std::unique_ptr<Connection> Listener::accept(int timeout_ms, v1::Role expected_role,
+                                             const std::string& secret, std::string* peer_name,
+                                             std::string* error) {
+  auto set_error = [&](const std::string& e) {
+    if (error) *error = e;
+  };
+  const auto deadline = deadline_after(timeout_ms);
+  auto impl = std::make_unique<Connection::Impl>(impl_->max_frame);
+  for (;;) {
+    if (impl_->closed) {
+      set_error("listener closed");
+      return nullptr;
+    }
+    boost::system::error_code ec;
+    impl_->acceptor.accept(impl->socket, ec);
+    if (!ec) break;
+    if (ec != asio::error::would_block && ec != asio::error::try_again) {
+      if (impl_->closed) {
+        set_error("listener closed");
+        return nullptr;
+      }
+      if (ec == asio::error::connection_aborted) continue;
+      set_error("accept: " + ec.message());
+      return nullptr;
+    }
+    // Slices of at most 100 ms so that close() from another thread is seen promptly.
+    auto slice = std::min(deadline, Clock::now() + std::chrono::milliseconds(100));
+    int ev = poll_until(impl_->acceptor.native_handle(), POLLIN, slice);
+    if (ev == 0 && Clock::now() >= deadline) {
+      set_error("");
+      return nullptr;
+    }
+  }
+  boost::system::error_code ec;
+  impl->socket.non_blocking(true, ec);
+  impl->socket.set_option(tcp::no_delay(true), ec);
+  auto remote = impl->socket.remote_endpoint(ec);
+  impl->peer = ec ? std::string("?") : endpoint_text(remote);
+  std::unique_ptr<Connection> conn(new Connection(std::move(impl)));
+
+  // Hello exchange, bounded separately from the wait for a connection.
+  const int ht = impl_->hello_timeout_ms;
+  const std::string nonce = random_nonce();
+  try {
+    conn->send(make_server_hello(nonce, !secret.empty()), ht);
+    v1::Envelope env;
+    if (!conn->recv(&env, ht)) {
+      set_error("hello from " + conn->peer() + ": no ClientHello within " + std::to_string(ht) +
+                " ms");
+      return nullptr;
+    }
+    if (!env.has_client_hello()) {
+      conn->send(make_error(0, v1::BAD_FRAME, "expected ClientHello"), ht);
+      set_error("hello from " + conn->peer() + ": first frame is not a ClientHello");
+      return nullptr;
+    }
+    std::string why;
+    v1::ErrorCode code = v1::ERROR_CODE_UNSPECIFIED;
+    if (!check_client_hello(env.client_hello(), nonce, expected_role, secret, &why, &code)) {
+      conn->send(make_error(0, code, why), ht);
+      set_error("hello from " + conn->peer() + ": " + why);
+      return nullptr;
+    }
+    conn->impl_->peer_name = env.client_hello().name();
+    if (peer_name) *peer_name = env.client_hello().name();
+    v1::Envelope ok;
+    ok.set_version(kProtocolVersion);
+    ok.mutable_hello_accepted()->set_server(impl_->server_name);
+    conn->send(ok, ht);
+  } catch (const WireError& e) {
+    set_error(e.what());
+    return nullptr;
+  }
+  set_error("");
+  return conn;
+}
+
+}  // namespace mprefill::wire

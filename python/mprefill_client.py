@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""A small client of the mprefill service (standard library + protobuf).
+
+Speaks the coordinator's wire protocol (proto/envelope.proto): 4-byte little-endian
+length-prefixed protobuf Envelopes over TCP, the hello exchange with the optional
+HMAC-SHA256 proof, then SubmitJob / Progress / JobResult, CancelJob and StatusRequest.
+
+The Python message classes are generated from proto/*.proto by protoc (3.21, matching
+python3-protobuf 3.21): from $MPREFILL_PROTO_PY when set (e.g. build/proto/python, the
+`mprefill_proto_python` target), else into a cache folder on first use.
+
+Command line:
+    python3 python/mprefill_client.py --coordinator 127.0.0.1:7070 \\
+        --prompt-ids 1,450,4996 --decode 16 [--secret-file F] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import importlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 64 << 20
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROTO_DIR = os.path.join(ROOT, "proto")
+PROTO_FILES = ["common.proto", "client.proto", "worker.proto", "decoder.proto", "envelope.proto"]
+
+
+def _load_messages():
+    """Imports envelope_pb2 / common_pb2, generating them with protoc when needed."""
+    folder = os.environ.get("MPREFILL_PROTO_PY")
+    if not folder:
+        # A cache keyed by the .proto contents: regenerated when they change.
+        h = hashlib.sha256()
+        for f in PROTO_FILES:
+            with open(os.path.join(PROTO_DIR, f), "rb") as fh:
+                h.update(fh.read())
+        folder = os.path.join(tempfile.gettempdir(), "mprefill-proto-py-" + h.hexdigest()[:16])
+        if not os.path.exists(os.path.join(folder, "envelope_pb2.py")):
+            os.makedirs(folder, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=folder)
+            cmd = ["protoc", "-I", PROTO_DIR, "--python_out=" + tmp] + [
+                os.path.join(PROTO_DIR, f) for f in PROTO_FILES]
+            try:
+                subprocess.run(cmd, check=True, capture_output=True, text=True)
+            except FileNotFoundError:
+                raise RuntimeError("protoc not found: install protobuf-compiler "
+                                   "(launch/setup.sh) or set MPREFILL_PROTO_PY")
+            except subprocess.CalledProcessError as e:
+                raise RuntimeError("protoc failed: " + e.stderr.strip())
+            for name in os.listdir(tmp):  # atomic per file: concurrent clients agree
+                os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+            os.rmdir(tmp)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module("envelope_pb2"), importlib.import_module("common_pb2")
+
+
+pb, common = _load_messages()
+
+STATE_NAMES = {v: k for k, v in common.JobState.items()}
+ERROR_NAMES = {v: k for k, v in common.ErrorCode.items()}
+
+
+class ServiceError(Exception):
+    """An Error message of the coordinator (code name, message, job id)."""
+
+    def __init__(self, code: int, message: str, job_id: int = 0):
+        self.code = ERROR_NAMES.get(code, str(code))
+        self.message = message
+        self.job_id = job_id
+        super().__init__(f"{self.code}: {message}")
+
+
+class Client:
+    """One connection to the coordinator, as role CLIENT."""
+
+    def __init__(self, host: str, port: int, secret: bytes | None = None,
+                 timeout_s: float = 10.0, name: str = "mprefill-python"):
+        self.sock = socket.create_connection((host, port), timeout=timeout_s)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+        hello = self.recv(timeout_s)
+        if hello.WhichOneof("msg") == "error":
+            raise ServiceError(hello.error.code, hello.error.message)
+        if hello.WhichOneof("msg") != "server_hello":
+            raise RuntimeError("expected ServerHello, got " + str(hello.WhichOneof("msg")))
+        sh = hello.server_hello
+        if sh.version != PROTOCOL_VERSION:
+            raise RuntimeError(f"server speaks protocol {sh.version}, this client {PROTOCOL_VERSION}")
+        env = pb.Envelope(version=PROTOCOL_VERSION)
+        env.client_hello.version = PROTOCOL_VERSION
+        env.client_hello.role = common.CLIENT
+        env.client_hello.name = name
+        if sh.auth_required:
+            if not secret:
+                raise RuntimeError("the coordinator requires a secret (--secret-file)")
+            msg = sh.nonce + struct.pack("<I", common.CLIENT)
+            env.client_hello.proof = hmac.new(secret, msg, hashlib.sha256).digest()
+        self.send(env)
+        ack = self.recv(timeout_s)
+        kind = ack.WhichOneof("msg")
+        if kind == "error":
+            raise ServiceError(ack.error.code, ack.error.message)
+        if kind != "hello_accepted":
+            raise RuntimeError("expected HelloAccepted, got " + str(kind))
+
+    # ---- frames
+    def send(self, env) -> None:
+        if not env.version:
+            env.version = PROTOCOL_VERSION
+        body = env.SerializeToString()
+        self.sock.sendall(struct.pack("<I", len(body)) + body)
+
+    def recv(self, timeout_s: float):
+        """One Envelope; raises TimeoutError after timeout_s, ConnectionError on close."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if len(self.buf) >= 4:
+                (n,) = struct.unpack("<I", self.buf[:4])
+                if n > MAX_FRAME:
+                    raise ConnectionError(f"frame of {n} bytes exceeds {MAX_FRAME}")
+                if len(self.buf) >= 4 + n:
+                    env = pb.Envelope()
+                    env.ParseFromString(self.buf[4:4 + n])
+                    self.buf = self.buf[4 + n:]
+                    if env.version != PROTOCOL_VERSION:
+                        raise ConnectionError(f"protocol version {env.version}")
+                    return env
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no message within {timeout_s:.1f} s")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except socket.timeout:
+                raise TimeoutError(f"no message within {timeout_s:.1f} s")
+            if not chunk:
+                raise ConnectionError("coordinator closed the connection")
+            self.buf += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+    # ---- jobs
+    def submit(self, token_ids=None, text: str | None = None, decode_tokens: int = 0,
+               sparse: str = "dense", temperature: float = 0.0, top_p: float = 1.0,
+               seed: int = 0, stop_ids=(), want_progress: bool = True, tag: str = "",
+               timeout_s: float = 30.0) -> int:
+        """Submits a job; returns its id once accepted (raises ServiceError if refused)."""
+        env = pb.Envelope(version=PROTOCOL_VERSION)
+        s = env.submit
+        if token_ids is not None:
+            s.token_ids.extend(int(t) for t in token_ids)
+        if text is not None:
+            s.text = text
+        o = s.options
+        o.sparse = sparse
+        o.decode_tokens = decode_tokens
+        o.sampling.temperature = temperature
+        o.sampling.top_p = top_p
+        o.sampling.seed = seed
+        o.stop_ids.extend(stop_ids)
+        o.want_progress = want_progress
+        s.client_tag = tag
+        self.send(env)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            r = self.recv(max(0.01, deadline - time.monotonic()))
+            kind = r.WhichOneof("msg")
+            if kind == "accepted":
+                return r.accepted.job_id
+            if kind == "error":
+                raise ServiceError(r.error.code, r.error.message, r.error.job_id)
+
+    def follow(self, job_id: int, on_progress=None, timeout_s: float = 3600.0) -> dict:
+        """Waits for the job's result; on_progress(layer, n_layers, tokens_per_s, state)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            r = self.recv(max(0.01, deadline - time.monotonic()))
+            kind = r.WhichOneof("msg")
+            if kind == "progress" and r.progress.job_id == job_id:
+                if on_progress:
+                    p = r.progress
+                    on_progress(p.layer, p.n_layers, p.tokens_per_s, STATE_NAMES.get(p.state))
+            elif kind == "result" and r.result.job_id == job_id:
+                res = r.result
+                return {
+                    "job_id": res.job_id,
+                    "status": STATE_NAMES.get(res.state),
+                    "prompt_tokens": res.prompt_tokens,
+                    "first_token_id": res.first_token_id,
+                    "generated_ids": list(res.generated_ids),
+                    "text": res.text,
+                    "stopped_by": res.stopped_by,
+                    "ttft_ms": res.ttft_ms,
+                    "prefill_ms": res.prefill_ms,
+                    "decode_ms": res.decode_ms,
+                    "queue_ms": res.queue_ms,
+                    "kv_bytes_handed_off": res.kv_bytes_handed_off,
+                    "handoff_ms": res.handoff_ms,
+                }
+            elif kind == "error" and r.error.job_id in (0, job_id):
+                raise ServiceError(r.error.code, r.error.message, r.error.job_id)
+
+    def status(self, job_id: int = 0, timeout_s: float = 10.0) -> dict:
+        env = pb.Envelope(version=PROTOCOL_VERSION)
+        env.status_request.job_id = job_id
+        self.send(env)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            r = self.recv(max(0.01, deadline - time.monotonic()))
+            kind = r.WhichOneof("msg")
+            if kind == "status_reply":
+                sr = r.status_reply
+                return {
+                    "jobs": [{"job_id": j.job_id, "status": STATE_NAMES.get(j.state),
+                              "layer": j.layer, "n_layers": j.n_layers,
+                              "prompt_tokens": j.prompt_tokens, "error": j.error}
+                             for j in sr.jobs],
+                    "groups": [{"name": g.name, "tp": g.tp, "sp": g.sp, "busy": g.busy}
+                               for g in sr.groups],
+                    "decoders": [{"name": d.name, "endpoint": d.endpoint,
+                                  "active_jobs": d.active_jobs} for d in sr.decoders],
+                }
+            if kind == "error":
+                raise ServiceError(r.error.code, r.error.message, r.error.job_id)
+
+    def cancel(self, job_id: int, timeout_s: float = 10.0) -> str:
+        """Cancels a job; returns its state afterwards (e.g. "CANCELLED")."""
+        env = pb.Envelope(version=PROTOCOL_VERSION)
+        env.cancel.job_id = job_id
+        self.send(env)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            r = self.recv(max(0.01, deadline - time.monotonic()))
+            kind = r.WhichOneof("msg")
+            if kind == "status_reply" and r.status_reply.jobs:
+                return STATE_NAMES.get(r.status_reply.jobs[0].state)
+            if kind == "error" and r.error.code != common.CANCELLED_BY_CLIENT:
+                raise ServiceError(r.error.code, r.error.message, r.error.job_id)
+
+
+def _parse_hostport(text: str):
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got '{text}'")
+    return host, int(port)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Submit a job to an mprefill coordinator and follow it.")
+    ap.add_argument("--coordinator", required=True, type=_parse_hostport, help="HOST:PORT")
+    ap.add_argument("--secret-file", help="shared secret of the service")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt-ids", help="comma-separated token ids")
+    src.add_argument("--text", help="text prompt (needs the coordinator's --tokenizer)")
+    ap.add_argument("--decode", type=int, default=0, help="tokens decoded after the first one")
+    ap.add_argument("--sparse", default="dense")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout-s", type=float, default=3600.0)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    a = ap.parse_args(argv)
+    secret = None
+    if a.secret_file:
+        with open(a.secret_file, "rb") as f:
+            secret = f.read().rstrip(b" \t\r\n")
+    ids = None
+    if a.prompt_ids is not None:
+        try:
+            ids = [int(x) for x in a.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            print("mprefill_client: error: --prompt-ids expects integers", file=sys.stderr)
+            return 2
+    tty = sys.stderr.isatty() and not a.json
+    try:
+        c = Client(*a.coordinator, secret=secret)
+        job = c.submit(token_ids=ids, text=a.text, decode_tokens=a.decode, sparse=a.sparse,
+                       temperature=a.temperature, top_p=a.top_p, seed=a.seed, want_progress=tty)
+
+        def bar(layer, n, tps, state):
+            print(f"\rjob {job} {state} layer {layer}/{n} {tps:.0f} tok/s ", end="",
+                  file=sys.stderr, flush=True)
+
+        res = c.follow(job, on_progress=bar if tty else None, timeout_s=a.timeout_s)
+        if tty:
+            print(file=sys.stderr)
+    except ServiceError as e:
+        if a.json:
+            print(json.dumps({"job_id": e.job_id, "status": "FAILED", "error_code": e.code,
+                              "error": e.message}))
+        print(f"mprefill_client: error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError, TimeoutError, ConnectionError) as e:
+        print(f"mprefill_client: error: {e}", file=sys.stderr)
+        return 1
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print(res["text"] if res["text"] else ",".join(map(str, res["generated_ids"])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

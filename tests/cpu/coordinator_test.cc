@@ -1,0 +1,755 @@
+// The real coordinator over loopback TCP. Worker groups and decoders here are protocol
+// peers driven by the test through wire::Connection (the real binaries run in
+// tests/service/): registration, contract refusal, job validation, admission with the
+// numbers, the full job state machine, cancel in each state, heartbeat loss, client
+// disconnect, bad frames, auth and the metrics endpoint.
+#include "coordinator/coordinator.h"
+
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "coordinator/planner.h"
+#include "proto/wire.h"
+#include "worker/sparse_policy.h"
+
+namespace w = mprefill::wire;
+namespace v1 = mprefill::v1;
+using mprefill::coord::Coordinator;
+using mprefill::coord::CoordinatorOptions;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr int kTimeout = 5000;
+
+v1::KvContract contract(const std::string& digest = "d1gest", v1::DType dt = v1::F32) {
+  v1::KvContract k;
+  auto* m = k.mutable_model();
+  m->set_name("stories15M");
+  m->set_n_layers(6);
+  m->set_hidden(288);
+  m->set_n_heads(6);
+  m->set_n_kv_heads(6);
+  m->set_head_dim(48);
+  m->set_vocab(32000);
+  m->set_max_position(256);
+  m->set_weights_digest(digest);
+  k.set_kv_dtype(dt);
+  k.set_layout("token-major");
+  k.set_page_tokens(64);
+  return k;
+}
+// 2 x 6 layers x 6 kv heads x 48 x 4 bytes
+constexpr uint64_t kKvPerToken = 2 * 6 * 6 * 48 * 4;
+
+CoordinatorOptions test_options() {
+  CoordinatorOptions o;
+  o.port = 0;
+  o.metrics_port = 0;
+  o.log = false;
+  o.heartbeat_ms = 100;
+  o.heartbeat_timeout_ms = 5000;
+  o.ready_timeout_ms = 5000;
+  o.cancel_grace_ms = 2000;
+  return o;
+}
+
+std::unique_ptr<w::Connection> dial(const Coordinator& c, v1::Role role, const std::string& name,
+                                    const std::string& secret = "") {
+  auto conn = w::Connection::connect("127.0.0.1", c.port(), kTimeout);
+  conn->client_handshake(role, name, secret, kTimeout);
+  return conn;
+}
+
+v1::Envelope recv_one(w::Connection& c, int timeout_ms = kTimeout) {
+  v1::Envelope env;
+  if (!c.recv(&env, timeout_ms)) throw std::runtime_error("no message within timeout");
+  return env;
+}
+
+// Next message for which pred holds; others (e.g. Progress) are skipped.
+v1::Envelope recv_until(w::Connection& c, const std::function<bool(const v1::Envelope&)>& pred,
+                        int timeout_ms = kTimeout) {
+  const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+  while (Clock::now() < deadline) {
+    v1::Envelope env;
+    if (c.recv(&env, 100) && pred(env)) return env;
+  }
+  throw std::runtime_error("expected message did not arrive");
+}
+
+void send(w::Connection& c, const v1::Envelope& env) { c.send(env, kTimeout); }
+
+// A worker group peer: registers, heartbeats from a thread until stopped.
+struct GroupPeer {
+  std::unique_ptr<w::Connection> conn;
+  std::atomic<bool> beat{true};
+  std::thread hb;
+  std::mutex send_mu;
+
+  GroupPeer(const Coordinator& c, const std::string& name, int tp, int sp, uint64_t free_mem = 0,
+            const v1::KvContract& kv = contract()) {
+    conn = dial(c, v1::WORKER, name);
+    v1::Envelope env;
+    auto* r = env.mutable_worker_register();
+    r->set_group(name);
+    r->set_world(tp * sp);
+    r->set_tp(tp);
+    r->set_sp(sp);
+    for (int i = 0; i < tp * sp; ++i) {
+      auto* ri = r->add_ranks();
+      ri->set_rank(i);
+      ri->set_device("cpu");
+      ri->set_free_memory_bytes(free_mem);
+    }
+    *r->mutable_kv() = kv;
+    r->add_kv_transports("tcp");
+    send(*conn, env);
+  }
+  // After a successful registration: heartbeat every 50 ms.
+  void start_heartbeat() {
+    hb = std::thread([this] {
+      uint64_t seq = 0;
+      while (beat) {
+        v1::Envelope e;
+        e.mutable_heartbeat()->set_seq(++seq);
+        try {
+          std::lock_guard<std::mutex> lk(send_mu);
+          conn->send(e, 1000);
+        } catch (const std::exception&) {
+          return;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+    });
+  }
+  void send_msg(const v1::Envelope& e) {
+    std::lock_guard<std::mutex> lk(send_mu);
+    conn->send(e, kTimeout);
+  }
+  void stop() {
+    beat = false;
+    if (hb.joinable()) hb.join();
+  }
+  ~GroupPeer() { stop(); }
+};
+
+struct DecoderPeer {
+  std::unique_ptr<w::Connection> conn;
+  std::atomic<bool> beat{true};
+  std::thread hb;
+  std::mutex send_mu;
+  DecoderPeer(const Coordinator& c, const std::string& name, uint64_t capacity,
+              const v1::KvContract& kv = contract(), int max_jobs = 0) {
+    conn = dial(c, v1::DECODER, name);
+    v1::Envelope env;
+    auto* r = env.mutable_decoder_register();
+    r->set_name(name);
+    r->set_host("127.0.0.1");
+    r->set_kv_port(45678);
+    r->set_capacity_bytes(capacity);
+    r->set_max_jobs(max_jobs);
+    *r->mutable_kv() = kv;
+    r->add_kv_transports("tcp");
+    send(*conn, env);
+  }
+  void start_heartbeat() {
+    hb = std::thread([this] {
+      while (beat) {
+        v1::Envelope e;
+        e.mutable_heartbeat()->set_seq(1);
+        try {
+          std::lock_guard<std::mutex> lk(send_mu);
+          conn->send(e, 1000);
+        } catch (const std::exception&) {
+          return;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+    });
+  }
+  void send_msg(const v1::Envelope& e) {
+    std::lock_guard<std::mutex> lk(send_mu);
+    conn->send(e, kTimeout);
+  }
+  ~DecoderPeer() {
+    beat = false;
+    if (hb.joinable()) hb.join();
+  }
+};
+
+// Group + decoder registered and heartbeating.
+struct Service {
+  Coordinator coord;
+  std::unique_ptr<GroupPeer> group;
+  std::unique_ptr<DecoderPeer> dec;
+  explicit Service(CoordinatorOptions o = test_options(), int tp = 1, int sp = 2,
+                   uint64_t capacity = uint64_t{1} << 30)
+      : coord(o) {
+    coord.start();
+    group = std::make_unique<GroupPeer>(coord, "g0", tp, sp);
+    auto r = recv_one(*group->conn);
+    EXPECT_TRUE(r.has_worker_registered()) << r.DebugString();
+    group->start_heartbeat();
+    dec = std::make_unique<DecoderPeer>(coord, "d0", capacity);
+    r = recv_one(*dec->conn);
+    EXPECT_TRUE(r.has_decoder_registered()) << r.DebugString();
+    dec->start_heartbeat();
+  }
+};
+
+v1::Envelope submit(std::vector<int> ids, int decode = 4, bool progress = false) {
+  v1::Envelope env;
+  auto* s = env.mutable_submit();
+  for (int id : ids) s->add_token_ids(id);
+  s->mutable_options()->set_decode_tokens(decode);
+  s->mutable_options()->set_want_progress(progress);
+  s->set_client_tag("t");
+  return env;
+}
+
+std::vector<int> prompt(int n) {
+  std::vector<int> v(n);
+  for (int i = 0; i < n; ++i) v[i] = 1 + (i * 37) % 31999;
+  return v;
+}
+
+// Status of one job as seen by a fresh client.
+v1::JobStatus job_status(const Coordinator& c, uint64_t id) {
+  auto cl = dial(c, v1::CLIENT, "status");
+  v1::Envelope env;
+  env.mutable_status_request()->set_job_id(id);
+  send(*cl, env);
+  auto r = recv_one(*cl);
+  if (!r.has_status_reply() || r.status_reply().jobs_size() != 1)
+    throw std::runtime_error("bad status reply: " + r.DebugString());
+  return r.status_reply().jobs(0);
+}
+
+std::string http_get(uint16_t port, const std::string& path) {
+  // The blocking Connection speaks frames; HTTP needs raw bytes: use a bare socket.
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+    ::close(fd);
+    throw std::runtime_error("cannot connect to the metrics port");
+  }
+  timeval tv{5, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  const std::string req = "GET " + path + " HTTP/1.0\r\nHost: x\r\n\r\n";
+  (void)!::write(fd, req.data(), req.size());
+  std::string out;
+  char buf[4096];
+  for (;;) {
+    ssize_t n = ::read(fd, buf, sizeof(buf));
+    if (n <= 0) break;
+    out.append(buf, n);
+  }
+  ::close(fd);
+  return out;
+}
+
+double metric(const std::string& text, const std::string& series) {
+  const size_t p = text.find("\n" + series + " ");
+  if (p == std::string::npos) throw std::runtime_error("no series " + series);
+  return std::stod(text.substr(p + series.size() + 2));
+}
+
+}  // namespace
+
+TEST(Coordinator, RegistersGroupsAndDecodersAndReportsThem) {
+  Service s;
+  GroupPeer g2(s.coord, "g1", 2, 2);
+  ASSERT_TRUE(recv_one(*g2.conn).has_worker_registered());
+  g2.start_heartbeat();
+  auto cl = dial(s.coord, v1::CLIENT, "cli");
+  v1::Envelope env;
+  env.mutable_status_request();
+  send(*cl, env);
+  auto r = recv_one(*cl);
+  ASSERT_TRUE(r.has_status_reply());
+  ASSERT_EQ(r.status_reply().groups_size(), 2);
+  EXPECT_EQ(r.status_reply().groups(0).name(), "g0");
+  EXPECT_EQ(r.status_reply().groups(1).tp(), 2);
+  EXPECT_EQ(r.status_reply().groups(1).sp(), 2);
+  ASSERT_EQ(r.status_reply().decoders_size(), 1);
+  EXPECT_EQ(r.status_reply().decoders(0).endpoint(), "127.0.0.1:45678");
+  // A second group with a live name is refused.
+  GroupPeer dup(s.coord, "g1", 1, 1);
+  auto e = recv_one(*dup.conn);
+  ASSERT_TRUE(e.has_error());
+  EXPECT_EQ(e.error().code(), v1::INVALID_ARGUMENT);
+  EXPECT_NE(e.error().message().find("already registered"), std::string::npos);
+  // A group whose tp does not divide the KV heads is refused.
+  GroupPeer bad_tp(s.coord, "g4", 4, 1);
+  e = recv_one(*bad_tp.conn);
+  ASSERT_TRUE(e.has_error());
+  EXPECT_NE(e.error().message().find("does not divide"), std::string::npos) << e.DebugString();
+}
+
+TEST(Coordinator, RefusesADecoderWhoseContractDiffers) {
+  Service s;
+  DecoderPeer other(s.coord, "d-other", 1 << 30, contract("0ther"));
+  auto e = recv_one(*other.conn);
+  ASSERT_TRUE(e.has_error()) << e.DebugString();
+  EXPECT_EQ(e.error().code(), v1::MODEL_MISMATCH);
+  EXPECT_NE(e.error().message().find("weights digest: d1gest vs 0ther"), std::string::npos)
+      << e.error().message();
+  v1::Envelope after;
+  EXPECT_THROW(other.conn->recv(&after, 2000), w::WireError);  // closed by the coordinator
+
+  DecoderPeer bf16(s.coord, "d-bf16", 1 << 30, contract("d1gest", v1::BF16));
+  e = recv_one(*bf16.conn);
+  ASSERT_TRUE(e.has_error());
+  EXPECT_EQ(e.error().code(), v1::MODEL_MISMATCH);
+  EXPECT_NE(e.error().message().find("kv_dtype: F32 vs BF16"), std::string::npos);
+
+  DecoderPeer same(s.coord, "d1", 1 << 30);
+  EXPECT_TRUE(recv_one(*same.conn).has_decoder_registered());
+}
+
+TEST(Coordinator, ValidatesJobsWithClearErrors) {
+  {
+    Coordinator bare(test_options());
+    bare.start();
+    auto cl = dial(bare, v1::CLIENT, "cli");
+    send(*cl, submit(prompt(5)));
+    auto e = recv_one(*cl);
+    ASSERT_TRUE(e.has_error());
+    EXPECT_EQ(e.error().code(), v1::UNAVAILABLE);
+    EXPECT_NE(e.error().message().find("no worker group"), std::string::npos);
+  }
+  CoordinatorOptions o = test_options();
+  o.max_prompt = 200;
+  Service s(o);
+  auto cl = dial(s.coord, v1::CLIENT, "cli");
+  struct Case {
+    v1::Envelope env;
+    v1::ErrorCode code;
+    std::string text;
+  };
+  std::vector<Case> cases;
+  cases.push_back({submit({}), v1::INVALID_ARGUMENT, "prompt is empty"});
+  cases.push_back({submit({5, 32000, 7}), v1::INVALID_ARGUMENT,
+                   "token id 32000 at position 1 is outside [0, 32000)"});
+  cases.push_back({submit({5, -1}), v1::INVALID_ARGUMENT, "token id -1 at position 1"});
+  cases.push_back(
+      {submit(prompt(201)), v1::INVALID_ARGUMENT,
+       "prompt of 201 tokens exceeds the limit of 200 (the coordinator's --max-prompt 200)"});
+  cases.push_back(
+      {submit(prompt(150), 150), v1::INVALID_ARGUMENT, "exceeds the model's max_position 256"});
+  {
+    v1::Envelope t;
+    t.mutable_submit()->set_text("Once upon a time");
+    cases.push_back({t, v1::INVALID_ARGUMENT, "text prompts need a tokenizer"});
+  }
+  {
+    auto t = submit(prompt(5));
+    t.mutable_submit()->set_model("llama3-8b");
+    cases.push_back({t, v1::MODEL_MISMATCH, "job asks for model 'llama3-8b'"});
+  }
+  {
+    auto t = submit(prompt(5));
+    t.mutable_submit()->mutable_options()->mutable_sampling()->set_top_p(1.5f);
+    cases.push_back({t, v1::INVALID_ARGUMENT, "top_p must be in [0, 1]"});
+  }
+  {
+    auto t = submit(prompt(5));
+    t.mutable_submit()->mutable_options()->set_group("nope");
+    cases.push_back({t, v1::INVALID_ARGUMENT, "no worker group named 'nope'"});
+  }
+  {
+    auto t = submit(prompt(5));
+    t.mutable_submit()->mutable_options()->set_sparse("/nonexistent/config.json");
+    cases.push_back({t, v1::INVALID_ARGUMENT, "sparse policy"});
+  }
+  for (const auto& c : cases) {
+    send(*cl, c.env);
+    auto e = recv_one(*cl);
+    ASSERT_TRUE(e.has_error()) << e.DebugString();
+    EXPECT_EQ(e.error().code(), c.code) << e.error().message();
+    EXPECT_NE(e.error().message().find(c.text), std::string::npos) << e.error().message();
+  }
+  // The connection and the service are fine afterwards: a valid job is accepted.
+  send(*cl, submit(prompt(5)));
+  auto a = recv_one(*cl);
+  ASSERT_TRUE(a.has_accepted()) << a.DebugString();
+  EXPECT_EQ(a.accepted().prompt_tokens(), 5);
+}
+
+TEST(Coordinator, AdmissionRefusesWithTheNumbers) {
+  // Decoder room for 40 tokens of KV.
+  Service s(test_options(), 1, 2, 40 * kKvPerToken);
+  auto cl = dial(s.coord, v1::CLIENT, "cli");
+  send(*cl, submit(prompt(41)));
+  auto e = recv_one(*cl);
+  ASSERT_TRUE(e.has_error());
+  EXPECT_EQ(e.error().code(), v1::RESOURCE_EXHAUSTED);
+  const std::string need = std::to_string(41 * kKvPerToken);
+  const std::string cap = std::to_string(40 * kKvPerToken);
+  EXPECT_NE(e.error().message().find(need + " bytes"), std::string::npos) << e.error().message();
+  EXPECT_NE(e.error().message().find(cap + " bytes"), std::string::npos) << e.error().message();
+  send(*cl, submit(prompt(40)));
+  EXPECT_TRUE(recv_one(*cl).has_accepted());
+
+  // A group whose rank 1 has too little free memory for the activation estimate.
+  Coordinator c2(test_options());
+  c2.start();
+  GroupPeer small(c2, "small", 1, 2, /*free_mem=*/100000);
+  ASSERT_TRUE(recv_one(*small.conn).has_worker_registered());
+  small.start_heartbeat();
+  DecoderPeer d(c2, "d", 1 << 30);
+  ASSERT_TRUE(recv_one(*d.conn).has_decoder_registered());
+  d.start_heartbeat();
+  auto cl2 = dial(c2, v1::CLIENT, "cli");
+  send(*cl2, submit(prompt(200)));
+  e = recv_one(*cl2);
+  ASSERT_TRUE(e.has_error());
+  EXPECT_EQ(e.error().code(), v1::RESOURCE_EXHAUSTED);
+  const uint64_t need2 = mprefill::coord::rank_bytes_estimate(contract(), 200, 1, 2);
+  EXPECT_NE(e.error().message().find(std::to_string(need2) + " bytes"), std::string::npos)
+      << e.error().message();
+  EXPECT_NE(e.error().message().find("rank 0 has"), std::string::npos) << e.error().message();
+  EXPECT_NE(e.error().message().find("100000 bytes"), std::string::npos) << e.error().message();
+}
+
+TEST(Coordinator, RunsAJobThroughEveryState) {
+  Service s(test_options(), 1, 2);
+  auto cl = dial(s.coord, v1::CLIENT, "cli");
+  const auto ids = prompt(150);
+  send(*cl, submit(ids, 4, /*progress=*/true));
+  auto a = recv_until(*cl, [](auto& e) { return e.has_accepted() || e.has_error(); });
+  ASSERT_TRUE(a.has_accepted()) << a.DebugString();
+  const uint64_t id = a.accepted().job_id();
+
+  auto ex = recv_until(*s.dec->conn, [](auto& e) { return e.has_expect(); });
+  EXPECT_EQ(ex.expect().job_id(), id);
+  EXPECT_EQ(ex.expect().prompt_tokens(), 150);
+  EXPECT_EQ(ex.expect().kv_bytes(), 150 * kKvPerToken);
+  EXPECT_EQ(ex.expect().senders(), 2);
+  EXPECT_EQ(ex.expect().decode_tokens(), 4);
+  EXPECT_EQ(job_status(s.coord, id).state(), v1::RUNNING);
+
+  v1::Envelope ready;
+  ready.mutable_ready()->set_job_id(id);
+  s.dec->send_msg(ready);
+  auto as = recv_until(*s.group->conn, [](auto& e) { return e.has_assignment(); });
+  const auto& asg = as.assignment();
+  EXPECT_EQ(asg.job_id(), id);
+  ASSERT_EQ(asg.token_ids_size(), 150);
+  EXPECT_EQ(asg.token_ids(149), ids[149]);
+  EXPECT_EQ(asg.decoder().host(), "127.0.0.1");
+  EXPECT_EQ(asg.decoder().port(), 45678u);
+  EXPECT_EQ(asg.decoder().transport(), "tcp");
+  // The sp shards cover [0, 150) exactly once; the tp heads are all 6.
+  ASSERT_EQ(asg.plan().sp_shards_size(), 2);
+  std::vector<int> cover(150, 0);
+  for (const auto& sh : asg.plan().sp_shards())
+    for (const auto& r : sh.ranges())
+      for (int64_t t = r.begin(); t < r.end(); ++t) ++cover.at(t);
+  for (int t = 0; t < 150; ++t) ASSERT_EQ(cover[t], 1) << t;
+  ASSERT_EQ(asg.plan().tp_heads_size(), 1);
+  EXPECT_EQ(asg.plan().tp_heads(0).kv_heads_size(), 6);
+
+  for (int layer = 1; layer <= 6; ++layer) {
+    v1::Envelope p;
+    p.mutable_worker_progress()->set_job_id(id);
+    p.mutable_worker_progress()->set_layer(layer);
+    p.mutable_worker_progress()->set_n_layers(6);
+    s.group->send_msg(p);
+    auto pr =
+        recv_until(*cl, [&](auto& e) { return e.has_progress() && e.progress().layer() == layer; });
+    EXPECT_EQ(pr.progress().n_layers(), 6);
+    EXPECT_EQ(pr.progress().state(), v1::RUNNING);
+    EXPECT_GT(pr.progress().tokens_per_s(), 0);
+  }
+  v1::Envelope done;
+  auto* wd = done.mutable_worker_done();
+  wd->set_job_id(id);
+  wd->set_first_token_id(306);
+  wd->set_kv_bytes(150 * kKvPerToken);
+  wd->set_handoff_ms(3.5);
+  wd->set_prefill_ms(20);
+  s.group->send_msg(done);
+  auto sd = recv_until(*s.dec->conn, [](auto& e) { return e.has_start_decode(); });
+  EXPECT_EQ(sd.start_decode().job_id(), id);
+  EXPECT_EQ(sd.start_decode().first_token_id(), 306);
+  EXPECT_EQ(job_status(s.coord, id).state(), v1::HANDING_OFF);
+
+  v1::Envelope dd;
+  auto* d = dd.mutable_decode_done();
+  d->set_job_id(id);
+  for (int t : {306, 263, 1407, 931, 13}) d->add_generated_ids(t);
+  d->set_stopped_by("length");
+  d->set_decode_ms(7);
+  s.dec->send_msg(dd);
+  auto res = recv_until(*cl, [](auto& e) { return e.has_result() || e.has_error(); });
+  ASSERT_TRUE(res.has_result()) << res.DebugString();
+  const auto& r = res.result();
+  EXPECT_EQ(r.state(), v1::DONE);
+  EXPECT_EQ(r.first_token_id(), 306);
+  ASSERT_EQ(r.generated_ids_size(), 5);
+  EXPECT_EQ(r.generated_ids(2), 1407);
+  EXPECT_EQ(r.kv_bytes_handed_off(), 150 * kKvPerToken);
+  EXPECT_DOUBLE_EQ(r.handoff_ms(), 3.5);
+  EXPECT_GT(r.ttft_ms(), 0);
+  EXPECT_EQ(r.client_tag(), "t");
+  EXPECT_EQ(job_status(s.coord, id).state(), v1::DONE);
+
+  const std::string m = s.coord.metrics_text();
+  EXPECT_EQ(metric(m, "mprefill_jobs_finished_total{state=\"done\"}"), 1);
+  EXPECT_EQ(metric(m, "mprefill_kv_bytes_handed_off_total"), 150.0 * kKvPerToken);
+  EXPECT_EQ(metric(m, "mprefill_ttft_seconds_count"), 1);
+  EXPECT_EQ(metric(m, "mprefill_jobs{state=\"running\"}"), 0);
+}
+
+TEST(Coordinator, QueuesAndCancelsInEveryState) {
+  Service s;
+  auto cl = dial(s.coord, v1::CLIENT, "cli");
+  send(*cl, submit(prompt(20)));
+  const uint64_t j1 = recv_until(*cl, [](auto& e) { return e.has_accepted(); }).accepted().job_id();
+  send(*cl, submit(prompt(30)));
+  auto a2 = recv_until(*cl, [](auto& e) { return e.has_accepted(); });
+  const uint64_t j2 = a2.accepted().job_id();
+  EXPECT_EQ(a2.accepted().queue_position(), 0);  // j1 left the queue already
+  EXPECT_EQ(job_status(s.coord, j2).state(), v1::QUEUED);
+  EXPECT_EQ(metric(s.coord.metrics_text(), "mprefill_queue_length"), 1);
+
+  // Cancel the queued job from another client: dropped, never reaches the decoder.
+  auto other = dial(s.coord, v1::CLIENT, "other");
+  v1::Envelope c;
+  c.mutable_cancel()->set_job_id(j2);
+  send(*other, c);
+  auto st = recv_one(*other);
+  ASSERT_TRUE(st.has_status_reply());
+  EXPECT_EQ(st.status_reply().jobs(0).state(), v1::CANCELLED);
+  auto err = recv_until(*cl, [&](auto& e) { return e.has_error() && e.error().job_id() == j2; });
+  EXPECT_EQ(err.error().code(), v1::CANCELLED_BY_CLIENT);
+
+  // j1 is RUNNING: Ready -> Assignment, then cancel: CancelJob to the group, Release to
+  // the decoder.
+  auto ex = recv_until(*s.dec->conn, [](auto& e) { return e.has_expect(); });
+  EXPECT_EQ(ex.expect().job_id(), j1);
+  v1::Envelope ready;
+  ready.mutable_ready()->set_job_id(j1);
+  s.dec->send_msg(ready);
+  recv_until(*s.group->conn, [](auto& e) { return e.has_assignment(); });
+  c.mutable_cancel()->set_job_id(j1);
+  send(*cl, c);
+  auto cj = recv_until(*s.group->conn, [](auto& e) { return e.has_cancel(); });
+  EXPECT_EQ(cj.cancel().job_id(), j1);
+  auto rel = recv_until(*s.dec->conn, [](auto& e) { return e.has_release(); });
+  EXPECT_EQ(rel.release().job_id(), j1);
+  EXPECT_EQ(job_status(s.coord, j1).state(), v1::CANCELLED);
+
+  // The group ends the cancelled job; the next job runs, reaches HANDING_OFF, and is
+  // cancelled there (Release to the decoder).
+  v1::Envelope wf;
+  wf.mutable_worker_failed()->set_job_id(j1);
+  wf.mutable_worker_failed()->set_message("cancelled");
+  s.group->send_msg(wf);
+  send(*cl, submit(prompt(10)));
+  const uint64_t j3 = recv_until(*cl, [](auto& e) { return e.has_accepted(); }).accepted().job_id();
+  recv_until(*s.dec->conn, [&](auto& e) { return e.has_expect() && e.expect().job_id() == j3; });
+  ready.mutable_ready()->set_job_id(j3);
+  s.dec->send_msg(ready);
+  recv_until(*s.group->conn,
+             [&](auto& e) { return e.has_assignment() && e.assignment().job_id() == j3; });
+  v1::Envelope done;
+  done.mutable_worker_done()->set_job_id(j3);
+  done.mutable_worker_done()->set_first_token_id(5);
+  s.group->send_msg(done);
+  recv_until(*s.dec->conn, [](auto& e) { return e.has_start_decode(); });
+  c.mutable_cancel()->set_job_id(j3);
+  send(*cl, c);
+  rel = recv_until(*s.dec->conn, [](auto& e) { return e.has_release(); });
+  EXPECT_EQ(rel.release().job_id(), j3);
+  EXPECT_EQ(job_status(s.coord, j3).state(), v1::CANCELLED);
+  // Unknown job.
+  c.mutable_cancel()->set_job_id(999);
+  send(*cl, c);
+  auto nf = recv_until(*cl, [](auto& e) { return e.has_error() && e.error().job_id() == 999; });
+  EXPECT_EQ(nf.error().code(), v1::NOT_FOUND);
+  const std::string m = s.coord.metrics_text();
+  EXPECT_EQ(metric(m, "mprefill_jobs_finished_total{state=\"cancelled\"}"), 3);
+}
+
+TEST(Coordinator, ClientDisconnectCancelsItsJobs) {
+  Service s;
+  uint64_t id;
+  {
+    auto cl = dial(s.coord, v1::CLIENT, "leaver");
+    send(*cl, submit(prompt(20)));
+    id = recv_until(*cl, [](auto& e) { return e.has_accepted(); }).accepted().job_id();
+    recv_until(*s.dec->conn, [](auto& e) { return e.has_expect(); });
+    v1::Envelope ready;
+    ready.mutable_ready()->set_job_id(id);
+    s.dec->send_msg(ready);
+    recv_until(*s.group->conn, [](auto& e) { return e.has_assignment(); });
+  }  // the client goes away mid-job
+  auto cj = recv_until(*s.group->conn, [](auto& e) { return e.has_cancel(); });
+  EXPECT_EQ(cj.cancel().job_id(), id);
+  auto rel = recv_until(*s.dec->conn, [](auto& e) { return e.has_release(); });
+  EXPECT_EQ(rel.release().job_id(), id);
+  EXPECT_EQ(job_status(s.coord, id).state(), v1::CANCELLED);
+
+  // A detached job (submit --no-wait) outlives its client.
+  uint64_t kept;
+  {
+    auto cl = dial(s.coord, v1::CLIENT, "detacher");
+    auto env = submit(prompt(20));
+    env.mutable_submit()->set_detach(true);
+    send(*cl, env);
+    kept = recv_until(*cl, [](auto& e) { return e.has_accepted(); }).accepted().job_id();
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const auto st = job_status(s.coord, kept).state();
+  EXPECT_TRUE(st == v1::QUEUED || st == v1::RUNNING) << v1::JobState_Name(st);
+}
+
+TEST(Coordinator, SilentGroupFailsItsJob) {
+  CoordinatorOptions o = test_options();
+  o.heartbeat_timeout_ms = 1000;
+  Service s(o);
+  auto cl = dial(s.coord, v1::CLIENT, "cli");
+  send(*cl, submit(prompt(20)));
+  const uint64_t id = recv_until(*cl, [](auto& e) { return e.has_accepted(); }).accepted().job_id();
+  recv_until(*s.dec->conn, [](auto& e) { return e.has_expect(); });
+  v1::Envelope ready;
+  ready.mutable_ready()->set_job_id(id);
+  s.dec->send_msg(ready);
+  recv_until(*s.group->conn, [](auto& e) { return e.has_assignment(); });
+  s.group->stop();  // the group stops heartbeating (hangs)
+  auto e = recv_until(
+      *cl, [](auto& e) { return e.has_error(); }, 6000);
+  EXPECT_EQ(e.error().job_id(), id);
+  EXPECT_EQ(e.error().code(), v1::WORKER_FAILED);
+  EXPECT_NE(e.error().message().find("heartbeat timeout"), std::string::npos)
+      << e.error().message();
+  recv_until(*s.dec->conn, [](auto& e) { return e.has_release(); });
+  EXPECT_EQ(job_status(s.coord, id).state(), v1::FAILED);
+}
+
+TEST(Coordinator, BadFramesCloseOnlyThatConnection) {
+  Service s;
+  auto keep = dial(s.coord, v1::CLIENT, "keep");
+  const std::vector<std::string> junk = {
+      std::string("\x05\x00\x00\x00garba", 9),  // unparsable envelope
+      std::string("\xff\xff\xff\x7f", 4),       // 2 GiB length: over the maximum
+      w::encode_frame([] {                      // a worker message from a client
+        v1::Envelope e;
+        e.mutable_worker_done()->set_job_id(1);
+        return e;
+      }()),
+  };
+  for (const auto& bytes : junk) {
+    auto bad = dial(s.coord, v1::CLIENT, "bad");
+    bad->send_frame(bytes, kTimeout);
+    auto e = recv_one(*bad);
+    ASSERT_TRUE(e.has_error()) << e.DebugString();
+    EXPECT_EQ(e.error().code(), v1::BAD_FRAME);
+    v1::Envelope more;
+    EXPECT_THROW(bad->recv(&more, 2000), w::WireError);
+  }
+  // Garbage before the hello.
+  {
+    auto raw = w::Connection::connect("127.0.0.1", s.coord.port(), kTimeout);
+    raw->send_frame(std::string("\x03\x00\x00\x00xyz", 7), kTimeout);
+    v1::Envelope env;
+    ASSERT_TRUE(raw->recv(&env, kTimeout));  // the ServerHello
+    EXPECT_TRUE(env.has_server_hello());
+    ASSERT_TRUE(raw->recv(&env, kTimeout));
+    EXPECT_TRUE(env.has_error());
+  }
+  // The service and the other connections are unaffected.
+  send(*keep, submit(prompt(8)));
+  EXPECT_TRUE(recv_until(*keep, [](auto& e) { return e.has_accepted(); }).has_accepted());
+  EXPECT_GE(metric(s.coord.metrics_text(), "mprefill_bad_frames_total"), 4);
+}
+
+TEST(Coordinator, SecretIsRequiredWhenConfigured) {
+  CoordinatorOptions o = test_options();
+  o.secret = "s3cret-value";
+  Coordinator c(o);
+  c.start();
+  EXPECT_NO_THROW(dial(c, v1::CLIENT, "ok", "s3cret-value"));
+  try {
+    dial(c, v1::CLIENT, "wrong", "other");
+    FAIL() << "wrong secret accepted";
+  } catch (const w::WireError& e) {
+    EXPECT_EQ(e.kind(), w::WireError::Kind::kAuth);
+    EXPECT_NE(std::string(e.what()).find("wrong proof"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(dial(c, v1::CLIENT, "none", ""), w::WireError);
+}
+
+TEST(Coordinator, ServesPrometheusMetricsOverHttp) {
+  Service s;
+  auto cl = dial(s.coord, v1::CLIENT, "cli");
+  send(*cl, submit(prompt(12)));
+  recv_until(*cl, [](auto& e) { return e.has_accepted(); });
+  send(*cl, submit({}));
+  recv_until(*cl, [](auto& e) { return e.has_error(); });
+  ASSERT_GT(s.coord.metrics_port(), 0);
+  const std::string r = http_get(s.coord.metrics_port(), "/metrics");
+  ASSERT_EQ(r.rfind("HTTP/1.0 200 OK\r\n", 0), 0u) << r.substr(0, 200);
+  const std::string body = r.substr(r.find("\r\n\r\n") + 4);
+  EXPECT_EQ(metric(body, "mprefill_jobs{state=\"running\"}"), 1);
+  EXPECT_EQ(metric(body, "mprefill_jobs_refused_total"), 1);
+  EXPECT_EQ(metric(body, "mprefill_decoders"), 1);
+  EXPECT_EQ(metric(body, "mprefill_worker_groups{busy=\"true\"}"), 1);
+  EXPECT_NE(body.find("# TYPE mprefill_ttft_seconds histogram"), std::string::npos);
+  EXPECT_NE(body.find("mprefill_ttft_seconds_bucket{le=\"+Inf\"} 0"), std::string::npos);
+  EXPECT_EQ(http_get(s.coord.metrics_port(), "/other").rfind("HTTP/1.0 404", 0), 0u);
+}
+
+TEST(Planner, ValidUtf8ReplacesBrokenSequences) {
+  using mprefill::coord::valid_utf8;
+  EXPECT_EQ(valid_utf8("plain ascii"), "plain ascii");
+  EXPECT_EQ(valid_utf8("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80"),
+            "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80");
+  const std::string fffd = "\xef\xbf\xbd";
+  EXPECT_EQ(valid_utf8("a\xe2\x82"), "a" + fffd + fffd);      // cut inside a character
+  EXPECT_EQ(valid_utf8("\xff"), fffd);                        // never valid
+  EXPECT_EQ(valid_utf8("\xc0\xaf"), fffd + fffd);             // overlong '/'
+  EXPECT_EQ(valid_utf8("\xed\xa0\x80"), fffd + fffd + fffd);  // surrogate
+  EXPECT_EQ(valid_utf8("x\x80y"), "x" + fffd + "y");          // stray continuation
+}
+
+TEST(Planner, KvBytesAndShardPlan) {
+  EXPECT_EQ(mprefill::coord::kv_bytes(contract(), 1000), 1000 * kKvPerToken);
+  EXPECT_EQ(mprefill::coord::kv_bytes(contract("d", v1::BF16), 1000), 1000 * kKvPerToken / 2);
+  const auto plan = mprefill::coord::make_shard_plan(contract().model(),
+                                                     mprefill::SparsePolicy::dense(), 1000, 3, 2);
+  ASSERT_EQ(plan.sp_shards_size(), 2);
+  ASSERT_EQ(plan.tp_heads_size(), 3);
+  std::vector<int> heads;
+  for (const auto& t : plan.tp_heads()) {
+    EXPECT_EQ(t.kv_heads_size(), 2);
+    heads.insert(heads.end(), t.kv_heads().begin(), t.kv_heads().end());
+  }
+  std::sort(heads.begin(), heads.end());
+  EXPECT_EQ(heads, (std::vector<int>{0, 1, 2, 3, 4, 5}));
+  int64_t covered = 0;
+  for (const auto& sh : plan.sp_shards())
+    for (const auto& r : sh.ranges()) covered += r.end() - r.begin();
+  EXPECT_EQ(covered, 1000);
+  EXPECT_EQ(mprefill::coord::contract_difference(contract(), contract()), "");
+  auto other = contract();
+  other.set_page_tokens(128);
+  EXPECT_EQ(mprefill::coord::contract_difference(contract(), other), "page_tokens: 64 vs 128");
+}

@@ -1,0 +1,753 @@
+// KV handoff: crc32c, page cutting, the paged store (reassembly of tp x sp shards,
+// checksum / overlap / geometry rejection, capacity), the model fingerprint, the KvPage
+// frame encoding, and the real TCP path (TcpKvHandoff senders -> KvReceiver over
+// loopback): exact reassembly, corrupted pages, vanished / silent senders, a vanished
+// decoder, contract mismatch.
+#include <gtest/gtest.h>
+#include <time.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <thread>
+
+#include "decode/crc32c.h"
+#include "decode/decoder.h"
+#include "decode/kv_store.h"
+#include "tests/testutil.h"
+#include "worker/fingerprint.h"
+#include "worker/kv_handoff.h"
+
+namespace mprefill {
+namespace {
+
+using decode::JobKvStore;
+using decode::KvStoreShape;
+using decode::PageCut;
+using decode::PageError;
+using decode::PageIn;
+using decode::PagePool;
+using Clock = std::chrono::steady_clock;
+using Ranges = std::vector<std::pair<int64_t, int64_t>>;
+
+// ---- crc32c ----------------------------------------------------------------------------
+
+TEST(Crc32c, KnownVectorsAndExtension) {
+  EXPECT_EQ(decode::crc32c("123456789", 9), 0xE3069283u);  // the CRC-32C check value
+  EXPECT_EQ(decode::crc32c("", 0), 0u);
+  const std::vector<uint8_t> zeros(32, 0);
+  EXPECT_EQ(decode::crc32c(zeros.data(), 32), 0x8A9136AAu);  // RFC 3720 B.4
+  std::vector<uint8_t> buf(1000 + 7);
+  std::mt19937 rng(3);
+  for (auto& b : buf) b = static_cast<uint8_t>(rng());
+  const uint32_t whole = decode::crc32c(buf.data(), buf.size());
+  for (size_t cut : {size_t{0}, size_t{1}, size_t{13}, size_t{512}, buf.size()})
+    EXPECT_EQ(decode::crc32c(buf.data() + cut, buf.size() - cut, decode::crc32c(buf.data(), cut)),
+              whole);
+  buf[500] ^= 0x10;
+  EXPECT_NE(decode::crc32c(buf.data(), buf.size()), whole);
+}
+
+// ---- page cutting ----------------------------------------------------------------------
+
+TEST(CutPages, AlignedBlocksNeverSpanRanges) {
+  const auto cuts = decode::cut_pages({{0, 5}, {300, 700}}, 256);
+  ASSERT_EQ(cuts.size(), 3u);
+  EXPECT_EQ(cuts[0].token_begin, 0);
+  EXPECT_EQ(cuts[0].token_end, 5);
+  EXPECT_EQ(cuts[0].row0, 0);
+  EXPECT_EQ(cuts[1].token_begin, 300);
+  EXPECT_EQ(cuts[1].token_end, 512);
+  EXPECT_EQ(cuts[1].row0, 5);
+  EXPECT_EQ(cuts[2].token_begin, 512);
+  EXPECT_EQ(cuts[2].token_end, 700);
+  EXPECT_EQ(cuts[2].row0, 217);
+
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int P = 1 + static_cast<int>(rng() % 100);
+    Ranges r;
+    int64_t t = rng() % 50;
+    for (int i = 0, n = 1 + rng() % 4; i < n; ++i) {
+      const int64_t len = 1 + rng() % 300;
+      r.push_back({t, t + len});
+      t += len + rng() % 40;
+    }
+    const auto c = decode::cut_pages(r, P);
+    int64_t row = 0;
+    size_t ri = 0;
+    int64_t cursor = r[0].first;
+    for (const PageCut& p : c) {
+      if (cursor == r[ri].second) cursor = r[++ri].first;
+      EXPECT_EQ(p.token_begin, cursor);
+      EXPECT_EQ(p.row0, row);
+      EXPECT_LE(p.token_end, r[ri].second);
+      EXPECT_EQ(p.token_begin / P, (p.token_end - 1) / P);
+      row += p.token_end - p.token_begin;
+      cursor = p.token_end;
+    }
+    EXPECT_EQ(cursor, r.back().second);
+    int64_t rows = 0;
+    for (auto& [b, e] : r) rows += e - b;
+    EXPECT_EQ(row, rows);
+  }
+  EXPECT_THROW(decode::cut_pages({{5, 5}}, 4), std::invalid_argument);
+  EXPECT_THROW(decode::cut_pages({{10, 20}, {15, 30}}, 4), std::invalid_argument);
+  EXPECT_THROW(decode::cut_pages({{0, 4}}, 0), std::invalid_argument);
+}
+
+// ---- a synthetic job: source KV and its tp x sp shards -------------------------------
+
+struct SourceKv {
+  int n_layers, kvh, hd;
+  int64_t n;
+  std::vector<std::vector<float>> k, v;  // [layer][n][kvh][hd]
+};
+
+SourceKv make_source(int n_layers, int64_t n, int kvh, int hd, uint64_t seed) {
+  SourceKv s{n_layers, kvh, hd, n, {}, {}};
+  for (int l = 0; l < n_layers; ++l) {
+    s.k.push_back(test::random_uniform(n * kvh * hd, seed + 2 * l));
+    s.v.push_back(test::random_uniform(n * kvh * hd, seed + 2 * l + 1));
+  }
+  return s;
+}
+
+// Zigzag sp shards: 2 * sp chunks, sp rank r holds chunks r and 2 sp - 1 - r.
+Ranges zigzag(int64_t n, int sp, int r) {
+  const int64_t chunks = 2 * sp;
+  auto bound = [&](int64_t c) { return n * c / chunks; };
+  Ranges out;
+  for (int64_t c : {int64_t{r}, chunks - 1 - r})
+    if (bound(c + 1) > bound(c)) out.push_back({bound(c), bound(c + 1)});
+  return out;
+}
+
+// tp rank t holds heads t, t + tp, ... (not contiguous, on purpose).
+std::vector<int> heads_of(int kvh, int tp, int t) {
+  std::vector<int> h;
+  for (int i = t; i < kvh; i += tp) h.push_back(i);
+  return h;
+}
+
+// The rank's slice rows, gathered from the source: [rows][heads][hd].
+struct RankSlice {
+  Ranges tokens;
+  std::vector<int> heads;
+  std::vector<float> k, v;
+};
+
+RankSlice cut_slice(const SourceKv& s, int layer, const Ranges& tokens,
+                    const std::vector<int>& heads) {
+  RankSlice r{tokens, heads, {}, {}};
+  for (auto [b, e] : tokens)
+    for (int64_t t = b; t < e; ++t)
+      for (int h : heads)
+        for (int d = 0; d < s.hd; ++d) {
+          r.k.push_back(s.k[layer][(t * s.kvh + h) * s.hd + d]);
+          r.v.push_back(s.v[layer][(t * s.kvh + h) * s.hd + d]);
+        }
+  return r;
+}
+
+KvSlice as_slice(const RankSlice& r, int layer, int hd) {
+  KvSlice s;
+  s.layer = layer;
+  s.kv_heads = r.heads;
+  s.tokens = r.tokens;
+  s.head_dim = hd;
+  s.k = r.k.data();
+  s.v = r.v.data();
+  return s;
+}
+
+PageIn page_of(const RankSlice& r, int layer, int hd, const PageCut& c) {
+  PageIn p;
+  p.layer = layer;
+  p.kv_heads = r.heads;
+  p.token_begin = c.token_begin;
+  p.token_end = c.token_end;
+  p.head_dim = hd;
+  const size_t row = r.heads.size() * hd;
+  p.k = r.k.data() + c.row0 * row;
+  p.v = r.v.data() + c.row0 * row;
+  p.k_bytes = p.v_bytes = (c.token_end - c.token_begin) * row * 4;
+  p.crc32c = decode::crc32c(p.v, p.v_bytes, decode::crc32c(p.k, p.k_bytes));
+  return p;
+}
+
+void expect_store_equals(const JobKvStore& store, const SourceKv& s) {
+  std::vector<float> k(s.n * s.kvh * s.hd), v(k.size());
+  for (int l = 0; l < s.n_layers; ++l) {
+    ASSERT_TRUE(store.layer_complete(l)) << "layer " << l;
+    store.export_layer(l, k.data(), v.data());
+    EXPECT_EQ(std::memcmp(k.data(), s.k[l].data(), k.size() * 4), 0) << "K layer " << l;
+    EXPECT_EQ(std::memcmp(v.data(), s.v[l].data(), v.size() * 4), 0) << "V layer " << l;
+  }
+}
+
+// ---- the store ---------------------------------------------------------------------------
+
+TEST(KvStore, ReassemblesTpSpShardsInAnyOrder) {
+  const int L = 2, kvh = 4, hd = 24, P = 64, tp = 2, sp = 3;
+  const int64_t n = 1001;  // not a multiple of P nor of 2 sp
+  const SourceKv src = make_source(L, n, kvh, hd, 7);
+  KvStoreShape shape{L, kvh, hd, P};
+  PagePool pool(shape, uint64_t{1} << 30);
+  JobKvStore store(&pool, n);
+
+  std::vector<RankSlice> slices;  // [layer][rank]
+  std::vector<std::pair<int, PageIn>> pages;
+  for (int l = 0; l < L; ++l)
+    for (int r = 0; r < tp * sp; ++r)
+      slices.push_back(cut_slice(src, l, zigzag(n, sp, r / tp), heads_of(kvh, tp, r % tp)));
+  for (int l = 0; l < L; ++l)
+    for (int r = 0; r < tp * sp; ++r) {
+      const RankSlice& rs = slices[l * tp * sp + r];
+      for (const PageCut& c : decode::cut_pages(rs.tokens, P))
+        pages.push_back({l, page_of(rs, l, hd, c)});
+    }
+  std::shuffle(pages.begin(), pages.end(), std::mt19937(5));
+  int completed = 0;
+  for (size_t i = 0; i < pages.size(); ++i) {
+    const bool done = store.put(pages[i].second);
+    completed += done;
+    // A layer completes exactly at its last page.
+    const bool last_of_layer = std::none_of(pages.begin() + i + 1, pages.end(), [&](const auto& p) {
+      return p.first == pages[i].first;
+    });
+    EXPECT_EQ(done, last_of_layer) << "page " << i;
+  }
+  EXPECT_EQ(completed, L);
+  EXPECT_TRUE(store.complete());
+  expect_store_equals(store, src);
+  EXPECT_EQ(store.bytes_received(), uint64_t(2 * L * n * kvh * hd * 4));
+}
+
+TEST(KvStore, RejectsBadPagesAndStaysUsable) {
+  const int kvh = 2, hd = 8, P = 16;
+  const int64_t n = 40;
+  const SourceKv src = make_source(1, n, kvh, hd, 21);
+  PagePool pool(KvStoreShape{1, kvh, hd, P}, uint64_t{1} << 20);
+  JobKvStore store(&pool, n);
+  const RankSlice all = cut_slice(src, 0, {{0, n}}, {0, 1});
+  const auto cuts = decode::cut_pages(all.tokens, P);
+  ASSERT_EQ(cuts.size(), 3u);
+
+  auto expect_reject = [&](PageIn p, const char* what) {
+    try {
+      store.put(p);
+      ADD_FAILURE() << "accepted a page with " << what;
+    } catch (const PageError& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  PageIn p = page_of(all, 0, hd, cuts[0]);
+  PageIn bad = p;
+  bad.crc32c ^= 1;
+  expect_reject(bad, "checksum mismatch");
+  std::vector<float> corrupt(static_cast<const float*>(p.k),
+                             static_cast<const float*>(p.k) + p.k_bytes / 4);
+  corrupt[5] += 1e-3f;
+  bad = p;
+  bad.k = corrupt.data();
+  expect_reject(bad, "checksum mismatch");
+  bad = p;
+  bad.token_end = 17;  // spans two 16-token pages
+  expect_reject(bad, "spans two");
+  bad = p;
+  bad.layer = 1;
+  expect_reject(bad, "layer out of");
+  bad = p;
+  bad.kv_heads = {1, 0};
+  expect_reject(bad, "ascending");
+  bad = p;
+  bad.head_dim = 4;
+  expect_reject(bad, "head_dim");
+  bad = p;
+  bad.k_bytes -= 4;
+  expect_reject(bad, "bytes");
+  bad = p;
+  bad.token_begin = 30;
+  bad.token_end = 46;
+  expect_reject(bad, "outside");
+
+  EXPECT_FALSE(store.put(p));
+  expect_reject(p, "overlaps");  // the same page twice
+  // Half a page overlapping the stored one, for one head.
+  const RankSlice head1 = cut_slice(src, 0, {{8, 16}}, {1});
+  expect_reject(page_of(head1, 0, hd, {8, 16, 0}), "overlaps");
+  EXPECT_FALSE(store.put(page_of(all, 0, hd, cuts[1])));
+  EXPECT_TRUE(store.put(page_of(all, 0, hd, cuts[2])));
+  expect_store_equals(store, src);
+}
+
+TEST(KvStore, CapacityIsReservedUpFrontAndReturned) {
+  // KV bytes of a job: 2 (K, V) x tokens x kv_dim (16) x 4 bytes x 2 layers = 256 per token.
+  const KvStoreShape shape{2, 2, 8, 16};
+  PagePool pool(shape, 100 * 256);
+  {
+    JobKvStore a(&pool, 64);
+    EXPECT_EQ(pool.reserved_bytes(), 64u * 256);
+    try {
+      JobKvStore b(&pool, 37);  // 37 tokens: 9472 bytes, 9216 free
+      ADD_FAILURE() << "over capacity accepted";
+    } catch (const PageError& e) {
+      EXPECT_NE(std::string(e.what()).find("KV needs 9472 bytes, 9216 of 25600 bytes are free"),
+                std::string::npos)
+          << e.what();
+    }
+    JobKvStore c(&pool, 36);  // exactly the rest (pages round up, the budget does not)
+    EXPECT_EQ(pool.reserved_bytes(), 100u * 256);
+  }
+  EXPECT_EQ(pool.reserved_bytes(), 0u);
+  JobKvStore d(&pool, 100);
+  EXPECT_EQ(pool.reserved_bytes(), 100u * 256);
+}
+
+// ---- fingerprint ---------------------------------------------------------------------------
+
+TEST(Fingerprint, DigestFollowsEveryWeight) {
+  const ModelConfig cfg = named_shape("tiny");
+  ModelWeights a = random_model(cfg, 1);
+  const std::string d = weights_digest(a);
+  EXPECT_EQ(d.size(), 32u);
+  EXPECT_EQ(weights_digest(random_model(cfg, 1)), d);
+  EXPECT_NE(weights_digest(random_model(cfg, 2)), d);
+  float& x = a.layers.back().w_down.data[12345];
+  x = std::nextafter(x, 1.f);  // one ulp of one weight
+  EXPECT_NE(weights_digest(a), d);
+  const ModelFingerprint f = model_fingerprint(random_model(cfg, 1), "random:tiny:1");
+  EXPECT_EQ(f.n_layers, cfg.n_layers);
+  EXPECT_EQ(f.head_dim, cfg.head_dim);
+  EXPECT_EQ(f.weights_digest, d);
+  EXPECT_EQ(model_name_from_path("/a/b/stories15M.bin"), "stories15M");
+  EXPECT_EQ(model_name_from_path("/models/Llama-3-8B/"), "Llama-3-8B");
+  EXPECT_EQ(model_name_from_path("random:tiny:3"), "random:tiny:3");
+}
+
+TEST(Contract, MismatchNamesTheField) {
+  ModelFingerprint f;
+  f.name = "m";
+  f.n_layers = 2;
+  f.hidden = 64;
+  f.n_heads = 4;
+  f.n_kv_heads = 2;
+  f.head_dim = 16;
+  f.vocab = 100;
+  f.weights_digest = "aa";
+  const v1::KvContract a = make_kv_contract(f, 256);
+  EXPECT_EQ(kv_contract_mismatch(a, a), "");
+  EXPECT_NE(kv_contract_mismatch(a, make_kv_contract(f, 128)).find("page_tokens 256 vs 128"),
+            std::string::npos);
+  ModelFingerprint g = f;
+  g.weights_digest = "bb";
+  EXPECT_NE(kv_contract_mismatch(a, make_kv_contract(g, 256)).find("weights digest aa vs bb"),
+            std::string::npos);
+  EXPECT_NE(kv_contract_mismatch(a, make_kv_contract(f, 256, v1::BF16)).find("kv dtype"),
+            std::string::npos);
+}
+
+// ---- frame encoding -----------------------------------------------------------------------
+
+TEST(KvPageFrame, ParsesLikeTheProtobufEncoding) {
+  for (size_t bytes : {size_t{0}, size_t{4}, size_t{100}, size_t{70000}}) {
+    std::string k(bytes, 'k'), v(bytes, 'v');
+    for (size_t i = 0; i < bytes; ++i)
+      k[i] = static_cast<char>(i * 7), v[i] = static_cast<char>(i * 13);
+    v1::KvPageHeader h;
+    h.set_job_id(123456789012ull);
+    h.set_layer(3);
+    h.add_kv_heads(1);
+    h.add_kv_heads(5);
+    h.set_token_begin(512);
+    h.set_token_end(700);
+    h.set_crc32c(0xdeadbeef);
+    const std::string frame = encode_kv_page_frame(h, k.data(), v.data(), bytes);
+    v1::Envelope ref;
+    *ref.mutable_kv_page()->mutable_header() = h;
+    ref.mutable_kv_page()->set_k(k);
+    ref.mutable_kv_page()->set_v(v);
+    wire::FrameParser parser;
+    parser.feed(frame.data(), frame.size());
+    v1::Envelope got;
+    std::string err;
+    ASSERT_EQ(parser.next(&got, &err), wire::FrameParser::Result::kOk) << err;
+    EXPECT_EQ(parser.buffered(), 0u);
+    ref.set_version(wire::kProtocolVersion);
+    EXPECT_EQ(got.SerializeAsString(), ref.SerializeAsString()) << bytes;  // the same message
+    EXPECT_EQ(got.kv_page().header().token_end(), 700);
+    EXPECT_EQ(got.kv_page().k(), k);
+    EXPECT_EQ(got.kv_page().v(), v);
+  }
+}
+
+// ---- TCP: senders -> receiver over loopback ------------------------------------------------
+
+v1::KvContract test_contract(int L, int kvh, int hd, int P, const std::string& digest = "d1") {
+  ModelFingerprint f;
+  f.name = "synthetic";
+  f.n_layers = L;
+  f.hidden = kvh * hd;
+  f.n_heads = kvh;
+  f.n_kv_heads = kvh;
+  f.head_dim = hd;
+  f.vocab = 10;
+  f.weights_digest = digest;
+  return make_kv_contract(f, P);
+}
+
+struct Failures {
+  std::mutex mu;
+  std::vector<std::pair<uint64_t, std::string>> list;
+  void add(uint64_t j, const std::string& m) {
+    std::lock_guard<std::mutex> lock(mu);
+    list.push_back({j, m});
+  }
+  size_t size() {
+    std::lock_guard<std::mutex> lock(mu);
+    return list.size();
+  }
+};
+
+decode::ReceiverOptions receiver_opts(const v1::KvContract& c) {
+  decode::ReceiverOptions o;
+  o.contract = c;
+  o.capacity_bytes = uint64_t{1} << 30;
+  return o;
+}
+
+v1::Expect expect_msg(uint64_t job, int64_t n, int L, int senders, int timeout_ms = 10000) {
+  v1::Expect e;
+  e.set_job_id(job);
+  e.set_prompt_tokens(n);
+  e.set_n_layers(L);
+  e.set_senders(senders);
+  e.set_timeout_ms(timeout_ms);
+  return e;
+}
+
+KvHandoffOptions sender_opts(uint64_t job, int rank, uint16_t port, const v1::KvContract& c,
+                             int streams = 1, int timeout_ms = 10000) {
+  KvHandoffOptions o;
+  o.job_id = job;
+  o.rank = rank;
+  o.host = "127.0.0.1";
+  o.port = port;
+  o.contract = c;
+  o.streams = streams;
+  o.timeout_ms = timeout_ms;
+  return o;
+}
+
+// Every rank of a tp x sp group sends its shard of every layer from its own thread.
+void run_group(const SourceKv& src, const v1::KvContract& c, uint16_t port, uint64_t job, int tp,
+               int sp, int streams, std::vector<KvHandoffStats>* stats = nullptr) {
+  std::vector<std::thread> ranks;
+  std::vector<std::string> errors(tp * sp);
+  if (stats) stats->assign(tp * sp, {});
+  for (int r = 0; r < tp * sp; ++r)
+    ranks.emplace_back([&, r] {
+      try {
+        TcpKvHandoff h(sender_opts(job, r, port, c, streams));
+        const Ranges tok = zigzag(src.n, sp, r / tp);
+        const auto heads = heads_of(src.kvh, tp, r % tp);
+        for (int l = 0; l < src.n_layers; ++l) {
+          RankSlice rs = cut_slice(src, l, tok, heads);
+          h.put(as_slice(rs, l, src.hd));
+          std::fill(rs.k.begin(), rs.k.end(), -1.f);  // put() copied: reuse is safe
+        }
+        h.finish();
+        if (stats) (*stats)[r] = h.stats();
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  for (auto& t : ranks) t.join();
+  for (int r = 0; r < tp * sp; ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
+}
+
+TEST(TcpHandoff, GroupShardsArriveExactly) {
+  const int L = 3, kvh = 4, hd = 32, P = 128;
+  const int64_t n = 2000;
+  const SourceKv src = make_source(L, n, kvh, hd, 99);
+  const v1::KvContract c = test_contract(L, kvh, hd, P);
+  Failures fails;
+  decode::KvReceiver rx(receiver_opts(c),
+                        [&](uint64_t j, const std::string& m) { fails.add(j, m); });
+  for (int streams : {1, 3}) {
+    const uint64_t job = 10 + streams;
+    std::string why;
+    ASSERT_TRUE(rx.expect(expect_msg(job, n, L, 4), &why)) << why;
+    std::vector<KvHandoffStats> stats;
+    run_group(src, c, rx.port(), job, 2, 2, streams, &stats);
+    ASSERT_TRUE(rx.wait_complete(job, &why)) << why;
+    auto store = rx.store(job);
+    ASSERT_TRUE(store);
+    expect_store_equals(*store, src);
+    const auto info = rx.info(job);
+    EXPECT_EQ(info.bytes, uint64_t(2 * L * n * kvh * hd * 4));
+    EXPECT_EQ(info.streams, 4 * streams);
+    uint64_t sent = 0;
+    for (const auto& s : stats) {
+      sent += s.bytes;
+      EXPECT_EQ(s.layers_acked, L);
+    }
+    EXPECT_EQ(sent, info.bytes);
+    store.reset();
+    rx.release(job);
+  }
+  EXPECT_EQ(rx.reserved_bytes(), 0u);
+  EXPECT_EQ(fails.size(), 0u);
+}
+
+// A sender that speaks the protocol by hand (to send what TcpKvHandoff never would).
+std::unique_ptr<wire::Connection> raw_stream(uint16_t port, uint64_t job, int rank,
+                                             const v1::KvContract& c) {
+  auto conn = wire::Connection::connect("127.0.0.1", port, 5000);
+  conn->client_handshake(v1::WORKER, "raw", "", 5000);
+  v1::Envelope hello;
+  hello.mutable_kv_hello()->set_job_id(job);
+  hello.mutable_kv_hello()->set_rank(rank);
+  *hello.mutable_kv_hello()->mutable_kv() = c;
+  conn->send(hello, 5000);
+  return conn;
+}
+
+// Waits for a DecodeFailed on a raw stream; returns its message.
+std::string failure_on(wire::Connection* conn, int timeout_ms) {
+  const auto end = Clock::now() + std::chrono::milliseconds(timeout_ms);
+  while (Clock::now() < end) {
+    v1::Envelope env;
+    try {
+      if (!conn->recv(&env, 100)) continue;
+    } catch (const std::exception& e) {
+      return std::string("closed: ") + e.what();
+    }
+    if (env.has_decode_failed()) return env.decode_failed().message();
+  }
+  return "";
+}
+
+TEST(TcpHandoff, CorruptedPageFailsTheJob) {
+  const int L = 1, kvh = 2, hd = 8, P = 16;
+  const int64_t n = 32;
+  const SourceKv src = make_source(L, n, kvh, hd, 5);
+  const v1::KvContract c = test_contract(L, kvh, hd, P);
+  Failures fails;
+  decode::KvReceiver rx(receiver_opts(c),
+                        [&](uint64_t j, const std::string& m) { fails.add(j, m); });
+  std::string why;
+  ASSERT_TRUE(rx.expect(expect_msg(7, n, L, 1), &why)) << why;
+  auto conn = raw_stream(rx.port(), 7, 0, c);
+  const RankSlice all = cut_slice(src, 0, {{0, n}}, {0, 1});
+  PageIn p = page_of(all, 0, hd, {0, 16, 0});
+  std::vector<float> k(static_cast<const float*>(p.k), static_cast<const float*>(p.k) + 16 * 16);
+  k[3] = -k[3];  // flipped in flight, after the checksum
+  v1::KvPageHeader h;
+  h.set_job_id(7);
+  h.set_layer(0);
+  h.add_kv_heads(0);
+  h.add_kv_heads(1);
+  h.set_token_begin(0);
+  h.set_token_end(16);
+  h.set_dtype(v1::F32);
+  h.set_layout(kKvLayout);
+  h.set_page_tokens(P);
+  h.set_head_dim(hd);
+  h.set_crc32c(p.crc32c);
+  conn->send_frame(encode_kv_page_frame(h, k.data(), p.v, p.k_bytes), 5000);
+  const std::string msg = failure_on(conn.get(), 5000);
+  EXPECT_NE(msg.find("checksum mismatch"), std::string::npos) << msg;
+  EXPECT_FALSE(rx.wait_complete(7, &why));
+  EXPECT_NE(why.find("checksum mismatch"), std::string::npos) << why;
+  for (int i = 0; i < 100 && fails.size() < 1; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(fails.size(), 1u);
+  EXPECT_EQ(rx.reserved_bytes(), 0u);  // memory released with the failure
+  rx.release(7);
+}
+
+TEST(TcpHandoff, VanishedAndSilentSendersFailWithinTheTimeout) {
+  const int L = 3, kvh = 2, hd = 8, P = 16;
+  const int64_t n = 50;
+  const SourceKv src = make_source(L, n, kvh, hd, 8);
+  const v1::KvContract c = test_contract(L, kvh, hd, P);
+  Failures fails;
+  decode::KvReceiver rx(receiver_opts(c),
+                        [&](uint64_t j, const std::string& m) { fails.add(j, m); });
+  std::string why;
+  // Rank 0 sends layer 0 and dies (no finish): the job fails as soon as its stream ends.
+  ASSERT_TRUE(rx.expect(expect_msg(1, n, L, 1, 60000), &why)) << why;
+  {
+    TcpKvHandoff h(sender_opts(1, 0, rx.port(), c));
+    RankSlice rs = cut_slice(src, 0, {{0, n}}, {0, 1});
+    h.put(as_slice(rs, 0, hd));
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  }
+  auto t0 = Clock::now();
+  EXPECT_FALSE(rx.wait_complete(1, &why));
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 5.0);
+  EXPECT_NE(why.find("ended with 1 of 3 layers complete"), std::string::npos) << why;
+
+  // A stream that stays open but sends nothing: failed after the job's 400 ms timeout.
+  ASSERT_TRUE(rx.expect(expect_msg(2, n, L, 1, 400), &why)) << why;
+  auto conn = raw_stream(rx.port(), 2, 0, c);
+  t0 = Clock::now();
+  EXPECT_FALSE(rx.wait_complete(2, &why));
+  const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+  EXPECT_LT(s, 3.0);
+  EXPECT_NE(why.find("no KV page for"), std::string::npos) << why;
+  EXPECT_NE(failure_on(conn.get(), 3000).find("no KV page"), std::string::npos);
+  for (int i = 0; i < 100 && fails.size() < 2; ++i)  // the callback runs after the flag
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(fails.size(), 2u);
+  EXPECT_EQ(rx.reserved_bytes(), 0u);
+}
+
+TEST(TcpHandoff, VanishedDecoderFailsTheSender) {
+  const int L = 4, kvh = 2, hd = 8, P = 16;
+  const int64_t n = 64;
+  const SourceKv src = make_source(L, n, kvh, hd, 9);
+  const v1::KvContract c = test_contract(L, kvh, hd, P);
+  auto rx = std::make_unique<decode::KvReceiver>(receiver_opts(c), nullptr);
+  std::string why;
+  // Two senders expected: rank 1 never comes, so no layer is ever acked.
+  ASSERT_TRUE(rx->expect(expect_msg(3, n, L, 2), &why)) << why;
+  TcpKvHandoff h(sender_opts(3, 0, rx->port(), c, 1, 1500));
+  RankSlice rs = cut_slice(src, 0, {{0, n / 2}}, {0, 1});
+  h.put(as_slice(rs, 0, hd));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  rx.reset();  // the decoder goes away
+  const auto t0 = Clock::now();
+  std::string err;
+  try {
+    for (int l = 1; l < L; ++l) {
+      RankSlice r2 = cut_slice(src, l, {{0, n / 2}}, {0, 1});
+      h.put(as_slice(r2, l, hd));
+    }
+    h.finish();
+  } catch (const std::exception& e) {
+    err = e.what();
+  }
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 5.0);
+  EXPECT_NE(err.find("KV handoff to decoder 127.0.0.1:"), std::string::npos) << err;
+  EXPECT_NE(err.find("job 3, rank 0"), std::string::npos) << err;
+  EXPECT_TRUE(h.failed());
+}
+
+TEST(TcpHandoff, SlowDecoderAckTimesOut) {
+  const int L = 2, kvh = 2, hd = 8, P = 16;
+  const int64_t n = 32;
+  const SourceKv src = make_source(L, n, kvh, hd, 10);
+  const v1::KvContract c = test_contract(L, kvh, hd, P);
+  decode::KvReceiver rx(receiver_opts(c), nullptr);
+  std::string why;
+  ASSERT_TRUE(rx.expect(expect_msg(4, n, L, 2, 60000), &why)) << why;  // rank 1 never sends
+  TcpKvHandoff h(sender_opts(4, 0, rx.port(), c, 1, 600));
+  for (int l = 0; l < L; ++l) {
+    RankSlice rs = cut_slice(src, l, {{0, n / 2}}, {0, 1});
+    h.put(as_slice(rs, l, hd));
+  }
+  const auto t0 = Clock::now();
+  std::string err;
+  try {
+    h.finish();
+  } catch (const std::exception& e) {
+    err = e.what();
+  }
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 3.0);
+  EXPECT_NE(err.find("no LayerAck for layer 0 within 600 ms"), std::string::npos) << err;
+}
+
+TEST(TcpHandoff, ContractMismatchIsRefused) {
+  const v1::KvContract c = test_contract(2, 2, 8, 16);
+  Failures fails;
+  decode::KvReceiver rx(receiver_opts(c),
+                        [&](uint64_t j, const std::string& m) { fails.add(j, m); });
+  std::string why;
+  ASSERT_TRUE(rx.expect(expect_msg(5, 20, 2, 1), &why)) << why;
+  TcpKvHandoff h(sender_opts(5, 0, rx.port(), test_contract(2, 2, 8, 16, "other"), 1, 3000));
+  std::vector<float> k(20 * 2 * 8, 1.f);
+  KvSlice s;
+  s.layer = 0;
+  s.kv_heads = {0, 1};
+  s.tokens = {{0, 20}};
+  s.head_dim = 8;
+  s.k = s.v = k.data();
+  std::string err;
+  try {
+    h.put(s);
+    s.layer = 1;
+    h.put(s);
+    h.finish();
+  } catch (const std::exception& e) {
+    err = e.what();
+  }
+  EXPECT_NE(err.find("weights digest other vs d1"), std::string::npos) << err;
+  EXPECT_FALSE(rx.wait_complete(5, &why));
+  EXPECT_NE(why.find("KV contract mismatch"), std::string::npos) << why;
+}
+
+double process_cpu_s() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// Loopback throughput of the whole path (copy, crc, frame, TCP, parse, crc, store) on
+// this machine; printed, not asserted. MPREFILL_HANDOFF_MB scales the job (default 64).
+TEST(TcpHandoff, LoopbackThroughput) {
+  const char* env = std::getenv("MPREFILL_HANDOFF_MB");
+  const int64_t mb = env ? std::max(1, std::atoi(env)) : 64;
+  const int L = 4, kvh = 8, hd = 128, P = 256;
+  const int64_t n = std::max<int64_t>(1, mb * (1 << 20) / (2 * L * kvh * hd * 4));
+  const SourceKv src = make_source(L, n, kvh, hd, 1);
+  const v1::KvContract c = test_contract(L, kvh, hd, P);
+  decode::ReceiverOptions ro = receiver_opts(c);
+  ro.capacity_bytes = uint64_t{8} << 30;
+  decode::KvReceiver rx(ro, nullptr);
+  const char* streams_env = std::getenv("MPREFILL_HANDOFF_STREAMS");
+  const int streams = streams_env ? std::max(1, std::atoi(streams_env)) : 1;
+  for (int sp : {1, 2}) {
+    const uint64_t job = 100 + sp;
+    std::string why;
+    ASSERT_TRUE(rx.expect(expect_msg(job, n, L, sp), &why)) << why;
+    // Slices are prepared up front so only the handoff is timed.
+    std::vector<std::vector<RankSlice>> slices(sp);
+    for (int r = 0; r < sp; ++r)
+      for (int l = 0; l < L; ++l)
+        slices[r].push_back(cut_slice(src, l, zigzag(n, sp, r), heads_of(kvh, 1, 0)));
+    const auto t0 = Clock::now();
+    const double cpu0 = process_cpu_s();
+    std::vector<std::thread> ranks;
+    for (int r = 0; r < sp; ++r)
+      ranks.emplace_back([&, r] {
+        TcpKvHandoff h(sender_opts(job, r, rx.port(), c, streams));
+        for (int l = 0; l < L; ++l) h.put(as_slice(slices[r][l], l, hd));
+        h.finish();
+      });
+    for (auto& t : ranks) t.join();
+    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    const double cpu = process_cpu_s() - cpu0;
+    ASSERT_TRUE(rx.wait_complete(job, &why)) << why;
+    const double gb = rx.info(job).bytes / 1e9;
+    // CPU seconds per GB (senders + receiver, both ends in this process) bound the rate
+    // on an idle machine; the wall rate depends on the load of this one.
+    std::printf(
+        "[ handoff ] %d sender(s) x %d stream(s): %.3f GB in %.3f s = %.2f GB/s "
+        "(%.2f CPU s per GB, both ends)\n",
+        sp, streams, gb, s, gb / s, cpu / gb);
+    auto store = rx.store(job);
+    std::vector<float> k(n * kvh * hd), v(k.size());
+    store->export_layer(L - 1, k.data(), v.data());
+    EXPECT_EQ(std::memcmp(k.data(), src.k[L - 1].data(), k.size() * 4), 0);
+    store.reset();
+    rx.release(job);
+  }
+}
+
+}  // namespace
+}  // namespace mprefill

@@ -1,0 +1,344 @@
+// End to end with the real binaries: mprefill-coordinator, an mpirun group of
+// mprefill-worker, mprefill-decoder, and the clients (`mprefill run / submit / status /
+// cancel`, python/mprefill_client.py). The generated ids must equal single-process
+// `mprefill generate`'s on stories15M (greedy, 16 decode steps).
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include "tests/testutil.h"
+
+namespace t = mprefill::test;
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+std::string model() { return t::shared_dir() + "/models/stories15M/stories15M.bin"; }
+std::string tokenizer() { return t::shared_dir() + "/models/stories15M/tokenizer.bin"; }
+std::string bin(const std::string& name) { return t::bin_dir() + "/" + name; }
+
+bool have_stories() { return t::file_exists(model()) && t::file_exists(tokenizer()); }
+
+// KV bytes per token of stories15M with fp32 KV: 2 x 6 layers x 6 heads x 48 x 4.
+constexpr uint64_t kKvPerToken = 2 * 6 * 6 * 48 * 4;
+
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+// The last line of output that parses as a JSON object.
+json last_json(const std::string& out) {
+  std::istringstream is(out);
+  std::string line;
+  json j;
+  while (std::getline(is, line))
+    if (!line.empty() && line[0] == '{') {
+      try {
+        j = json::parse(line);
+      } catch (const std::exception&) {
+      }
+    }
+  return j;
+}
+
+struct Prompt {
+  std::string flag;  // "--prompt" or "--prompt-ids"
+  std::string value;
+};
+
+const std::vector<Prompt>& prompts() {
+  static const std::vector<Prompt> p = {
+      {"--prompt", "Once upon a time"},
+      {"--prompt", "The little dog ran to the park and saw a big red ball. He"},
+      {"--prompt-ids", "1,365,2501,1554,263,6114,2000,1021,20888,29889,450"},
+  };
+  return p;
+}
+
+std::string prompt_args(const Prompt& p) {
+  return "--tokenizer " + quote(tokenizer()) + " " + p.flag + " " + quote(p.value);
+}
+
+// generate --json of a prompt (cached: every test compares against the same reference).
+json reference(const Prompt& p) {
+  static std::map<std::string, json> cache;
+  auto it = cache.find(p.value);
+  if (it != cache.end()) return it->second;
+  std::string out;
+  const int rc = t::run_command(bin("mprefill") + " generate --model " + quote(model()) + " " +
+                                    prompt_args(p) + " --decode 16 --json 2>&1",
+                                &out);
+  if (rc != 0) throw std::runtime_error("generate failed: " + out);
+  json j = last_json(out);
+  cache[p.value] = j;
+  return j;
+}
+
+std::vector<int> ids_of(const json& j) { return j.at("generated_ids").get<std::vector<int>>(); }
+
+// A process in its own process group (mpirun and its ranks are signalled together).
+struct Proc {
+  pid_t pid = -1;
+  std::string log;
+  Proc(const std::vector<std::string>& args, const std::string& log_path,
+       const std::vector<std::string>& env = {})
+      : log(log_path) {
+    pid = ::fork();
+    if (pid == 0) {
+      ::setpgid(0, 0);
+      int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      ::dup2(fd, 1);
+      ::dup2(fd, 2);
+      for (const auto& e : env) ::putenv(const_cast<char*>(e.c_str()));
+      std::vector<char*> argv;
+      for (const auto& s : args) argv.push_back(const_cast<char*>(s.c_str()));
+      argv.push_back(nullptr);
+      ::execv(argv[0], argv.data());
+      ::_exit(127);
+    }
+    ::setpgid(pid, pid);
+  }
+  bool running() {
+    int st;
+    return ::waitpid(pid, &st, WNOHANG) == 0;
+  }
+  ~Proc() {
+    if (pid <= 0) return;
+    ::kill(-pid, SIGTERM);
+    for (int i = 0; i < 250 && running(); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    ::kill(-pid, SIGKILL);
+    int st;
+    ::waitpid(pid, &st, 0);
+  }
+};
+
+std::string read_file(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+// A running service: coordinator + one worker group of `ranks` (tp) + one decoder, with a
+// shared secret.
+struct Service {
+  std::string dir, secret_file, addr;
+  std::unique_ptr<Proc> coord, workers, decoder;
+
+  Service(const std::string& model_path, int ranks, int tp, const std::string& tag) {
+    dir = ::testing::TempDir() + "/svc_" + tag + "_" + std::to_string(::getpid());
+    std::filesystem::create_directories(dir);
+    secret_file = dir + "/secret";
+    std::ofstream(secret_file) << "e2e-secret-" << ::getpid() << "\n";
+    const std::string port_file = dir + "/port";
+    coord = std::make_unique<Proc>(
+        std::vector<std::string>{bin("mprefill-coordinator"), "--port", "0", "--port-file",
+                                 port_file, "--secret-file", secret_file, "--tokenizer",
+                                 tokenizer(), "--heartbeat-ms", "200"},
+        dir + "/coordinator.log");
+    const auto until = Clock::now() + std::chrono::seconds(20);
+    while (!t::file_exists(port_file) && Clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    std::istringstream ps(read_file(port_file));
+    int port = 0;
+    ps >> port;
+    if (port <= 0)
+      throw std::runtime_error("coordinator did not start: " + read_file(dir + "/coordinator.log"));
+    addr = "127.0.0.1:" + std::to_string(port);
+    workers = std::make_unique<Proc>(
+        std::vector<std::string>{MPREFILL_MPIEXEC, "--oversubscribe", "--bind-to", "none", "-np",
+                                 std::to_string(ranks), bin("mprefill-worker"), "--coordinator",
+                                 addr, "--model", model_path, "--tp", std::to_string(tp), "--group",
+                                 "g-" + tag, "--secret-file", secret_file},
+        dir + "/workers.log",
+        std::vector<std::string>{"OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1",
+                                 "OMPI_MCA_rmaps_base_oversubscribe=1"});
+    decoder = std::make_unique<Proc>(
+        std::vector<std::string>{bin("mprefill-decoder"), "--coordinator", addr, "--model",
+                                 model_path, "--name", "d-" + tag, "--secret-file", secret_file},
+        dir + "/decoder.log");
+    // Registered?
+    const auto reg_until = Clock::now() + std::chrono::seconds(120);
+    for (;;) {
+      std::string out;
+      t::run_command(cli("status") + " --json 2>&1", &out);
+      json j = last_json(out);
+      if (j.is_object() && j["groups"].size() == 1 && j["decoders"].size() == 1) break;
+      if (Clock::now() > reg_until || !workers->running() || !decoder->running())
+        throw std::runtime_error("service did not come up:\n" + logs());
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+  std::string cli(const std::string& cmd) const {
+    return bin("mprefill") + " " + cmd + " --coordinator " + addr + " --secret-file " +
+           quote(secret_file);
+  }
+  std::string logs() const {
+    return "--- coordinator\n" + read_file(dir + "/coordinator.log") + "--- workers\n" +
+           read_file(dir + "/workers.log") + "--- decoder\n" + read_file(dir + "/decoder.log");
+  }
+};
+
+void check_run_matches_generate(int ranks, int tp) {
+  if (!have_stories()) GTEST_SKIP() << "stories15M not found under " << t::shared_dir();
+  for (const Prompt& p : prompts()) {
+    const json ref = reference(p);
+    std::string out;
+    const int rc =
+        t::run_command(bin("mprefill") + " run --ranks " + std::to_string(ranks) + " --tp " +
+                           std::to_string(tp) + " --mpirun " + MPREFILL_MPIEXEC + " --model " +
+                           quote(model()) + " " + prompt_args(p) + " --decode 16 --json 2>&1",
+                       &out);
+    ASSERT_EQ(rc, 0) << out;
+    const json j = last_json(out);
+    ASSERT_TRUE(j.is_object()) << out;
+    EXPECT_EQ(j.value("status", ""), "DONE") << out;
+    EXPECT_GE(j.value("job_id", 0), 1);
+    EXPECT_EQ(ids_of(j), ids_of(ref)) << p.value << "\n" << out;
+    EXPECT_EQ(ids_of(j).size(), 17u);
+    EXPECT_EQ(j.at("prompt_tokens").get<int64_t>(), ref.at("prompt_tokens").get<int64_t>());
+    EXPECT_EQ(j.at("kv_bytes_handed_off").get<uint64_t>(),
+              kKvPerToken * j.at("prompt_tokens").get<uint64_t>());
+    EXPECT_GT(j.at("handoff_ms").get<double>(), 0.0);
+    EXPECT_EQ(j.at("sp").get<int>(), ranks / tp);
+    if (p.flag == "--prompt") {
+      EXPECT_EQ(j.value("text", ""), ref.value("text", "")) << out;
+    }
+  }
+}
+
+}  // namespace
+
+TEST(ServiceE2E, RunRanks2MatchesGenerate) { check_run_matches_generate(2, 1); }
+
+TEST(ServiceE2E, RunRanks4Tp2MatchesGenerate) { check_run_matches_generate(4, 2); }
+
+TEST(ServiceE2E, ConcurrentSubmissionsQueueAndAllFinish) {
+  if (!have_stories()) GTEST_SKIP() << "stories15M not found";
+  Service s(model(), 2, 1, "conc");
+  // Every prompt twice, all at once: one group, so they queue.
+  std::string script;
+  std::vector<std::string> outs;
+  int k = 0;
+  for (int rep = 0; rep < 2; ++rep)
+    for (const Prompt& p : prompts()) {
+      const std::string out = s.dir + "/submit" + std::to_string(k++) + ".json";
+      outs.push_back(out);
+      script +=
+          s.cli("submit") + " " + prompt_args(p) + " --decode 16 --json > " + out + " 2>&1 & ";
+    }
+  std::string ignored;
+  ASSERT_EQ(t::run_command("bash -c " + quote(script + "wait"), &ignored), 0);
+  double max_queue_ms = 0;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    const Prompt& p = prompts()[i % prompts().size()];
+    const std::string text = read_file(outs[i]);
+    const json j = last_json(text);
+    ASSERT_TRUE(j.is_object()) << text << s.logs();
+    EXPECT_EQ(j.value("status", ""), "DONE") << text;
+    EXPECT_EQ(ids_of(j), ids_of(reference(p))) << p.value;
+    max_queue_ms = std::max(max_queue_ms, j.value("queue_ms", 0.0));
+  }
+  EXPECT_GT(max_queue_ms, 0.0);  // someone waited for the group
+  std::string st;
+  t::run_command(s.cli("status") + " --json", &st);
+  const json sj = last_json(st);
+  int done = 0;
+  for (const auto& j : sj["jobs"]) done += j["status"] == "DONE";
+  EXPECT_EQ(done, 6) << st;
+  EXPECT_EQ(sj["decoders"][0]["active_jobs"], 0) << st;
+}
+
+TEST(ServiceE2E, CancelMidRunThenTheServiceStillWorks) {
+  // random:tiny at 6144 tokens: the prefill takes seconds on CPU, long enough to cancel
+  // while RUNNING.
+  Service s("random:tiny:7", 2, 1, "cancel");
+  std::string ids;
+  for (int i = 0; i < 6144; ++i) ids += (i ? "," : "") + std::to_string(3 + (i * 7919) % 250);
+  const std::string ids_file = s.dir + "/ids.txt";
+  std::ofstream(ids_file) << ids;
+  std::string out;
+  ASSERT_EQ(t::run_command(s.cli("submit") + " --prompt-ids \"$(cat " + ids_file +
+                               ")\" --decode 4 --no-wait --json 2>&1",
+                           &out),
+            0)
+      << out;
+  const uint64_t id = last_json(out).value("job_id", uint64_t{0});
+  ASSERT_GE(id, 1u) << out;
+  // Wait until the prefill is under way (a layer done), then cancel.
+  const auto until = Clock::now() + std::chrono::seconds(60);
+  std::string state;
+  int layer = 0;
+  while (Clock::now() < until) {
+    t::run_command(s.cli("status") + " --job " + std::to_string(id) + " --json", &out);
+    const json js = last_json(out)["jobs"][0];
+    state = js.value("status", "");
+    layer = js.value("layer", 0);
+    if (state == "RUNNING" && layer >= 1) break;
+    ASSERT_TRUE(state == "QUEUED" || state == "RUNNING")
+        << "the job ended before it could be cancelled mid-run (too fast a machine?)\n"
+        << out << s.logs();
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_LT(layer, 4);
+  ASSERT_EQ(state, "RUNNING");
+  ASSERT_EQ(t::run_command(s.cli("cancel") + " --job " + std::to_string(id) + " --json", &out), 0)
+      << out << s.logs();
+  EXPECT_EQ(last_json(out).value("status", ""), "CANCELLED") << out;
+  // The group drops the job and takes the next one: a short job finishes.
+  ASSERT_EQ(
+      t::run_command(s.cli("submit") + " --prompt-ids 1,5,9,14,200 --decode 3 --json 2>&1", &out),
+      0)
+      << out << s.logs();
+  const json j = last_json(out);
+  EXPECT_EQ(j.value("status", ""), "DONE") << out;
+  EXPECT_EQ(ids_of(j).size(), 4u);
+  t::run_command(s.cli("status") + " --json", &out);
+  const json sj = last_json(out);
+  EXPECT_EQ(sj["decoders"][0]["active_jobs"], 0) << out;
+  EXPECT_EQ(sj["groups"][0]["busy"], false) << out;
+}
+
+TEST(ServiceE2E, PythonClientRunsAJob) {
+  if (!have_stories()) GTEST_SKIP() << "stories15M not found";
+  const std::string py = MPREFILL_PYTHON3;
+  if (py.empty())
+    GTEST_SKIP() << "no python3 with google.protobuf (launch/setup.sh installs python3-protobuf)";
+  Service s(model(), 2, 1, "py");
+  const Prompt& p = prompts()[2];
+  std::string out;
+  const int rc =
+      t::run_command(py + " " + t::source_dir() + "/python/mprefill_client.py --coordinator " +
+                         s.addr + " --secret-file " + quote(s.secret_file) + " --prompt-ids " +
+                         p.value + " --decode 16 --json 2>&1",
+                     &out);
+  ASSERT_EQ(rc, 0) << out << s.logs();
+  const json j = last_json(out);
+  EXPECT_EQ(j.value("status", ""), "DONE") << out;
+  EXPECT_EQ(ids_of(j), ids_of(reference(p)));
+  EXPECT_EQ(j.at("kv_bytes_handed_off").get<uint64_t>(), kKvPerToken * 11);
+  // And a refusal comes back as a clear error with a non-zero status.
+  const int rc2 = t::run_command(
+      py + " " + t::source_dir() + "/python/mprefill_client.py --coordinator " + s.addr +
+          " --secret-file " + quote(s.secret_file) + " --prompt-ids 5,32000 --json 2>&1",
+      &out);
+  EXPECT_NE(rc2, 0);
+  EXPECT_NE(out.find("INVALID_ARGUMENT"), std::string::npos) << out;
+  EXPECT_NE(out.find("token id 32000 at position 1"), std::string::npos) << out;
+}

@@ -1,0 +1,155 @@
+// mprefill-coordinator: the service front end (issue 6). Worker groups (rank 0 of each
+// mpirun group), decoders and clients connect to --port; Prometheus metrics on
+// --metrics-port. Runs until SIGINT / SIGTERM.
+//
+// Exit status: 0 after a signal; 1 a runtime error (one line on stderr); 2 a usage error.
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "coordinator/coordinator.h"
+
+namespace {
+
+const char* kUsage =
+    "usage: mprefill-coordinator [--host ADDR] [--port P] [--metrics-port P]\n"
+    "                            [--secret-file F] [--tokenizer PATH] [--max-prompt N]\n"
+    "                            [--queue-limit N] [--threads N] [--heartbeat-ms MS]\n"
+    "                            [--heartbeat-timeout-ms MS] [--handoff-timeout-ms MS]\n"
+    "                            [--port-file F] [--quiet]\n"
+    "  --host ADDR             bind address (default 127.0.0.1; 0.0.0.0 for all)\n"
+    "  --port P                service port (default 7070; 0: any free port)\n"
+    "  --metrics-port P        Prometheus text metrics over HTTP GET /metrics (default off;\n"
+    "                          0: any free port)\n"
+    "  --secret-file F         shared secret: every peer must prove it (HMAC-SHA256)\n"
+    "  --tokenizer PATH        llama2.c tokenizer.bin: text prompts and result text\n"
+    "  --max-prompt N          prompt limit in tokens (default: the model's max position)\n"
+    "  --queue-limit N         queued jobs at most (default 64)\n"
+    "  --threads N             io threads (default 2)\n"
+    "  --heartbeat-ms MS       heartbeat period asked of groups and decoders (default 1000)\n"
+    "  --heartbeat-timeout-ms  silence after which a group / decoder is dead (default 10000)\n"
+    "  --handoff-timeout-ms    bound on each KV handoff wait (default 60000)\n"
+    "  --port-file F           write \"PORT METRICS_PORT\" to F once listening\n"
+    "  --quiet                 no event log on stderr\n";
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+long long parse_int(const std::string& flag, const std::string& s, long long lo, long long hi) {
+  size_t used = 0;
+  long long v = 0;
+  try {
+    v = std::stoll(s, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (s.empty() || used != s.size())
+    throw UsageError(flag + " expects an integer, got '" + s + "'");
+  if (v < lo || v > hi)
+    throw UsageError(flag + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  return v;
+}
+
+volatile std::sig_atomic_t g_signal = 0;
+void on_signal(int sig) { g_signal = sig; }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  mprefill::coord::CoordinatorOptions opt;
+  opt.port = 7070;
+  std::string port_file;
+  try {
+    for (int i = 1; i < argc; ++i) {
+      std::string flag = argv[i];
+      std::string inline_value;
+      bool has_inline = false;
+      if (flag.rfind("--", 0) == 0 && flag.find('=') != std::string::npos) {
+        inline_value = flag.substr(flag.find('=') + 1);
+        flag = flag.substr(0, flag.find('='));
+        has_inline = true;
+      }
+      auto value = [&]() -> std::string {
+        if (has_inline) return inline_value;
+        if (i + 1 >= argc) throw UsageError(flag + " needs a value");
+        return argv[++i];
+      };
+      if (flag == "--help" || flag == "-h") {
+        std::fputs(kUsage, stdout);
+        return 0;
+      } else if (flag == "--host") {
+        opt.host = value();
+      } else if (flag == "--port") {
+        opt.port = static_cast<uint16_t>(parse_int(flag, value(), 0, 65535));
+      } else if (flag == "--metrics-port") {
+        opt.metrics_port = static_cast<int>(parse_int(flag, value(), 0, 65535));
+      } else if (flag == "--secret-file") {
+        opt.secret = mprefill::wire::load_secret_file(value());
+      } else if (flag == "--tokenizer") {
+        opt.tokenizer = value();
+      } else if (flag == "--max-prompt") {
+        opt.max_prompt = parse_int(flag, value(), 1, 1LL << 40);
+      } else if (flag == "--queue-limit") {
+        opt.queue_limit = static_cast<int>(parse_int(flag, value(), 0, 1 << 20));
+      } else if (flag == "--threads") {
+        opt.threads = static_cast<int>(parse_int(flag, value(), 1, 256));
+      } else if (flag == "--heartbeat-ms") {
+        opt.heartbeat_ms = static_cast<int>(parse_int(flag, value(), 10, 600000));
+      } else if (flag == "--heartbeat-timeout-ms") {
+        opt.heartbeat_timeout_ms = static_cast<int>(parse_int(flag, value(), 10, 3600000));
+      } else if (flag == "--handoff-timeout-ms") {
+        opt.handoff_timeout_ms = static_cast<int>(parse_int(flag, value(), 10, 3600000));
+      } else if (flag == "--port-file") {
+        port_file = value();
+      } else if (flag == "--quiet") {
+        opt.log = false;
+      } else {
+        throw UsageError("unknown option '" + std::string(argv[i]) + "'");
+      }
+    }
+    if (opt.heartbeat_timeout_ms < opt.heartbeat_ms)
+      throw UsageError("--heartbeat-timeout-ms must be >= --heartbeat-ms");
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "mprefill-coordinator: error: %s\n", e.what());
+    std::fputs(kUsage, stderr);
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "mprefill-coordinator: error: %s\n", e.what());
+    return 1;
+  }
+
+  try {
+    // Signals are blocked in every thread but this one's sigwait-like loop.
+    std::signal(SIGINT, on_signal);
+    std::signal(SIGTERM, on_signal);
+    std::signal(SIGPIPE, SIG_IGN);
+    mprefill::coord::Coordinator c(opt);
+    c.start();
+    std::fprintf(
+        stderr, "mprefill-coordinator: listening on %s:%u%s\n", opt.host.c_str(), c.port(),
+        c.metrics_port() ? (", metrics on :" + std::to_string(c.metrics_port())).c_str() : "");
+    if (!port_file.empty()) {
+      const std::string tmp = port_file + ".tmp";
+      FILE* f = std::fopen(tmp.c_str(), "w");
+      if (!f) throw std::runtime_error("cannot write --port-file " + port_file);
+      std::fprintf(f, "%u %u\n", c.port(), c.metrics_port());
+      std::fclose(f);
+      if (std::rename(tmp.c_str(), port_file.c_str()) != 0)
+        throw std::runtime_error("cannot write --port-file " + port_file);
+    }
+    while (!g_signal) {
+      struct timespec ts {
+        0, 100 * 1000 * 1000
+      };
+      nanosleep(&ts, nullptr);
+    }
+    std::fprintf(stderr, "mprefill-coordinator: signal %d, shutting down\n", int(g_signal));
+    c.stop();
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "mprefill-coordinator: error: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,171 @@
+// mprefill-decoder: the reference decoder of the prefill service (issue 6). Loads the
+// model, listens for worker KV streams, registers with the coordinator (endpoint,
+// capacity, KV contract), then receives each job's KV pages into its paged store and
+// continues generation from the first token (decode/decoder.h).
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <thread>
+
+#include "decode/decoder.h"
+#include "kernels/cpu/cpu.h"
+#include "proto/wire.h"
+#include "worker/fingerprint.h"
+#include "worker/kv_handoff.h"
+#include "worker/weights.h"
+
+namespace {
+
+using namespace mprefill;
+
+const char* kUsage =
+    "usage: mprefill-decoder --coordinator HOST:PORT --model PATH [--name NAME]\n"
+    "                        [--listen HOST:PORT] [--advertise HOST] [--capacity-mb MB]\n"
+    "                        [--max-jobs N] [--page-tokens P] [--timeout-ms MS]\n"
+    "                        [--secret-file F] [--threads N]\n"
+    "The reference decoder: receives the KV pages of each job from the worker ranks over\n"
+    "TCP, then continues generation from the first token (CPU, fp32 KV).\n"
+    "  --coordinator HOST:PORT  the coordinator to register with\n"
+    "  --model PATH             the weights the worker groups serve (HF directory, llama2.c\n"
+    "                           .bin, random:NAME[:SEED]); the fingerprint must match\n"
+    "  --name NAME              decoder name (default decoder-HOSTNAME-PID)\n"
+    "  --listen HOST:PORT       KV port bind address (default 127.0.0.1:0, any free port)\n"
+    "  --advertise HOST         host workers connect to (default: the --listen host)\n"
+    "  --capacity-mb MB         KV memory for all jobs (default 2048)\n"
+    "  --max-jobs N             jobs held at once (default 4)\n"
+    "  --page-tokens P          tokens per KV page (default 256; the workers must agree)\n"
+    "  --timeout-ms MS          fail a job whose pages stop for this long when the\n"
+    "                           coordinator's Expect gives none (default 30000)\n"
+    "  --secret-file F          shared secret: proof to the coordinator, required of workers\n"
+    "  --threads N              CPU threads (default: all cores or MPREFILL_THREADS)\n"
+    "Exit status: 0 when the coordinator ends the connection or on SIGINT/SIGTERM; 1 on a\n"
+    "failure (model, refused registration); 2 on bad arguments.\n";
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+long long parse_int(const std::string& flag, const std::string& s, long long lo, long long hi) {
+  size_t used = 0;
+  long long v = 0;
+  try {
+    v = std::stoll(s, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (s.empty() || used != s.size())
+    throw UsageError(flag + " expects an integer, got '" + s + "'");
+  if (v < lo || v > hi)
+    throw UsageError(flag + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                     "], got " + s);
+  return v;
+}
+
+std::atomic<bool> g_signalled{false};
+void on_signal(int) { g_signalled = true; }
+
+std::string hostname() {
+  char buf[256] = {};
+  gethostname(buf, sizeof buf - 1);
+  return buf;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string coordinator, model, listen = "127.0.0.1:0", secret_file;
+  decode::DecoderOptions opt;
+  opt.name.clear();
+  int threads = 0;
+  long long capacity_mb = 2048;
+  bool help = false;
+  try {
+    for (int i = 1; i < argc; ++i) {
+      const std::string flag = argv[i];
+      auto value = [&]() -> std::string {
+        if (i + 1 >= argc) throw UsageError(flag + " needs a value");
+        return argv[++i];
+      };
+      if (flag == "--help" || flag == "-h")
+        help = true;
+      else if (flag == "--coordinator")
+        coordinator = value();
+      else if (flag == "--model")
+        model = value();
+      else if (flag == "--name")
+        opt.name = value();
+      else if (flag == "--listen")
+        listen = value();
+      else if (flag == "--advertise")
+        opt.advertise_host = value();
+      else if (flag == "--capacity-mb")
+        capacity_mb = parse_int(flag, value(), 1, 1LL << 30);
+      else if (flag == "--max-jobs")
+        opt.receiver.max_jobs = static_cast<int>(parse_int(flag, value(), 1, 1 << 16));
+      else if (flag == "--page-tokens")
+        opt.page_tokens = static_cast<int>(parse_int(flag, value(), 1, 1 << 20));
+      else if (flag == "--timeout-ms")
+        opt.receiver.default_timeout_ms = static_cast<int>(parse_int(flag, value(), 100, 86400000));
+      else if (flag == "--secret-file")
+        secret_file = value();
+      else if (flag == "--threads")
+        threads = static_cast<int>(parse_int(flag, value(), 1, 4096));
+      else
+        throw UsageError("unknown option '" + flag + "' (see --help)");
+    }
+    if (help) {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+    if (coordinator.empty()) throw UsageError("--coordinator HOST:PORT is required");
+    if (model.empty()) throw UsageError("--model PATH is required");
+    const size_t colon = listen.rfind(':');  // port 0 (any free port) is allowed here
+    if (colon == std::string::npos || colon == 0)
+      throw UsageError("--listen expects HOST:PORT, got '" + listen + "'");
+    opt.receiver.listen_host = listen.substr(0, colon);
+    opt.receiver.listen_port =
+        static_cast<uint16_t>(parse_int("--listen port", listen.substr(colon + 1), 0, 65535));
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "mprefill-decoder: error: %s\n", e.what());
+    return 2;
+  }
+  signal(SIGPIPE, SIG_IGN);
+  if (threads > 0) cpu::set_num_threads(threads);
+  try {
+    std::string host;
+    uint16_t port = 0;
+    wire::parse_host_port(coordinator, &host, &port);
+    std::string secret;
+    if (!secret_file.empty()) secret = wire::load_secret_file(secret_file);
+    opt.receiver.secret = secret;
+    opt.receiver.capacity_bytes = static_cast<uint64_t>(capacity_mb) << 20;
+    if (opt.name.empty()) opt.name = "decoder-" + hostname() + "-" + std::to_string(getpid());
+    opt.model_name = model_name_from_path(model);
+    const ModelWeights w = load_model(model);
+    decode::Decoder d(w, opt);
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    std::atomic<bool> done{false};
+    std::thread watcher([&] {  // stop() is not async-signal-safe: call it from here
+      while (!done) {
+        if (g_signalled) {
+          std::fprintf(stderr, "mprefill-decoder: stopping (signal)\n");
+          d.stop();
+          return;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+    });
+    const int rc = d.serve(host, port, secret);
+    done = true;
+    watcher.join();
+    return rc;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "mprefill-decoder: error: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,16 @@
+// Device-side fills for the GPU engine's random weights (no host copy of the values).
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace mprefill::gpu {
+
+// x[i] = bf16(std * z_i), z_i approximately standard normal (sum of four hashed
+// uniforms), deterministic in (seed, i).
+cudaError_t fill_normal_bf16(uint16_t* x, size_t n, uint64_t seed, float std, cudaStream_t stream);
+// x[i] = 1 + spread * (2 u_i - 1), u_i uniform in [0, 1) (RMSNorm weights near 1).
+cudaError_t fill_near_one_f32(float* x, size_t n, uint64_t seed, float spread, cudaStream_t stream);
+
+}  // namespace mprefill::gpu
