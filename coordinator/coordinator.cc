@@ -1260,6 +1260,26 @@ void Coordinator::Impl::handle_worker_message(const SessionPtr& s, v1::Envelope&
     metrics.ttft.observe(j->ttft_ms / 1000.0);
     metrics.prefill.observe(m.prefill_ms() / 1000.0);
     metrics.handoff.observe(m.handoff_ms() / 1000.0);
+    if (m.audit_size() > 0) {
+      double lo = 1.0;
+      const auto& model = contract->model();
+      for (const v1::HeadAudit& h : m.audit()) {
+        // Entries come from the worker: keep only valid heads and known pattern names
+        // (they become metric labels).
+        const std::string& pat = h.pattern();
+        if (h.layer() < 0 || h.layer() >= model.n_layers() || h.head() < 0 ||
+            h.head() >= model.n_heads() ||
+            (pat != "a_shape" && pat != "vertical_slash" && pat != "block_sparse" &&
+             pat != "dense"))
+          continue;
+        ++metrics.audit_heads;
+        metrics.audit_recall_sum += h.recall();
+        metrics.audit_error_sum += h.output_rel_error();
+        lo = std::min(lo, h.recall());
+        metrics.audit_last[{h.layer(), h.head()}] = {h.pattern(), h.recall(), h.output_rel_error()};
+      }
+      metrics.audit_min_recall_last = lo;
+    }
     set_state(*j, v1::HANDING_OFF);
     g.job = 0;
     j->deadline = now + std::chrono::milliseconds(opt.decode_timeout_ms);

@@ -81,6 +81,31 @@ std::string render_metrics(const MetricsSnapshot& m) {
   m.ttft.render("mprefill_ttft_seconds", "Submit to first token known.", &o);
   m.prefill.render("mprefill_prefill_seconds", "Prefill time reported by the worker group.", &o);
   m.handoff.render("mprefill_handoff_seconds", "KV handoff time reported by the worker group.", &o);
+  if (m.audit_heads > 0) {
+    head(&o, "mprefill_audit_recall", "summary",
+         "Attention mass captured by the sparse mask, over every audited head.");
+    line(&o, "mprefill_audit_recall_sum", "", m.audit_recall_sum);
+    line(&o, "mprefill_audit_recall_count", "", static_cast<double>(m.audit_heads));
+    head(&o, "mprefill_audit_output_rel_error", "summary",
+         "max|sparse - dense| / max|dense| of audited heads' outputs.");
+    line(&o, "mprefill_audit_output_rel_error_sum", "", m.audit_error_sum);
+    line(&o, "mprefill_audit_output_rel_error_count", "", static_cast<double>(m.audit_heads));
+    head(&o, "mprefill_audit_min_recall", "gauge", "Lowest head recall of the last audited job.");
+    line(&o, "mprefill_audit_min_recall", "", m.audit_min_recall_last);
+    head(&o, "mprefill_audit_head_recall", "gauge", "Last audited recall per head.");
+    for (const auto& [lh, v] : m.audit_last)
+      line(&o, "mprefill_audit_head_recall",
+           "layer=\"" + std::to_string(lh.first) + "\",head=\"" + std::to_string(lh.second) +
+               "\",pattern=\"" + v.pattern + "\"",
+           v.recall);
+    head(&o, "mprefill_audit_head_output_rel_error", "gauge",
+         "Last audited output error per head.");
+    for (const auto& [lh, v] : m.audit_last)
+      line(&o, "mprefill_audit_head_output_rel_error",
+           "layer=\"" + std::to_string(lh.first) + "\",head=\"" + std::to_string(lh.second) +
+               "\",pattern=\"" + v.pattern + "\"",
+           v.output_rel_error);
+  }
   return o;
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 #include <array>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,16 @@ struct MetricsSnapshot {
   int64_t groups_alive = 0, groups_busy = 0, decoders_alive = 0;
   int64_t connections = 0;
   Histogram ttft, prefill, handoff;
+  // Online head audit (JobOptions.audit_heads): totals over all audited heads, the
+  // lowest recall of the last audited job, and the last value per (layer, head).
+  uint64_t audit_heads = 0;
+  double audit_recall_sum = 0, audit_error_sum = 0;
+  double audit_min_recall_last = 1.0;
+  struct HeadAuditValue {
+    std::string pattern;
+    double recall = 1.0, output_rel_error = 0.0;
+  };
+  std::map<std::pair<int, int>, HeadAuditValue> audit_last;  // (layer, head)
 };
 
 std::string render_metrics(const MetricsSnapshot& m);

@@ -22,6 +22,10 @@
 #include "worker/sparse_policy.h"
 #include "worker/tokenizer.h"
 #include "worker/weights.h"
+#ifdef MPREFILL_HAVE_GPU_ENGINE
+#include "worker/cuda/cuda_engine.h"
+#include "worker/cuda/cuda_generate.h"
+#endif
 
 namespace {
 
@@ -39,6 +43,7 @@ const char* kGenerateUsage =
     "                         [--decode N] [--sparse dense|auto|FILE.json] [--dense-below N]\n"
     "                         [--temperature T] [--top-p P] [--seed S] [--stop-ids a,b]\n"
     "                         [--max-prompt N] [--device cpu|cuda] [--threads N] [--json]\n"
+    "                         [--audit-heads K]\n"
     "  --model PATH        HF directory (config.json + safetensors), llama2.c .bin, or\n"
     "                      random:NAME[:SEED] (random weights of a named shape: tiny,\n"
     "                      stories15m, llama3-8b)\n"
@@ -53,7 +58,10 @@ const char* kGenerateUsage =
     "  --max-prompt N      prompt length limit (default: the model's max position)\n"
     "  --device cpu|cuda   engine (default cpu)\n"
     "  --threads N         CPU worker threads (default: all cores or MPREFILL_THREADS)\n"
-    "  --json              print one JSON object on stdout\n";
+    "  --json              print one JSON object on stdout\n"
+    "  --audit-heads K     audit K non-dense heads per layer against dense attention on 4\n"
+    "                      sampled query blocks: recall and relative output difference\n"
+    "                      per head (cpu engine)\n";
 
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -139,6 +147,7 @@ struct GenerateArgs {
   int threads = 0;
   bool json = false;
   bool help = false;
+  int audit_heads = 0;
 };
 
 GenerateArgs parse_generate(int argc, char** argv) {
@@ -194,6 +203,8 @@ GenerateArgs parse_generate(int argc, char** argv) {
         throw UsageError("--device must be cpu or cuda, got '" + a.device + "'");
     } else if (flag == "--threads") {
       a.threads = static_cast<int>(parse_int(flag, value(), 1, 4096));
+    } else if (flag == "--audit-heads") {
+      a.audit_heads = static_cast<int>(parse_int(flag, value(), 0, 1 << 20));
     } else {
       throw UsageError("unknown option '" + std::string(argv[i]) + "'");
     }
@@ -202,6 +213,8 @@ GenerateArgs parse_generate(int argc, char** argv) {
   if (a.model.empty()) throw UsageError("--model is required");
   const int sources = !!a.prompt + !!a.prompt_ids + !!a.prompt_file;
   if (sources != 1) throw UsageError("give exactly one of --prompt, --prompt-ids, --prompt-file");
+  if (a.audit_heads > 0 && a.device != "cpu")
+    throw UsageError("--audit-heads runs on the cpu engine only (--device cpu)");
   return a;
 }
 
@@ -237,8 +250,30 @@ nlohmann::json sparse_json(const SparsePolicy& p, const PrefillStats& st) {
             {"block_sparse", st.heads_by_kind[3]}}}};
 }
 
+// One entry per audited head (worker/audit.h).
+nlohmann::json audit_json(const PrefillStats& st) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const HeadAuditResult& r : st.audit)
+    out.push_back({{"layer", r.layer},
+                   {"head", r.head},
+                   {"pattern", to_string(r.pattern.kind)},
+                   {"a", r.pattern.a},
+                   {"b", r.pattern.b},
+                   {"rows", r.rows},
+                   {"recall", r.recall},
+                   {"output_rel_error", r.output_rel_error},
+                   {"output_rel_error_fro", r.output_rel_error_fro}});
+  return out;
+}
+
 int run_generate(const GenerateArgs& a) {
-  if (a.device == "cuda") throw DeviceError("--device cuda: this build has no CUDA engine yet");
+#ifdef MPREFILL_HAVE_GPU_ENGINE
+  if (a.device == "cuda" && !gpu::cuda_available())
+    throw DeviceError("--device cuda: no CUDA device is visible");
+#else
+  if (a.device == "cuda")
+    throw DeviceError("--device cuda: this build has no CUDA engine (configure with -DMPREFILL_CUDA=ON)");
+#endif
   if (a.threads > 0) cpu::set_num_threads(a.threads);
 
   std::optional<Tokenizer> tok;
@@ -276,11 +311,18 @@ int run_generate(const GenerateArgs& a) {
   opt.sampler.validate();
   opt.stop_ids = a.stop_ids;
   opt.max_prompt = a.max_prompt;
+  opt.audit.heads_per_layer = a.audit_heads;
   engine.check_prompt(ids, a.max_prompt);  // before reading a sparse config: cheap errors first
   opt.policy = load_sparse_policy(a.sparse, w.config, a.dense_below);
   opt.policy.check_model(w.config);
 
+#ifdef MPREFILL_HAVE_GPU_ENGINE
+  // cuda: GPU prefill, KV into a host cache, decoding on the CPU engine.
+  const GenerateResult r =
+      a.device == "cuda" ? gpu::generate_cuda(w, ids, opt) : engine.generate(ids, opt);
+#else
   const GenerateResult r = engine.generate(ids, opt);
+#endif
 
   std::string text;
   if (tok) {
@@ -303,9 +345,13 @@ int run_generate(const GenerateArgs& a) {
                         {"load_ms", load_ms},
                         {"stopped_by", r.stopped_by},
                         {"sparse", sparse_json(opt.policy, r.prefill)},
-                        {"device", "cpu"},
+                        {"device", a.device},
                         {"threads", cpu::num_threads()}};
     if (tok) j["text"] = text;
+    if (a.audit_heads > 0) {
+      j["audit"] = audit_json(r.prefill);
+      j["audit_ms"] = r.prefill.audit_ms;
+    }
     std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
   } else {
     if (tok) {
@@ -322,27 +368,51 @@ int run_generate(const GenerateArgs& a) {
                  static_cast<long long>(r.prompt_tokens), r.ttft_ms, ndec, r.decode_ms,
                  ndec && r.decode_ms > 0 ? 1000.0 * ndec / r.decode_ms : 0.0, r.stopped_by.c_str(),
                  one_line(opt.policy.summary_string()).c_str());
+    if (a.audit_heads > 0 && r.prefill.audit.empty())
+      std::fprintf(stderr, "mprefill: audit: no head to audit (the prompt ran dense)\n");
+    for (const HeadAuditResult& h : r.prefill.audit)
+      std::fprintf(stderr,
+                   "mprefill: audit layer %d head %d %s(%d,%d): recall %.6f, output error %.3g "
+                   "(max), %.3g (fro) over %lld rows\n",
+                   h.layer, h.head, to_string(h.pattern.kind), h.pattern.a, h.pattern.b, h.recall,
+                   h.output_rel_error, h.output_rel_error_fro, static_cast<long long>(h.rows));
   }
   return 0;
 }
 
 }  // namespace
 
+#ifdef MPREFILL_HAVE_SERVICE
+#include "tools/service_cli.h"  // submit / status / cancel / run (tools/cmake/service.cmake)
+#endif
+
 int main(int argc, char** argv) {
   std::ios::sync_with_stdio(true);
+#ifdef MPREFILL_HAVE_SERVICE
+  const char* service_usage = mprefill::cli::kServiceCommandsUsage;
+#else
+  const char* service_usage = "";
+#endif
   if (argc < 2) {
     std::fputs("mprefill: error: no command given\n", stderr);
     std::fputs(kUsage, stderr);
+    std::fputs(service_usage, stderr);
     return 2;
   }
   const std::string cmd = argv[1];
   if (cmd == "--help" || cmd == "-h" || cmd == "help") {
     std::fputs(kUsage, stdout);
+    std::fputs(service_usage, stdout);
     return 0;
   }
+#ifdef MPREFILL_HAVE_SERVICE
+  if (mprefill::cli::is_service_command(cmd))
+    return mprefill::cli::service_main(cmd, argc - 2, argv + 2);
+#endif
   if (cmd != "generate") {
     std::fprintf(stderr, "mprefill: error: unknown command '%s'\n", one_line(cmd).c_str());
     std::fputs(kUsage, stderr);
+    std::fputs(service_usage, stderr);
     return 2;
   }
   try {

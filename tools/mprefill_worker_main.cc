@@ -43,6 +43,9 @@
 
 #include "worker/cuda/cuda_engine.h"
 #endif
+#ifdef MPREFILL_HAVE_NCCL_KV
+#include "worker/cuda/nccl_kv_sink.h"
+#endif
 
 namespace {
 
@@ -62,7 +65,8 @@ const char* kUsage =
     "                           decoder must load the same weights (fingerprint checked)\n"
     "  --tp T                   tensor-parallel ranks (divides N and the KV heads; default 1)\n"
     "  --device cpu|cuda        cuda: one rank on the GPU of its node-local rank (CudaEngine,\n"
-    "                           CUDA builds; the KV is copied to host for the TCP handoff);\n"
+    "                           CUDA builds; the KV is copied to host for the TCP handoff,\n"
+    "                           or sent from the GPU by NCCL for --kv-transport nccl jobs);\n"
     "                           groups of several GPU ranks are not supported yet\n"
     "  --group NAME             group name (default worker-HOSTNAME-PID)\n"
     "  --secret-file F          shared secret for the coordinator and decoder hellos\n"
@@ -364,11 +368,12 @@ class CoordinatorLink {
 // to a host sink (the TCP handoff converts them to the contract's dtype); then on_layer.
 class DeviceToHostSink : public KvSink {
  public:
-  DeviceToHostSink(KvSink* next, std::function<void(int)> on_layer)
-      : next_(next), on_layer_(std::move(on_layer)) {}
+  // to_host false: device slices pass through as they are (the NCCL handoff).
+  DeviceToHostSink(KvSink* next, std::function<void(int)> on_layer, bool to_host = true)
+      : next_(next), on_layer_(std::move(on_layer)), to_host_(to_host) {}
   void put(const KvSlice& s) override {
     KvSlice h = s;
-    if (s.on_device) {
+    if (s.on_device && to_host_) {
       const auto t0 = Clock::now();
       const size_t bytes = static_cast<size_t>(s.bytes_per_tensor());
       k_.resize(bytes);
@@ -392,6 +397,7 @@ class DeviceToHostSink : public KvSink {
  private:
   KvSink* next_;
   std::function<void(int)> on_layer_;
+  bool to_host_ = true;
   std::vector<char> k_, v_;
   double copy_ms_ = 0;
   static void check(cudaError_t e, const char* what) {
@@ -401,6 +407,38 @@ class DeviceToHostSink : public KvSink {
   }
 };
 #endif
+
+// The job's KV handoff: TcpKvHandoff, or (kv_transport "nccl", GPU ranks) NcclKvSink.
+class Handoff : public KvSink {
+ public:
+  explicit Handoff(std::unique_ptr<TcpKvHandoff> tcp) : tcp_(std::move(tcp)) {}
+#ifdef MPREFILL_HAVE_NCCL_KV
+  explicit Handoff(std::unique_ptr<gpu::NcclKvSink> nccl) : nccl_(std::move(nccl)) {}
+#endif
+  void put(const KvSlice& s) override { tcp_ ? tcp_->put(s) : nccl_put(s); }
+  void finish() override { tcp_ ? tcp_->finish() : nccl_finish(); }
+  bool device_slices() const { return !tcp_; }
+  bool failed() const { return tcp_ ? tcp_->failed() : nccl_failed(); }
+  std::string error() const { return tcp_ ? tcp_->error() : nccl_error(); }
+  KvHandoffStats stats() const { return tcp_ ? tcp_->stats() : nccl_stats(); }
+
+ private:
+  std::unique_ptr<TcpKvHandoff> tcp_;
+#ifdef MPREFILL_HAVE_NCCL_KV
+  std::unique_ptr<gpu::NcclKvSink> nccl_;
+  void nccl_put(const KvSlice& s) { nccl_->put(s); }
+  void nccl_finish() { nccl_->finish(); }
+  bool nccl_failed() const { return nccl_->failed(); }
+  std::string nccl_error() const { return nccl_->error(); }
+  KvHandoffStats nccl_stats() const { return nccl_->stats(); }
+#else
+  void nccl_put(const KvSlice&) {}
+  void nccl_finish() {}
+  bool nccl_failed() const { return false; }
+  std::string nccl_error() const { return ""; }
+  KvHandoffStats nccl_stats() const { return {}; }
+#endif
+};
 
 struct Cancelled : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -574,6 +612,9 @@ class Worker {
         }
         *r->mutable_kv() = contract_;
         r->add_kv_transports("tcp");
+#ifdef MPREFILL_HAVE_NCCL_KV
+        if (on_gpu()) r->add_kv_transports("nccl");  // one GPU rank: NcclKvSink
+#endif
         conn->send(env, a_.connect_timeout_ms);
         v1::Envelope ans;
         if (!conn->recv(&ans, a_.connect_timeout_ms))
@@ -685,7 +726,8 @@ class Worker {
     // 1. Policy and handoff streams (errors here leave the group in step: keep serving).
     std::string err;
     SparsePolicy policy;
-    std::unique_ptr<TcpKvHandoff> sink;
+    AuditOptions audit;
+    std::unique_ptr<Handoff> sink;
     try {
       if (ids.empty()) throw std::runtime_error("empty prompt");
       for (size_t i = 0; i < ids.size(); ++i)
@@ -693,13 +735,24 @@ class Worker {
           throw std::runtime_error("token id " + std::to_string(ids[i]) + " at " +
                                    std::to_string(i) + " is outside [0, " +
                                    std::to_string(cfg_.vocab) + ")");
-      if (!o.kv_transport().empty() && o.kv_transport() != "tcp")
+      const bool nccl = o.kv_transport() == "nccl";
+#ifdef MPREFILL_HAVE_NCCL_KV
+      if (nccl && !on_gpu())
+        throw std::runtime_error("KV transport 'nccl' needs a --device cuda group");
+#else
+      if (nccl)
+        throw std::runtime_error("KV transport 'nccl' is not in this build of mprefill-worker "
+                                 "(CUDA builds with NCCL)");
+#endif
+      if (!o.kv_transport().empty() && o.kv_transport() != "tcp" && !nccl)
         throw std::runtime_error("KV transport '" + o.kv_transport() +
-                                 "' is not served by this "
-                                 "group (tcp only)");
+                                 "' is not served by this group (tcp or nccl)");
       policy = load_sparse_policy(o.sparse().empty() ? "dense" : o.sparse(), cfg_,
                                   o.dense_below() > 0 ? o.dense_below() : kDefaultDenseBelow);
       policy.check_model(cfg_);
+      audit.heads_per_layer = std::max(0, o.audit_heads());  // same on every rank
+      if (audit.heads_per_layer > 0 && on_gpu())
+        throw std::runtime_error("audit_heads: the head audit runs on CPU groups only");
       KvHandoffOptions ho;
       ho.job_id = id;
       ho.rank = wi_.rank;
@@ -712,7 +765,12 @@ class Worker {
                                                    : a_.handoff_timeout_ms;
       ho.streams = a_.streams;
       ho.defer_errors = true;  // keep the layer loop in step with the other ranks
-      sink = std::make_unique<TcpKvHandoff>(ho);
+#ifdef MPREFILL_HAVE_NCCL_KV
+      if (nccl)
+        sink = std::make_unique<Handoff>(std::make_unique<gpu::NcclKvSink>(ho, wi_.local_rank));
+      else
+#endif
+        sink = std::make_unique<Handoff>(std::make_unique<TcpKvHandoff>(ho));
     } catch (const std::exception& e) {
       err = e.what();
     }
@@ -746,7 +804,7 @@ class Worker {
     double kv_export_ms = 0;
     try {
       if (dist_) {
-        DistPrefillResult r = dist_->prefill(ids, policy, sink.get(), nullptr, progress);
+        DistPrefillResult r = dist_->prefill(ids, policy, sink.get(), nullptr, progress, audit);
         logits = std::move(r.logits);
         stats = r.stats;
       } else if (on_gpu()) {
@@ -760,7 +818,7 @@ class Worker {
           p.mutable_worker_progress()->set_layer(layer + 1);
           p.mutable_worker_progress()->set_n_layers(cfg_.n_layers);
           link_->send(p);
-        });
+        }, /*to_host=*/!sink->device_slices());
         gpu::CudaPrefillStats cs;
         logits = cuda_->prefill(ids, policy, &d2h, nullptr, &cs);  // calls finish()
         stats.total_ms = cs.total_ms;
@@ -772,7 +830,7 @@ class Worker {
         // Single process: the engine fills a cache, then each layer is exported.
         const int64_t n = static_cast<int64_t>(ids.size());
         KvCache cache(cfg_, n);
-        logits = engine_->prefill(ids, policy, &cache, nullptr, &stats);
+        logits = engine_->prefill(ids, policy, &cache, nullptr, &stats, audit);
         const auto te = Clock::now();
         std::vector<int> heads(cfg_.n_kv_heads);
         for (int h = 0; h < cfg_.n_kv_heads; ++h) heads[h] = h;
@@ -840,6 +898,14 @@ class Worker {
       return send_failed(id, 0, std::string("sampling the first token: ") + e.what());
     }
     done->set_job_id(id);
+    for (const HeadAuditResult& h : stats.audit) {
+      auto* m = done->add_audit();
+      m->set_layer(h.layer);
+      m->set_head(h.head);
+      m->set_pattern(to_string(h.pattern.kind));
+      m->set_recall(h.recall);
+      m->set_output_rel_error(h.output_rel_error);
+    }
     done->set_kv_bytes(static_cast<uint64_t>(kv_bytes));
     done->set_handoff_ms(handoff_ms);
     done->set_prefill_ms(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());

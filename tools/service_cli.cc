@@ -47,7 +47,7 @@ const char* kSubmitUsage =
     "                       [--dense-below N] [--temperature T] [--top-p P] [--seed S]\n"
     "                       [--stop-ids a,b] [--group NAME] [--decoder NAME]\n"
     "                       [--kv-transport tcp|nccl] [--model NAME] [--tag TEXT]\n"
-    "                       [--no-wait] [--timeout-s S] [--json]\n"
+    "                       [--audit-heads K] [--no-wait] [--timeout-s S] [--json]\n"
     "  --tokenizer PATH    tokenize --prompt here (BOS prepended) and print text; without\n"
     "                      it, text prompts go to the coordinator's tokenizer\n"
     "  --no-wait           print the job id once accepted and exit (the job goes on;\n"
@@ -70,6 +70,7 @@ const char* kRunUsage =
     "                    [--temperature T] [--top-p P] [--seed S] [--stop-ids a,b]\n"
     "                    [--kv-transport tcp|nccl] [--max-prompt N] [--mpirun PATH]\n"
     "                    [--startup-timeout-s S] [--timeout-s S] [--json]\n"
+    "                    [--decoder-device cpu|cuda[:N]] [--audit-heads K]\n"
     "  Starts a coordinator (in this process, loopback, a fresh shared secret), a decoder\n"
     "  (mprefill-decoder) and one worker group (mpirun -np R mprefill-worker, tp T x\n"
     "  sp R/T), submits the prompt, prints the result as 'mprefill submit' does, and shuts\n"
@@ -77,6 +78,8 @@ const char* kRunUsage =
     "  --ranks R           MPI ranks of the worker group (default 1)\n"
     "  --tp T              tensor-parallel ranks (divides R; default 1)\n"
     "  --device cpu|cuda   worker device (default cpu)\n"
+    "  --decoder-device cpu|cuda[:N]  the decoder's KV receive device: cuda serves\n"
+    "                      --kv-transport nccl (K/V by NCCL from the GPU ranks; default cpu)\n"
     "  --mpirun PATH       launcher (default: mpirun on PATH)\n"
     "  --startup-timeout-s S  bound on the workers' and decoder's registration (default 120)\n";
 
@@ -175,6 +178,7 @@ struct Args {
   std::string tokenizer;
   std::optional<std::string> prompt, prompt_ids, prompt_file;
   int decode = 0;
+  int audit_heads = 0;  // heads per layer audited against dense attention
   std::string sparse = "dense";
   int64_t dense_below = 0;
   double temperature = 0.0, top_p = 1.0;
@@ -186,7 +190,7 @@ struct Args {
   // status / cancel
   uint64_t job = 0;
   // run
-  std::string model, device = "cpu", mpirun = "mpirun";
+  std::string model, device = "cpu", mpirun = "mpirun", decoder_device = "cpu";
   int ranks = 1, tp = 1, startup_timeout_s = 120;
   int64_t max_prompt = 0;
   bool json = false, help = false;
@@ -240,6 +244,8 @@ Args parse_args(const std::string& cmd, int argc, char** argv) {
       a.prompt_file = value();
     } else if (flag == "--decode") {
       a.decode = static_cast<int>(parse_int(flag, value(), 0, 1 << 24));
+    } else if (flag == "--audit-heads") {
+      a.audit_heads = static_cast<int>(parse_int(flag, value(), 0, 1 << 20));
     } else if (flag == "--sparse") {
       a.sparse = value();
     } else if (flag == "--dense-below") {
@@ -280,6 +286,12 @@ Args parse_args(const std::string& cmd, int argc, char** argv) {
       a.device = value();
       if (a.device != "cpu" && a.device != "cuda")
         throw UsageError("--device must be cpu or cuda, got '" + a.device + "'");
+    } else if (cmd == "run" && flag == "--decoder-device") {
+      a.decoder_device = value();
+      if (a.decoder_device != "cpu" && a.decoder_device != "cuda" &&
+          a.decoder_device.rfind("cuda:", 0) != 0)
+        throw UsageError("--decoder-device must be cpu, cuda or cuda:N, got '" + a.decoder_device +
+                         "'");
     } else if (cmd == "run" && flag == "--mpirun") {
       a.mpirun = value();
     } else if (cmd == "run" && flag == "--startup-timeout-s") {
@@ -355,6 +367,7 @@ v1::Envelope make_submit(const Args& a, const Prompt& p, bool progress) {
   o->set_sparse(a.sparse);
   o->set_dense_below(a.dense_below);
   o->set_decode_tokens(a.decode);
+  o->set_audit_heads(a.audit_heads);
   o->mutable_sampling()->set_temperature(static_cast<float>(a.temperature));
   o->mutable_sampling()->set_top_p(static_cast<float>(a.top_p));
   o->mutable_sampling()->set_seed(a.seed);
@@ -501,6 +514,16 @@ nlohmann::json outcome_json(const Outcome& o, const Args& a, const Prompt& p) {
   j["handoff_ms"] = r.handoff_ms();
   j["handoff_gbps"] = r.handoff_ms() > 0 ? r.kv_bytes_handed_off() / (r.handoff_ms() * 1e6) : 0.0;
   j["sparse"] = {{"source", a.sparse}};
+  if (r.audit_size() > 0) {
+    nlohmann::json audit = nlohmann::json::array();
+    for (const auto& h : r.audit())
+      audit.push_back({{"layer", h.layer()},
+                       {"head", h.head()},
+                       {"pattern", h.pattern()},
+                       {"recall", h.recall()},
+                       {"output_rel_error", h.output_rel_error()}});
+    j["audit"] = audit;
+  }
   if (!r.text().empty() || !p.text.empty()) j["text"] = r.text();
   nlohmann::json ranks = nlohmann::json::array();
   for (const auto& b : r.ranks())
@@ -572,6 +595,9 @@ int print_outcome(const Outcome& o, const Args& a, const Prompt& p,
                static_cast<unsigned long long>(r.kv_bytes_handed_off()), r.handoff_ms(),
                gbps(r.kv_bytes_handed_off(), r.handoff_ms()).c_str(),
                std::max(0, r.generated_ids_size() - 1), r.decode_ms(), r.stopped_by().c_str());
+  for (const auto& h : r.audit())
+    std::fprintf(stderr, "mprefill: audit layer %d head %d (%s): recall %.4f, output error %.3g\n",
+                 h.layer(), h.head(), h.pattern().c_str(), h.recall(), h.output_rel_error());
   return 0;
 }
 
@@ -813,7 +839,9 @@ int cmd_run(const Args& a) {
                                     "--name",
                                     "run-decoder",
                                     "--secret-file",
-                                    cleanup.secret_path};
+                                    cleanup.secret_path,
+                                    "--device",
+                                    a.decoder_device};
   decoder.spawn(dargs, {});
   cleanup.children.push_back(&decoder);
 
@@ -858,7 +886,9 @@ int cmd_run(const Args& a) {
   const bool bar = !a.json && isatty(STDERR_FILENO);
   const Outcome o = follow_job(*c, make_submit(a, p, bar), a.timeout_s, bar, false, children_ok);
   nlohmann::json extra = {
-      {"device", a.device}, {"ranks", a.ranks}, {"tp", a.tp}, {"sp", a.ranks / a.tp}};
+      {"device", a.device}, {"ranks", a.ranks}, {"tp", a.tp}, {"sp", a.ranks / a.tp},
+      {"decoder_device", a.decoder_device},
+      {"kv_transport", a.kv_transport.empty() ? "tcp" : a.kv_transport}};
   const int rc = print_outcome(o, a, p, tok, extra);
   c->close();
   return rc;  // cleanup stops the children; the coordinator stops with its destructor

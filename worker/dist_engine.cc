@@ -23,6 +23,7 @@
 #include <stdexcept>
 
 #include "kernels/cpu/cpu.h"
+#include "worker/audit.h"
 #include "worker/distributed_estimate.h"
 #include "worker/plan_codec.h"
 #include "worker/ring_attention.h"
@@ -340,7 +341,14 @@ struct DistEngine::Impl {
   }
 
   DistPrefillResult prefill(const std::vector<int>& ids, const SparsePolicy& policy, KvSink* sink,
-                            PrefillPlan* plan_inout, const LayerProgressFn& progress);
+                            PrefillPlan* plan_inout, const LayerProgressFn& progress,
+                            const AuditOptions& audit);
+  // The audit of layer l (worker/audit.h), collective; appends to out (same on every rank).
+  void audit_layer_dist(int l, const SparsePolicy& policy, int64_t n, const TokenRanges& mine,
+                        const std::vector<int64_t>& pos, const std::vector<float>& q,
+                        const std::vector<float>& k, const std::vector<float>& v,
+                        const std::vector<HeadPlan>& local, const std::vector<HeadPattern>& pats,
+                        const AuditOptions& audit, std::vector<HeadAuditResult>* out);
 };
 
 DistEngine::DistEngine(comm::Communicator* world, const std::string& model_path, DistTopology topo,
@@ -395,14 +403,130 @@ const TpPlan& DistEngine::placement() const { return impl_->placement; }
 
 DistPrefillResult DistEngine::prefill(const std::vector<int>& ids, const SparsePolicy& policy,
                                       KvSink* sink, PrefillPlan* plan_inout,
-                                      const LayerProgressFn& progress) {
-  return impl_->prefill(ids, policy, sink, plan_inout, progress);
+                                      const LayerProgressFn& progress, const AuditOptions& audit) {
+  return impl_->prefill(ids, policy, sink, plan_inout, progress, audit);
+}
+
+void DistEngine::Impl::audit_layer_dist(int l, const SparsePolicy& policy, int64_t n,
+                                        const TokenRanges& mine, const std::vector<int64_t>& pos,
+                                        const std::vector<float>& q, const std::vector<float>& k,
+                                        const std::vector<float>& v,
+                                        const std::vector<HeadPlan>& local,
+                                        const std::vector<HeadPattern>& pats,
+                                        const AuditOptions& audit,
+                                        std::vector<HeadAuditResult>* out) {
+  const ModelConfig& c = w.cfg;
+  const LocalLayer& lw = w.layers[l];
+  const int hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
+  const int64_t QL = int64_t{static_cast<int>(lw.q_heads.size())} * hd;
+  const int64_t KL = int64_t{static_cast<int>(lw.kv_heads.size())} * hd;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+  const std::vector<int> heads = audit_heads(policy, l, c.n_heads, n, audit);
+  if (heads.empty()) return;
+  const std::vector<int64_t> blocks = audit_blocks(n, l, audit);
+  // Sampled heads of this tp rank (same on every sp rank of it): index into lw.q_heads.
+  std::vector<int> mine_h;  // model head ids
+  std::vector<int> mine_i;  // local index
+  for (int h : heads) {
+    auto it = std::find(lw.q_heads.begin(), lw.q_heads.end(), h);
+    if (it == lw.q_heads.end()) continue;
+    mine_h.push_back(h);
+    mine_i.push_back(static_cast<int>(it - lw.q_heads.begin()));
+  }
+  std::vector<int64_t> rows;
+  for (int64_t b : blocks)
+    for (int64_t r = b * kBlock; r < std::min(n, (b + 1) * kBlock); ++r) rows.push_back(r);
+  const int64_t R = static_cast<int64_t>(rows.size());
+  const int nm = static_cast<int>(mine_h.size());
+
+  // q rows of the sampled heads, summed over sp: each row has one owner, the rest write 0.
+  std::vector<float> qrows(static_cast<size_t>(nm * R * hd), 0.f);
+  {
+    int64_t li = 0;  // local row of the range start
+    for (auto [b, e] : mine) {
+      for (int64_t i = 0; i < R; ++i) {
+        if (rows[i] < b || rows[i] >= e) continue;
+        const int64_t lr = li + rows[i] - b;
+        for (int j = 0; j < nm; ++j)
+          std::copy_n(q.data() + lr * QL + int64_t{mine_i[j]} * hd, hd,
+                      qrows.data() + (int64_t{j} * R + i) * hd);
+      }
+      li += e - b;
+    }
+  }
+  if (topo.sp > 1 && !qrows.empty())
+    check(*sp_comm,
+          sp_comm->all_reduce(qrows.data(), qrows.data(), qrows.size(), DType::kF32,
+                              comm::ReduceOp::kSum, nullptr),
+          "all_reduce of the audit rows over sp");
+
+  // Partials of this rank's key shard, gathered over sp (doubles moved as 8-byte words).
+  const int64_t per_row = 3 + 2 * int64_t{hd};
+  std::vector<double> enc(static_cast<size_t>(nm * R * per_row));
+  std::vector<AuditRows> ars;
+  for (int j = 0; j < nm; ++j) {
+    ars.push_back(audit_rows(local[mine_i[j]], pats[mine_i[j]], n, blocks));
+    // The head's kv head within this rank's kv heads.
+    const auto kv_it = std::find(lw.kv_heads.begin(), lw.kv_heads.end(), mine_h[j] / group);
+    const int64_t kv_off = int64_t{static_cast<int>(kv_it - lw.kv_heads.begin())} * hd;
+    const std::vector<RowPartial> parts = audit_partials(
+        ars.back(), qrows.data() + int64_t{j} * R * hd, k.data() + kv_off, v.data() + kv_off, KL,
+        pos.data(), static_cast<int64_t>(pos.size()), hd, scale);
+    for (int64_t i = 0; i < R; ++i)
+      encode_partial(parts[i], hd, enc.data() + (int64_t{j} * R + i) * per_row);
+  }
+  std::vector<double> all(enc.size() * static_cast<size_t>(topo.sp));
+  if (!enc.empty())
+    check(*sp_comm, sp_comm->all_gather(enc.data(), all.data(), enc.size(), DType::kI64, nullptr),
+          "all_gather of the audit partials over sp");
+
+  // Figures of this tp rank's heads, then of every head over tp (NaN: not this rank's).
+  constexpr int kFig = 4;  // recall, max error, fro error, rows
+  std::vector<double> fig(heads.size() * kFig, std::nan(""));
+  for (int j = 0; j < nm; ++j) {
+    std::vector<RowPartial> merged(R);
+    for (int s = 0; s < topo.sp; ++s)
+      for (int64_t i = 0; i < R; ++i)
+        merged[i].merge(decode_partial(
+            all.data() + static_cast<size_t>(s) * enc.size() + (int64_t{j} * R + i) * per_row, hd));
+    const HeadAuditResult r = audit_result(l, mine_h[j], pats[mine_i[j]], merged);
+    const size_t at = std::find(heads.begin(), heads.end(), mine_h[j]) - heads.begin();
+    fig[at * kFig + 0] = r.recall;
+    fig[at * kFig + 1] = r.output_rel_error;
+    fig[at * kFig + 2] = r.output_rel_error_fro;
+    fig[at * kFig + 3] = static_cast<double>(r.rows);
+  }
+  std::vector<double> figs(fig.size() * static_cast<size_t>(topo.tp));
+  check(*tp_comm, tp_comm->all_gather(fig.data(), figs.data(), fig.size(), DType::kI64, nullptr),
+        "all_gather of the audit figures over tp");
+  for (size_t i = 0; i < heads.size(); ++i) {
+    HeadAuditResult r;
+    r.layer = l;
+    r.head = heads[i];
+    r.pattern = policy.at(l, heads[i], n);
+    bool found = false;
+    for (int t = 0; t < topo.tp && !found; ++t) {
+      const double* f = figs.data() + static_cast<size_t>(t) * fig.size() + i * kFig;
+      if (std::isnan(f[3])) continue;
+      r.recall = f[0];
+      r.output_rel_error = f[1];
+      r.output_rel_error_fro = f[2];
+      r.rows = static_cast<int64_t>(f[3]);
+      found = true;
+    }
+    if (!found)
+      fail("audit: no tp rank holds layer " + std::to_string(l) + " head " +
+           std::to_string(heads[i]));
+    out->push_back(r);
+  }
 }
 
 DistPrefillResult DistEngine::Impl::prefill(const std::vector<int>& ids, const SparsePolicy& policy,
                                             KvSink* sink, PrefillPlan* plan_inout,
-                                            const LayerProgressFn& progress) {
+                                            const LayerProgressFn& progress,
+                                            const AuditOptions& audit) {
   const auto t_start = Clock::now();
+  audit.validate();
   const ModelConfig& c = w.cfg;
   const int64_t n = static_cast<int64_t>(ids.size());
   if (n == 0) fail("prompt is empty (at least one token is needed)");
@@ -599,6 +723,11 @@ DistPrefillResult DistEngine::Impl::prefill(const std::vector<int>& ids, const S
       res.ring_bytes_sent += rs.bytes_sent;
     }
     st.attention_ms += ms_since(t);
+    if (audit.enabled() && !all_dense) {
+      t = Clock::now();
+      audit_layer_dist(l, policy, n, mine, pos, q, k, v, local, pats, audit, &st.audit);
+      st.audit_ms += ms_since(t);
+    }
     if (plan_inout && !reuse) est_plans[l] = std::move(local);
 
     // ---- O projection (row-parallel) + all-reduce over tp

@@ -95,9 +95,12 @@ class DistEngine {
   // is filled with the globally estimated indices, identical on every rank). KV of each
   // layer for this rank's (kv heads, token shard) goes to sink (may be null). Throws
   // std::runtime_error naming the rank on a communication failure or timeout.
+  // An enabled audit (same options on every rank) fills stats.audit with every audited
+  // head of the prefill, identical on every rank (worker/audit.h: each sp rank scores the
+  // sampled rows against its key shard, partials merged over sp, figures gathered over tp).
   DistPrefillResult prefill(const std::vector<int>& ids, const SparsePolicy& policy, KvSink* sink,
-                            PrefillPlan* plan_inout = nullptr,
-                            const LayerProgressFn& progress = {});
+                            PrefillPlan* plan_inout = nullptr, const LayerProgressFn& progress = {},
+                            const AuditOptions& audit = {});
 
   const ModelConfig& config() const;
   DistTopology topology() const;

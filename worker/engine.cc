@@ -7,6 +7,7 @@
 #include <string>
 
 #include "kernels/cpu/cpu.h"
+#include "worker/audit.h"
 
 namespace mprefill {
 namespace {
@@ -285,8 +286,8 @@ struct Forward {
   }
 
   std::vector<float> run(const int* ids, int64_t n, int64_t pos0, const SparsePolicy& policy,
-                         KvCache* cache, PrefillPlan* plan, bool fill_plan,
-                         PrefillStats* st) const {
+                         KvCache* cache, PrefillPlan* plan, bool fill_plan, PrefillStats* st,
+                         const AuditOptions* audit = nullptr) const {
     const ModelConfig& c = w.config;
     const int64_t H = c.hidden, F = c.intermediate, QD = c.q_dim(), KVD = c.kv_dim();
     std::vector<float> x(n * H), xb(n * H), q(n * QD), att(n * QD);
@@ -313,6 +314,11 @@ struct Forward {
       if (st) st->gemm_ms += ms_since(t);
 
       attention_layer(l, q.data(), K, V, att.data(), n, pos0, policy, plan, fill_plan, st);
+      if (audit && audit->enabled() && pos0 == 0 && plan && st) {
+        const auto ta = Clock::now();
+        audit_layer(l, c, policy, plan->layers[l], q.data(), QD, K, V, KVD, n, *audit, &st->audit);
+        st->audit_ms += ms_since(ta);
+      }
 
       t = Clock::now();
       cpu::gemm_xwt(att.data(), L.wo.data.data(), nullptr, xb.data(), n, QD, H);
@@ -361,9 +367,15 @@ void check_cache(const KvCache* cache, const ModelConfig& c, int64_t pos0, int64
 }  // namespace
 
 std::vector<float> Engine::prefill(const std::vector<int>& ids, const SparsePolicy& policy,
-                                   KvCache* cache, PrefillPlan* plan_inout,
-                                   PrefillStats* stats) const {
+                                   KvCache* cache, PrefillPlan* plan_inout, PrefillStats* stats,
+                                   const AuditOptions& audit) const {
   const auto t0 = Clock::now();
+  audit.validate();
+  if (audit.enabled() && !stats)
+    throw std::runtime_error("engine: an audited prefill needs a stats object for the results");
+  // The audit reads each layer's indices: a prefill without a plan fills a local one.
+  PrefillPlan audit_plan;
+  if (audit.enabled() && !plan_inout) plan_inout = &audit_plan;
   const ModelConfig& c = w_.config;
   check_prompt(ids, static_cast<int64_t>(ids.size()));  // range checks; no length limit here
   const int64_t n = static_cast<int64_t>(ids.size());
@@ -382,7 +394,8 @@ std::vector<float> Engine::prefill(const std::vector<int>& ids, const SparsePoli
   st.all_dense = policy.all_dense(n);
   st.plan_reused = reuse;
   Forward f{w_, inv_freq_, opt_.mlp_chunk};
-  std::vector<float> logits = f.run(ids.data(), n, 0, policy, cache, plan_inout, !reuse, &st);
+  std::vector<float> logits =
+      f.run(ids.data(), n, 0, policy, cache, plan_inout, !reuse, &st, &audit);
   st.total_ms = ms_since(t0);
   if (stats) *stats = st;
   return logits;
@@ -414,7 +427,7 @@ GenerateResult Engine::generate(const std::vector<int>& ids, const GenerateOptio
 
   const auto t0 = Clock::now();
   KvCache cache(w_.config, n + opt.decode_steps);
-  std::vector<float> logits = prefill(ids, opt.policy, &cache, nullptr, &r.prefill);
+  std::vector<float> logits = prefill(ids, opt.policy, &cache, nullptr, &r.prefill, opt.audit);
   SampledToken tok = sampler.sample(logits.data(), static_cast<int>(logits.size()));
   r.ttft_ms = ms_since(t0);
   r.first_token_id = tok.id;

@@ -41,12 +41,37 @@ struct PrefillPlan {
   bool empty() const { return layers.empty(); }
 };
 
+// Online accuracy audit of a prefill (worker/audit.h): per layer, heads_per_layer heads
+// that do not run dense (seeded choice) are scored on query_blocks sampled 64-row query
+// blocks (the last one always) against their dense causal attention.
+struct AuditOptions {
+  int heads_per_layer = 0;  // 0: no audit
+  int query_blocks = 4;     // sampled query blocks per head (all when >= the prompt's blocks)
+  uint64_t seed = 0;
+  bool enabled() const { return heads_per_layer > 0; }
+  // Throws std::runtime_error naming the bad field.
+  void validate() const;
+};
+
+// One audited head: recall = mean over the sampled rows of the softmax mass that the
+// head's mask captures; output_rel_error = max |O_sparse - O_dense| / max |O_dense| over
+// the sampled rows (O_sparse: the renormalised softmax over the mask, what the kernel
+// outputs); output_rel_error_fro: the same in Frobenius norm.
+struct HeadAuditResult {
+  int layer = 0, head = 0;
+  HeadPattern pattern;
+  int64_t rows = 0;  // query rows scored
+  double recall = 1.0, output_rel_error = 0.0, output_rel_error_fro = 0.0;
+};
+
 struct PrefillStats {
   int64_t tokens = 0;
   bool all_dense = true;      // the policy ran dense on every head (short prompt or "dense")
   bool plan_reused = false;   // the plan came filled in
   int heads_by_kind[4] = {};  // (layer, head) pairs per PatternKind
   double total_ms = 0, attention_ms = 0, estimate_ms = 0, gemm_ms = 0, mlp_ms = 0;
+  std::vector<HeadAuditResult> audit;  // layer-major, heads ascending (AuditOptions)
+  double audit_ms = 0;
 };
 
 struct EngineOptions {
@@ -59,6 +84,7 @@ struct GenerateOptions {
   std::vector<int> stop_ids;  // generation ends after emitting one of these
   SparsePolicy policy;        // default: dense
   int64_t max_prompt = 0;     // prompt limit; 0: config.max_position
+  AuditOptions audit;         // results in GenerateResult::prefill.audit
 };
 
 struct GenerateResult {
@@ -78,10 +104,11 @@ class Engine {
   explicit Engine(const ModelWeights& w, EngineOptions opt = {});
 
   // ids: the whole prompt (positions 0..N-1) into an empty cache of capacity >= N.
-  // Returns the logits of position N-1 ([vocab]). plan_inout and stats may be null.
+  // Returns the logits of position N-1 ([vocab]). plan_inout and stats may be null;
+  // an enabled audit fills stats->audit (stats must then be given).
   std::vector<float> prefill(const std::vector<int>& ids, const SparsePolicy& policy,
                              KvCache* cache, PrefillPlan* plan_inout = nullptr,
-                             PrefillStats* stats = nullptr) const;
+                             PrefillStats* stats = nullptr, const AuditOptions& audit = {}) const;
   // One token at position pos == cache->n_tokens (dense attention over the cache).
   std::vector<float> decode_step(int token, int64_t pos, KvCache* cache) const;
   // Validates the prompt (non-empty, ids in range, length limit), prefills, samples.

@@ -105,27 +105,14 @@ Mask block_mask(PatternKind kind, int64_t n) {
 
 Mask vs_mask(const VsIndex& ix) {
   Mask m = block_mask(PatternKind::kVerticalSlash, ix.seq_len);
-  for (int64_t b = 0; b < ix.nblocks; ++b) {
-    uint8_t* keys = m.keys.data() + m.off[b];
-    for (int64_t t = ix.range_ptr[b]; t < ix.range_ptr[b + 1]; ++t)
-      std::fill(keys + ix.range_lo[t], keys + ix.range_hi[t], 1);
-    for (int64_t t = ix.col_ptr[b]; t < ix.col_ptr[b + 1]; ++t) keys[ix.col[t]] = 1;
-  }
+  for (int64_t b = 0; b < ix.nblocks; ++b) fill_vs_block_keys(ix, b, m.keys.data() + m.off[b]);
   return m;
 }
 
 Mask bs_mask(const std::vector<int>& blocks, int topk, int64_t n) {
   Mask m = block_mask(PatternKind::kBlockSparse, n);
   const int64_t nb = num_blocks(n);
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t m1 = std::min(n, (b + 1) * kBlock);
-    for (int j = 0; j < topk; ++j) {
-      const int x = blocks[b * topk + j];
-      if (x < 0) continue;
-      std::fill(m.keys.data() + m.off[b] + int64_t{x} * kBlock,
-                m.keys.data() + m.off[b] + std::min(m1, (int64_t{x} + 1) * kBlock), 1);
-    }
-  }
+  for (int64_t b = 0; b < nb; ++b) fill_bs_block_keys(blocks, topk, n, b, m.keys.data() + m.off[b]);
   return m;
 }
 
@@ -145,10 +132,16 @@ struct HeadContext {
   int64_t vs = 0;
   int d = 0;
   std::vector<int64_t> err_rows;  // sampled query rows for rel_error
-  std::vector<double> o_dense;    // [err_rows][d]
-  double o_dense_sq = 0;          // sum of squares of o_dense
 };
 
+// The mask's bytes of row r (keys 0..r).
+void row_visibility(const Mask& m, int64_t r, std::vector<uint8_t>* vis) {
+  vis->resize(r + 1);
+  for (int64_t c = 0; c <= r; ++c) (*vis)[c] = m.visible(r, c) ? 1 : 0;
+}
+
+// Recall over all rows and the output errors over err_rows, through the shared row
+// primitives (row_partial / OutputError) on the stored probabilities (weights, m = 0).
 void score(const HeadContext& h, const Mask& m, Candidate* c) {
   const HeadAttention& a = *h.att;
   const int64_t n = a.n;
@@ -156,16 +149,12 @@ void score(const HeadContext& h, const Mask& m, Candidate* c) {
   const int64_t nb = num_blocks(n);
   std::vector<double> part(nb, 0.0);
   cpu::parallel_for(nb, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> vis;
     for (int64_t b = b0; b < b1; ++b) {
       double acc = 0;
       for (int64_t r = b * kBlock; r < std::min(n, (b + 1) * kBlock); ++r) {
-        const float* p = a.row(r);
-        double cap = 0, tot = 0;
-        for (int64_t c = 0; c <= r; ++c) {
-          tot += p[c];
-          if (m.visible(r, c)) cap += p[c];
-        }
-        acc += tot > 0 ? cap / tot : 1.0;
+        row_visibility(m, r, &vis);
+        acc += row_partial(a.row(r), 0.0, vis.data(), r + 1, nullptr, 0, 0).captured();
       }
       part[b] = acc;
     }
@@ -174,33 +163,21 @@ void score(const HeadContext& h, const Mask& m, Candidate* c) {
   for (double x : part) sum += x;
   c->recall = sum / static_cast<double>(n);
 
-  // Output error on the sampled rows.
+  // Output errors on the sampled rows.
   const size_t R = h.err_rows.size();
-  std::vector<double> err(R, 0.0);
+  std::vector<RowPartial> rows(R);
   cpu::parallel_for(static_cast<int64_t>(R), 1, [&](int64_t i0, int64_t i1) {
-    std::vector<double> o(h.d);
+    std::vector<uint8_t> vis;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = h.err_rows[i];
-      const float* p = a.row(r);
-      std::fill(o.begin(), o.end(), 0.0);
-      double cap = 0;
-      for (int64_t c = 0; c <= r; ++c) {
-        if (!m.visible(r, c)) continue;
-        cap += p[c];
-        const float* vc = h.v + c * h.vs;
-        for (int j = 0; j < h.d; ++j) o[j] += p[c] * static_cast<double>(vc[j]);
-      }
-      double e = 0;
-      for (int j = 0; j < h.d; ++j) {
-        const double diff = (cap > 0 ? o[j] / cap : 0.0) - h.o_dense[i * h.d + j];
-        e += diff * diff;
-      }
-      err[i] = e;
+      row_visibility(m, r, &vis);
+      rows[i] = row_partial(a.row(r), 0.0, vis.data(), r + 1, h.v, h.vs, h.d);
     }
   });
-  double esum = 0;
-  for (double x : err) esum += x;
-  c->rel_error = h.o_dense_sq > 0 ? std::sqrt(esum / h.o_dense_sq) : 0.0;
+  OutputError err;
+  for (const RowPartial& p : rows) err.add(p);
+  c->rel_error = err.rel_fro();
+  c->max_error = err.rel_max();
 }
 
 std::vector<int64_t> sample_rows(int64_t n, int count) {
@@ -298,7 +275,117 @@ void validate_ids(const ModelConfig& c, const std::vector<int>& ids) {
                                std::to_string(c.vocab) + ")");
 }
 
+template <class W>
+RowPartial row_partial_impl(const W* w, double m, const uint8_t* vis, int64_t count, const float* v,
+                            int64_t v_stride, int d) {
+  RowPartial p;
+  p.m = m;
+  const bool outputs = v != nullptr && d > 0;
+  if (outputs) {
+    p.o.assign(d, 0.0);
+    p.o_mask.assign(d, 0.0);
+  }
+  for (int64_t c = 0; c < count; ++c) {
+    const double x = w[c];
+    const bool in = vis == nullptr || vis[c] != 0;
+    p.s += x;
+    if (in) p.s_mask += x;
+    if (!outputs) continue;
+    const float* vc = v + c * v_stride;
+    for (int j = 0; j < d; ++j) {
+      const double t = x * static_cast<double>(vc[j]);
+      p.o[j] += t;
+      if (in) p.o_mask[j] += t;
+    }
+  }
+  return p;
+}
+
 }  // namespace
+
+void RowPartial::merge(const RowPartial& b) {
+  if (b.m == -INFINITY) return;
+  if (m == -INFINITY) {
+    *this = b;
+    return;
+  }
+  const double mx = std::max(m, b.m), fa = std::exp(m - mx), fb = std::exp(b.m - mx);
+  s = s * fa + b.s * fb;
+  s_mask = s_mask * fa + b.s_mask * fb;
+  if (o.size() != b.o.size())
+    throw std::runtime_error("row partials of different head sizes cannot merge");
+  for (size_t j = 0; j < o.size(); ++j) {
+    o[j] = o[j] * fa + b.o[j] * fb;
+    o_mask[j] = o_mask[j] * fa + b.o_mask[j] * fb;
+  }
+  m = mx;
+}
+
+RowPartial row_partial(const float* w, double m, const uint8_t* vis, int64_t count, const float* v,
+                       int64_t v_stride, int d) {
+  return row_partial_impl(w, m, vis, count, v, v_stride, d);
+}
+RowPartial row_partial(const double* w, double m, const uint8_t* vis, int64_t count, const float* v,
+                       int64_t v_stride, int d) {
+  return row_partial_impl(w, m, vis, count, v, v_stride, d);
+}
+
+void OutputError::add(const RowPartial& p) {
+  for (size_t j = 0; j < p.o.size(); ++j) {
+    const double od = p.s > 0 ? p.o[j] / p.s : 0.0;
+    const double om = p.s_mask > 0 ? p.o_mask[j] / p.s_mask : 0.0;
+    const double diff = om - od;
+    sq_diff += diff * diff;
+    sq_dense += od * od;
+    max_diff = std::max(max_diff, std::abs(diff));
+    max_dense = std::max(max_dense, std::abs(od));
+  }
+}
+
+void fill_vs_block_keys(const VsIndex& ix, int64_t b, uint8_t* keys) {
+  for (int64_t t = ix.range_ptr[b]; t < ix.range_ptr[b + 1]; ++t)
+    std::fill(keys + ix.range_lo[t], keys + ix.range_hi[t], 1);
+  for (int64_t t = ix.col_ptr[b]; t < ix.col_ptr[b + 1]; ++t) keys[ix.col[t]] = 1;
+}
+
+void fill_bs_block_keys(const std::vector<int>& blocks, int topk, int64_t n, int64_t b,
+                        uint8_t* keys) {
+  const int64_t m1 = std::min(n, (b + 1) * kBlock);
+  for (int j = 0; j < topk; ++j) {
+    const int x = blocks[b * topk + j];
+    if (x < 0) continue;
+    std::fill(keys + int64_t{x} * kBlock, keys + std::min(m1, (int64_t{x} + 1) * kBlock), 1);
+  }
+}
+
+BlockKeys block_keys(const HeadPlan& plan, const HeadPattern& pattern, const VsIndex* vs_index,
+                     int64_t n, int64_t b) {
+  BlockKeys k;
+  k.kind = plan.kind;
+  const int64_t m1 = std::min(n, (b + 1) * kBlock);
+  switch (plan.kind) {
+    case PatternKind::kDense:
+      break;
+    case PatternKind::kAShape:
+      k.n_init = pattern.a;
+      k.n_local = pattern.b;
+      break;
+    case PatternKind::kVerticalSlash:
+      if (!vs_index || vs_index->seq_len != n || vs_index->num_heads != 1)
+        throw std::runtime_error(
+            "block_keys: a one-head vertical-slash index of the prompt is needed");
+      k.keys.assign(m1, 0);
+      fill_vs_block_keys(*vs_index, b, k.keys.data());
+      break;
+    case PatternKind::kBlockSparse:
+      if (plan.topk <= 0 || static_cast<int64_t>(plan.blocks.size()) < num_blocks(n) * plan.topk)
+        throw std::runtime_error("block_keys: the block-sparse plan has no blocks for the prompt");
+      k.keys.assign(m1, 0);
+      fill_bs_block_keys(plan.blocks, plan.topk, n, b, k.keys.data());
+      break;
+  }
+  return k;
+}
 
 void SearchOptions::validate() const {
   if (budgets.empty()) throw std::runtime_error("search: at least one tile budget is needed");
@@ -423,20 +510,6 @@ HeadSearch search_head(const float* q, int64_t q_stride, const float* k, const f
   ctx.vs = kv_stride;
   ctx.d = head_dim;
   ctx.err_rows = sample_rows(n, opt.error_rows);
-  ctx.o_dense.assign(ctx.err_rows.size() * head_dim, 0.0);
-  for (size_t i = 0; i < ctx.err_rows.size(); ++i) {
-    const int64_t r = ctx.err_rows[i];
-    const float* p = att.row(r);
-    double tot = 0;
-    for (int64_t c = 0; c <= r; ++c) tot += p[c];
-    for (int64_t c = 0; c <= r; ++c)
-      for (int j = 0; j < head_dim; ++j)
-        ctx.o_dense[i * head_dim + j] += p[c] * double(v[c * kv_stride + j]);
-    for (int j = 0; j < head_dim; ++j) {
-      ctx.o_dense[i * head_dim + j] /= tot;
-      ctx.o_dense_sq += ctx.o_dense[i * head_dim + j] * ctx.o_dense[i * head_dim + j];
-    }
-  }
 
   // Vertical-slash scores of this head (the real estimator, as the engine runs it).
   const int n_last = static_cast<int>(std::min<int64_t>(kBlock, n));

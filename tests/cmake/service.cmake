@@ -35,7 +35,7 @@ if(TARGET mprefill-worker AND TARGET mprefill-decoder AND TARGET mprefill-coordi
   # gtest_discover_tests).
   foreach(t RunRanks2MatchesGenerate RunRanks4Tp2MatchesGenerate
             ConcurrentSubmissionsQueueAndAllFinish CancelMidRunThenTheServiceStillWorks
-            PythonClientRunsAJob)
+            PythonClientRunsAJob AuditHeadsComeBackInTheResult)
     add_test(NAME ServiceE2E.${t}
              COMMAND service_e2e_test --gtest_filter=ServiceE2E.${t})
     set_tests_properties(ServiceE2E.${t} PROPERTIES TIMEOUT 300 LABELS "cpu;mpi;service"

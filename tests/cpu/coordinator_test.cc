@@ -19,6 +19,7 @@
 #include <set>
 #include <thread>
 
+#include "coordinator/metrics.h"
 #include "coordinator/planner.h"
 #include "proto/wire.h"
 #include "worker/sparse_policy.h"
@@ -715,6 +716,29 @@ TEST(Coordinator, ServesPrometheusMetricsOverHttp) {
   EXPECT_NE(body.find("# TYPE mprefill_ttft_seconds histogram"), std::string::npos);
   EXPECT_NE(body.find("mprefill_ttft_seconds_bucket{le=\"+Inf\"} 0"), std::string::npos);
   EXPECT_EQ(http_get(s.coord.metrics_port(), "/other").rfind("HTTP/1.0 404", 0), 0u);
+}
+
+TEST(Metrics, HeadAuditSummaryAndPerHeadGauges) {
+  mprefill::coord::MetricsSnapshot m;
+  EXPECT_EQ(mprefill::coord::render_metrics(m).find("mprefill_audit"), std::string::npos);
+  m.audit_heads = 2;
+  m.audit_recall_sum = 0.9 + 0.5;
+  m.audit_error_sum = 0.25;
+  m.audit_min_recall_last = 0.5;
+  m.audit_last[{1, 3}] = {"vertical_slash", 0.9, 0.05};
+  m.audit_last[{0, 2}] = {"block_sparse", 0.5, 0.2};
+  const std::string body = mprefill::coord::render_metrics(m);
+  EXPECT_EQ(metric(body, "mprefill_audit_recall_count"), 2);
+  EXPECT_NEAR(metric(body, "mprefill_audit_recall_sum"), 1.4, 1e-9) << body;
+  EXPECT_NE(body.find("mprefill_audit_min_recall 0.5"), std::string::npos) << body;
+  EXPECT_NE(body.find("mprefill_audit_head_recall{layer=\"1\",head=\"3\",pattern=\""
+                      "vertical_slash\"} 0.9"),
+            std::string::npos)
+      << body;
+  EXPECT_NE(body.find("mprefill_audit_head_output_rel_error{layer=\"0\",head=\"2\",pattern=\""
+                      "block_sparse\"} 0.2"),
+            std::string::npos)
+      << body;
 }
 
 TEST(Planner, ValidUtf8ReplacesBrokenSequences) {

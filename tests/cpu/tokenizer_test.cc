@@ -189,7 +189,7 @@ TEST(Tokenizer, LongTextIsFast) {
   const std::vector<int> ids = tok.encode(s, true);
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_GT(ids.size(), 300000u);
-  EXPECT_LT(sec, 20.0) << "2 MiB took " << sec << " s";  // a quadratic scan would take hours
+  EXPECT_LT(sec, 60.0) << "2 MiB took " << sec << " s";  // a quadratic scan would take hours
   EXPECT_EQ(tok.decode(ids), s);
 }
 

@@ -14,6 +14,7 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 #include <thread>
 #include <vector>
@@ -341,4 +342,36 @@ TEST(ServiceE2E, PythonClientRunsAJob) {
   EXPECT_NE(rc2, 0);
   EXPECT_NE(out.find("INVALID_ARGUMENT"), std::string::npos) << out;
   EXPECT_NE(out.find("token id 32000 at position 1"), std::string::npos) << out;
+}
+
+TEST(ServiceE2E, AuditHeadsComeBackInTheResult) {
+  // random:tiny, 700 tokens, every head sparse (auto, dense below 64): the group audits
+  // two heads per layer against dense attention and the result carries them.
+  // (dense_below 0 means the default, 32768, on the wire.)
+  Service s("random:tiny:5", 2, 1, "audit");
+  std::string ids;
+  for (int i = 0; i < 700; ++i) ids += (i ? "," : "") + std::to_string(3 + (i * 7919) % 250);
+  std::string out;
+  ASSERT_EQ(t::run_command(s.cli("submit") + " --prompt-ids " + ids +
+                               " --sparse auto --dense-below 64 --audit-heads 2 --decode 1 "
+                               "--json 2>&1",
+                           &out),
+            0)
+      << out << s.logs();
+  const json j = last_json(out);
+  ASSERT_TRUE(j.is_object()) << out;
+  EXPECT_EQ(j.value("status", ""), "DONE") << out;
+  ASSERT_TRUE(j.contains("audit")) << out;
+  const auto& audit = j["audit"];
+  ASSERT_FALSE(audit.empty()) << out;
+  std::set<int> layers;
+  for (const auto& h : audit) {
+    const double recall = h.at("recall").get<double>();
+    EXPECT_GE(recall, 0.0);
+    EXPECT_LE(recall, 1.0 + 1e-9);
+    EXPECT_GE(h.at("output_rel_error").get<double>(), 0.0);
+    EXPECT_NE(h.at("pattern").get<std::string>(), "dense");
+    layers.insert(h.at("layer").get<int>());
+  }
+  EXPECT_GE(layers.size(), 2u) << out;  // every layer audits its own heads
 }
