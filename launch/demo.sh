@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The main job, end to end: setup (install + build mprefill), then one prefill + decode.
-# Until the prefill service exists this runs `mprefill generate` on the stories15M test
-# model (../shared/models/stories15M, or MPREFILL_SHARED_DIR/models/stories15M).
+# The main job, end to end: setup (install + build), then the prefill service on one
+# prompt: `mprefill run` starts a coordinator, a worker group (mpirun -np RANKS
+# mprefill-worker, tensor x sequence parallel), and a decoder; submits the prompt; the
+# workers prefill it with sparse attention and hand the KV cache of every layer to the
+# decoder over TCP, which continues the generation; everything is shut down at the end.
+# Model: stories15M (../shared/models/stories15M, or MPREFILL_SHARED_DIR/models/stories15M),
+# else a small random model.
 #
-#   launch/demo.sh [--prompt TEXT] [--decode N] [--device cpu|cuda] [setup options...]
+#   launch/demo.sh [--prompt TEXT] [--decode N] [--ranks R] [--tp T] [--device cpu|cuda]
+#                  [setup options...]
 set -euo pipefail
 LOG_TAG=demo
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -11,20 +16,25 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PROMPT="Once upon a time"
 DECODE=32
 DEVICE=cpu
+RANKS=2
+TP=1
 SETUP_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --prompt) PROMPT="$2"; shift ;;
     --decode) DECODE="$2"; shift ;;
     --device) DEVICE="$2"; shift ;;
+    --ranks) RANKS="$2"; shift ;;
+    --tp) TP="$2"; shift ;;
     --build-dir) SETUP_ARGS+=("$1" "$2"); BUILD_DIR="$(realpath -m "$2")"; shift ;;
-    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) SETUP_ARGS+=("$1") ;;
   esac
   shift
 done
 
-"$ROOT/launch/setup.sh" --target mprefill "${SETUP_ARGS[@]}"
+"$ROOT/launch/setup.sh" --target mprefill --target mprefill-worker --target mprefill-decoder \
+  "${SETUP_ARGS[@]}"
 
 BIN="$BUILD_DIR/bin/mprefill"
 [ -x "$BIN" ] || die "$BIN was not built"
@@ -48,19 +58,18 @@ fi
 
 log "model: $what"
 log "prompt: $prompt_desc  decode: $DECODE tokens, greedy, device: $DEVICE"
-log "command: ${BIN#$ROOT/} generate $(printf '%q ' "${MODEL_ARGS[@]}")--decode $DECODE --device $DEVICE"
+log "service: coordinator + $RANKS worker ranks (tp $TP x sp $((RANKS / TP))) + 1 decoder, KV over TCP"
+RUN_ARGS=(run --ranks "$RANKS" --tp "$TP" --device "$DEVICE" "${MODEL_ARGS[@]}" --decode "$DECODE")
+log "command: ${BIN#$ROOT/} $(printf '%q ' "${RUN_ARGS[@]}")"
 stats=$(mktemp)
 trap 'rm -f "$stats"' EXIT
 rc=0
-text=$("$BIN" generate "${MODEL_ARGS[@]}" --decode "$DECODE" --device "$DEVICE" 2>"$stats") || rc=$?
+text=$("$BIN" "${RUN_ARGS[@]}" 2>"$stats") || rc=$?
 echo "----"
 [ -n "$text" ] && printf '%s\n' "$text"
 echo "----"
 cat "$stats"
-[ $rc = 0 ] || die "mprefill generate failed (exit $rc)"
-log "above: the prompt and its continuation; then prompt tokens, time to first token (ttft),"
-if [ "$DEVICE" = cpu ]; then
-  log "decode time and tokens/s (CPU engine, ${MPREFILL_THREADS:-$(jobs_n)} threads)"
-else
-  log "decode time and tokens/s ($DEVICE engine)"
-fi
+[ $rc = 0 ] || die "mprefill run failed (exit $rc)"
+log "above: the prompt and the continuation the decoder generated from the handed-off KV;"
+log "then the job line: time to first token (queue + prefill), KV bytes handed off, decode"
+log "(same ids as single-process 'mprefill generate': tests/service/service_e2e_test.cc)"
