@@ -18,6 +18,15 @@
 // --index-set clustered|uniform: the estimation still runs (and is timed) on every sparse
 // head, then attention uses the synthetic index sets of ../shared/BENCHMARKS.md for the
 // vertical-slash heads (random weights have no real sparsity).
+// Distributed (tp x sp ranks, one GPU each; worker/cuda/cuda_dist_engine.h):
+//   mpirun -np R mprefill-bench prefill --tp T --sp S --shape llama3-8b --seq N
+//       [--sparse dense|FILE --index-set clustered|uniform] [--json]
+// R must equal T * S. Vertical-slash heads use the synthetic index set (the GPU ring does
+// no estimation; --index-set estimated is refused there), block-sparse heads are refused.
+// TTFT = max over ranks of the prefill wall time after a barrier; rank 0 prints the
+// JSON with every rank's figures: ring attention (compute stream), ring wait (compute
+// stream stalled on a transfer: exposed), ring transfer (comm stream: hidden = transfer -
+// wait), tp all-reduce, local tokens, peak GPU memory.
 // --cudnn-ms MS: cuDNN SDPA time of one layer's dense causal attention at this N and head
 // shape (bench/cudnn_baseline.py, same card): the JSON then carries the E1 reference
 // gemm_ms + layers * MS and own dense TTFT over it.
@@ -37,6 +46,11 @@
 
 #include "kernels/cuda/cuda.h"
 #include "worker/cuda/cuda_engine.h"
+#ifdef MPREFILL_HAVE_DIST_BENCH
+#include "comm/mpi_comm.h"
+#include "comm/nccl_comm.h"
+#include "worker/cuda/cuda_dist_engine.h"
+#endif
 #include "worker/cuda/kv_sinks.h"
 #include "worker/index_sets.h"
 #include "worker/model_config.h"
@@ -53,6 +67,7 @@ struct Args {
   uint64_t seed = 1;
   double cudnn_ms = 0;
   bool json = false;
+  int tp = 1, sp = 1;
 };
 
 void usage() {
@@ -61,7 +76,8 @@ void usage() {
       "usage: mprefill-bench prefill --seq N [--shape tiny|stories15m|llama3-8b]\n"
       "         [--sparse dense|auto|FILE.json] [--index-set estimated|clustered|uniform]\n"
       "         [--dense-below N] [--sink pinned|keep|null] [--layers L] [--mlp-chunk C]\n"
-      "         [--warmup-seq N] [--seed S] [--cudnn-ms MS] [--json]\n");
+      "         [--warmup-seq N] [--seed S] [--cudnn-ms MS] [--json]\n"
+      "       mpirun -np T*S mprefill-bench prefill --tp T --sp S --seq N [...]\n");
 }
 
 int64_t to_int(const std::string& flag, const std::string& v) {
@@ -109,6 +125,10 @@ Args parse(int argc, char** argv) {
       a.cudnn_ms = std::stod(val());
     else if (f == "--json")
       a.json = true;
+    else if (f == "--tp")
+      a.tp = static_cast<int>(to_int(f, val()));
+    else if (f == "--sp")
+      a.sp = static_cast<int>(to_int(f, val()));
     else if (f == "--help" || f == "-h") {
       usage();
       std::exit(0);
@@ -120,6 +140,7 @@ Args parse(int argc, char** argv) {
     throw std::runtime_error("--index-set must be estimated, clustered or uniform");
   if (a.sink != "pinned" && a.sink != "keep" && a.sink != "null")
     throw std::runtime_error("--sink must be pinned, keep or null");
+  if (a.tp < 1 || a.sp < 1) throw std::runtime_error("--tp and --sp must be >= 1");
   if (a.layers < 0 || a.mlp_chunk < 1 || a.warmup_seq < 0 || a.dense_below < 0)
     throw std::runtime_error("--layers, --mlp-chunk, --warmup-seq, --dense-below out of range");
   return a;
@@ -142,6 +163,135 @@ std::string escape(const std::string& s) {
   }
   return o;
 }
+
+// Vertical-slash heads of the policy get the synthetic index set of --index-set.
+PrefillPlan synthetic_plan(const Args& a, const ModelConfig& cfg, const SparsePolicy& policy,
+                           int64_t n) {
+  const IndexSetKind kind = parse_index_set_kind(a.index_set);
+  PrefillPlan plan;
+  plan.seq_len = n;
+  plan.layers.assign(cfg.n_layers, std::vector<HeadPlan>(cfg.n_heads));
+  for (int l = 0; l < cfg.n_layers; ++l)
+    for (int h = 0; h < cfg.n_heads; ++h) {
+      const HeadPattern hp = policy.at(l, h, n);
+      HeadPlan& x = plan.layers[l][h];
+      x.kind = hp.kind;
+      if (hp.kind == PatternKind::kVerticalSlash)
+        x.vs = synthetic_vs(kind, n, hp.a, hp.b, a.seed * 1000003ull + l * 1009ull + h);
+    }
+  return plan;
+}
+
+#ifdef MPREFILL_HAVE_DIST_BENCH
+int run_dist(const Args& a) {
+  const comm::WorldInfo wi = comm::world_info();
+  if (wi.size != a.tp * a.sp)
+    throw std::runtime_error("--tp " + std::to_string(a.tp) + " x --sp " + std::to_string(a.sp) +
+                             " needs " + std::to_string(a.tp * a.sp) + " ranks, mpirun gave " +
+                             std::to_string(wi.size));
+  ModelConfig cfg = named_shape(a.shape);
+  if (a.layers > 0) cfg.n_layers = std::min(cfg.n_layers, a.layers);
+  const SparsePolicy policy = load_sparse_policy(a.sparse, cfg, a.dense_below);
+  policy.check_model(cfg);
+  const int64_t n = a.seq;
+  const bool dense = policy.all_dense(n);
+  if (!dense && a.index_set == "estimated")
+    throw std::runtime_error("the GPU ring does no estimation: use --index-set clustered|uniform");
+  auto mpi = comm::make_mpi_communicator(MPI_COMM_WORLD);
+  comm::CommConfig cc;
+  cc.timeout_ms = 600000;
+  std::string err;
+  auto nccl = comm::make_nccl_communicator(MPI_COMM_WORLD, wi.local_rank, cc, &err);
+  if (!nccl) throw std::runtime_error(err);
+  gpu::CudaDistOptions o;
+  o.device = wi.local_rank;
+  o.mlp_chunk = a.mlp_chunk;
+  o.timing = true;
+  const auto t_init = std::chrono::steady_clock::now();
+  gpu::CudaDistEngine eng(nccl.get(), cfg, a.seed, DistTopology{a.tp, a.sp}, o);
+  const double init_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_init).count();
+  std::mt19937_64 rng(a.seed);
+  std::vector<int> ids(n);
+  for (auto& id : ids) id = static_cast<int>(rng() % static_cast<uint64_t>(cfg.vocab));
+  if (a.warmup_seq > 0) {
+    std::vector<int> w(ids.begin(), ids.begin() + std::min(n, a.warmup_seq));
+    eng.prefill(w, SparsePolicy::dense(), nullptr);
+  }
+  PrefillPlan plan;
+  if (!dense) plan = synthetic_plan(a, cfg, policy, n);
+  gpu::NullKvSink sink;
+  int32_t z = 0, zz = 0;
+  if (mpi->all_reduce(&z, &zz, 1, DType::kI32, comm::ReduceOp::kSum, nullptr) != Status::kOk)
+    throw std::runtime_error("barrier: " + mpi->last_error());
+  const auto t0 = std::chrono::steady_clock::now();
+  const gpu::CudaDistResult r = eng.prefill(ids, policy, &sink, dense ? nullptr : &plan);
+  const double wall =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  bool finite = true;
+  for (float v : r.logits) finite = finite && std::isfinite(v);
+  // Per-rank figures gathered on every rank (fp64 as two fp32 would lose digits: use I64 of
+  // microseconds / bytes).
+  const int64_t mine[8] = {int64_t(wall * 1000),           int64_t(r.ring_compute_ms * 1000),
+                           int64_t(r.ring_wait_ms * 1000), int64_t(r.ring_transfer_ms * 1000),
+                           int64_t(r.allreduce_ms * 1000), r.local_tokens,
+                           int64_t(r.peak_device_bytes),   finite ? 1 : 0};
+  std::vector<int64_t> all(8 * size_t(wi.size));
+  if (mpi->all_gather(mine, all.data(), 8, DType::kI64, nullptr) != Status::kOk)
+    throw std::runtime_error("gather: " + mpi->last_error());
+  if (wi.rank != 0) return 0;
+  double ttft = 0, max_comp = 0, sum_comp = 0, wait_max = 0, xfer_max = 0;
+  bool all_finite = true;
+  std::string per;
+  for (int k = 0; k < wi.size; ++k) {
+    const int64_t* v = all.data() + 8 * k;
+    ttft = std::max(ttft, v[0] / 1000.0);
+    max_comp = std::max(max_comp, v[1] / 1000.0);
+    sum_comp += v[1] / 1000.0;
+    wait_max = std::max(wait_max, v[2] / 1000.0);
+    xfer_max = std::max(xfer_max, v[3] / 1000.0);
+    all_finite = all_finite && v[7] == 1;
+    char b[512];
+    std::snprintf(b, sizeof b,
+                  "%s{\"rank\": %d, \"tp_rank\": %d, \"sp_rank\": %d, \"prefill_ms\": %.3f, "
+                  "\"ring_attention_ms\": %.3f, \"ring_wait_exposed_ms\": %.3f, "
+                  "\"ring_transfer_ms\": %.3f, \"ring_hidden_ms\": %.3f, "
+                  "\"tp_allreduce_ms\": %.3f, \"local_tokens\": %lld, \"peak_gpu_bytes\": "
+                  "%lld}",
+                  k ? ", " : "", k, k % a.tp, k / a.tp, v[0] / 1000.0, v[1] / 1000.0, v[2] / 1000.0,
+                  v[3] / 1000.0, std::max(0.0, (v[3] - v[2]) / 1000.0), v[4] / 1000.0,
+                  static_cast<long long>(v[5]), static_cast<long long>(v[6]));
+    per += b;
+  }
+  if (!all_finite) throw std::runtime_error("non-finite logits");
+  cudaDeviceProp prop{};
+  cudaGetDeviceProperties(&prop, wi.local_rank);
+  char date[32];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
+  const double ring_imb = sum_comp > 0 ? max_comp / (sum_comp / wi.size) : 1.0;
+  if (a.json) {
+    std::printf(
+        "{\"bench\": \"prefill_dist\", \"card\": \"%s\", \"date\": \"%s\", \"shape\": "
+        "\"%s\", \"layers\": %d, \"seq\": %lld, \"tp\": %d, \"sp\": %d, \"sparse\": "
+        "\"%s\", \"index_set\": \"%s\", \"ttft_ms\": %.3f, \"sp_imbalance_causal_tiles\": "
+        "%.4f, \"ring_attention_imbalance\": %.4f, \"ring_wait_exposed_max_ms\": %.3f, "
+        "\"ring_transfer_max_ms\": %.3f, \"weights_bytes_per_rank\": %zu, "
+        "\"weights_init_ms\": %.1f, \"ranks\": [%s]}\n",
+        escape(prop.name).c_str(), date, a.shape.c_str(), cfg.n_layers, static_cast<long long>(n),
+        a.tp, a.sp, escape(a.sparse).c_str(), dense ? "none" : a.index_set.c_str(), ttft,
+        r.sp_imbalance, ring_imb, wait_max, xfer_max, eng.weight_bytes(), init_ms, per.c_str());
+    std::fflush(stdout);
+  }
+  std::fprintf(stderr,
+               "# prefill_dist %s N=%lld tp %d x sp %d sparse=%s on %s: TTFT %.1f ms; ring "
+               "attention max %.1f ms (max/mean %.3f), exposed wait max %.1f ms, transfer max "
+               "%.1f ms\n",
+               a.shape.c_str(), static_cast<long long>(n), a.tp, a.sp, a.sparse.c_str(), prop.name,
+               ttft, max_comp, ring_imb, wait_max, xfer_max);
+  return 0;
+}
+#endif
 
 int run(const Args& a) {
   ModelConfig cfg = named_shape(a.shape);
@@ -191,17 +341,7 @@ int run(const Args& a) {
   gpu::PrefillOptions po;
   po.timing = true;
   if (a.index_set != "estimated" && !policy.all_dense(n)) {
-    const IndexSetKind kind = parse_index_set_kind(a.index_set);
-    plan.seq_len = n;
-    plan.layers.assign(cfg.n_layers, std::vector<HeadPlan>(cfg.n_heads));
-    for (int l = 0; l < cfg.n_layers; ++l)
-      for (int h = 0; h < cfg.n_heads; ++h) {
-        const HeadPattern hp = policy.at(l, h, n);
-        HeadPlan& x = plan.layers[l][h];
-        x.kind = hp.kind;
-        if (hp.kind == PatternKind::kVerticalSlash)
-          x.vs = synthetic_vs(kind, n, hp.a, hp.b, a.seed * 1000003ull + l * 1009ull + h);
-      }
+    plan = synthetic_plan(a, cfg, policy, n);
     planp = &plan;
     po.estimate_with_plan = true;
   }
@@ -280,7 +420,21 @@ int run(const Args& a) {
 
 int prefill_bench_main(int argc, char** argv) {
   try {
-    return run(parse(argc, argv));
+    const Args a = parse(argc, argv);
+    if (a.tp * a.sp > 1) {
+#ifdef MPREFILL_HAVE_DIST_BENCH
+      comm::MpiRuntime mpi(&argc, &argv);
+      try {
+        return run_dist(a);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "error: prefill (rank %d): %s\n", comm::world_info().rank, e.what());
+        comm::abort_world(2);
+      }
+#else
+      throw std::runtime_error("this build has no NCCL: --tp / --sp need it");
+#endif
+    }
+    return run(a);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: prefill: %s\n", e.what());
     return 2;

@@ -1,0 +1,14 @@
+# GPU distributed prefill (worker/cuda/cuda_dist_engine.h) under mpirun, one rank per GPU
+# (labels gpu2 / gpu4: need 2 / 4 GPUs; ctest -L gpu2 on a 2-GPU machine). NVLink
+# multicast off (launch/DEVICE.md).
+if(TARGET mprefill_worker_cuda AND TARGET mprefill_comm_nccl)
+  add_executable(gpu_dist_engine_test mpi/gpu_dist_engine_test.cc mpi/mpi_test_main.cc)
+  target_link_libraries(gpu_dist_engine_test PRIVATE mprefill_worker_cuda mprefill_comm_nccl
+    mprefill_comm GTest::gtest)
+  foreach(np 2 4)
+    add_test(NAME gpu${np}_dist_engine_np${np}
+      COMMAND ${MPREFILL_MPIRUN} -np ${np} $<TARGET_FILE:gpu_dist_engine_test>)
+    set_tests_properties(gpu${np}_dist_engine_np${np} PROPERTIES TIMEOUT 300
+      LABELS "gpu${np};mpi" ENVIRONMENT "${MPREFILL_MPI_ENV};NCCL_NVLS_ENABLE=0")
+  endforeach()
+endif()

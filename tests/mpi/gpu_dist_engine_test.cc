@@ -1,0 +1,303 @@
+// GPU distributed prefill (worker/cuda/cuda_dist_engine.h) under mpirun, one rank per
+// GPU, against the single-GPU CudaEngine on the same device-random model (each rank of
+// the distributed engine draws exactly its slices of it): last-position logits and the
+// per-layer K / V of every rank's (KV heads, token shard), for every tp x sp of the
+// world size that divides the KV heads (np 2: 2x1, 1x2; np 4: 2x2, 1x4). Needs one GPU
+// per rank (ctest labels gpu2 / gpu4); skips loudly otherwise.
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "comm/mpi_comm.h"
+#include "comm/nccl_comm.h"
+#include "tests/mpi/mpi_testutil.h"
+#include "worker/cuda/cuda_dist_engine.h"
+#include "worker/cuda/cuda_engine.h"
+#include "worker/cuda/kv_sinks.h"
+#include "worker/engine.h"
+#include "worker/plan_codec.h"
+
+namespace mprefill {
+namespace {
+
+using test::mpi::expect_all_ranks_ok;
+
+ModelConfig small_config() {
+  ModelConfig c;
+  c.hidden = 256;
+  c.intermediate = 352;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 128;
+  c.vocab = 384;
+  c.max_position = 1 << 20;
+  c.rope_theta = 10000.0;
+  c.validate();
+  return c;
+}
+
+std::vector<int> random_ids(int64_t n, int vocab, uint64_t seed) {
+  std::mt19937_64 g(seed);
+  std::vector<int> ids(n);
+  for (auto& x : ids) x = static_cast<int>(g() % vocab);
+  return ids;
+}
+
+// Collects device slices (any KV-head subset, several token ranges) into a host
+// [n][kv_dim] layout per layer, remembering which (row, head) cells were written.
+class ShardSink : public KvSink {
+ public:
+  ShardSink(const ModelConfig& c, int64_t n)
+      : kv_dim_(c.kv_dim()),
+        hd_(c.head_dim),
+        n_(n),
+        k_(c.n_layers),
+        v_(c.n_layers),
+        written_(c.n_layers) {
+    for (int l = 0; l < c.n_layers; ++l) {
+      k_[l].assign(size_t(n) * kv_dim_, 0.f);
+      v_[l].assign(size_t(n) * kv_dim_, 0.f);
+      written_[l].assign(size_t(n) * c.n_kv_heads, 0);
+    }
+  }
+  void put(const KvSlice& s) override {
+    ASSERT_TRUE(s.on_device && s.dtype == DType::kBF16);
+    const size_t w = s.kv_heads.size() * hd_, cnt = size_t(s.rows()) * w;
+    std::vector<uint16_t> k(cnt), v(cnt);
+    ASSERT_EQ(cudaStreamSynchronize(static_cast<cudaStream_t>(s.stream)), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(k.data(), s.k, cnt * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(v.data(), s.v, cnt * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+    int64_t r = 0;
+    for (auto [b, e] : s.tokens)
+      for (int64_t t = b; t < e; ++t, ++r)
+        for (size_t i = 0; i < s.kv_heads.size(); ++i) {
+          const int h = s.kv_heads[i];
+          for (int d = 0; d < hd_; ++d) {
+            k_[s.layer][size_t(t) * kv_dim_ + h * hd_ + d] = bf16_to_f32(k[r * w + i * hd_ + d]);
+            v_[s.layer][size_t(t) * kv_dim_ + h * hd_ + d] = bf16_to_f32(v[r * w + i * hd_ + d]);
+          }
+          written_[s.layer][size_t(t) * (kv_dim_ / hd_) + h] = 1;
+        }
+    ++puts_;
+  }
+  int kv_dim_, hd_;
+  int64_t n_;
+  std::vector<std::vector<float>> k_, v_;
+  std::vector<std::vector<char>> written_;
+  int puts_ = 0;
+};
+
+class GpuDist : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    mpi_ = test::mpi::world();
+    const comm::WorldInfo w = comm::world_info();
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess) devices = 0;
+    int32_t enough = devices >= w.local_size ? 1 : 0, all = 0;
+    ASSERT_EQ(mpi_->all_reduce(&enough, &all, 1, DType::kI32, comm::ReduceOp::kSum, nullptr),
+              Status::kOk);
+    if (all != mpi_->size())
+      GTEST_SKIP() << "GPU distributed tests need one GPU per rank (" << w.local_size
+                   << " ranks on this node, " << devices << " GPUs visible)";
+    device_ = w.local_rank;
+    comm::CommConfig cfg;
+    cfg.timeout_ms = 60000;
+    std::string err;
+    nccl_ = comm::make_nccl_communicator(MPI_COMM_WORLD, device_, cfg, &err);
+    ASSERT_TRUE(nccl_) << err;
+  }
+  std::unique_ptr<comm::Communicator> mpi_, nccl_;
+  int device_ = 0;
+};
+
+struct Err {
+  double k = 0, v = 0, logits = 0;
+  int64_t cells = 0;
+};
+
+double max_abs(const std::vector<float>& x) {
+  double m = 0;
+  for (float e : x) m = std::max(m, double(std::fabs(e)));
+  return m;
+}
+
+// Every tp x sp of the world size that divides the KV heads, against the single-GPU
+// engine (reference KV in ref, logits ref_logits) under the same policy / plan.
+void compare_topologies(comm::Communicator& nccl, comm::Communicator& mpi, int device,
+                        const ModelConfig& c, uint64_t seed, const std::vector<int>& ids,
+                        const SparsePolicy& policy, const PrefillPlan* plan, const KvCache& ref,
+                        const std::vector<float>& ref_logits, const char* what) {
+  constexpr double kKvTol = 2.5e-2, kLogitTol = 4e-2;  // as tests/gpu/engine_test.cc (bf16)
+  const int size = nccl.size();
+  const int64_t n = static_cast<int64_t>(ids.size());
+  for (int tp = 1; tp <= size; ++tp) {
+    if (size % tp != 0 || c.n_kv_heads % tp != 0) continue;
+    const DistTopology topo{tp, size / tp};
+    gpu::CudaDistOptions o;
+    o.device = device;
+    o.timing = true;
+    o.mlp_chunk = 500;  // several chunks per shard
+    gpu::CudaDistEngine eng(&nccl, c, seed, topo, o);
+    ShardSink sink(c, n);
+    const gpu::CudaDistResult r = eng.prefill(ids, policy, &sink, plan);
+    Err e;
+    for (int l = 0; l < c.n_layers; ++l) {
+      const double mk = max_abs(ref.k[l]), mv = max_abs(ref.v[l]);
+      for (int64_t t = 0; t < n; ++t)
+        for (int h = 0; h < c.n_kv_heads; ++h) {
+          if (!sink.written_[l][size_t(t) * c.n_kv_heads + h]) continue;
+          ++e.cells;
+          for (int d = 0; d < c.head_dim; ++d) {
+            const size_t i = size_t(t) * c.kv_dim() + h * c.head_dim + d;
+            e.k = std::max(e.k, std::fabs(sink.k_[l][i] - ref.k[l][i]) / mk);
+            e.v = std::max(e.v, std::fabs(sink.v_[l][i] - ref.v[l][i]) / mv);
+          }
+        }
+    }
+    double dl = 0;
+    for (size_t i = 0; i < ref_logits.size() && i < r.logits.size(); ++i)
+      dl = std::max(dl, double(std::fabs(r.logits[i] - ref_logits[i])));
+    e.logits = dl / max_abs(ref_logits);
+    // This rank's cells: its KV heads x its token shard, every layer.
+    const int64_t expect_cells = int64_t(c.n_layers) * r.local_tokens * (c.n_kv_heads / tp);
+    const bool good = e.k < kKvTol && e.v < kKvTol && e.logits < kLogitTol &&
+                      e.cells == expect_cells && sink.puts_ == c.n_layers &&
+                      r.logits.size() == ref_logits.size();
+    std::printf(
+        "# %s rank %d tp %d sp %d n %lld: K err %.3g V err %.3g logits err %.3g (cells "
+        "%lld/%lld) ring compute %.3f ms wait %.3f ms allreduce %.3f ms sent %lld B\n",
+        what, nccl.rank(), tp, topo.sp, static_cast<long long>(n), e.k, e.v, e.logits,
+        static_cast<long long>(e.cells), static_cast<long long>(expect_cells), r.ring_compute_ms,
+        r.ring_wait_ms, r.allreduce_ms, static_cast<long long>(r.ring_bytes_sent));
+    EXPECT_TRUE(good) << what << ": rank " << nccl.rank() << " tp " << tp << " sp " << topo.sp;
+    if (topo.sp > 1) {
+      EXPECT_GT(r.ring_bytes_sent, 0);
+    }
+    expect_all_ranks_ok(mpi, good);
+  }
+}
+
+TEST_F(GpuDist, DenseMatchesSingleGpu) {
+  const ModelConfig c = small_config();
+  const uint64_t seed = 31;
+  for (int64_t n : {777, 1500}) {
+    const auto ids = random_ids(n, c.vocab, 100 + n);
+    KvCache ref(c, n);  // reference: the whole model on this rank's GPU
+    std::vector<float> ref_logits;
+    {
+      gpu::CudaEngineOptions o;
+      o.device = device_;
+      gpu::CudaEngine eng(c, seed, o);
+      gpu::HostKvCacheSink sink(&ref);
+      ref_logits = eng.prefill(ids, SparsePolicy::dense(), &sink);
+    }
+    compare_topologies(*nccl_, *mpi_, device_, c, seed, ids, SparsePolicy::dense(), nullptr, ref,
+                       ref_logits, "dense");
+  }
+}
+
+// Per-head mixes over both layers: every kind, runs that split GQA groups (as
+// tests/gpu/engine_test.cc).
+SparsePolicy mixed_policy(const ModelConfig& c) {
+  SparsePolicy p = SparsePolicy::dense(0);
+  p.source = "test-mix";
+  p.n_layers = c.n_layers;
+  p.n_heads = c.n_heads;
+  p.dense_below = 0;
+  p.heads = {HeadPattern::dense(),
+             HeadPattern::a_shape(64, 128),
+             HeadPattern::vertical_slash(40, 60),
+             HeadPattern::block_sparse(3),
+             HeadPattern::vertical_slash(100, 200),
+             HeadPattern::vertical_slash(30, 50),
+             HeadPattern::block_sparse(2),
+             HeadPattern::a_shape(16, 64)};
+  return p;
+}
+
+// Indices estimated once by rank 0's single-GPU engine, broadcast, then fixed for the
+// reference and for every topology: each ring step runs the sparse kernels on the
+// visiting shard only.
+TEST_F(GpuDist, SparseWithFixedPlanMatchesSingleGpu) {
+  const ModelConfig c = small_config();
+  const SparsePolicy policy = mixed_policy(c);
+  const uint64_t seed = 33;
+  for (int64_t n : {777, 1500}) {
+    const auto ids = random_ids(n, c.vocab, 200 + n);
+    gpu::CudaEngineOptions o;
+    o.device = device_;
+    gpu::CudaEngine eng(c, seed, o);
+    std::vector<int32_t> code;
+    if (nccl_->rank() == 0) {
+      PrefillPlan est;
+      eng.prefill(ids, policy, nullptr, &est);
+      code = encode_plan(est);
+    }
+    int64_t len = static_cast<int64_t>(code.size());
+    ASSERT_EQ(mpi_->broadcast(&len, 1, DType::kI64, 0, nullptr), Status::kOk);
+    code.resize(len);
+    ASSERT_EQ(mpi_->broadcast(code.data(), len, DType::kI32, 0, nullptr), Status::kOk);
+    PrefillPlan plan = decode_plan(code);
+    ASSERT_EQ(plan.layers[0][2].kind, PatternKind::kVerticalSlash);
+    ASSERT_FALSE(plan.layers[0][2].vs.offsets.empty());
+    ASSERT_EQ(plan.layers[0][3].kind, PatternKind::kBlockSparse);
+    KvCache ref(c, n);
+    gpu::HostKvCacheSink sink(&ref);
+    const std::vector<float> ref_logits = eng.prefill(ids, policy, &sink, &plan);
+    compare_topologies(*nccl_, *mpi_, device_, c, seed, ids, policy, &plan, ref, ref_logits,
+                       "sparse");
+  }
+}
+
+// Sparse heads without their indices are refused (no estimation on the ring).
+TEST_F(GpuDist, SparseWithoutPlanIsRefused) {
+  const ModelConfig c = small_config();
+  gpu::CudaDistOptions o;
+  o.device = device_;
+  gpu::CudaDistEngine eng(nccl_.get(), c, 1, DistTopology{1, nccl_->size()}, o);
+  EXPECT_THROW(eng.prefill(random_ids(500, c.vocab, 1), mixed_policy(c), nullptr),
+               std::runtime_error);
+}
+
+// A different model seed must not pass the comparison (the test can fail).
+TEST_F(GpuDist, DifferentSeedIsDetected) {
+  const ModelConfig c = small_config();
+  const int64_t n = 300;
+  const auto ids = random_ids(n, c.vocab, 5);
+  std::vector<float> ref_logits;
+  {
+    gpu::CudaEngineOptions o;
+    o.device = device_;
+    gpu::CudaEngine eng(c, 31, o);
+    ref_logits = eng.prefill(ids, SparsePolicy::dense(), nullptr);
+  }
+  gpu::CudaDistOptions o;
+  o.device = device_;
+  gpu::CudaDistEngine eng(nccl_.get(), c, 32, DistTopology{1, nccl_->size()}, o);
+  const auto r = eng.prefill(ids, SparsePolicy::dense(), nullptr);
+  double dl = 0;
+  for (size_t i = 0; i < ref_logits.size(); ++i)
+    dl = std::max(dl, double(std::fabs(r.logits[i] - ref_logits[i])));
+  EXPECT_GT(dl / max_abs(ref_logits), 0.1);
+}
+
+TEST_F(GpuDist, BadTopologyAndPromptAreRefused) {
+  const ModelConfig c = small_config();
+  gpu::CudaDistOptions o;
+  o.device = device_;
+  EXPECT_THROW(gpu::CudaDistEngine(nccl_.get(), c, 1, DistTopology{1, 1}, o), std::runtime_error);
+  gpu::CudaDistEngine eng(nccl_.get(), c, 1, DistTopology{1, nccl_->size()}, o);
+  EXPECT_THROW(eng.prefill({1, 2, 3}, SparsePolicy::dense(), nullptr), std::runtime_error);
+  EXPECT_THROW(eng.prefill(std::vector<int>(200, c.vocab), SparsePolicy::dense(), nullptr),
+               std::runtime_error);
+}
+
+}  // namespace
+}  // namespace mprefill
