@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdio>
 
+#include "decode/crc32c.h"
 #include "worker/kv_handoff.h"
 #include "worker/sampler.h"
 
@@ -361,6 +362,30 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
     for (int l = 0; l < shape_.n_layers; ++l)
       if (job->store->layer_complete(l)) complete_layers.push_back(l);
   }
+  // kv_transport "nccl": join the sender's communicator; K/V bytes come by NCCL.
+  std::unique_ptr<PagePayloadSource> payload;
+  if (!hello.nccl_unique_id().empty()) {
+    std::string why;
+    if (!opt_.nccl) {
+      why = "this decoder does not serve kv_transport nccl";
+    } else {
+      try {
+        payload = opt_.nccl(hello, job->timeout_ms);
+      } catch (const std::exception& e) {
+        why = e.what();
+      }
+    }
+    if (!payload) {
+      const std::string msg = "job " + std::to_string(s->job_id) + ": NCCL KV stream of rank " +
+                              std::to_string(s->rank) + ": " + why;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        fail_locked(job, msg, &after);
+      }
+      for (auto& f : after) f();
+      return refuse(v1::INVALID_ARGUMENT, msg);
+    }
+  }
   for (int l : complete_layers) {  // a stream that joins late still hears every ack
     v1::Envelope ack;
     ack.mutable_layer_ack()->set_job_id(s->job_id);
@@ -393,7 +418,30 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
       for (auto& f : fails) f();
       return;
     }
-    if (in.has_kv_page()) {
+    if (in.has_kv_page() && payload) {
+      v1::KvPage full;
+      *full.mutable_header() = in.kv_page().header();
+      try {
+        payload->fetch(full.header(), full.mutable_k(), full.mutable_v());
+      } catch (const std::exception& e) {
+        std::vector<std::function<void()>> fails;
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          fail_locked(job,
+                      "job " + std::to_string(s->job_id) + ": rank " + std::to_string(s->rank) +
+                          " (" + s->peer + "): NCCL page of layer " +
+                          std::to_string(full.header().layer()) + ": " + e.what(),
+                      &fails);
+        }
+        for (auto& f : fails) f();
+        return drain_and_close(s->conn.get(), kNotifyTimeoutMs);
+      }
+      // The sender's crc32c cannot exist (its bytes never reach host memory); the device
+      // checksum was compared in fetch(), this one guards the host copy into the store.
+      full.mutable_header()->set_crc32c(
+          crc32c(full.v().data(), full.v().size(), crc32c(full.k().data(), full.k().size())));
+      handle_page(*s, job, full, /*bf16_ok=*/true);
+    } else if (in.has_kv_page()) {
       handle_page(*s, job, in.kv_page());
     } else if (in.has_error()) {
       std::vector<std::function<void()>> fails;
@@ -415,7 +463,8 @@ bool KvReceiver::job_failed(const std::shared_ptr<Job>& job) const {
   return job->failed;
 }
 
-void KvReceiver::handle_page(Stream& s, const std::shared_ptr<Job>& job, const v1::KvPage& page) {
+void KvReceiver::handle_page(Stream& s, const std::shared_ptr<Job>& job, const v1::KvPage& page,
+                             bool bf16_ok) {
   const v1::KvPageHeader& h = page.header();
   std::shared_ptr<JobKvStore> store;
   {
@@ -434,7 +483,7 @@ void KvReceiver::handle_page(Stream& s, const std::shared_ptr<Job>& job, const v
     bad = "page of job " + std::to_string(h.job_id()) + " rank " + std::to_string(h.sender_rank()) +
           " on the stream of job " + std::to_string(s.job_id) + " rank " + std::to_string(s.rank);
   else if (h.layout() != opt_.contract.layout() || h.page_tokens() != shape_.page_tokens ||
-           h.dtype() != opt_.contract.kv_dtype())
+           (h.dtype() != opt_.contract.kv_dtype() && !(bf16_ok && h.dtype() == v1::BF16)))
     bad = "page layout / page_tokens / dtype differ from the KV contract";
   if (bad.empty()) {
     PageIn p;
@@ -670,7 +719,7 @@ int Decoder::serve(const std::string& host, uint16_t port, const std::string& se
     r->set_capacity_bytes(opt_.receiver.capacity_bytes);
     r->set_max_jobs(opt_.receiver.max_jobs);
     *r->mutable_kv() = contract();
-    r->add_kv_transports("tcp");
+    for (const std::string& t : opt_.kv_transports) r->add_kv_transports(t);
     conn->send(reg, opt_.io_timeout_ms);
     v1::Envelope ans;
     if (!conn->recv(&ans, opt_.io_timeout_ms))

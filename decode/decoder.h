@@ -34,6 +34,22 @@ namespace mprefill::decode {
 
 namespace v1 = ::mprefill::v1;
 
+// The K/V bytes of pages whose headers arrive on a KV stream while their payload travels
+// another way (kv_transport "nccl": decode/nccl_kv_receiver.h). One per stream, used from
+// that stream's thread only.
+class PagePayloadSource {
+ public:
+  virtual ~PagePayloadSource() = default;
+  // Fills *k and *v with the page's bytes (size from the header's geometry and dtype),
+  // checked end to end; throws std::runtime_error with context (transport failure,
+  // checksum mismatch, a wait past its bound).
+  virtual void fetch(const v1::KvPageHeader& h, std::string* k, std::string* v) = 0;
+};
+// Makes the source of a stream whose KvStreamHello carries nccl_unique_id (joins the
+// sender's communicator within timeout_ms). Throws std::runtime_error on failure.
+using PayloadSourceFactory = std::function<std::unique_ptr<PagePayloadSource>(
+    const v1::KvStreamHello& hello, int timeout_ms)>;
+
 struct ReceiverOptions {
   std::string listen_host = "127.0.0.1";  // bind address of the KV port
   uint16_t listen_port = 0;               // 0: any free port
@@ -43,6 +59,7 @@ struct ReceiverOptions {
   int max_jobs = 4;
   int default_timeout_ms = 30000;  // Expect.timeout_ms when 0
   int hello_wait_ms = 5000;        // a stream for a job not expected yet waits this long
+  PayloadSourceFactory nccl;       // set: streams may use kv_transport "nccl"
 };
 
 class KvReceiver {
@@ -96,7 +113,8 @@ class KvReceiver {
   void monitor_loop();
   void serve_stream(std::shared_ptr<Stream> s);
   bool job_failed(const std::shared_ptr<Job>& job) const;
-  void handle_page(Stream& s, const std::shared_ptr<Job>& job, const v1::KvPage& page);
+  void handle_page(Stream& s, const std::shared_ptr<Job>& job, const v1::KvPage& page,
+                   bool bf16_ok = false);
   void fail_locked(const std::shared_ptr<Job>& job, const std::string& message,
                    std::vector<std::function<void()>>* after);
 };
@@ -109,6 +127,8 @@ struct DecoderOptions {
   int page_tokens = 256;
   int heartbeat_ms = 1000;    // until DecoderRegistered says otherwise
   int io_timeout_ms = 10000;  // coordinator connect / send bound
+  // DecoderRegister.kv_transports ("nccl" too with ReceiverOptions::nccl set)
+  std::vector<std::string> kv_transports = {"tcp"};
 };
 
 class Decoder {

@@ -17,6 +17,9 @@
 #include "worker/fingerprint.h"
 #include "worker/kv_handoff.h"
 #include "worker/weights.h"
+#ifdef MPREFILL_HAVE_NCCL_KV
+#include "decode/nccl_kv_receiver.h"
+#endif
 
 namespace {
 
@@ -26,7 +29,7 @@ const char* kUsage =
     "usage: mprefill-decoder --coordinator HOST:PORT --model PATH [--name NAME]\n"
     "                        [--listen HOST:PORT] [--advertise HOST] [--capacity-mb MB]\n"
     "                        [--max-jobs N] [--page-tokens P] [--timeout-ms MS]\n"
-    "                        [--secret-file F] [--threads N]\n"
+    "                        [--secret-file F] [--threads N] [--device cpu|cuda[:N]]\n"
     "The reference decoder: receives the KV pages of each job from the worker ranks over\n"
     "TCP, then continues generation from the first token (CPU, fp32 KV).\n"
     "  --coordinator HOST:PORT  the coordinator to register with\n"
@@ -42,6 +45,8 @@ const char* kUsage =
     "                           coordinator's Expect gives none (default 30000)\n"
     "  --secret-file F          shared secret: proof to the coordinator, required of workers\n"
     "  --threads N              CPU threads (default: all cores or MPREFILL_THREADS)\n"
+    "  --device cpu|cuda[:N]    cuda: also serve kv_transport nccl, receiving K/V on GPU N\n"
+    "                           (default 0; CUDA builds with NCCL); decoding stays on the CPU\n"
     "Exit status: 0 when the coordinator ends the connection or on SIGINT/SIGTERM; 1 on a\n"
     "failure (model, refused registration); 2 on bad arguments.\n";
 
@@ -83,6 +88,7 @@ int main(int argc, char** argv) {
   int threads = 0;
   long long capacity_mb = 2048;
   bool help = false;
+  int gpu = -1;  // --device cuda[:N]
   try {
     for (int i = 1; i < argc; ++i) {
       const std::string flag = argv[i];
@@ -114,7 +120,17 @@ int main(int argc, char** argv) {
         secret_file = value();
       else if (flag == "--threads")
         threads = static_cast<int>(parse_int(flag, value(), 1, 4096));
-      else
+      else if (flag == "--device") {
+        const std::string d = value();
+        if (d == "cpu")
+          gpu = -1;
+        else if (d == "cuda")
+          gpu = 0;
+        else if (d.rfind("cuda:", 0) == 0)
+          gpu = static_cast<int>(parse_int(flag, d.substr(5), 0, 1023));
+        else
+          throw UsageError("--device must be cpu, cuda or cuda:N, got '" + d + "'");
+      } else
         throw UsageError("unknown option '" + flag + "' (see --help)");
     }
     if (help) {
@@ -145,6 +161,16 @@ int main(int argc, char** argv) {
     opt.receiver.capacity_bytes = static_cast<uint64_t>(capacity_mb) << 20;
     if (opt.name.empty()) opt.name = "decoder-" + hostname() + "-" + std::to_string(getpid());
     opt.model_name = model_name_from_path(model);
+    if (gpu >= 0) {
+#ifdef MPREFILL_HAVE_NCCL_KV
+      opt.receiver.nccl = decode::make_nccl_payload_factory(gpu);
+      opt.kv_transports = {"tcp", "nccl"};
+#else
+      throw std::runtime_error(
+          "--device cuda: this build of mprefill-decoder has no NCCL KV "
+          "transport (CUDA builds with NCCL)");
+#endif
+    }
     const ModelWeights w = load_model(model);
     decode::Decoder d(w, opt);
     signal(SIGINT, on_signal);

@@ -741,8 +741,9 @@ class Worker {
         throw std::runtime_error("KV transport 'nccl' needs a --device cuda group");
 #else
       if (nccl)
-        throw std::runtime_error("KV transport 'nccl' is not in this build of mprefill-worker "
-                                 "(CUDA builds with NCCL)");
+        throw std::runtime_error(
+            "KV transport 'nccl' is not in this build of mprefill-worker "
+            "(CUDA builds with NCCL)");
 #endif
       if (!o.kv_transport().empty() && o.kv_transport() != "tcp" && !nccl)
         throw std::runtime_error("KV transport '" + o.kv_transport() +
@@ -811,14 +812,17 @@ class Worker {
 #ifdef MPREFILL_HAVE_GPU_ENGINE
         // Layers reach the host and the TCP handoff as the GPU finishes them. No throw
         // from inside the engine: cancellation is honoured after the prefill.
-        DeviceToHostSink d2h(sink.get(), [&](int layer) {
-          if (!root()) return;
-          v1::Envelope p;
-          p.mutable_worker_progress()->set_job_id(id);
-          p.mutable_worker_progress()->set_layer(layer + 1);
-          p.mutable_worker_progress()->set_n_layers(cfg_.n_layers);
-          link_->send(p);
-        }, /*to_host=*/!sink->device_slices());
+        DeviceToHostSink d2h(
+            sink.get(),
+            [&](int layer) {
+              if (!root()) return;
+              v1::Envelope p;
+              p.mutable_worker_progress()->set_job_id(id);
+              p.mutable_worker_progress()->set_layer(layer + 1);
+              p.mutable_worker_progress()->set_n_layers(cfg_.n_layers);
+              link_->send(p);
+            },
+            /*to_host=*/!sink->device_slices());
         gpu::CudaPrefillStats cs;
         logits = cuda_->prefill(ids, policy, &d2h, nullptr, &cs);  // calls finish()
         stats.total_ms = cs.total_ms;

@@ -885,10 +885,12 @@ int cmd_run(const Args& a) {
   }
   const bool bar = !a.json && isatty(STDERR_FILENO);
   const Outcome o = follow_job(*c, make_submit(a, p, bar), a.timeout_s, bar, false, children_ok);
-  nlohmann::json extra = {
-      {"device", a.device}, {"ranks", a.ranks}, {"tp", a.tp}, {"sp", a.ranks / a.tp},
-      {"decoder_device", a.decoder_device},
-      {"kv_transport", a.kv_transport.empty() ? "tcp" : a.kv_transport}};
+  nlohmann::json extra = {{"device", a.device},
+                          {"ranks", a.ranks},
+                          {"tp", a.tp},
+                          {"sp", a.ranks / a.tp},
+                          {"decoder_device", a.decoder_device},
+                          {"kv_transport", a.kv_transport.empty() ? "tcp" : a.kv_transport}};
   const int rc = print_outcome(o, a, p, tok, extra);
   c->close();
   return rc;  // cleanup stops the children; the coordinator stops with its destructor
