@@ -38,7 +38,7 @@ run() {  # name timeout_s ranks args...
 
 run gpu1_512k 300 1 --seq 524288 "${common[@]}"
 run tp1sp4_512k 300 4 --tp 1 --sp 4 --seq 524288 "${common[@]}"
-run tp2sp2_512k 300 4 --tp 2 --sp 2 --seq 524288 "${common[@]}"
 run tp1sp4_1m 420 4 --tp 1 --sp 4 --seq 1048576 "${common[@]}"
+run tp2sp2_512k 300 4 --tp 2 --sp 2 --seq 524288 "${common[@]}"
 run tp2sp2_1m 420 4 --tp 2 --sp 2 --seq 1048576 "${common[@]}"
 echo "# done $(date -u +%FT%TZ)" | tee -a "$log"

@@ -269,7 +269,7 @@ TEST_F(GpuDist, SparseWithoutPlanIsRefused) {
 // A different model seed must not pass the comparison (the test can fail).
 TEST_F(GpuDist, DifferentSeedIsDetected) {
   const ModelConfig c = small_config();
-  const int64_t n = 300;
+  const int64_t n = 777;  // >= 2 sp 64-token blocks per rank at sp 4
   const auto ids = random_ids(n, c.vocab, 5);
   std::vector<float> ref_logits;
   {
