@@ -9,8 +9,12 @@
 #include <string>
 
 #include "coordinator/coordinator.h"
+#include "tools/cli_args.h"
 
 namespace {
+
+using mprefill::cli::parse_int;
+using mprefill::cli::UsageError;
 
 const char* kUsage =
     "usage: mprefill-coordinator [--host ADDR] [--port P] [--metrics-port P]\n"
@@ -32,25 +36,6 @@ const char* kUsage =
     "  --handoff-timeout-ms    bound on each KV handoff wait (default 60000)\n"
     "  --port-file F           write \"PORT METRICS_PORT\" to F once listening\n"
     "  --quiet                 no event log on stderr\n";
-
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-long long parse_int(const std::string& flag, const std::string& s, long long lo, long long hi) {
-  size_t used = 0;
-  long long v = 0;
-  try {
-    v = std::stoll(s, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (s.empty() || used != s.size())
-    throw UsageError(flag + " expects an integer, got '" + s + "'");
-  if (v < lo || v > hi)
-    throw UsageError(flag + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
-  return v;
-}
 
 volatile std::sig_atomic_t g_signal = 0;
 void on_signal(int sig) { g_signal = sig; }

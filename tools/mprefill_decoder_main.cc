@@ -14,6 +14,7 @@
 #include "decode/decoder.h"
 #include "kernels/cpu/cpu.h"
 #include "proto/wire.h"
+#include "tools/cli_args.h"
 #include "worker/fingerprint.h"
 #include "worker/kv_handoff.h"
 #include "worker/weights.h"
@@ -22,6 +23,10 @@
 #endif
 
 namespace {
+
+using mprefill::cli::hostname;
+using mprefill::cli::parse_int;
+using mprefill::cli::UsageError;
 
 using namespace mprefill;
 
@@ -50,34 +55,8 @@ const char* kUsage =
     "Exit status: 0 when the coordinator ends the connection or on SIGINT/SIGTERM; 1 on a\n"
     "failure (model, refused registration); 2 on bad arguments.\n";
 
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-long long parse_int(const std::string& flag, const std::string& s, long long lo, long long hi) {
-  size_t used = 0;
-  long long v = 0;
-  try {
-    v = std::stoll(s, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (s.empty() || used != s.size())
-    throw UsageError(flag + " expects an integer, got '" + s + "'");
-  if (v < lo || v > hi)
-    throw UsageError(flag + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) +
-                     "], got " + s);
-  return v;
-}
-
 std::atomic<bool> g_signalled{false};
 void on_signal(int) { g_signalled = true; }
-
-std::string hostname() {
-  char buf[256] = {};
-  gethostname(buf, sizeof buf - 1);
-  return buf;
-}
 
 }  // namespace
 

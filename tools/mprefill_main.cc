@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "kernels/cpu/cpu.h"
+#include "tools/cli_args.h"
 #include "worker/engine.h"
 #include "worker/sparse_policy.h"
 #include "worker/tokenizer.h"
@@ -28,6 +29,13 @@
 #endif
 
 namespace {
+
+using mprefill::cli::one_line;
+using mprefill::cli::parse_float;
+using mprefill::cli::parse_id_list;
+using mprefill::cli::parse_int;
+using mprefill::cli::read_text_file;
+using mprefill::cli::UsageError;
 
 using namespace mprefill;
 
@@ -63,75 +71,9 @@ const char* kGenerateUsage =
     "                      sampled query blocks: recall and relative output difference\n"
     "                      per head (cpu engine)\n";
 
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
 struct DeviceError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
-
-std::string one_line(std::string s) {
-  for (char& c : s)
-    if (c == '\n' || c == '\r') c = ' ';
-  return s;
-}
-
-int64_t parse_int(const std::string& flag, const std::string& s, int64_t lo, int64_t hi) {
-  size_t used = 0;
-  long long v = 0;
-  try {
-    v = std::stoll(s, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (s.empty() || used != s.size())
-    throw UsageError(flag + " expects an integer, got '" + s + "'");
-  if (v < lo || v > hi)
-    throw UsageError(flag + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) +
-                     "], got " + s);
-  return v;
-}
-
-double parse_float(const std::string& flag, const std::string& s) {
-  size_t used = 0;
-  double v = 0;
-  try {
-    v = std::stod(s, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (s.empty() || used != s.size()) throw UsageError(flag + " expects a number, got '" + s + "'");
-  return v;
-}
-
-// "1,2,3" -> ids. Empty list is allowed here (the engine rejects an empty prompt).
-std::vector<int> parse_id_list(const std::string& flag, const std::string& s) {
-  std::vector<int> out;
-  if (s.empty()) return out;
-  size_t start = 0;
-  while (true) {
-    const size_t comma = s.find(',', start);
-    std::string item =
-        s.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-    while (!item.empty() && item.front() == ' ') item.erase(item.begin());
-    while (!item.empty() && item.back() == ' ') item.pop_back();
-    out.push_back(static_cast<int>(parse_int(flag, item, -2147483648LL, 2147483647LL)));
-    if (comma == std::string::npos) break;
-    start = comma + 1;
-  }
-  return out;
-}
-
-std::string read_text_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw std::runtime_error("cannot open prompt file " + path);
-  std::ostringstream s;
-  s << f.rdbuf();
-  std::string text = s.str();
-  if (!text.empty() && text.back() == '\n') text.pop_back();  // editors add one
-  if (!text.empty() && text.back() == '\r') text.pop_back();
-  return text;
-}
 
 struct GenerateArgs {
   std::string model, tokenizer;
@@ -272,7 +214,8 @@ int run_generate(const GenerateArgs& a) {
     throw DeviceError("--device cuda: no CUDA device is visible");
 #else
   if (a.device == "cuda")
-    throw DeviceError("--device cuda: this build has no CUDA engine (configure with -DMPREFILL_CUDA=ON)");
+    throw DeviceError(
+        "--device cuda: this build has no CUDA engine (configure with -DMPREFILL_CUDA=ON)");
 #endif
   if (a.threads > 0) cpu::set_num_threads(a.threads);
 

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "kernels/cpu/cpu.h"
+#include "tools/cli_args.h"
 #include "worker/engine.h"
 #include "worker/pattern_search.h"
 #include "worker/png.h"
@@ -28,6 +29,11 @@
 #include "worker/weights.h"
 
 namespace {
+
+using mprefill::cli::one_line;
+using mprefill::cli::parse_float;
+using mprefill::cli::parse_int;
+using mprefill::cli::UsageError;
 
 using namespace mprefill;
 
@@ -62,45 +68,6 @@ const char* kUsage =
     "scaled\n"
     "                        by one factor per prompt so the masks estimated on the dense forward\n"
     "                        have tile density <= F\n";
-
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-std::string one_line(std::string s) {
-  for (char& c : s)
-    if (c == '\n' || c == '\r') c = ' ';
-  return s;
-}
-
-int64_t parse_int(const std::string& flag, const std::string& s, int64_t lo, int64_t hi) {
-  size_t used = 0;
-  long long v = 0;
-  try {
-    v = std::stoll(s, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (s.empty() || used != s.size())
-    throw UsageError(flag + " expects an integer, got '" + s + "'");
-  if (v < lo || v > hi)
-    throw UsageError(flag + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) +
-                     "], got " + s);
-  return v;
-}
-
-double parse_float(const std::string& flag, const std::string& s) {
-  size_t used = 0;
-  double v = 0;
-  try {
-    v = std::stod(s, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (s.empty() || used != s.size() || !std::isfinite(v))
-    throw UsageError(flag + " expects a number, got '" + s + "'");
-  return v;
-}
 
 std::vector<std::string> split(const std::string& s, char sep) {
   std::vector<std::string> out;

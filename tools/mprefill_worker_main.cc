@@ -31,6 +31,7 @@
 #include "comm/mpi_comm.h"
 #include "kernels/cpu/cpu.h"
 #include "proto/wire.h"
+#include "tools/cli_args.h"
 #include "worker/dist_engine.h"
 #include "worker/engine.h"
 #include "worker/fingerprint.h"
@@ -48,6 +49,10 @@
 #endif
 
 namespace {
+
+using mprefill::cli::hostname;
+using mprefill::cli::parse_int;
+using mprefill::cli::UsageError;
 
 using namespace mprefill;
 namespace v1 = ::mprefill::v1;
@@ -82,32 +87,12 @@ const char* kUsage =
     "Exit status: 0 when the coordinator ends the connection or on SIGINT/SIGTERM; 1 on a\n"
     "failure (refused registration, a rank that stopped answering); 2 on bad arguments.\n";
 
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
 struct Args {
   std::string coordinator, model, device = "cpu", group, secret_file, executor = "auto";
   int tp = 1, threads = 0, streams = 1, page_tokens = kDefaultPageTokens;
   int comm_timeout_ms = 120000, handoff_timeout_ms = 30000, connect_timeout_ms = 10000;
   bool help = false;
 };
-
-int parse_int(const std::string& flag, const std::string& s, int lo, int hi) {
-  size_t used = 0;
-  long long v = 0;
-  try {
-    v = std::stoll(s, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (s.empty() || used != s.size())
-    throw UsageError(flag + " expects an integer, got '" + s + "'");
-  if (v < lo || v > hi)
-    throw UsageError(flag + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) +
-                     "], got " + s);
-  return static_cast<int>(v);
-}
 
 Args parse_args(int argc, char** argv) {
   Args a;
@@ -160,12 +145,6 @@ Args parse_args(int argc, char** argv) {
 
 std::atomic<bool> g_stop{false};
 void on_signal(int) { g_stop = true; }
-
-std::string hostname() {
-  char buf[256] = {};
-  gethostname(buf, sizeof buf - 1);
-  return buf;
-}
 
 uint64_t meminfo_bytes(const char* key) {  // /proc/meminfo "MemAvailable:  123 kB"
   std::ifstream f("/proc/meminfo");

@@ -25,6 +25,7 @@
 #include "coordinator/coordinator.h"
 #include "proto/hmac.h"
 #include "proto/wire.h"
+#include "tools/cli_args.h"
 #include "worker/tokenizer.h"
 
 namespace mprefill::cli {
@@ -36,6 +37,13 @@ const char* const kServiceCommandsUsage =
     "  run        one shot: coordinator + mpirun worker group + decoder, submit, print\n";
 
 namespace {
+
+using mprefill::cli::one_line;
+using mprefill::cli::parse_float;
+using mprefill::cli::parse_id_list;
+using mprefill::cli::parse_int;
+using mprefill::cli::read_text_file;
+using mprefill::cli::UsageError;
 
 namespace v1 = ::mprefill::v1;
 using Clock = std::chrono::steady_clock;
@@ -83,10 +91,6 @@ const char* kRunUsage =
     "  --mpirun PATH       launcher (default: mpirun on PATH)\n"
     "  --startup-timeout-s S  bound on the workers' and decoder's registration (default 120)\n";
 
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
 volatile sig_atomic_t g_interrupted = 0;
 void on_sigint(int) { g_interrupted = 1; }
 
@@ -106,69 +110,6 @@ struct SigintGuard {
     sigaction(SIGTERM, &old_term, nullptr);
   }
 };
-
-std::string one_line(std::string s) {
-  for (char& c : s)
-    if (c == '\n' || c == '\r') c = ' ';
-  return s;
-}
-
-int64_t parse_int(const std::string& flag, const std::string& s, int64_t lo, int64_t hi) {
-  size_t used = 0;
-  long long v = 0;
-  try {
-    v = std::stoll(s, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (s.empty() || used != s.size())
-    throw UsageError(flag + " expects an integer, got '" + s + "'");
-  if (v < lo || v > hi)
-    throw UsageError(flag + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) +
-                     "], got " + s);
-  return v;
-}
-
-double parse_float(const std::string& flag, const std::string& s) {
-  size_t used = 0;
-  double v = 0;
-  try {
-    v = std::stod(s, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (s.empty() || used != s.size() || !std::isfinite(v))
-    throw UsageError(flag + " expects a number, got '" + s + "'");
-  return v;
-}
-
-std::vector<int> parse_id_list(const std::string& flag, const std::string& s) {
-  std::vector<int> out;
-  if (s.empty()) return out;
-  size_t start = 0;
-  for (;;) {
-    const size_t comma = s.find(',', start);
-    std::string item =
-        s.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-    while (!item.empty() && item.front() == ' ') item.erase(item.begin());
-    while (!item.empty() && item.back() == ' ') item.pop_back();
-    out.push_back(static_cast<int>(parse_int(flag, item, INT32_MIN, INT32_MAX)));
-    if (comma == std::string::npos) break;
-    start = comma + 1;
-  }
-  return out;
-}
-
-std::string read_text_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw std::runtime_error("cannot open prompt file " + path);
-  std::ostringstream s;
-  s << f.rdbuf();
-  std::string text = s.str();
-  if (!text.empty() && text.back() == '\n') text.pop_back();
-  if (!text.empty() && text.back() == '\r') text.pop_back();
-  return text;
-}
 
 // Options shared by submit / status / cancel / run.
 struct Args {

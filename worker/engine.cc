@@ -8,6 +8,7 @@
 
 #include "kernels/cpu/cpu.h"
 #include "worker/audit.h"
+#include "worker/plan_codec.h"
 
 namespace mprefill {
 namespace {
@@ -32,57 +33,6 @@ void check_tensor(const Tensor& t, int64_t expect, const std::string& name) {
 }
 
 const float* bias_or_null(const Tensor& t) { return t.empty() ? nullptr : t.data.data(); }
-
-// A reused plan must match the prompt length and the policy's kinds, and hold indices
-// the kernels can use without reading out of bounds.
-void check_plan(const PrefillPlan& plan, const SparsePolicy& policy, const ModelConfig& cfg,
-                int64_t n) {
-  if (plan.seq_len != n)
-    throw std::runtime_error("prefill plan is for " + std::to_string(plan.seq_len) +
-                             " tokens, the prompt has " + std::to_string(n));
-  if (plan.layers.size() != static_cast<size_t>(cfg.n_layers))
-    throw std::runtime_error("prefill plan has " + std::to_string(plan.layers.size()) +
-                             " layers, the model has " + std::to_string(cfg.n_layers));
-  const int64_t nb = num_blocks(n);
-  for (int l = 0; l < cfg.n_layers; ++l) {
-    if (plan.layers[l].size() != static_cast<size_t>(cfg.n_heads))
-      throw std::runtime_error("prefill plan layer " + std::to_string(l) + " has " +
-                               std::to_string(plan.layers[l].size()) + " heads, the model has " +
-                               std::to_string(cfg.n_heads));
-    for (int h = 0; h < cfg.n_heads; ++h) {
-      const HeadPlan& hp = plan.layers[l][h];
-      const std::string where =
-          "prefill plan layer " + std::to_string(l) + " head " + std::to_string(h);
-      const PatternKind want = policy.at(l, h, n).kind;
-      if (hp.kind != want)
-        throw std::runtime_error(where + " is " + to_string(hp.kind) + " but the policy says " +
-                                 to_string(want));
-      if (hp.kind == PatternKind::kVerticalSlash) {
-        const auto& c = hp.vs.columns;
-        const auto& o = hp.vs.offsets;
-        bool ok = !o.empty() && o.back() == 0;
-        for (size_t i = 0; ok && i < c.size(); ++i)
-          ok = c[i] >= 0 && c[i] < n && (i == 0 || c[i - 1] < c[i]);
-        for (size_t i = 0; ok && i < o.size(); ++i)
-          ok = o[i] >= 0 && o[i] < n && (i == 0 || o[i - 1] > o[i]);
-        if (!ok)
-          throw std::runtime_error(where +
-                                   ": vertical-slash selection must have ascending columns and "
-                                   "descending offsets in [0, N), offset 0 included");
-      } else if (hp.kind == PatternKind::kBlockSparse) {
-        bool ok = hp.topk >= 1 && static_cast<int64_t>(hp.blocks.size()) == nb * hp.topk;
-        for (int64_t b = 0; ok && b < nb; ++b)
-          for (int j = 0; ok && j < hp.topk; ++j) {
-            const int x = hp.blocks[b * hp.topk + j];
-            ok = x >= -1 && x <= b;
-          }
-        if (!ok)
-          throw std::runtime_error(where + ": block list must be [" + std::to_string(nb) +
-                                   "][topk] with entries in [-1, query block]");
-      }
-    }
-  }
-}
 
 }  // namespace
 
@@ -384,7 +334,7 @@ std::vector<float> Engine::prefill(const std::vector<int>& ids, const SparsePoli
   check_cache(cache, c, 0, n);
   policy.check_model(c);
   const bool reuse = plan_inout && !plan_inout->empty();
-  if (reuse) check_plan(*plan_inout, policy, c, n);
+  if (reuse) check_prefill_plan(*plan_inout, policy, c, n);
   if (plan_inout && !reuse) {
     plan_inout->seq_len = n;
     plan_inout->layers.assign(c.n_layers, {});

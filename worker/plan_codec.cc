@@ -74,31 +74,42 @@ PrefillPlan decode_plan(const std::vector<int32_t>& d) {
 }
 
 void check_prefill_plan(const PrefillPlan& plan, const SparsePolicy& policy, const ModelConfig& cfg,
-                        int64_t n) {
+                        int64_t n, const PlanCheck& rules) {
+  const std::string& w = rules.prefix;
   if (plan.seq_len != n)
-    throw std::runtime_error("prefill plan is for " + std::to_string(plan.seq_len) +
+    throw std::runtime_error(w + "prefill plan is for " + std::to_string(plan.seq_len) +
                              " tokens, the prompt has " + std::to_string(n));
   if (plan.layers.size() != static_cast<size_t>(cfg.n_layers))
-    throw std::runtime_error("prefill plan has " + std::to_string(plan.layers.size()) +
+    throw std::runtime_error(w + "prefill plan has " + std::to_string(plan.layers.size()) +
                              " layers, the model has " + std::to_string(cfg.n_layers));
   const int64_t nb = num_blocks(n);
   for (int l = 0; l < cfg.n_layers; ++l) {
     if (plan.layers[l].size() != static_cast<size_t>(cfg.n_heads))
-      throw std::runtime_error("prefill plan layer " + std::to_string(l) + " has " +
+      throw std::runtime_error(w + "prefill plan layer " + std::to_string(l) + " has " +
                                std::to_string(plan.layers[l].size()) + " heads, the model has " +
                                std::to_string(cfg.n_heads));
     for (int h = 0; h < cfg.n_heads; ++h) {
       const HeadPlan& hp = plan.layers[l][h];
       const std::string where =
-          "prefill plan layer " + std::to_string(l) + " head " + std::to_string(h);
+          w + "prefill plan layer " + std::to_string(l) + " head " + std::to_string(h);
       const PatternKind want = policy.at(l, h, n).kind;
       if (hp.kind != want)
         throw std::runtime_error(where + " is " + to_string(hp.kind) + " but the policy says " +
                                  to_string(want));
+      const bool planned =
+          hp.kind == PatternKind::kVerticalSlash
+              ? !hp.vs.offsets.empty()
+              : hp.kind == PatternKind::kBlockSparse && hp.topk >= 1 && !hp.blocks.empty();
+      const bool sparse =
+          hp.kind == PatternKind::kVerticalSlash || hp.kind == PatternKind::kBlockSparse;
+      if (sparse && !planned) {
+        if (rules.allow_unplanned) continue;
+        throw std::runtime_error(where + " has no " + to_string(hp.kind) + " indices");
+      }
       if (hp.kind == PatternKind::kVerticalSlash) {
         const auto& c = hp.vs.columns;
         const auto& o = hp.vs.offsets;
-        bool ok = !o.empty() && o.back() == 0;
+        bool ok = o.back() == 0;
         for (size_t i = 0; ok && i < c.size(); ++i)
           ok = c[i] >= 0 && c[i] < n && (i == 0 || c[i - 1] < c[i]);
         for (size_t i = 0; ok && i < o.size(); ++i)
@@ -108,23 +119,28 @@ void check_prefill_plan(const PrefillPlan& plan, const SparsePolicy& policy, con
                                    ": vertical-slash selection must have ascending columns and "
                                    "descending offsets in [0, N), offset 0 included");
       } else if (hp.kind == PatternKind::kBlockSparse) {
-        bool ok = hp.topk >= 1 && static_cast<int64_t>(hp.blocks.size()) == nb * hp.topk;
+        bool ok = static_cast<int64_t>(hp.blocks.size()) == nb * hp.topk;
         for (int64_t b = 0; ok && b < nb; ++b) {
           int prev = -1;
-          bool pad = false;
+          bool pad = false, diag = false;
           for (int j = 0; ok && j < hp.topk; ++j) {
             const int x = hp.blocks[b * hp.topk + j];
+            ok = x >= -1 && x <= b;
             if (x == -1) {
               pad = true;
-            } else {
-              ok = !pad && x > prev && x <= b;
+            } else if (rules.ascending_blocks) {
+              ok = ok && !pad && x > prev;
               prev = x;
             }
+            diag = diag || x == b;
           }
+          ok = ok && (diag || !rules.diagonal_block);
         }
         if (!ok)
           throw std::runtime_error(where + ": block list must be [" + std::to_string(nb) +
-                                   "][topk], ascending entries in [0, query block], -1 padded");
+                                   "][topk] with entries in " + "[-1, query block]" +
+                                   (rules.ascending_blocks ? ", ascending then -1 padded" : "") +
+                                   (rules.diagonal_block ? ", the diagonal block included" : ""));
       }
     }
   }

@@ -14,6 +14,7 @@
 #include "kernels/cuda/merge.h"
 #include "kernels/cuda/sparse/sparse_attention.h"
 #include "worker/cuda/device_init.h"
+#include "worker/plan_codec.h"
 
 namespace mprefill::gpu {
 namespace {
@@ -84,66 +85,6 @@ std::vector<Piece> local_pieces(const SparsePolicy& policy, int layer, int64_t n
     }
   }
   return out;
-}
-
-bool head_planned(const HeadPlan& hp) {
-  if (hp.kind == PatternKind::kVerticalSlash) return !hp.vs.offsets.empty();
-  if (hp.kind == PatternKind::kBlockSparse) return hp.topk >= 1 && !hp.blocks.empty();
-  return false;
-}
-
-// The kernels trust the indices: a given plan is checked for this prompt and policy.
-void check_plan(const PrefillPlan& plan, const SparsePolicy& policy, const ModelConfig& c,
-                int64_t n, const std::string& w) {
-  if (plan.seq_len != n || plan.layers.size() != size_t(c.n_layers))
-    throw std::runtime_error(w + "prefill plan is for " + std::to_string(plan.seq_len) +
-                             " tokens / " + std::to_string(plan.layers.size()) +
-                             " layers, the prompt has " + std::to_string(n) + " / the model " +
-                             std::to_string(c.n_layers));
-  const int64_t nb = num_blocks(n);
-  for (int l = 0; l < c.n_layers; ++l) {
-    if (plan.layers[l].size() != size_t(c.n_heads))
-      throw std::runtime_error(w + "prefill plan layer " + std::to_string(l) + " has " +
-                               std::to_string(plan.layers[l].size()) + " heads");
-    for (int h = 0; h < c.n_heads; ++h) {
-      const HeadPlan& hp = plan.layers[l][h];
-      const std::string where =
-          w + "prefill plan layer " + std::to_string(l) + " head " + std::to_string(h);
-      const PatternKind want = policy.at(l, h, n).kind;
-      if ((want == PatternKind::kVerticalSlash || want == PatternKind::kBlockSparse) &&
-          (hp.kind != want || !head_planned(hp)))
-        throw std::runtime_error(where + ": the GPU ring needs the " + to_string(want) +
-                                 " indices in the plan (no estimation on the ring)");
-      if (want == PatternKind::kVerticalSlash) {
-        const auto& cs = hp.vs.columns;
-        const auto& o = hp.vs.offsets;
-        bool good = o.back() == 0;
-        for (size_t i = 0; good && i < cs.size(); ++i)
-          good = cs[i] >= 0 && cs[i] < n && (i == 0 || cs[i - 1] < cs[i]);
-        for (size_t i = 0; good && i < o.size(); ++i)
-          good = o[i] >= 0 && o[i] < n && (i == 0 || o[i - 1] > o[i]);
-        if (!good)
-          throw std::runtime_error(where +
-                                   ": vertical-slash selection must have ascending "
-                                   "columns and descending offsets in [0, N), 0 included");
-      } else if (want == PatternKind::kBlockSparse) {
-        bool good = int64_t(hp.blocks.size()) == nb * hp.topk;
-        for (int64_t b = 0; good && b < nb; ++b) {
-          bool diag = false;
-          for (int j = 0; good && j < hp.topk; ++j) {
-            const int x = hp.blocks[b * hp.topk + j];
-            good = x >= -1 && x <= b && (j == 0 || x == -1 || x > hp.blocks[b * hp.topk + j - 1]);
-            diag = diag || x == b;
-          }
-          good = good && diag;
-        }
-        if (!good)
-          throw std::runtime_error(where +
-                                   ": block list must be [nblocks][topk], ascending, "
-                                   "entries in [-1, query block], diagonal included");
-      }
-    }
-  }
 }
 
 // Grow-only device buffer.
@@ -375,7 +316,10 @@ CudaDistResult CudaDistEngine::prefill(const std::vector<int>& ids, const Sparse
                                  "PrefillPlan (global estimation on the GPU ring is not "
                                  "implemented)");
     } else {
-      check_plan(*plan, policy, c, n, w);
+      PlanCheck rules;  // the GPU ring does no estimation: every sparse head planned
+      rules.diagonal_block = true;
+      rules.prefix = w;
+      check_prefill_plan(*plan, policy, c, n, rules);
     }
   }
   auto ck = [&](cudaError_t e, const std::string& what) {

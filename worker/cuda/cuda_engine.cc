@@ -17,6 +17,7 @@
 #include "kernels/cuda/index/index.h"
 #include "kernels/cuda/sparse/sparse_attention.h"
 #include "worker/cuda/device_init.h"
+#include "worker/plan_codec.h"
 
 namespace mprefill::gpu {
 namespace {
@@ -273,62 +274,6 @@ bool head_planned(const HeadPlan& hp) {
   if (hp.kind == PatternKind::kVerticalSlash) return !hp.vs.offsets.empty();
   if (hp.kind == PatternKind::kBlockSparse) return hp.topk >= 1 && !hp.blocks.empty();
   return false;
-}
-
-// Structural checks of a given plan (the kernels trust the indices they get).
-void check_plan(const PrefillPlan& plan, const SparsePolicy& policy, const ModelConfig& c,
-                int64_t n) {
-  if (plan.seq_len != n)
-    throw std::runtime_error("prefill plan is for " + std::to_string(plan.seq_len) +
-                             " tokens, the prompt has " + std::to_string(n));
-  if (plan.layers.size() != static_cast<size_t>(c.n_layers))
-    throw std::runtime_error("prefill plan has " + std::to_string(plan.layers.size()) +
-                             " layers, the model has " + std::to_string(c.n_layers));
-  const int64_t nb = num_blocks(n);
-  for (int l = 0; l < c.n_layers; ++l) {
-    if (plan.layers[l].size() != static_cast<size_t>(c.n_heads))
-      throw std::runtime_error("prefill plan layer " + std::to_string(l) + " has " +
-                               std::to_string(plan.layers[l].size()) + " heads, the model has " +
-                               std::to_string(c.n_heads));
-    for (int h = 0; h < c.n_heads; ++h) {
-      const HeadPlan& hp = plan.layers[l][h];
-      const std::string where =
-          "prefill plan layer " + std::to_string(l) + " head " + std::to_string(h);
-      const PatternKind want = policy.at(l, h, n).kind;
-      if (hp.kind != want)
-        throw std::runtime_error(where + " is " + to_string(hp.kind) + " but the policy says " +
-                                 to_string(want));
-      if (!head_planned(hp)) continue;
-      if (hp.kind == PatternKind::kVerticalSlash) {
-        const auto& cs = hp.vs.columns;
-        const auto& o = hp.vs.offsets;
-        bool good = o.back() == 0;
-        for (size_t i = 0; good && i < cs.size(); ++i)
-          good = cs[i] >= 0 && cs[i] < n && (i == 0 || cs[i - 1] < cs[i]);
-        for (size_t i = 0; good && i < o.size(); ++i)
-          good = o[i] >= 0 && o[i] < n && (i == 0 || o[i - 1] > o[i]);
-        if (!good)
-          throw std::runtime_error(where +
-                                   ": vertical-slash selection must have ascending columns and "
-                                   "descending offsets in [0, N), offset 0 included");
-      } else {
-        bool good = static_cast<int64_t>(hp.blocks.size()) == nb * hp.topk;
-        for (int64_t b = 0; good && b < nb; ++b) {
-          bool diag = false;
-          for (int j = 0; good && j < hp.topk; ++j) {
-            const int x = hp.blocks[b * hp.topk + j];
-            good = x >= -1 && x <= b;
-            diag = diag || x == b;
-          }
-          good = good && diag;
-        }
-        if (!good)
-          throw std::runtime_error(where + ": block list must be [" + std::to_string(nb) +
-                                   "][topk] with entries in [-1, query block], the diagonal "
-                                   "block included");
-      }
-    }
-  }
 }
 
 // Split heads of one layer into launches.
@@ -640,7 +585,13 @@ std::vector<float> CudaEngine::prefill(const std::vector<int>& ids, const Sparse
                              " tokens is over 2^31");
   policy.check_model(c);
   const bool reuse = plan_inout && !plan_inout->empty();
-  if (reuse) check_plan(*plan_inout, policy, c, n);
+  if (reuse) {
+    PlanCheck rules;
+    rules.allow_unplanned = true;  // unplanned sparse heads are estimated here
+    rules.ascending_blocks = false;
+    rules.diagonal_block = true;
+    check_prefill_plan(*plan_inout, policy, c, n, rules);
+  }
   const bool fill_plan = plan_inout && !reuse;
 
   const Setup S = make_setup(c, opt_, n, policy, reuse ? plan_inout : nullptr, popt);
