@@ -203,7 +203,7 @@ class Session : public std::enable_shared_from_this<Session> {
         strand_(asio::make_strand(coord_->io)),
         hello_timer_(coord_->io),
         linger_timer_(coord_->io),
-        parser_(coord_->opt.max_frame) {
+        parser_(std::min(coord_->opt.max_frame, wire::kHelloMaxFrame)) {  // raised after hello
     boost::system::error_code ec;
     auto ep = socket_.remote_endpoint(ec);
     peer_ = ec ? "?" : ep.address().to_string() + ":" + std::to_string(ep.port());
@@ -344,6 +344,7 @@ class Session : public std::enable_shared_from_this<Session> {
         }
         hello_done_ = true;
         hello_timer_.cancel();
+        parser_.set_max_frame(coord_->opt.max_frame);
         role_ = env.client_hello().role();
         name_ = env.client_hello().name();
         auto ok = envelope();
@@ -430,7 +431,9 @@ void Coordinator::Impl::log(const char* fmt, ...) {
   va_end(ap);
   std::time_t t = std::time(nullptr);
   char ts[32];
-  std::strftime(ts, sizeof(ts), "%H:%M:%S", std::gmtime(&t));
+  std::tm utc{};
+  gmtime_r(&t, &utc);  // io threads log concurrently: gmtime's static buffer races (TSan)
+  std::strftime(ts, sizeof(ts), "%H:%M:%S", &utc);
   std::fprintf(stderr, "mprefill-coordinator %s: %s\n", ts, msg);
 }
 

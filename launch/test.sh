@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Runs setup (install + build), then the test suites through ctest.
 #
-#   launch/test.sh [--gpu] [setup options...]
+#   launch/test.sh [--gpu] [--sanitize] [setup options...]
 #
 #   (default)  CPU suite: ctest -LE gpu, 2 at a time. GPU tests are not run here: on a
 #              machine without a GPU one GPU test binary is run to show that they skip.
 #   --gpu      GPU suite: ctest -L '^gpu$' (one GPU), one at a time, with MPREFILL_REQUIRE_GPU=1; fails
 #              when no GPU is visible or any GPU test is skipped.
+#   --sanitize also launch/sanitize.sh asan --quick and tsan (own build dirs; slow).
 # Other options go to launch/setup.sh (e.g. --ci, --offline, --build-dir DIR).
 # Prints the wall time, then one closing line "tests: N passed, N failed, N skipped".
 set -euo pipefail
@@ -14,12 +15,14 @@ LOG_TAG=test
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 GPU=0
+SANITIZE=0
 SETUP_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --gpu) GPU=1 ;;
+    --sanitize) SANITIZE=1 ;;
     --build-dir) SETUP_ARGS+=("$1" "$2"); BUILD_DIR="$(realpath -m "$2")"; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) SETUP_ARGS+=("$1") ;;
   esac
   shift
@@ -89,6 +92,16 @@ else
   fi
   log "CPU suite: ctest -LE gpu -j2"
   run_ctest cpu -LE gpu -j2 || status=1
+fi
+
+# ---- sanitizers (issue 7): opt-in, not on CI's critical path
+if [ $SANITIZE = 1 ]; then
+  for mode in asan tsan; do
+    args=("$mode")
+    [ $mode = asan ] && args+=(--quick)
+    log "sanitizers: launch/sanitize.sh ${args[*]}"
+    if "$ROOT/launch/sanitize.sh" "${args[@]}"; then PASSED=$((PASSED + 1)); else FAILED=$((FAILED + 1)); status=1; fi
+  done
 fi
 
 T_TESTS=$(awk -v a="$(elapsed "$T0")" -v b="$T_SETUP" 'BEGIN { printf "%.1f", a - b }')

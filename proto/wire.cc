@@ -551,6 +551,7 @@ std::unique_ptr<Connection> Listener::accept(int timeout_ms, v1::Role expected_r
   impl->socket.set_option(tcp::no_delay(true), ec);
   auto remote = impl->socket.remote_endpoint(ec);
   impl->peer = ec ? std::string("?") : endpoint_text(remote);
+  impl->parser.set_max_frame(std::min(impl_->max_frame, kHelloMaxFrame));
   std::unique_ptr<Connection> conn(new Connection(std::move(impl)));
 
   // Hello exchange, bounded separately from the wait for a connection.
@@ -577,6 +578,7 @@ std::unique_ptr<Connection> Listener::accept(int timeout_ms, v1::Role expected_r
       return nullptr;
     }
     conn->impl_->peer_name = env.client_hello().name();
+    conn->impl_->parser.set_max_frame(impl_->max_frame);  // authenticated: full frames
     if (peer_name) *peer_name = env.client_hello().name();
     v1::Envelope ok;
     ok.set_version(kProtocolVersion);

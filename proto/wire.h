@@ -20,6 +20,9 @@ namespace v1 = ::mprefill::v1;
 
 constexpr uint32_t kProtocolVersion = 1;
 constexpr size_t kDefaultMaxFrame = size_t{64} << 20;
+// Frames a peer may send before its hello is accepted (ClientHello is a few hundred
+// bytes): an unauthenticated peer cannot make the receiver buffer megabytes.
+constexpr size_t kHelloMaxFrame = size_t{64} << 10;
 
 // A connection-level failure: closed peer, timeout, malformed or oversize frame, version
 // mismatch, failed authentication. what() is one line with the peer and the operation.
@@ -47,6 +50,8 @@ class FrameParser {
   void feed(const void* data, size_t n);
   Result next(v1::Envelope* out, std::string* error);
   size_t buffered() const;
+  // Limit for frames not yet started (e.g. raised from kHelloMaxFrame after the hello).
+  void set_max_frame(size_t max_frame) { max_frame_ = max_frame; }
   // After kError: kBadVersion for a well-formed envelope of another protocol version,
   // kBadFrame otherwise.
   WireError::Kind error_kind() const { return error_kind_; }

@@ -78,7 +78,7 @@ const char* kUsage =
     "  --threads N              CPU threads per rank (default: all cores or MPREFILL_THREADS)\n"
     "  --kv-streams S           TCP streams per rank to the decoder (default 1)\n"
     "  --page-tokens P          tokens per KV page (default 256; the decoder must agree)\n"
-    "  --executor E             auto (default: engine when N == 1, else dist), engine\n"
+    "  --executor E             auto (default: dist, which streams each layer's KV), engine\n"
     "                           (single process; N must be 1), dist (DistEngine); CPU only\n"
     "  --comm-timeout-ms MS     bound of every MPI wait (default 120000)\n"
     "  --handoff-timeout-ms MS  bound of each wait on the decoder when the Assignment gives\n"
@@ -497,7 +497,10 @@ class Worker {
             "engine (configure with -DMPREFILL_CUDA=ON); use --device cpu");
 #endif
       }
-      if (exec == "auto") exec = wi_.size == 1 ? "engine" : "dist";
+      // DistEngine also for one rank: it hands each layer's KV to the decoder as soon as the
+      // layer is done (the Engine path exports after the whole prefill, so a long one-rank
+      // prefill would outlast the decoder's wait for its first page).
+      if (exec == "auto") exec = "dist";
       if (exec == "engine" && wi_.size != 1)
         throw std::runtime_error("--executor engine runs one rank, the group has " +
                                  std::to_string(wi_.size));

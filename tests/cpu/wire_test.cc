@@ -159,6 +159,23 @@ TEST(Frames, OversizeLengthIsAnErrorBeforeTheBodyArrives) {
   EXPECT_EQ(p.next(&env, &err), w::FrameParser::Result::kError);
 }
 
+TEST(Frames, HelloLimitThenTheFullLimitAfterTheHello) {
+  // Before the hello a peer may send kHelloMaxFrame bytes a frame; the receiver raises
+  // the limit once the peer is accepted.
+  const std::string big = w::encode_frame(submit_env(40000, 1));  // ~ 200 KB
+  ASSERT_GT(big.size(), w::kHelloMaxFrame);
+  v1::Envelope env;
+  std::string err;
+  w::FrameParser before(w::kHelloMaxFrame);
+  before.feed(big.data(), 4);
+  EXPECT_EQ(before.next(&env, &err), w::FrameParser::Result::kError);
+  w::FrameParser after(w::kHelloMaxFrame);
+  after.set_max_frame(w::kDefaultMaxFrame);
+  after.feed(big.data(), big.size());
+  EXPECT_EQ(after.next(&env, &err), w::FrameParser::Result::kOk) << err;
+  EXPECT_EQ(env.submit().token_ids_size(), 40000);
+}
+
 TEST(Frames, GarbageVersionAndEmptyAreErrors) {
   std::mt19937 rng(7);
   int errors = 0;

@@ -1,0 +1,243 @@
+// Who may connect (issue 7): the coordinator listens on 127.0.0.1 by default; with a
+// shared secret file every client, worker group and decoder proves it (HMAC over a fresh
+// nonce) and peers without it or with another secret are refused with UNAUTHENTICATED;
+// the secret appears in no log; the queue limit and the frame size limit hold.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "tests/hardening/harness.h"
+#include "tests/testutil.h"
+
+namespace h = mprefill::hardening;
+namespace v1 = ::mprefill::v1;
+namespace wire = ::mprefill::wire;
+
+namespace {
+
+const char* kModel = "random:tiny:7";
+
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+// Local address (host byte order) of the TCP socket listening on port, from
+// /proc/net/tcp ("sl local_address rem_address st ..."; st 0A = LISTEN). 0 when absent.
+bool listen_address(uint16_t port, uint32_t* addr) {
+  std::ifstream f("/proc/net/tcp");
+  std::string line;
+  std::getline(f, line);  // header
+  while (std::getline(f, line)) {
+    std::istringstream is(line);
+    std::string sl, local, remote, st;
+    is >> sl >> local >> remote >> st;
+    const size_t colon = local.find(':');
+    if (colon == std::string::npos || st != "0A") continue;
+    if (std::stoul(local.substr(colon + 1), nullptr, 16) != port) continue;
+    // The address is the raw 32-bit value printed as hex in host order (little-endian
+    // hosts: 0100007F is 127.0.0.1).
+    const uint32_t raw = static_cast<uint32_t>(std::stoul(local.substr(0, colon), nullptr, 16));
+    *addr = __builtin_bswap32(raw);
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST(Security, ListensOnLoopbackByDefault) {
+  const std::string dir = h::make_dir("bind");
+  h::Coordinator co(dir, {"--metrics-port", "0"});
+  uint32_t a = 0;
+  ASSERT_TRUE(listen_address(co.port, &a)) << "port " << co.port << " not in /proc/net/tcp";
+  EXPECT_EQ(a, 0x7f000001u) << "service port bound to " << std::hex << a << ", not 127.0.0.1";
+  // The metrics port too.
+  std::istringstream ps(h::read_file(dir + "/port"));
+  int port = 0, metrics = 0;
+  ps >> port >> metrics;
+  ASSERT_GT(metrics, 0);
+  ASSERT_TRUE(listen_address(static_cast<uint16_t>(metrics), &a));
+  EXPECT_EQ(a, 0x7f000001u) << "metrics port bound to " << std::hex << a;
+  EXPECT_TRUE(h::file_contains(dir + "/coordinator.log", "listening on 127.0.0.1:"));
+}
+
+TEST(Security, SharedSecretIsRequiredProvedAndNeverLogged) {
+  const std::string dir = h::make_dir("secret");
+  const std::string secret = "s3cr3t-" + std::to_string(::getpid()) + "-do-not-log";
+  const std::string secret_file = dir + "/secret";
+  const std::string wrong_file = dir + "/wrong";
+  h::write_file(secret_file, secret + "\n");
+  h::write_file(wrong_file, "another-secret-" + std::to_string(::getpid()) + "\n");
+  h::Coordinator co(dir, {"--secret-file", secret_file, "--heartbeat-ms", "200"});
+
+  // Raw peers of every role: no proof, wrong proof, a proof replayed from another
+  // connection's nonce -> UNAUTHENTICATED and closed; the right proof -> accepted.
+  for (v1::Role role : {v1::CLIENT, v1::WORKER, v1::DECODER}) {
+    const std::string r = v1::Role_Name(role);
+    {
+      h::RawPeer p(co.port);
+      std::string why;
+      EXPECT_FALSE(p.hello(role, "nosecret", "", &why)) << r;
+      EXPECT_NE(why.find("UNAUTHENTICATED"), std::string::npos) << r << ": " << why;
+      EXPECT_TRUE(p.closed_within(5000)) << r;
+    }
+    {
+      h::RawPeer p(co.port);
+      std::string why;
+      EXPECT_FALSE(p.hello(role, "wrong", "not-the-secret", &why)) << r;
+      EXPECT_NE(why.find("UNAUTHENTICATED"), std::string::npos) << r << ": " << why;
+      EXPECT_TRUE(p.closed_within(5000)) << r;
+    }
+    {  // Replay: the proof for connection A's nonce, sent on connection B.
+      h::RawPeer a(co.port), b(co.port);
+      v1::Envelope sa, sb;
+      ASSERT_EQ(a.next(&sa, 5000), h::RawPeer::Got::kFrame);
+      ASSERT_EQ(b.next(&sb, 5000), h::RawPeer::Got::kFrame);
+      EXPECT_TRUE(sa.server_hello().auth_required());
+      EXPECT_NE(sa.server_hello().nonce(), sb.server_hello().nonce()) << "nonce reused";
+      EXPECT_EQ(sa.server_hello().nonce().size(), 32u);
+      v1::Envelope e;
+      e.set_version(wire::kProtocolVersion);
+      e.mutable_client_hello()->set_version(wire::kProtocolVersion);
+      e.mutable_client_hello()->set_role(role);
+      e.mutable_client_hello()->set_proof(
+          wire::hello_proof(secret, sa.server_hello().nonce(), role));
+      b.send(e);
+      v1::Error err;
+      ASSERT_TRUE(b.next_error(&err, 5000)) << r;
+      EXPECT_EQ(err.code(), v1::UNAUTHENTICATED) << r << ": " << err.message();
+      EXPECT_TRUE(b.closed_within(5000)) << r;
+      // The same proof on its own connection is accepted (the proof itself is right).
+      a.send(e);
+      v1::Envelope ok;
+      ASSERT_EQ(a.next(&ok, 5000), h::RawPeer::Got::kFrame);
+      EXPECT_TRUE(ok.has_hello_accepted()) << r << ": " << ok.ShortDebugString();
+    }
+    {
+      h::RawPeer p(co.port);
+      std::string why;
+      EXPECT_TRUE(p.hello(role, "right", secret, &why)) << r << ": " << why;
+    }
+  }
+  // The blocking client refuses to connect without a secret, before sending anything.
+  try {
+    h::Client c(co.port, "");
+    ADD_FAILURE() << "a client without the secret was accepted";
+  } catch (const wire::WireError& e) {
+    EXPECT_EQ(e.kind(), wire::WireError::Kind::kAuth) << e.what();
+  }
+
+  // The real binaries: CLI, decoder and worker group with the wrong secret exit non-zero
+  // with a clear line; with the right one they register and a job runs.
+  std::string out;
+  const int rc = mprefill::test::run_command(h::bin("mprefill") + " status --coordinator " +
+                                                 co.addr() + " --secret-file " + quote(wrong_file),
+                                             &out);
+  EXPECT_NE(rc, 0) << out;
+  EXPECT_NE(out.find("authentication failed"), std::string::npos) << out;
+  h::write_file(dir + "/cli-wrong.log", out);
+  auto bad_dec = h::start_decoder(dir, co.addr(), kModel, "d-wrong", wrong_file);
+  auto bad_wrk = h::start_workers(dir, co.addr(), kModel, 1, "g-wrong", wrong_file);
+  int st = -1;
+  ASSERT_TRUE(bad_dec->wait_exit(60000, &st)) << "decoder with a wrong secret kept running";
+  EXPECT_NE(st, 0);
+  EXPECT_TRUE(h::file_contains(bad_dec->log_path(), "authentication failed")) << bad_dec->log();
+  ASSERT_TRUE(bad_wrk->wait_exit(90000, &st)) << "worker group with a wrong secret kept running";
+  EXPECT_NE(st, 0);
+  EXPECT_TRUE(h::file_contains(bad_wrk->log_path(), "authentication failed")) << bad_wrk->log();
+  auto no_dec = h::start_decoder(dir, co.addr(), kModel, "d-none", "");
+  ASSERT_TRUE(no_dec->wait_exit(60000, &st)) << "decoder without a secret kept running";
+  EXPECT_NE(st, 0);
+  EXPECT_TRUE(h::file_contains(no_dec->log_path(), "auth")) << no_dec->log();
+
+  auto dec = h::start_decoder(dir, co.addr(), kModel, "d0", secret_file);
+  auto wrk = h::start_workers(dir, co.addr(), kModel, 1, "g0", secret_file);
+  ASSERT_TRUE(h::wait_registered(co.port, secret, 1, 1, 90000))
+      << co.proc->log() << dec->log() << wrk->log();
+  {
+    h::Client c(co.port, secret);
+    v1::JobAccepted acc;
+    v1::Error err;
+    ASSERT_TRUE(c.submit(h::tiny_job(64, 2), &acc, &err)) << err.message();
+    v1::JobResult res;
+    ASSERT_TRUE(c.wait_result(acc.job_id(), &res, &err, 60000)) << err.message();
+    EXPECT_EQ(res.state(), v1::DONE);
+  }
+  const int rc2 = mprefill::test::run_command(
+      h::bin("mprefill") + " submit --coordinator " + co.addr() + " --secret-file " +
+          quote(secret_file) + " --prompt-ids 5,6,7,8 --decode 2 --json",
+      &out);
+  EXPECT_EQ(rc2, 0) << out;
+  h::write_file(dir + "/cli-right.log", out);
+
+  // The secret in no log of any process (checked after everything ran).
+  dec.reset();
+  wrk.reset();
+  co.proc.reset();
+  int logs = 0;
+  for (const auto& f : std::filesystem::directory_iterator(dir)) {
+    if (f.path().extension() != ".log") continue;
+    ++logs;
+    const std::string text = h::read_file(f.path().string());
+    EXPECT_EQ(text.find(secret), std::string::npos) << f.path() << " contains the secret";
+    EXPECT_EQ(text.find("another-secret-"), std::string::npos) << f.path();
+  }
+  EXPECT_GE(logs, 7);
+}
+
+TEST(Security, QueueLimitIsEnforced) {
+  const std::string dir = h::make_dir("queue");
+  h::Coordinator co(dir, {"--queue-limit", "2", "--heartbeat-ms", "200"});
+  auto dec = h::start_decoder(dir, co.addr(), kModel, "d0", "");
+  // Two ranks: KV pages flow layer by layer (a 1-rank group sends none before its whole
+  // prefill is done, see the report of issue 7).
+  auto wrk = h::start_workers(dir, co.addr(), kModel, 2, "g0", "");
+  ASSERT_TRUE(h::wait_registered(co.port, "", 1, 1, 90000)) << co.proc->log();
+  // One long job occupies the only group; two more queue; the fourth is refused.
+  h::Client c(co.port);
+  std::vector<uint64_t> ids;
+  v1::JobAccepted acc;
+  v1::Error err;
+  ASSERT_TRUE(c.submit(h::tiny_job(3072, 1), &acc, &err)) << err.message();
+  ids.push_back(acc.job_id());
+  ASSERT_TRUE(h::wait_status(co.port, "", 30000, [&](const v1::StatusReply& s) {
+    for (const auto& j : s.jobs())
+      if (j.job_id() == ids[0]) return j.state() == v1::RUNNING;
+    return false;
+  }));
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(c.submit(h::tiny_job(16, 1), &acc, &err)) << err.message();
+    ids.push_back(acc.job_id());
+  }
+  ASSERT_FALSE(c.submit(h::tiny_job(16, 1), &acc, &err)) << "queue limit 2 not enforced";
+  EXPECT_EQ(err.code(), v1::RESOURCE_EXHAUSTED);
+  EXPECT_NE(err.message().find("queue full"), std::string::npos) << err.message();
+  // The accepted ones all finish.
+  for (uint64_t id : ids) {
+    v1::JobResult res;
+    EXPECT_TRUE(c.wait_result(id, &res, &err, 120000)) << id << ": " << err.message();
+  }
+}
+
+TEST(Security, AdmissionRefusesKvThatDoesNotFit) {
+  const std::string dir = h::make_dir("admit");
+  h::Coordinator co(dir, {"--heartbeat-ms", "200"});
+  // 1 MiB of KV room: random:tiny needs 2 x 4 layers x 2 heads x 32 x 4 B = 2 KiB / token.
+  auto dec = h::start_decoder(dir, co.addr(), kModel, "d0", "", {"--capacity-mb", "1"});
+  auto wrk = h::start_workers(dir, co.addr(), kModel, 1, "g0", "");
+  ASSERT_TRUE(h::wait_registered(co.port, "", 1, 1, 90000)) << co.proc->log();
+  h::Client c(co.port);
+  v1::JobAccepted acc;
+  v1::Error err;
+  ASSERT_FALSE(c.submit(h::tiny_job(1024, 1), &acc, &err));
+  EXPECT_EQ(err.code(), v1::RESOURCE_EXHAUSTED) << err.message();
+  EXPECT_NE(err.message().find("decoder capacity"), std::string::npos) << err.message();
+  ASSERT_TRUE(c.submit(h::tiny_job(256, 1), &acc, &err)) << err.message();
+  v1::JobResult res;
+  EXPECT_TRUE(c.wait_result(acc.job_id(), &res, &err, 60000)) << err.message();
+}
