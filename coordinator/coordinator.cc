@@ -400,6 +400,8 @@ class Session : public std::enable_shared_from_this<Session> {
 Coordinator::Impl::Impl(CoordinatorOptions o) : opt(std::move(o)) {
   if (opt.threads < 1) throw std::invalid_argument("coordinator: threads must be >= 1");
   if (opt.queue_limit < 0) throw std::invalid_argument("coordinator: queue_limit must be >= 0");
+  if (opt.max_jobs_per_client < 1)
+    throw std::invalid_argument("coordinator: max_jobs_per_client must be >= 1");
   if (opt.heartbeat_ms < 10 || opt.heartbeat_timeout_ms < opt.heartbeat_ms)
     throw std::invalid_argument(
         "coordinator: heartbeat_ms must be >= 10 and heartbeat_timeout_ms >= heartbeat_ms");
@@ -971,7 +973,18 @@ void Coordinator::Impl::handle_submit(const SessionPtr& s, const v1::SubmitJob& 
   std::vector<int32_t> tokens;
   uint64_t kv = 0;
   v1::ErrorCode code = v1::INVALID_ARGUMENT;
-  const std::string why = refuse_reason_locked(m, &tokens, &kv, &code);
+  std::string why = refuse_reason_locked(m, &tokens, &kv, &code);
+  if (why.empty()) {
+    int open = 0;  // this connection's unfinished jobs
+    for (const auto& [id, j] : jobs)
+      open += j.client_raw == s.get() &&
+              (j.state == v1::QUEUED || j.state == v1::RUNNING || j.state == v1::HANDING_OFF);
+    if (open >= opt.max_jobs_per_client) {
+      code = v1::RESOURCE_EXHAUSTED;
+      why = "this client has " + std::to_string(open) + " unfinished jobs (limit " +
+            std::to_string(opt.max_jobs_per_client) + " per client)";
+    }
+  }
   if (!why.empty()) {
     ++metrics.refused;
     log("job from %s refused (%s): %s", s->peer().c_str(), v1::ErrorCode_Name(code).c_str(),

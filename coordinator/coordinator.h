@@ -23,6 +23,7 @@ struct CoordinatorOptions {
   std::string tokenizer;             // llama2.c tokenizer.bin for text prompts and result text
   int64_t max_prompt = 0;            // prompt limit; 0: the model's max_position only
   int queue_limit = 64;              // queued jobs at most; more are refused
+  int max_jobs_per_client = 16;      // unfinished jobs of one client connection at most
   int threads = 2;                   // io_context threads
   int heartbeat_ms = 1000;           // groups and decoders send a Heartbeat this often
   int heartbeat_timeout_ms = 10000;  // silent longer: dead, its jobs fail

@@ -19,7 +19,8 @@ using mprefill::cli::UsageError;
 const char* kUsage =
     "usage: mprefill-coordinator [--host ADDR] [--port P] [--metrics-port P]\n"
     "                            [--secret-file F] [--tokenizer PATH] [--max-prompt N]\n"
-    "                            [--queue-limit N] [--threads N] [--heartbeat-ms MS]\n"
+    "                            [--queue-limit N] [--max-jobs-per-client N]\n"
+    "                            [--threads N] [--heartbeat-ms MS]\n"
     "                            [--heartbeat-timeout-ms MS] [--handoff-timeout-ms MS]\n"
     "                            [--port-file F] [--quiet]\n"
     "  --host ADDR             bind address (default 127.0.0.1; 0.0.0.0 for all)\n"
@@ -30,6 +31,7 @@ const char* kUsage =
     "  --tokenizer PATH        llama2.c tokenizer.bin: text prompts and result text\n"
     "  --max-prompt N          prompt limit in tokens (default: the model's max position)\n"
     "  --queue-limit N         queued jobs at most (default 64)\n"
+    "  --max-jobs-per-client N unfinished jobs of one client connection (default 16)\n"
     "  --threads N             io threads (default 2)\n"
     "  --heartbeat-ms MS       heartbeat period asked of groups and decoders (default 1000)\n"
     "  --heartbeat-timeout-ms  silence after which a group / decoder is dead (default 10000)\n"
@@ -78,6 +80,8 @@ int main(int argc, char** argv) {
         opt.max_prompt = parse_int(flag, value(), 1, 1LL << 40);
       } else if (flag == "--queue-limit") {
         opt.queue_limit = static_cast<int>(parse_int(flag, value(), 0, 1 << 20));
+      } else if (flag == "--max-jobs-per-client") {
+        opt.max_jobs_per_client = static_cast<int>(parse_int(flag, value(), 1, 1 << 20));
       } else if (flag == "--threads") {
         opt.threads = static_cast<int>(parse_int(flag, value(), 1, 256));
       } else if (flag == "--heartbeat-ms") {

@@ -518,6 +518,27 @@ TEST(Coordinator, RunsAJobThroughEveryState) {
   EXPECT_EQ(metric(m, "mprefill_jobs{state=\"running\"}"), 0);
 }
 
+TEST(Coordinator, LimitsUnfinishedJobsPerClient) {
+  CoordinatorOptions o = test_options();
+  o.max_jobs_per_client = 2;
+  Service s(o);
+  auto cl = dial(s.coord, v1::CLIENT, "cli");
+  for (int i = 0; i < 2; ++i) {
+    send(*cl, submit(prompt(10 + i)));
+    recv_until(*cl, [](auto& e) { return e.has_accepted(); });
+  }
+  send(*cl, submit(prompt(12)));
+  auto err = recv_until(*cl, [](auto& e) { return e.has_error(); });
+  EXPECT_EQ(err.error().code(), v1::RESOURCE_EXHAUSTED);
+  EXPECT_NE(err.error().message().find("2 unfinished jobs (limit 2 per client)"), std::string::npos)
+      << err.error().message();
+  // Another client is not limited by the first one's jobs.
+  auto other = dial(s.coord, v1::CLIENT, "other");
+  send(*other, submit(prompt(13)));
+  EXPECT_TRUE(
+      recv_until(*other, [](auto& e) { return e.has_accepted() || e.has_error(); }).has_accepted());
+}
+
 TEST(Coordinator, QueuesAndCancelsInEveryState) {
   Service s;
   auto cl = dial(s.coord, v1::CLIENT, "cli");
