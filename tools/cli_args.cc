@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <cstdint>
 #include <fstream>
 #include <sstream>
 
@@ -67,6 +68,75 @@ std::string read_text_file(const std::string& path) {
   if (!text.empty() && text.back() == '\n') text.pop_back();
   if (!text.empty() && text.back() == '\r') text.pop_back();
   return text;
+}
+
+bool FlagReader::next() {
+  if (i_ + 1 >= argc_) return false;
+  flag_ = argv_[++i_];
+  inline_value_.reset();
+  if (flag_.rfind("--", 0) == 0) {
+    const size_t eq = flag_.find('=');
+    if (eq != std::string::npos) {
+      inline_value_ = flag_.substr(eq + 1);
+      flag_.resize(eq);
+    }
+  }
+  return true;
+}
+
+std::string FlagReader::value() {
+  if (inline_value_) return *inline_value_;
+  if (i_ + 1 >= argc_) throw UsageError(flag_ + " needs a value");
+  return argv_[++i_];
+}
+
+bool JobOptions::take(FlagReader& r) {
+  const std::string& flag = r.flag();
+  if (flag == "--prompt") {
+    prompt = r.value();
+  } else if (flag == "--prompt-ids") {
+    prompt_ids = r.value();
+  } else if (flag == "--prompt-file") {
+    prompt_file = r.value();
+  } else if (flag == "--decode") {
+    decode = static_cast<int>(parse_int(flag, r.value(), 0, 1 << 24));
+  } else if (flag == "--audit-heads") {
+    audit_heads = static_cast<int>(parse_int(flag, r.value(), 0, 1 << 20));
+  } else if (flag == "--sparse") {
+    sparse = r.value();
+  } else if (flag == "--dense-below") {
+    dense_below = parse_int(flag, r.value(), 0, int64_t{1} << 40);
+  } else if (flag == "--temperature") {
+    temperature = parse_float(flag, r.value());
+  } else if (flag == "--top-p") {
+    top_p = parse_float(flag, r.value());
+  } else if (flag == "--seed") {
+    seed = static_cast<uint64_t>(parse_int(flag, r.value(), 0, INT64_MAX));
+  } else if (flag == "--stop-ids") {
+    stop_ids = parse_id_list(flag, r.value());
+  } else {
+    return false;
+  }
+  return true;
+}
+
+void JobOptions::require_one_prompt() const {
+  if (!!prompt + !!prompt_ids + !!prompt_file != 1)
+    throw UsageError("give exactly one of --prompt, --prompt-ids, --prompt-file");
+}
+
+PromptInput read_prompt(const JobOptions& o) {
+  PromptInput p;
+  if (o.prompt_ids) {
+    p.ids = parse_id_list("--prompt-ids", *o.prompt_ids);
+    if (p.ids.empty()) throw std::runtime_error("prompt is empty (--prompt-ids has no ids)");
+    return p;
+  }
+  p.text = o.prompt ? *o.prompt : read_text_file(*o.prompt_file);
+  if (p.text.empty())
+    throw std::runtime_error(o.prompt ? "prompt is empty (--prompt \"\")"
+                                      : "prompt is empty (file " + *o.prompt_file + ")");
+  return p;
 }
 
 std::string hostname() {

@@ -31,10 +31,7 @@
 namespace {
 
 using mprefill::cli::one_line;
-using mprefill::cli::parse_float;
-using mprefill::cli::parse_id_list;
 using mprefill::cli::parse_int;
-using mprefill::cli::read_text_file;
 using mprefill::cli::UsageError;
 
 using namespace mprefill;
@@ -75,86 +72,45 @@ struct DeviceError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-struct GenerateArgs {
+struct GenerateArgs : cli::JobOptions {
+  GenerateArgs() { dense_below = kDefaultDenseBelow; }
   std::string model, tokenizer;
-  std::optional<std::string> prompt, prompt_ids, prompt_file;
-  int decode = 0;
-  std::string sparse = "dense";
-  int64_t dense_below = kDefaultDenseBelow;
-  double temperature = 0.0, top_p = 1.0;
-  uint64_t seed = 0;
-  std::vector<int> stop_ids;
   int64_t max_prompt = 0;
   std::string device = "cpu";
   int threads = 0;
   bool json = false;
   bool help = false;
-  int audit_heads = 0;
 };
 
 GenerateArgs parse_generate(int argc, char** argv) {
   GenerateArgs a;
-  for (int i = 0; i < argc; ++i) {
-    std::string flag = argv[i];
-    std::optional<std::string> inline_value;
-    if (flag.rfind("--", 0) == 0) {
-      const size_t eq = flag.find('=');
-      if (eq != std::string::npos) {
-        inline_value = flag.substr(eq + 1);
-        flag = flag.substr(0, eq);
-      }
-    }
-    auto value = [&]() -> std::string {
-      if (inline_value) return *inline_value;
-      if (i + 1 >= argc) throw UsageError(flag + " needs a value");
-      return argv[++i];
-    };
+  cli::FlagReader r(argc, argv);
+  while (r.next()) {
+    const std::string& flag = r.flag();
     if (flag == "--help" || flag == "-h") {
       a.help = true;
     } else if (flag == "--json") {
       a.json = true;
     } else if (flag == "--model") {
-      a.model = value();
+      a.model = r.value();
     } else if (flag == "--tokenizer") {
-      a.tokenizer = value();
-    } else if (flag == "--prompt") {
-      a.prompt = value();
-    } else if (flag == "--prompt-ids") {
-      a.prompt_ids = value();
-    } else if (flag == "--prompt-file") {
-      a.prompt_file = value();
-    } else if (flag == "--decode") {
-      a.decode = static_cast<int>(parse_int(flag, value(), 0, 1 << 24));
-    } else if (flag == "--sparse") {
-      a.sparse = value();
-    } else if (flag == "--dense-below") {
-      a.dense_below = parse_int(flag, value(), 0, int64_t{1} << 40);
-    } else if (flag == "--temperature") {
-      a.temperature = parse_float(flag, value());
-    } else if (flag == "--top-p") {
-      a.top_p = parse_float(flag, value());
-    } else if (flag == "--seed") {
-      a.seed = static_cast<uint64_t>(parse_int(flag, value(), 0, INT64_MAX));
-    } else if (flag == "--stop-ids") {
-      a.stop_ids = parse_id_list(flag, value());
+      a.tokenizer = r.value();
+    } else if (a.take(r)) {  // --prompt*, --decode, --sparse, sampling, ...
     } else if (flag == "--max-prompt") {
-      a.max_prompt = parse_int(flag, value(), 1, int64_t{1} << 40);
+      a.max_prompt = parse_int(flag, r.value(), 1, int64_t{1} << 40);
     } else if (flag == "--device") {
-      a.device = value();
+      a.device = r.value();
       if (a.device != "cpu" && a.device != "cuda")
         throw UsageError("--device must be cpu or cuda, got '" + a.device + "'");
     } else if (flag == "--threads") {
-      a.threads = static_cast<int>(parse_int(flag, value(), 1, 4096));
-    } else if (flag == "--audit-heads") {
-      a.audit_heads = static_cast<int>(parse_int(flag, value(), 0, 1 << 20));
+      a.threads = static_cast<int>(parse_int(flag, r.value(), 1, 4096));
     } else {
-      throw UsageError("unknown option '" + std::string(argv[i]) + "'");
+      throw UsageError("unknown option '" + r.arg() + "'");
     }
   }
   if (a.help) return a;
   if (a.model.empty()) throw UsageError("--model is required");
-  const int sources = !!a.prompt + !!a.prompt_ids + !!a.prompt_file;
-  if (sources != 1) throw UsageError("give exactly one of --prompt, --prompt-ids, --prompt-file");
+  a.require_one_prompt();
   if (a.audit_heads > 0 && a.device != "cpu")
     throw UsageError("--audit-heads runs on the cpu engine only (--device cpu)");
   return a;
@@ -222,16 +178,10 @@ int run_generate(const GenerateArgs& a) {
   std::optional<Tokenizer> tok;
   if (!a.tokenizer.empty()) tok = Tokenizer::load(a.tokenizer);
 
-  std::vector<int> ids;
-  std::string prompt_text;
-  if (a.prompt_ids) {
-    ids = parse_id_list("--prompt-ids", *a.prompt_ids);
-    if (ids.empty()) throw std::runtime_error("prompt is empty (--prompt-ids has no ids)");
-  } else {
-    prompt_text = a.prompt ? *a.prompt : read_text_file(*a.prompt_file);
-    if (prompt_text.empty())
-      throw std::runtime_error(a.prompt ? "prompt is empty (--prompt \"\")"
-                                        : "prompt is empty (file " + *a.prompt_file + ")");
+  const cli::PromptInput prompt = cli::read_prompt(a);
+  std::vector<int> ids = prompt.ids;
+  const std::string& prompt_text = prompt.text;
+  if (ids.empty()) {
     if (!tok) throw UsageError("a text prompt needs --tokenizer");
     ids = tok->encode(prompt_text, true);
   }

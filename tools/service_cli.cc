@@ -39,10 +39,7 @@ const char* const kServiceCommandsUsage =
 namespace {
 
 using mprefill::cli::one_line;
-using mprefill::cli::parse_float;
-using mprefill::cli::parse_id_list;
 using mprefill::cli::parse_int;
-using mprefill::cli::read_text_file;
 using mprefill::cli::UsageError;
 
 namespace v1 = ::mprefill::v1;
@@ -112,19 +109,11 @@ struct SigintGuard {
 };
 
 // Options shared by submit / status / cancel / run.
-struct Args {
+struct Args : JobOptions {
   // connection
   std::string coordinator, secret_file;
-  // job
+  // job (the rest in JobOptions)
   std::string tokenizer;
-  std::optional<std::string> prompt, prompt_ids, prompt_file;
-  int decode = 0;
-  int audit_heads = 0;  // heads per layer audited against dense attention
-  std::string sparse = "dense";
-  int64_t dense_below = 0;
-  double temperature = 0.0, top_p = 1.0;
-  uint64_t seed = 0;
-  std::vector<int> stop_ids;
   std::string group, decoder, kv_transport, model_name, tag;
   bool no_wait = false;
   int timeout_s = 3600;
@@ -140,21 +129,9 @@ struct Args {
 Args parse_args(const std::string& cmd, int argc, char** argv) {
   Args a;
   const bool job_cmd = cmd == "submit" || cmd == "run";
-  for (int i = 0; i < argc; ++i) {
-    std::string flag = argv[i];
-    std::optional<std::string> inline_value;
-    if (flag.rfind("--", 0) == 0) {
-      const size_t eq = flag.find('=');
-      if (eq != std::string::npos) {
-        inline_value = flag.substr(eq + 1);
-        flag = flag.substr(0, eq);
-      }
-    }
-    auto value = [&]() -> std::string {
-      if (inline_value) return *inline_value;
-      if (i + 1 >= argc) throw UsageError(flag + " needs a value");
-      return argv[++i];
-    };
+  FlagReader r(argc, argv);
+  while (r.next()) {
+    const std::string& flag = r.flag();
     auto only = [&](bool ok) {
       if (!ok) throw UsageError("'" + flag + "' is not an option of 'mprefill " + cmd + "'");
     };
@@ -164,93 +141,71 @@ Args parse_args(const std::string& cmd, int argc, char** argv) {
       a.json = true;
     } else if (flag == "--coordinator") {
       only(cmd != "run");
-      a.coordinator = value();
+      a.coordinator = r.value();
     } else if (flag == "--secret-file") {
       only(cmd != "run");
-      a.secret_file = value();
+      a.secret_file = r.value();
     } else if (flag == "--job") {
       only(cmd == "status" || cmd == "cancel");
-      a.job = static_cast<uint64_t>(parse_int(flag, value(), 1, INT64_MAX));
+      a.job = static_cast<uint64_t>(parse_int(flag, r.value(), 1, INT64_MAX));
     } else if (cmd == "cancel" && flag.rfind("--", 0) != 0 && a.job == 0) {
       a.job = static_cast<uint64_t>(parse_int("job id", flag, 1, INT64_MAX));
     } else if (!job_cmd) {
       only(false);
     } else if (flag == "--tokenizer") {
-      a.tokenizer = value();
-    } else if (flag == "--prompt") {
-      a.prompt = value();
-    } else if (flag == "--prompt-ids") {
-      a.prompt_ids = value();
-    } else if (flag == "--prompt-file") {
-      a.prompt_file = value();
-    } else if (flag == "--decode") {
-      a.decode = static_cast<int>(parse_int(flag, value(), 0, 1 << 24));
-    } else if (flag == "--audit-heads") {
-      a.audit_heads = static_cast<int>(parse_int(flag, value(), 0, 1 << 20));
-    } else if (flag == "--sparse") {
-      a.sparse = value();
-    } else if (flag == "--dense-below") {
-      a.dense_below = parse_int(flag, value(), 0, int64_t{1} << 40);
-    } else if (flag == "--temperature") {
-      a.temperature = parse_float(flag, value());
-      if (a.temperature < 0) throw UsageError("--temperature must be >= 0");
-    } else if (flag == "--top-p") {
-      a.top_p = parse_float(flag, value());
-      if (!(a.top_p > 0 && a.top_p <= 1)) throw UsageError("--top-p must be in (0, 1]");
-    } else if (flag == "--seed") {
-      a.seed = static_cast<uint64_t>(parse_int(flag, value(), 0, INT64_MAX));
-    } else if (flag == "--stop-ids") {
-      a.stop_ids = parse_id_list(flag, value());
+      a.tokenizer = r.value();
+    } else if (a.take(r)) {
+      if (flag == "--temperature" && a.temperature < 0)
+        throw UsageError("--temperature must be >= 0");
+      if (flag == "--top-p" && !(a.top_p > 0 && a.top_p <= 1))
+        throw UsageError("--top-p must be in (0, 1]");
     } else if (flag == "--kv-transport") {
-      a.kv_transport = value();
+      a.kv_transport = r.value();
       if (a.kv_transport != "tcp" && a.kv_transport != "nccl")
         throw UsageError("--kv-transport must be tcp or nccl, got '" + a.kv_transport + "'");
     } else if (flag == "--timeout-s") {
-      a.timeout_s = static_cast<int>(parse_int(flag, value(), 1, 7 * 24 * 3600));
+      a.timeout_s = static_cast<int>(parse_int(flag, r.value(), 1, 7 * 24 * 3600));
     } else if (cmd == "submit" && flag == "--group") {
-      a.group = value();
+      a.group = r.value();
     } else if (cmd == "submit" && flag == "--decoder") {
-      a.decoder = value();
+      a.decoder = r.value();
     } else if (cmd == "submit" && flag == "--model") {
-      a.model_name = value();
+      a.model_name = r.value();
     } else if (cmd == "submit" && flag == "--tag") {
-      a.tag = value();
+      a.tag = r.value();
     } else if (cmd == "submit" && flag == "--no-wait") {
       a.no_wait = true;
     } else if (cmd == "run" && flag == "--model") {
-      a.model = value();
+      a.model = r.value();
     } else if (cmd == "run" && flag == "--ranks") {
-      a.ranks = static_cast<int>(parse_int(flag, value(), 1, 1024));
+      a.ranks = static_cast<int>(parse_int(flag, r.value(), 1, 1024));
     } else if (cmd == "run" && flag == "--tp") {
-      a.tp = static_cast<int>(parse_int(flag, value(), 1, 1024));
+      a.tp = static_cast<int>(parse_int(flag, r.value(), 1, 1024));
     } else if (cmd == "run" && flag == "--device") {
-      a.device = value();
+      a.device = r.value();
       if (a.device != "cpu" && a.device != "cuda")
         throw UsageError("--device must be cpu or cuda, got '" + a.device + "'");
     } else if (cmd == "run" && flag == "--decoder-device") {
-      a.decoder_device = value();
+      a.decoder_device = r.value();
       if (a.decoder_device != "cpu" && a.decoder_device != "cuda" &&
           a.decoder_device.rfind("cuda:", 0) != 0)
         throw UsageError("--decoder-device must be cpu, cuda or cuda:N, got '" + a.decoder_device +
                          "'");
     } else if (cmd == "run" && flag == "--mpirun") {
-      a.mpirun = value();
+      a.mpirun = r.value();
     } else if (cmd == "run" && flag == "--startup-timeout-s") {
-      a.startup_timeout_s = static_cast<int>(parse_int(flag, value(), 1, 3600));
+      a.startup_timeout_s = static_cast<int>(parse_int(flag, r.value(), 1, 3600));
     } else if (cmd == "run" && flag == "--max-prompt") {
-      a.max_prompt = parse_int(flag, value(), 1, int64_t{1} << 40);
+      a.max_prompt = parse_int(flag, r.value(), 1, int64_t{1} << 40);
     } else {
-      throw UsageError("unknown option '" + std::string(argv[i]) + "'");
+      throw UsageError("unknown option '" + r.arg() + "'");
     }
   }
   if (a.help) return a;
   if (cmd != "run" && a.coordinator.empty())
     throw UsageError("--coordinator HOST:PORT is required");
   if (cmd == "cancel" && a.job == 0) throw UsageError("--job ID is required");
-  if (job_cmd) {
-    const int sources = !!a.prompt + !!a.prompt_ids + !!a.prompt_file;
-    if (sources != 1) throw UsageError("give exactly one of --prompt, --prompt-ids, --prompt-file");
-  }
+  if (job_cmd) a.require_one_prompt();
   if (cmd == "run") {
     if (a.model.empty()) throw UsageError("--model is required");
     if (a.ranks % a.tp != 0)
@@ -277,25 +232,15 @@ std::unique_ptr<wire::Connection> dial(const std::string& hostport, const std::s
 
 // ---------------------------------------------------------------- prompt + job
 
-struct Prompt {
-  std::vector<int> ids;  // empty when the text goes to the coordinator
-  std::string text;      // the prompt text (text prompts)
-};
-
-Prompt make_prompt(const Args& a, const std::optional<Tokenizer>& tok) {
-  Prompt p;
-  if (a.prompt_ids) {
-    p.ids = parse_id_list("--prompt-ids", *a.prompt_ids);
-    if (p.ids.empty()) throw std::runtime_error("prompt is empty (--prompt-ids has no ids)");
-    return p;
-  }
-  p.text = a.prompt ? *a.prompt : read_text_file(*a.prompt_file);
-  if (p.text.empty()) throw std::runtime_error("prompt is empty");
-  if (tok) p.ids = tok->encode(p.text, true);
+// The prompt, tokenized here when a tokenizer is given (ids stay empty for a text
+// prompt that goes to the coordinator).
+PromptInput make_prompt(const Args& a, const std::optional<Tokenizer>& tok) {
+  PromptInput p = read_prompt(a);
+  if (p.ids.empty() && tok) p.ids = tok->encode(p.text, true);
   return p;
 }
 
-v1::Envelope make_submit(const Args& a, const Prompt& p, bool progress) {
+v1::Envelope make_submit(const Args& a, const PromptInput& p, bool progress) {
   v1::Envelope env;
   env.set_version(wire::kProtocolVersion);
   auto* s = env.mutable_submit();
@@ -434,7 +379,7 @@ std::string gbps(uint64_t bytes, double ms) {
   return b;
 }
 
-nlohmann::json outcome_json(const Outcome& o, const Args& a, const Prompt& p) {
+nlohmann::json outcome_json(const Outcome& o, const Args& a, const PromptInput& p) {
   nlohmann::json j = {{"job_id", o.job_id}, {"status", o.status}};
   if (o.status != "DONE") {
     j["error_code"] = v1::ErrorCode_Name(o.code);
@@ -482,7 +427,7 @@ nlohmann::json outcome_json(const Outcome& o, const Args& a, const Prompt& p) {
 
 // Prints the outcome like `mprefill generate` (text or ids on stdout, a summary on
 // stderr) or one JSON object. Returns the exit status.
-int print_outcome(const Outcome& o, const Args& a, const Prompt& p,
+int print_outcome(const Outcome& o, const Args& a, const PromptInput& p,
                   const std::optional<Tokenizer>& tok, const nlohmann::json& extra = {}) {
   if (a.json) {
     nlohmann::json j = outcome_json(o, a, p);
@@ -551,7 +496,7 @@ std::string secret_of(const Args& a) {
 int cmd_submit(const Args& a) {
   std::optional<Tokenizer> tok;
   if (!a.tokenizer.empty()) tok = Tokenizer::load(a.tokenizer);
-  const Prompt p = make_prompt(a, tok);
+  const PromptInput p = make_prompt(a, tok);
   SigintGuard guard;
   auto c = dial(a.coordinator, secret_of(a));
   const bool bar = !a.json && isatty(STDERR_FILENO);
@@ -736,7 +681,7 @@ struct RunCleanup {
 int cmd_run(const Args& a) {
   std::optional<Tokenizer> tok;
   if (!a.tokenizer.empty()) tok = Tokenizer::load(a.tokenizer);
-  const Prompt p = make_prompt(a, tok);
+  const PromptInput p = make_prompt(a, tok);
   SigintGuard guard;
   const std::string bin = self_dir();
   for (const char* b : {"mprefill-worker", "mprefill-decoder"})

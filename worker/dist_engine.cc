@@ -17,14 +17,13 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <stdexcept>
 
 #include "kernels/cpu/cpu.h"
 #include "worker/audit.h"
 #include "worker/distributed_estimate.h"
+#include "worker/hf_config.h"
 #include "worker/plan_codec.h"
 #include "worker/ring_attention.h"
 #include "worker/safetensors.h"
@@ -69,19 +68,7 @@ class WeightSource {
   explicit WeightSource(const std::string& path) {
     std::error_code ec;
     if (path.rfind("random:", 0) != 0 && fs::is_directory(path, ec)) {
-      const fs::path cfg_path = fs::path(path) / "config.json";
-      std::ifstream f(cfg_path);
-      if (!f)
-        throw std::runtime_error("cannot open " + cfg_path.string() +
-                                 " (not an HF model directory?)");
-      std::ostringstream ss;
-      ss << f.rdbuf();
-      try {
-        cfg_ = parse_hf_config(ss.str());
-      } catch (const std::exception& e) {
-        throw std::runtime_error(cfg_path.string() + ": " + e.what());
-      }
-      cfg_.rope_style = RopeStyle::kRotateHalf;
+      cfg_ = read_hf_dir_config(path);
       ck_ = std::make_unique<SafetensorsCheckpoint>(path);
     } else {
       full_ = std::make_unique<ModelWeights>(load_model(path));
@@ -574,18 +561,17 @@ DistPrefillResult DistEngine::Impl::prefill(const std::vector<int>& ids, const S
   // ---- sp layout: zigzag, or the weighted split when the zigzag is off by > threshold.
   std::vector<double> bw(static_cast<size_t>(nb), 0.0);
   if (reuse && !all_dense) {
-    for (int l = 0; l < L; ++l) {
-      std::vector<const HeadPlan*> plans;
-      std::vector<HeadPattern> pats;
+    // One head's mask at a time: a vertical-slash index is O(blocks * (v + s)), a whole
+    // layer's of them at 1M tokens would be gigabytes. The layer loop builds the masks of
+    // this rank's heads again when it gets there (keeping them from here would hold every
+    // layer's at once).
+    for (int l = 0; l < L; ++l)
       for (int h = 0; h < c.n_heads; ++h) {
-        plans.push_back(&plan_inout->layers[l][h]);
-        pats.push_back(policy.at(l, h, n));
+        MaskSet ms;
+        ms.build({&plan_inout->layers[l][h]}, {policy.at(l, h, n)}, n);
+        for (int64_t b = 0; b < nb; ++b)
+          bw[b] += static_cast<double>(mask_tiles(ms.masks[0], b, 0, n, n));
       }
-      MaskSet ms;
-      ms.build(plans, pats, n);
-      for (const HeadMask& m : ms.masks)
-        for (int64_t b = 0; b < nb; ++b) bw[b] += static_cast<double>(mask_tiles(m, b, 0, n, n));
-    }
   } else {
     for (int l = 0; l < L; ++l)
       for (int h = 0; h < c.n_heads; ++h) {

@@ -30,4 +30,11 @@ std::string model_name_from_path(const std::string& path);
 
 ModelFingerprint model_fingerprint(const ModelWeights& w, const std::string& name);
 
+// Equal to model_fingerprint(load_model(path), model_name_from_path(path)), read from the
+// files tensor by tensor in reads of about chunk_bytes (HF directory: rows converted to
+// fp32 as the loader does; llama2.c .bin: the fp32 arrays), so memory stays O(chunk).
+// "random:..." specs have no file: generated whole. Throws as load_model does.
+ModelFingerprint model_fingerprint_of_path(const std::string& path,
+                                           int64_t chunk_bytes = int64_t{64} << 20);
+
 }  // namespace mprefill

@@ -12,6 +12,7 @@
 
 #include "decode/crc32c.h"
 #include "decode/kv_store.h"
+#include "worker/kv_ack.h"
 
 namespace mprefill {
 namespace {
@@ -142,6 +143,159 @@ std::string encode_kv_page_frame(const v1::KvPageHeader& header, const void* k, 
   return f;
 }
 
+// ---- KvSinkCore (worker/kv_ack.h) ---------------------------------------------------
+
+void KvSinkCore::init(KvHandoffOptions o, std::string where_prefix) {
+  opt = std::move(o);
+  where = std::move(where_prefix);
+  auto bad = [&](const std::string& m) { return std::runtime_error(where + ": " + m); };
+  if (opt.timeout_ms < 1) throw bad("timeout_ms must be >= 1");
+  const auto& m = opt.contract.model();
+  head_dim = m.head_dim();
+  n_kv_heads = m.n_kv_heads();
+  n_layers = m.n_layers();
+  page_tokens = opt.contract.page_tokens();
+  if (head_dim < 1 || n_kv_heads < 1 || n_layers < 1 || page_tokens < 1)
+    throw bad("KV contract has no model shape or page size");
+  if (opt.contract.layout() != kKvLayout)
+    throw bad("KV layout '" + opt.contract.layout() + "' is not " + kKvLayout);
+  acked.assign(n_layers, 0);
+  ack_due.assign(n_layers, 0);
+  ack_due_from.assign(n_layers, Clock::now());
+}
+
+void KvSinkCore::fail(const std::string& msg) {
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (failed || stopping) return;
+    failed = true;
+    error = where + ": " + msg;
+    on_fail();
+  }
+  cv.notify_all();
+  close_connections();
+}
+
+bool KvSinkCore::begin_put() {
+  std::lock_guard<std::mutex> lock(mu);
+  if (failed) {
+    if (opt.defer_errors) return false;
+    throw std::runtime_error(error);
+  }
+  if (!any_put) {
+    any_put = true;
+    first_put = Clock::now();
+  }
+  return true;
+}
+
+void KvSinkCore::give_up(const std::string& msg) {
+  fail(msg);
+  if (!opt.defer_errors) throw std::runtime_error(error_message());
+}
+
+std::string KvSinkCore::slice_problem(const KvSlice& s, bool want_device,
+                                      const std::string& placement_msg) const {
+  if (s.layer != layers_put)
+    return "layer " + std::to_string(s.layer) + " put, expected layer " +
+           std::to_string(layers_put) + " (layers go in order, once each)";
+  if (s.on_device != want_device) return placement_msg;
+  if (s.head_dim != head_dim)
+    return "slice head_dim " + std::to_string(s.head_dim) + ", contract says " +
+           std::to_string(head_dim);
+  if (s.dtype != DType::kF32 && s.dtype != DType::kBF16)
+    return std::string("slice dtype ") + to_string(s.dtype) + " is not f32 or bf16";
+  if (s.kv_heads.empty()) return "slice has no KV heads";
+  for (size_t i = 0; i < s.kv_heads.size(); ++i)
+    if (s.kv_heads[i] < 0 || s.kv_heads[i] >= n_kv_heads ||
+        (i > 0 && s.kv_heads[i] <= s.kv_heads[i - 1]))
+      return "slice KV heads must be ascending ids in [0, " + std::to_string(n_kv_heads) + ")";
+  return "";
+}
+
+void KvSinkCore::start_ack_deadline(int layer, Clock::time_point t) {
+  ack_due[layer] = 1;
+  ack_due_from[layer] = t;
+}
+
+void KvSinkCore::read_acks(wire::Connection* conn, const std::string& overdue_what) {
+  for (;;) {
+    std::string late;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (stopping || failed) return;
+      for (int l = acked_prefix; l < n_layers && ack_due[l]; ++l)
+        if (!acked[l] && ms_between(ack_due_from[l], Clock::now()) > opt.timeout_ms) {
+          late = "no LayerAck for layer " + std::to_string(l) + " within " +
+                 std::to_string(opt.timeout_ms) + overdue_what;
+          break;
+        }
+    }
+    if (!late.empty()) return fail(late);
+    v1::Envelope env;
+    try {
+      if (!conn->recv(&env, 100)) continue;
+    } catch (const std::exception& e) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (stopping || failed) return;
+      }
+      return fail(std::string("decoder closed the KV stream: ") + e.what());
+    }
+    if (env.has_layer_ack() && env.layer_ack().job_id() == opt.job_id) {
+      const int l = env.layer_ack().layer();
+      std::lock_guard<std::mutex> lock(mu);
+      if (l >= 0 && l < n_layers && !acked[l]) {
+        acked[l] = 1;
+        while (acked_prefix < n_layers && acked[acked_prefix]) ++acked_prefix;
+        st.layers_acked++;
+        last_ack = Clock::now();
+      }
+      cv.notify_all();
+    } else if (env.has_error()) {
+      return fail("decoder refused the stream: " + env.error().message());
+    } else if (env.has_decode_failed()) {
+      return fail("decoder failed the job: " + env.decode_failed().message());
+    }
+  }
+}
+
+void KvSinkCore::await_acks() {
+  std::unique_lock<std::mutex> lock(mu);
+  if (!failed && layers_put != n_layers) {
+    lock.unlock();
+    fail("finish() after " + std::to_string(layers_put) + " of " + std::to_string(n_layers) +
+         " layers");
+    lock.lock();
+  }
+  const auto limit = std::chrono::milliseconds(int64_t{opt.timeout_ms} * (n_layers + 2));
+  const bool done = cv.wait_for(lock, limit, [&] { return failed || acked_prefix == n_layers; });
+  if (!done && !failed) {
+    lock.unlock();
+    fail("finish: layers still unacknowledged after " + std::to_string(limit.count()) + " ms");
+    lock.lock();
+  }
+  if (!failed && any_put) {
+    st.handoff_ms = ms_between(first_put, last_ack);
+    st.tail_ms = std::max(0.0, ms_between(last_put, last_ack));
+  }
+}
+
+bool KvSinkCore::has_failed() const {
+  std::lock_guard<std::mutex> lock(mu);
+  return failed;
+}
+
+std::string KvSinkCore::error_message() const {
+  std::lock_guard<std::mutex> lock(mu);
+  return error;
+}
+
+KvHandoffStats KvSinkCore::stats() const {
+  std::lock_guard<std::mutex> lock(mu);
+  return st;
+}
+
 // ---- TcpKvHandoff ----------------------------------------------------------------------
 
 namespace {
@@ -158,11 +312,8 @@ struct LayerCopy {
 
 }  // namespace
 
-struct TcpKvHandoff::Impl {
-  KvHandoffOptions opt;
-  std::string where;  // "KV handoff to decoder H:P (job J, rank R)"
+struct TcpKvHandoff::Impl : KvSinkCore {
   DType wire_dtype = DType::kF32;
-  int head_dim = 0, n_kv_heads = 0, n_layers = 0, page_tokens = 0;
 
   struct Stream {
     std::unique_ptr<wire::Connection> conn;
@@ -170,30 +321,11 @@ struct TcpKvHandoff::Impl {
   };
   std::vector<Stream> streams;
 
-  mutable std::mutex mu;
-  std::condition_variable cv;
+  // Under mu (KvSinkCore's lock):
   std::deque<std::shared_ptr<LayerCopy>> queue;  // layers not yet fully handed to streams
-  bool stopping = false;
-  bool failed = false;
-  std::string error;
-  int layers_put = 0;
-  std::vector<char> acked;                       // [layer]
-  std::vector<Clock::time_point> layer_sent_at;  // [layer]: last page sent
-  std::vector<char> layer_sent;                  // [layer]
-  int acked_prefix = 0;                          // layers [0, acked_prefix) acked
-  Clock::time_point first_put, last_put, last_ack;
-  std::vector<double> stream_send_ms;  // [stream]
-  bool any_put = false;
-  KvHandoffStats st;
+  std::vector<double> stream_send_ms;            // [stream]
 
-  void fail(const std::string& msg) {
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      if (failed || stopping) return;
-      failed = true;
-      error = where + ": " + msg;
-    }
-    cv.notify_all();
+  void close_connections() override {
     for (auto& s : streams)
       if (s.conn) s.conn->close();
   }
@@ -237,61 +369,8 @@ struct TcpKvHandoff::Impl {
       st.bytes += L->payload[idx];
       st.pages += 1;
       if (done == L->frames.size()) {
-        layer_sent[L->layer] = 1;
-        layer_sent_at[L->layer] = Clock::now();
+        start_ack_deadline(L->layer, Clock::now());  // its last page is out
         cv.notify_all();
-      }
-    }
-  }
-
-  void reader_loop(int si) {
-    wire::Connection* conn = streams[si].conn.get();
-    for (;;) {
-      std::string late;
-      {
-        std::lock_guard<std::mutex> lock(mu);
-        if (stopping || failed) return;
-        // Each layer sent must be acked within timeout_ms of its last page.
-        for (int l = acked_prefix; l < n_layers && layer_sent[l]; ++l)
-          if (!acked[l] && ms_between(layer_sent_at[l], Clock::now()) > opt.timeout_ms) {
-            late = "no LayerAck for layer " + std::to_string(l) + " within " +
-                   std::to_string(opt.timeout_ms) +
-                   " ms after its pages were sent (decoder too slow, or another rank's pages "
-                   "missing)";
-            break;
-          }
-      }
-      if (!late.empty()) {
-        fail(late);
-        return;
-      }
-      v1::Envelope env;
-      try {
-        if (!conn->recv(&env, 100)) continue;
-      } catch (const std::exception& e) {
-        {
-          std::lock_guard<std::mutex> lock(mu);
-          if (stopping || failed) return;
-        }
-        fail(std::string("decoder closed the KV stream: ") + e.what());
-        return;
-      }
-      if (env.has_layer_ack() && env.layer_ack().job_id() == opt.job_id) {
-        const int l = env.layer_ack().layer();
-        std::lock_guard<std::mutex> lock(mu);
-        if (l >= 0 && l < n_layers && !acked[l]) {
-          acked[l] = 1;
-          while (acked_prefix < n_layers && acked[acked_prefix]) ++acked_prefix;
-          st.layers_acked++;
-          last_ack = Clock::now();
-        }
-        cv.notify_all();
-      } else if (env.has_error()) {
-        fail("decoder refused the stream: " + env.error().message());
-        return;
-      } else if (env.has_decode_failed()) {
-        fail("decoder failed the job: " + env.decode_failed().message());
-        return;
       }
     }
   }
@@ -302,8 +381,7 @@ struct TcpKvHandoff::Impl {
       stopping = true;
     }
     cv.notify_all();
-    for (auto& s : streams)
-      if (s.conn) s.conn->close();
+    close_connections();
     for (auto& s : streams) {
       if (s.sender.joinable()) s.sender.join();
       if (s.reader.joinable()) s.reader.join();
@@ -313,32 +391,20 @@ struct TcpKvHandoff::Impl {
 
 TcpKvHandoff::TcpKvHandoff(KvHandoffOptions opt) : impl_(std::make_unique<Impl>()) {
   Impl& I = *impl_;
-  I.opt = std::move(opt);
+  const std::string where = "KV handoff to decoder " + opt.host + ":" + std::to_string(opt.port) +
+                            " (job " + std::to_string(opt.job_id) + ", rank " +
+                            std::to_string(opt.rank) + ")";
+  auto bad = [&](const std::string& m) { return std::runtime_error(where + ": " + m); };
+  if (opt.streams < 1 || opt.streams > 64) throw bad("streams must be in [1, 64]");
+  if (opt.max_queued_layers < 1) throw bad("max_queued_layers must be >= 1");
+  I.init(std::move(opt), where);
   const KvHandoffOptions& o = I.opt;
-  I.where = "KV handoff to decoder " + o.host + ":" + std::to_string(o.port) + " (job " +
-            std::to_string(o.job_id) + ", rank " + std::to_string(o.rank) + ")";
-  auto bad = [&](const std::string& m) { return std::runtime_error(I.where + ": " + m); };
-  if (o.streams < 1 || o.streams > 64) throw bad("streams must be in [1, 64]");
-  if (o.timeout_ms < 1) throw bad("timeout_ms must be >= 1");
-  if (o.max_queued_layers < 1) throw bad("max_queued_layers must be >= 1");
-  const auto& m = o.contract.model();
-  I.head_dim = m.head_dim();
-  I.n_kv_heads = m.n_kv_heads();
-  I.n_layers = m.n_layers();
-  I.page_tokens = o.contract.page_tokens();
-  if (I.head_dim < 1 || I.n_kv_heads < 1 || I.n_layers < 1 || I.page_tokens < 1)
-    throw bad("KV contract has no model shape or page size");
-  if (o.contract.layout() != kKvLayout)
-    throw bad("KV layout '" + o.contract.layout() + "' is not " + kKvLayout);
   try {
     I.wire_dtype = from_proto(o.contract.kv_dtype());
   } catch (const std::exception& e) {
     throw bad(e.what());
   }
   if (I.wire_dtype == DType::kF16) throw bad("f16 KV pages are not supported (f32 or bf16)");
-  I.acked.assign(I.n_layers, 0);
-  I.layer_sent.assign(I.n_layers, 0);
-  I.layer_sent_at.assign(I.n_layers, Clock::now());
 
   I.streams.resize(o.streams);
   I.stream_send_ms.assign(o.streams, 0.0);
@@ -360,7 +426,11 @@ TcpKvHandoff::TcpKvHandoff(KvHandoffOptions opt) : impl_(std::make_unique<Impl>(
   }
   for (int s = 0; s < o.streams; ++s) {
     I.streams[s].sender = std::thread([this, s] { impl_->sender_loop(s); });
-    I.streams[s].reader = std::thread([this, s] { impl_->reader_loop(s); });
+    I.streams[s].reader = std::thread([this, s] {
+      impl_->read_acks(impl_->streams[s].conn.get(),
+                       " ms after its pages were sent (decoder too slow, or another rank's "
+                       "pages missing)");
+    });
   }
 }
 
@@ -368,37 +438,11 @@ TcpKvHandoff::~TcpKvHandoff() { impl_->stop(); }
 
 void TcpKvHandoff::put(const KvSlice& s) {
   Impl& I = *impl_;
-  auto give_up = [&](const std::string& msg) {
-    I.fail(msg);
-    if (!I.opt.defer_errors) throw std::runtime_error(error());
-  };
-  {
-    std::lock_guard<std::mutex> lock(I.mu);
-    if (I.failed) {
-      if (I.opt.defer_errors) return;
-      throw std::runtime_error(I.error);
-    }
-    if (!I.any_put) {
-      I.any_put = true;
-      I.first_put = Clock::now();
-    }
-  }
-  if (s.layer != I.layers_put)
-    return give_up("layer " + std::to_string(s.layer) + " put, expected layer " +
-                   std::to_string(I.layers_put) + " (layers go in order, once each)");
-  if (s.on_device)
-    return give_up("on-device KV slices are not supported by the TCP handoff (copy to host)");
-  if (s.head_dim != I.head_dim)
-    return give_up("slice head_dim " + std::to_string(s.head_dim) + ", contract says " +
-                   std::to_string(I.head_dim));
-  if (s.dtype != DType::kF32 && s.dtype != DType::kBF16)
-    return give_up(std::string("slice dtype ") + to_string(s.dtype) + " is not f32 or bf16");
-  if (s.kv_heads.empty()) return give_up("slice has no KV heads");
-  for (size_t i = 0; i < s.kv_heads.size(); ++i)
-    if (s.kv_heads[i] < 0 || s.kv_heads[i] >= I.n_kv_heads ||
-        (i > 0 && s.kv_heads[i] <= s.kv_heads[i - 1]))
-      return give_up("slice KV heads must be ascending ids in [0, " + std::to_string(I.n_kv_heads) +
-                     ")");
+  if (!I.begin_put()) return;
+  auto give_up = [&](const std::string& msg) { I.give_up(msg); };
+  const std::string bad = I.slice_problem(
+      s, false, "on-device KV slices are not supported by the TCP handoff (copy to host)");
+  if (!bad.empty()) return give_up(bad);
 
   // Room in the queue (bounded wait), then copy outside the lock.
   const auto t0 = Clock::now();
@@ -488,8 +532,7 @@ void TcpKvHandoff::put(const KvSlice& s) {
     I.last_put = t2;
     I.st.layers_put = I.layers_put;
     if (L->frames.empty()) {  // a rank with no tokens in this layer: nothing to send
-      I.layer_sent[s.layer] = 1;
-      I.layer_sent_at[s.layer] = t2;
+      I.start_ack_deadline(s.layer, t2);
     } else {
       I.queue.push_back(std::move(L));
     }
@@ -499,49 +542,20 @@ void TcpKvHandoff::put(const KvSlice& s) {
 
 void TcpKvHandoff::finish() {
   Impl& I = *impl_;
+  I.await_acks();
   {
-    std::unique_lock<std::mutex> lock(I.mu);
-    if (!I.failed && I.layers_put != I.n_layers) {
-      lock.unlock();
-      I.fail("finish() after " + std::to_string(I.layers_put) + " of " +
-             std::to_string(I.n_layers) + " layers");
-      lock.lock();
-    }
-    // Bounded: every layer's ack is due within timeout_ms of its last page (the reader
-    // threads fail the handoff otherwise), and the queue drains within the send bounds;
-    // this outer bound only catches a wedged stream.
-    const auto limit = std::chrono::milliseconds(int64_t{I.opt.timeout_ms} * (I.n_layers + 2));
-    const bool done =
-        I.cv.wait_for(lock, limit, [&] { return I.failed || I.acked_prefix == I.n_layers; });
-    if (!done && !I.failed) {
-      lock.unlock();
-      I.fail("finish: layers still unacknowledged after " + std::to_string(limit.count()) + " ms");
-      lock.lock();
-    }
-    if (!I.failed && I.any_put) {
-      I.st.handoff_ms = ms_between(I.first_put, I.last_ack);
-      I.st.tail_ms = std::max(0.0, ms_between(I.last_put, I.last_ack));
-    }
+    std::lock_guard<std::mutex> lock(I.mu);
     for (double ms : I.stream_send_ms) I.st.send_ms = std::max(I.st.send_ms, ms);
   }
-  const bool failed_now = I.failed;
+  const bool failed_now = I.has_failed();
   I.stop();
   if (failed_now) throw std::runtime_error(error());
 }
 
-bool TcpKvHandoff::failed() const {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  return impl_->failed;
-}
+bool TcpKvHandoff::failed() const { return impl_->has_failed(); }
 
-std::string TcpKvHandoff::error() const {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  return impl_->error;
-}
+std::string TcpKvHandoff::error() const { return impl_->error_message(); }
 
-KvHandoffStats TcpKvHandoff::stats() const {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  return impl_->st;
-}
+KvHandoffStats TcpKvHandoff::stats() const { return impl_->stats(); }
 
 }  // namespace mprefill

@@ -52,6 +52,115 @@ Status exchange(comm::Communicator& c, const float* k, const float* v, size_t se
   return first;
 }
 
+double ms_between(std::chrono::steady_clock::time_point a,
+                  std::chrono::steady_clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+std::string bad_shape(const std::string& who, int num_heads, int num_kv_heads, int head_dim,
+                      int64_t n_total) {
+  return who + "bad shape (heads " + std::to_string(num_heads) + ", kv heads " +
+         std::to_string(num_kv_heads) + ", head_dim " + std::to_string(head_dim) + ", n " +
+         std::to_string(n_total) + ")";
+}
+
+// The running output of this rank's rows, o [n_local][q_row] and lse [heads][n_local]
+// (zero and -inf: no key yet; lse owned here when the caller passes none), and one
+// step's partial output of the same layouts.
+struct RingOutput {
+  float* lse = nullptr;
+  std::vector<float> lse_own, o_part, lse_part;
+
+  RingOutput(float* o, float* lse_in, int64_t n_local, int64_t q_row, int num_heads) {
+    std::fill(o, o + n_local * q_row, 0.f);
+    lse = lse_in;
+    if (!lse) {
+      lse_own.resize(static_cast<size_t>(num_heads * n_local));
+      lse = lse_own.data();
+    }
+    std::fill(lse, lse + num_heads * n_local, -std::numeric_limits<float>::infinity());
+    o_part.resize(static_cast<size_t>(n_local * q_row));
+    lse_part.resize(static_cast<size_t>(num_heads * n_local));
+  }
+};
+
+// The ring both forms run: sp.size() steps; at step s this rank holds the K/V shard of
+// rank (rank - s) mod size (its own first) and runs compute(owner, keys, k, v) on it,
+// while a helper thread (which alone uses `sp` until joined) sends that shard on to
+// rank + 1 and receives the next one from rank - 1. Double buffered: the shard of step
+// s arrives in slot s % 2 during step s - 1. layout[i]: rank i's ranges (the transfer
+// sizes). Adds the step times and bytes sent to st.
+template <class Compute>
+Status run_ring(comm::Communicator& sp, const std::vector<TokenRanges>& layout, int64_t kv_row,
+                const float* k, const float* v, const std::string& who, RingStats* st,
+                std::string* error, Compute&& compute) {
+  using Clock = std::chrono::steady_clock;
+  const int rank = sp.rank(), size = sp.size();
+  int64_t max_tokens = 0;
+  for (const auto& r : layout) max_tokens = std::max(max_tokens, token_count(r));
+  std::vector<float> kbuf[2], vbuf[2];
+  if (size > 1) {
+    for (int i = 0; i < 2; ++i) {
+      kbuf[i].resize(static_cast<size_t>(max_tokens * kv_row));
+      vbuf[i].resize(static_cast<size_t>(max_tokens * kv_row));
+    }
+  }
+  const int next = (rank + 1) % size, prev = (rank + size - 1) % size;
+
+  const float* cur_k = k;
+  const float* cur_v = v;
+  for (int step = 0; step < size; ++step) {
+    const int owner = (rank - step + size) % size;  // whose K/V this step holds
+    const TokenRanges& keys = layout[owner];
+
+    // Post the transfer of the next shard before computing this one; this thread only
+    // reads cur_k / cur_v meanwhile.
+    std::thread xfer;
+    Status xfer_status = Status::kOk;
+    std::string xfer_error;
+    float* nk = nullptr;
+    float* nv = nullptr;
+    if (step + 1 < size) {
+      const int next_owner = (owner + size - 1) % size;
+      const size_t send_count = static_cast<size_t>(token_count(keys) * kv_row);
+      const size_t recv_count = static_cast<size_t>(token_count(layout[next_owner]) * kv_row);
+      st->bytes_sent += static_cast<int64_t>(2 * send_count * sizeof(float));
+      nk = kbuf[(step + 1) % 2].data();
+      nv = vbuf[(step + 1) % 2].data();
+      try {
+        xfer = std::thread([&, send_count, recv_count, cur_k, cur_v, nk, nv] {
+          xfer_status =
+              exchange(sp, cur_k, cur_v, send_count, nk, nv, recv_count, next, prev, &xfer_error);
+        });
+      } catch (const std::exception&) {  // thread creation failed: run it inline
+        xfer_status =
+            exchange(sp, cur_k, cur_v, send_count, nk, nv, recv_count, next, prev, &xfer_error);
+      }
+    }
+
+    const auto tc = Clock::now();
+    const Status compute_status = compute(keys, cur_k, cur_v);
+    const auto tw = Clock::now();
+    st->compute_ms += ms_between(tc, tw);
+    if (xfer.joinable()) xfer.join();
+    st->wait_ms += ms_between(tw, Clock::now());
+    if (compute_status != Status::kOk) {
+      return fail(error, compute_status,
+                  who + "step " + std::to_string(step) + ": attention of the shard of rank " +
+                      std::to_string(owner) + " failed: " + to_string(compute_status));
+    }
+    if (xfer_status != Status::kOk) {
+      return fail(error, xfer_status,
+                  who + "step " + std::to_string(step) + ": ring transfer (send to " +
+                      std::to_string(next) + ", recv from " + std::to_string(prev) +
+                      ") failed: " + xfer_error);
+    }
+    cur_k = nk;
+    cur_v = nv;
+  }
+  return Status::kOk;
+}
+
 }  // namespace
 
 Status ring_attention_cpu(comm::Communicator& sp, const TokenRanges& mine, int64_t n_total,
@@ -63,9 +172,7 @@ Status ring_attention_cpu(comm::Communicator& sp, const TokenRanges& mine, int64
   if (num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || num_heads % num_kv_heads != 0 ||
       n_total < 0 || !(scale > 0.f)) {
     return fail(error, Status::kInvalidArgument,
-                who + "bad shape (heads " + std::to_string(num_heads) + ", kv heads " +
-                    std::to_string(num_kv_heads) + ", head_dim " + std::to_string(head_dim) +
-                    ", n " + std::to_string(n_total) + ")");
+                bad_shape(who, num_heads, num_kv_heads, head_dim, n_total));
   }
   std::vector<TokenRanges> plan;
   try {
@@ -87,76 +194,21 @@ Status ring_attention_cpu(comm::Communicator& sp, const TokenRanges& mine, int64
 
   const int64_t q_row = int64_t{num_heads} * head_dim;
   const int64_t kv_row = int64_t{num_kv_heads} * head_dim;
-  int64_t max_tokens = 0;
-  for (const auto& r : plan) max_tokens = std::max(max_tokens, token_count(r));
+  RingOutput out(o, lse, n_local, q_row, num_heads);
 
-  // Running state (o, lse) and one step's partial state, same layouts.
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  std::fill(o, o + n_local * q_row, 0.f);
-  std::vector<float> lse_own;
-  if (!lse) {
-    lse_own.resize(static_cast<size_t>(num_heads * n_local));
-    lse = lse_own.data();
-  }
-  std::fill(lse, lse + num_heads * n_local, neg_inf);
-  std::vector<float> o_part(static_cast<size_t>(n_local * q_row));
-  std::vector<float> lse_part(static_cast<size_t>(num_heads * n_local));
-
-  // Receive slots: the shard of step s arrives in slot s % 2 during step s - 1.
-  std::vector<float> kbuf[2], vbuf[2];
-  if (size > 1) {
-    for (int i = 0; i < 2; ++i) {
-      kbuf[i].resize(static_cast<size_t>(max_tokens * kv_row));
-      vbuf[i].resize(static_cast<size_t>(max_tokens * kv_row));
-    }
-  }
-  const int next = (rank + 1) % size, prev = (rank + size - 1) % size;
-
-  const float* cur_k = k;
-  const float* cur_v = v;
-  for (int step = 0; step < size; ++step) {
-    const int owner = (rank - step + size) % size;  // whose K/V this step holds
-    const TokenRanges& keys = plan[owner];
-    const int64_t cur_tokens = token_count(keys);
-
-    // Post the transfer of the next shard before computing this one. The helper thread
-    // alone uses `sp` until joined; this thread only reads cur_k/cur_v meanwhile.
-    std::thread xfer;
-    Status xfer_status = Status::kOk;
-    std::string xfer_error;
-    const bool more = step + 1 < size;
-    float* nk = nullptr;
-    float* nv = nullptr;
-    if (more) {
-      const int next_owner = (owner + size - 1) % size;
-      const size_t send_count = static_cast<size_t>(cur_tokens * kv_row);
-      const size_t recv_count = static_cast<size_t>(token_count(plan[next_owner]) * kv_row);
-      nk = kbuf[(step + 1) % 2].data();
-      nv = vbuf[(step + 1) % 2].data();
-      try {
-        xfer = std::thread([&, send_count, recv_count, cur_k, cur_v, nk, nv] {
-          xfer_status =
-              exchange(sp, cur_k, cur_v, send_count, nk, nv, recv_count, next, prev, &xfer_error);
-        });
-      } catch (const std::exception& e) {  // thread creation failed: run it inline
-        xfer_status =
-            exchange(sp, cur_k, cur_v, send_count, nk, nv, recv_count, next, prev, &xfer_error);
-      }
-    }
-
-    // Every (query range, key range) pair with at least one visible key.
-    Status compute_status = Status::kOk;
+  // Every (query range, key range) pair with at least one visible key.
+  auto compute = [&](const TokenRanges& keys, const float* cur_k, const float* cur_v) {
     int64_t q_off = 0;
     for (auto [qb, qe] : mine) {
       int64_t k_off = 0;
       for (auto [kb, ke] : keys) {
-        if (kb < qe && compute_status == Status::kOk) {  // else fully masked
+        if (kb < qe) {  // else fully masked
           AttentionParams p;
           p.q = q + q_off * q_row;
           p.k = cur_k + k_off * kv_row;
           p.v = cur_v + k_off * kv_row;
-          p.o = o_part.data() + q_off * q_row;
-          p.lse = lse_part.data() + q_off;
+          p.o = out.o_part.data() + q_off * q_row;
+          p.lse = out.lse_part.data() + q_off;
           p.n_q = static_cast<int>(qe - qb);
           p.n_k = static_cast<int>(ke - kb);
           p.num_heads = num_heads;
@@ -169,43 +221,30 @@ Status ring_attention_cpu(comm::Communicator& sp, const TokenRanges& mine, int64
           p.causal = true;
           p.scale = scale;
           p.dtype = DType::kF32;
-          compute_status = cpu::attention_dense(p);
-          if (compute_status == Status::kOk) {
-            MergeParams m;
-            m.o_a = o + q_off * q_row;
-            m.lse_a = lse + q_off;
-            m.o_b = o_part.data() + q_off * q_row;
-            m.lse_b = lse_part.data() + q_off;
-            m.row_stride = q_row;
-            m.head_stride = head_dim;
-            m.lse_head_stride = n_local;
-            m.n = p.n_q;
-            m.num_heads = num_heads;
-            m.head_dim = head_dim;
-            compute_status = cpu::merge_states(m);
-          }
+          Status s = cpu::attention_dense(p);
+          if (s != Status::kOk) return s;
+          MergeParams m;
+          m.o_a = o + q_off * q_row;
+          m.lse_a = out.lse + q_off;
+          m.o_b = out.o_part.data() + q_off * q_row;
+          m.lse_b = out.lse_part.data() + q_off;
+          m.row_stride = q_row;
+          m.head_stride = head_dim;
+          m.lse_head_stride = n_local;
+          m.n = p.n_q;
+          m.num_heads = num_heads;
+          m.head_dim = head_dim;
+          s = cpu::merge_states(m);
+          if (s != Status::kOk) return s;
         }
         k_off += ke - kb;
       }
       q_off += qe - qb;
     }
-
-    if (xfer.joinable()) xfer.join();
-    if (compute_status != Status::kOk) {
-      return fail(error, compute_status,
-                  who + "step " + std::to_string(step) + ": attention of the shard of rank " +
-                      std::to_string(owner) + " failed: " + to_string(compute_status));
-    }
-    if (xfer_status != Status::kOk) {
-      return fail(error, xfer_status,
-                  who + "step " + std::to_string(step) + ": ring transfer (send to " +
-                      std::to_string(next) + ", recv from " + std::to_string(prev) +
-                      ") failed: " + xfer_error);
-    }
-    cur_k = nk;
-    cur_v = nv;
-  }
-  return Status::kOk;
+    return Status::kOk;
+  };
+  RingStats st;
+  return run_ring(sp, plan, kv_row, k, v, who, &st, error, compute);
 }
 
 namespace {
@@ -222,11 +261,6 @@ int64_t union_blocks(int64_t a0, int64_t a1, int64_t b0, int64_t b1) {
   const int64_t lo = std::max(a0 / kBlock, b0 / kBlock);
   const int64_t hi = std::min((a1 - 1) / kBlock, (b1 - 1) / kBlock);
   return na + nb - std::max<int64_t>(0, hi - lo + 1);
-}
-
-double ms_between(std::chrono::steady_clock::time_point a,
-                  std::chrono::steady_clock::time_point b) {
-  return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
 }  // namespace
@@ -278,15 +312,12 @@ Status ring_attention_sparse_cpu(comm::Communicator& sp, const std::vector<Token
                                  float* o, float* lse, int num_heads, int num_kv_heads,
                                  int head_dim, float scale, const HeadMask* masks, RingStats* stats,
                                  std::string* error) {
-  using Clock = std::chrono::steady_clock;
   const int rank = sp.rank(), size = sp.size();
   const std::string who = "sparse ring attention rank " + std::to_string(rank) + ": ";
   if (num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || num_heads % num_kv_heads != 0 ||
       n_total <= 0 || !(scale > 0.f) || !masks) {
     return fail(error, Status::kInvalidArgument,
-                who + "bad shape (heads " + std::to_string(num_heads) + ", kv heads " +
-                    std::to_string(num_kv_heads) + ", head_dim " + std::to_string(head_dim) +
-                    ", n " + std::to_string(n_total) + ") or no masks");
+                bad_shape(who, num_heads, num_kv_heads, head_dim, n_total) + " or no masks");
   }
   if (static_cast<int>(layout.size()) != size)
     return fail(error, Status::kInvalidArgument,
@@ -316,28 +347,7 @@ Status ring_attention_sparse_cpu(comm::Communicator& sp, const std::vector<Token
   const int group = num_heads / num_kv_heads;
   const int64_t q_row = int64_t{num_heads} * head_dim;
   const int64_t kv_row = int64_t{num_kv_heads} * head_dim;
-  int64_t max_tokens = 0;
-  for (const auto& r : layout) max_tokens = std::max(max_tokens, token_count(r));
-
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  std::fill(o, o + n_local * q_row, 0.f);
-  std::vector<float> lse_own;
-  if (!lse) {
-    lse_own.resize(static_cast<size_t>(num_heads * n_local));
-    lse = lse_own.data();
-  }
-  std::fill(lse, lse + num_heads * n_local, neg_inf);
-  std::vector<float> o_part(static_cast<size_t>(n_local * q_row));
-  std::vector<float> lse_part(static_cast<size_t>(num_heads * n_local));
-
-  std::vector<float> kbuf[2], vbuf[2];
-  if (size > 1) {
-    for (int i = 0; i < 2; ++i) {
-      kbuf[i].resize(static_cast<size_t>(max_tokens * kv_row));
-      vbuf[i].resize(static_cast<size_t>(max_tokens * kv_row));
-    }
-  }
-  const int next = (rank + 1) % size, prev = (rank + size - 1) % size;
+  RingOutput out(o, lse, n_local, q_row, num_heads);
   RingStats st;
 
   // Attention of head h, local rows [r0, r1) (global [g0, g0 + r1 - r0)) against the
@@ -350,8 +360,8 @@ Status ring_attention_sparse_cpu(comm::Communicator& sp, const std::vector<Token
     p.q = q + r0 * q_row + int64_t{h} * head_dim;
     p.k = ck + k_off * kv_row + int64_t{kvh} * head_dim;
     p.v = cv + k_off * kv_row + int64_t{kvh} * head_dim;
-    p.o = o_part.data() + r0 * q_row + int64_t{h} * head_dim;
-    p.lse = lse_part.data() + int64_t{h} * n_local + r0;
+    p.o = out.o_part.data() + r0 * q_row + int64_t{h} * head_dim;
+    p.lse = out.lse_part.data() + int64_t{h} * n_local + r0;
     p.q_row_stride = p.o_row_stride = q_row;
     p.k_row_stride = p.v_row_stride = kv_row;
     p.q_head_stride = p.o_head_stride = p.k_head_stride = p.v_head_stride = head_dim;
@@ -387,7 +397,7 @@ Status ring_attention_sparse_cpu(comm::Communicator& sp, const std::vector<Token
     if (s != Status::kOk) return s;
     MergeParams mp;
     mp.o_a = o + r0 * q_row + int64_t{h} * head_dim;
-    mp.lse_a = lse + int64_t{h} * n_local + r0;
+    mp.lse_a = out.lse + int64_t{h} * n_local + r0;
     mp.o_b = static_cast<const float*>(p.o);
     mp.lse_b = p.lse;
     mp.row_stride = q_row;
@@ -399,55 +409,25 @@ Status ring_attention_sparse_cpu(comm::Communicator& sp, const std::vector<Token
     return cpu::merge_states(mp);
   };
 
-  const float* cur_k = k;
-  const float* cur_v = v;
-  for (int step = 0; step < size; ++step) {
-    const int owner = (rank - step + size) % size;
-    const TokenRanges& keys = layout[owner];
-    const int64_t cur_tokens = token_count(keys);
-
-    std::thread xfer;
-    Status xfer_status = Status::kOk;
-    std::string xfer_error;
-    const bool more = step + 1 < size;
-    float* nk = nullptr;
-    float* nv = nullptr;
-    if (more) {
-      const int next_owner = (owner + size - 1) % size;
-      const size_t send_count = static_cast<size_t>(cur_tokens * kv_row);
-      const size_t recv_count = static_cast<size_t>(token_count(layout[next_owner]) * kv_row);
-      st.bytes_sent += static_cast<int64_t>(2 * send_count * sizeof(float));
-      nk = kbuf[(step + 1) % 2].data();
-      nv = vbuf[(step + 1) % 2].data();
-      try {
-        xfer = std::thread([&, send_count, recv_count, cur_k, cur_v, nk, nv] {
-          xfer_status =
-              exchange(sp, cur_k, cur_v, send_count, nk, nv, recv_count, next, prev, &xfer_error);
-        });
-      } catch (const std::exception&) {  // thread creation failed: run it inline
-        xfer_status =
-            exchange(sp, cur_k, cur_v, send_count, nk, nv, recv_count, next, prev, &xfer_error);
-      }
-    }
-
-    const auto tc = Clock::now();
-    Status compute_status = Status::kOk;
-    for (int h = 0; h < num_heads && compute_status == Status::kOk; ++h) {
+  // Per head, the runs of consecutive query blocks with at least one selected tile of
+  // the visiting shard.
+  auto compute = [&](const TokenRanges& keys, const float* cur_k, const float* cur_v) {
+    for (int h = 0; h < num_heads; ++h) {
       int64_t q_off = 0;
       for (auto [qb, qe] : mine) {
         int64_t k_off = 0;
         for (auto [kb, ke] : keys) {
-          // Runs of consecutive query blocks with at least one selected tile here.
           int64_t run_lo = -1;
           const int64_t b_first = qb / kBlock, b_end = num_blocks(qe);
-          for (int64_t b = b_first; b <= b_end && compute_status == Status::kOk; ++b) {
+          for (int64_t b = b_first; b <= b_end; ++b) {
             const int64_t tiles = b < b_end ? mask_tiles(masks[h], b, kb, ke, n_total) : 0;
             st.tiles += tiles;
             if (tiles > 0 && run_lo < 0) run_lo = b;
             if (tiles == 0 && run_lo >= 0) {
               const int64_t g0 = std::max(qb, run_lo * kBlock), g1 = std::min(qe, b * kBlock);
-              compute_status =
+              const Status s =
                   run(h, q_off + g0 - qb, q_off + g1 - qb, g0, cur_k, cur_v, k_off, kb, ke);
+              if (s != Status::kOk) return s;
               run_lo = -1;
             }
           }
@@ -456,26 +436,11 @@ Status ring_attention_sparse_cpu(comm::Communicator& sp, const std::vector<Token
         q_off += qe - qb;
       }
     }
-    const auto tw = Clock::now();
-    st.compute_ms += ms_between(tc, tw);
-    if (xfer.joinable()) xfer.join();
-    st.wait_ms += ms_between(tw, Clock::now());
-    if (compute_status != Status::kOk) {
-      return fail(error, compute_status,
-                  who + "step " + std::to_string(step) + ": attention of the shard of rank " +
-                      std::to_string(owner) + " failed: " + to_string(compute_status));
-    }
-    if (xfer_status != Status::kOk) {
-      return fail(error, xfer_status,
-                  who + "step " + std::to_string(step) + ": ring transfer (send to " +
-                      std::to_string(next) + ", recv from " + std::to_string(prev) +
-                      ") failed: " + xfer_error);
-    }
-    cur_k = nk;
-    cur_v = nv;
-  }
-  if (stats) *stats = st;
-  return Status::kOk;
+    return Status::kOk;
+  };
+  const Status s = run_ring(sp, layout, kv_row, k, v, who, &st, error, compute);
+  if (s == Status::kOk && stats) *stats = st;
+  return s;
 }
 
 }  // namespace mprefill

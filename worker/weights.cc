@@ -1,10 +1,9 @@
 #include "worker/weights.h"
 
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <stdexcept>
 
+#include "worker/hf_config.h"
 #include "worker/llama2c.h"
 #include "worker/safetensors.h"
 
@@ -19,19 +18,7 @@ int64_t Tensor::numel() const {
 }
 
 ModelWeights load_hf_dir(const std::string& dir) {
-  const fs::path cfg_path = fs::path(dir) / "config.json";
-  std::ifstream f(cfg_path);
-  if (!f)
-    throw std::runtime_error("cannot open " + cfg_path.string() + " (not an HF model directory?)");
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  ModelConfig cfg;
-  try {
-    cfg = parse_hf_config(ss.str());
-  } catch (const std::exception& e) {
-    throw std::runtime_error(cfg_path.string() + ": " + e.what());
-  }
-  cfg.rope_style = RopeStyle::kRotateHalf;
+  const ModelConfig cfg = read_hf_dir_config(dir);
 
   const SafetensorsCheckpoint ck(dir);
   const int64_t h = cfg.hidden, ffn = cfg.intermediate, q = cfg.q_dim(), kv = cfg.kv_dim(),

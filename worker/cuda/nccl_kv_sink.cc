@@ -15,6 +15,7 @@
 
 #include "decode/kv_store.h"
 #include "decode/nccl_kv_common.h"
+#include "worker/kv_ack.h"
 
 namespace mprefill::gpu {
 namespace {
@@ -27,11 +28,8 @@ double ms_between(Clock::time_point a, Clock::time_point b) {
 
 }  // namespace
 
-struct NcclKvSink::Impl {
-  KvHandoffOptions opt;
+struct NcclKvSink::Impl : KvSinkCore {
   int device = 0;
-  std::string where;
-  int head_dim = 0, n_kv_heads = 0, n_layers = 0, page_tokens = 0;
   std::unique_ptr<wire::Connection> conn;
   ncclComm_t comm = nullptr;
   std::thread reader;
@@ -39,76 +37,18 @@ struct NcclKvSink::Impl {
   size_t sums_cap = 0;       // pages
   cudaStream_t last_stream = nullptr;
   std::vector<cudaEvent_t> ev_begin, ev_end;  // [layer]: around the layer's sends
+  bool aborted = false;                       // under mu
 
-  mutable std::mutex mu;
-  std::condition_variable cv;
-  bool failed = false, stopping = false, aborted = false;
-  std::string error;
-  int layers_put = 0, acked_prefix = 0;
-  std::vector<char> acked;
-  std::vector<Clock::time_point> put_at;  // [layer]
-  Clock::time_point first_put, last_put, last_ack;
-  bool any_put = false;
-  KvHandoffStats st;
-
-  // Records the first failure, aborts the communicator (the engine's stream may hold
-  // sends that would never complete) and closes the connection.
-  void fail(const std::string& msg) {
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      if (failed || stopping) return;
-      failed = true;
-      error = where + ": " + msg;
-      if (comm && !aborted) {
-        aborted = true;
-        ncclCommAbort(comm);
-      }
+  // A failure aborts the communicator (the engine's stream may hold sends that would
+  // never complete) and closes the connection.
+  void on_fail() override {
+    if (comm && !aborted) {
+      aborted = true;
+      ncclCommAbort(comm);
     }
-    cv.notify_all();
-    if (conn) conn->close();
   }
-
-  void reader_loop() {
-    for (;;) {
-      std::string late;
-      {
-        std::lock_guard<std::mutex> lock(mu);
-        if (stopping || failed) return;
-        for (int l = acked_prefix; l < layers_put; ++l)
-          if (!acked[l] && ms_between(put_at[l], Clock::now()) > opt.timeout_ms) {
-            late = "no LayerAck for layer " + std::to_string(l) + " within " +
-                   std::to_string(opt.timeout_ms) +
-                   " ms of its NCCL sends (decoder too slow or gone)";
-            break;
-          }
-      }
-      if (!late.empty()) return fail(late);
-      v1::Envelope env;
-      try {
-        if (!conn->recv(&env, 100)) continue;
-      } catch (const std::exception& e) {
-        {
-          std::lock_guard<std::mutex> lock(mu);
-          if (stopping || failed) return;
-        }
-        return fail(std::string("decoder closed the KV stream: ") + e.what());
-      }
-      if (env.has_layer_ack() && env.layer_ack().job_id() == opt.job_id) {
-        const int l = env.layer_ack().layer();
-        std::lock_guard<std::mutex> lock(mu);
-        if (l >= 0 && l < n_layers && !acked[l]) {
-          acked[l] = 1;
-          while (acked_prefix < n_layers && acked[acked_prefix]) ++acked_prefix;
-          st.layers_acked++;
-          last_ack = Clock::now();
-        }
-        cv.notify_all();
-      } else if (env.has_error()) {
-        return fail("decoder refused the stream: " + env.error().message());
-      } else if (env.has_decode_failed()) {
-        return fail("decoder failed the job: " + env.decode_failed().message());
-      }
-    }
+  void close_connections() override {
+    if (conn) conn->close();
   }
 
   void stop() {
@@ -149,25 +89,13 @@ struct NcclKvSink::Impl {
 
 NcclKvSink::NcclKvSink(KvHandoffOptions opt, int device) : impl_(std::make_unique<Impl>()) {
   Impl& I = *impl_;
-  I.opt = std::move(opt);
   I.device = device;
+  std::string where = "NCCL KV handoff to decoder " + opt.host + ":" + std::to_string(opt.port) +
+                      " (job " + std::to_string(opt.job_id) + ", rank " + std::to_string(opt.rank) +
+                      ", device " + std::to_string(device) + ")";
+  I.init(std::move(opt), std::move(where));
   const KvHandoffOptions& o = I.opt;
-  I.where = "NCCL KV handoff to decoder " + o.host + ":" + std::to_string(o.port) + " (job " +
-            std::to_string(o.job_id) + ", rank " + std::to_string(o.rank) + ", device " +
-            std::to_string(device) + ")";
   auto bad = [&](const std::string& m) { return std::runtime_error(I.where + ": " + m); };
-  if (o.timeout_ms < 1) throw bad("timeout_ms must be >= 1");
-  const auto& m = o.contract.model();
-  I.head_dim = m.head_dim();
-  I.n_kv_heads = m.n_kv_heads();
-  I.n_layers = m.n_layers();
-  I.page_tokens = o.contract.page_tokens();
-  if (I.head_dim < 1 || I.n_kv_heads < 1 || I.n_layers < 1 || I.page_tokens < 1)
-    throw bad("KV contract has no model shape or page size");
-  if (o.contract.layout() != kKvLayout)
-    throw bad("KV layout '" + o.contract.layout() + "' is not " + kKvLayout);
-  I.acked.assign(I.n_layers, 0);
-  I.put_at.assign(I.n_layers, Clock::now());
   I.ev_begin.assign(I.n_layers, nullptr);
   I.ev_end.assign(I.n_layers, nullptr);
   try {
@@ -239,43 +167,20 @@ NcclKvSink::NcclKvSink(KvHandoffOptions opt, int device) : impl_(std::make_uniqu
     I.stop();
     throw bad(e.what());
   }
-  I.reader = std::thread([this] { impl_->reader_loop(); });
+  I.reader = std::thread([this] {
+    impl_->read_acks(impl_->conn.get(), " ms of its NCCL sends (decoder too slow or gone)");
+  });
 }
 
 NcclKvSink::~NcclKvSink() { impl_->stop(); }
 
 void NcclKvSink::put(const KvSlice& s) {
   Impl& I = *impl_;
-  auto give_up = [&](const std::string& msg) {
-    I.fail(msg);
-    if (!I.opt.defer_errors) throw std::runtime_error(error());
-  };
-  {
-    std::lock_guard<std::mutex> lock(I.mu);
-    if (I.failed) {
-      if (I.opt.defer_errors) return;
-      throw std::runtime_error(I.error);
-    }
-    if (!I.any_put) {
-      I.any_put = true;
-      I.first_put = Clock::now();
-    }
-  }
-  if (s.layer != I.layers_put)
-    return give_up("layer " + std::to_string(s.layer) + " put, expected layer " +
-                   std::to_string(I.layers_put) + " (layers go in order, once each)");
-  if (!s.on_device) return give_up("the NCCL handoff sends device slices; this one is on the host");
-  if (s.head_dim != I.head_dim)
-    return give_up("slice head_dim " + std::to_string(s.head_dim) + ", contract says " +
-                   std::to_string(I.head_dim));
-  if (s.dtype != DType::kBF16 && s.dtype != DType::kF32)
-    return give_up(std::string("slice dtype ") + to_string(s.dtype) + " is not bf16 or f32");
-  if (s.kv_heads.empty()) return give_up("slice has no KV heads");
-  for (size_t i = 0; i < s.kv_heads.size(); ++i)
-    if (s.kv_heads[i] < 0 || s.kv_heads[i] >= I.n_kv_heads ||
-        (i > 0 && s.kv_heads[i] <= s.kv_heads[i - 1]))
-      return give_up("slice KV heads must be ascending ids in [0, " + std::to_string(I.n_kv_heads) +
-                     ")");
+  if (!I.begin_put()) return;
+  auto give_up = [&](const std::string& msg) { I.give_up(msg); };
+  const std::string bad =
+      I.slice_problem(s, true, "the NCCL handoff sends device slices; this one is on the host");
+  if (!bad.empty()) return give_up(bad);
   std::vector<decode::PageCut> cuts;
   try {
     cuts = decode::cut_pages(s.tokens, I.page_tokens);
@@ -314,8 +219,8 @@ void NcclKvSink::put(const KvSlice& s) {
   }
   {
     std::lock_guard<std::mutex> lock(I.mu);
-    I.put_at[s.layer] = Clock::now();
-    I.layers_put++;  // the reader now watches this layer's ack deadline
+    I.start_ack_deadline(s.layer, Clock::now());  // the reader now watches it
+    I.layers_put++;
     I.st.layers_put = I.layers_put;
   }
   cuda_ok(cudaEventRecord(I.ev_begin[s.layer], st), "cudaEventRecord");
@@ -369,29 +274,7 @@ void NcclKvSink::put(const KvSlice& s) {
 
 void NcclKvSink::finish() {
   Impl& I = *impl_;
-  {
-    std::unique_lock<std::mutex> lock(I.mu);
-    if (!I.failed && I.layers_put != I.n_layers) {
-      lock.unlock();
-      I.fail("finish() after " + std::to_string(I.layers_put) + " of " +
-             std::to_string(I.n_layers) + " layers");
-      lock.lock();
-    }
-    // The reader fails a layer not acked within timeout_ms of its put; this outer bound
-    // only catches a wedged reader.
-    const auto limit = std::chrono::milliseconds(int64_t{I.opt.timeout_ms} * (I.n_layers + 2));
-    const bool done =
-        I.cv.wait_for(lock, limit, [&] { return I.failed || I.acked_prefix == I.n_layers; });
-    if (!done && !I.failed) {
-      lock.unlock();
-      I.fail("finish: layers still unacknowledged after " + std::to_string(limit.count()) + " ms");
-      lock.lock();
-    }
-    if (!I.failed && I.any_put) {
-      I.st.handoff_ms = ms_between(I.first_put, I.last_ack);
-      I.st.tail_ms = std::max(0.0, ms_between(I.last_put, I.last_ack));
-    }
-  }
+  I.await_acks();
   // Every layer acked: the sends are done or finishing; wait (bounded) so the events can
   // be read, then sum the time the sends occupied the stream.
   if (!failed() && I.last_stream) {
@@ -414,20 +297,11 @@ void NcclKvSink::finish() {
   if (failed_now) throw std::runtime_error(error());
 }
 
-bool NcclKvSink::failed() const {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  return impl_->failed;
-}
+bool NcclKvSink::failed() const { return impl_->has_failed(); }
 
-std::string NcclKvSink::error() const {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  return impl_->error;
-}
+std::string NcclKvSink::error() const { return impl_->error_message(); }
 
-KvHandoffStats NcclKvSink::stats() const {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  return impl_->st;
-}
+KvHandoffStats NcclKvSink::stats() const { return impl_->stats(); }
 
 }  // namespace mprefill::gpu
 #endif  // MPREFILL_HAVE_NCCL_KV
