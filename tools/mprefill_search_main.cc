@@ -1,17 +1,22 @@
 // mprefill-search: offline per-head pattern search on a calibration prompt
 // (worker/pattern_search.h), the recall-per-budget table, and a retrieval evaluation of
-// sparse policies through the CPU engine (probe model, python/probe/).
+// sparse policies through the CPU engine or, with --device cuda[:N], the GPU engine
+// (probe model, python/probe/).
 //
 // Exit status: 0 success; 1 a runtime error (one line "mprefill-search: error: ..." on
 // stderr); 2 a usage error (that line plus the usage).
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iomanip>
 #include <iostream>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
@@ -27,6 +32,10 @@
 #include "worker/sparse_policy.h"
 #include "worker/tokenizer.h"
 #include "worker/weights.h"
+#ifdef MPREFILL_HAVE_GPU_ENGINE
+#include "worker/cuda/cuda_engine.h"
+#include "worker/cuda/kv_sinks.h"
+#endif
 
 namespace {
 
@@ -44,7 +53,7 @@ const char* kUsage =
     "       mprefill-search --recall-table --model PATH [--tokenizer PATH] --calib FILE\n"
     "                       --budgets X,Y,... --lengths N1,N2,... [--table FILE.md]\n"
     "       mprefill-search --eval-retrieval FILE.jsonl --model PATH --policies 'SPEC;SPEC;...'\n"
-    "                       [--json FILE] [--limit N]\n"
+    "                       [--json FILE] [--limit N] [--device cpu|cuda[:N]]\n"
     "  --model PATH          HF directory, llama2.c .bin, or random:NAME[:SEED]\n"
     "  --calib FILE          calibration prompt: text (tokenized with --tokenizer, BOS\n"
     "                        prepended) or, without --tokenizer, token ids separated by\n"
@@ -67,7 +76,9 @@ const char* kUsage =
     "                        ashape:SINK:LOCAL | vs:V:S | bs:K, each optionally @F: budgets "
     "scaled\n"
     "                        by one factor per prompt so the masks estimated on the dense forward\n"
-    "                        have tile density <= F\n";
+    "                        have tile density <= F\n"
+    "  --device D            --eval-retrieval engine: cpu (default) or cuda[:N] (prefill on GPU\n"
+    "                        N, decoding on the CPU engine from the exported KV)\n";
 
 std::vector<std::string> split(const std::string& s, char sep) {
   std::vector<std::string> out;
@@ -98,7 +109,7 @@ void write_file(const std::string& path, const std::string& text) {
 
 struct Args {
   std::string model, tokenizer, calib, out, csv, heatmaps, heatmap_heads = "all", table, eval,
-                                                           policies, json;
+                                                           policies, json, device = "cpu";
   double budget = 0.3;
   std::string budgets, lengths;
   int64_t max_tokens = 0;
@@ -161,6 +172,8 @@ Args parse(int argc, char** argv) {
       a.policies = value();
     else if (flag == "--json")
       a.json = value();
+    else if (flag == "--device")
+      a.device = value();
     else if (flag == "--limit")
       a.limit = static_cast<int>(parse_int(flag, value(), 1, 1 << 30));
     else
@@ -168,6 +181,10 @@ Args parse(int argc, char** argv) {
   }
   if (a.help) return a;
   if (a.model.empty()) throw UsageError("--model is required");
+  if (a.device != "cpu" && a.device != "cuda" && a.device.rfind("cuda:", 0) != 0)
+    throw UsageError("--device must be cpu, cuda or cuda:N, got '" + a.device + "'");
+  if (a.device != "cpu" && a.eval.empty())
+    throw UsageError("--device cuda applies to --eval-retrieval only (the search runs on the CPU)");
   if (!a.eval.empty()) {
     if (a.policies.empty()) throw UsageError("--eval-retrieval needs --policies");
     return a;
@@ -387,6 +404,41 @@ SparsePolicy base_policy(const std::string& spec, const ModelConfig& cfg) {
   return p;
 }
 
+// One prefill on the chosen engine: the logits of the last row; the KV into cache (may be
+// null: not kept) and the indices the engine estimated into plan.
+using PrefillFn = std::function<std::vector<float>(const std::vector<int>&, const SparsePolicy&,
+                                                   KvCache*, PrefillPlan*)>;
+
+// The policy with budgets times the largest f found (geometric bisection on [1e-3, 1],
+// 14 steps) whose masks, as the engine estimates them in its own prefill of ids under the
+// scaled policy, have a mean tile density <= target. Throws when even f = 1e-3 exceeds it.
+SparsePolicy scale_by_engine(const PrefillFn& prefill, const ModelConfig& cfg,
+                             const std::vector<int>& ids, const SparsePolicy& p, double target,
+                             double* factor) {
+  auto density = [&](double f) {
+    const SparsePolicy q = scale_policy(p, f);
+    PrefillPlan plan;
+    prefill(ids, q, nullptr, &plan);
+    return plan_tile_density(plan, q, cfg.n_heads);
+  };
+  *factor = 1.0;
+  if (density(1.0) <= target) return p;
+  double lo = 1e-3, hi = 1.0;
+  const double d_lo = density(lo);
+  if (d_lo > target) {
+    std::ostringstream m;
+    m << "budgets x " << lo << " still keep tile density " << d_lo << " > " << target << " at "
+      << ids.size() << " tokens";
+    throw std::runtime_error(m.str());
+  }
+  for (int i = 0; i < 14; ++i) {
+    const double mid = std::sqrt(lo * hi);
+    (density(mid) <= target ? lo : hi) = mid;
+  }
+  *factor = lo;
+  return scale_policy(p, lo);
+}
+
 int run_eval(const Args& a, const ModelWeights& w) {
   const ModelConfig& cfg = w.config;
   std::vector<PolicySpec> specs;
@@ -431,10 +483,36 @@ int run_eval(const Args& a, const ModelWeights& w) {
     }
   }
   if (samples.empty()) throw std::runtime_error("retrieval file " + a.eval + " has no samples");
-  const Engine engine(w);
+  const Engine engine(w);  // prompt checks and decoding (and the prefill on --device cpu)
+  PrefillFn prefill = [&](const std::vector<int>& ids, const SparsePolicy& pol, KvCache* cache,
+                          PrefillPlan* plan) {
+    return engine.prefill(ids, pol, cache, plan, nullptr);
+  };
+#ifdef MPREFILL_HAVE_GPU_ENGINE
+  std::unique_ptr<gpu::CudaEngine> gpu_engine;
+  if (a.device != "cpu") {
+    gpu::CudaEngineOptions o;
+    if (a.device.size() > 5)
+      o.device = static_cast<int>(parse_int("--device", a.device.substr(5), 0, 1023));
+    if (!gpu::cuda_available())
+      throw std::runtime_error("--device cuda: no CUDA device is visible");
+    gpu_engine = std::make_unique<gpu::CudaEngine>(w, o);
+    prefill = [&](const std::vector<int>& ids, const SparsePolicy& pol, KvCache* cache,
+                  PrefillPlan* plan) {
+      if (cache == nullptr) return gpu_engine->prefill(ids, pol, nullptr, plan);
+      gpu::HostKvCacheSink sink(cache);
+      return gpu_engine->prefill(ids, pol, &sink, plan);
+    };
+  }
+#else
+  if (a.device != "cpu")
+    throw std::runtime_error(
+        "--device cuda: this build has no CUDA engine (configure with -DMPREFILL_CUDA=ON)");
+#endif
+  const bool on_gpu = a.device != "cpu";
   struct Agg {
     int n = 0, correct = 0, run = 0;
-    double density = 0;
+    double density = 0, factor = 0, seconds = 0;
     std::string note;  // why some samples did not run
   };
   std::map<std::pair<std::string, int64_t>, Agg> agg;
@@ -443,10 +521,15 @@ int run_eval(const Args& a, const ModelWeights& w) {
     engine.check_prompt(s.ids, static_cast<int64_t>(s.ids.size()));
     const int64_t n = static_cast<int64_t>(s.ids.size());
     for (const PolicySpec& ps : specs) {
+      const auto t0 = std::chrono::steady_clock::now();
       SparsePolicy pol = base_policy(ps.base, cfg);
+      double factor = 1.0;
       if (ps.target > 0) {
         try {
-          pol = scale_policy_to_density(w, s.ids, pol, ps.target, nullptr);
+          // CPU: masks estimated on the dense forward (fast); GPU: the engine's own
+          // prefills under the scaled policy (what then runs).
+          pol = on_gpu ? scale_by_engine(prefill, cfg, s.ids, pol, ps.target, &factor)
+                       : scale_policy_to_density(w, s.ids, pol, ps.target, &factor);
         } catch (const std::runtime_error& e) {
           // Too short for this density: reported in the table, the other policies run.
           Agg& g = agg[{ps.name, n}];
@@ -457,7 +540,7 @@ int run_eval(const Args& a, const ModelWeights& w) {
       }
       KvCache cache(cfg, n + static_cast<int64_t>(s.answer.size()));
       PrefillPlan plan;
-      std::vector<float> logits = engine.prefill(s.ids, pol, &cache, &plan, nullptr);
+      std::vector<float> logits = prefill(s.ids, pol, &cache, &plan);
       std::vector<int> got;
       for (size_t t = 0; t < s.answer.size(); ++t) {
         const int id =
@@ -471,24 +554,33 @@ int run_eval(const Args& a, const ModelWeights& w) {
       ++g.run;
       g.correct += got == s.answer;
       g.density += plan_tile_density(plan, pol, cfg.n_heads);
+      g.factor += factor;
+      g.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     }
     std::fprintf(stderr, "mprefill-search: sample %zu/%zu (%lld tokens) done\n", si + 1,
                  samples.size(), static_cast<long long>(n));
   }
   nlohmann::json rows = nlohmann::json::array();
-  std::printf("| policy | tokens | samples | accuracy | tile density |\n|---|---|---|---|---|\n");
+  std::printf(
+      "| policy | tokens | samples | accuracy | tile density | budget factor | s / sample |\n"
+      "|---|---|---|---|---|---|---|\n");
   for (const PolicySpec& ps : specs)
     for (const auto& [key, g] : agg) {
       if (key.first != ps.name) continue;
-      nlohmann::json row = {{"policy", ps.name}, {"tokens", key.second}, {"samples", g.run}};
+      nlohmann::json row = {
+          {"policy", ps.name}, {"tokens", key.second}, {"samples", g.run}, {"device", a.device}};
       if (g.run > 0) {
         const double acc = static_cast<double>(g.correct) / g.run, dens = g.density / g.run;
-        std::printf("| %s | %lld | %d | %.3f | %.3f |\n", ps.name.c_str(),
-                    static_cast<long long>(key.second), g.run, acc, dens);
+        std::printf("| %s | %lld | %d | %.3f | %.3f | %.3g | %.2f |\n", ps.name.c_str(),
+                    static_cast<long long>(key.second), g.run, acc, dens, g.factor / g.run,
+                    g.seconds / g.run);
         row["accuracy"] = acc;
+        row["correct"] = g.correct;
         row["tile_density"] = dens;
+        row["budget_factor"] = g.factor / g.run;
+        row["seconds_per_sample"] = g.seconds / g.run;
       } else {
-        std::printf("| %s | %lld | 0 | n/a | n/a |\n", ps.name.c_str(),
+        std::printf("| %s | %lld | 0 | n/a | n/a | n/a | n/a |\n", ps.name.c_str(),
                     static_cast<long long>(key.second));
       }
       if (!g.note.empty()) {

@@ -1,0 +1,107 @@
+"""The probe model's synthetic key-value retrieval task (no torch needed).
+
+Vocabulary of 512 ids, no tokenizer: 0 pad, 1 BOS, 2 EOS, 3 KEY, 5 QUERY, 16..511 content
+tokens (4 and 6 are unused). A sequence is BOS, then filler content tokens in which `pairs`
+records KEY k1 k2 v1 v2 sit at non-overlapping 5-token slots spread uniformly over the body
+(k1 distinct within a sequence, so every key is unique), then queries QUERY k1 k2 v1 v2 for
+distinct recorded keys. After QUERY k1 k2 the model must find the record whose two key
+tokens match and copy the two tokens that follow them (an induction-style lookup; single
+content tokens recur in the filler about once per 500 tokens, so both key tokens must
+match): the record is on average half the context away, so the answer needs long-range
+attention. An evaluation sample ends at k2 of its final query; its answer is [v1, v2] and
+greedy decoding must reproduce both tokens.
+
+This module makes the evaluation sets and calibration prompts deterministically from a
+seed (Python's `random`, stable across versions), so they are regenerated rather than
+committed; train_probe.py draws its training batches from the same distribution on the GPU.
+
+  python3 python/probe/probe_task.py --out DIR [--lengths 8192,16384,32768] [--samples 50]
+  (the CI set beside the committed model: --lengths 1024 --samples 8 --seed 1024
+   --prefix retrieval --calib-length 0)
+"""
+import argparse
+import json
+import os
+import random
+
+PAD, BOS, EOS, KEY, QUERY = 0, 1, 2, 3, 5
+FIRST_CONTENT = 16
+VOCAB = 512
+RECORD = 5  # KEY k1 k2 v1 v2
+EVAL_SEED = 20261126  # seed of the published eval sets (MODEL_CARD.md)
+CALIB_SEED = 7
+
+
+def pairs_for(length):
+    """Records per sequence: 16 at 512 tokens, one per 256 tokens, at most 64."""
+    return min(64, max(16, length // 256))
+
+
+def make_sample(rng, length, pairs=None, queries=1):
+    """One evaluation sample of exactly `length` tokens ending at k2 of the last query.
+
+    Returns (ids, answer) with answer = [v1, v2]. queries > 1 puts queries - 1 complete
+    query records before the final one (distinct keys)."""
+    pairs = pairs_for(length) if pairs is None else pairs
+    n_content = VOCAB - FIRST_CONTENT
+    assert pairs <= n_content and queries <= pairs
+    tail = RECORD * (queries - 1) + 3
+    body = length - 1 - tail
+    assert body // RECORD >= pairs, "sequence too short for the records"
+    ids = [rng.randrange(FIRST_CONTENT, VOCAB) for _ in range(body)]
+    k1 = rng.sample(range(FIRST_CONTENT, VOCAB), pairs)
+    keys = [(a, rng.randrange(FIRST_CONTENT, VOCAB)) for a in k1]
+    values = [(rng.randrange(FIRST_CONTENT, VOCAB), rng.randrange(FIRST_CONTENT, VOCAB))
+              for _ in range(pairs)]
+    slots = rng.sample(range(body // RECORD), pairs)
+    for (k, v), s in zip(zip(keys, values), slots):
+        ids[RECORD * s:RECORD * s + RECORD] = [KEY, k[0], k[1], v[0], v[1]]
+    ids = [BOS] + ids
+    order = rng.sample(range(pairs), queries)
+    for j in order[:-1]:
+        ids += [QUERY, keys[j][0], keys[j][1], values[j][0], values[j][1]]
+    j = order[-1]
+    ids += [QUERY, keys[j][0], keys[j][1]]
+    assert len(ids) == length
+    return ids, [values[j][0], values[j][1]]
+
+
+def eval_set(length, samples, seed=EVAL_SEED):
+    rng = random.Random(seed * 1000003 + length)
+    return [make_sample(rng, length) for _ in range(samples)]
+
+
+def calibration_ids(length=8192, seed=CALIB_SEED):
+    """A calibration prompt for mprefill-search: a training-like sequence with 8 queries."""
+    ids, _ = make_sample(random.Random(seed * 1000003 + length), length, queries=8)
+    return ids
+
+
+def write_eval(path, samples):
+    with open(path, "w") as f:
+        for ids, ans in samples:
+            f.write(json.dumps({"ids": ids, "answer": ans}, separators=(",", ":")) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Write the probe model's eval sets and calibration prompt.")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--lengths", default="8192,16384,32768")
+    ap.add_argument("--samples", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=EVAL_SEED)
+    ap.add_argument("--calib-length", type=int, default=8192, help="0: no calibration prompt")
+    ap.add_argument("--prefix", default="eval", help="file names PREFIX_<length>.jsonl")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    for n in (int(x) for x in args.lengths.split(",") if x):
+        name = f"{n // 1024}k" if n % 1024 == 0 else str(n)
+        write_eval(os.path.join(args.out, f"{args.prefix}_{name}.jsonl"),
+                   eval_set(n, args.samples, args.seed))
+    if args.calib_length <= 0:
+        return
+    with open(os.path.join(args.out, f"calib_{args.calib_length // 1024}k.ids"), "w") as f:
+        f.write(" ".join(map(str, calibration_ids(args.calib_length))) + "\n")
+
+
+if __name__ == "__main__":
+    main()

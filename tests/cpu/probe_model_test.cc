@@ -1,0 +1,158 @@
+// The committed long-context probe model (models/probe-kv32k, issue 8): it loads through
+// load_hf_dir, answers the key-value retrieval samples of retrieval_1k.jsonl (written by
+// python/probe/probe_task.py) through the CPU engine (prefill, then one decode step), and
+// mprefill-search runs its pattern search and --eval-retrieval on it.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "tests/testutil.h"
+#include "worker/engine.h"
+#include "worker/sparse_policy.h"
+#include "worker/weights.h"
+
+namespace mprefill {
+namespace {
+
+std::string probe_dir() { return test::source_dir() + "/models/probe-kv32k"; }
+
+struct Sample {
+  std::vector<int> ids, answer;
+};
+
+std::vector<Sample> read_samples(const std::string& path) {
+  std::ifstream f(path);
+  std::vector<Sample> out;
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.empty()) continue;
+    const nlohmann::json j = nlohmann::json::parse(line);
+    out.push_back({j.at("ids").get<std::vector<int>>(), j.at("answer").get<std::vector<int>>()});
+  }
+  return out;
+}
+
+// Greedy answer of the CPU engine: argmax of the prefill's logits, then decode steps.
+std::vector<int> answer(const Engine& e, const ModelConfig& cfg, const Sample& s,
+                        const SparsePolicy& pol) {
+  const int64_t n = static_cast<int64_t>(s.ids.size());
+  KvCache cache(cfg, n + static_cast<int64_t>(s.answer.size()));
+  std::vector<float> logits = e.prefill(s.ids, pol, &cache);
+  std::vector<int> got;
+  for (size_t t = 0; t < s.answer.size(); ++t) {
+    got.push_back(
+        static_cast<int>(std::max_element(logits.begin(), logits.end()) - logits.begin()));
+    if (t + 1 < s.answer.size())
+      logits = e.decode_step(got.back(), n + static_cast<int64_t>(t), &cache);
+  }
+  return got;
+}
+
+class ProbeModel : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!test::file_exists(probe_dir() + "/model.safetensors"))
+      GTEST_SKIP() << "probe model not found at " << probe_dir();
+  }
+};
+
+TEST_F(ProbeModel, LoadsWithTheTrainedShape) {
+  const ModelWeights w = load_model(probe_dir());
+  EXPECT_EQ(w.config.vocab, 512);
+  EXPECT_EQ(w.config.head_dim, 128);  // the CUDA engine's kernels and GPU estimation
+  EXPECT_EQ(w.config.n_layers, 4);
+  EXPECT_EQ(w.config.n_heads, 4);
+  EXPECT_EQ(w.config.n_kv_heads, 2);
+}
+
+TEST_F(ProbeModel, AnswersRetrievalSamplesThroughTheCpuEngine) {
+  const ModelWeights w = load_model(probe_dir());
+  const Engine e(w);
+  const std::vector<Sample> samples = read_samples(probe_dir() + "/retrieval_1k.jsonl");
+  ASSERT_GE(samples.size(), 8u);
+  int correct = 0;
+  for (const Sample& s : samples) {
+    ASSERT_EQ(s.ids.size(), 1024u);
+    ASSERT_EQ(s.answer.size(), 2u);
+    const std::vector<int> got = answer(e, w.config, s, SparsePolicy{});
+    correct += got == s.answer;
+  }
+  // Every sample (12 of 12 on the first 12 of this seed, measured; MODEL_CARD.md): a wrong
+  // layout (RoPE convention, GQA grouping, tensor names) answers none.
+  EXPECT_EQ(correct, static_cast<int>(samples.size()));
+
+  // The answer really comes from the record far back: with attention limited to a sink
+  // and a local window of 256 keys (the record is out of reach for most samples), the
+  // model fails most of them.
+  int local_correct = 0, far = 0;
+  const SparsePolicy local = SparsePolicy::uniform(w.config, HeadPattern::a_shape(64, 256), 0);
+  for (const Sample& s : samples) {
+    // Position of the record KEY k1 k2 v1 v2 whose key is the query's (the sample ends
+    // QUERY k1 k2).
+    const int64_t n = static_cast<int64_t>(s.ids.size());
+    int64_t rec = -1;
+    for (int64_t i = 1; i + 5 <= n - 3; ++i)
+      if (s.ids[i] == 3 && s.ids[i + 1] == s.ids[n - 2] && s.ids[i + 2] == s.ids[n - 1]) rec = i;
+    ASSERT_GE(rec, 0);
+    if (n - rec <= 64 + 256 + 64) continue;  // within the window: not a far sample
+    if (far == 4) break;                     // enough (CI time)
+    ++far;
+    local_correct += answer(e, w.config, s, local) == s.answer;
+  }
+  ASSERT_EQ(far, 4);  // 6 of the 8 committed samples are far
+  EXPECT_LE(local_correct * 2, far)
+      << local_correct << " of " << far << " far samples answered without long-range attention";
+}
+
+TEST_F(ProbeModel, SearchAndRetrievalEvalRunOnIt) {
+  const std::string out =
+      (std::filesystem::temp_directory_path() / ("mprefill_probe_" + std::to_string(::getpid())))
+          .string();
+  std::filesystem::remove_all(out);
+  std::filesystem::create_directories(out);
+  const std::string bin = test::bin_dir() + "/mprefill-search";
+  std::string log;
+  ASSERT_EQ(test::run_command(bin + " --model " + probe_dir() + " --calib " + probe_dir() +
+                                  "/calib_8k.ids --max-tokens 512 --budget-tiles 0.3 --out " + out +
+                                  "/searched.json --csv " + out + "/searched.csv",
+                              &log),
+            0)
+      << log;
+  std::ifstream jf(out + "/searched.json");
+  const nlohmann::json j = nlohmann::json::parse(jf);
+  ASSERT_EQ(j.size(), 4u);  // one object per layer
+  for (const auto& layer : j) EXPECT_EQ(layer.size(), 4u);
+  // The searched config then runs through --eval-retrieval next to dense.
+  {
+    std::ifstream in(probe_dir() + "/retrieval_1k.jsonl");
+    std::ofstream one(out + "/one.jsonl");
+    std::string line;
+    std::getline(in, line);
+    one << line << "\n";
+  }
+  ASSERT_EQ(test::run_command(bin + " --model " + probe_dir() + " --eval-retrieval " + out +
+                                  "/one.jsonl --policies 'dense;" + out +
+                                  "/searched.json' --json " + out + "/acc.json",
+                              &log),
+            0)
+      << log;
+  std::ifstream af(out + "/acc.json");
+  const nlohmann::json acc = nlohmann::json::parse(af);
+  ASSERT_EQ(acc.size(), 2u);
+  EXPECT_EQ(acc[0].at("policy"), "dense");
+  EXPECT_DOUBLE_EQ(acc[0].at("accuracy").get<double>(), 1.0);
+  EXPECT_DOUBLE_EQ(acc[0].at("tile_density").get<double>(), 1.0);
+  // 1024 tokens: 136 causal tiles, the budget 40; every head fits a candidate.
+  EXPECT_LE(acc[1].at("tile_density").get<double>(), 0.3 + 1e-9);
+  std::filesystem::remove_all(out);
+}
+
+}  // namespace
+}  // namespace mprefill
