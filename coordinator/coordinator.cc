@@ -203,6 +203,7 @@ class Session : public std::enable_shared_from_this<Session> {
         strand_(asio::make_strand(coord_->io)),
         hello_timer_(coord_->io),
         linger_timer_(coord_->io),
+        frame_timer_(coord_->io),
         parser_(std::min(coord_->opt.max_frame, wire::kHelloMaxFrame)) {  // raised after hello
     boost::system::error_code ec;
     auto ep = socket_.remote_endpoint(ec);
@@ -227,6 +228,15 @@ class Session : public std::enable_shared_from_this<Session> {
             }
           }));
       self->read();
+    });
+  }
+
+  // A connection over --max-connections: one Error, then closed (never registered).
+  void refuse(const std::string& why) {
+    auto self = shared_from_this();
+    asio::dispatch(strand_, [self, why] {
+      self->coord_->log("%s: connection refused: %s", self->peer_.c_str(), why.c_str());
+      self->send_error_and_close(0, v1::RESOURCE_EXHAUSTED, why);
     });
   }
 
@@ -316,13 +326,37 @@ class Session : public std::enable_shared_from_this<Session> {
         }));
   }
 
+  // After the hello: a frame begun (bytes buffered) must be complete within
+  // frame_timeout_ms; the clock restarts with each complete frame.
+  void watch_partial_frame(bool progressed) {
+    if (frame_timer_armed_ && (progressed || parser_.buffered() == 0)) {
+      frame_timer_armed_ = false;
+      ++frame_gen_;
+      frame_timer_.cancel();
+    }
+    if (frame_timer_armed_ || parser_.buffered() == 0 || closed_) return;
+    frame_timer_armed_ = true;
+    const int ms = coord_->opt.frame_timeout_ms;
+    frame_timer_.expires_after(std::chrono::milliseconds(ms));
+    auto self = shared_from_this();
+    frame_timer_.async_wait(asio::bind_executor(
+        strand_, [self, gen = frame_gen_, ms](const boost::system::error_code& ec) {
+          if (ec || gen != self->frame_gen_ || !self->frame_timer_armed_ || self->closed_) return;
+          self->bad_frame(v1::BAD_FRAME, "frame not completed within " + std::to_string(ms) +
+                                             " ms (" + std::to_string(self->parser_.buffered()) +
+                                             " bytes of it arrived)");
+        }));
+  }
+
   void drain() {
+    bool progressed = false;
     for (;;) {
       if (closed_ || close_after_flush_) return;
       v1::Envelope env;
       std::string err;
       auto r = parser_.next(&env, &err);
       if (r == wire::FrameParser::Result::kNeedMore) break;
+      progressed = true;
       if (r == wire::FrameParser::Result::kError) {
         bad_frame(parser_.error_kind() == wire::WireError::Kind::kBadVersion ? v1::BAD_VERSION
                                                                              : v1::BAD_FRAME,
@@ -355,6 +389,7 @@ class Session : public std::enable_shared_from_this<Session> {
       }
       coord_->on_message(shared_from_this(), env);
     }
+    if (hello_done_) watch_partial_frame(progressed);
     read();
   }
 
@@ -375,6 +410,7 @@ class Session : public std::enable_shared_from_this<Session> {
     boost::system::error_code ec;
     hello_timer_.cancel();
     linger_timer_.cancel();
+    frame_timer_.cancel();
     socket_.shutdown(tcp::socket::shutdown_both, ec);
     socket_.close(ec);
     coord_->on_closed(this);
@@ -386,6 +422,9 @@ class Session : public std::enable_shared_from_this<Session> {
   asio::strand<asio::io_context::executor_type> strand_;
   asio::steady_timer hello_timer_;
   asio::steady_timer linger_timer_;  // bounds close-after-flush
+  asio::steady_timer frame_timer_;   // bounds a frame begun after the hello
+  bool frame_timer_armed_ = false;
+  uint64_t frame_gen_ = 0;
   wire::FrameParser parser_;
   std::array<char, kReadChunk> buf_;
   std::deque<std::string> outq_;
@@ -488,12 +527,22 @@ void Coordinator::Impl::do_accept() {
         if (self->stopping) return;
         if (!ec) {
           auto s = std::make_shared<Session>(self, std::move(sock));
+          std::string full;
           {
             std::lock_guard<std::mutex> lk(self->mu);
-            self->sessions.insert(s.get());
-            self->metrics.connections = static_cast<int64_t>(self->sessions.size());
+            if (static_cast<int64_t>(self->sessions.size()) >= self->opt.max_connections) {
+              full = "too many connections: " + std::to_string(self->sessions.size()) +
+                     " open (--max-connections " + std::to_string(self->opt.max_connections) + ")";
+              ++self->metrics.refused_connections;
+            } else {
+              self->sessions.insert(s.get());
+              self->metrics.connections = static_cast<int64_t>(self->sessions.size());
+            }
           }
-          s->start();
+          if (full.empty())
+            s->start();
+          else
+            s->refuse(full);
         }
         self->do_accept();
       });
@@ -720,6 +769,25 @@ bool Coordinator::Impl::check_contract(const v1::KvContract& kv, std::string* wh
     *why = "KV contract: kv_dtype, layout and page_tokens must be set";
     return false;
   }
+  // Absurd shapes would overflow the admission arithmetic (layers x heads x head_dim x
+  // dtype x tokens in 64 bits): each field and the KV bytes per token are bounded far
+  // above any real model (Llama-3 405B: 126 layers, 8 x 128 KV, 2 MiB per token in bf16).
+  auto over = [&](const char* what, int64_t v, int64_t max) {
+    if (v <= max) return false;
+    *why = std::string("KV contract: ") + what + " " + std::to_string(v) + " exceeds the limit " +
+           std::to_string(max);
+    return true;
+  };
+  if (over("n_layers", m.n_layers(), 4096) || over("n_heads", m.n_heads(), 65536) ||
+      over("head_dim", m.head_dim(), 65536) || over("hidden", m.hidden(), int64_t{1} << 24) ||
+      over("vocab", m.vocab(), int64_t{1} << 26) ||
+      over("max_position", m.max_position(), int64_t{1} << 34) ||
+      over("page_tokens", kv.page_tokens(), int64_t{1} << 20))
+    return false;
+  // At most 2 x 2^12 x 2^16 x 2^16 x 4 = 2^47 here (no overflow); bounded to 64 MiB per
+  // token, so that any token count up to max_position (2^34) stays below 2^60 bytes.
+  const uint64_t per_token = kv_bytes(kv, 1);
+  if (over("KV bytes per token", static_cast<int64_t>(per_token), int64_t{1} << 26)) return false;
   if (!contract) {
     contract = kv;
     return true;
@@ -747,7 +815,7 @@ void Coordinator::Impl::handle_worker_register(const SessionPtr& s, const v1::Wo
   if (groups.count(m.group()))
     return refuse(v1::INVALID_ARGUMENT,
                   "a worker group named '" + m.group() + "' is already registered");
-  if (m.tp() < 1 || m.sp() < 1 || m.world() != m.tp() * m.sp())
+  if (m.tp() < 1 || m.sp() < 1 || int64_t{m.world()} != int64_t{m.tp()} * m.sp())
     return refuse(v1::INVALID_ARGUMENT, "world " + std::to_string(m.world()) + " != tp " +
                                             std::to_string(m.tp()) + " x sp " +
                                             std::to_string(m.sp()));
@@ -1395,8 +1463,15 @@ void Coordinator::Impl::handle_decoder_message(const SessionPtr& s, v1::Envelope
   }
   if (env.has_decode_failed()) {
     const auto& m = env.decode_failed();
-    if (Job* j = job_of(m.job_id()))
-      finish(*j, v1::FAILED, v1::DECODER_FAILED, "decoder '" + d.name + "': " + m.message());
+    if (Job* j = job_of(m.job_id())) {
+      // A KV stream that broke off (a rank died or gave up) is the group's failure.
+      if (m.sender_failed())
+        finish(*j, v1::FAILED, v1::WORKER_FAILED,
+               "worker group '" + j->group + "' (KV handoff, seen by decoder '" + d.name +
+                   "'): " + m.message());
+      else
+        finish(*j, v1::FAILED, v1::DECODER_FAILED, "decoder '" + d.name + "': " + m.message());
+    }
     return;
   }
   const auto* f = env.GetDescriptor()->FindFieldByNumber(env.msg_case());

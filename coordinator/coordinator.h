@@ -32,7 +32,12 @@ struct CoordinatorOptions {
   int decode_timeout_ms = 600000;    // DecodeDone after StartDecode
   int cancel_grace_ms = 30000;       // a group that does not end a cancelled job is freed
   int hello_timeout_ms = 5000;
-  size_t max_frame = wire::kDefaultMaxFrame;
+  // A frame begun after the hello must be complete within this (a peer that starts a
+  // frame and stalls is closed with an Error).
+  int frame_timeout_ms = 30000;
+  size_t max_frame = wire::kDefaultMaxFrame;  // larger frames: Error BAD_FRAME + close
+  // Open connections at most (all roles); one more gets Error RESOURCE_EXHAUSTED + close.
+  int max_connections = 256;
   int keep_finished = 1000;  // finished jobs kept for status queries
   bool log = true;           // one line per event on stderr
 };

@@ -78,6 +78,9 @@ std::string render_metrics(const MetricsSnapshot& m) {
   line(&o, "mprefill_decoders", "", static_cast<double>(m.decoders_alive));
   head(&o, "mprefill_connections", "gauge", "Open TCP connections (all roles).");
   line(&o, "mprefill_connections", "", static_cast<double>(m.connections));
+  head(&o, "mprefill_connections_refused_total", "counter",
+       "Connections refused over --max-connections.");
+  line(&o, "mprefill_connections_refused_total", "", static_cast<double>(m.refused_connections));
   m.ttft.render("mprefill_ttft_seconds", "Submit to first token known.", &o);
   m.prefill.render("mprefill_prefill_seconds", "Prefill time reported by the worker group.", &o);
   m.handoff.render("mprefill_handoff_seconds", "KV handoff time reported by the worker group.", &o);

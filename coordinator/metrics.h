@@ -33,6 +33,7 @@ struct MetricsSnapshot {
   uint64_t bad_frames = 0;
   int64_t groups_alive = 0, groups_busy = 0, decoders_alive = 0;
   int64_t connections = 0;
+  uint64_t refused_connections = 0;  // over --max-connections
   Histogram ttft, prefill, handoff;
   // Online head audit (JobOptions.audit_heads): totals over all audited heads, the
   // lowest recall of the last audited job, and the last value per (layer, head).

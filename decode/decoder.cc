@@ -74,7 +74,7 @@ struct KvReceiver::Job {
   std::shared_ptr<JobKvStore> store;
   std::vector<std::shared_ptr<Stream>> streams;
   Clock::time_point last_activity, first_page, complete_at;
-  bool any_page = false, complete = false, failed = false;
+  bool any_page = false, complete = false, failed = false, sender_failed = false;
   std::string error;
   uint64_t bytes = 0;
   int layers_complete = 0;
@@ -89,7 +89,16 @@ KvReceiver::KvReceiver(ReceiverOptions opt, FailFn on_fail)
   shape_.page_tokens = opt_.contract.page_tokens();
   shape_.validate();
   pool_ = std::make_unique<PagePool>(shape_, opt_.capacity_bytes);
-  listener_ = std::make_unique<wire::Listener>(opt_.listen_host, opt_.listen_port);
+  // Largest page frame: every KV head of page_tokens tokens, K and V in fp32, + header.
+  const uint64_t page_frame = uint64_t{2} * 4 * static_cast<uint64_t>(shape_.page_tokens) *
+                                  static_cast<uint64_t>(shape_.n_kv_heads) *
+                                  static_cast<uint64_t>(shape_.head_dim) +
+                              4096;
+  if (opt_.max_frame < page_frame)
+    throw std::runtime_error("max frame " + std::to_string(opt_.max_frame) +
+                             " bytes is smaller than one KV page frame of this model (" +
+                             std::to_string(page_frame) + " bytes)");
+  listener_ = std::make_unique<wire::Listener>(opt_.listen_host, opt_.listen_port, opt_.max_frame);
   listener_->set_server_name("mprefill-decoder");
   accept_thread_ = std::thread([this] { accept_loop(); });
   monitor_thread_ = std::thread([this] { monitor_loop(); });
@@ -126,6 +135,13 @@ bool KvReceiver::expect(const v1::Expect& e, std::string* why) {
     return say("decoder holds " + std::to_string(active) + " jobs (max " +
                std::to_string(opt_.max_jobs) + ")");
   if (e.prompt_tokens() < 1) return say("prompt_tokens must be >= 1");
+  // 2 x 4 bytes x kv_dim x layers per token: a count past 2^62 bytes would overflow the
+  // reservation arithmetic (the capacity check below then refuses what merely is large).
+  const uint64_t per_token =
+      uint64_t{8} * static_cast<uint64_t>(shape_.kv_dim()) * static_cast<uint64_t>(shape_.n_layers);
+  if (static_cast<uint64_t>(e.prompt_tokens()) > (uint64_t{1} << 62) / per_token)
+    return say("prompt_tokens " + std::to_string(e.prompt_tokens()) + " is absurd (" +
+               std::to_string(per_token) + " KV bytes per token)");
   if (e.n_layers() != 0 && e.n_layers() != shape_.n_layers)
     return say("expects " + std::to_string(e.n_layers()) + " layers, the model has " +
                std::to_string(shape_.n_layers));
@@ -144,9 +160,10 @@ bool KvReceiver::expect(const v1::Expect& e, std::string* why) {
 }
 
 void KvReceiver::fail_locked(const std::shared_ptr<Job>& job, const std::string& message,
-                             std::vector<std::function<void()>>* after) {
+                             std::vector<std::function<void()>>* after, bool sender) {
   if (job->failed) return;
   job->failed = true;
+  job->sender_failed = sender;
   job->error = message;
   job->last_activity = Clock::now();  // failed jobs are forgotten a minute later
   job->store.reset();                 // pages go back to the pool once in-flight puts finish
@@ -171,6 +188,15 @@ void KvReceiver::fail_job(uint64_t job_id, const std::string& message) {
     fail_locked(it->second, message, &after);
   }
   for (auto& f : after) f();
+}
+
+void KvReceiver::release_all() {
+  std::vector<uint64_t> ids;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [id, job] : jobs_) ids.push_back(id);
+  }
+  for (uint64_t id : ids) release(id);
 }
 
 bool KvReceiver::wait_complete(uint64_t job_id, std::string* why) {
@@ -233,6 +259,7 @@ KvReceiver::JobInfo KvReceiver::info(uint64_t job_id) const {
   r.bytes = j.bytes;
   r.receive_ms = j.complete && j.any_page ? ms_between(j.first_page, j.complete_at) : 0;
   r.error = j.error;
+  r.sender_failed = j.sender_failed;
   return r;
 }
 
@@ -286,7 +313,7 @@ void KvReceiver::monitor_loop() {
                           std::to_string(shape_.n_layers) + " layers complete, " +
                           std::to_string(job->streams.size()) + " streams of " +
                           std::to_string(job->expect.senders()) + " senders connected)",
-                      &after);
+                      &after, /*sender=*/true);
       }
       // Reap stream threads that ended.
       auto it = std::partition(streams_.begin(), streams_.end(),
@@ -413,7 +440,7 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
                         std::to_string(s->rank) + " (" + s->peer + ") ended with " +
                         std::to_string(job->layers_complete) + " of " +
                         std::to_string(shape_.n_layers) + " layers complete: " + e.what(),
-                    &fails);
+                    &fails, /*sender=*/true);
       }
       for (auto& f : fails) f();
       return;
@@ -450,7 +477,7 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
         fail_locked(job,
                     "job " + std::to_string(s->job_id) + ": rank " + std::to_string(s->rank) +
                         " gave up: " + in.error().message(),
-                    &fails);
+                    &fails, /*sender=*/true);
       }
       for (auto& f : fails) f();
       return;
@@ -549,7 +576,10 @@ Decoder::Decoder(const ModelWeights& w, DecoderOptions opt, SendFn send)
       std::lock_guard<std::mutex> lock(mu_);
       expects_.erase(job);
     }
-    emit(failed_env(job, msg));
+    v1::Envelope env = failed_env(job, msg);
+    // Called from a receiver thread once the job failed: receiver_ is set by then.
+    env.mutable_decode_failed()->set_sender_failed(receiver_->info(job).sender_failed);
+    emit(env);
   });
   decode_thread_ = std::thread([this] { decode_loop(); });
 }
@@ -584,6 +614,15 @@ void Decoder::handle(const v1::Envelope& env) {
                       "job " + std::to_string(e.job_id()) + ": decode_tokens must be >= 0"));
       return;
     }
+    // The decode cache holds prompt + decoded tokens (the prompt is bounded by the
+    // capacity check of expect()): no more decoded tokens than the model has positions.
+    if (e.decode_tokens() > w_.config.max_position) {
+      emit(failed_env(e.job_id(), "job " + std::to_string(e.job_id()) + ": decode_tokens " +
+                                      std::to_string(e.decode_tokens()) +
+                                      " exceeds the model's max_position " +
+                                      std::to_string(w_.config.max_position)));
+      return;
+    }
     if (!receiver_->expect(e, &why)) {
       emit(failed_env(e.job_id(), why));
       return;
@@ -614,8 +653,10 @@ void Decoder::handle(const v1::Envelope& env) {
 v1::DecodeDone Decoder::decode(uint64_t job_id, const v1::StartDecode& start) {
   const std::string where = "job " + std::to_string(job_id) + ": ";
   v1::Expect e;
+  uint64_t epoch = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    epoch = epoch_;
     auto it = expects_.find(job_id);
     if (it == expects_.end())
       throw std::runtime_error(where + "StartDecode for a job not expected");
@@ -669,7 +710,7 @@ v1::DecodeDone Decoder::decode(uint64_t job_id, const v1::StartDecode& start) {
     if (step == steps) break;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (cancelled_.count(job_id) || stop_)
+      if (cancelled_.count(job_id) || stop_ || epoch != epoch_)
         throw std::runtime_error(where + "released while decoding");
     }
     const std::vector<float> logits = engine_.decode_step(tok, n + step, &cache);
@@ -684,12 +725,14 @@ v1::DecodeDone Decoder::decode(uint64_t job_id, const v1::StartDecode& start) {
 void Decoder::decode_loop() {
   for (;;) {
     v1::StartDecode s;
+    uint64_t epoch = 0;
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stop_ || !decode_queue_.empty(); });
       if (stop_) return;
       s = decode_queue_.front();
       decode_queue_.pop_front();
+      epoch = epoch_;
     }
     v1::Envelope out;
     try {
@@ -698,7 +741,9 @@ void Decoder::decode_loop() {
       out = failed_env(s.job_id(), e.what());
     }
     {
+      // A job of a lost coordinator: its id may already name a job of the new one.
       std::lock_guard<std::mutex> lock(mu_);
+      if (epoch != epoch_) continue;
       expects_.erase(s.job_id());
     }
     receiver_->release(s.job_id());
@@ -706,11 +751,13 @@ void Decoder::decode_loop() {
   }
 }
 
-int Decoder::serve(const std::string& host, uint16_t port, const std::string& secret) {
-  std::unique_ptr<wire::Connection> conn;
+std::unique_ptr<wire::Connection> Decoder::register_with(const std::string& host, uint16_t port,
+                                                         const std::string& secret, int timeout_ms,
+                                                         std::string* why, bool* refused) {
+  *refused = false;
   try {
-    conn = wire::Connection::connect(host, port, opt_.io_timeout_ms);
-    conn->client_handshake(v1::DECODER, opt_.name, secret, opt_.io_timeout_ms);
+    auto conn = wire::Connection::connect(host, port, timeout_ms);
+    conn->client_handshake(v1::DECODER, opt_.name, secret, timeout_ms);
     v1::Envelope reg;
     auto* r = reg.mutable_decoder_register();
     r->set_name(opt_.name);
@@ -720,62 +767,134 @@ int Decoder::serve(const std::string& host, uint16_t port, const std::string& se
     r->set_max_jobs(opt_.receiver.max_jobs);
     *r->mutable_kv() = contract();
     for (const std::string& t : opt_.kv_transports) r->add_kv_transports(t);
-    conn->send(reg, opt_.io_timeout_ms);
+    conn->send(reg, timeout_ms);
     v1::Envelope ans;
-    if (!conn->recv(&ans, opt_.io_timeout_ms))
-      throw std::runtime_error("no answer to DecoderRegister within " +
-                               std::to_string(opt_.io_timeout_ms) + " ms");
-    if (ans.has_error()) throw std::runtime_error("registration refused: " + ans.error().message());
-    if (!ans.has_decoder_registered())
+    if (!conn->recv(&ans, timeout_ms))
+      throw std::runtime_error("no answer to DecoderRegister within " + std::to_string(timeout_ms) +
+                               " ms");
+    if (ans.has_error()) {
+      *refused = true;
+      throw std::runtime_error("registration refused: " + ans.error().message());
+    }
+    if (!ans.has_decoder_registered()) {
+      *refused = true;
       throw std::runtime_error("expected DecoderRegistered, got another message");
+    }
     if (ans.decoder_registered().heartbeat_ms() > 0)
       opt_.heartbeat_ms = static_cast<int>(ans.decoder_registered().heartbeat_ms());
+    return conn;
+  } catch (const wire::WireError& e) {
+    // A wrong secret or protocol version does not get better by retrying.
+    *refused =
+        e.kind() == wire::WireError::Kind::kAuth || e.kind() == wire::WireError::Kind::kBadVersion;
+    *why = e.what();
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "mprefill-decoder: coordinator %s:%u: %s\n", host.c_str(), port, e.what());
+    *why = e.what();
+  }
+  return nullptr;
+}
+
+void Decoder::forget_jobs() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++epoch_;
+    for (const auto& [id, e] : expects_) cancelled_[id] = true;
+    for (const auto& s : decode_queue_) cancelled_[s.job_id()] = true;
+    expects_.clear();
+    decode_queue_.clear();
+  }
+  receiver_->release_all();
+}
+
+int Decoder::serve(const std::string& host, uint16_t port, const std::string& secret) {
+  const std::string where = host + ":" + std::to_string(port);
+  std::string why;
+  bool refused = false;
+  std::unique_ptr<wire::Connection> conn =
+      register_with(host, port, secret, opt_.io_timeout_ms, &why, &refused);
+  if (!conn) {
+    std::fprintf(stderr, "mprefill-decoder: coordinator %s: %s\n", where.c_str(), why.c_str());
     return 1;
   }
-  std::fprintf(stderr, "mprefill-decoder: registered as '%s' with %s:%u (KV port %u, %s)\n",
-               opt_.name.c_str(), host.c_str(), port, kv_port(), fp_.to_string().c_str());
-  {
-    std::lock_guard<std::mutex> lock(send_mu_);
-    wire::Connection* c = conn.get();
-    const int t = opt_.io_timeout_ms;
-    send_ = [c, t](const v1::Envelope& env) { c->send(env, t); };
-  }
-  int rc = 0;
-  uint64_t seq = 0;
-  auto next_hb = Clock::now();
-  while (!stop_) {
-    if (Clock::now() >= next_hb) {
-      v1::Envelope hb;
-      hb.mutable_heartbeat()->set_seq(++seq);
-      hb.mutable_heartbeat()->set_unix_ms(unix_ms());
-      emit(hb);
-      next_hb = Clock::now() + std::chrono::milliseconds(opt_.heartbeat_ms);
+  std::fprintf(stderr, "mprefill-decoder: registered as '%s' with %s (KV port %u, %s)\n",
+               opt_.name.c_str(), where.c_str(), kv_port(), fp_.to_string().c_str());
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(send_mu_);
+      wire::Connection* c = conn.get();
+      const int t = opt_.io_timeout_ms;
+      send_ = [c, t](const v1::Envelope& env) { c->send(env, t); };
     }
-    v1::Envelope env;
-    try {
-      if (!conn->recv(&env, std::min(opt_.heartbeat_ms, 100))) continue;
-    } catch (const wire::WireError& e) {
-      if (!stop_)
-        std::fprintf(stderr, "mprefill-decoder: coordinator connection ended (%s); exiting\n",
-                     e.what());
-      rc = e.kind() == wire::WireError::Kind::kClosed ? 0 : 1;
-      break;
+    std::string lost;
+    uint64_t seq = 0;
+    auto next_hb = Clock::now();
+    while (!stop_) {
+      if (Clock::now() >= next_hb) {
+        v1::Envelope hb;
+        hb.mutable_heartbeat()->set_seq(++seq);
+        hb.mutable_heartbeat()->set_unix_ms(unix_ms());
+        emit(hb);
+        next_hb = Clock::now() + std::chrono::milliseconds(opt_.heartbeat_ms);
+      }
+      v1::Envelope env;
+      try {
+        if (!conn->recv(&env, std::min(opt_.heartbeat_ms, 100))) continue;
+      } catch (const wire::WireError& e) {
+        lost = e.what();
+        break;
+      }
+      if (env.has_error()) {
+        std::fprintf(stderr, "mprefill-decoder: coordinator error: %s\n",
+                     env.error().message().c_str());
+        continue;
+      }
+      handle(env);
     }
-    if (env.has_error()) {
-      std::fprintf(stderr, "mprefill-decoder: coordinator error: %s\n",
-                   env.error().message().c_str());
-      continue;
+    {
+      std::lock_guard<std::mutex> lock(send_mu_);
+      send_ = nullptr;
     }
-    handle(env);
+    conn->close();
+    conn.reset();
+    if (stop_) return 0;
+
+    // The coordinator went away (crash, restart): its jobs are gone with it.
+    forget_jobs();
+    std::fprintf(stderr,
+                 "mprefill-decoder: coordinator connection ended (%s); re-registering with %s "
+                 "within %d s\n",
+                 lost.c_str(), where.c_str(), opt_.reconnect_s);
+    const auto t_lost = Clock::now();
+    const auto deadline = t_lost + std::chrono::seconds(opt_.reconnect_s);
+    int backoff_ms = 100;
+    for (;;) {
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+      if (stop_) return 0;
+      if (left <= 0) {
+        std::fprintf(stderr,
+                     "mprefill-decoder: error: coordinator %s did not come back within %d s "
+                     "(last attempt: %s); exiting\n",
+                     where.c_str(), opt_.reconnect_s, why.empty() ? "none" : why.c_str());
+        return 1;
+      }
+      conn = register_with(host, port, secret,
+                           static_cast<int>(std::min<int64_t>(left, opt_.io_timeout_ms)), &why,
+                           &refused);
+      if (conn) break;
+      if (refused) {
+        std::fprintf(stderr, "mprefill-decoder: error: coordinator %s: %s; exiting\n",
+                     where.c_str(), why.c_str());
+        return 1;
+      }
+      const auto wake = Clock::now() + std::chrono::milliseconds(backoff_ms);
+      while (!stop_ && Clock::now() < wake && Clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      backoff_ms = std::min(backoff_ms * 2, 2000);
+    }
+    std::fprintf(stderr, "mprefill-decoder: re-registered as '%s' with %s after %.1f s\n",
+                 opt_.name.c_str(), where.c_str(), ms_between(t_lost, Clock::now()) / 1000.0);
   }
-  {
-    std::lock_guard<std::mutex> lock(send_mu_);
-    send_ = nullptr;
-  }
-  conn->close();
-  return rc;
 }
 
 }  // namespace mprefill::decode

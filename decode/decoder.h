@@ -59,7 +59,10 @@ struct ReceiverOptions {
   int max_jobs = 4;
   int default_timeout_ms = 30000;  // Expect.timeout_ms when 0
   int hello_wait_ms = 5000;        // a stream for a job not expected yet waits this long
-  PayloadSourceFactory nccl;       // set: streams may use kv_transport "nccl"
+  // Frame limit on the KV port after a stream's hello (before it: 64 KiB); at least one
+  // full page of the contract (checked by the constructor).
+  size_t max_frame = wire::kDefaultMaxFrame;
+  PayloadSourceFactory nccl;  // set: streams may use kv_transport "nccl"
 };
 
 class KvReceiver {
@@ -83,6 +86,8 @@ class KvReceiver {
   void release(uint64_t job_id);
   // Fails a job (as if a stream had failed it), telling its streams.
   void fail_job(uint64_t job_id, const std::string& message);
+  // Releases every job (a coordinator connection lost: its job ids mean nothing now).
+  void release_all();
 
   struct JobInfo {
     bool known = false, complete = false, failed = false;
@@ -90,6 +95,7 @@ class KvReceiver {
     uint64_t bytes = 0;
     double receive_ms = 0;  // first page -> last layer complete
     std::string error;
+    bool sender_failed = false;  // a stream ended early, a rank gave up, or no page came
   };
   JobInfo info(uint64_t job_id) const;
   uint64_t reserved_bytes() const { return pool_->reserved_bytes(); }
@@ -115,8 +121,9 @@ class KvReceiver {
   bool job_failed(const std::shared_ptr<Job>& job) const;
   void handle_page(Stream& s, const std::shared_ptr<Job>& job, const v1::KvPage& page,
                    bool bf16_ok = false);
+  // sender: the failure is the KV senders' (JobInfo::sender_failed).
   void fail_locked(const std::shared_ptr<Job>& job, const std::string& message,
-                   std::vector<std::function<void()>>* after);
+                   std::vector<std::function<void()>>* after, bool sender = false);
 };
 
 struct DecoderOptions {
@@ -129,6 +136,10 @@ struct DecoderOptions {
   int io_timeout_ms = 10000;  // coordinator connect / send bound
   // DecoderRegister.kv_transports ("nccl" too with ReceiverOptions::nccl set)
   std::vector<std::string> kv_transports = {"tcp"};
+  // A lost coordinator: re-register (backoff 100 ms doubling to 2 s) for at most this
+  // long, then give up (serve() returns 1). 0: give up at once. Jobs of the old
+  // connection are dropped first (the new coordinator numbers its jobs afresh).
+  int reconnect_s = 60;
 };
 
 class Decoder {
@@ -145,8 +156,9 @@ class Decoder {
   void handle(const v1::Envelope& env);
 
   // Connects to the coordinator, registers, then handles its messages and sends
-  // heartbeats until stop() or the coordinator goes away. Returns the exit status
-  // (0 after stop() or a coordinator that closed; 1 on a refused registration).
+  // heartbeats until stop(). A lost coordinator is re-registered with (reconnect_s).
+  // Returns the exit status: 0 after stop(); 1 on a refused registration or a
+  // coordinator that did not come back within reconnect_s.
   int serve(const std::string& host, uint16_t port, const std::string& secret);
   void stop();
 
@@ -176,8 +188,17 @@ class Decoder {
   std::atomic<bool> stop_{false};
   std::thread decode_thread_;
 
+  uint64_t epoch_ = 0;  // coordinator connections so far (mu_): results of older ones are dropped
+
   void emit(const v1::Envelope& env);
   void decode_loop();
+  // Connect + hello + DecoderRegister within timeout_ms. nullptr with *why; *refused when
+  // the coordinator answered with an Error (no point in retrying).
+  std::unique_ptr<wire::Connection> register_with(const std::string& host, uint16_t port,
+                                                  const std::string& secret, int timeout_ms,
+                                                  std::string* why, bool* refused);
+  // Drops every job of the lost coordinator (expects, queued decodes, KV in the receiver).
+  void forget_jobs();
 };
 
 }  // namespace mprefill::decode

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Runs setup (install + build), then the test suites through ctest.
 #
-#   launch/test.sh [--gpu] [--sanitize] [setup options...]
+#   launch/test.sh [--gpu] [--no-sanitize] [--sanitize] [setup options...]
 #
-#   (default)  CPU suite: ctest -LE gpu, 2 at a time. GPU tests are not run here: on a
-#              machine without a GPU one GPU test binary is run to show that they skip.
+#   (default)  CPU suite: ctest -LE 'gpu|sanitize', 2 at a time. GPU tests are not run
+#              here: on a machine without a GPU one GPU test binary is run to show that
+#              they skip. Then the sanitizer stage (always, CI or not): the target
+#              `sanitize` (ASan + UBSan and TSan variants of the service code, -O1, in
+#              the same build directory, reusing its other objects) and ctest -L sanitize
+#              (tests/cmake/hardening.cmake): about 10 min on 2 cores.
+#   --no-sanitize  skip the sanitizer stage (quick local runs; CI keeps it).
 #   --gpu      GPU suite: ctest -L '^gpu$' (one GPU), one at a time, with MPREFILL_REQUIRE_GPU=1; fails
-#              when no GPU is visible or any GPU test is skipped.
-#   --sanitize also launch/sanitize.sh asan --quick and tsan (own build dirs; slow).
+#              when no GPU is visible or any GPU test is skipped. No sanitizer stage.
+#   --sanitize also launch/sanitize.sh asan --quick and tsan: everything instrumented,
+#              own build dirs (slow: ~15 min build each on 2 cores).
 # Other options go to launch/setup.sh (e.g. --ci, --offline, --build-dir DIR).
 # Prints the wall time, then one closing line "tests: N passed, N failed, N skipped".
 set -euo pipefail
@@ -16,13 +22,15 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 GPU=0
 SANITIZE=0
+SAN_STAGE=1
 SETUP_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --gpu) GPU=1 ;;
     --sanitize) SANITIZE=1 ;;
+    --no-sanitize) SAN_STAGE=0 ;;
     --build-dir) SETUP_ARGS+=("$1" "$2"); BUILD_DIR="$(realpath -m "$2")"; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) SETUP_ARGS+=("$1") ;;
   esac
   shift
@@ -90,11 +98,40 @@ else
       status=1
     fi
   fi
-  log "CPU suite: ctest -LE gpu -j2"
-  run_ctest cpu -LE gpu -j2 || status=1
+  log "CPU suite: ctest -LE 'gpu|sanitize' -j2"
+  run_ctest cpu -LE 'gpu|sanitize' -j2 || status=1
+
+  # ---- sanitizer stage (issue 7): instrumented service binaries, then ctest -L sanitize
+  if [ $SAN_STAGE = 1 ]; then
+    if ! cmake --build "$BUILD_DIR" --target help 2>/dev/null | grep -qE '(^|[ :])sanitize(:|$| )'; then
+      log "error: no target 'sanitize' in $BUILD_DIR (proto/ not configured?)"
+      FAILED=$((FAILED + 1))
+      status=1
+    else
+      T_SAN=$(now_s)
+      log "sanitizer stage: building ASan+UBSan and TSan variants (target sanitize, -O1)"
+      if ! cmake --build "$BUILD_DIR" --target sanitize -j "$(jobs_n)" >"$LOG_DIR/sanitize-build.log" 2>&1; then
+        tail -n 40 "$LOG_DIR/sanitize-build.log"
+        log "error: sanitizer build failed (see $LOG_DIR/sanitize-build.log)"
+        FAILED=$((FAILED + 1))
+        status=1
+      else
+        T_SAN_BUILD=$(elapsed "$T_SAN")
+        T_SAN_TESTS=$(now_s)
+        skipped_before=$SKIPPED
+        log "sanitizer stage: ctest -L sanitize -j2 (reports under $BUILD_DIR/san-logs)"
+        run_ctest sanitize -L sanitize -j2 || status=1
+        if [ "$SKIPPED" -gt "$skipped_before" ]; then
+          log "error: sanitizer tests skipped although the variants were built"
+          status=1
+        fi
+        log "sanitizer stage: build ${T_SAN_BUILD} s, tests $(elapsed "$T_SAN_TESTS") s, total $(elapsed "$T_SAN") s"
+      fi
+    fi
+  fi
 fi
 
-# ---- sanitizers (issue 7): opt-in, not on CI's critical path
+# ---- full sanitizer builds (issue 7): opt-in, everything instrumented
 if [ $SANITIZE = 1 ]; then
   for mode in asan tsan; do
     args=("$mode")

@@ -410,8 +410,9 @@ void Connection::client_handshake(v1::Role role, const std::string& name, const 
   if (!recv(&env, remaining_ms(deadline)))
     throw WireError(WireError::Kind::kTimeout, "hello from " + peer() + ": no ServerHello within " +
                                                    std::to_string(timeout_ms) + " ms");
-  if (env.has_error())
-    throw WireError(WireError::Kind::kAuth,
+  if (env.has_error())  // a full server (connection cap) may take us later: kConnect
+    throw WireError(env.error().code() == v1::RESOURCE_EXHAUSTED ? WireError::Kind::kConnect
+                                                                 : WireError::Kind::kAuth,
                     "hello from " + peer() + ": refused: " + env.error().message());
   if (!env.has_server_hello())
     throw WireError(WireError::Kind::kBadFrame,

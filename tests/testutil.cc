@@ -17,7 +17,11 @@ std::string shared_dir() {
   return MPREFILL_SHARED_DIR;
 }
 std::string source_dir() { return MPREFILL_SOURCE_DIR; }
-std::string bin_dir() { return MPREFILL_BIN_DIR; }
+// MPREFILL_BIN_DIR: the instrumented service binaries of CI's sanitizer stage (bin-asan/).
+std::string bin_dir() {
+  if (const char* e = std::getenv("MPREFILL_BIN_DIR")) return e;
+  return MPREFILL_BIN_DIR;
+}
 
 bool file_exists(const std::string& path) {
   struct stat st;

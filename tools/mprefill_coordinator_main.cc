@@ -22,7 +22,8 @@ const char* kUsage =
     "                            [--queue-limit N] [--max-jobs-per-client N]\n"
     "                            [--threads N] [--heartbeat-ms MS]\n"
     "                            [--heartbeat-timeout-ms MS] [--handoff-timeout-ms MS]\n"
-    "                            [--port-file F] [--quiet]\n"
+    "                            [--max-connections N] [--max-frame BYTES]\n"
+    "                            [--frame-timeout-ms MS] [--port-file F] [--quiet]\n"
     "  --host ADDR             bind address (default 127.0.0.1; 0.0.0.0 for all)\n"
     "  --port P                service port (default 7070; 0: any free port)\n"
     "  --metrics-port P        Prometheus text metrics over HTTP GET /metrics (default off;\n"
@@ -36,6 +37,11 @@ const char* kUsage =
     "  --heartbeat-ms MS       heartbeat period asked of groups and decoders (default 1000)\n"
     "  --heartbeat-timeout-ms  silence after which a group / decoder is dead (default 10000)\n"
     "  --handoff-timeout-ms    bound on each KV handoff wait (default 60000)\n"
+    "  --max-connections N     open connections at most, all roles (default 256); one more\n"
+    "                          gets Error RESOURCE_EXHAUSTED and is closed\n"
+    "  --max-frame BYTES       frame size limit after the hello (default 67108864; before\n"
+    "                          it: 65536 at most)\n"
+    "  --frame-timeout-ms MS   a frame begun must be complete within MS (default 30000)\n"
     "  --port-file F           write \"PORT METRICS_PORT\" to F once listening\n"
     "  --quiet                 no event log on stderr\n";
 
@@ -90,6 +96,12 @@ int main(int argc, char** argv) {
         opt.heartbeat_timeout_ms = static_cast<int>(parse_int(flag, value(), 10, 3600000));
       } else if (flag == "--handoff-timeout-ms") {
         opt.handoff_timeout_ms = static_cast<int>(parse_int(flag, value(), 10, 3600000));
+      } else if (flag == "--max-connections") {
+        opt.max_connections = static_cast<int>(parse_int(flag, value(), 1, 1 << 20));
+      } else if (flag == "--max-frame") {
+        opt.max_frame = static_cast<size_t>(parse_int(flag, value(), 1024, int64_t{1} << 30));
+      } else if (flag == "--frame-timeout-ms") {
+        opt.frame_timeout_ms = static_cast<int>(parse_int(flag, value(), 10, 3600000));
       } else if (flag == "--port-file") {
         port_file = value();
       } else if (flag == "--quiet") {

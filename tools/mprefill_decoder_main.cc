@@ -35,6 +35,7 @@ const char* kUsage =
     "                        [--listen HOST:PORT] [--advertise HOST] [--capacity-mb MB]\n"
     "                        [--max-jobs N] [--page-tokens P] [--timeout-ms MS]\n"
     "                        [--secret-file F] [--threads N] [--device cpu|cuda[:N]]\n"
+    "                        [--reconnect-s S] [--max-frame BYTES]\n"
     "The reference decoder: receives the KV pages of each job from the worker ranks over\n"
     "TCP, then continues generation from the first token (CPU, fp32 KV).\n"
     "  --coordinator HOST:PORT  the coordinator to register with\n"
@@ -52,8 +53,13 @@ const char* kUsage =
     "  --threads N              CPU threads (default: all cores or MPREFILL_THREADS)\n"
     "  --device cpu|cuda[:N]    cuda: also serve kv_transport nccl, receiving K/V on GPU N\n"
     "                           (default 0; CUDA builds with NCCL); decoding stays on the CPU\n"
-    "Exit status: 0 when the coordinator ends the connection or on SIGINT/SIGTERM; 1 on a\n"
-    "failure (model, refused registration); 2 on bad arguments.\n";
+    "  --reconnect-s S          a lost coordinator: re-register for up to S s (backoff 0.1 s\n"
+    "                           doubling to 2 s; its jobs are dropped), then exit 1\n"
+    "                           (default 60; 0: exit 1 at once)\n"
+    "  --max-frame BYTES        frame limit on the KV port after a stream's hello (default\n"
+    "                           67108864; at least one KV page; before the hello: 65536)\n"
+    "Exit status: 0 on SIGINT/SIGTERM; 1 on a failure (model, refused registration, a\n"
+    "coordinator that did not come back within --reconnect-s); 2 on bad arguments.\n";
 
 std::atomic<bool> g_signalled{false};
 void on_signal(int) { g_signalled = true; }
@@ -99,6 +105,11 @@ int main(int argc, char** argv) {
         secret_file = value();
       else if (flag == "--threads")
         threads = static_cast<int>(parse_int(flag, value(), 1, 4096));
+      else if (flag == "--max-frame")
+        opt.receiver.max_frame =
+            static_cast<size_t>(parse_int(flag, value(), 1024, int64_t{1} << 30));
+      else if (flag == "--reconnect-s")
+        opt.reconnect_s = static_cast<int>(parse_int(flag, value(), 0, 86400));
       else if (flag == "--device") {
         const std::string d = value();
         if (d == "cpu")

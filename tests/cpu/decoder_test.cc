@@ -243,5 +243,32 @@ TEST_F(DecoderTest, AdmissionReleaseAndUnknownJobs) {
   EXPECT_NE(env.decode_failed().message().find("not expected"), std::string::npos);
 }
 
+// Absurd numbers from the coordinator: one clear DecodeFailed each, nothing reserved,
+// and the decoder still takes a sane job (issue 7).
+TEST_F(DecoderTest, AbsurdCountsAreRefusedWithoutOverflow) {
+  v1::Envelope env;
+  auto refused = [&](const v1::Envelope& in, const std::string& text) {
+    decoder_->handle(in);
+    ASSERT_TRUE(out_.pop(&env));
+    ASSERT_TRUE(env.has_decode_failed()) << env.ShortDebugString();
+    EXPECT_NE(env.decode_failed().message().find(text), std::string::npos)
+        << env.decode_failed().message();
+    EXPECT_EQ(decoder_->receiver().reserved_bytes(), 0u);
+  };
+  // 2^62 tokens x 9 KiB per token would wrap the 64-bit reservation to a small number.
+  refused(expect(30, int64_t{1} << 62, 4, {}), "is absurd");
+  refused(expect(31, INT64_MAX, 4, {}), "is absurd");
+  // A reservation that does not wrap but cannot fit.
+  refused(expect(32, int64_t{1} << 40, 4, {}), "bytes are free");
+  refused(expect(33, 40, INT32_MAX, {}), "exceeds the model's max_position 256");
+  std::string why;
+  v1::Expect e = expect(34, int64_t{1} << 62, 4, {}).expect();
+  EXPECT_FALSE(decoder_->receiver().expect(e, &why));
+  EXPECT_NE(why.find("is absurd"), std::string::npos) << why;
+  decoder_->handle(expect(35, 40, 4, {}));
+  ASSERT_TRUE(out_.pop(&env));
+  EXPECT_TRUE(env.has_ready()) << env.ShortDebugString();
+}
+
 }  // namespace
 }  // namespace mprefill

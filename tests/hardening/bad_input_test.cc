@@ -6,7 +6,9 @@
 // job once a worker group and a decoder are registered, succeed right after.
 #include <gtest/gtest.h>
 
+#include <climits>
 #include <cmath>
+#include <functional>
 #include <thread>
 
 #include "tests/hardening/harness.h"
@@ -206,6 +208,96 @@ TEST(BadInput, FramesVersionsAndRolesWithoutWorkers) {
   EXPECT_NE(log.find("bad frame"), std::string::npos) << log;
 }
 
+// Sizes whose product (layers x heads x head_dim x dtype x tokens) would overflow 64 bits,
+// world sizes whose tp x sp overflows 32: one clear refusal each, no crash (issue 7).
+TEST(BadInput, AbsurdNumbersInContractsAreRefused) {
+  const std::string dir = h::make_dir("absurd");
+  h::Coordinator co(dir, {});
+  auto sane = [](v1::KvContract* kv) {
+    auto* m = kv->mutable_model();
+    m->set_name("absurd");
+    m->set_n_layers(4);
+    m->set_hidden(64);
+    m->set_n_heads(4);
+    m->set_n_kv_heads(2);
+    m->set_head_dim(16);
+    m->set_vocab(512);
+    m->set_max_position(4096);
+    kv->set_kv_dtype(v1::F32);
+    kv->set_page_tokens(256);
+    kv->set_layout("token_major");
+  };
+  struct Case {
+    const char* what;
+    std::function<void(v1::KvContract*)> edit;
+    const char* text;
+  };
+  const std::vector<Case> cases = {
+      {"2^31-1 layers", [](v1::KvContract* k) { k->mutable_model()->set_n_layers(INT32_MAX); },
+       "n_layers 2147483647 exceeds the limit 4096"},
+      {"huge head_dim", [](v1::KvContract* k) { k->mutable_model()->set_head_dim(1 << 30); },
+       "head_dim 1073741824 exceeds"},
+      {"max_position 2^62",
+       [](v1::KvContract* k) { k->mutable_model()->set_max_position(int64_t{1} << 62); },
+       "max_position 4611686018427387904 exceeds"},
+      {"page_tokens 2^31-1", [](v1::KvContract* k) { k->set_page_tokens(INT32_MAX); },
+       "page_tokens 2147483647 exceeds"},
+      {"every field at its limit: 2^47 KV bytes per token",
+       [](v1::KvContract* k) {
+         auto* m = k->mutable_model();
+         m->set_n_layers(4096);
+         m->set_n_heads(65536);
+         m->set_n_kv_heads(65536);
+         m->set_head_dim(65536);
+       },
+       "KV bytes per token 140737488355328 exceeds"},
+  };
+  std::string why;
+  for (const auto& c : cases)
+    for (v1::Role role : {v1::DECODER, v1::WORKER}) {
+      h::RawPeer p(co.port);
+      ASSERT_TRUE(p.hello(role, "absurd", "", &why)) << why;
+      auto e = env();
+      v1::KvContract* kv = nullptr;
+      if (role == v1::DECODER) {
+        auto* r = e.mutable_decoder_register();
+        r->set_name("absurd");
+        r->set_kv_port(40000);
+        r->set_capacity_bytes(UINT64_MAX);
+        kv = r->mutable_kv();
+      } else {
+        auto* r = e.mutable_worker_register();
+        r->set_group("absurd");
+        r->set_world(1);
+        r->set_tp(1);
+        r->set_sp(1);
+        r->add_ranks()->set_rank(0);
+        kv = r->mutable_kv();
+      }
+      sane(kv);
+      c.edit(kv);
+      p.send(e);
+      expect_error_and_close(p, v1::MODEL_MISMATCH, c.text, c.what);
+    }
+  {  // tp x sp = 2^32 wraps to 0 in 32 bits: a world of 0 must not pass.
+    h::RawPeer p(co.port);
+    ASSERT_TRUE(p.hello(v1::WORKER, "wrap", "", &why)) << why;
+    auto e = env();
+    auto* r = e.mutable_worker_register();
+    r->set_group("wrap");
+    r->set_world(0);
+    r->set_tp(65536);
+    r->set_sp(65536);
+    sane(r->mutable_kv());
+    p.send(e);
+    expect_error_and_close(p, v1::INVALID_ARGUMENT, "world 0 != tp 65536 x sp 65536",
+                           "tp x sp overflow");
+  }
+  expect_serving(co.port, "absurd contracts");
+  EXPECT_TRUE(co.proc->running());
+  EXPECT_EQ(h::Client(co.port).status().decoders_size(), 0);
+}
+
 TEST(BadInput, ManyIdleAndHalfOpenConnections) {
   const std::string dir = h::make_dir("idle");
   h::Coordinator co(dir, {});
@@ -223,6 +315,130 @@ TEST(BadInput, ManyIdleAndHalfOpenConnections) {
   for (auto& p : peers) closed += p->closed_within(9000) ? 1 : 0;
   EXPECT_EQ(closed, 80);
   expect_serving(co.port, "idle connections closed");
+}
+
+TEST(BadInput, ConnectionCapRefusesOneMoreAndKeepsServing) {
+  const std::string dir = h::make_dir("cap");
+  h::Coordinator co(dir, {"--max-connections", "8"});
+  std::vector<std::unique_ptr<h::RawPeer>> peers;
+  for (int i = 0; i < 8; ++i) {
+    peers.push_back(std::make_unique<h::RawPeer>(co.port));
+    std::string why;
+    ASSERT_TRUE(peers.back()->hello(v1::CLIENT, "p" + std::to_string(i), "", &why)) << why;
+  }
+  // The ninth: one Error line, closed; a client on wire::Connection hears the reason.
+  h::RawPeer extra(co.port);
+  expect_error_and_close(extra, v1::RESOURCE_EXHAUSTED,
+                         "too many connections: 8 open (--max-connections 8)", "ninth peer");
+  try {
+    h::Client c(co.port);
+    ADD_FAILURE() << "a client got in over the cap";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("too many connections"), std::string::npos) << e.what();
+  }
+  // One leaves: the service takes a client again; the 8 held ones still work.
+  peers.back()->close();
+  peers.pop_back();
+  bool served = false;
+  const auto until = h::Clock::now() + std::chrono::seconds(10);
+  while (!served && h::Clock::now() < until) {
+    try {
+      h::Client c(co.port);
+      (void)c.status();
+      served = true;
+    } catch (const std::exception&) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+  EXPECT_TRUE(served) << co.proc->log();
+  {
+    auto e = env();
+    e.mutable_status_request();
+    peers[0]->send(e);
+    v1::Envelope r;
+    ASSERT_EQ(peers[0]->next(&r, 5000), h::RawPeer::Got::kFrame);
+    EXPECT_TRUE(r.has_status_reply()) << r.ShortDebugString();
+  }
+  EXPECT_TRUE(h::file_contains(co.dir + "/coordinator.log", "connection refused: too many"))
+      << co.proc->log();
+  EXPECT_TRUE(co.proc->running());
+}
+
+TEST(BadInput, HalfFrameAfterTheHelloIsClosedAfterItsDeadline) {
+  const std::string dir = h::make_dir("halfframe");
+  h::Coordinator co(dir, {"--frame-timeout-ms", "1500"});
+  std::string why;
+  // A frame begun and stalled, by a client and by a peer claiming to be a worker.
+  for (v1::Role role : {v1::CLIENT, v1::WORKER}) {
+    h::RawPeer p(co.port);
+    ASSERT_TRUE(p.hello(role, "staller", "", &why)) << why;
+    const auto t0 = h::Clock::now();
+    p.send_bytes(le32(200) + std::string(50, 'x'));
+    expect_error_and_close(p, v1::BAD_FRAME, "frame not completed within 1500 ms", "stalled frame");
+    const double s = std::chrono::duration<double>(h::Clock::now() - t0).count();
+    EXPECT_GE(s, 1.4);
+    EXPECT_LT(s, 5.0);
+  }
+  // Frames that complete in time, even in pieces and with pauses between frames longer
+  // than the deadline, keep the connection.
+  h::RawPeer ok(co.port);
+  ASSERT_TRUE(ok.hello(v1::CLIENT, "patient", "", &why)) << why;
+  auto e = env();
+  e.mutable_status_request();
+  const std::string frame = wire::encode_frame(e);
+  for (int i = 0; i < 2; ++i) {
+    ok.send_bytes(frame.substr(0, 3));
+    std::this_thread::sleep_for(std::chrono::milliseconds(800));
+    ok.send_bytes(frame.substr(3));
+    v1::Envelope r;
+    ASSERT_EQ(ok.next(&r, 5000), h::RawPeer::Got::kFrame) << "piece-wise frame " << i;
+    EXPECT_TRUE(r.has_status_reply());
+    std::this_thread::sleep_for(std::chrono::milliseconds(1800));
+  }
+  expect_serving(co.port, "stalled frames");
+}
+
+TEST(BadInput, MaxFrameFlagsBoundFramesAfterTheHello) {
+  const std::string dir = h::make_dir("maxframe");
+  h::Coordinator co(dir, {"--max-frame", "100000"});
+  std::string why;
+  {
+    h::RawPeer p(co.port);
+    ASSERT_TRUE(p.hello(v1::CLIENT, "big", "", &why)) << why;
+    p.send_bytes(le32(100001) + std::string(1000, 'y'));
+    expect_error_and_close(p, v1::BAD_FRAME, "exceeds the maximum of 100000", "--max-frame");
+  }
+  {
+    h::Client c(co.port);  // just under the limit: parsed (and refused: no worker group)
+    auto j = h::tiny_job(30000, 1);
+    ASSERT_LT(j.ByteSizeLong() + 16, 100000u);
+    expect_refused(c, j, v1::UNAVAILABLE, "no worker group", "a large frame under the limit");
+  }
+  // The decoder's KV port: a stranger's oversize frame before and after its hello.
+  auto dec = h::start_decoder(dir, co.addr(), kModel, "d0", "", {"--max-frame", "1048576"});
+  ASSERT_TRUE(h::wait_registered(co.port, "", 0, 1, 60000)) << dec->log();
+  const std::string ep = h::Client(co.port).status().decoders(0).endpoint();
+  const uint16_t kv_port = static_cast<uint16_t>(std::stoi(ep.substr(ep.rfind(':') + 1)));
+  {
+    h::RawPeer p(kv_port);
+    p.send_bytes(le32(70000) + std::string(100, 'z'));  // over the 64 KiB pre-hello limit
+    EXPECT_TRUE(p.closed_within(10000)) << "decoder kept an oversize pre-hello frame";
+  }
+  {
+    h::RawPeer p(kv_port);
+    ASSERT_TRUE(p.hello(v1::WORKER, "stranger", "", &why)) << why;
+    p.send_bytes(le32(1048577) + std::string(100, 'z'));
+    EXPECT_TRUE(p.closed_within(10000)) << "decoder kept a frame over --max-frame";
+  }
+  EXPECT_TRUE(dec->running()) << dec->log();
+  EXPECT_TRUE(h::wait_registered(co.port, "", 0, 1, 5000));
+  // A limit below one KV page cannot work: refused at start with the numbers.
+  auto tiny = h::start_decoder(dir, co.addr(), kModel, "d-small", "", {"--max-frame", "2048"});
+  int st = -1;
+  ASSERT_TRUE(tiny->wait_exit(30000, &st));
+  EXPECT_EQ(st, 1);
+  EXPECT_TRUE(h::file_contains(tiny->log_path(), "smaller than one KV page")) << tiny->log();
+  expect_serving(co.port, "oversize frames");
 }
 
 // A real decoder and a 1-rank worker group on random:tiny, a --max-prompt limit.
@@ -278,6 +494,9 @@ TEST_F(BadJobs, InvalidPromptsAndOptionsAreRefusedClearly) {
   {
     auto j = h::tiny_job(5, -1);
     expect_refused(c, j, v1::INVALID_ARGUMENT, "decode_tokens must be >= 0", "negative decode");
+    j = h::tiny_job(5, INT32_MAX);
+    expect_refused(c, j, v1::INVALID_ARGUMENT, "exceeds the model's max_position",
+                   "2^31-1 decoded tokens");
     j = h::tiny_job(5, 1);
     j.mutable_options()->mutable_sampling()->set_temperature(-1.f);
     expect_refused(c, j, v1::INVALID_ARGUMENT, "temperature", "negative temperature");
