@@ -20,9 +20,11 @@
 // vertical-slash heads (random weights have no real sparsity).
 // Distributed (tp x sp ranks, one GPU each; worker/cuda/cuda_dist_engine.h):
 //   mpirun -np R mprefill-bench prefill --tp T --sp S --shape llama3-8b --seq N
-//       [--sparse dense|FILE --index-set clustered|uniform] [--json]
-// R must equal T * S. Vertical-slash heads use the synthetic index set (the GPU ring does
-// no estimation; --index-set estimated is refused there), block-sparse heads are refused.
+//       [--sparse dense|FILE --index-set estimated|clustered|uniform] [--kv-skip on|off]
+//       [--json]
+// R must equal T * S. --index-set estimated: the ring engine estimates the sparse indices
+// globally across its sp ranks (no synthetic set); clustered|uniform: vertical-slash heads
+// use the synthetic index set as a fixed plan (no estimation on the ring).
 // TTFT = max over ranks of the prefill wall time after a barrier; rank 0 prints the
 // JSON with every rank's figures: ring attention (compute stream), ring wait (compute
 // stream stalled on a transfer: exposed), ring transfer (comm stream: hidden = transfer -
@@ -52,6 +54,7 @@
 #include "worker/cuda/cuda_dist_engine.h"
 #endif
 #include "worker/cuda/kv_sinks.h"
+#include "worker/cuda/ring_need.h"
 #include "worker/index_sets.h"
 #include "worker/model_config.h"
 #include "worker/sparse_policy.h"
@@ -68,6 +71,7 @@ struct Args {
   double cudnn_ms = 0;
   bool json = false;
   int tp = 1, sp = 1;
+  bool kv_skip = true;  // --kv-skip on|off (distributed: CudaDistOptions::skip_causal_kv)
 };
 
 void usage() {
@@ -129,7 +133,11 @@ Args parse(int argc, char** argv) {
       a.tp = static_cast<int>(to_int(f, val()));
     else if (f == "--sp")
       a.sp = static_cast<int>(to_int(f, val()));
-    else if (f == "--help" || f == "-h") {
+    else if (f == "--kv-skip") {
+      const std::string v = val();
+      if (v != "on" && v != "off") throw std::runtime_error("--kv-skip must be on or off");
+      a.kv_skip = v == "on";
+    } else if (f == "--help" || f == "-h") {
       usage();
       std::exit(0);
     } else
@@ -195,8 +203,9 @@ int run_dist(const Args& a) {
   policy.check_model(cfg);
   const int64_t n = a.seq;
   const bool dense = policy.all_dense(n);
-  if (!dense && a.index_set == "estimated")
-    throw std::runtime_error("the GPU ring does no estimation: use --index-set clustered|uniform");
+  // --index-set estimated: the ring engine estimates the indices itself, globally across
+  // its sp ranks (worker/cuda/sp_estimate.h); otherwise a fixed synthetic plan.
+  const bool estimated = !dense && a.index_set == "estimated";
   auto mpi = comm::make_mpi_communicator(MPI_COMM_WORLD);
   comm::CommConfig cc;
   cc.timeout_ms = 600000;
@@ -207,6 +216,7 @@ int run_dist(const Args& a) {
   o.device = wi.local_rank;
   o.mlp_chunk = a.mlp_chunk;
   o.timing = true;
+  o.skip_causal_kv = a.kv_skip;
   const auto t_init = std::chrono::steady_clock::now();
   gpu::CudaDistEngine eng(nccl.get(), cfg, a.seed, DistTopology{a.tp, a.sp}, o);
   const double init_ms =
@@ -219,13 +229,14 @@ int run_dist(const Args& a) {
     eng.prefill(w, SparsePolicy::dense(), nullptr);
   }
   PrefillPlan plan;
-  if (!dense) plan = synthetic_plan(a, cfg, policy, n);
+  if (!dense && !estimated) plan = synthetic_plan(a, cfg, policy, n);
   gpu::NullKvSink sink;
   int32_t z = 0, zz = 0;
   if (mpi->all_reduce(&z, &zz, 1, DType::kI32, comm::ReduceOp::kSum, nullptr) != Status::kOk)
     throw std::runtime_error("barrier: " + mpi->last_error());
   const auto t0 = std::chrono::steady_clock::now();
-  const gpu::CudaDistResult r = eng.prefill(ids, policy, &sink, dense ? nullptr : &plan);
+  const gpu::CudaDistResult r =
+      eng.prefill(ids, policy, &sink, dense || estimated ? nullptr : &plan);
   const double wall =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   bool finite = true;
@@ -270,6 +281,11 @@ int run_dist(const Args& a) {
   const std::time_t now = std::time(nullptr);
   std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
   const double ring_imb = sum_comp > 0 ? max_comp / (sum_comp / wi.size) : 1.0;
+  // KV-send skipping bound (worker/cuda/ring_need.h): the fraction of the ring's KV blocks
+  // that some downstream receiver's mask reads (-1: dense or estimated, not analysed).
+  double kv_needed = -1;
+  if (!dense && !estimated && a.sp > 1)
+    kv_needed = gpu::ring_kv_need(plan, policy, cfg, r.sp_layout, n, a.tp).needed_fraction();
   if (a.json) {
     std::printf(
         "{\"bench\": \"prefill_dist\", \"card\": \"%s\", \"date\": \"%s\", \"shape\": "
@@ -277,18 +293,22 @@ int run_dist(const Args& a) {
         "\"%s\", \"index_set\": \"%s\", \"ttft_ms\": %.3f, \"sp_imbalance_causal_tiles\": "
         "%.4f, \"ring_attention_imbalance\": %.4f, \"ring_wait_exposed_max_ms\": %.3f, "
         "\"ring_transfer_max_ms\": %.3f, \"weights_bytes_per_rank\": %zu, "
-        "\"weights_init_ms\": %.1f, \"ranks\": [%s]}\n",
+        "\"weights_init_ms\": %.1f, \"ring_kv_needed_fraction\": %.4f, "
+        "\"estimate_bytes_sent_rank0\": %lld, \"kv_skip\": %s, \"ring_bytes_sent_rank0\": "
+        "%lld, \"ranks\": [%s]}\n",
         escape(prop.name).c_str(), date, a.shape.c_str(), cfg.n_layers, static_cast<long long>(n),
         a.tp, a.sp, escape(a.sparse).c_str(), dense ? "none" : a.index_set.c_str(), ttft,
-        r.sp_imbalance, ring_imb, wait_max, xfer_max, eng.weight_bytes(), init_ms, per.c_str());
+        r.sp_imbalance, ring_imb, wait_max, xfer_max, eng.weight_bytes(), init_ms, kv_needed,
+        static_cast<long long>(r.estimate_bytes_sent), a.kv_skip ? "true" : "false",
+        static_cast<long long>(r.ring_bytes_sent), per.c_str());
     std::fflush(stdout);
   }
   std::fprintf(stderr,
                "# prefill_dist %s N=%lld tp %d x sp %d sparse=%s on %s: TTFT %.1f ms; ring "
                "attention max %.1f ms (max/mean %.3f), exposed wait max %.1f ms, transfer max "
-               "%.1f ms\n",
+               "%.1f ms; KV blocks needed downstream %.4f\n",
                a.shape.c_str(), static_cast<long long>(n), a.tp, a.sp, a.sparse.c_str(), prop.name,
-               ttft, max_comp, ring_imb, wait_max, xfer_max);
+               ttft, max_comp, ring_imb, wait_max, xfer_max, kv_needed);
   return 0;
 }
 #endif

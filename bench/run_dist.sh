@@ -2,7 +2,10 @@
 # Distributed GPU prefill bench (issue 4 item 5, target E3 of ../shared/BENCHMARKS.md):
 #   bench/run_dist.sh OUTDIR [BINDIR]      (BINDIR: where mprefill-bench is; default build/bin)
 # Runs, Llama-3-8B shape, vertical-slash policy of configs/minference with the clustered
-# synthetic index set (the GPU ring takes fixed indices; no estimation on the ring):
+# synthetic index set as a fixed plan (E3 runs), or estimated on the ring (--index-set
+# estimated: global estimation across the sp ranks, worker/cuda/sp_estimate.h):
+#   2 GPUs 128K tp1 x sp2: ring KV skipping off / on (twice each), and estimated indices
+#          against 1 GPU estimated (same random weights: same indices up to fp32 ties)
 #   1 GPU  512K  (baseline, single-GPU engine)
 #   4 GPUs 512K and 1M, tp x sp = 1x4 and 2x2
 # One JSON line per run in OUTDIR/dist.jsonl, stderr of each run in OUTDIR/<name>.err,
@@ -36,6 +39,13 @@ run() {  # name timeout_s ranks args...
   echo "$name: rc=$rc $(grep -h '^# prefill' "$out/$name.err" | tail -1)" | tee -a "$log"
 }
 
+est=(--shape llama3-8b --sparse "$policy" --index-set estimated --json)
+for rep in 1 2; do
+  run kvskip_off_128k_$rep 120 2 --tp 1 --sp 2 --seq 131072 "${common[@]}" --kv-skip off
+  run kvskip_on_128k_$rep 120 2 --tp 1 --sp 2 --seq 131072 "${common[@]}" --kv-skip on
+done
+run est_gpu1_128k 120 1 --seq 131072 "${est[@]}"
+run est_tp1sp2_128k 120 2 --tp 1 --sp 2 --seq 131072 "${est[@]}"
 run gpu1_512k 300 1 --seq 524288 "${common[@]}"
 run tp1sp4_512k 300 4 --tp 1 --sp 4 --seq 524288 "${common[@]}"
 run tp1sp4_1m 420 4 --tp 1 --sp 4 --seq 1048576 "${common[@]}"

@@ -47,6 +47,10 @@
 #ifdef MPREFILL_HAVE_NCCL_KV
 #include "worker/cuda/nccl_kv_sink.h"
 #endif
+#ifdef MPREFILL_HAVE_GPU_DIST
+#include "comm/nccl_comm.h"
+#include "worker/cuda/cuda_dist_engine.h"
+#endif
 
 namespace {
 
@@ -64,6 +68,7 @@ const char* kUsage =
     "                                    [--threads N] [--kv-streams S] [--page-tokens P]\n"
     "                                    [--executor auto|engine|dist] [--comm-timeout-ms MS]\n"
     "                                    [--handoff-timeout-ms MS] [--connect-timeout-ms MS]\n"
+    "                                    [--reconnect-s S]\n"
     "One worker group of the prefill service: N MPI ranks, tp x sp = N (sp = N / tp).\n"
     "  --coordinator HOST:PORT  the coordinator (rank 0 connects and registers the group)\n"
     "  --model PATH             HF directory, llama2.c .bin, or random:NAME[:SEED]; the\n"
@@ -84,13 +89,17 @@ const char* kUsage =
     "  --handoff-timeout-ms MS  bound of each wait on the decoder when the Assignment gives\n"
     "                           none (default 30000)\n"
     "  --connect-timeout-ms MS  bound on connecting to the coordinator (default 10000)\n"
-    "Exit status: 0 when the coordinator ends the connection or on SIGINT/SIGTERM; 1 on a\n"
-    "failure (refused registration, a rank that stopped answering); 2 on bad arguments.\n";
+    "  --reconnect-s S          a lost coordinator: rank 0 re-registers the group for up to\n"
+    "                           S s (backoff 0.1 s doubling to 2 s), then the group exits 1\n"
+    "                           (default 60; 0: exit 1 at once)\n"
+    "Exit status: 0 on SIGINT/SIGTERM; 1 on a failure (refused registration, a rank that\n"
+    "stopped answering, a coordinator not back within --reconnect-s); 2 on bad arguments.\n";
 
 struct Args {
   std::string coordinator, model, device = "cpu", group, secret_file, executor = "auto";
   int tp = 1, threads = 0, streams = 1, page_tokens = kDefaultPageTokens;
   int comm_timeout_ms = 120000, handoff_timeout_ms = 30000, connect_timeout_ms = 10000;
+  int reconnect_s = 60;
   bool help = false;
 };
 
@@ -130,6 +139,8 @@ Args parse_args(int argc, char** argv) {
       a.handoff_timeout_ms = parse_int(flag, value(), 100, 86400000);
     else if (flag == "--connect-timeout-ms")
       a.connect_timeout_ms = parse_int(flag, value(), 100, 600000);
+    else if (flag == "--reconnect-s")
+      a.reconnect_s = parse_int(flag, value(), 0, 86400);
     else
       throw UsageError("unknown option '" + flag + "' (see --help)");
   }
@@ -232,7 +243,7 @@ class Control {
 };
 
 // Commands rank 0 broadcasts to the group.
-enum Cmd : int64_t { kTick = 0, kJob = 1, kExit = 2 };
+enum Cmd : int64_t { kTick = 0, kJob = 1, kExit = 2, kExitFailed = 3 };
 
 // ---- rank 0: the coordinator link --------------------------------------------------------
 
@@ -449,22 +460,43 @@ class Worker {
 #ifdef MPREFILL_HAVE_GPU_ENGINE
   std::unique_ptr<gpu::CudaEngine> cuda_;  // --device cuda, one rank
 #endif
+#ifdef MPREFILL_HAVE_GPU_DIST
+  std::unique_ptr<comm::Communicator> nccl_;        // --device cuda, several ranks
+  std::unique_ptr<gpu::CudaDistEngine> cuda_dist_;  // over nccl_
+#endif
   std::unique_ptr<DistEngine> dist_;
   ModelConfig cfg_;
   v1::KvContract contract_;
   std::string secret_;
   std::unique_ptr<CoordinatorLink> link_;  // rank 0
+  // Every rank's RankInfo text and the registered group name (rank 0 registers with them).
+  std::vector<std::string> infos_;
+  std::string group_;
+  // Rank 0 after losing the coordinator (reconnect_step).
+  bool lost_ = false;
+  Clock::time_point lost_at_, next_try_;
+  int backoff_ms_ = 100;
+  std::string last_reconnect_error_;
   int tp_ = 1, sp_ = 1;
 
   bool root() const { return wi_.rank == 0; }
-  bool on_gpu() const {
-#ifdef MPREFILL_HAVE_GPU_ENGINE
-    return cuda_ != nullptr;
+  bool on_dist_gpu() const {
+#ifdef MPREFILL_HAVE_GPU_DIST
+    return cuda_dist_ != nullptr;
 #else
     return false;
 #endif
   }
-  const char* executor_name() const { return dist_ ? "dist" : on_gpu() ? "cuda" : "engine"; }
+  bool on_gpu() const {
+#ifdef MPREFILL_HAVE_GPU_ENGINE
+    return cuda_ != nullptr || on_dist_gpu();
+#else
+    return false;
+#endif
+  }
+  const char* executor_name() const {
+    return dist_ ? "dist" : on_dist_gpu() ? "cuda-dist" : on_gpu() ? "cuda" : "engine";
+  }
   void log(const char* fmt, const std::string& s) {
     if (root()) std::fprintf(stderr, fmt, s.c_str());
   }
@@ -483,14 +515,19 @@ class Worker {
       if (a_.device == "cuda") {
 #ifdef MPREFILL_HAVE_GPU_ENGINE
         // One rank on the GPU of its node-local rank (CudaEngine); a multi-rank GPU group
-        // needs a CUDA DistEngine, which this build does not have.
-        if (wi_.size != 1)
+        // runs CudaDistEngine (tp x sp over NCCL, one GPU per rank).
+#ifdef MPREFILL_HAVE_GPU_DIST
+        const bool multi_ok = true;
+#else
+        const bool multi_ok = false;
+#endif
+        if (wi_.size != 1 && !multi_ok)
           throw std::runtime_error("--device cuda: groups of " + std::to_string(wi_.size) +
-                                   " ranks need a distributed CUDA executor (not in this "
-                                   "build); run one rank, or --device cpu");
+                                   " ranks need the distributed CUDA executor (a CUDA build "
+                                   "with NCCL); run one rank, or --device cpu");
         if (!gpu::cuda_available())
           throw std::runtime_error("--device cuda: no CUDA device is visible");
-        exec = "cuda";
+        exec = wi_.size == 1 ? "cuda" : "cuda-dist";
 #else
         throw std::runtime_error(
             "--device cuda: this build of mprefill-worker has no CUDA "
@@ -504,7 +541,7 @@ class Worker {
       if (exec == "engine" && wi_.size != 1)
         throw std::runtime_error("--executor engine runs one rank, the group has " +
                                  std::to_string(wi_.size));
-      if (exec == "engine" || exec == "cuda" || root()) {
+      if (exec == "engine" || exec == "cuda" || exec == "cuda-dist") {
         weights_ = std::make_unique<ModelWeights>(load_model(a_.model));
         cfg_ = weights_->config;
       }
@@ -516,6 +553,20 @@ class Worker {
         co.device = wi_.local_rank;
         cuda_ = std::make_unique<gpu::CudaEngine>(*weights_, co);
 #endif
+      } else if (exec == "cuda-dist") {
+#ifdef MPREFILL_HAVE_GPU_DIST
+        // Every rank read the host weights; each uploads its tp slices.
+        std::string nerr;
+        comm::CommConfig cc;
+        cc.timeout_ms = a_.comm_timeout_ms;
+        nccl_ = comm::make_nccl_communicator(MPI_COMM_WORLD, wi_.local_rank, cc, &nerr);
+        if (!nccl_) throw std::runtime_error("--device cuda: NCCL communicator: " + nerr);
+        gpu::CudaDistOptions co;
+        co.device = wi_.local_rank;
+        cuda_dist_ = std::make_unique<gpu::CudaDistEngine>(nccl_.get(), *weights_,
+                                                           DistTopology{tp_, sp_}, co);
+        if (!root()) weights_.reset();
+#endif
       } else {
         dist_ = std::make_unique<DistEngine>(world_.get(), a_.model, DistTopology{tp_, sp_});
         cfg_ = dist_->config();
@@ -524,7 +575,10 @@ class Worker {
         throw std::runtime_error("--tp " + std::to_string(tp_) + " does not divide the " +
                                  std::to_string(cfg_.n_kv_heads) + " KV heads");
       if (root()) {
-        const ModelFingerprint fp = model_fingerprint(*weights_, model_name_from_path(a_.model));
+        // The dist executor holds only slices: digest the weight files a chunk at a time.
+        const ModelFingerprint fp =
+            weights_ ? model_fingerprint(*weights_, model_name_from_path(a_.model))
+                     : model_fingerprint_of_path(a_.model);
         contract_ = make_kv_contract(fp, a_.page_tokens, v1::F32);
         if (!engine_) weights_.reset();  // the full weights were only for the digest
       }
@@ -549,75 +603,94 @@ class Worker {
     return true;
   }
 
+  // Rank 0: connects, proves the secret, sends WorkerRegister (every rank's RankInfo from
+  // infos_) within timeout_ms each, and sets link_. "" on success, else the reason;
+  // *refused when the coordinator said no (retrying cannot help).
+  std::string connect_and_register(int timeout_ms, bool* refused) {
+    *refused = false;
+    if (group_.empty())
+      group_ =
+          a_.group.empty() ? "worker-" + hostname() + "-" + std::to_string(getpid()) : a_.group;
+    const std::string& group = group_;
+    try {
+      std::string host;
+      uint16_t port = 0;
+      wire::parse_host_port(a_.coordinator, &host, &port);
+      auto conn = wire::Connection::connect(host, port, timeout_ms);
+      conn->client_handshake(v1::WORKER, group, secret_, timeout_ms);
+      v1::Envelope env;
+      auto* r = env.mutable_worker_register();
+      r->set_group(group);
+      r->set_world(wi_.size);
+      r->set_tp(tp_);
+      r->set_sp(sp_);
+      for (int i = 0; i < wi_.size; ++i) {
+        std::vector<std::string> f;
+        size_t at = 0;
+        for (int k = 0; k < 4; ++k) {
+          const size_t nl = infos_[i].find('\n', at);
+          f.push_back(infos_[i].substr(at, nl == std::string::npos ? std::string::npos : nl - at));
+          at = nl == std::string::npos ? infos_[i].size() : nl + 1;
+        }
+        auto* ri = r->add_ranks();
+        ri->set_rank(i);
+        ri->set_hostname(f[0]);
+        ri->set_device(f[1]);
+        ri->set_free_memory_bytes(std::strtoull(f[2].c_str(), nullptr, 10));
+        ri->set_total_memory_bytes(std::strtoull(f[3].c_str(), nullptr, 10));
+      }
+      *r->mutable_kv() = contract_;
+      r->add_kv_transports("tcp");
+#ifdef MPREFILL_HAVE_NCCL_KV
+      if (on_gpu()) r->add_kv_transports("nccl");  // one GPU rank: NcclKvSink
+#endif
+      conn->send(env, timeout_ms);
+      v1::Envelope ans;
+      if (!conn->recv(&ans, timeout_ms))
+        throw std::runtime_error("no answer to WorkerRegister within " +
+                                 std::to_string(timeout_ms) + " ms");
+      if (ans.has_error()) {
+        *refused = true;  // auth, fingerprint, a taken name: retrying does not help
+        throw std::runtime_error(ans.error().message());
+      }
+      if (!ans.has_worker_registered()) {
+        *refused = true;
+        throw std::runtime_error("expected WorkerRegistered, got another message");
+      }
+      const int hb = ans.worker_registered().heartbeat_ms() > 0
+                         ? static_cast<int>(ans.worker_registered().heartbeat_ms())
+                         : 1000;
+      link_ = std::make_unique<CoordinatorLink>(std::move(conn), hb);
+      std::fprintf(stderr,
+                   "mprefill-worker: group '%s' registered with %s: %d ranks (tp %d x sp %d), "
+                   "model %s, %s executor\n",
+                   group.c_str(), a_.coordinator.c_str(), wi_.size, tp_, sp_,
+                   contract_.model().name().c_str(), executor_name());
+    } catch (const wire::WireError& e) {
+      *refused = e.kind() == wire::WireError::Kind::kAuth ||
+                 e.kind() == wire::WireError::Kind::kBadVersion;
+      return std::string("coordinator ") + a_.coordinator + ": " + e.what();
+    } catch (const std::exception& e) {
+      return std::string("coordinator ") + a_.coordinator + ": " + e.what();
+    }
+    return "";
+  }
+
   bool register_group() {
     // Every rank's RankInfo, gathered on rank 0.
     const std::string info = hostname() + "\n" + a_.device + "\n" +
                              std::to_string(meminfo_bytes("MemAvailable:")) + "\n" +
                              std::to_string(meminfo_bytes("MemTotal:"));
-    std::vector<std::string> infos;
     try {
-      infos = ctl_->all_gather(info);
+      infos_ = ctl_->all_gather(info);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "mprefill-worker: rank %d: %s\n", wi_.rank, e.what());
       return false;
     }
     std::string result;  // rank 0: "" on success, else the reason
     if (root()) {
-      const std::string group =
-          a_.group.empty() ? "worker-" + hostname() + "-" + std::to_string(getpid()) : a_.group;
-      try {
-        std::string host;
-        uint16_t port = 0;
-        wire::parse_host_port(a_.coordinator, &host, &port);
-        auto conn = wire::Connection::connect(host, port, a_.connect_timeout_ms);
-        conn->client_handshake(v1::WORKER, group, secret_, a_.connect_timeout_ms);
-        v1::Envelope env;
-        auto* r = env.mutable_worker_register();
-        r->set_group(group);
-        r->set_world(wi_.size);
-        r->set_tp(tp_);
-        r->set_sp(sp_);
-        for (int i = 0; i < wi_.size; ++i) {
-          std::vector<std::string> f;
-          size_t at = 0;
-          for (int k = 0; k < 4; ++k) {
-            const size_t nl = infos[i].find('\n', at);
-            f.push_back(infos[i].substr(at, nl == std::string::npos ? std::string::npos : nl - at));
-            at = nl == std::string::npos ? infos[i].size() : nl + 1;
-          }
-          auto* ri = r->add_ranks();
-          ri->set_rank(i);
-          ri->set_hostname(f[0]);
-          ri->set_device(f[1]);
-          ri->set_free_memory_bytes(std::strtoull(f[2].c_str(), nullptr, 10));
-          ri->set_total_memory_bytes(std::strtoull(f[3].c_str(), nullptr, 10));
-        }
-        *r->mutable_kv() = contract_;
-        r->add_kv_transports("tcp");
-#ifdef MPREFILL_HAVE_NCCL_KV
-        if (on_gpu()) r->add_kv_transports("nccl");  // one GPU rank: NcclKvSink
-#endif
-        conn->send(env, a_.connect_timeout_ms);
-        v1::Envelope ans;
-        if (!conn->recv(&ans, a_.connect_timeout_ms))
-          throw std::runtime_error("no answer to WorkerRegister within " +
-                                   std::to_string(a_.connect_timeout_ms) + " ms");
-        if (ans.has_error()) throw std::runtime_error(ans.error().message());
-        if (!ans.has_worker_registered())
-          throw std::runtime_error("expected WorkerRegistered, got another message");
-        const int hb = ans.worker_registered().heartbeat_ms() > 0
-                           ? static_cast<int>(ans.worker_registered().heartbeat_ms())
-                           : 1000;
-        link_ = std::make_unique<CoordinatorLink>(std::move(conn), hb);
-        std::fprintf(stderr,
-                     "mprefill-worker: group '%s' registered with %s: %d ranks (tp %d x sp %d), "
-                     "model %s, %s executor\n",
-                     group.c_str(), a_.coordinator.c_str(), wi_.size, tp_, sp_,
-                     contract_.model().name().c_str(), executor_name());
-      } catch (const std::exception& e) {
-        result = std::string("coordinator ") + a_.coordinator + ": " + e.what();
-        if (result.empty()) result = "registration failed";
-      }
+      bool refused = false;
+      result = connect_and_register(a_.connect_timeout_ms, &refused);
     }
     try {
       ctl_->bcast(&result);
@@ -632,14 +705,68 @@ class Worker {
     return true;
   }
 
+  // Rank 0, its link closed (coordinator crash / restart): one bounded re-registration
+  // attempt per call, so that the other ranks keep meeting it in the command broadcast
+  // (each call well inside --comm-timeout-ms). kTick to go on, kExitFailed to give up.
+  int64_t reconnect_step() {
+    const auto now = Clock::now();
+    if (!lost_) {
+      lost_ = true;
+      lost_at_ = now;
+      backoff_ms_ = 100;
+      next_try_ = now;
+      std::fprintf(stderr,
+                   "mprefill-worker: coordinator gone; group '%s' re-registering with %s within "
+                   "%d s\n",
+                   group_.c_str(), a_.coordinator.c_str(), a_.reconnect_s);
+    }
+    const auto deadline = lost_at_ + std::chrono::seconds(a_.reconnect_s);
+    if (now >= deadline) {
+      std::fprintf(stderr,
+                   "mprefill-worker: error: coordinator %s did not come back within %d s (last "
+                   "attempt: %s); exiting\n",
+                   a_.coordinator.c_str(), a_.reconnect_s,
+                   last_reconnect_error_.empty() ? "none" : last_reconnect_error_.c_str());
+      return kExitFailed;
+    }
+    if (now < next_try_) {
+      std::this_thread::sleep_for(
+          std::min<Clock::duration>(next_try_ - now, std::chrono::milliseconds(200)));
+      return kTick;
+    }
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count();
+    const int timeout = static_cast<int>(
+        std::min<int64_t>({left, a_.connect_timeout_ms, a_.comm_timeout_ms / 4, 5000}));
+    link_.reset();
+    bool refused = false;
+    const std::string err = connect_and_register(std::max(timeout, 100), &refused);
+    if (err.empty()) {
+      std::fprintf(stderr, "mprefill-worker: group '%s' re-registered after %.1f s\n",
+                   group_.c_str(), std::chrono::duration<double>(Clock::now() - lost_at_).count());
+      lost_ = false;
+      last_reconnect_error_.clear();
+      return kTick;
+    }
+    last_reconnect_error_ = err;
+    if (refused) {
+      std::fprintf(stderr, "mprefill-worker: error: %s; exiting\n", err.c_str());
+      return kExitFailed;
+    }
+    next_try_ = Clock::now() + std::chrono::milliseconds(backoff_ms_);
+    backoff_ms_ = std::min(backoff_ms_ * 2, 2000);
+    return kTick;
+  }
+
   // Rank 0 turns coordinator messages into group commands; every rank follows them.
   int serve() {
     for (;;) {
       std::string cmd, payload;
       if (root()) {
         int64_t c = kTick;
-        if (g_stop || link_->closed()) {
+        if (g_stop) {
           c = kExit;
+        } else if (!link_ || link_->closed()) {  // no link_: between reconnect attempts
+          c = reconnect_step();
         } else if (auto env = link_->next(500)) {
           if (env->has_assignment()) {
             c = kJob;
@@ -655,9 +782,10 @@ class Worker {
         ctl_->bcast(&cmd);
         const int64_t c = std::stoll(cmd);
         if (c == kExit) {
-          log("mprefill-worker: %s\n", g_stop ? "stopping (signal)" : "coordinator gone; exiting");
+          log("mprefill-worker: %s\n", "stopping (signal)");
           return 0;
         }
+        if (c == kExitFailed) return 1;  // rank 0 said why
         if (c == kJob) {
           ctl_->bcast(&payload);
           v1::Assignment job;
@@ -721,6 +849,10 @@ class Worker {
 #ifdef MPREFILL_HAVE_NCCL_KV
       if (nccl && !on_gpu())
         throw std::runtime_error("KV transport 'nccl' needs a --device cuda group");
+      if (nccl && on_dist_gpu())
+        throw std::runtime_error(
+            "KV transport 'nccl' serves one-rank --device cuda groups; this group of " +
+            std::to_string(wi_.size) + " GPU ranks hands KV off over tcp");
 #else
       if (nccl)
         throw std::runtime_error(
@@ -790,6 +922,25 @@ class Worker {
         DistPrefillResult r = dist_->prefill(ids, policy, sink.get(), nullptr, progress, audit);
         logits = std::move(r.logits);
         stats = r.stats;
+#ifdef MPREFILL_HAVE_GPU_DIST
+      } else if (on_dist_gpu()) {
+        // Each rank's (KV heads, token shard) of every layer reaches the host and the TCP
+        // handoff as soon as the layer's K / V exist (before its ring attention).
+        DeviceToHostSink d2h(sink.get(), [&](int layer) {
+          if (!root()) return;
+          v1::Envelope p;
+          p.mutable_worker_progress()->set_job_id(id);
+          p.mutable_worker_progress()->set_layer(layer + 1);
+          p.mutable_worker_progress()->set_n_layers(cfg_.n_layers);
+          link_->send(p);
+        });
+        const gpu::CudaDistResult r = cuda_dist_->prefill(ids, policy, &d2h);  // calls finish()
+        logits = r.logits;
+        stats.total_ms = r.total_ms;
+        kv_export_ms = d2h.copy_ms();
+        if (root() && link_->cancelled(id))
+          throw Cancelled("job " + std::to_string(id) + " cancelled");
+#endif
       } else if (on_gpu()) {
 #ifdef MPREFILL_HAVE_GPU_ENGINE
         // Layers reach the host and the TCP handoff as the GPU finishes them. No throw
@@ -844,7 +995,7 @@ class Worker {
       prefill_err = e.what();
       // A throw that is not the handoff's own (deferred) failure came from inside the
       // collective prefill: peers may be stuck or out of step.
-      fatal = dist_ && !sink->failed();
+      fatal = (dist_ || on_dist_gpu()) && !sink->failed();
     }
     if (sink->failed()) prefill_err = sink->error();  // the cause, where it happened
     const KvHandoffStats hs = sink->stats();

@@ -12,3 +12,15 @@ if(TARGET mprefill_worker_cuda AND TARGET mprefill_comm_nccl)
       LABELS "gpu${np};mpi" ENVIRONMENT "${MPREFILL_MPI_ENV};NCCL_NVLS_ENABLE=0")
   endforeach()
 endif()
+
+# `mprefill run --device cuda --ranks 2` (CudaDistEngine behind mprefill-worker, tp1 x sp2
+# and tp2 x sp1) against `mprefill generate --device cuda`: same greedy ids on stories15M
+# (env MPREFILL_STORIES15M_HF; exits 77 = skipped without it or without 2 GPUs).
+if(TARGET mprefill_worker_cuda AND TARGET mprefill_comm_nccl AND TARGET mprefill-worker AND
+   TARGET mprefill-decoder AND TARGET mprefill AND TARGET mprefill_decode)
+  add_test(NAME gpu2_service_dist_cuda
+           COMMAND ${CMAKE_SOURCE_DIR}/tests/mpi/gpu_dist_service_test.sh ${CMAKE_BINARY_DIR}/bin
+                   ${MPREFILL_SHARED_DIR}/models/stories15M/tokenizer.bin)
+  set_tests_properties(gpu2_service_dist_cuda PROPERTIES TIMEOUT 900 LABELS "gpu2;mpi"
+    SKIP_RETURN_CODE 77 ENVIRONMENT "NCCL_NVLS_ENABLE=0" RESOURCE_LOCK gpu)
+endif()

@@ -2,14 +2,17 @@
 // GPU, against the single-GPU CudaEngine on the same device-random model (each rank of
 // the distributed engine draws exactly its slices of it): last-position logits and the
 // per-layer K / V of every rank's (KV heads, token shard), for every tp x sp of the
-// world size that divides the KV heads (np 2: 2x1, 1x2; np 4: 2x2, 1x4). Needs one GPU
-// per rank (ctest labels gpu2 / gpu4); skips loudly otherwise.
+// world size that divides the KV heads (np 2: 2x1, 1x2; np 4: 2x2, 1x4), with dense,
+// fixed sparse and ring-estimated sparse indices (against the single-GPU estimation);
+// causal KV skipping. Needs one GPU per rank (ctest labels gpu2 / gpu4); skips loudly
+// otherwise.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <iterator>
 #include <random>
 #include <vector>
 
@@ -128,12 +131,79 @@ double max_abs(const std::vector<float>& x) {
   return m;
 }
 
+// Differences between the indices the distributed engine estimated for this rank's heads
+// [h0, h1) and the single-GPU ones. Block-sparse lists must be identical (bit-exact
+// pooling and scores). Vertical-slash lists may differ only where two candidates tie
+// within the fp32 rounding of the row / slash sums (sp_estimate.h): the symmetric
+// difference of a head's columns or offsets must be at most kVsTieSlack entries.
+struct PlanDiff {
+  int64_t heads = 0, vs_entries = 0, vs_diff = 0, bs_entries = 0, bs_diff = 0, bad_heads = 0;
+};
+constexpr int64_t kVsTieSlack = 2;
+
+int64_t sym_diff(std::vector<int> a, std::vector<int> b) {
+  std::sort(a.begin(), a.end());
+  std::sort(b.begin(), b.end());
+  std::vector<int> d;
+  std::set_symmetric_difference(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(d));
+  return static_cast<int64_t>(d.size());
+}
+
+PlanDiff compare_plans(const PrefillPlan& got, const PrefillPlan& ref, int h0, int h1) {
+  PlanDiff d;
+  for (size_t l = 0; l < ref.layers.size(); ++l)
+    for (int h = h0; h < h1; ++h) {
+      const HeadPlan &g = got.layers[l][h], &r = ref.layers[l][h];
+      ++d.heads;
+      if (g.kind != r.kind) {
+        ++d.bad_heads;
+        continue;
+      }
+      if (r.kind == PatternKind::kVerticalSlash) {
+        const int64_t dc = sym_diff(g.vs.columns, r.vs.columns),
+                      doff = sym_diff(g.vs.offsets, r.vs.offsets);
+        d.vs_entries += r.vs.columns.size() + r.vs.offsets.size();
+        d.vs_diff += dc + doff;
+        if (dc > kVsTieSlack || doff > kVsTieSlack || g.vs.columns.size() != r.vs.columns.size() ||
+            g.vs.offsets.size() != r.vs.offsets.size())
+          ++d.bad_heads;
+      } else if (r.kind == PatternKind::kBlockSparse) {
+        d.bs_entries += r.blocks.size();
+        int64_t diff = g.topk == r.topk ? 0 : 1;
+        for (size_t i = 0; i < r.blocks.size(); ++i)
+          diff += i >= g.blocks.size() || g.blocks[i] != r.blocks[i];
+        d.bs_diff += diff;
+        if (diff) ++d.bad_heads;
+      }
+    }
+  return d;
+}
+
+uint64_t plan_hash(const PrefillPlan& p, int h0, int h1) {
+  uint64_t x = 1469598103934665603ull;
+  auto mix = [&](int64_t v) { x = (x ^ static_cast<uint64_t>(v)) * 1099511628211ull; };
+  for (const auto& layer : p.layers)
+    for (int h = h0; h < h1; ++h) {
+      const HeadPlan& hp = layer[h];
+      mix(static_cast<int>(hp.kind));
+      for (int v : hp.vs.columns) mix(v);
+      mix(-1);
+      for (int v : hp.vs.offsets) mix(v);
+      mix(-2);
+      for (int v : hp.blocks) mix(v);
+    }
+  return x;
+}
+
 // Every tp x sp of the world size that divides the KV heads, against the single-GPU
-// engine (reference KV in ref, logits ref_logits) under the same policy / plan.
+// engine (reference KV in ref, logits ref_logits) under the same policy / plan. With
+// ref_plan (and no plan), the distributed engine estimates the sparse indices itself and
+// they are compared with ref_plan (single-GPU estimation) and across the sp ranks.
 void compare_topologies(comm::Communicator& nccl, comm::Communicator& mpi, int device,
                         const ModelConfig& c, uint64_t seed, const std::vector<int>& ids,
                         const SparsePolicy& policy, const PrefillPlan* plan, const KvCache& ref,
-                        const std::vector<float>& ref_logits, const char* what) {
+                        const std::vector<float>& ref_logits, const char* what,
+                        const PrefillPlan* ref_plan = nullptr) {
   constexpr double kKvTol = 2.5e-2, kLogitTol = 4e-2;  // as tests/gpu/engine_test.cc (bf16)
   const int size = nccl.size();
   const int64_t n = static_cast<int64_t>(ids.size());
@@ -146,7 +216,41 @@ void compare_topologies(comm::Communicator& nccl, comm::Communicator& mpi, int d
     o.mlp_chunk = 500;  // several chunks per shard
     gpu::CudaDistEngine eng(&nccl, c, seed, topo, o);
     ShardSink sink(c, n);
-    const gpu::CudaDistResult r = eng.prefill(ids, policy, &sink, plan);
+    PrefillPlan est;
+    const gpu::CudaDistResult r = eng.prefill(ids, policy, &sink, plan, ref_plan ? &est : nullptr);
+    if (ref_plan) {
+      const int grp = c.n_heads / c.n_kv_heads, h0 = eng.kv_begin() * grp, h1 = eng.kv_end() * grp;
+      const PlanDiff d = compare_plans(est, *ref_plan, h0, h1);
+      std::printf(
+          "# %s rank %d tp %d sp %d n %lld: estimated heads %lld, vertical-slash entries %lld "
+          "(differing %lld), block entries %lld (differing %lld), heads out of tolerance %lld, "
+          "estimation traffic %lld B\n",
+          what, nccl.rank(), tp, topo.sp, static_cast<long long>(n),
+          static_cast<long long>(d.heads), static_cast<long long>(d.vs_entries),
+          static_cast<long long>(d.vs_diff), static_cast<long long>(d.bs_entries),
+          static_cast<long long>(d.bs_diff), static_cast<long long>(d.bad_heads),
+          static_cast<long long>(r.estimate_bytes_sent));
+      EXPECT_EQ(d.bad_heads, 0) << what << ": rank " << nccl.rank() << " tp " << tp;
+      // Both kinds were estimated somewhere (a tp rank may hold heads of one kind only).
+      const int64_t ent[2] = {d.vs_entries, d.bs_entries};
+      int64_t ent_all[2] = {0, 0};
+      ASSERT_EQ(mpi.all_reduce(ent, ent_all, 2, DType::kI64, comm::ReduceOp::kSum, nullptr),
+                Status::kOk);
+      EXPECT_GT(ent_all[0], 0);
+      EXPECT_GT(ent_all[1], 0);
+      if (topo.sp > 1) {
+        EXPECT_GT(r.estimate_bytes_sent, 0);
+      }
+      // The sp ranks of one tp rank hold the same heads and must agree exactly.
+      const int64_t mine = static_cast<int64_t>(plan_hash(est, h0, h1));
+      std::vector<int64_t> all(nccl.size());
+      ASSERT_EQ(mpi.all_gather(&mine, all.data(), 1, DType::kI64, nullptr), Status::kOk);
+      for (int q = 0; q < nccl.size(); ++q)
+        if (q % tp == nccl.rank() % tp) {
+          EXPECT_EQ(all[q], mine) << "rank " << q << " estimated other indices than rank "
+                                  << nccl.rank() << " (tp " << tp << ")";
+        }
+    }
     Err e;
     for (int l = 0; l < c.n_layers; ++l) {
       const double mk = max_abs(ref.k[l]), mv = max_abs(ref.v[l]);
@@ -256,14 +360,59 @@ TEST_F(GpuDist, SparseWithFixedPlanMatchesSingleGpu) {
   }
 }
 
-// Sparse heads without their indices are refused (no estimation on the ring).
-TEST_F(GpuDist, SparseWithoutPlanIsRefused) {
+// No plan: every topology estimates the vertical-slash / block-sparse indices globally on
+// its sp ranks. They must be the single-GPU estimation's (block-sparse exactly,
+// vertical-slash up to fp32 ties), the same on all sp ranks, and the logits / KV must
+// match the single-GPU engine running its own estimation.
+TEST_F(GpuDist, SparseEstimatedMatchesSingleGpu) {
   const ModelConfig c = small_config();
-  gpu::CudaDistOptions o;
-  o.device = device_;
-  gpu::CudaDistEngine eng(nccl_.get(), c, 1, DistTopology{1, nccl_->size()}, o);
-  EXPECT_THROW(eng.prefill(random_ids(500, c.vocab, 1), mixed_policy(c), nullptr),
-               std::runtime_error);
+  const SparsePolicy policy = mixed_policy(c);
+  const uint64_t seed = 35;
+  for (int64_t n : {777, 2600}) {
+    const auto ids = random_ids(n, c.vocab, 300 + n);
+    gpu::CudaEngineOptions o;
+    o.device = device_;
+    gpu::CudaEngine eng(c, seed, o);
+    PrefillPlan ref_plan;
+    KvCache ref(c, n);
+    gpu::HostKvCacheSink sink(&ref);
+    const std::vector<float> ref_logits = eng.prefill(ids, policy, &sink, &ref_plan);
+    ASSERT_EQ(ref_plan.layers[0][2].kind, PatternKind::kVerticalSlash);
+    compare_topologies(*nccl_, *mpi_, device_, c, seed, ids, policy, nullptr, ref, ref_logits,
+                       "estimated", &ref_plan);
+  }
+}
+
+// Causal KV skipping (CudaDistOptions::skip_causal_kv) sends fewer ring bytes (at sp 2
+// exactly 3/4: rank 1 never reads rank 0's second zigzag chunk) and leaves the logits as
+// they are.
+TEST_F(GpuDist, CausalKvSkipSendsLessSameLogits) {
+  const ModelConfig c = small_config();
+  const int64_t n = 1536;  // 4 zigzag chunks of 384 tokens at sp 2
+  const auto ids = random_ids(n, c.vocab, 9);
+  const DistTopology topo{1, nccl_->size()};
+  gpu::CudaDistResult r[2];
+  for (int skip = 0; skip < 2; ++skip) {
+    gpu::CudaDistOptions o;
+    o.device = device_;
+    o.skip_causal_kv = skip == 1;
+    gpu::CudaDistEngine eng(nccl_.get(), c, 41, topo, o);
+    r[skip] = eng.prefill(ids, SparsePolicy::dense(), nullptr);
+  }
+  double dl = 0;
+  for (size_t i = 0; i < r[0].logits.size(); ++i)
+    dl = std::max(dl, double(std::fabs(r[1].logits[i] - r[0].logits[i])));
+  const double rel = dl / max_abs(r[0].logits);
+  int64_t sent[2] = {r[0].ring_bytes_sent, r[1].ring_bytes_sent}, tot[2] = {0, 0};
+  ASSERT_EQ(mpi_->all_reduce(sent, tot, 2, DType::kI64, comm::ReduceOp::kSum, nullptr),
+            Status::kOk);
+  std::printf("# kv skip rank %d: ring bytes all ranks %lld -> %lld, logits diff %.3g\n",
+              nccl_->rank(), static_cast<long long>(tot[0]), static_cast<long long>(tot[1]), rel);
+  EXPECT_LT(rel, 1e-3);
+  EXPECT_LT(tot[1], tot[0]);
+  if (nccl_->size() == 2) {
+    EXPECT_EQ(tot[1] * 4, tot[0] * 3);
+  }
 }
 
 // A different model seed must not pass the comparison (the test can fail).

@@ -14,6 +14,7 @@
 #include "kernels/cuda/merge.h"
 #include "kernels/cuda/sparse/sparse_attention.h"
 #include "worker/cuda/device_init.h"
+#include "worker/cuda/sp_estimate.h"
 #include "worker/plan_codec.h"
 
 namespace mprefill::gpu {
@@ -176,6 +177,19 @@ std::string who(int rank) { return "cuda dist engine (rank " + std::to_string(ra
 CudaDistEngine::CudaDistEngine(comm::Communicator* world, const ModelConfig& cfg, uint64_t seed,
                                DistTopology topo, CudaDistOptions opt)
     : cfg_(cfg), topo_(topo), opt_(opt), world_(world) {
+  init(nullptr, seed);
+}
+
+CudaDistEngine::CudaDistEngine(comm::Communicator* world, const ModelWeights& weights,
+                               DistTopology topo, CudaDistOptions opt)
+    : cfg_(weights.config), topo_(topo), opt_(opt), world_(world) {
+  cfg_.tie_word_embeddings = weights.lm_head.empty();  // as CudaEngine(weights)
+  init(&weights, 0);
+}
+
+void CudaDistEngine::init(const ModelWeights* mw, uint64_t seed) {
+  comm::Communicator* world = world_;
+  const DistTopology topo = topo_;
   cfg_.validate();
   if (!world) throw std::runtime_error("cuda dist engine: no communicator");
   rank_ = world->rank();
@@ -202,7 +216,7 @@ CudaDistEngine::CudaDistEngine(comm::Communicator* world, const ModelConfig& cfg
 
   impl_ = std::make_unique<Impl>();
   Impl& I = *impl_;
-  auto ck = [&](cudaError_t e, const char* what) {
+  auto ck = [&](cudaError_t e, const std::string& what) {
     if (e != cudaSuccess) throw std::runtime_error(w + what + ": " + cudaGetErrorString(e));
   };
   ck(cudaStreamCreateWithFlags(&I.st, cudaStreamNonBlocking), "creating the compute stream");
@@ -241,6 +255,59 @@ CudaDistEngine::CudaDistEngine(comm::Communicator* world, const ModelConfig& cfg
                    cfg_.n_layers * (qkvl * H + ql * H + 3 * nf * H + (cfg_.qkv_bias ? qkvl : 0))) *
                       2 +
                   (H + cfg_.n_layers * 2 * H) * 4;
+
+  if (mw) {
+    // Host fp32 weights: this rank's windows, rounded to bf16 as CudaEngine(weights) does.
+    const ModelWeights& m = *mw;
+    if (m.layers.size() != static_cast<size_t>(cfg_.n_layers))
+      throw std::runtime_error(w + "model has " + std::to_string(m.layers.size()) +
+                               " layers of weights, config says " + std::to_string(cfg_.n_layers));
+    std::vector<uint16_t> tmp;
+    // dst[r][c] = t[row0 + r][col0 + c] of a [.][src_cols] tensor.
+    auto up = [&](uint16_t* dst, const Tensor& t, size_t rows, size_t cols, size_t src_cols,
+                  size_t row0, size_t col0, const std::string& name) {
+      if ((row0 + rows) * src_cols > t.data.size() || col0 + cols > src_cols)
+        throw std::runtime_error(w + "weight " + name + " has " + std::to_string(t.data.size()) +
+                                 " values, too few for this rank's slice");
+      tmp.resize(rows * cols);
+      for (size_t r = 0; r < rows; ++r)
+        for (size_t c2 = 0; c2 < cols; ++c2)
+          tmp[r * cols + c2] = f32_to_bf16(t.data[(row0 + r) * src_cols + col0 + c2]);
+      ck(cudaMemcpy(dst, tmp.data(), tmp.size() * 2, cudaMemcpyHostToDevice), "uploading " + name);
+    };
+    auto upf = [&](float* dst, const Tensor& t, size_t count, const std::string& name) {
+      if (t.data.size() != count)
+        throw std::runtime_error(w + "weight " + name + " has " + std::to_string(t.data.size()) +
+                                 " values, expected " + std::to_string(count));
+      ck(cudaMemcpy(dst, t.data.data(), count * 4, cudaMemcpyHostToDevice), "uploading " + name);
+    };
+    if (m.embed.data.size() != V * H)
+      throw std::runtime_error(w + "embedding has " + std::to_string(m.embed.data.size()) +
+                               " values, expected " + std::to_string(V * H));
+    up(I.embed, m.embed, V, H, H, 0, 0, "embed");
+    if (!cfg_.tie_word_embeddings) up(I.lm_head, m.lm_head, V, H, H, 0, 0, "lm_head");
+    upf(I.final_norm, m.final_norm, H, "final_norm");
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+      const LayerWeights& Lw = m.layers[l];
+      DistLayer& L = I.layers[l];
+      const std::string p = "layers." + std::to_string(l) + ".";
+      up(L.wqkv, Lw.wq, ql, H, H, q_off, 0, p + "wq");
+      up(L.wqkv + ql * H, Lw.wk, kvl, H, H, k_off, 0, p + "wk");
+      up(L.wqkv + (ql + kvl) * H, Lw.wv, kvl, H, H, k_off, 0, p + "wv");
+      if (L.bqkv) {
+        up(L.bqkv, Lw.bq, 1, ql, Q, 0, q_off, p + "bq");
+        up(L.bqkv + ql, Lw.bk, 1, kvl, KV, 0, k_off, p + "bk");
+        up(L.bqkv + ql + kvl, Lw.bv, 1, kvl, KV, 0, k_off, p + "bv");
+      }
+      up(L.wo, Lw.wo, H, ql, Q, 0, q_off, p + "wo");
+      up(L.wgu, Lw.w_gate, nf, H, H, f0, 0, p + "w_gate");
+      up(L.wgu + nf * H, Lw.w_up, nf, H, H, f0, 0, p + "w_up");
+      up(L.wdown, Lw.w_down, H, nf, cfg_.intermediate, 0, f0, p + "w_down");
+      upf(L.attn_norm, Lw.attn_norm, H, p + "attn_norm");
+      upf(L.ffn_norm, Lw.ffn_norm, H, p + "ffn_norm");
+    }
+    return;
+  }
 
   // The seed sequence and element indices of CudaEngine(cfg, seed): the same fills, each
   // rank drawing only the windows of its slices.
@@ -282,7 +349,8 @@ CudaDistEngine::CudaDistEngine(comm::Communicator* world, const ModelConfig& cfg
 CudaDistEngine::~CudaDistEngine() = default;
 
 CudaDistResult CudaDistEngine::prefill(const std::vector<int>& ids, const SparsePolicy& policy,
-                                       KvSink* sink, const PrefillPlan* plan) {
+                                       KvSink* sink, const PrefillPlan* plan,
+                                       PrefillPlan* estimated) {
   const auto t_start = Clock::now();
   const std::string w = who(rank_);
   Impl& I = *impl_;
@@ -303,24 +371,19 @@ CudaDistResult CudaDistEngine::prefill(const std::vector<int>& ids, const Sparse
     if (!cuda::sparse_attention_supported(DType::kBF16, c.head_dim))
       throw std::runtime_error(w + "no bf16 sparse attention kernel for head_dim " +
                                std::to_string(c.head_dim) + " in this build");
-    if (!plan || plan->empty()) {
-      bool needs = false;
-      for (int l = 0; l < c.n_layers && !needs; ++l)
-        for (int h = 0; h < c.n_heads && !needs; ++h) {
-          const PatternKind k = policy.at(l, h, n).kind;
-          needs = k == PatternKind::kVerticalSlash || k == PatternKind::kBlockSparse;
-        }
-      if (needs)
-        throw std::runtime_error(w +
-                                 "vertical-slash / block-sparse heads need a filled "
-                                 "PrefillPlan (global estimation on the GPU ring is not "
-                                 "implemented)");
-    } else {
-      PlanCheck rules;  // the GPU ring does no estimation: every sparse head planned
+    if (plan && !plan->empty()) {
+      PlanCheck rules;  // a given plan covers every sparse head (no estimation then)
       rules.diagonal_block = true;
       rules.prefix = w;
       check_prefill_plan(*plan, policy, c, n, rules);
     }
+  }
+  // Without a plan, vertical-slash / block-sparse heads are estimated globally across the
+  // sp ranks (worker/cuda/sp_estimate.h).
+  const bool estimate = !all_dense && (!plan || plan->empty());
+  if (estimated) {
+    estimated->seq_len = n;
+    estimated->layers.assign(c.n_layers, std::vector<HeadPlan>(c.n_heads));
   }
   auto ck = [&](cudaError_t e, const std::string& what) {
     if (e != cudaSuccess) throw std::runtime_error(w + what + ": " + cudaGetErrorString(e));
@@ -466,9 +529,30 @@ CudaDistResult CudaDistEngine::prefill(const std::vector<int>& ids, const Sparse
   std::vector<int> kv_heads;
   for (int h = 0; h < nkv_; ++h) kv_heads.push_back(kv0_ + h);
   const int next = (me + 1) % sp, prev = (me + sp - 1) % sp;
+  // Causal KV skipping (opt_.skip_causal_kv): the shard of src, sent by `sender`, still
+  // reaches ranks sender+1 .. src-1; none of them reads a key after its last query row, so
+  // only the rows of src up to the largest of those positions travel (a prefix of the
+  // shard's rows: ranges ascend). Every rank clips its key ranges to its own last query
+  // row, so no kernel reads the rows that were not sent. At sp 2 this drops 1/4 of the
+  // ring's bytes (zigzag: rank 1 never needs rank 0's second chunk).
+  std::vector<int64_t> qlast_pos(sp, -1);
+  for (int r = 0; r < sp; ++r)
+    for (auto [b, e] : R.sp_layout[r]) qlast_pos[r] = std::max(qlast_pos[r], e - 1);
+  auto sent_rows = [&](int sender, int src) -> int64_t {
+    if (!opt_.skip_causal_kv) return rows[src];
+    int64_t lim = -1;
+    for (int r = (sender + 1) % sp; r != src; r = (r + 1) % sp) lim = std::max(lim, qlast_pos[r]);
+    int64_t cnt = 0;
+    for (auto [b, e] : R.sp_layout[src]) cnt += std::max<int64_t>(0, std::min(e, lim + 1) - b);
+    return cnt;
+  };
+  const int64_t key_end = opt_.skip_causal_kv ? qlast_pos[me] + 1 : n;  // clip of key ranges
   size_t n_sync = 0;
   const int64_t nb = num_blocks(n);
   std::vector<std::unique_ptr<PieceIndex>> pidx;
+  std::unique_ptr<SpEstimator> est;
+  if (estimate) est = std::make_unique<SpEstimator>(I.sp_comm.get(), R.sp_layout, me, n, st, w);
+  DevBuf qlast_buf;  // the globally last min(64, n) query rows of this rank's heads
 
   for (int l = 0; l < c.n_layers; ++l) {
     const DistLayer& L = I.layers[l];
@@ -507,40 +591,87 @@ CudaDistResult CudaDistEngine::prefill(const std::vector<int>& ids, const Sparse
             ? std::vector<Piece>{{PatternKind::kDense, 0, nh, 0, nkv_, 0, 0}}
             : local_pieces(policy, l, n, kv0_ * static_cast<int>(grp), nkv_, static_cast<int>(grp));
     while (pidx.size() < pieces.size()) pidx.push_back(std::make_unique<PieceIndex>());
+    bool qlast_ready = false;
+    if (estimated)
+      for (const Piece& p : pieces)
+        for (int i = 0; i < p.nh; ++i)
+          estimated->layers[l][kv0_ * static_cast<int>(grp) + p.h0 + i].kind = p.kind;
     for (size_t pi = 0; pi < pieces.size(); ++pi) {
       const Piece& p = pieces[pi];
       PieceIndex& X = *pidx[pi].get();
       const int head0 = kv0_ * static_cast<int>(grp) + p.h0;  // global head of local p.h0
       if (p.kind == PatternKind::kVerticalSlash) {
-        int ccap = 1, ocap = 1;
-        for (int i = 0; i < p.nh; ++i) {
-          const VsSelection& v = plan->layers[l][head0 + i].vs;
-          ccap = std::max<int>(ccap, v.columns.size());
-          ocap = std::max<int>(ocap, v.offsets.size());
-        }
-        std::vector<int> hc(size_t(p.nh) * ccap, 0), ho(size_t(p.nh) * ocap, 0), cnt(2 * p.nh);
-        for (int i = 0; i < p.nh; ++i) {
-          const VsSelection& v = plan->layers[l][head0 + i].vs;
-          std::copy(v.columns.begin(), v.columns.end(), hc.begin() + size_t(i) * ccap);
-          std::copy(v.offsets.begin(), v.offsets.end(), ho.begin() + size_t(i) * ocap);
-          cnt[i] = static_cast<int>(v.columns.size());
-          cnt[p.nh + i] = static_cast<int>(v.offsets.size());
-        }
         cuda::index::VsSelectionsDevice sel;
         sel.seq_len = n;
         sel.num_heads = p.nh;
-        sel.columns = X.sel_cols.get<int>(hc.size(), w);
-        sel.offsets = X.sel_offs.get<int>(ho.size(), w);
-        sel.n_columns = X.sel_cnt.get<int>(cnt.size(), w);
-        sel.n_offsets = sel.n_columns + p.nh;
-        sel.col_capacity = ccap;
-        sel.off_capacity = ocap;
-        ck(cudaMemcpyAsync(sel.columns, hc.data(), hc.size() * 4, cudaMemcpyHostToDevice, st),
-           "h2d");
-        ck(cudaMemcpyAsync(sel.offsets, ho.data(), ho.size() * 4, cudaMemcpyHostToDevice, st),
-           "h2d");
-        ck(cudaMemcpyAsync(sel.n_columns, cnt.data(), cnt.size() * 4, cudaMemcpyHostToDevice, st),
-           "h2d");
+        int ccap = 1, ocap = 1;
+        if (estimate) {
+          std::vector<int> vb(p.nh), sb(p.nh);
+          for (int i = 0; i < p.nh; ++i) {
+            const HeadPattern hp = policy.at(l, head0 + i, n);
+            vb[i] = clamp_vertical_budget(hp.a, n);
+            sb[i] = clamp_slash_budget(hp.b, n);
+            ccap = std::max(ccap, vb[i]);
+            ocap = std::max(ocap, sb[i]);
+          }
+          sel.columns = X.sel_cols.get<int>(size_t(p.nh) * ccap, w);
+          sel.offsets = X.sel_offs.get<int>(size_t(p.nh) * ocap, w);
+          sel.n_columns = X.sel_cnt.get<int>(2 * size_t(p.nh), w);
+          sel.n_offsets = sel.n_columns + p.nh;
+          sel.col_capacity = ccap;
+          sel.off_capacity = ocap;
+          uint16_t* qlast = qlast_buf.get<uint16_t>(size_t(est->n_last()) * ql, w);
+          if (!qlast_ready) est->gather_last_rows(B.q, ql, qlast);
+          qlast_ready = true;
+          est->vertical_slash(qlast + size_t(p.h0) * hd, ql, k0 + size_t(p.kv0) * hd, kvl, p.nh,
+                              p.nkv, static_cast<int>(hd), scale, vb.data(), sb.data(), sel, l);
+          if (estimated) {  // download this rank's selections
+            std::vector<int> cnt(2 * p.nh), cols(size_t(p.nh) * ccap), offs(size_t(p.nh) * ocap);
+            ck(cudaMemcpyAsync(cnt.data(), sel.n_columns, cnt.size() * 4, cudaMemcpyDeviceToHost,
+                               st),
+               "d2h");
+            ck(cudaMemcpyAsync(cols.data(), sel.columns, cols.size() * 4, cudaMemcpyDeviceToHost,
+                               st),
+               "d2h");
+            ck(cudaMemcpyAsync(offs.data(), sel.offsets, offs.size() * 4, cudaMemcpyDeviceToHost,
+                               st),
+               "d2h");
+            ck(cudaStreamSynchronize(st), "downloading selections");
+            for (int i = 0; i < p.nh; ++i) {
+              HeadPlan& hp = estimated->layers[l][head0 + i];
+              hp.vs.columns.assign(cols.begin() + size_t(i) * ccap,
+                                   cols.begin() + size_t(i) * ccap + cnt[i]);
+              hp.vs.offsets.assign(offs.begin() + size_t(i) * ocap,
+                                   offs.begin() + size_t(i) * ocap + cnt[p.nh + i]);
+            }
+          }
+        } else {
+          for (int i = 0; i < p.nh; ++i) {
+            const VsSelection& v = plan->layers[l][head0 + i].vs;
+            ccap = std::max<int>(ccap, v.columns.size());
+            ocap = std::max<int>(ocap, v.offsets.size());
+          }
+          std::vector<int> hc(size_t(p.nh) * ccap, 0), ho(size_t(p.nh) * ocap, 0), cnt(2 * p.nh);
+          for (int i = 0; i < p.nh; ++i) {
+            const VsSelection& v = plan->layers[l][head0 + i].vs;
+            std::copy(v.columns.begin(), v.columns.end(), hc.begin() + size_t(i) * ccap);
+            std::copy(v.offsets.begin(), v.offsets.end(), ho.begin() + size_t(i) * ocap);
+            cnt[i] = static_cast<int>(v.columns.size());
+            cnt[p.nh + i] = static_cast<int>(v.offsets.size());
+          }
+          sel.columns = X.sel_cols.get<int>(hc.size(), w);
+          sel.offsets = X.sel_offs.get<int>(ho.size(), w);
+          sel.n_columns = X.sel_cnt.get<int>(cnt.size(), w);
+          sel.n_offsets = sel.n_columns + p.nh;
+          sel.col_capacity = ccap;
+          sel.off_capacity = ocap;
+          ck(cudaMemcpyAsync(sel.columns, hc.data(), hc.size() * 4, cudaMemcpyHostToDevice, st),
+             "h2d");
+          ck(cudaMemcpyAsync(sel.offsets, ho.data(), ho.size() * 4, cudaMemcpyHostToDevice, st),
+             "h2d");
+          ck(cudaMemcpyAsync(sel.n_columns, cnt.data(), cnt.size() * 4, cudaMemcpyHostToDevice, st),
+             "h2d");
+        }
         const size_t wsb = cuda::index::vs_index_workspace_size(p.nh, n, ocap);
         void* ws = X.ws.get<char>(wsb, w);
         const size_t np = size_t(p.nh) * nb + 1;
@@ -565,16 +696,41 @@ CudaDistResult CudaDistEngine::prefill(const std::vector<int>& ids, const Sparse
         X.vs.col = col;
       } else if (p.kind == PatternKind::kBlockSparse) {
         int k = 1;
-        for (int i = 0; i < p.nh; ++i) k = std::max(k, plan->layers[l][head0 + i].topk);
-        std::vector<int> hb(size_t(p.nh) * nb * k, -1);
-        for (int i = 0; i < p.nh; ++i) {
-          const HeadPlan& hp = plan->layers[l][head0 + i];
-          for (int64_t b = 0; b < nb; ++b)
-            for (int j = 0; j < hp.topk; ++j)
-              hb[(size_t(i) * nb + b) * k + j] = hp.blocks[b * hp.topk + j];
+        int* d = nullptr;
+        if (estimate) {
+          std::vector<int> topk(p.nh);
+          for (int i = 0; i < p.nh; ++i) {
+            topk[i] = policy.at(l, head0 + i, n).a;
+            k = std::max(k, topk[i]);
+          }
+          d = X.blocks.get<int>(size_t(p.nh) * nb * k, w);
+          est->block_sparse(B.q + size_t(p.h0) * hd, ql, k0 + size_t(p.kv0) * hd, kvl, p.nh, p.nkv,
+                            static_cast<int>(hd), scale, topk.data(), d, k, l);
+          if (estimated) {
+            std::vector<int> hb(size_t(p.nh) * nb * k);
+            ck(cudaMemcpyAsync(hb.data(), d, hb.size() * 4, cudaMemcpyDeviceToHost, st), "d2h");
+            ck(cudaStreamSynchronize(st), "downloading block lists");
+            for (int i = 0; i < p.nh; ++i) {
+              HeadPlan& hp = estimated->layers[l][head0 + i];
+              hp.topk = topk[i];
+              hp.blocks.assign(size_t(nb) * topk[i], -1);
+              for (int64_t b = 0; b < nb; ++b)
+                for (int j = 0; j < topk[i]; ++j)
+                  hp.blocks[b * topk[i] + j] = hb[(size_t(i) * nb + b) * k + j];
+            }
+          }
+        } else {
+          for (int i = 0; i < p.nh; ++i) k = std::max(k, plan->layers[l][head0 + i].topk);
+          std::vector<int> hb(size_t(p.nh) * nb * k, -1);
+          for (int i = 0; i < p.nh; ++i) {
+            const HeadPlan& hp = plan->layers[l][head0 + i];
+            for (int64_t b = 0; b < nb; ++b)
+              for (int j = 0; j < hp.topk; ++j)
+                hb[(size_t(i) * nb + b) * k + j] = hp.blocks[b * hp.topk + j];
+          }
+          d = X.blocks.get<int>(hb.size(), w);
+          ck(cudaMemcpyAsync(d, hb.data(), hb.size() * 4, cudaMemcpyHostToDevice, st), "h2d");
         }
-        int* d = X.blocks.get<int>(hb.size(), w);
-        ck(cudaMemcpyAsync(d, hb.data(), hb.size() * 4, cudaMemcpyHostToDevice, st), "h2d");
         X.bs = BlockSparseView{};
         X.bs.seq_len = n;
         X.bs.nblocks = nb;
@@ -602,13 +758,18 @@ CudaDistResult CudaDistEngine::prefill(const std::vector<int>& ids, const Sparse
         ck(cudaEventRecord(e, st), "ring event");
         ck(cudaStreamWaitEvent(cst, e, 0), "ring event");
         comm::Communicator& sc = *I.sp_comm;
-        const size_t cnt_out = size_t(rows[src]) * kvl, cnt_in = size_t(rows[incoming]) * kvl;
+        const size_t cnt_out = size_t(sent_rows(me, src)) * kvl,
+                     cnt_in = size_t(sent_rows(prev, incoming)) * kvl;
         const size_t c0 = opt_.timing ? time_mark(cst) : 0;
         cok(sc.group_start(), sc, "ring group start");
-        cok(sc.send(ks, cnt_out, DType::kBF16, next, cst), sc, "ring send K");
-        cok(sc.send(vs, cnt_out, DType::kBF16, next, cst), sc, "ring send V");
-        cok(sc.recv(kn, cnt_in, DType::kBF16, prev, cst), sc, "ring recv K");
-        cok(sc.recv(vn, cnt_in, DType::kBF16, prev, cst), sc, "ring recv V");
+        if (cnt_out) {
+          cok(sc.send(ks, cnt_out, DType::kBF16, next, cst), sc, "ring send K");
+          cok(sc.send(vs, cnt_out, DType::kBF16, next, cst), sc, "ring send V");
+        }
+        if (cnt_in) {
+          cok(sc.recv(kn, cnt_in, DType::kBF16, prev, cst), sc, "ring recv K");
+          cok(sc.recv(vn, cnt_in, DType::kBF16, prev, cst), sc, "ring recv V");
+        }
         cok(sc.group_end(), sc, "ring group end at layer " + std::to_string(l));
         if (opt_.timing) spans.push_back({3, c0, time_mark(cst)});
         ev_recv = n_sync++ % 64;
@@ -619,8 +780,9 @@ CudaDistResult CudaDistEngine::prefill(const std::vector<int>& ids, const Sparse
       int64_t qoff = 0;
       for (auto [qb, qe] : mine) {
         int64_t koff = 0;
-        for (auto [kb, ke] : R.sp_layout[src]) {
-          if (kb <= qe - 1) {  // some key visible to some row
+        for (auto [kb, ke_full] : R.sp_layout[src]) {
+          const int64_t ke = std::min(ke_full, key_end);
+          if (kb <= qe - 1 && kb < ke) {  // some key visible to some row
             AttentionParams ap;
             ap.q_row_stride = ap.o_row_stride = ql;
             ap.k_row_stride = ap.v_row_stride = kvl;
@@ -678,7 +840,7 @@ CudaDistResult CudaDistEngine::prefill(const std::vector<int>& ids, const Sparse
             ok(cuda::merge_attention_states(mp, st), "merge", l);
             if (all_dense) R.attention_tiles += pair_tiles(qb, qe, kb, ke) * nh;
           }
-          koff += ke - kb;
+          koff += ke_full - kb;
         }
         qoff += qe - qb;
       }
@@ -747,6 +909,7 @@ CudaDistResult CudaDistEngine::prefill(const std::vector<int>& ids, const Sparse
     double* to[4] = {&R.ring_compute_ms, &R.ring_wait_ms, &R.allreduce_ms, &R.ring_transfer_ms};
     *to[sp_.kind] += ms;
   }
+  if (est) R.estimate_bytes_sent = est->comm_bytes();
   R.total_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_start).count();
   return R;
 }

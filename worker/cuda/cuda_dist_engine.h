@@ -13,7 +13,10 @@
 //     the other slot (grouped ncclSend / ncclRecv on a comm stream) while the compute
 //     stream runs flash attention on the current slot (global q_pos0 / k_pos0 per range
 //     pair, LSE output); the partials are merged by log-sum-exp
-//     (kernels/cuda/merge.h) into an fp32 state, written once as bf16 for Wo.
+//     (kernels/cuda/merge.h) into an fp32 state, written once as bf16 for Wo. A shard
+//     travels only as far as causally needed (skip_causal_kv).
+//   - Sparse indices: from a given plan, or estimated globally across the sp ranks per
+//     layer (worker/cuda/sp_estimate.h), identical on every sp rank.
 //   - Random weights are drawn on the device per slice with the same (seed, element)
 //     hash as CudaEngine(cfg, seed): every rank holds exactly its slices of the
 //     single-GPU random model, so the two can be compared.
@@ -35,6 +38,7 @@
 #include "worker/model_config.h"
 #include "worker/parallel_plan.h"
 #include "worker/sparse_policy.h"
+#include "worker/weights.h"
 
 namespace mprefill::gpu {
 
@@ -42,6 +46,9 @@ struct CudaDistOptions {
   int device = 0;             // this rank's CUDA device (the node-local rank)
   int64_t mlp_chunk = 16384;  // tokens per MLP chunk
   bool timing = false;        // CUDA-event timing of the ring (compute vs exposed wait)
+  // Ring KV skipping: a shard's rows after the last query row of every rank it still
+  // reaches are not sent (causally unread; 1/4 of the ring bytes at sp 2, 1/8 at sp 4).
+  bool skip_causal_kv = true;
 };
 
 struct CudaDistResult {
@@ -56,11 +63,12 @@ struct CudaDistResult {
   // i.e. after its wait for the compute stream, to the group's end); the part not
   // exposed as ring_wait_ms ran hidden behind attention.
   double ring_transfer_ms = 0;
-  int64_t ring_bytes_sent = 0;    // this rank
-  int64_t kv_bytes_exported = 0;  // this rank
-  int64_t attention_tiles = 0;    // causal 64x64 tiles this rank computed (all layers)
-  double sp_imbalance = 1.0;      // max / mean over sp ranks of causal tiles
-  size_t peak_device_bytes = 0;   // device memory in use after the allocations
+  int64_t ring_bytes_sent = 0;      // this rank
+  int64_t estimate_bytes_sent = 0;  // this rank: sp estimation traffic (broadcast / reduces)
+  int64_t kv_bytes_exported = 0;    // this rank
+  int64_t attention_tiles = 0;      // causal 64x64 tiles this rank computed (all layers)
+  double sp_imbalance = 1.0;        // max / mean over sp ranks of causal tiles
+  size_t peak_device_bytes = 0;     // device memory in use after the allocations
 };
 
 class CudaDistEngine {
@@ -69,6 +77,10 @@ class CudaDistEngine {
   // Random weights of cfg as CudaEngine(cfg, seed) draws them, sliced for this rank.
   CudaDistEngine(comm::Communicator* world, const ModelConfig& cfg, uint64_t seed,
                  DistTopology topo, CudaDistOptions opt = {});
+  // Host weights (load_model: fp32), each rank uploading only its slices as bf16 (the
+  // rounding of CudaEngine(weights)); tied embeddings when weights.lm_head is empty.
+  CudaDistEngine(comm::Communicator* world, const ModelWeights& weights, DistTopology topo,
+                 CudaDistOptions opt = {});
   ~CudaDistEngine();
   CudaDistEngine(const CudaDistEngine&) = delete;
   CudaDistEngine& operator=(const CudaDistEngine&) = delete;
@@ -77,13 +89,18 @@ class CudaDistEngine {
   // this rank's (KV heads, token shard) go to sink (device bf16, [rows][heads][head_dim],
   // rows in the order of the shard's ascending ranges). Throws std::runtime_error naming
   // the rank on a bad prompt / policy or a communication failure.
-  // Sparse heads (policy): A-shape by global positions; vertical-slash and block-sparse
-  // need their indices in `plan` (a filled PrefillPlan, e.g. from CudaEngine or the CPU
-  // engines; global estimation on the GPU ring is not implemented): each ring step runs
-  // the sparse kernel on the visiting shard only (keys outside [k_pos0, k_pos0 + n_k) are
-  // skipped), with the CSR / block index built on this GPU from the plan once per layer.
+  // Sparse heads (policy): A-shape by global positions. Vertical-slash and block-sparse
+  // heads take their indices from `plan` when it is filled (e.g. from CudaEngine or the CPU
+  // engines); without a plan they are estimated per layer globally across the sp ranks
+  // (worker/cuda/sp_estimate.h: last 64 queries broadcast from their owner, global row
+  // statistics, column / slash scores and pooled blocks combined over NCCL, one top-k on
+  // the same arrays on every sp rank), and `estimated`, if given, receives the indices of
+  // this rank's heads ([n_layers][n_heads], other ranks' heads left default). Each ring
+  // step runs the sparse kernel on the visiting shard only (keys outside
+  // [k_pos0, k_pos0 + n_k) are skipped), with the CSR / block index built on this GPU once
+  // per layer.
   CudaDistResult prefill(const std::vector<int>& ids, const SparsePolicy& policy, KvSink* sink,
-                         const PrefillPlan* plan = nullptr);
+                         const PrefillPlan* plan = nullptr, PrefillPlan* estimated = nullptr);
 
   const ModelConfig& config() const { return cfg_; }
   DistTopology topology() const { return topo_; }
@@ -100,6 +117,8 @@ class CudaDistEngine {
   struct Impl;
 
  private:
+  void init(const ModelWeights* weights, uint64_t seed);
+
   ModelConfig cfg_;
   DistTopology topo_;
   CudaDistOptions opt_;

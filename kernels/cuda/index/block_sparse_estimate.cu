@@ -48,12 +48,14 @@ __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) {
 
 // out[h][b][i] = mean over the rows of block b of x[r][h][i].
 template <typename T>
+// out_nb: blocks per head in out (nb, or the global block count when out points at a
+// shard's first block of a global pooled array).
 __global__ void pool_kernel(const T* x, int64_t row_stride, int64_t head_stride, int64_t n, int d,
-                            int nb, float* out) {
+                            int64_t out_nb, float* out) {
   const int b = blockIdx.x, h = blockIdx.y;
   const int64_t r0 = static_cast<int64_t>(b) * kBlock, r1 = min(n, r0 + kBlock);
   const float inv = __frcp_rn(static_cast<float>(r1 - r0));
-  float* o = out + (static_cast<int64_t>(h) * nb + b) * d;
+  float* o = out + (static_cast<int64_t>(h) * out_nb + b) * d;
   for (int i = threadIdx.x; i < d; i += blockDim.x) {
     float s = 0.f;
     for (int64_t r = r0; r < r1; ++r)
@@ -218,6 +220,59 @@ Status block_sparse_estimate(const BlockSparseEstimateParams& p, const int* topk
   topk_kernel<<<dim3(nb, p.num_heads), kThreads, sm, stream>>>(
       qpool, kpool, static_cast<int>(nb), p.head_dim, p.num_heads / p.num_kv_heads, p.scale, tp,
       blocks, k_out);
+  MPREFILL_CUDA_LAUNCH_CHECK("topk_kernel");
+  return Status::kOk;
+}
+
+Status block_mean_pool(const void* x, int64_t row_stride, int64_t head_stride, int64_t rows,
+                       int num_heads, int head_dim, DType dtype, float* out, int64_t out_blocks,
+                       cudaStream_t stream) {
+  MPREFILL_CHECK_ARG(rows >= 0 && num_heads > 0 && head_dim > 0 && out_blocks >= 0,
+                     Status::kInvalidArgument);
+  if (rows == 0) return Status::kOk;
+  const int64_t nb = num_blocks(rows);
+  MPREFILL_CHECK_ARG(
+      x && out && nb <= out_blocks && head_stride >= 0 && (rows <= 1 || row_stride > 0),
+      Status::kInvalidArgument);
+  MPREFILL_CHECK_ARG(dtype == DType::kBF16 || dtype == DType::kF32, Status::kUnsupported);
+  MPREFILL_CHECK_ARG(head_dim <= 256 && nb <= kMaxBlocks, Status::kUnsupported);
+  const int threads = std::min(256, (head_dim + 31) / 32 * 32);
+  const dim3 grid(static_cast<unsigned>(nb), num_heads);
+  if (dtype == DType::kBF16)
+    pool_kernel<<<grid, threads, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), row_stride,
+                                              head_stride, rows, head_dim, out_blocks, out);
+  else
+    pool_kernel<<<grid, threads, 0, stream>>>(static_cast<const float*>(x), row_stride, head_stride,
+                                              rows, head_dim, out_blocks, out);
+  MPREFILL_CUDA_LAUNCH_CHECK("pool_kernel");
+  return Status::kOk;
+}
+
+Status block_sparse_select_pooled(const float* qpool, const float* kpool, int64_t seq_len,
+                                  int num_heads, int num_kv_heads, int head_dim, float scale,
+                                  const int* topk, int* blocks, int k_out, cudaStream_t stream) {
+  MPREFILL_CHECK_ARG(qpool && kpool && topk && blocks, Status::kInvalidArgument);
+  MPREFILL_CHECK_ARG(seq_len > 0 && num_heads > 0 && num_kv_heads > 0 && head_dim > 0 &&
+                         num_heads % num_kv_heads == 0 && num_heads <= kMaxHeadsPerCall,
+                     Status::kInvalidArgument);
+  MPREFILL_CHECK_ARG(scale > 0.f && std::isfinite(scale), Status::kInvalidArgument);
+  MPREFILL_CHECK_ARG(head_dim <= 256, Status::kUnsupported);
+  const int64_t nb = num_blocks(seq_len);
+  MPREFILL_CHECK_ARG(nb <= kMaxBlocks, Status::kUnsupported);
+  TopkParams tp{};
+  int kmax = 0;
+  for (int h = 0; h < num_heads; ++h) {
+    MPREFILL_CHECK_ARG(topk[h] >= 1, Status::kInvalidArgument);
+    tp.k[h] = topk[h];
+    kmax = std::max(kmax, topk[h]);
+  }
+  MPREFILL_CHECK_ARG(k_out >= kmax, Status::kInvalidArgument);
+  const size_t sm = smem_bytes(static_cast<int>(nb), head_dim);
+  MPREFILL_CUDA_TRY(cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(sm)));
+  topk_kernel<<<dim3(nb, num_heads), kThreads, sm, stream>>>(qpool, kpool, static_cast<int>(nb),
+                                                             head_dim, num_heads / num_kv_heads,
+                                                             scale, tp, blocks, k_out);
   MPREFILL_CUDA_LAUNCH_CHECK("topk_kernel");
   return Status::kOk;
 }

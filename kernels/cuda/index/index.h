@@ -108,4 +108,19 @@ Status block_sparse_estimate(const BlockSparseEstimateParams& p, const int* topk
                              int k_out, void* workspace, size_t workspace_bytes,
                              cudaStream_t stream);
 
+// Shard-composable block-sparse estimation (sequence parallel), the same arithmetic as
+// block_sparse_estimate: block_mean_pool pools `rows` rows of x ([rows] x [num_heads] x
+// [head_dim], strides in elements; the shard's first row must start a 64-token block of
+// the sequence) into out[h * out_blocks + b][head_dim] for its ceil(rows / 64) blocks, so
+// `out` may point at the shard's first block inside a global [num_heads][nblocks][head_dim]
+// array (out_blocks = nblocks). block_sparse_select_pooled runs the top-k of
+// block_sparse_estimate on complete pooled arrays qpool [num_heads][nblocks][head_dim],
+// kpool [num_kv_heads][nblocks][head_dim].
+Status block_mean_pool(const void* x, int64_t row_stride, int64_t head_stride, int64_t rows,
+                       int num_heads, int head_dim, DType dtype, float* out, int64_t out_blocks,
+                       cudaStream_t stream);
+Status block_sparse_select_pooled(const float* qpool, const float* kpool, int64_t seq_len,
+                                  int num_heads, int num_kv_heads, int head_dim, float scale,
+                                  const int* topk, int* blocks, int k_out, cudaStream_t stream);
+
 }  // namespace mprefill::cuda::index
