@@ -541,7 +541,7 @@ class Worker {
       if (exec == "engine" && wi_.size != 1)
         throw std::runtime_error("--executor engine runs one rank, the group has " +
                                  std::to_string(wi_.size));
-      if (exec == "engine" || exec == "cuda" || exec == "cuda-dist") {
+      if (exec == "engine" || exec == "cuda") {
         weights_ = std::make_unique<ModelWeights>(load_model(a_.model));
         cfg_ = weights_->config;
       }
@@ -555,7 +555,7 @@ class Worker {
 #endif
       } else if (exec == "cuda-dist") {
 #ifdef MPREFILL_HAVE_GPU_DIST
-        // Every rank read the host weights; each uploads its tp slices.
+        // Each rank reads only its tp slices (HF directory) and uploads them.
         std::string nerr;
         comm::CommConfig cc;
         cc.timeout_ms = a_.comm_timeout_ms;
@@ -563,9 +563,9 @@ class Worker {
         if (!nccl_) throw std::runtime_error("--device cuda: NCCL communicator: " + nerr);
         gpu::CudaDistOptions co;
         co.device = wi_.local_rank;
-        cuda_dist_ = std::make_unique<gpu::CudaDistEngine>(nccl_.get(), *weights_,
+        cuda_dist_ = std::make_unique<gpu::CudaDistEngine>(nccl_.get(), a_.model,
                                                            DistTopology{tp_, sp_}, co);
-        if (!root()) weights_.reset();
+        cfg_ = cuda_dist_->config();
 #endif
       } else {
         dist_ = std::make_unique<DistEngine>(world_.get(), a_.model, DistTopology{tp_, sp_});
@@ -575,7 +575,7 @@ class Worker {
         throw std::runtime_error("--tp " + std::to_string(tp_) + " does not divide the " +
                                  std::to_string(cfg_.n_kv_heads) + " KV heads");
       if (root()) {
-        // The dist executor holds only slices: digest the weight files a chunk at a time.
+        // The dist executors hold only slices: digest the weight files a chunk at a time.
         const ModelFingerprint fp =
             weights_ ? model_fingerprint(*weights_, model_name_from_path(a_.model))
                      : model_fingerprint_of_path(a_.model);

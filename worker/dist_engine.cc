@@ -16,22 +16,20 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <filesystem>
 #include <memory>
 #include <stdexcept>
 
 #include "kernels/cpu/cpu.h"
 #include "worker/audit.h"
 #include "worker/distributed_estimate.h"
-#include "worker/hf_config.h"
 #include "worker/plan_codec.h"
 #include "worker/ring_attention.h"
 #include "worker/safetensors.h"
+#include "worker/weight_source.h"
 
 namespace mprefill {
 namespace {
 
-namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
@@ -57,79 +55,6 @@ struct LocalWeights {
   std::vector<float> lm_rows;     // [v1 - v0][hidden] (a copy when tied)
   int64_t f0 = 0, f1 = 0;
   std::vector<LocalLayer> layers;
-};
-
-// Where the weights come from: an HF directory read slice by slice (only this rank's
-// rows / columns are converted), or a full in-memory model (llama2.c .bin and random:
-// those formats are loaded whole, then sliced and freed: acceptable for the sizes they
-// come in; HF is the format of large models).
-class WeightSource {
- public:
-  explicit WeightSource(const std::string& path) {
-    std::error_code ec;
-    if (path.rfind("random:", 0) != 0 && fs::is_directory(path, ec)) {
-      cfg_ = read_hf_dir_config(path);
-      ck_ = std::make_unique<SafetensorsCheckpoint>(path);
-    } else {
-      full_ = std::make_unique<ModelWeights>(load_model(path));
-      cfg_ = full_->config;
-    }
-    cfg_.validate();
-  }
-  const ModelConfig& config() const { return cfg_; }
-
-  // Rows [r0, r0 + nr) of a [R][C] tensor, appended to dst.
-  void rows(const std::string& hf_name, const Tensor* t, int64_t R, int64_t C, int64_t r0,
-            int64_t nr, std::vector<float>* dst) const {
-    if (ck_) {
-      const Tensor s = ck_->load(hf_name, {R, C}, RowSlice{r0, nr});
-      dst->insert(dst->end(), s.data.begin(), s.data.end());
-    } else {
-      check_full(hf_name, t, R * C);
-      dst->insert(dst->end(), t->data.begin() + r0 * C, t->data.begin() + (r0 + nr) * C);
-    }
-  }
-  // Columns [c0, c0 + nc) of a [R][C] tensor, as [R][nc].
-  std::vector<float> cols(const std::string& hf_name, const Tensor* t, int64_t R, int64_t C,
-                          int64_t c0, int64_t nc) const {
-    if (ck_) return ck_->load(hf_name, {R, C}, RowSlice{}, ColSlice{c0, nc}).data;
-    check_full(hf_name, t, R * C);
-    std::vector<float> out(static_cast<size_t>(R * nc));
-    for (int64_t r = 0; r < R; ++r)
-      std::copy_n(t->data.begin() + r * C + c0, nc, out.begin() + r * nc);
-    return out;
-  }
-  // A whole 1-D / 2-D tensor.
-  std::vector<float> whole(const std::string& hf_name, const Tensor* t,
-                           const std::vector<int64_t>& shape) const {
-    if (ck_) return ck_->load(hf_name, shape).data;
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    check_full(hf_name, t, n);
-    return t->data;
-  }
-  bool has(const std::string& hf_name, const Tensor* t) const {
-    return ck_ ? ck_->has(hf_name) : (t && !t->empty());
-  }
-  const ModelWeights* full() const { return full_.get(); }
-  int64_t full_bytes() const {
-    if (!full_) return 0;
-    int64_t n = full_->embed.numel() + full_->lm_head.numel();
-    for (const auto& L : full_->layers)
-      n += L.wq.numel() + L.wk.numel() + L.wv.numel() + L.wo.numel() + L.w_gate.numel() +
-           L.w_up.numel() + L.w_down.numel();
-    return n * static_cast<int64_t>(sizeof(float));
-  }
-
- private:
-  static void check_full(const std::string& name, const Tensor* t, int64_t n) {
-    if (!t || static_cast<int64_t>(t->data.size()) != n)
-      throw std::runtime_error("weight " + name + " has " + std::to_string(t ? t->data.size() : 0) +
-                               " values, expected " + std::to_string(n));
-  }
-  ModelConfig cfg_;
-  std::unique_ptr<SafetensorsCheckpoint> ck_;
-  std::unique_ptr<ModelWeights> full_;
 };
 
 // The attention slices of one layer for the given kv heads (ascending): rows of Wq / Wk /

@@ -16,6 +16,7 @@
 #include "worker/cuda/device_init.h"
 #include "worker/cuda/sp_estimate.h"
 #include "worker/plan_codec.h"
+#include "worker/weight_source.h"
 
 namespace mprefill::gpu {
 namespace {
@@ -184,10 +185,20 @@ CudaDistEngine::CudaDistEngine(comm::Communicator* world, const ModelWeights& we
                                DistTopology topo, CudaDistOptions opt)
     : cfg_(weights.config), topo_(topo), opt_(opt), world_(world) {
   cfg_.tie_word_embeddings = weights.lm_head.empty();  // as CudaEngine(weights)
-  init(&weights, 0);
+  const WeightSource src(weights);
+  init(&src, 0);
 }
 
-void CudaDistEngine::init(const ModelWeights* mw, uint64_t seed) {
+CudaDistEngine::CudaDistEngine(comm::Communicator* world, const std::string& model_path,
+                               DistTopology topo, CudaDistOptions opt)
+    : topo_(topo), opt_(opt), world_(world) {
+  const WeightSource src(model_path);
+  cfg_ = src.config();
+  cfg_.tie_word_embeddings = !src.has_lm_head();  // as CudaEngine(load_model(path))
+  init(&src, 0);
+}
+
+void CudaDistEngine::init(const WeightSource* src, uint64_t seed) {
   comm::Communicator* world = world_;
   const DistTopology topo = topo_;
   cfg_.validate();
@@ -256,55 +267,67 @@ void CudaDistEngine::init(const ModelWeights* mw, uint64_t seed) {
                       2 +
                   (H + cfg_.n_layers * 2 * H) * 4;
 
-  if (mw) {
-    // Host fp32 weights: this rank's windows, rounded to bf16 as CudaEngine(weights) does.
-    const ModelWeights& m = *mw;
-    if (m.layers.size() != static_cast<size_t>(cfg_.n_layers))
-      throw std::runtime_error(w + "model has " + std::to_string(m.layers.size()) +
+  if (src) {
+    // Host fp32 weights, read window by window (an HF checkpoint converts only this rank's
+    // rows / columns), rounded to bf16 as CudaEngine(weights) does.
+    const ModelWeights* fw = src->full();
+    if (fw && fw->layers.size() != static_cast<size_t>(cfg_.n_layers))
+      throw std::runtime_error(w + "model has " + std::to_string(fw->layers.size()) +
                                " layers of weights, config says " + std::to_string(cfg_.n_layers));
-    std::vector<uint16_t> tmp;
-    // dst[r][c] = t[row0 + r][col0 + c] of a [.][src_cols] tensor.
-    auto up = [&](uint16_t* dst, const Tensor& t, size_t rows, size_t cols, size_t src_cols,
-                  size_t row0, size_t col0, const std::string& name) {
-      if ((row0 + rows) * src_cols > t.data.size() || col0 + cols > src_cols)
-        throw std::runtime_error(w + "weight " + name + " has " + std::to_string(t.data.size()) +
-                                 " values, too few for this rank's slice");
-      tmp.resize(rows * cols);
-      for (size_t r = 0; r < rows; ++r)
-        for (size_t c2 = 0; c2 < cols; ++c2)
-          tmp[r * cols + c2] = f32_to_bf16(t.data[(row0 + r) * src_cols + col0 + c2]);
-      ck(cudaMemcpy(dst, tmp.data(), tmp.size() * 2, cudaMemcpyHostToDevice), "uploading " + name);
+    std::vector<float> f32;
+    std::vector<uint16_t> b16;
+    auto upload = [&](uint16_t* dst, const std::vector<float>& v, const std::string& name) {
+      b16.resize(v.size());
+      for (size_t i = 0; i < v.size(); ++i) b16[i] = f32_to_bf16(v[i]);
+      ck(cudaMemcpy(dst, b16.data(), b16.size() * 2, cudaMemcpyHostToDevice), "uploading " + name);
     };
-    auto upf = [&](float* dst, const Tensor& t, size_t count, const std::string& name) {
-      if (t.data.size() != count)
-        throw std::runtime_error(w + "weight " + name + " has " + std::to_string(t.data.size()) +
-                                 " values, expected " + std::to_string(count));
-      ck(cudaMemcpy(dst, t.data.data(), count * 4, cudaMemcpyHostToDevice), "uploading " + name);
+    // Rows [r0, r0 + nr) of a [R][C] tensor.
+    auto up_rows = [&](uint16_t* dst, const std::string& name, const Tensor* t, size_t R, size_t C,
+                       size_t r0, size_t nr) {
+      f32.clear();
+      src->rows(name, t, R, C, r0, nr, &f32);
+      upload(dst, f32, name);
     };
-    if (m.embed.data.size() != V * H)
-      throw std::runtime_error(w + "embedding has " + std::to_string(m.embed.data.size()) +
-                               " values, expected " + std::to_string(V * H));
-    up(I.embed, m.embed, V, H, H, 0, 0, "embed");
-    if (!cfg_.tie_word_embeddings) up(I.lm_head, m.lm_head, V, H, H, 0, 0, "lm_head");
-    upf(I.final_norm, m.final_norm, H, "final_norm");
+    // Entries [off, off + n) of a 1-D tensor of length N.
+    auto up_part = [&](uint16_t* dst, const std::string& name, const Tensor* t, size_t N,
+                       size_t off, size_t n) {
+      const std::vector<float> all = src->whole(name, t, {static_cast<int64_t>(N)});
+      upload(dst, std::vector<float>(all.begin() + off, all.begin() + off + n), name);
+    };
+    auto upf = [&](float* dst, const std::string& name, const Tensor* t, size_t count) {
+      const std::vector<float> v = src->whole(name, t, {static_cast<int64_t>(count)});
+      ck(cudaMemcpy(dst, v.data(), count * 4, cudaMemcpyHostToDevice), "uploading " + name);
+    };
+    up_rows(I.embed, "model.embed_tokens.weight", fw ? &fw->embed : nullptr, V, H, 0, V);
+    if (!cfg_.tie_word_embeddings)
+      up_rows(I.lm_head, "lm_head.weight", fw ? &fw->lm_head : nullptr, V, H, 0, V);
+    upf(I.final_norm, "model.norm.weight", fw ? &fw->final_norm : nullptr, H);
     for (int l = 0; l < cfg_.n_layers; ++l) {
-      const LayerWeights& Lw = m.layers[l];
+      const LayerWeights* Lw = fw ? &fw->layers[l] : nullptr;
       DistLayer& L = I.layers[l];
-      const std::string p = "layers." + std::to_string(l) + ".";
-      up(L.wqkv, Lw.wq, ql, H, H, q_off, 0, p + "wq");
-      up(L.wqkv + ql * H, Lw.wk, kvl, H, H, k_off, 0, p + "wk");
-      up(L.wqkv + (ql + kvl) * H, Lw.wv, kvl, H, H, k_off, 0, p + "wv");
+      const std::string p = "model.layers." + std::to_string(l) + ".";
+      const std::string a = p + "self_attn.", m = p + "mlp.";
+      up_rows(L.wqkv, a + "q_proj.weight", Lw ? &Lw->wq : nullptr, Q, H, q_off, ql);
+      up_rows(L.wqkv + ql * H, a + "k_proj.weight", Lw ? &Lw->wk : nullptr, KV, H, k_off, kvl);
+      up_rows(L.wqkv + (ql + kvl) * H, a + "v_proj.weight", Lw ? &Lw->wv : nullptr, KV, H, k_off,
+              kvl);
       if (L.bqkv) {
-        up(L.bqkv, Lw.bq, 1, ql, Q, 0, q_off, p + "bq");
-        up(L.bqkv + ql, Lw.bk, 1, kvl, KV, 0, k_off, p + "bk");
-        up(L.bqkv + ql + kvl, Lw.bv, 1, kvl, KV, 0, k_off, p + "bv");
+        up_part(L.bqkv, a + "q_proj.bias", Lw ? &Lw->bq : nullptr, Q, q_off, ql);
+        up_part(L.bqkv + ql, a + "k_proj.bias", Lw ? &Lw->bk : nullptr, KV, k_off, kvl);
+        up_part(L.bqkv + ql + kvl, a + "v_proj.bias", Lw ? &Lw->bv : nullptr, KV, k_off, kvl);
       }
-      up(L.wo, Lw.wo, H, ql, Q, 0, q_off, p + "wo");
-      up(L.wgu, Lw.w_gate, nf, H, H, f0, 0, p + "w_gate");
-      up(L.wgu + nf * H, Lw.w_up, nf, H, H, f0, 0, p + "w_up");
-      up(L.wdown, Lw.w_down, H, nf, cfg_.intermediate, 0, f0, p + "w_down");
-      upf(L.attn_norm, Lw.attn_norm, H, p + "attn_norm");
-      upf(L.ffn_norm, Lw.ffn_norm, H, p + "ffn_norm");
+      upload(L.wo, src->cols(a + "o_proj.weight", Lw ? &Lw->wo : nullptr, H, Q, q_off, ql),
+             a + "o_proj.weight");
+      up_rows(L.wgu, m + "gate_proj.weight", Lw ? &Lw->w_gate : nullptr, cfg_.intermediate, H, f0,
+              nf);
+      up_rows(L.wgu + nf * H, m + "up_proj.weight", Lw ? &Lw->w_up : nullptr, cfg_.intermediate, H,
+              f0, nf);
+      upload(L.wdown,
+             src->cols(m + "down_proj.weight", Lw ? &Lw->w_down : nullptr, H, cfg_.intermediate, f0,
+                       nf),
+             m + "down_proj.weight");
+      upf(L.attn_norm, p + "input_layernorm.weight", Lw ? &Lw->attn_norm : nullptr, H);
+      upf(L.ffn_norm, p + "post_attention_layernorm.weight", Lw ? &Lw->ffn_norm : nullptr, H);
     }
     return;
   }

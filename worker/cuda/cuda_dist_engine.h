@@ -38,6 +38,7 @@
 #include "worker/model_config.h"
 #include "worker/parallel_plan.h"
 #include "worker/sparse_policy.h"
+#include "worker/weight_source.h"
 #include "worker/weights.h"
 
 namespace mprefill::gpu {
@@ -81,6 +82,11 @@ class CudaDistEngine {
   // rounding of CudaEngine(weights)); tied embeddings when weights.lm_head is empty.
   CudaDistEngine(comm::Communicator* world, const ModelWeights& weights, DistTopology topo,
                  CudaDistOptions opt = {});
+  // Weights read from model_path (as load_model() names it) slice by slice: from an HF
+  // directory each rank converts only its rows / columns (plus the embedding and norms);
+  // other formats are loaded whole on the host, then sliced.
+  CudaDistEngine(comm::Communicator* world, const std::string& model_path, DistTopology topo,
+                 CudaDistOptions opt = {});
   ~CudaDistEngine();
   CudaDistEngine(const CudaDistEngine&) = delete;
   CudaDistEngine& operator=(const CudaDistEngine&) = delete;
@@ -117,7 +123,8 @@ class CudaDistEngine {
   struct Impl;
 
  private:
-  void init(const ModelWeights* weights, uint64_t seed);
+  // src: host weights (null: random of seed).
+  void init(const WeightSource* src, uint64_t seed);
 
   ModelConfig cfg_;
   DistTopology topo_;
