@@ -54,9 +54,9 @@
 #include "worker/cuda/cuda_dist_engine.h"
 #endif
 #include "worker/cuda/kv_sinks.h"
-#include "worker/cuda/ring_need.h"
 #include "worker/index_sets.h"
 #include "worker/model_config.h"
+#include "worker/ring_need.h"
 #include "worker/sparse_policy.h"
 
 namespace {
@@ -281,11 +281,11 @@ int run_dist(const Args& a) {
   const std::time_t now = std::time(nullptr);
   std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
   const double ring_imb = sum_comp > 0 ? max_comp / (sum_comp / wi.size) : 1.0;
-  // KV-send skipping bound (worker/cuda/ring_need.h): the fraction of the ring's KV blocks
+  // KV-send skipping bound (worker/ring_need.h): the fraction of the ring's KV blocks
   // that some downstream receiver's mask reads (-1: dense or estimated, not analysed).
   double kv_needed = -1;
   if (!dense && !estimated && a.sp > 1)
-    kv_needed = gpu::ring_kv_need(plan, policy, cfg, r.sp_layout, n, a.tp).needed_fraction();
+    kv_needed = ring_kv_need(plan, policy, cfg, r.sp_layout, n, a.tp).needed_fraction();
   if (a.json) {
     std::printf(
         "{\"bench\": \"prefill_dist\", \"card\": \"%s\", \"date\": \"%s\", \"shape\": "

@@ -8,7 +8,9 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <sstream>
+#include <stdexcept>
 
 namespace mprefill::test {
 
@@ -94,6 +96,27 @@ int run_command(const std::string& cmd, std::string* output) {
   const int st = ::pclose(f);
   if (output) *output = out;
   return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+}
+
+TempDir::TempDir(const std::string& prefix) {
+  std::string t = (std::filesystem::temp_directory_path() / (prefix + "_XXXXXX")).string();
+  if (!::mkdtemp(t.data())) throw std::runtime_error("mkdtemp failed for " + t);
+  path = t;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path, ec);
+}
+
+std::string TempDir::file(const std::string& name) const {
+  return (std::filesystem::path(path) / name).string();
+}
+
+std::string TempDir::sub(const std::string& name) const {
+  const std::string p = file(name);
+  std::filesystem::create_directories(p);
+  return p;
 }
 
 }  // namespace mprefill::test

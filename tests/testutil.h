@@ -28,4 +28,20 @@ bool normwise_close(const float* out, const double* ref, size_t n, double tol, s
 // Run a command through the shell; returns exit status, captures stdout+stderr.
 int run_command(const std::string& cmd, std::string* output);
 
+// A fresh directory under the system temp dir (mkdtemp, "PREFIX_XXXXXX"), removed with
+// its contents on destruction. Throws std::runtime_error when it cannot be made.
+struct TempDir {
+  std::string path;
+
+  explicit TempDir(const std::string& prefix = "mprefill_test");
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+
+  // path/name (nothing is created).
+  std::string file(const std::string& name) const;
+  // path/name, created (with its parents) if missing.
+  std::string sub(const std::string& name) const;
+};
+
 }  // namespace mprefill::test

@@ -18,7 +18,6 @@
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
-#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -39,6 +38,7 @@
 
 namespace {
 
+using mprefill::cli::FlagReader;
 using mprefill::cli::one_line;
 using mprefill::cli::parse_float;
 using mprefill::cli::parse_int;
@@ -119,65 +119,41 @@ struct Args {
 
 Args parse(int argc, char** argv) {
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    std::string flag = argv[i];
-    std::optional<std::string> inline_value;
-    if (flag.rfind("--", 0) == 0) {
-      const size_t eq = flag.find('=');
-      if (eq != std::string::npos) {
-        inline_value = flag.substr(eq + 1);
-        flag = flag.substr(0, eq);
-      }
-    }
-    auto value = [&]() -> std::string {
-      if (inline_value) return *inline_value;
-      if (i + 1 >= argc) throw UsageError(flag + " needs a value");
-      return argv[++i];
-    };
-    if (flag == "--help" || flag == "-h")
+  const std::map<std::string, std::string*> text_flags = {{"--model", &a.model},
+                                                          {"--tokenizer", &a.tokenizer},
+                                                          {"--calib", &a.calib},
+                                                          {"--out", &a.out},
+                                                          {"--csv", &a.csv},
+                                                          {"--heatmaps", &a.heatmaps},
+                                                          {"--heatmap-heads", &a.heatmap_heads},
+                                                          {"--budgets", &a.budgets},
+                                                          {"--lengths", &a.lengths},
+                                                          {"--table", &a.table},
+                                                          {"--eval-retrieval", &a.eval},
+                                                          {"--policies", &a.policies},
+                                                          {"--json", &a.json},
+                                                          {"--device", &a.device}};
+  FlagReader r(argc - 1, argv + 1);  // past the program name
+  while (r.next()) {
+    const std::string& flag = r.flag();
+    if (const auto it = text_flags.find(flag); it != text_flags.end())
+      *it->second = r.value();
+    else if (flag == "--help" || flag == "-h")
       a.help = true;
-    else if (flag == "--model")
-      a.model = value();
-    else if (flag == "--tokenizer")
-      a.tokenizer = value();
-    else if (flag == "--calib")
-      a.calib = value();
-    else if (flag == "--out")
-      a.out = value();
-    else if (flag == "--csv")
-      a.csv = value();
-    else if (flag == "--heatmaps")
-      a.heatmaps = value();
-    else if (flag == "--heatmap-heads")
-      a.heatmap_heads = value();
-    else if (flag == "--budget-tiles")
-      a.budget = parse_float(flag, value());
-    else if (flag == "--max-tokens")
-      a.max_tokens = parse_int(flag, value(), 1, int64_t{1} << 31);
-    else if (flag == "--error-rows")
-      a.error_rows = static_cast<int>(parse_int(flag, value(), 0, 1 << 24));
-    else if (flag == "--threads")
-      a.threads = static_cast<int>(parse_int(flag, value(), 1, 4096));
     else if (flag == "--recall-table")
       a.recall_table = true;
-    else if (flag == "--budgets")
-      a.budgets = value();
-    else if (flag == "--lengths")
-      a.lengths = value();
-    else if (flag == "--table")
-      a.table = value();
-    else if (flag == "--eval-retrieval")
-      a.eval = value();
-    else if (flag == "--policies")
-      a.policies = value();
-    else if (flag == "--json")
-      a.json = value();
-    else if (flag == "--device")
-      a.device = value();
+    else if (flag == "--budget-tiles")
+      a.budget = parse_float(flag, r.value());
+    else if (flag == "--max-tokens")
+      a.max_tokens = parse_int(flag, r.value(), 1, int64_t{1} << 31);
+    else if (flag == "--error-rows")
+      a.error_rows = static_cast<int>(parse_int(flag, r.value(), 0, 1 << 24));
+    else if (flag == "--threads")
+      a.threads = static_cast<int>(parse_int(flag, r.value(), 1, 4096));
     else if (flag == "--limit")
-      a.limit = static_cast<int>(parse_int(flag, value(), 1, 1 << 30));
+      a.limit = static_cast<int>(parse_int(flag, r.value(), 1, 1 << 30));
     else
-      throw UsageError("unknown option '" + std::string(argv[i]) + "'");
+      throw UsageError("unknown option '" + r.arg() + "'");
   }
   if (a.help) return a;
   if (a.model.empty()) throw UsageError("--model is required");

@@ -6,8 +6,6 @@
 
 #include <gtest/gtest.h>
 
-#include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -20,25 +18,7 @@
 namespace mprefill {
 namespace {
 
-namespace fs = std::filesystem;
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    std::string t = (fs::temp_directory_path() / "mprefill_fp_XXXXXX").string();
-    if (!::mkdtemp(t.data())) throw std::runtime_error("mkdtemp failed");
-    path = t;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string sub(const std::string& name) const {
-    const std::string p = (fs::path(path) / name).string();
-    fs::create_directories(p);
-    return p;
-  }
-};
+using test::TempDir;
 
 std::string stories_bin() { return test::shared_dir() + "/models/stories15M/stories15M.bin"; }
 

@@ -18,7 +18,7 @@
 #include "worker/parallel_plan.h"
 #include "worker/sparse_policy.h"
 
-namespace mprefill::gpu {
+namespace mprefill {
 
 struct RingNeed {
   int64_t sent_blocks = 0;    // KV blocks sent over all hops, layers and tp ranks
@@ -33,4 +33,4 @@ struct RingNeed {
 RingNeed ring_kv_need(const PrefillPlan& plan, const SparsePolicy& policy, const ModelConfig& cfg,
                       const std::vector<TokenRanges>& layout, int64_t n, int tp);
 
-}  // namespace mprefill::gpu
+}  // namespace mprefill

@@ -1,10 +1,10 @@
-#include "worker/cuda/ring_need.h"
+#include "worker/ring_need.h"
 
 #include <algorithm>
 #include <stdexcept>
 #include <string>
 
-namespace mprefill::gpu {
+namespace mprefill {
 
 RingNeed ring_kv_need(const PrefillPlan& plan, const SparsePolicy& policy, const ModelConfig& cfg,
                       const std::vector<TokenRanges>& layout, int64_t n, int tp) {
@@ -15,6 +15,21 @@ RingNeed ring_kv_need(const PrefillPlan& plan, const SparsePolicy& policy, const
                              " layers, the model " + std::to_string(cfg.n_layers));
   if (tp < 1 || cfg.n_kv_heads % tp != 0)
     throw std::runtime_error("ring_kv_need: tp does not divide the KV heads");
+  for (int l = 0; l < cfg.n_layers; ++l) {
+    if (plan.layers[l].size() != static_cast<size_t>(cfg.n_heads))
+      throw std::runtime_error("ring_kv_need: plan layer " + std::to_string(l) + " has " +
+                               std::to_string(plan.layers[l].size()) + " heads, the model " +
+                               std::to_string(cfg.n_heads));
+    for (int h = 0; h < cfg.n_heads; ++h) {
+      const HeadPlan& p = plan.layers[l][h];
+      if (policy.at(l, h, n).kind == PatternKind::kBlockSparse &&
+          (p.topk < 1 || p.blocks.size() != static_cast<size_t>(nb * p.topk)))
+        throw std::runtime_error("ring_kv_need: block-sparse plan of layer " + std::to_string(l) +
+                                 " head " + std::to_string(h) + " has " +
+                                 std::to_string(p.blocks.size()) + " indices, not " +
+                                 std::to_string(nb) + " blocks x top-k " + std::to_string(p.topk));
+    }
+  }
   RingNeed out;
   if (sp < 2) return out;
   const int hpt = cfg.n_heads / tp;  // query heads per tp rank (contiguous KV groups)
@@ -81,4 +96,4 @@ RingNeed ring_kv_need(const PrefillPlan& plan, const SparsePolicy& policy, const
   return out;
 }
 
-}  // namespace mprefill::gpu
+}  // namespace mprefill
