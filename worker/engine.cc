@@ -362,11 +362,22 @@ std::vector<float> Engine::decode_step(int token, int64_t pos, KvCache* cache) c
   return f.run(&token, 1, pos, SparsePolicy::dense(), cache, nullptr, false, nullptr);
 }
 
-GenerateResult Engine::generate(const std::vector<int>& ids, const GenerateOptions& opt) const {
+void Engine::check_generate(const std::vector<int>& ids, const GenerateOptions& opt) const {
   check_prompt(ids, opt.max_prompt);
   opt.sampler.validate();
   if (opt.decode_steps < 0)
     throw std::runtime_error("decode steps must be >= 0, got " + std::to_string(opt.decode_steps));
+}
+
+GenerateResult Engine::generate(const std::vector<int>& ids, const GenerateOptions& opt) const {
+  return generate_with(ids, opt, [&](KvCache* cache, PrefillStats* stats) {
+    return prefill(ids, opt.policy, cache, nullptr, stats, opt.audit);
+  });
+}
+
+GenerateResult Engine::generate_with(const std::vector<int>& ids, const GenerateOptions& opt,
+                                     const PrefillFn& prefill_fn) const {
+  check_generate(ids, opt);
   const int64_t n = static_cast<int64_t>(ids.size());
   GenerateResult r;
   r.prompt_tokens = n;
@@ -377,7 +388,7 @@ GenerateResult Engine::generate(const std::vector<int>& ids, const GenerateOptio
 
   const auto t0 = Clock::now();
   KvCache cache(w_.config, n + opt.decode_steps);
-  std::vector<float> logits = prefill(ids, opt.policy, &cache, nullptr, &r.prefill, opt.audit);
+  std::vector<float> logits = prefill_fn(&cache, &r.prefill);
   SampledToken tok = sampler.sample(logits.data(), static_cast<int>(logits.size()));
   r.ttft_ms = ms_since(t0);
   r.first_token_id = tok.id;

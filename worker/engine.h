@@ -3,6 +3,7 @@
 // The reference that the GPU and distributed executors are compared against.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -113,6 +114,14 @@ class Engine {
   std::vector<float> decode_step(int token, int64_t pos, KvCache* cache) const;
   // Validates the prompt (non-empty, ids in range, length limit), prefills, samples.
   GenerateResult generate(const std::vector<int>& ids, const GenerateOptions& opt) const;
+  // The same with another prefill (e.g. the GPU engine's): prefill(cache, stats) fills the
+  // empty cache with the prompt's KV and returns the last position's logits; this engine
+  // decodes the rest. opt.policy and opt.audit are the caller's to apply.
+  using PrefillFn = std::function<std::vector<float>(KvCache* cache, PrefillStats* stats)>;
+  GenerateResult generate_with(const std::vector<int>& ids, const GenerateOptions& opt,
+                               const PrefillFn& prefill) const;
+  // The checks of generate(): prompt, sampler options, decode steps.
+  void check_generate(const std::vector<int>& ids, const GenerateOptions& opt) const;
 
   // Throws std::runtime_error for an empty prompt, an id out of [0, vocab), or a prompt
   // longer than max_prompt (config.max_position when 0).

@@ -301,6 +301,32 @@ RowPartial row_partial_impl(const W* w, double m, const uint8_t* vis, int64_t co
   return p;
 }
 
+// Column and slash scores of one head (the real estimator, as the engine runs it): the
+// last min(64, n) query rows of q ([n] rows of stride q_stride) against the keys of k.
+void head_vs_scores(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
+                    int head_dim, int64_t n, float scale, int layer, int head,
+                    std::vector<float>* col, std::vector<float>* slash) {
+  const int n_last = static_cast<int>(std::min<int64_t>(kBlock, n));
+  VsEstimateParams e;
+  e.q_last = q + (n - n_last) * q_stride;
+  e.k = k;
+  e.q_row_stride = q_stride;
+  e.q_head_stride = head_dim;
+  e.k_row_stride = k_stride;
+  e.k_head_stride = head_dim;
+  e.n_last = n_last;
+  e.seq_len = n;
+  e.n_k = static_cast<int>(n);
+  e.num_heads = e.num_kv_heads = 1;
+  e.head_dim = head_dim;
+  e.scale = scale;
+  RowStats stats;
+  check(cpu::vs_row_stats(e, &stats), "vs_row_stats", layer, head);
+  col->assign(n, 0.f);
+  slash->assign(n, 0.f);
+  check(cpu::vs_scores(e, stats, col->data(), slash->data()), "vs_scores", layer, head);
+}
+
 }  // namespace
 
 void RowPartial::merge(const RowPartial& b) {
@@ -511,25 +537,9 @@ HeadSearch search_head(const float* q, int64_t q_stride, const float* k, const f
   ctx.d = head_dim;
   ctx.err_rows = sample_rows(n, opt.error_rows);
 
-  // Vertical-slash scores of this head (the real estimator, as the engine runs it).
-  const int n_last = static_cast<int>(std::min<int64_t>(kBlock, n));
-  VsEstimateParams e;
-  e.q_last = q + (n - n_last) * q_stride;
-  e.k = k;
-  e.q_row_stride = q_stride;
-  e.q_head_stride = head_dim;
-  e.k_row_stride = kv_stride;
-  e.k_head_stride = head_dim;
-  e.n_last = n_last;
-  e.seq_len = n;
-  e.n_k = static_cast<int>(n);
-  e.num_heads = e.num_kv_heads = 1;
-  e.head_dim = head_dim;
-  e.scale = scale;
-  RowStats stats;
-  check(cpu::vs_row_stats(e, &stats), "vs_row_stats", -1, -1);
-  std::vector<float> col(n, 0.f), slash(n, 0.f);
-  check(cpu::vs_scores(e, stats, col.data(), slash.data()), "vs_scores", -1, -1);
+  // Vertical-slash scores of this head.
+  std::vector<float> col, slash;
+  head_vs_scores(q, q_stride, k, kv_stride, head_dim, n, scale, -1, -1, &col, &slash);
   auto vs_pair = [&](double share, int64_t t) {
     const int64_t vv = std::min<int64_t>(n, kMinVertical + static_cast<int64_t>(share * t));
     const int64_t ss = std::min<int64_t>(n, kMinSlash + static_cast<int64_t>((1 - share) * t));
@@ -831,25 +841,7 @@ SparsePolicy scale_policy_to_density(const ModelWeights& w, const std::vector<in
       const float* qh = q + int64_t{h} * hd;
       const float* kh = k + int64_t{h / group} * hd;
       if (hp.kind == PatternKind::kVerticalSlash) {
-        const int n_last = static_cast<int>(std::min<int64_t>(kBlock, n));
-        VsEstimateParams e;
-        e.q_last = qh + (n - n_last) * QD;
-        e.k = kh;
-        e.q_row_stride = QD;
-        e.q_head_stride = hd;
-        e.k_row_stride = KVD;
-        e.k_head_stride = hd;
-        e.n_last = n_last;
-        e.seq_len = n;
-        e.n_k = static_cast<int>(n);
-        e.num_heads = e.num_kv_heads = 1;
-        e.head_dim = hd;
-        e.scale = scale;
-        RowStats st;
-        check(cpu::vs_row_stats(e, &st), "vs_row_stats", l, h);
-        d.col.assign(n, 0.f);
-        d.slash.assign(n, 0.f);
-        check(cpu::vs_scores(e, st, d.col.data(), d.slash.data()), "vs_scores", l, h);
+        head_vs_scores(qh, QD, kh, KVD, hd, n, scale, l, h, &d.col, &d.slash);
       } else if (hp.kind == PatternKind::kBlockSparse) {
         d.q.resize(n * hd);
         d.k.resize(n * hd);
