@@ -5,8 +5,8 @@
 #include <sstream>
 #include <stdexcept>
 
-#include "worker/model_config.h"
-#include "worker/sparse_policy.h"
+#include "model/model_config.h"
+#include "model/sparse_policy.h"
 
 namespace mprefill::bench {
 namespace {

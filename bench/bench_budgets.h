@@ -1,6 +1,6 @@
 // Per-head budgets of an MInference config file for mprefill-bench (host only, C++17
 // types: the .cu that uses it is compiled as C++17 and must not see the JSON library or
-// worker/sparse_policy.h).
+// model/sparse_policy.h).
 #pragma once
 #include <string>
 #include <vector>

@@ -54,7 +54,7 @@
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/flash/flash.h"
 #include "kernels/sparse.h"
-#include "worker/index_sets.h"
+#include "model/index_sets.h"
 #if __has_include("kernels/cuda/sparse/sparse_attention.h") && !defined(MPREFILL_BENCH_NO_SPARSE)
 #include "bench/bench_common.cuh"
 #include "kernels/cuda/sparse/sparse_attention.h"
@@ -1042,7 +1042,10 @@ int main(int argc, char** argv) {
   const std::string cmd = argv[1];
   try {
     if (cmd == "attention") return cmd_attention(argc, argv);
-    if (cmd == "prefill") { int prefill_bench_main(int, char**); return prefill_bench_main(argc, argv); }
+    if (cmd == "prefill") {
+      int prefill_bench_main(int, char**);
+      return prefill_bench_main(argc, argv);
+    }
   } catch (const std::exception& e) {
     die(e.what());
   }

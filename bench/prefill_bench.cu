@@ -53,11 +53,11 @@
 #include "comm/nccl_comm.h"
 #include "worker/cuda/cuda_dist_engine.h"
 #endif
-#include "worker/cuda/kv_sinks.h"
-#include "worker/index_sets.h"
-#include "worker/model_config.h"
+#include "kv/cuda/kv_sinks.h"
+#include "model/index_sets.h"
+#include "model/model_config.h"
+#include "model/sparse_policy.h"
 #include "worker/ring_need.h"
-#include "worker/sparse_policy.h"
 
 namespace {
 

@@ -1,7 +1,7 @@
 // Vertical-slash sparse attention timing (kernels/cuda/sparse) against the own dense
 // flash kernel in the same process: batch 1, bf16, token-major Q/K/V/O, 32 q / 8 kv heads,
 // head_dim 128, causal. Per budget class (v, s) of the Llama-3-8B mix, every head gets its
-// own `clustered` (or `uniform`) selection (worker/index_sets.h: synthetic_vs) with that
+// own `clustered` (or `uniform`) selection (model/index_sets.h: synthetic_vs) with that
 // budget; work = 64x64 mask tiles (vs_mask_tiles), TF/s = tiles * 4 * 64 * 64 * d / t.
 // The mix speedup weights each class's time by its share of the 1024 heads (473 / 278 /
 // 153 / 89 / 31) against the dense time of the same 32 heads.
@@ -33,7 +33,7 @@
 #include "kernels/cuda/flash/flash.h"
 #include "kernels/cuda/sparse/sparse_attention.h"
 #include "kernels/sparse.h"
-#include "worker/index_sets.h"
+#include "model/index_sets.h"
 
 namespace {
 

@@ -18,8 +18,8 @@
 
 #include "coordinator/metrics.h"
 #include "coordinator/planner.h"
-#include "worker/sparse_policy.h"
-#include "worker/tokenizer.h"
+#include "model/sparse_policy.h"
+#include "model/tokenizer.h"
 
 namespace mprefill::coord {
 

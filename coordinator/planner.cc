@@ -2,7 +2,7 @@
 
 #include <cstdio>
 
-#include "worker/parallel_plan.h"
+#include "model/parallel_plan.h"
 
 namespace mprefill::coord {
 

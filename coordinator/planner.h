@@ -6,9 +6,9 @@
 #include <string>
 
 #include "common.pb.h"
+#include "model/model_config.h"
+#include "model/sparse_policy.h"
 #include "worker.pb.h"
-#include "worker/model_config.h"
-#include "worker/sparse_policy.h"
 
 namespace mprefill::coord {
 

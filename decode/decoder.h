@@ -1,12 +1,7 @@
-// The reference decoder (issue 6): receives a job's KV pages from every worker rank over
-// TCP into a paged store, acks each layer, then continues generation from the first
-// token with the CPU model code.
+// The reference decoder (issue 6): receives a job's KV pages from every worker rank
+// through its KV port (kv::KvReceiver, kv/kv_receiver.h) into a paged store, then continues
+// generation from the first token with the CPU model code.
 //
-//   KvReceiver  the KV port: accepts worker streams (hello + KvStreamHello with the KV
-//               contract), stores their pages (JobKvStore: checksums, geometry, overlap),
-//               sends LayerAck to every stream of a job once a layer is complete, and
-//               fails a job whose pages stop arriving for its timeout, whose stream closes
-//               early, or that sends a bad page (memory released, streams told).
 //   Decoder     the coordinator side: DecoderRegister, Expect -> Ready, StartDecode ->
 //               DecodeDone (or DecodeFailed), Release, heartbeats. Decoding runs on its
 //               own thread: the store is copied into a KvCache layer by layer (pages
@@ -25,106 +20,16 @@
 #include <thread>
 #include <vector>
 
-#include "decode/kv_store.h"
+#include "kv/kv_receiver.h"
+#include "model/fingerprint.h"
 #include "proto/wire.h"
 #include "worker/engine.h"
-#include "worker/fingerprint.h"
 
 namespace mprefill::decode {
 
 namespace v1 = ::mprefill::v1;
-
-// The K/V bytes of pages whose headers arrive on a KV stream while their payload travels
-// another way (kv_transport "nccl": decode/nccl_kv_receiver.h). One per stream, used from
-// that stream's thread only.
-class PagePayloadSource {
- public:
-  virtual ~PagePayloadSource() = default;
-  // Fills *k and *v with the page's bytes (size from the header's geometry and dtype),
-  // checked end to end; throws std::runtime_error with context (transport failure,
-  // checksum mismatch, a wait past its bound).
-  virtual void fetch(const v1::KvPageHeader& h, std::string* k, std::string* v) = 0;
-};
-// Makes the source of a stream whose KvStreamHello carries nccl_unique_id (joins the
-// sender's communicator within timeout_ms). Throws std::runtime_error on failure.
-using PayloadSourceFactory = std::function<std::unique_ptr<PagePayloadSource>(
-    const v1::KvStreamHello& hello, int timeout_ms)>;
-
-struct ReceiverOptions {
-  std::string listen_host = "127.0.0.1";  // bind address of the KV port
-  uint16_t listen_port = 0;               // 0: any free port
-  std::string secret;                     // streams must prove it (empty: no auth)
-  v1::KvContract contract;                // what every stream must declare
-  uint64_t capacity_bytes = uint64_t{2} << 30;
-  int max_jobs = 4;
-  int default_timeout_ms = 30000;  // Expect.timeout_ms when 0
-  int hello_wait_ms = 5000;        // a stream for a job not expected yet waits this long
-  // Frame limit on the KV port after a stream's hello (before it: 64 KiB); at least one
-  // full page of the contract (checked by the constructor).
-  size_t max_frame = wire::kDefaultMaxFrame;
-  PayloadSourceFactory nccl;  // set: streams may use kv_transport "nccl"
-};
-
-class KvReceiver {
- public:
-  // Called (from a receiver thread) when a job fails: timeout, bad page, early close.
-  using FailFn = std::function<void(uint64_t job_id, const std::string& message)>;
-
-  KvReceiver(ReceiverOptions opt, FailFn on_fail);
-  ~KvReceiver();
-  uint16_t port() const;
-  const v1::KvContract& contract() const { return opt_.contract; }
-
-  // Reserves the job's pages. false with *why (duplicate id, too many jobs, no room).
-  bool expect(const v1::Expect& e, std::string* why);
-  // Waits until every layer arrived (true) or the job failed / was released (false,
-  // *why). Bounded: a job whose pages stop for its timeout fails.
-  bool wait_complete(uint64_t job_id, std::string* why);
-  // The complete store of a job (nullptr when unknown or failed).
-  std::shared_ptr<JobKvStore> store(uint64_t job_id);
-  // Drops a job: memory released, its streams closed. Unknown ids are ignored.
-  void release(uint64_t job_id);
-  // Fails a job (as if a stream had failed it), telling its streams.
-  void fail_job(uint64_t job_id, const std::string& message);
-  // Releases every job (a coordinator connection lost: its job ids mean nothing now).
-  void release_all();
-
-  struct JobInfo {
-    bool known = false, complete = false, failed = false;
-    int layers_complete = 0, streams = 0;
-    uint64_t bytes = 0;
-    double receive_ms = 0;  // first page -> last layer complete
-    std::string error;
-    bool sender_failed = false;  // a stream ended early, a rank gave up, or no page came
-  };
-  JobInfo info(uint64_t job_id) const;
-  uint64_t reserved_bytes() const { return pool_->reserved_bytes(); }
-
- private:
-  struct Stream;
-  struct Job;
-  ReceiverOptions opt_;
-  FailFn on_fail_;
-  KvStoreShape shape_;
-  std::unique_ptr<PagePool> pool_;
-  std::unique_ptr<wire::Listener> listener_;
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  std::map<uint64_t, std::shared_ptr<Job>> jobs_;
-  std::vector<std::shared_ptr<Stream>> streams_;
-  std::atomic<bool> stop_{false};
-  std::thread accept_thread_, monitor_thread_;
-
-  void accept_loop();
-  void monitor_loop();
-  void serve_stream(std::shared_ptr<Stream> s);
-  bool job_failed(const std::shared_ptr<Job>& job) const;
-  void handle_page(Stream& s, const std::shared_ptr<Job>& job, const v1::KvPage& page,
-                   bool bf16_ok = false);
-  // sender: the failure is the KV senders' (JobInfo::sender_failed).
-  void fail_locked(const std::shared_ptr<Job>& job, const std::string& message,
-                   std::vector<std::function<void()>>* after, bool sender = false);
-};
+using kv::KvReceiver;
+using kv::ReceiverOptions;
 
 struct DecoderOptions {
   std::string name = "decoder";

@@ -5,7 +5,7 @@
 //   - a ClientHello goes through wire::check_client_hello (the coordinator's and the
 //     decoder's hello check) with and without a secret: accepted only with the right
 //     proof, never an error message that contains the secret;
-//   - a KvPage goes through the decoder's page store (decode::JobKvStore::put, the same
+//   - a KvPage goes through the decoder's page store (kv::JobKvStore::put, the same
 //     PageIn the decoder's KvReceiver builds) with its checksum fixed up on most inputs so
 //     that the geometry and overlap checks are reached;
 //   - a DecoderRegister's host:port goes through wire::parse_host_port.
@@ -23,15 +23,15 @@
 #include <stdexcept>
 #include <string>
 
-#include "decode/crc32c.h"
-#include "decode/kv_store.h"
+#include "kv/crc32c.h"
+#include "kv/kv_store.h"
 #include "proto/wire.h"
 
 namespace {
 
 namespace v1 = ::mprefill::v1;
 namespace wire = ::mprefill::wire;
-namespace dec = ::mprefill::decode;
+namespace kvp = ::mprefill::kv;
 
 [[noreturn]] void violated(const char* what) {
   std::fprintf(stderr, "frame_fuzz: invariant violated: %s\n", what);
@@ -77,20 +77,20 @@ void check_hello(const v1::ClientHello& h) {
 // The decoder's page store for a small model shape: 2 layers x 2 KV heads x head_dim 4,
 // pages of 4 tokens.
 void check_page(const v1::KvPage& page, int64_t n_tokens, bool fix_crc) {
-  dec::KvStoreShape shape;
+  kvp::KvStoreShape shape;
   shape.n_layers = 2;
   shape.n_kv_heads = 2;
   shape.head_dim = 4;
   shape.page_tokens = 4;
-  dec::PagePool pool(shape, uint64_t{1} << 20);
-  std::unique_ptr<dec::JobKvStore> store;
+  kvp::PagePool pool(shape, uint64_t{1} << 20);
+  std::unique_ptr<kvp::JobKvStore> store;
   try {
-    store = std::make_unique<dec::JobKvStore>(&pool, n_tokens);
-  } catch (const dec::PageError&) {
+    store = std::make_unique<kvp::JobKvStore>(&pool, n_tokens);
+  } catch (const kvp::PageError&) {
     return;  // does not fit the pool: admission refused, as in the decoder
   }
   const v1::KvPageHeader& h = page.header();
-  dec::PageIn p;
+  kvp::PageIn p;
   p.layer = h.layer();
   p.kv_heads.assign(h.kv_heads().begin(), h.kv_heads().end());
   p.token_begin = h.token_begin();
@@ -103,8 +103,8 @@ void check_page(const v1::KvPage& page, int64_t n_tokens, bool fix_crc) {
   p.v_bytes = page.v().size();
   p.crc32c = h.crc32c();
   if (fix_crc)
-    p.crc32c = dec::crc32c(page.v().data(), page.v().size(),
-                           dec::crc32c(page.k().data(), page.k().size()));
+    p.crc32c = kvp::crc32c(page.v().data(), page.v().size(),
+                           kvp::crc32c(page.k().data(), page.k().size()));
   // The same page twice: the second must be refused as an overlap (or refused for the
   // same reason as the first).
   for (int rep = 0; rep < 2; ++rep) {
@@ -112,7 +112,7 @@ void check_page(const v1::KvPage& page, int64_t n_tokens, bool fix_crc) {
     try {
       store->put(p);
       stored = true;
-    } catch (const dec::PageError&) {
+    } catch (const kvp::PageError&) {
     } catch (const std::invalid_argument&) {
     }
     if (rep == 1) FUZZ_CHECK(!stored || p.token_begin == p.token_end || p.kv_heads.empty());

@@ -1,5 +1,5 @@
 // libFuzzer target: a .safetensors file (u64 header length, JSON header, data section) as
-// worker/safetensors.h opens it. The input becomes the contents of an in-memory file
+// model/safetensors.h opens it. The input becomes the contents of an in-memory file
 // (memfd) that SafetensorsFile::open maps exactly as it maps a checkpoint on disk, so the
 // fuzzed path is the real one (size checks, mmap, header JSON, dtype / shape /
 // data_offsets validation) with no change to the reader.
@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "worker/safetensors.h"
+#include "model/safetensors.h"
 
 namespace {
 

@@ -12,9 +12,9 @@
 #include <string>
 #include <vector>
 
-#include "decode/crc32c.h"
+#include "kv/crc32c.h"
+#include "model/safetensors.h"
 #include "proto/wire.h"
-#include "worker/safetensors.h"
 
 namespace {
 
@@ -68,8 +68,8 @@ v1::Envelope page(int layer, int64_t begin, int64_t end) {
   }
   p->set_k(std::string(reinterpret_cast<const char*>(k.data()), k.size() * 4));
   p->set_v(std::string(reinterpret_cast<const char*>(v.data()), v.size() * 4));
-  h->set_crc32c(mprefill::decode::crc32c(p->v().data(), p->v().size(),
-                                         mprefill::decode::crc32c(p->k().data(), p->k().size())));
+  h->set_crc32c(mprefill::kv::crc32c(p->v().data(), p->v().size(),
+                                     mprefill::kv::crc32c(p->k().data(), p->k().size())));
   h->set_sender_rank(0);
   return e;
 }

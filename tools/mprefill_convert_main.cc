@@ -5,7 +5,7 @@
 #include <exception>
 #include <string>
 
-#include "worker/convert.h"
+#include "model/convert.h"
 
 namespace {
 

@@ -13,13 +13,13 @@
 
 #include "decode/decoder.h"
 #include "kernels/cpu/cpu.h"
+#include "kv/kv_handoff.h"
+#include "model/fingerprint.h"
+#include "model/weights.h"
 #include "proto/wire.h"
 #include "tools/cli_args.h"
-#include "worker/fingerprint.h"
-#include "worker/kv_handoff.h"
-#include "worker/weights.h"
 #ifdef MPREFILL_HAVE_NCCL_KV
-#include "decode/nccl_kv_receiver.h"
+#include "kv/cuda/nccl_kv_receiver.h"
 #endif
 
 namespace {
@@ -153,7 +153,7 @@ int main(int argc, char** argv) {
     opt.model_name = model_name_from_path(model);
     if (gpu >= 0) {
 #ifdef MPREFILL_HAVE_NCCL_KV
-      opt.receiver.nccl = decode::make_nccl_payload_factory(gpu);
+      opt.receiver.nccl = kv::make_nccl_payload_factory(gpu);
       opt.kv_transports = {"tcp", "nccl"};
 #else
       throw std::runtime_error(

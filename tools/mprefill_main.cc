@@ -18,11 +18,11 @@
 #include <vector>
 
 #include "kernels/cpu/cpu.h"
+#include "model/sparse_policy.h"
+#include "model/tokenizer.h"
+#include "model/weights.h"
 #include "tools/cli_args.h"
 #include "worker/engine.h"
-#include "worker/sparse_policy.h"
-#include "worker/tokenizer.h"
-#include "worker/weights.h"
 #ifdef MPREFILL_HAVE_GPU_ENGINE
 #include "worker/cuda/cuda_engine.h"
 #include "worker/cuda/cuda_generate.h"

@@ -1,5 +1,5 @@
 // mprefill-search: offline per-head pattern search on a calibration prompt
-// (worker/pattern_search.h), the recall-per-budget table, and a retrieval evaluation of
+// (search/pattern_search.h), the recall-per-budget table, and a retrieval evaluation of
 // sparse policies through the CPU engine or, with --device cuda[:N], the GPU engine
 // (probe model, python/probe/).
 //
@@ -24,16 +24,17 @@
 #include <vector>
 
 #include "kernels/cpu/cpu.h"
+#include "model/prompt.h"
+#include "model/sparse_policy.h"
+#include "model/tokenizer.h"
+#include "model/weights.h"
+#include "search/pattern_search.h"
+#include "search/png.h"
 #include "tools/cli_args.h"
 #include "worker/engine.h"
-#include "worker/pattern_search.h"
-#include "worker/png.h"
-#include "worker/sparse_policy.h"
-#include "worker/tokenizer.h"
-#include "worker/weights.h"
 #ifdef MPREFILL_HAVE_GPU_ENGINE
+#include "kv/cuda/kv_sinks.h"
 #include "worker/cuda/cuda_engine.h"
-#include "worker/cuda/kv_sinks.h"
 #endif
 
 namespace {
@@ -197,9 +198,7 @@ std::vector<int> calibration_ids(const Args& a, const ModelConfig& cfg) {
       if (used != item.size())
         throw std::runtime_error("calibration file " + a.calib + " is not a list of token ids ('" +
                                  item.substr(0, 20) + "'); give --tokenizer to read it as text");
-      if (v < 0 || v >= cfg.vocab)
-        throw std::runtime_error("calibration token id " + item + " is out of range [0, " +
-                                 std::to_string(cfg.vocab) + ")");
+      check_token_id(cfg, v, "calibration token id");
       ids.push_back(static_cast<int>(v));
     }
   }

@@ -30,22 +30,23 @@
 
 #include "comm/mpi_comm.h"
 #include "kernels/cpu/cpu.h"
+#include "kv/kv_handoff.h"
+#include "model/fingerprint.h"
+#include "model/prompt.h"
+#include "model/sampler.h"
+#include "model/sparse_policy.h"
+#include "model/weights.h"
 #include "proto/wire.h"
 #include "tools/cli_args.h"
 #include "worker/dist_engine.h"
 #include "worker/engine.h"
-#include "worker/fingerprint.h"
-#include "worker/kv_handoff.h"
-#include "worker/sampler.h"
-#include "worker/sparse_policy.h"
-#include "worker/weights.h"
 #ifdef MPREFILL_HAVE_GPU_ENGINE
 #include <cuda_runtime_api.h>
 
 #include "worker/cuda/cuda_engine.h"
 #endif
 #ifdef MPREFILL_HAVE_NCCL_KV
-#include "worker/cuda/nccl_kv_sink.h"
+#include "kv/cuda/nccl_kv_sink.h"
 #endif
 #ifdef MPREFILL_HAVE_GPU_DIST
 #include "comm/nccl_comm.h"
@@ -839,12 +840,7 @@ class Worker {
     AuditOptions audit;
     std::unique_ptr<Handoff> sink;
     try {
-      if (ids.empty()) throw std::runtime_error("empty prompt");
-      for (size_t i = 0; i < ids.size(); ++i)
-        if (ids[i] < 0 || ids[i] >= cfg_.vocab)
-          throw std::runtime_error("token id " + std::to_string(ids[i]) + " at " +
-                                   std::to_string(i) + " is outside [0, " +
-                                   std::to_string(cfg_.vocab) + ")");
+      check_prompt_ids(cfg_, ids);
       const bool nccl = o.kv_transport() == "nccl";
 #ifdef MPREFILL_HAVE_NCCL_KV
       if (nccl && !on_gpu())

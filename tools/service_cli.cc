@@ -23,10 +23,10 @@
 #include <vector>
 
 #include "coordinator/coordinator.h"
+#include "model/tokenizer.h"
 #include "proto/hmac.h"
 #include "proto/wire.h"
 #include "tools/cli_args.h"
-#include "worker/tokenizer.h"
 
 namespace mprefill::cli {
 

@@ -4,8 +4,8 @@
 // rule, vertical-slash index, block-sparse blocks of the prefill's plan):
 //   recall           = mean over the sampled rows of the captured softmax mass
 //   output_rel_error = max |O_sparse - O_dense| / max |O_dense| over the sampled rows
-// Scored with pattern_search's row primitives (RowPartial, OutputError, BlockKeys), so an
-// audit of every block equals the search's scores of the same head and mask.
+// Scored with the mask scoring primitives of worker/mask_score.h (RowPartial, OutputError,
+// BlockKeys), so an audit of every block equals the search's scores of the same head and mask.
 //
 // Cost per layer: O(K * blocks * 64 * N * d) multiply-adds (fp32 logits by the CPU GEMM,
 // softmax and sums in fp64), keys in chunks of kAuditKeyChunk (memory O(64 * chunk)).
@@ -20,9 +20,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "model/sparse_policy.h"
 #include "worker/engine.h"
-#include "worker/pattern_search.h"
-#include "worker/sparse_policy.h"
+#include "worker/mask_score.h"
 
 namespace mprefill {
 

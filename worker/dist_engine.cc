@@ -20,12 +20,13 @@
 #include <stdexcept>
 
 #include "kernels/cpu/cpu.h"
+#include "model/prompt.h"
+#include "model/safetensors.h"
+#include "model/weight_source.h"
 #include "worker/audit.h"
 #include "worker/distributed_estimate.h"
 #include "worker/plan_codec.h"
 #include "worker/ring_attention.h"
-#include "worker/safetensors.h"
-#include "worker/weight_source.h"
 
 namespace mprefill {
 namespace {
@@ -441,12 +442,11 @@ DistPrefillResult DistEngine::Impl::prefill(const std::vector<int>& ids, const S
   audit.validate();
   const ModelConfig& c = w.cfg;
   const int64_t n = static_cast<int64_t>(ids.size());
-  if (n == 0) fail("prompt is empty (at least one token is needed)");
-  if (n > (int64_t{1} << 31) - 1) fail("prompt of " + std::to_string(n) + " tokens is over 2^31");
-  for (size_t i = 0; i < ids.size(); ++i)
-    if (ids[i] < 0 || ids[i] >= c.vocab)
-      fail("token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
-           " is out of range [0, " + std::to_string(c.vocab) + ")");
+  try {
+    check_prompt_ids(c, ids);
+  } catch (const std::exception& e) {
+    fail(e.what());
+  }
   policy.check_model(c);
   const bool reuse = plan_inout && !plan_inout->empty();
   if (reuse) check_prefill_plan(*plan_inout, policy, c, n);

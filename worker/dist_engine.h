@@ -22,10 +22,10 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "kv/kv_sink.h"
+#include "model/parallel_plan.h"
+#include "model/sparse_policy.h"
 #include "worker/engine.h"
-#include "worker/kv_sink.h"
-#include "worker/parallel_plan.h"
-#include "worker/sparse_policy.h"
 
 namespace mprefill {
 

@@ -11,7 +11,7 @@
 #include "comm/communicator.h"
 #include "kernels/sparse.h"
 #include "kernels/status.h"
-#include "worker/parallel_plan.h"
+#include "model/parallel_plan.h"
 
 namespace mprefill {
 

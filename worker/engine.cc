@@ -7,6 +7,7 @@
 #include <string>
 
 #include "kernels/cpu/cpu.h"
+#include "model/prompt.h"
 #include "worker/audit.h"
 #include "worker/plan_codec.h"
 
@@ -35,13 +36,6 @@ void check_tensor(const Tensor& t, int64_t expect, const std::string& name) {
 const float* bias_or_null(const Tensor& t) { return t.empty() ? nullptr : t.data.data(); }
 
 }  // namespace
-
-KvCache::KvCache(const ModelConfig& cfg, int64_t cap)
-    : n_layers(cfg.n_layers), kv_dim(cfg.kv_dim()), capacity(cap), n_tokens(0) {
-  if (cap < 1) throw std::runtime_error("KV cache capacity must be >= 1");
-  k.assign(n_layers, std::vector<float>(static_cast<size_t>(cap) * kv_dim));
-  v.assign(n_layers, std::vector<float>(static_cast<size_t>(cap) * kv_dim));
-}
 
 Engine::Engine(const ModelWeights& w, EngineOptions opt) : w_(w), opt_(opt) {
   const ModelConfig& c = w.config;
@@ -74,24 +68,7 @@ Engine::Engine(const ModelWeights& w, EngineOptions opt) : w_(w), opt_(opt) {
 }
 
 void Engine::check_prompt(const std::vector<int>& ids, int64_t max_prompt) const {
-  const ModelConfig& c = w_.config;
-  if (ids.empty()) throw std::runtime_error("prompt is empty (at least one token is needed)");
-  for (size_t i = 0; i < ids.size(); ++i)
-    if (ids[i] < 0 || ids[i] >= c.vocab)
-      throw std::runtime_error("token id " + std::to_string(ids[i]) + " at position " +
-                               std::to_string(i) + " is out of range [0, " +
-                               std::to_string(c.vocab) + ")");
-  const int64_t n = static_cast<int64_t>(ids.size());
-  if (max_prompt < 0)
-    throw std::runtime_error("max prompt must be >= 0, got " + std::to_string(max_prompt));
-  if (max_prompt == 0 && n > c.max_position)
-    throw std::runtime_error("prompt has " + std::to_string(n) +
-                             " tokens, over the model's limit of " +
-                             std::to_string(c.max_position) +
-                             " (max_position_embeddings; raise the limit with --max-prompt)");
-  if (max_prompt > 0 && n > max_prompt)
-    throw std::runtime_error("prompt has " + std::to_string(n) + " tokens, over the limit of " +
-                             std::to_string(max_prompt) + " set by --max-prompt");
+  mprefill::check_prompt(w_.config, ids, max_prompt);
 }
 
 namespace {
@@ -327,10 +304,8 @@ std::vector<float> Engine::prefill(const std::vector<int>& ids, const SparsePoli
   PrefillPlan audit_plan;
   if (audit.enabled() && !plan_inout) plan_inout = &audit_plan;
   const ModelConfig& c = w_.config;
-  check_prompt(ids, static_cast<int64_t>(ids.size()));  // range checks; no length limit here
+  check_prompt_ids(c, ids);  // no length limit here
   const int64_t n = static_cast<int64_t>(ids.size());
-  if (n > (int64_t{1} << 31) - 1)
-    throw std::runtime_error("engine: prompt of " + std::to_string(n) + " tokens is over 2^31");
   check_cache(cache, c, 0, n);
   policy.check_model(c);
   const bool reuse = plan_inout && !plan_inout->empty();
@@ -353,10 +328,7 @@ std::vector<float> Engine::prefill(const std::vector<int>& ids, const SparsePoli
 
 std::vector<float> Engine::decode_step(int token, int64_t pos, KvCache* cache) const {
   const ModelConfig& c = w_.config;
-  if (token < 0 || token >= c.vocab)
-    throw std::runtime_error("token id " + std::to_string(token) + " at position " +
-                             std::to_string(pos) + " is out of range [0, " +
-                             std::to_string(c.vocab) + ")");
+  check_token_id(c, token, "token id at position " + std::to_string(pos) + ":");
   check_cache(cache, c, pos, 1);
   Forward f{w_, inv_freq_, opt_.mlp_chunk};
   return f.run(&token, 1, pos, SparsePolicy::dense(), cache, nullptr, false, nullptr);

@@ -8,22 +8,12 @@
 #include <vector>
 
 #include "kernels/sparse.h"
-#include "worker/sampler.h"
-#include "worker/sparse_policy.h"
-#include "worker/weights.h"
+#include "kv/kv_cache.h"
+#include "model/sampler.h"
+#include "model/sparse_policy.h"
+#include "model/weights.h"
 
 namespace mprefill {
-
-// K (after RoPE, global positions) and V of every layer: k[l], v[l] are
-// [capacity][kv_dim] fp32, rows [0, n_tokens) valid.
-struct KvCache {
-  int n_layers = 0, kv_dim = 0;
-  int64_t capacity = 0, n_tokens = 0;
-  std::vector<std::vector<float>> k, v;
-
-  KvCache() = default;
-  KvCache(const ModelConfig& cfg, int64_t capacity);
-};
 
 // Estimated sparse indices of one query head for one prompt.
 struct HeadPlan {

@@ -10,8 +10,8 @@
 #include "comm/communicator.h"
 #include "kernels/sparse.h"
 #include "kernels/status.h"
-#include "worker/parallel_plan.h"
-#include "worker/sparse_policy.h"
+#include "model/parallel_plan.h"
+#include "model/sparse_policy.h"
 
 namespace mprefill {
 

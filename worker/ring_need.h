@@ -13,10 +13,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "model/model_config.h"
+#include "model/parallel_plan.h"
+#include "model/sparse_policy.h"
 #include "worker/engine.h"
-#include "worker/model_config.h"
-#include "worker/parallel_plan.h"
-#include "worker/sparse_policy.h"
 
 namespace mprefill {
 

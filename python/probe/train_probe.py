@@ -3,7 +3,7 @@
 
 A small Llama-architecture model (HF LlamaForCausalLM layout) trained from scratch on the
 synthetic key-value retrieval task of probe_task.py, with a length curriculum up to
---max-len, then exported as an HF directory that mprefill loads (worker/weights.h
+--max-len, then exported as an HF directory that mprefill loads (model/weights.h
 load_hf_dir): config.json + model.safetensors (BF16) + MODEL_CARD.md + calib_8k.ids.
 
 Shape (default): 4 layers, hidden 256, 4 query heads / 2 KV heads of head_dim 128 (the
@@ -155,7 +155,7 @@ class Llama(nn.Module):
 
 # ----------------------------------------------------------------------------- export
 def hf_state(model):
-    """HF LlamaForCausalLM tensor names (what worker/weights.cc load_hf_dir reads)."""
+    """HF LlamaForCausalLM tensor names (what model/weights.cc load_hf_dir reads)."""
     out = {"model.embed_tokens.weight": model.embed_tokens.weight,
            "model.norm.weight": model.norm.weight,
            "lm_head.weight": model.lm_head.weight}

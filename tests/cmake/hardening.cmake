@@ -90,7 +90,7 @@ if(TARGET mprefill_proto_msgs AND TARGET mprefill_coordinator AND TARGET mprefil
     add_library(mprefill_coordinator_${tag} STATIC EXCLUDE_FROM_ALL
                 ${_src}/coordinator/coordinator.cc ${_src}/coordinator/planner.cc
                 ${_src}/coordinator/metrics.cc)
-    target_link_libraries(mprefill_coordinator_${tag} PUBLIC mprefill_proto_${tag} mprefill_worker)
+    target_link_libraries(mprefill_coordinator_${tag} PUBLIC mprefill_proto_${tag} mprefill_model)
     target_compile_options(mprefill_coordinator_${tag} PRIVATE ${_opts})
 
     add_executable(mprefill-coordinator-${tag} EXCLUDE_FROM_ALL
@@ -101,7 +101,8 @@ if(TARGET mprefill_proto_msgs AND TARGET mprefill_coordinator AND TARGET mprefil
     set(_targets mprefill-coordinator-${tag})
 
     add_library(mprefill_decode_${tag} STATIC EXCLUDE_FROM_ALL ${_src}/decode/decoder.cc
-                ${_src}/worker/kv_handoff.cc ${_src}/decode/kv_store.cc ${_src}/decode/crc32c.cc)
+                ${_src}/kv/kv_receiver.cc ${_src}/kv/kv_handoff.cc ${_src}/kv/kv_store.cc
+                ${_src}/kv/crc32c.cc)
     target_link_libraries(mprefill_decode_${tag} PUBLIC mprefill_proto_${tag} mprefill_worker
                           mprefill_kernels)
     target_compile_options(mprefill_decode_${tag} PRIVATE ${_opts})

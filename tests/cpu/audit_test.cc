@@ -15,10 +15,10 @@
 #include <string>
 #include <vector>
 
+#include "model/sparse_policy.h"
+#include "search/pattern_search.h"
 #include "tests/testutil.h"
 #include "worker/engine.h"
-#include "worker/pattern_search.h"
-#include "worker/sparse_policy.h"
 
 namespace mprefill {
 namespace {

@@ -21,8 +21,8 @@
 
 #include "coordinator/metrics.h"
 #include "coordinator/planner.h"
+#include "model/sparse_policy.h"
 #include "proto/wire.h"
-#include "worker/sparse_policy.h"
 
 namespace w = mprefill::wire;
 namespace v1 = mprefill::v1;

@@ -12,9 +12,9 @@
 #include <mutex>
 #include <thread>
 
+#include "kv/kv_handoff.h"
+#include "model/tokenizer.h"
 #include "tests/testutil.h"
-#include "worker/kv_handoff.h"
-#include "worker/tokenizer.h"
 
 namespace mprefill {
 namespace {

@@ -13,8 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "model/sampler.h"
 #include "tests/testutil.h"
-#include "worker/sampler.h"
 
 namespace mprefill {
 namespace {

@@ -2,7 +2,7 @@
 // fingerprint of the loaded model: equal for every format the loader takes (HF f32 /
 // bf16, Qwen2 biases, tied and untied output, llama2.c .bin, random:), at any read chunk;
 // one changed weight changes it, bytes the model does not use (llama2.c freq_cis) do not.
-#include "worker/fingerprint.h"
+#include "model/fingerprint.h"
 
 #include <gtest/gtest.h>
 
@@ -10,10 +10,10 @@
 #include <string>
 #include <vector>
 
+#include "model/convert.h"
+#include "model/llama2c.h"
+#include "model/weights.h"
 #include "tests/testutil.h"
-#include "worker/convert.h"
-#include "worker/llama2c.h"
-#include "worker/weights.h"
 
 namespace mprefill {
 namespace {

@@ -7,11 +7,11 @@
 #include <string>
 #include <vector>
 
+#include "model/convert.h"
+#include "model/tokenizer.h"
+#include "model/weights.h"
 #include "tests/testutil.h"
-#include "worker/convert.h"
 #include "worker/engine.h"
-#include "worker/tokenizer.h"
-#include "worker/weights.h"
 
 namespace mprefill {
 namespace {

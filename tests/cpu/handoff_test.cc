@@ -13,47 +13,46 @@
 #include <random>
 #include <thread>
 
-#include "decode/crc32c.h"
 #include "decode/decoder.h"
-#include "decode/kv_store.h"
+#include "kv/crc32c.h"
+#include "kv/kv_handoff.h"
+#include "kv/kv_store.h"
+#include "model/fingerprint.h"
 #include "tests/testutil.h"
-#include "worker/fingerprint.h"
-#include "worker/kv_handoff.h"
 
 namespace mprefill {
 namespace {
 
-using decode::JobKvStore;
-using decode::KvStoreShape;
-using decode::PageCut;
-using decode::PageError;
-using decode::PageIn;
-using decode::PagePool;
+using kv::JobKvStore;
+using kv::KvStoreShape;
+using kv::PageCut;
+using kv::PageError;
+using kv::PageIn;
+using kv::PagePool;
 using Clock = std::chrono::steady_clock;
 using Ranges = std::vector<std::pair<int64_t, int64_t>>;
 
 // ---- crc32c ----------------------------------------------------------------------------
 
 TEST(Crc32c, KnownVectorsAndExtension) {
-  EXPECT_EQ(decode::crc32c("123456789", 9), 0xE3069283u);  // the CRC-32C check value
-  EXPECT_EQ(decode::crc32c("", 0), 0u);
+  EXPECT_EQ(kv::crc32c("123456789", 9), 0xE3069283u);  // the CRC-32C check value
+  EXPECT_EQ(kv::crc32c("", 0), 0u);
   const std::vector<uint8_t> zeros(32, 0);
-  EXPECT_EQ(decode::crc32c(zeros.data(), 32), 0x8A9136AAu);  // RFC 3720 B.4
+  EXPECT_EQ(kv::crc32c(zeros.data(), 32), 0x8A9136AAu);  // RFC 3720 B.4
   std::vector<uint8_t> buf(1000 + 7);
   std::mt19937 rng(3);
   for (auto& b : buf) b = static_cast<uint8_t>(rng());
-  const uint32_t whole = decode::crc32c(buf.data(), buf.size());
+  const uint32_t whole = kv::crc32c(buf.data(), buf.size());
   for (size_t cut : {size_t{0}, size_t{1}, size_t{13}, size_t{512}, buf.size()})
-    EXPECT_EQ(decode::crc32c(buf.data() + cut, buf.size() - cut, decode::crc32c(buf.data(), cut)),
-              whole);
+    EXPECT_EQ(kv::crc32c(buf.data() + cut, buf.size() - cut, kv::crc32c(buf.data(), cut)), whole);
   buf[500] ^= 0x10;
-  EXPECT_NE(decode::crc32c(buf.data(), buf.size()), whole);
+  EXPECT_NE(kv::crc32c(buf.data(), buf.size()), whole);
 }
 
 // ---- page cutting ----------------------------------------------------------------------
 
 TEST(CutPages, AlignedBlocksNeverSpanRanges) {
-  const auto cuts = decode::cut_pages({{0, 5}, {300, 700}}, 256);
+  const auto cuts = kv::cut_pages({{0, 5}, {300, 700}}, 256);
   ASSERT_EQ(cuts.size(), 3u);
   EXPECT_EQ(cuts[0].token_begin, 0);
   EXPECT_EQ(cuts[0].token_end, 5);
@@ -75,7 +74,7 @@ TEST(CutPages, AlignedBlocksNeverSpanRanges) {
       r.push_back({t, t + len});
       t += len + rng() % 40;
     }
-    const auto c = decode::cut_pages(r, P);
+    const auto c = kv::cut_pages(r, P);
     int64_t row = 0;
     size_t ri = 0;
     int64_t cursor = r[0].first;
@@ -93,9 +92,9 @@ TEST(CutPages, AlignedBlocksNeverSpanRanges) {
     for (auto& [b, e] : r) rows += e - b;
     EXPECT_EQ(row, rows);
   }
-  EXPECT_THROW(decode::cut_pages({{5, 5}}, 4), std::invalid_argument);
-  EXPECT_THROW(decode::cut_pages({{10, 20}, {15, 30}}, 4), std::invalid_argument);
-  EXPECT_THROW(decode::cut_pages({{0, 4}}, 0), std::invalid_argument);
+  EXPECT_THROW(kv::cut_pages({{5, 5}}, 4), std::invalid_argument);
+  EXPECT_THROW(kv::cut_pages({{10, 20}, {15, 30}}, 4), std::invalid_argument);
+  EXPECT_THROW(kv::cut_pages({{0, 4}}, 0), std::invalid_argument);
 }
 
 // ---- a synthetic job: source KV and its tp x sp shards -------------------------------
@@ -174,7 +173,7 @@ PageIn page_of(const RankSlice& r, int layer, int hd, const PageCut& c) {
   p.k = r.k.data() + c.row0 * row;
   p.v = r.v.data() + c.row0 * row;
   p.k_bytes = p.v_bytes = (c.token_end - c.token_begin) * row * 4;
-  p.crc32c = decode::crc32c(p.v, p.v_bytes, decode::crc32c(p.k, p.k_bytes));
+  p.crc32c = kv::crc32c(p.v, p.v_bytes, kv::crc32c(p.k, p.k_bytes));
   return p;
 }
 
@@ -206,7 +205,7 @@ TEST(KvStore, ReassemblesTpSpShardsInAnyOrder) {
   for (int l = 0; l < L; ++l)
     for (int r = 0; r < tp * sp; ++r) {
       const RankSlice& rs = slices[l * tp * sp + r];
-      for (const PageCut& c : decode::cut_pages(rs.tokens, P))
+      for (const PageCut& c : kv::cut_pages(rs.tokens, P))
         pages.push_back({l, page_of(rs, l, hd, c)});
     }
   std::shuffle(pages.begin(), pages.end(), std::mt19937(5));
@@ -233,7 +232,7 @@ TEST(KvStore, RejectsBadPagesAndStaysUsable) {
   PagePool pool(KvStoreShape{1, kvh, hd, P}, uint64_t{1} << 20);
   JobKvStore store(&pool, n);
   const RankSlice all = cut_slice(src, 0, {{0, n}}, {0, 1});
-  const auto cuts = decode::cut_pages(all.tokens, P);
+  const auto cuts = kv::cut_pages(all.tokens, P);
   ASSERT_EQ(cuts.size(), 3u);
 
   auto expect_reject = [&](PageIn p, const char* what) {
@@ -412,8 +411,8 @@ struct Failures {
   }
 };
 
-decode::ReceiverOptions receiver_opts(const v1::KvContract& c) {
-  decode::ReceiverOptions o;
+kv::ReceiverOptions receiver_opts(const v1::KvContract& c) {
+  kv::ReceiverOptions o;
   o.contract = c;
   o.capacity_bytes = uint64_t{1} << 30;
   return o;
@@ -475,8 +474,7 @@ TEST(TcpHandoff, GroupShardsArriveExactly) {
   const SourceKv src = make_source(L, n, kvh, hd, 99);
   const v1::KvContract c = test_contract(L, kvh, hd, P);
   Failures fails;
-  decode::KvReceiver rx(receiver_opts(c),
-                        [&](uint64_t j, const std::string& m) { fails.add(j, m); });
+  kv::KvReceiver rx(receiver_opts(c), [&](uint64_t j, const std::string& m) { fails.add(j, m); });
   for (int streams : {1, 3}) {
     const uint64_t job = 10 + streams;
     std::string why;
@@ -537,8 +535,7 @@ TEST(TcpHandoff, CorruptedPageFailsTheJob) {
   const SourceKv src = make_source(L, n, kvh, hd, 5);
   const v1::KvContract c = test_contract(L, kvh, hd, P);
   Failures fails;
-  decode::KvReceiver rx(receiver_opts(c),
-                        [&](uint64_t j, const std::string& m) { fails.add(j, m); });
+  kv::KvReceiver rx(receiver_opts(c), [&](uint64_t j, const std::string& m) { fails.add(j, m); });
   std::string why;
   ASSERT_TRUE(rx.expect(expect_msg(7, n, L, 1), &why)) << why;
   auto conn = raw_stream(rx.port(), 7, 0, c);
@@ -576,8 +573,7 @@ TEST(TcpHandoff, VanishedAndSilentSendersFailWithinTheTimeout) {
   const SourceKv src = make_source(L, n, kvh, hd, 8);
   const v1::KvContract c = test_contract(L, kvh, hd, P);
   Failures fails;
-  decode::KvReceiver rx(receiver_opts(c),
-                        [&](uint64_t j, const std::string& m) { fails.add(j, m); });
+  kv::KvReceiver rx(receiver_opts(c), [&](uint64_t j, const std::string& m) { fails.add(j, m); });
   std::string why;
   // Rank 0 sends layer 0 and dies (no finish): the job fails as soon as its stream ends.
   ASSERT_TRUE(rx.expect(expect_msg(1, n, L, 1, 60000), &why)) << why;
@@ -612,7 +608,7 @@ TEST(TcpHandoff, VanishedDecoderFailsTheSender) {
   const int64_t n = 64;
   const SourceKv src = make_source(L, n, kvh, hd, 9);
   const v1::KvContract c = test_contract(L, kvh, hd, P);
-  auto rx = std::make_unique<decode::KvReceiver>(receiver_opts(c), nullptr);
+  auto rx = std::make_unique<kv::KvReceiver>(receiver_opts(c), nullptr);
   std::string why;
   // Two senders expected: rank 1 never comes, so no layer is ever acked.
   ASSERT_TRUE(rx->expect(expect_msg(3, n, L, 2), &why)) << why;
@@ -643,7 +639,7 @@ TEST(TcpHandoff, SlowDecoderAckTimesOut) {
   const int64_t n = 32;
   const SourceKv src = make_source(L, n, kvh, hd, 10);
   const v1::KvContract c = test_contract(L, kvh, hd, P);
-  decode::KvReceiver rx(receiver_opts(c), nullptr);
+  kv::KvReceiver rx(receiver_opts(c), nullptr);
   std::string why;
   ASSERT_TRUE(rx.expect(expect_msg(4, n, L, 2, 60000), &why)) << why;  // rank 1 never sends
   TcpKvHandoff h(sender_opts(4, 0, rx.port(), c, 1, 600));
@@ -665,8 +661,7 @@ TEST(TcpHandoff, SlowDecoderAckTimesOut) {
 TEST(TcpHandoff, ContractMismatchIsRefused) {
   const v1::KvContract c = test_contract(2, 2, 8, 16);
   Failures fails;
-  decode::KvReceiver rx(receiver_opts(c),
-                        [&](uint64_t j, const std::string& m) { fails.add(j, m); });
+  kv::KvReceiver rx(receiver_opts(c), [&](uint64_t j, const std::string& m) { fails.add(j, m); });
   std::string why;
   ASSERT_TRUE(rx.expect(expect_msg(5, 20, 2, 1), &why)) << why;
   TcpKvHandoff h(sender_opts(5, 0, rx.port(), test_contract(2, 2, 8, 16, "other"), 1, 3000));
@@ -706,9 +701,9 @@ TEST(TcpHandoff, LoopbackThroughput) {
   const int64_t n = std::max<int64_t>(1, mb * (1 << 20) / (2 * L * kvh * hd * 4));
   const SourceKv src = make_source(L, n, kvh, hd, 1);
   const v1::KvContract c = test_contract(L, kvh, hd, P);
-  decode::ReceiverOptions ro = receiver_opts(c);
+  kv::ReceiverOptions ro = receiver_opts(c);
   ro.capacity_bytes = uint64_t{8} << 30;
-  decode::KvReceiver rx(ro, nullptr);
+  kv::KvReceiver rx(ro, nullptr);
   const char* streams_env = std::getenv("MPREFILL_HANDOFF_STREAMS");
   const int streams = streams_env ? std::max(1, std::atoi(streams_env)) : 1;
   for (int sp : {1, 2}) {

@@ -1,5 +1,5 @@
 // Synthetic index sets and the MPIX index file format.
-#include "worker/index_sets.h"
+#include "model/index_sets.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>

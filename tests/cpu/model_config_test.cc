@@ -1,5 +1,5 @@
 // HF config.json parsing, named shapes, fingerprints and random initialisation.
-#include "worker/model_config.h"
+#include "model/model_config.h"
 
 #include <gtest/gtest.h>
 
@@ -8,7 +8,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "worker/weights.h"
+#include "model/weights.h"
 
 namespace mprefill {
 namespace {

@@ -16,11 +16,11 @@
 #include <vector>
 
 #include "kernels/cpu/cpu.h"
+#include "model/convert.h"
+#include "model/llama2c.h"
+#include "model/safetensors.h"
+#include "model/weights.h"
 #include "tests/testutil.h"
-#include "worker/convert.h"
-#include "worker/llama2c.h"
-#include "worker/safetensors.h"
-#include "worker/weights.h"
 
 namespace mprefill {
 namespace {

@@ -1,9 +1,9 @@
-#include "worker/parallel_plan.h"
+#include "model/parallel_plan.h"
 
 #include <gtest/gtest.h>
 
+#include "model/sparse_policy.h"
 #include "tests/testutil.h"
-#include "worker/sparse_policy.h"
 
 namespace mprefill {
 namespace {

@@ -1,7 +1,7 @@
 // Offline pattern search: PNG writer, calibration capture vs the engine, candidate tile
 // counts from the real estimators, recall / error scores against the kernels, MInference
 // JSON read back by sparse_policy, CSV, stories15M run, CLI errors.
-#include "worker/pattern_search.h"
+#include "search/pattern_search.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -20,10 +20,10 @@
 #include <vector>
 
 #include "kernels/cpu/cpu.h"
+#include "model/sparse_policy.h"
+#include "model/tokenizer.h"
+#include "search/png.h"
 #include "tests/testutil.h"
-#include "worker/png.h"
-#include "worker/sparse_policy.h"
-#include "worker/tokenizer.h"
 
 namespace mprefill {
 namespace {

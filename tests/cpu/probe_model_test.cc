@@ -13,10 +13,10 @@
 #include <string>
 #include <vector>
 
+#include "model/sparse_policy.h"
+#include "model/weights.h"
 #include "tests/testutil.h"
 #include "worker/engine.h"
-#include "worker/sparse_policy.h"
-#include "worker/weights.h"
 
 namespace mprefill {
 namespace {

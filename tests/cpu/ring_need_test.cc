@@ -7,7 +7,7 @@
 #include <stdexcept>
 #include <vector>
 
-#include "worker/parallel_plan.h"
+#include "model/parallel_plan.h"
 
 namespace mprefill {
 namespace {

@@ -1,6 +1,6 @@
 // Safetensors reader/writer: round trips (F32, BF16, F16; row and column slices),
 // hand-built corrupt files, sharded checkpoints.
-#include "worker/safetensors.h"
+#include "model/safetensors.h"
 
 #include <gtest/gtest.h>
 

@@ -1,5 +1,5 @@
 // Per-head sparse policy: MInference JSON read as-is, clear errors, summaries.
-#include "worker/sparse_policy.h"
+#include "model/sparse_policy.h"
 
 #include <gtest/gtest.h>
 

@@ -1,5 +1,5 @@
 // llama2.c tokenizer: the real stories15M tokenizer.bin, synthetic files, bad files.
-#include "worker/tokenizer.h"
+#include "model/tokenizer.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>

@@ -20,11 +20,11 @@
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/flash/flash.h"
 #include "kernels/cuda/sparse/sparse_attention.h"
+#include "kv/cuda/kv_sinks.h"
+#include "model/convert.h"
 #include "tests/testutil.h"
-#include "worker/convert.h"
 #include "worker/cuda/cuda_engine.h"
 #include "worker/cuda/cuda_generate.h"
-#include "worker/cuda/kv_sinks.h"
 
 namespace mprefill {
 namespace {

@@ -142,7 +142,7 @@ void run_case(const Case& c) {
 
 // ---------------------------------------------------------------- index sets
 // `clustered` style: columns 0..29 + uniform; offsets 0..99 then mostly 100 + Exp(2048),
-// sometimes log-uniform (as worker/index_sets.h, re-drawn here so the test needs only
+// sometimes log-uniform (as model/index_sets.h, re-drawn here so the test needs only
 // the kernels library). `uniform` style: offsets 0..99 + uniform.
 VsSelection styled_selection(int64_t n, int v, int s, bool clustered, std::mt19937_64& g) {
   std::set<int> cols, offs;

@@ -10,22 +10,22 @@
 #include <thread>
 
 #include "decode/decoder.h"
+#include "kv/kv_handoff.h"
+#include "model/fingerprint.h"
+#include "model/weights.h"
 #include "proto/wire.h"
-#include "worker/fingerprint.h"
-#include "worker/kv_handoff.h"
-#include "worker/weights.h"
 
 namespace mprefill {
 namespace {
 
 TEST(NcclKvCpu, DecoderWithoutNcclRefusesAnNcclStream) {
   const ModelWeights w = load_model("random:tiny:1");
-  decode::ReceiverOptions ro;
+  kv::ReceiverOptions ro;
   ro.contract = make_kv_contract(model_fingerprint(w, "random:tiny"));
   ro.capacity_bytes = uint64_t{64} << 20;
   std::mutex mu;
   std::string failed;
-  decode::KvReceiver rx(ro, [&](uint64_t, const std::string& m) {
+  kv::KvReceiver rx(ro, [&](uint64_t, const std::string& m) {
     std::lock_guard<std::mutex> lock(mu);
     failed = m;
   });

@@ -14,10 +14,10 @@
 
 #include "comm/mpi_comm.h"
 #include "decode/decoder.h"
+#include "kv/kv_handoff.h"
+#include "model/fingerprint.h"
 #include "worker/dist_engine.h"
 #include "worker/engine.h"
-#include "worker/fingerprint.h"
-#include "worker/kv_handoff.h"
 
 namespace mprefill {
 namespace {
@@ -80,15 +80,15 @@ TEST(DistHandoff, DecoderStoreHoldsTheEngineKv) {
 
   // Rank 0: the full model (reference engine, fingerprint) and the decoder's receiver.
   std::unique_ptr<ModelWeights> w;
-  std::unique_ptr<decode::KvReceiver> rx;
+  std::unique_ptr<kv::KvReceiver> rx;
   v1::KvContract contract;
   uint16_t port = 0;
   if (c->rank() == 0) {
     w = std::make_unique<ModelWeights>(load_model(kModel));
     contract = make_kv_contract(model_fingerprint(*w, kModel), 64);
-    decode::ReceiverOptions ro;
+    kv::ReceiverOptions ro;
     ro.contract = contract;
-    rx = std::make_unique<decode::KvReceiver>(ro, nullptr);
+    rx = std::make_unique<kv::KvReceiver>(ro, nullptr);
     v1::Expect e;
     e.set_job_id(1);
     e.set_prompt_tokens(n);
@@ -180,7 +180,7 @@ TEST(DistHandoff, VanishedDecoderFailsEveryRank) {
   const int tp = env_tp();
   const DistTopology topo{tp, c->size() / tp};
   uint16_t port = 0;
-  std::unique_ptr<decode::KvReceiver> rx;
+  std::unique_ptr<kv::KvReceiver> rx;
   DistEngine de(c.get(), kModel, topo);
   ModelFingerprint fp;
   fp.name = kModel;
@@ -193,9 +193,9 @@ TEST(DistHandoff, VanishedDecoderFailsEveryRank) {
   fp.weights_digest = "x";
   const v1::KvContract contract = make_kv_contract(fp, 64);
   if (c->rank() == 0) {
-    decode::ReceiverOptions ro;
+    kv::ReceiverOptions ro;
     ro.contract = contract;
-    rx = std::make_unique<decode::KvReceiver>(ro, nullptr);
+    rx = std::make_unique<kv::KvReceiver>(ro, nullptr);
     v1::Expect e;
     e.set_job_id(2);
     e.set_prompt_tokens(300);

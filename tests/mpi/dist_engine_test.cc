@@ -19,12 +19,12 @@
 #include <vector>
 
 #include "comm/mpi_comm.h"
+#include "kv/kv_cache_sink.h"
+#include "model/convert.h"
+#include "model/tokenizer.h"
 #include "tests/mpi/mpi_testutil.h"
 #include "tests/testutil.h"
-#include "worker/convert.h"
-#include "worker/kv_cache_sink.h"
 #include "worker/plan_codec.h"
-#include "worker/tokenizer.h"
 
 namespace mprefill {
 namespace {

@@ -15,9 +15,9 @@
 #include <vector>
 
 #include "kernels/cpu/cpu.h"
+#include "kv/kv_cache_sink.h"
 #include "tests/mpi/mpi_testutil.h"
 #include "worker/distributed_estimate.h"
-#include "worker/kv_cache_sink.h"
 #include "worker/ring_attention.h"
 
 namespace mprefill {

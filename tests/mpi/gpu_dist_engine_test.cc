@@ -20,11 +20,11 @@
 
 #include "comm/mpi_comm.h"
 #include "comm/nccl_comm.h"
+#include "kv/cuda/kv_sinks.h"
+#include "model/convert.h"
 #include "tests/mpi/mpi_testutil.h"
-#include "worker/convert.h"
 #include "worker/cuda/cuda_dist_engine.h"
 #include "worker/cuda/cuda_engine.h"
-#include "worker/cuda/kv_sinks.h"
 #include "worker/engine.h"
 #include "worker/plan_codec.h"
 

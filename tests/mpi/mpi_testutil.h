@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "comm/mpi_comm.h"
-#include "worker/parallel_plan.h"
+#include "model/parallel_plan.h"
 
 namespace mprefill::test::mpi {
 

@@ -13,10 +13,11 @@
 #include "kernels/cuda/index/index.h"
 #include "kernels/cuda/merge.h"
 #include "kernels/cuda/sparse/sparse_attention.h"
+#include "model/prompt.h"
+#include "model/weight_source.h"
 #include "worker/cuda/device_init.h"
 #include "worker/cuda/sp_estimate.h"
 #include "worker/plan_codec.h"
-#include "worker/weight_source.h"
 
 namespace mprefill::gpu {
 namespace {
@@ -379,15 +380,11 @@ CudaDistResult CudaDistEngine::prefill(const std::vector<int>& ids, const Sparse
   Impl& I = *impl_;
   const ModelConfig& c = cfg_;
   const int64_t n = static_cast<int64_t>(ids.size());
-  if (n < 1) throw std::runtime_error(w + "empty prompt");
-  if (n > c.max_position)
-    throw std::runtime_error(w + "prompt of " + std::to_string(n) +
-                             " tokens exceeds max_position " + std::to_string(c.max_position));
-  for (size_t i = 0; i < ids.size(); ++i)
-    if (ids[i] < 0 || ids[i] >= c.vocab)
-      throw std::runtime_error(w + "token id " + std::to_string(ids[i]) + " at position " +
-                               std::to_string(i) + " is outside the vocabulary of " +
-                               std::to_string(c.vocab));
+  try {
+    check_prompt(c, ids, 0);  // ids and the model's max_position
+  } catch (const std::exception& e) {
+    throw std::runtime_error(w + e.what());
+  }
   policy.check_model(c);
   const bool all_dense = policy.all_dense(n);
   if (!all_dense) {

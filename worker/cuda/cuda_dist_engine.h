@@ -32,14 +32,14 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "kv/kv_sink.h"
+#include "model/model_config.h"
+#include "model/parallel_plan.h"
+#include "model/sparse_policy.h"
+#include "model/weight_source.h"
+#include "model/weights.h"
 #include "worker/dist_engine.h"
 #include "worker/engine.h"
-#include "worker/kv_sink.h"
-#include "worker/model_config.h"
-#include "worker/parallel_plan.h"
-#include "worker/sparse_policy.h"
-#include "worker/weight_source.h"
-#include "worker/weights.h"
 
 namespace mprefill::gpu {
 

@@ -16,6 +16,7 @@
 #include "kernels/cuda/flash/flash.h"
 #include "kernels/cuda/index/index.h"
 #include "kernels/cuda/sparse/sparse_attention.h"
+#include "model/prompt.h"
 #include "worker/cuda/device_init.h"
 #include "worker/plan_codec.h"
 
@@ -573,16 +574,8 @@ std::vector<float> CudaEngine::prefill(const std::vector<int>& ids, const Sparse
   const ModelConfig& c = cfg_;
   Impl& I = *impl_;
   // ---- validation (before any device work)
-  if (ids.empty()) throw std::runtime_error("prompt is empty (at least one token is needed)");
-  for (size_t i = 0; i < ids.size(); ++i)
-    if (ids[i] < 0 || ids[i] >= c.vocab)
-      throw std::runtime_error("token id " + std::to_string(ids[i]) + " at position " +
-                               std::to_string(i) + " is out of range [0, " +
-                               std::to_string(c.vocab) + ")");
+  check_prompt_ids(c, ids);
   const int64_t n = static_cast<int64_t>(ids.size());
-  if (n > (int64_t{1} << 31) - 1)
-    throw std::runtime_error("cuda engine: prompt of " + std::to_string(n) +
-                             " tokens is over 2^31");
   policy.check_model(c);
   const bool reuse = plan_inout && !plan_inout->empty();
   if (reuse) {

@@ -2,7 +2,7 @@
 // cuBLASLt GEMMs, the WGMMA flash / sparse attention kernels and the GPU index
 // estimation, with the same per-head policy and PrefillPlan as the CPU Engine
 // (worker/engine.h). Decoding is not done here: each layer's KV goes to a KvSink
-// (worker/kv_sink.h; device pointers, bf16) and a decoder (e.g. the CPU Engine on a
+// (kv/kv_sink.h; device pointers, bf16) and a decoder (e.g. the CPU Engine on a
 // KvCache filled by HostKvCacheSink) continues from it.
 //
 // Numerics: residual stream fp32; normed activations, Q/K/V, attention output and MLP
@@ -22,11 +22,11 @@
 #include <string>
 #include <vector>
 
+#include "kv/kv_sink.h"
+#include "model/model_config.h"
+#include "model/sparse_policy.h"
+#include "model/weights.h"
 #include "worker/engine.h"
-#include "worker/kv_sink.h"
-#include "worker/model_config.h"
-#include "worker/sparse_policy.h"
-#include "worker/weights.h"
 
 namespace mprefill::gpu {
 

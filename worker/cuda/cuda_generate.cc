@@ -2,8 +2,8 @@
 
 #include <algorithm>
 
+#include "kv/cuda/kv_sinks.h"
 #include "worker/cuda/cuda_engine.h"
-#include "worker/cuda/kv_sinks.h"
 
 namespace mprefill::gpu {
 

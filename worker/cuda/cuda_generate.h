@@ -3,8 +3,8 @@
 #pragma once
 #include <vector>
 
+#include "model/weights.h"
 #include "worker/engine.h"
-#include "worker/weights.h"
 
 namespace mprefill::gpu {
 

@@ -34,7 +34,7 @@
 
 #include "comm/communicator.h"
 #include "kernels/cuda/index/index.h"
-#include "worker/parallel_plan.h"
+#include "model/parallel_plan.h"
 
 namespace mprefill::gpu {
 

@@ -1,0 +1,564 @@
+#include "kv/kv_receiver.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+
+#include "kv/crc32c.h"
+#include "kv/kv_handoff.h"
+
+namespace mprefill::kv {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double ms_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+v1::Envelope failed_env(uint64_t job, const std::string& msg) {
+  return decode_failed_envelope(job, msg);
+}
+
+constexpr int kNotifyTimeoutMs = 2000;  // bound on telling a stream that its job failed
+
+}  // namespace
+
+v1::Envelope decode_failed_envelope(uint64_t job, const std::string& msg) {
+  v1::Envelope env;
+  env.mutable_decode_failed()->set_job_id(job);
+  env.mutable_decode_failed()->set_message(msg);
+  return env;
+}
+
+// ---- KvReceiver ----------------------------------------------------------------------
+
+struct KvReceiver::Stream {
+  std::unique_ptr<wire::Connection> conn;
+  std::mutex send_mu;
+  std::string peer;
+  uint64_t job_id = 0;
+  int rank = -1;
+  std::atomic<bool> done{false};
+  std::thread th;
+
+  // Never throws: a stream that cannot take a frame is dropped by its reader.
+  void send(const std::string& frame, int timeout_ms) {
+    std::lock_guard<std::mutex> lock(send_mu);
+    try {
+      conn->send_frame(frame, timeout_ms);
+    } catch (const std::exception&) {
+      conn->close();
+    }
+  }
+};
+
+// Reads and drops frames until the peer closes or timeout_ms pass, then closes: the
+// frames we sent last (an Error, a DecodeFailed) reach the peer instead of a reset.
+void drain_and_close(wire::Connection* conn, int timeout_ms) {
+  const auto end = Clock::now() + std::chrono::milliseconds(timeout_ms);
+  try {
+    v1::Envelope env;
+    while (Clock::now() < end) conn->recv(&env, 50);
+  } catch (const std::exception&) {
+  }
+  conn->close();
+}
+
+struct KvReceiver::Job {
+  v1::Expect expect;
+  int timeout_ms = 0;
+  std::shared_ptr<JobKvStore> store;
+  std::vector<std::shared_ptr<Stream>> streams;
+  Clock::time_point last_activity, first_page, complete_at;
+  bool any_page = false, complete = false, failed = false, sender_failed = false;
+  std::string error;
+  uint64_t bytes = 0;
+  int layers_complete = 0;
+};
+
+KvReceiver::KvReceiver(ReceiverOptions opt, FailFn on_fail)
+    : opt_(std::move(opt)), on_fail_(std::move(on_fail)) {
+  const auto& m = opt_.contract.model();
+  shape_.n_layers = m.n_layers();
+  shape_.n_kv_heads = m.n_kv_heads();
+  shape_.head_dim = m.head_dim();
+  shape_.page_tokens = opt_.contract.page_tokens();
+  shape_.validate();
+  pool_ = std::make_unique<PagePool>(shape_, opt_.capacity_bytes);
+  // Largest page frame: every KV head of page_tokens tokens, K and V in fp32, + header.
+  const uint64_t page_frame = uint64_t{2} * 4 * static_cast<uint64_t>(shape_.page_tokens) *
+                                  static_cast<uint64_t>(shape_.n_kv_heads) *
+                                  static_cast<uint64_t>(shape_.head_dim) +
+                              4096;
+  if (opt_.max_frame < page_frame)
+    throw std::runtime_error("max frame " + std::to_string(opt_.max_frame) +
+                             " bytes is smaller than one KV page frame of this model (" +
+                             std::to_string(page_frame) + " bytes)");
+  listener_ = std::make_unique<wire::Listener>(opt_.listen_host, opt_.listen_port, opt_.max_frame);
+  listener_->set_server_name("mprefill-decoder");
+  accept_thread_ = std::thread([this] { accept_loop(); });
+  monitor_thread_ = std::thread([this] { monitor_loop(); });
+}
+
+KvReceiver::~KvReceiver() {
+  stop_ = true;
+  cv_.notify_all();
+  listener_->close();
+  if (accept_thread_.joinable()) accept_thread_.join();
+  if (monitor_thread_.joinable()) monitor_thread_.join();
+  std::vector<std::shared_ptr<Stream>> streams;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    streams.swap(streams_);
+  }
+  for (auto& s : streams) s->conn->close();
+  for (auto& s : streams)
+    if (s->th.joinable()) s->th.join();
+}
+
+uint16_t KvReceiver::port() const { return listener_->port(); }
+
+bool KvReceiver::expect(const v1::Expect& e, std::string* why) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto say = [&](const std::string& m) {
+    if (why) *why = "job " + std::to_string(e.job_id()) + ": " + m;
+    return false;
+  };
+  if (jobs_.count(e.job_id())) return say("already expected");
+  int active = 0;
+  for (const auto& [id, j] : jobs_) active += !j->failed;
+  if (active >= opt_.max_jobs)
+    return say("decoder holds " + std::to_string(active) + " jobs (max " +
+               std::to_string(opt_.max_jobs) + ")");
+  if (e.prompt_tokens() < 1) return say("prompt_tokens must be >= 1");
+  // 2 x 4 bytes x kv_dim x layers per token: a count past 2^62 bytes would overflow the
+  // reservation arithmetic (the capacity check below then refuses what merely is large).
+  const uint64_t per_token =
+      uint64_t{8} * static_cast<uint64_t>(shape_.kv_dim()) * static_cast<uint64_t>(shape_.n_layers);
+  if (static_cast<uint64_t>(e.prompt_tokens()) > (uint64_t{1} << 62) / per_token)
+    return say("prompt_tokens " + std::to_string(e.prompt_tokens()) + " is absurd (" +
+               std::to_string(per_token) + " KV bytes per token)");
+  if (e.n_layers() != 0 && e.n_layers() != shape_.n_layers)
+    return say("expects " + std::to_string(e.n_layers()) + " layers, the model has " +
+               std::to_string(shape_.n_layers));
+  auto job = std::make_shared<Job>();
+  job->expect = e;
+  job->timeout_ms = e.timeout_ms() > 0 ? static_cast<int>(e.timeout_ms()) : opt_.default_timeout_ms;
+  try {
+    job->store = std::make_shared<JobKvStore>(pool_.get(), e.prompt_tokens());
+  } catch (const std::exception& ex) {
+    return say(ex.what());
+  }
+  job->last_activity = Clock::now();
+  jobs_[e.job_id()] = job;
+  cv_.notify_all();
+  return true;
+}
+
+void KvReceiver::fail_locked(const std::shared_ptr<Job>& job, const std::string& message,
+                             std::vector<std::function<void()>>* after, bool sender) {
+  if (job->failed) return;
+  job->failed = true;
+  job->sender_failed = sender;
+  job->error = message;
+  job->last_activity = Clock::now();  // failed jobs are forgotten a minute later
+  job->store.reset();                 // pages go back to the pool once in-flight puts finish
+  const uint64_t id = job->expect.job_id();
+  const std::string frame = wire::encode_frame(failed_env(id, message));
+  auto streams = job->streams;
+  // Each stream's reader drains and closes it (closing with unread pages would reset the
+  // connection and lose this message on the sender's side).
+  after->push_back([streams, frame] {
+    for (auto& s : streams) s->send(frame, kNotifyTimeoutMs);
+  });
+  if (on_fail_) after->push_back([this, id, message] { on_fail_(id, message); });
+  cv_.notify_all();
+}
+
+void KvReceiver::fail_job(uint64_t job_id, const std::string& message) {
+  std::vector<std::function<void()>> after;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = jobs_.find(job_id);
+    if (it == jobs_.end()) return;
+    fail_locked(it->second, message, &after);
+  }
+  for (auto& f : after) f();
+}
+
+void KvReceiver::release_all() {
+  std::vector<uint64_t> ids;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [id, job] : jobs_) ids.push_back(id);
+  }
+  for (uint64_t id : ids) release(id);
+}
+
+bool KvReceiver::wait_complete(uint64_t job_id, std::string* why) {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    auto it = jobs_.find(job_id);
+    if (it == jobs_.end()) {
+      if (why) *why = "job " + std::to_string(job_id) + " is not expected (or was released)";
+      return false;
+    }
+    const auto& job = it->second;
+    if (job->failed) {
+      if (why) *why = job->error;
+      return false;
+    }
+    if (job->complete) return true;
+    if (stop_) {
+      if (why) *why = "decoder shutting down";
+      return false;
+    }
+    // The monitor thread fails the job when its pages stop for timeout_ms.
+    cv_.wait_for(lock, std::chrono::milliseconds(200));
+  }
+}
+
+std::shared_ptr<JobKvStore> KvReceiver::store(uint64_t job_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end() || it->second->failed) return nullptr;
+  return it->second->store;
+}
+
+void KvReceiver::release(uint64_t job_id) {
+  std::vector<std::shared_ptr<Stream>> streams;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = jobs_.find(job_id);
+    if (it == jobs_.end()) return;
+    streams = it->second->streams;
+    it->second->failed = true;  // late pages of a released job are refused
+    it->second->error = "job " + std::to_string(job_id) + " released";
+    it->second->store.reset();
+    jobs_.erase(it);
+    cv_.notify_all();
+  }
+  for (auto& s : streams) s->conn->close();
+}
+
+KvReceiver::JobInfo KvReceiver::info(uint64_t job_id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  JobInfo r;
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return r;
+  const Job& j = *it->second;
+  r.known = true;
+  r.complete = j.complete;
+  r.failed = j.failed;
+  r.layers_complete = j.layers_complete;
+  r.streams = static_cast<int>(j.streams.size());
+  r.bytes = j.bytes;
+  r.receive_ms = j.complete && j.any_page ? ms_between(j.first_page, j.complete_at) : 0;
+  r.error = j.error;
+  r.sender_failed = j.sender_failed;
+  return r;
+}
+
+void KvReceiver::accept_loop() {
+  while (!stop_) {
+    std::string peer_name, error;
+    std::unique_ptr<wire::Connection> conn;
+    try {
+      conn = listener_->accept(200, v1::WORKER, opt_.secret, &peer_name, &error);
+    } catch (const std::exception& e) {
+      if (stop_) return;
+      std::fprintf(stderr, "mprefill-decoder: KV port accept: %s\n", e.what());
+      continue;
+    }
+    if (!conn) {
+      if (!error.empty() && !stop_)
+        std::fprintf(stderr, "mprefill-decoder: KV stream refused: %s\n", error.c_str());
+      continue;
+    }
+    auto s = std::make_shared<Stream>();
+    s->peer = conn->peer();
+    s->conn = std::move(conn);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return;
+    streams_.push_back(s);
+    s->th = std::thread([this, s] { serve_stream(s); });
+  }
+}
+
+void KvReceiver::monitor_loop() {
+  while (!stop_) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    std::vector<std::function<void()>> after;
+    std::vector<std::shared_ptr<Stream>> finished;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      const auto now = Clock::now();
+      for (auto it = jobs_.begin(); it != jobs_.end();) {  // failed jobs: kept a minute
+        const bool old = it->second->failed && ms_between(it->second->last_activity, now) > 60000;
+        it = old ? jobs_.erase(it) : std::next(it);
+      }
+      for (auto& [id, job] : jobs_) {
+        if (job->failed || job->complete) continue;
+        const double idle = ms_between(job->last_activity, now);
+        if (idle > job->timeout_ms)
+          fail_locked(job,
+                      "job " + std::to_string(id) + ": no KV page for " +
+                          std::to_string(static_cast<int64_t>(idle)) + " ms (timeout " +
+                          std::to_string(job->timeout_ms) + " ms; " +
+                          std::to_string(job->layers_complete) + " of " +
+                          std::to_string(shape_.n_layers) + " layers complete, " +
+                          std::to_string(job->streams.size()) + " streams of " +
+                          std::to_string(job->expect.senders()) + " senders connected)",
+                      &after, /*sender=*/true);
+      }
+      // Reap stream threads that ended.
+      auto it = std::partition(streams_.begin(), streams_.end(),
+                               [](const std::shared_ptr<Stream>& s) { return !s->done; });
+      finished.assign(it, streams_.end());
+      streams_.erase(it, streams_.end());
+    }
+    for (auto& f : after) f();
+    for (auto& s : finished)
+      if (s->th.joinable()) s->th.join();
+  }
+}
+
+void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
+  struct Done {
+    Stream* s;
+    ~Done() { s->done = true; }
+  } done_guard{s.get()};
+  auto refuse = [&](v1::ErrorCode code, const std::string& msg) {
+    s->send(wire::encode_frame(wire::make_error(s->job_id, code, msg)), kNotifyTimeoutMs);
+    drain_and_close(s->conn.get(), kNotifyTimeoutMs);
+    std::fprintf(stderr, "mprefill-decoder: KV stream from %s refused: %s\n", s->peer.c_str(),
+                 msg.c_str());
+  };
+
+  // 1. KvStreamHello.
+  v1::Envelope env;
+  try {
+    if (!s->conn->recv(&env, opt_.hello_wait_ms))
+      return refuse(v1::BAD_FRAME,
+                    "no KvStreamHello within " + std::to_string(opt_.hello_wait_ms) + " ms");
+  } catch (const std::exception& e) {
+    return;  // gone before saying anything
+  }
+  if (!env.has_kv_hello()) return refuse(v1::BAD_FRAME, "first frame is not KvStreamHello");
+  const v1::KvStreamHello hello = env.kv_hello();
+  s->job_id = hello.job_id();
+  s->rank = hello.rank();
+
+  // 2. The job (its Expect may still be on its way from the coordinator).
+  std::shared_ptr<Job> job;
+  std::vector<std::function<void()>> after;
+  std::vector<int> complete_layers;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, std::chrono::milliseconds(opt_.hello_wait_ms),
+                 [&] { return stop_ || jobs_.count(s->job_id) > 0; });
+    auto it = jobs_.find(s->job_id);
+    if (it == jobs_.end()) {
+      lock.unlock();
+      return refuse(v1::NOT_FOUND, "job " + std::to_string(s->job_id) + " is not expected here");
+    }
+    job = it->second;
+    if (job->failed) {
+      const std::string err = job->error;
+      lock.unlock();
+      return refuse(v1::DECODER_FAILED, err);
+    }
+    const std::string mismatch = kv_contract_mismatch(hello.kv(), opt_.contract);
+    const int senders = job->expect.senders();
+    if (!mismatch.empty() || s->rank < 0 || (senders > 0 && s->rank >= senders)) {
+      const std::string msg =
+          "job " + std::to_string(s->job_id) + ": KV stream of rank " + std::to_string(s->rank) +
+          " from " + s->peer + ": " +
+          (mismatch.empty() ? "rank outside [0, " + std::to_string(senders) + ")" : mismatch);
+      fail_locked(job, msg, &after);
+      lock.unlock();
+      for (auto& f : after) f();
+      return refuse(mismatch.empty() ? v1::INVALID_ARGUMENT : v1::MODEL_MISMATCH, msg);
+    }
+    job->streams.push_back(s);
+    job->last_activity = Clock::now();
+    for (int l = 0; l < shape_.n_layers; ++l)
+      if (job->store->layer_complete(l)) complete_layers.push_back(l);
+  }
+  // kv_transport "nccl": join the sender's communicator; K/V bytes come by NCCL.
+  std::unique_ptr<PagePayloadSource> payload;
+  if (!hello.nccl_unique_id().empty()) {
+    std::string why;
+    if (!opt_.nccl) {
+      why = "this decoder does not serve kv_transport nccl";
+    } else {
+      try {
+        payload = opt_.nccl(hello, job->timeout_ms);
+      } catch (const std::exception& e) {
+        why = e.what();
+      }
+    }
+    if (!payload) {
+      const std::string msg = "job " + std::to_string(s->job_id) + ": NCCL KV stream of rank " +
+                              std::to_string(s->rank) + ": " + why;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        fail_locked(job, msg, &after);
+      }
+      for (auto& f : after) f();
+      return refuse(v1::INVALID_ARGUMENT, msg);
+    }
+  }
+  for (int l : complete_layers) {  // a stream that joins late still hears every ack
+    v1::Envelope ack;
+    ack.mutable_layer_ack()->set_job_id(s->job_id);
+    ack.mutable_layer_ack()->set_layer(l);
+    s->send(wire::encode_frame(ack), job->timeout_ms);
+  }
+
+  // 3. Pages until the sender closes.
+  for (;;) {
+    v1::Envelope in;
+    try {
+      if (!s->conn->recv(&in, 200)) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (stop_) return;
+        if (!job->failed) continue;
+      }
+      if (job_failed(job)) return drain_and_close(s->conn.get(), kNotifyTimeoutMs);
+    } catch (const std::exception& e) {
+      std::vector<std::function<void()>> fails;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (stop_ || job->failed || job->complete) return;
+        fail_locked(job,
+                    "job " + std::to_string(s->job_id) + ": KV stream of rank " +
+                        std::to_string(s->rank) + " (" + s->peer + ") ended with " +
+                        std::to_string(job->layers_complete) + " of " +
+                        std::to_string(shape_.n_layers) + " layers complete: " + e.what(),
+                    &fails, /*sender=*/true);
+      }
+      for (auto& f : fails) f();
+      return;
+    }
+    if (in.has_kv_page() && payload) {
+      v1::KvPage full;
+      *full.mutable_header() = in.kv_page().header();
+      try {
+        payload->fetch(full.header(), full.mutable_k(), full.mutable_v());
+      } catch (const std::exception& e) {
+        std::vector<std::function<void()>> fails;
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          fail_locked(job,
+                      "job " + std::to_string(s->job_id) + ": rank " + std::to_string(s->rank) +
+                          " (" + s->peer + "): NCCL page of layer " +
+                          std::to_string(full.header().layer()) + ": " + e.what(),
+                      &fails);
+        }
+        for (auto& f : fails) f();
+        return drain_and_close(s->conn.get(), kNotifyTimeoutMs);
+      }
+      // The sender's crc32c cannot exist (its bytes never reach host memory); the device
+      // checksum was compared in fetch(), this one guards the host copy into the store.
+      full.mutable_header()->set_crc32c(
+          crc32c(full.v().data(), full.v().size(), crc32c(full.k().data(), full.k().size())));
+      handle_page(*s, job, full, /*bf16_ok=*/true);
+    } else if (in.has_kv_page()) {
+      handle_page(*s, job, in.kv_page());
+    } else if (in.has_error()) {
+      std::vector<std::function<void()>> fails;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        fail_locked(job,
+                    "job " + std::to_string(s->job_id) + ": rank " + std::to_string(s->rank) +
+                        " gave up: " + in.error().message(),
+                    &fails, /*sender=*/true);
+      }
+      for (auto& f : fails) f();
+      return;
+    }
+  }
+}
+
+bool KvReceiver::job_failed(const std::shared_ptr<Job>& job) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return job->failed;
+}
+
+void KvReceiver::handle_page(Stream& s, const std::shared_ptr<Job>& job, const v1::KvPage& page,
+                             bool bf16_ok) {
+  const v1::KvPageHeader& h = page.header();
+  std::shared_ptr<JobKvStore> store;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (job->failed) return;
+    store = job->store;
+    job->last_activity = Clock::now();
+    if (!job->any_page) {
+      job->any_page = true;
+      job->first_page = job->last_activity;
+    }
+  }
+  std::string bad;
+  bool layer_done = false;
+  if (h.job_id() != s.job_id || h.sender_rank() != s.rank)
+    bad = "page of job " + std::to_string(h.job_id()) + " rank " + std::to_string(h.sender_rank()) +
+          " on the stream of job " + std::to_string(s.job_id) + " rank " + std::to_string(s.rank);
+  else if (h.layout() != opt_.contract.layout() || h.page_tokens() != shape_.page_tokens ||
+           (h.dtype() != opt_.contract.kv_dtype() && !(bf16_ok && h.dtype() == v1::BF16)))
+    bad = "page layout / page_tokens / dtype differ from the KV contract";
+  if (bad.empty()) {
+    PageIn p;
+    p.layer = h.layer();
+    p.kv_heads.assign(h.kv_heads().begin(), h.kv_heads().end());
+    p.token_begin = h.token_begin();
+    p.token_end = h.token_end();
+    p.head_dim = h.head_dim();
+    p.dtype = h.dtype() == v1::BF16 ? DType::kBF16 : DType::kF32;
+    p.k = page.k().data();
+    p.v = page.v().data();
+    p.k_bytes = page.k().size();
+    p.v_bytes = page.v().size();
+    p.crc32c = h.crc32c();
+    try {
+      layer_done = store->put(p);
+    } catch (const std::exception& e) {
+      bad = e.what();
+    }
+  }
+  store.reset();  // a failed job's pages go back to the pool with the last reference
+  std::vector<std::function<void()>> after;
+  std::vector<std::shared_ptr<Stream>> to_ack;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!bad.empty()) {
+      fail_locked(job,
+                  "job " + std::to_string(s.job_id) + ": rank " + std::to_string(s.rank) + " (" +
+                      s.peer + "): " + bad,
+                  &after);
+    } else if (!job->failed) {
+      job->bytes += page.k().size() + page.v().size();
+      if (layer_done) {
+        job->layers_complete++;
+        to_ack = job->streams;
+        if (job->layers_complete == shape_.n_layers) {
+          job->complete = true;
+          job->complete_at = Clock::now();
+          cv_.notify_all();
+        }
+      }
+    }
+  }
+  for (auto& f : after) f();
+  if (!to_ack.empty()) {
+    v1::Envelope ack;
+    ack.mutable_layer_ack()->set_job_id(s.job_id);
+    ack.mutable_layer_ack()->set_layer(h.layer());
+    const std::string frame = wire::encode_frame(ack);
+    for (auto& st : to_ack) st->send(frame, job->timeout_ms);
+  }
+}
+
+}  // namespace mprefill::kv

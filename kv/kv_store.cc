@@ -1,0 +1,276 @@
+#include "kv/kv_store.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "kv/crc32c.h"
+
+namespace mprefill::kv {
+namespace {
+
+std::string range_str(int64_t b, int64_t e) {
+  return "[" + std::to_string(b) + ", " + std::to_string(e) + ")";
+}
+
+}  // namespace
+
+std::vector<PageCut> cut_pages(const std::vector<std::pair<int64_t, int64_t>>& ranges,
+                               int page_tokens) {
+  if (page_tokens < 1)
+    throw std::invalid_argument("page_tokens must be >= 1, got " + std::to_string(page_tokens));
+  std::vector<PageCut> out;
+  int64_t row = 0, prev_end = 0;
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    const auto [b, e] = ranges[i];
+    if (b < prev_end || e <= b)
+      throw std::invalid_argument("token range " + std::to_string(i) + " " + range_str(b, e) +
+                                  " is empty, negative or not after the previous one");
+    for (int64_t t = b; t < e;) {
+      const int64_t block_end = (t / page_tokens + 1) * page_tokens;
+      const int64_t te = std::min(e, block_end);
+      out.push_back({t, te, row});
+      row += te - t;
+      t = te;
+    }
+    prev_end = e;
+  }
+  return out;
+}
+
+int64_t KvStoreShape::pages_for(int64_t n_tokens) const {
+  return int64_t{n_layers} * ((n_tokens + page_tokens - 1) / page_tokens);
+}
+
+void KvStoreShape::validate() const {
+  if (n_layers < 1 || n_kv_heads < 1 || head_dim < 1)
+    throw std::invalid_argument("KV store shape: layers " + std::to_string(n_layers) +
+                                ", kv heads " + std::to_string(n_kv_heads) + ", head_dim " +
+                                std::to_string(head_dim) + " must all be >= 1");
+  if (page_tokens < 1 || page_tokens > (1 << 20))
+    throw std::invalid_argument("KV store shape: page_tokens must be in [1, 2^20], got " +
+                                std::to_string(page_tokens));
+}
+
+// ---- PagePool ---------------------------------------------------------------------
+
+PagePool::PagePool(const KvStoreShape& shape, uint64_t capacity_bytes)
+    : shape_(shape), capacity_(capacity_bytes) {
+  shape_.validate();
+}
+
+bool PagePool::reserve(int64_t pages, uint64_t kv_bytes, std::string* why) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (pages < 0 || reserved_bytes_ + kv_bytes > capacity_) {
+    if (why)
+      *why = "KV needs " + std::to_string(kv_bytes) + " bytes, " +
+             std::to_string(capacity_ - std::min(reserved_bytes_, capacity_)) + " of " +
+             std::to_string(capacity_) + " bytes are free";
+    return false;
+  }
+  reserved_pages_ += pages;
+  reserved_bytes_ += kv_bytes;
+  return true;
+}
+
+void PagePool::unreserve(int64_t pages, uint64_t kv_bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  reserved_pages_ -= pages;
+  reserved_bytes_ -= kv_bytes;
+}
+
+uint64_t PagePool::reserved_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return reserved_bytes_;
+}
+
+std::unique_ptr<float[]> PagePool::take() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!free_.empty()) {
+      auto p = std::move(free_.back());
+      free_.pop_back();
+      return p;
+    }
+  }
+  return std::unique_ptr<float[]>(new float[2 * shape_.page_floats()]);
+}
+
+void PagePool::give(std::unique_ptr<float[]> page) {
+  if (!page) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  // A few buffers wait for the next pages; the rest go back to the allocator at once (a
+  // decoding job releases its pages layer by layer while its KvCache fills).
+  if (free_.size() < kKeepFreePages) free_.push_back(std::move(page));
+}
+
+// ---- JobKvStore -------------------------------------------------------------------
+
+JobKvStore::JobKvStore(PagePool* pool, int64_t n_tokens)
+    : pool_(pool), shape_(pool->shape()), n_tokens_(n_tokens) {
+  if (n_tokens < 1)
+    throw PageError("job KV store: prompt tokens must be >= 1, got " + std::to_string(n_tokens));
+  n_blocks_ = (n_tokens + shape_.page_tokens - 1) / shape_.page_tokens;
+  pages_reserved_ = shape_.pages_for(n_tokens);
+  bytes_reserved_ = static_cast<uint64_t>(2 * 4 * n_tokens * shape_.kv_dim() * shape_.n_layers);
+  std::string why;
+  if (!pool_->reserve(pages_reserved_, bytes_reserved_, &why))
+    throw PageError("decoder KV store full: " + why);
+  layers_.resize(shape_.n_layers);
+  for (Layer& L : layers_) {
+    L.pages.resize(n_blocks_);
+    L.received.resize(shape_.n_kv_heads);
+  }
+}
+
+JobKvStore::~JobKvStore() {
+  for (int l = 0; l < shape_.n_layers; ++l) release_layer(l);
+  pool_->unreserve(pages_reserved_, bytes_reserved_);
+}
+
+void JobKvStore::check_page(const PageIn& p) const {
+  const std::string where = "KV page layer " + std::to_string(p.layer) + " tokens " +
+                            range_str(p.token_begin, p.token_end) + ": ";
+  if (p.layer < 0 || p.layer >= shape_.n_layers)
+    throw PageError(where + "layer out of [0, " + std::to_string(shape_.n_layers) + ")");
+  if (p.kv_heads.empty()) throw PageError(where + "no KV heads");
+  for (size_t i = 0; i < p.kv_heads.size(); ++i) {
+    const int h = p.kv_heads[i];
+    if (h < 0 || h >= shape_.n_kv_heads || (i > 0 && h <= p.kv_heads[i - 1]))
+      throw PageError(where + "KV heads must be ascending ids in [0, " +
+                      std::to_string(shape_.n_kv_heads) + "), got " + std::to_string(h) + " at " +
+                      std::to_string(i));
+  }
+  if (p.token_begin < 0 || p.token_end <= p.token_begin || p.token_end > n_tokens_)
+    throw PageError(where + "range outside the job's " + std::to_string(n_tokens_) + " tokens");
+  const int P = shape_.page_tokens;
+  if (p.token_begin / P != (p.token_end - 1) / P)
+    throw PageError(where + "spans two " + std::to_string(P) + "-token pages");
+  if (p.head_dim != shape_.head_dim)
+    throw PageError(where + "head_dim " + std::to_string(p.head_dim) + ", contract says " +
+                    std::to_string(shape_.head_dim));
+  if (p.dtype != DType::kF32 && p.dtype != DType::kBF16)
+    throw PageError(where + "dtype " + to_string(p.dtype) + " is not f32 or bf16");
+  const size_t want = static_cast<size_t>(p.token_end - p.token_begin) * p.kv_heads.size() *
+                      p.head_dim * dtype_size(p.dtype);
+  if (p.k_bytes != want || p.v_bytes != want || !p.k || !p.v)
+    throw PageError(where + "K / V hold " + std::to_string(p.k_bytes) + " / " +
+                    std::to_string(p.v_bytes) + " bytes, expected " + std::to_string(want));
+  const uint32_t crc = crc32c(p.v, p.v_bytes, crc32c(p.k, p.k_bytes));
+  if (crc != p.crc32c)
+    throw PageError(where + "checksum mismatch (crc32c " + std::to_string(crc) + ", header says " +
+                    std::to_string(p.crc32c) + ")");
+}
+
+bool JobKvStore::put(const PageIn& p) {
+  check_page(p);  // checksum outside the lock: receivers of one job run in parallel
+  std::lock_guard<std::mutex> lock(mu_);
+  Layer& L = layers_[p.layer];
+  if (L.released)
+    throw PageError("KV page for layer " + std::to_string(p.layer) + " after it was released");
+  for (int h : p.kv_heads) {
+    const auto& m = L.received[h];
+    auto it = m.upper_bound(p.token_begin);  // first interval starting after begin
+    const bool hit_next = it != m.end() && it->first < p.token_end;
+    const bool hit_prev = it != m.begin() && std::prev(it)->second > p.token_begin;
+    if (hit_next || hit_prev)
+      throw PageError("KV page layer " + std::to_string(p.layer) + " head " + std::to_string(h) +
+                      " tokens " + range_str(p.token_begin, p.token_end) +
+                      " overlaps tokens already received");
+  }
+
+  const int P = shape_.page_tokens;
+  const int64_t kvh = shape_.n_kv_heads, hd = shape_.head_dim, nh = p.kv_heads.size();
+  const int64_t block = p.token_begin / P;
+  auto& page = L.pages[block];
+  if (!page) page = pool_->take();
+  float* pk = page.get();
+  float* pv = page.get() + shape_.page_floats();
+  const int64_t rows = p.token_end - p.token_begin;
+  const int64_t r0 = p.token_begin - block * P;
+  if (p.dtype == DType::kF32 && nh == kvh) {
+    const size_t n = static_cast<size_t>(rows * kvh * hd) * 4;
+    std::memcpy(pk + r0 * kvh * hd, p.k, n);
+    std::memcpy(pv + r0 * kvh * hd, p.v, n);
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < nh; ++j) {
+        const int64_t dst = ((r0 + r) * kvh + p.kv_heads[j]) * hd;
+        const int64_t src = (r * nh + j) * hd;
+        if (p.dtype == DType::kF32) {
+          std::memcpy(pk + dst, static_cast<const float*>(p.k) + src, hd * 4);
+          std::memcpy(pv + dst, static_cast<const float*>(p.v) + src, hd * 4);
+        } else {
+          const auto* k16 = static_cast<const uint16_t*>(p.k) + src;
+          const auto* v16 = static_cast<const uint16_t*>(p.v) + src;
+          for (int64_t d = 0; d < hd; ++d) {
+            pk[dst + d] = bf16_to_f32(k16[d]);
+            pv[dst + d] = bf16_to_f32(v16[d]);
+          }
+        }
+      }
+  }
+  for (int h : p.kv_heads) {
+    auto& m = L.received[h];
+    // Insert and merge with touching neighbours so the map stays small.
+    int64_t b = p.token_begin, e = p.token_end;
+    auto it = m.lower_bound(b);
+    if (it != m.begin() && std::prev(it)->second == b) {
+      --it;
+      b = it->first;
+      it = m.erase(it);
+    }
+    if (it != m.end() && it->first == e) {
+      e = it->second;
+      m.erase(it);
+    }
+    m.emplace(b, e);
+  }
+  const int64_t before = L.cells;
+  L.cells += rows * nh;
+  bytes_ += p.k_bytes + p.v_bytes;
+  const int64_t full = n_tokens_ * kvh;
+  return before < full && L.cells == full;
+}
+
+bool JobKvStore::layer_complete(int layer) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return layers_.at(layer).cells == n_tokens_ * shape_.n_kv_heads;
+}
+
+int JobKvStore::layers_complete() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  int n = 0;
+  for (const Layer& L : layers_) n += L.cells == n_tokens_ * shape_.n_kv_heads;
+  return n;
+}
+
+bool JobKvStore::complete() const { return layers_complete() == shape_.n_layers; }
+
+uint64_t JobKvStore::bytes_received() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return bytes_;
+}
+
+void JobKvStore::export_layer(int layer, float* k_out, float* v_out) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Layer& L = layers_.at(layer);
+  if (L.released || L.cells != n_tokens_ * shape_.n_kv_heads)
+    throw PageError("KV layer " + std::to_string(layer) + " is not complete");
+  const int64_t P = shape_.page_tokens, row = shape_.kv_dim();
+  for (int64_t b = 0; b < n_blocks_; ++b) {
+    const int64_t rows = std::min(P, n_tokens_ - b * P);
+    const float* page = L.pages[b].get();
+    std::memcpy(k_out + b * P * row, page, rows * row * 4);
+    std::memcpy(v_out + b * P * row, page + shape_.page_floats(), rows * row * 4);
+  }
+}
+
+void JobKvStore::release_layer(int layer) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Layer& L = layers_.at(layer);
+  for (auto& p : L.pages) pool_->give(std::move(p));
+  L.pages.clear();
+  L.released = true;
+}
+
+}  // namespace mprefill::kv
