@@ -28,6 +28,23 @@ namespace mprefill::test::gpu {
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
+// Number of DeviceBuffers::check() calls so far in this process. The attention fixtures
+// compare it before and after each test, so a test whose cases all fell away (e.g. an
+// instance this build lacks) fails instead of passing with zero checks.
+inline int& checks_done() {
+  static int n = 0;
+  return n;
+}
+
+// Fails the current test when it neither skipped nor ran a check since `before`
+// (called from the fixtures' TearDown).
+inline void expect_checked_since(int before) {
+  const testing::TestInfo* t = testing::UnitTest::GetInstance()->current_test_info();
+  if (t->result()->Skipped() || t->result()->Failed()) return;
+  EXPECT_GT(checks_done(), before)
+      << "no case was checked: skip (GTEST_SKIP with the reason) when nothing can run";
+}
+
 // False (with the reason) when there is no CUDA device or device 0 is not Hopper.
 inline bool hopper_ok(const char* what, std::string* why) {
   int n = 0;
@@ -249,6 +266,7 @@ class DeviceBuffers {
 
   // Synchronises, downloads O and LSE and applies the pass rule (gtest expectations).
   void check(const Ref& ref, const std::string& name) const {
+    ++checks_done();
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << cudaGetErrorString(cudaGetLastError());
     std::vector<uint16_t> out(o_elems());
     std::vector<float> lse(lse_elems());
