@@ -16,6 +16,9 @@
 #              own build dirs (slow: ~15 min build each on 2 cores).
 # Other options go to launch/setup.sh (e.g. --ci, --offline, --build-dir DIR).
 # Prints the wall time, then one closing line "tests: N passed, N failed, N skipped".
+# A skipped test counts as skipped, never passed (every entry has SKIP_RETURN_CODE 77,
+# tests/exit_status.h). A test that skipped for a missing input it names
+# ("SKIP-MISSING-FILE: PATH") although PATH exists counts as failed (launch/check_skips.py).
 set -euo pipefail
 LOG_TAG=test
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -44,31 +47,7 @@ LOG_DIR="$BUILD_DIR/test-logs"
 mkdir -p "$LOG_DIR"
 PASSED=0 FAILED=0 SKIPPED=0
 
-# Runs ctest with the given arguments, teeing its output; adds to the counters.
-# ctest prints "NN% tests passed, F tests failed out of T" (CMake 4 prints "100% tests
-# passed out of T" when none failed) and lists "(Skipped)" tests.
-run_ctest() {  # $1 = log name, rest = ctest args
-  local name=$1; shift
-  local out="$LOG_DIR/$name.log" rc=0
-  ctest --test-dir "$BUILD_DIR" --output-on-failure --no-tests=error "$@" 2>&1 | tee "$out" || rc=$?
-  local line total failed skipped
-  line=$(grep -E 'tests passed(, [0-9]+ tests? failed)? out of [0-9]+' "$out" | tail -n1 || true)
-  if [ -z "$line" ]; then
-    log "ctest ($name) printed no summary (exit $rc)"
-    FAILED=$((FAILED + 1))
-    return 1
-  fi
-  total=$(sed -E 's/.* out of ([0-9]+).*/\1/' <<<"$line")
-  failed=0
-  if grep -qE 'tests? failed' <<<"$line"; then
-    failed=$(sed -E 's/.*passed, ([0-9]+) tests? failed.*/\1/' <<<"$line")
-  fi
-  skipped=$(grep -cE '\(Skipped\)$' "$out" || true)
-  PASSED=$((PASSED + total - failed - skipped))
-  FAILED=$((FAILED + failed))
-  SKIPPED=$((SKIPPED + skipped))
-  [ "$rc" = 0 ] && [ "$failed" = 0 ]
-}
+source "$ROOT/launch/run_ctest.sh"  # run_ctest LOG_NAME CTEST_ARGS...: adds to the counters
 
 status=0
 if [ $GPU = 1 ]; then
@@ -93,7 +72,7 @@ else
     "$probe" --gtest_brief=1 >"$LOG_DIR/gpu-skip.log" 2>&1 || prc=$?
     { grep -m1 -E 'no CUDA device' "$LOG_DIR/gpu-skip.log" || true
       grep -E '^\[ +(PASSED|SKIPPED|FAILED) +\]' "$LOG_DIR/gpu-skip.log" || true; } | sed 's/^/  /'
-    if [ $prc != 0 ]; then
+    if [ $prc != 0 ] && [ $prc != 77 ]; then  # 77: its tests skipped (tests/exit_status.h)
       log "error: $(basename "$probe") failed without a GPU (exit $prc, see $LOG_DIR/gpu-skip.log)"
       status=1
     fi

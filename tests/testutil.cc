@@ -30,6 +30,13 @@ bool file_exists(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0;
 }
 
+std::string missing_file(const std::string& path, const std::string& what) {
+  std::error_code ec;
+  std::string abs = std::filesystem::absolute(path, ec).lexically_normal().string();
+  if (ec) abs = path;
+  return (what.empty() ? abs : what) + " not found\nSKIP-MISSING-FILE: " + abs;
+}
+
 std::vector<float> random_uniform(size_t n, uint64_t seed, float a) {
   std::mt19937_64 g(seed);
   std::uniform_real_distribution<float> d(-a, a);

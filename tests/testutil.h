@@ -13,6 +13,19 @@ std::string source_dir();
 std::string bin_dir();
 bool file_exists(const std::string& path);
 
+// Skip message of a test whose input file (a model, a tokenizer, a built binary) is not
+// there: "<what> not found" and, on a line of its own, "SKIP-MISSING-FILE: <absolute
+// path>". launch/check_skips.sh fails CI when a skipped test names a path that exists.
+std::string missing_file(const std::string& path, const std::string& what = "");
+
+// Skips the current test (GTEST_SKIP, so from a void function) unless `path` exists.
+#define MPREFILL_SKIP_IF_MISSING(path)                                \
+  do {                                                                \
+    const std::string mprefill_path_ = (path);                        \
+    if (!::mprefill::test::file_exists(mprefill_path_))               \
+      GTEST_SKIP() << ::mprefill::test::missing_file(mprefill_path_); \
+  } while (0)
+
 // Uniform(-a, a) or normal(0, sd) values from a seeded generator (never zeros).
 std::vector<float> random_uniform(size_t n, uint64_t seed, float a = 1.f);
 std::vector<float> random_normal(size_t n, uint64_t seed, float sd = 1.f);

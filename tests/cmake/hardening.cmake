@@ -14,13 +14,13 @@ if(TARGET mprefill-worker AND TARGET mprefill-decoder AND TARGET mprefill-coordi
     list(GET spec 1 tmo)
     set(exe hardening_${t}_test)
     add_executable(${exe} ${CMAKE_CURRENT_SOURCE_DIR}/hardening/${t}_test.cc)
-    target_link_libraries(${exe} PRIVATE mprefill_hardening_harness GTest::gtest_main)
+    target_link_libraries(${exe} PRIVATE mprefill_hardening_harness mprefill_test_main)
     add_dependencies(${exe} mprefill mprefill-worker mprefill-decoder mprefill-coordinator)
     # One label: gtest_discover_tests (CMake 3.25) writes PROPERTIES out word by word, so
     # a list value ("cpu;mpi") would set only its first element. The harness gives
     # mpirun the root / oversubscribe environment itself.
     gtest_discover_tests(${exe} DISCOVERY_TIMEOUT 60 TEST_PREFIX "hardening."
-      PROPERTIES TIMEOUT ${tmo} LABELS hardening)
+      PROPERTIES TIMEOUT ${tmo} LABELS hardening SKIP_RETURN_CODE ${MPREFILL_SKIP_EXIT})
   endforeach()
 endif()
 
@@ -118,7 +118,7 @@ if(TARGET mprefill_proto_msgs AND TARGET mprefill_coordinator AND TARGET mprefil
       foreach(t wire coordinator)
         add_executable(${t}_test-${tag} EXCLUDE_FROM_ALL ${_src}/tests/cpu/${t}_test.cc)
         target_link_libraries(${t}_test-${tag} PRIVATE mprefill_coordinator_${tag}
-                              mprefill_testutil GTest::gtest_main)
+                              mprefill_testutil mprefill_test_main)
         target_compile_options(${t}_test-${tag} PRIVATE ${_opts})
         list(APPEND _targets ${t}_test-${tag})
       endforeach()

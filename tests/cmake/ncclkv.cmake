@@ -17,7 +17,7 @@ endif()
 # is refused by the coordinator with one line.
 if(TARGET mprefill_decode)
   add_executable(ncclkv_cpu_test gpu2/ncclkv_cpu_test.cc)
-  target_link_libraries(ncclkv_cpu_test PRIVATE mprefill_decode GTest::gtest_main)
+  target_link_libraries(ncclkv_cpu_test PRIVATE mprefill_decode mprefill_test_main)
   add_test(NAME ncclkv_cpu_test COMMAND ncclkv_cpu_test)
   set_tests_properties(ncclkv_cpu_test PROPERTIES TIMEOUT 60 LABELS cpu)
 endif()

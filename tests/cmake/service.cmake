@@ -25,7 +25,7 @@ endif()
 if(TARGET mprefill-worker AND TARGET mprefill-decoder AND TARGET mprefill-coordinator
    AND TARGET mprefill_coordinator)
   add_executable(service_e2e_test ${CMAKE_CURRENT_SOURCE_DIR}/service/service_e2e_test.cc)
-  target_link_libraries(service_e2e_test PRIVATE mprefill_testutil GTest::gtest_main
+  target_link_libraries(service_e2e_test PRIVATE mprefill_testutil mprefill_test_main
                         nlohmann_json::nlohmann_json)
   target_compile_definitions(service_e2e_test PRIVATE
     MPREFILL_MPIEXEC="${MPIEXEC_EXECUTABLE}" MPREFILL_PYTHON3="${MPREFILL_PYTHON3}")

@@ -301,7 +301,7 @@ TEST(Audit, GenerateCarriesTheAudit) {
 
 TEST(AuditStories15M, RecallAndErrorsPerSampledHead) {
   const std::string m = test::shared_dir() + "/models/stories15M/stories15M.bin";
-  if (!std::filesystem::exists(m)) GTEST_SKIP() << "stories15M not found at " << m;
+  MPREFILL_SKIP_IF_MISSING(m);
   const ModelWeights w = load_model(m);
   const int n = 600;
   const std::vector<int> ids = random_ids(n, w.config.vocab, 17);
@@ -332,7 +332,7 @@ TEST(AuditStories15M, RecallAndErrorsPerSampledHead) {
 
 TEST(AuditCli, GenerateAuditHeadsTextAndJson) {
   const std::string bin = test::bin_dir() + "/mprefill";
-  if (!std::filesystem::exists(bin)) GTEST_SKIP() << "mprefill not built at " << bin;
+  MPREFILL_SKIP_IF_MISSING(bin);
   std::string ids;
   for (int i = 0; i < 300; ++i) ids += (i ? "," : "") + std::to_string(1 + (i * 37) % 500);
   std::string out;

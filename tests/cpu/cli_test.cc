@@ -44,9 +44,7 @@ class Cli : public ::testing::Test {
   void TearDown() override {
     if (!tmp_.empty()) fs::remove_all(tmp_);
   }
-  void need_model() {
-    if (!test::file_exists(model_bin())) GTEST_SKIP() << "no " << model_bin();
-  }
+  void need_model() { MPREFILL_SKIP_IF_MISSING(model_bin()); }
   // stdout and stderr separately (stderr through a file).
   CmdResult run(const std::string& args) {
     CmdResult r;

@@ -58,7 +58,7 @@ class DecoderTest : public ::testing::Test {
     tokenizer_ = nullptr;
   }
   void SetUp() override {
-    if (!weights_) GTEST_SKIP() << "stories15M not found under " << model_dir();
+    if (!weights_) GTEST_SKIP() << test::missing_file(model_dir() + "/stories15M.bin");
     decode::DecoderOptions o;
     o.model_name = "stories15M";
     o.page_tokens = 16;  // several pages per shard at these prompt lengths

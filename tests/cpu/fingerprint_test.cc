@@ -59,7 +59,7 @@ TEST(FingerprintOfPath, EqualsTheLoadedModelInEveryFormat) {
 
   expect_same_as_loaded("random:tiny:3");
 
-  if (!test::file_exists(stories_bin())) GTEST_SKIP() << "no " << stories_bin();
+  MPREFILL_SKIP_IF_MISSING(stories_bin());
   expect_same_as_loaded(stories_bin());
   const std::string hf = tmp.path + "/stories_hf";
   ConvertOptions o;
@@ -83,7 +83,7 @@ TEST(FingerprintOfPath, FollowsEveryWeightNotUnusedBytes) {
   EXPECT_NE(model_fingerprint_of_path("random:tiny:1").weights_digest,
             model_fingerprint_of_path("random:tiny:2").weights_digest);
 
-  if (!test::file_exists(stories_bin())) GTEST_SKIP() << "no " << stories_bin();
+  MPREFILL_SKIP_IF_MISSING(stories_bin());
   // llama2.c: the last float of rms_final (a weight) vs the first of freq_cis (unused).
   std::ifstream in(stories_bin(), std::ios::binary);
   std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

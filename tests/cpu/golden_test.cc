@@ -23,9 +23,7 @@ const std::vector<float> kLogits = {18.3597f, 16.6334f, 13.2058f, 13.8603f,
 
 std::string model_dir() { return test::shared_dir() + "/models/stories15M"; }
 
-#define SKIP_WITHOUT_MODEL()                               \
-  if (!test::file_exists(model_dir() + "/stories15M.bin")) \
-  GTEST_SKIP() << "no " << model_dir() << "/stories15M.bin (shared models missing)"
+#define SKIP_WITHOUT_MODEL() MPREFILL_SKIP_IF_MISSING(model_dir() + "/stories15M.bin")
 
 void expect_golden(const ModelWeights& w, const SparsePolicy& policy, const std::string& what) {
   const Engine eng(w);

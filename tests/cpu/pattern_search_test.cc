@@ -532,8 +532,8 @@ TEST(PatternSearchSynthetic, SinkAndLocalWindowIsCapturedByAShape) {
 
 TEST(PatternSearchStories15M, SearchWritesLoadableConfigCsvAndHeatmaps) {
   const std::string m = test::shared_dir() + "/models/stories15M";
-  if (!test::file_exists(m + "/stories15M.bin") || !test::file_exists(m + "/tokenizer.bin"))
-    GTEST_SKIP() << "stories15M not found under " << m << " (set MPREFILL_SHARED_DIR)";
+  MPREFILL_SKIP_IF_MISSING(m + "/stories15M.bin");
+  MPREFILL_SKIP_IF_MISSING(m + "/tokenizer.bin");
   const std::string calib = test::source_dir() + "/docs/search/calib_stories.txt";
   ASSERT_TRUE(test::file_exists(calib)) << calib;
   const std::string dir = temp_dir("stories");

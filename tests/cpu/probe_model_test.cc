@@ -57,10 +57,7 @@ std::vector<int> answer(const Engine& e, const ModelConfig& cfg, const Sample& s
 
 class ProbeModel : public ::testing::Test {
  protected:
-  void SetUp() override {
-    if (!test::file_exists(probe_dir() + "/model.safetensors"))
-      GTEST_SKIP() << "probe model not found at " << probe_dir();
-  }
+  void SetUp() override { MPREFILL_SKIP_IF_MISSING(probe_dir() + "/model.safetensors"); }
 };
 
 TEST_F(ProbeModel, LoadsWithTheTrainedShape) {

@@ -23,8 +23,7 @@ namespace {
 
 std::string tokenizer_path() { return test::shared_dir() + "/models/stories15M/tokenizer.bin"; }
 
-#define SKIP_WITHOUT_TOKENIZER() \
-  if (!test::file_exists(tokenizer_path())) GTEST_SKIP() << "missing " << tokenizer_path()
+#define SKIP_WITHOUT_TOKENIZER() MPREFILL_SKIP_IF_MISSING(tokenizer_path())
 
 class TempDir {
  public:
@@ -263,20 +262,19 @@ TEST(Tokenizer, BadFilesGiveClearErrors) {
   expect_error(dir.file("good.bin"), 32000, "vocab_size is 32000");
   EXPECT_EQ(Tokenizer::load(dir.file("good.bin"), 261).vocab_size(), 261);
 
-  if (test::file_exists(tokenizer_path())) {
-    const std::string real = read_all(tokenizer_path());
-    write_all(dir.file("half.bin"), real.substr(0, real.size() / 2));
-    expect_error(dir.file("half.bin"), 0, "truncated");
-    // Cut at a record boundary: only the expected vocabulary size can tell.
-    size_t off = 4;
-    for (int i = 0; i < 31000; ++i) {
-      int32_t len;
-      std::memcpy(&len, real.data() + off + 4, 4);
-      off += 8 + size_t(len);
-    }
-    write_all(dir.file("short.bin"), real.substr(0, off));
-    expect_error(dir.file("short.bin"), 32000, "has 31000 tokens");
+  SKIP_WITHOUT_TOKENIZER();  // the cuts of the real file below
+  const std::string real = read_all(tokenizer_path());
+  write_all(dir.file("half.bin"), real.substr(0, real.size() / 2));
+  expect_error(dir.file("half.bin"), 0, "truncated");
+  // Cut at a record boundary: only the expected vocabulary size can tell.
+  size_t off = 4;
+  for (int i = 0; i < 31000; ++i) {
+    int32_t len;
+    std::memcpy(&len, real.data() + off + 4, 4);
+    off += 8 + size_t(len);
   }
+  write_all(dir.file("short.bin"), real.substr(0, off));
+  expect_error(dir.file("short.bin"), 32000, "has 31000 tokens");
 }
 
 }  // namespace

@@ -408,7 +408,8 @@ TEST(CudaEngine, Stories15MGreedyIds) {
   } else {
     const std::string bin = test::shared_dir() + "/models/stories15M/stories15M.bin";
     if (!test::file_exists(bin))
-      GTEST_SKIP() << "no " << bin << " and no MPREFILL_STORIES15M_HF (bf16 HF conversion)";
+      GTEST_SKIP() << "no MPREFILL_STORIES15M_HF (bf16 HF conversion) and "
+                   << test::missing_file(bin);
     tmp = (std::filesystem::temp_directory_path() / "mprefill_gpu_s15_XXXXXX").string();
     ASSERT_NE(::mkdtemp(tmp.data()), nullptr);
     dir = tmp + "/hf";

@@ -8,8 +8,9 @@
 #      MPREFILL_NCCLKV_RANDOM_HF or generated here), 32768 tokens: both transports hand off
 #      every KV byte (tcp: f32 pages, nccl: bf16 device slices) and the decoder generates
 #      the same ids from either; handoff GB/s printed for both.
-# usage: nccl_handoff_test.sh BIN_DIR [TOKENIZER]. Exit 77 (skip) without 2 GPUs or
-# without the stories15M conversion. MPREFILL_TEST_OUT=DIR keeps the JSON results.
+# usage: nccl_handoff_test.sh BIN_DIR [TOKENIZER]. Exit 77 (skip) without 2 GPUs, without
+# MPREFILL_STORIES15M_HF, or without the tokenizer (named on a line "SKIP-MISSING-FILE:
+# PATH", launch/check_skips.py). MPREFILL_TEST_OUT=DIR keeps the JSON results.
 set -u -o pipefail
 BIN=${1:?usage: nccl_handoff_test.sh BIN_DIR [TOKENIZER]}
 TOK=${2:-${MPREFILL_TOKENIZER:-}}
@@ -22,10 +23,14 @@ if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_RO
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 if [ "${ngpu:-0}" -lt 2 ]; then echo "SKIP: needs 2 GPUs, found ${ngpu:-0}"; exit 77; fi
 HF=${MPREFILL_STORIES15M_HF:-}
-if [ -z "$HF" ] || [ ! -f "$HF/config.json" ]; then
+if [ -z "$HF" ]; then
   echo "SKIP: set MPREFILL_STORIES15M_HF to the bf16 HF conversion of stories15M"; exit 77
 fi
-if [ -z "$TOK" ] || [ ! -f "$TOK" ]; then echo "FAIL: no tokenizer ($TOK)"; exit 1; fi
+if [ ! -f "$HF/config.json" ]; then echo "FAIL: MPREFILL_STORIES15M_HF=$HF has no config.json"; exit 1; fi
+if [ -z "$TOK" ] || [ ! -f "$TOK" ]; then
+  echo "SKIP: the golden-ids runs need the stories15M tokenizer"
+  echo "SKIP-MISSING-FILE: $(realpath -m "${TOK:-tokenizer.bin}")"; exit 77
+fi
 RND=${MPREFILL_NCCLKV_RANDOM_HF:-}
 if [ -z "$RND" ]; then RND=$OUTD/rand-h128; python3 "$HERE/make_random_hf.py" "$RND" || exit 1; fi
 

@@ -117,7 +117,7 @@ TEST(DistAudit, TinyEstimatedPlan) { audit_case("random:tiny:8", random_ids(700,
 
 TEST(DistAudit, StoriesFixedPlan) {
   const std::string m = test::shared_dir() + "/models/stories15M/stories15M.bin";
-  if (!test::file_exists(m)) GTEST_SKIP() << "no " << m;
+  MPREFILL_SKIP_IF_MISSING(m);
   audit_case(m, random_ids(500, 32000, 7), true);
 }
 

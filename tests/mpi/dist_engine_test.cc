@@ -371,19 +371,19 @@ TEST(DistEngine, TinyHfQwen2SparseFixed) {
 }
 
 TEST(DistEngine, StoriesDenseFixed) {
-  if (!test::file_exists(stories_path())) GTEST_SKIP() << "no " << stories_path();
+  MPREFILL_SKIP_IF_MISSING(stories_path());
   fixed_plan_case("stories15M dense", stories_path(), story_ids(301), SparsePolicy::dense(), false);
 }
 
 TEST(DistEngine, StoriesSparseFixed) {
-  if (!test::file_exists(stories_path())) GTEST_SKIP() << "no " << stories_path();
+  MPREFILL_SKIP_IF_MISSING(stories_path());
   const ModelConfig cfg = named_shape("stories15m");
   fixed_plan_case("stories15M sparse", stories_path(), story_ids(449),
                   mixed_policy(cfg, 64, 64, 120, 3), true);
 }
 
 TEST(DistEngine, StoriesSparseEstimated) {
-  if (!test::file_exists(stories_path())) GTEST_SKIP() << "no " << stories_path();
+  MPREFILL_SKIP_IF_MISSING(stories_path());
   const ModelConfig cfg = named_shape("stories15m");
   estimated_plan_case("stories15M estimated", stories_path(), story_ids(449),
                       mixed_policy(cfg, 64, 64, 120, 3));
@@ -391,7 +391,7 @@ TEST(DistEngine, StoriesSparseEstimated) {
 
 // KV gathered to rank 0 and decoded there: the greedy ids equal the single process's.
 TEST(DistEngine, StoriesGreedyDecode) {
-  if (!test::file_exists(stories_path())) GTEST_SKIP() << "no " << stories_path();
+  MPREFILL_SKIP_IF_MISSING(stories_path());
   constexpr int kSteps = 16;
   auto c = world();
   const DistTopology topo = topology(*c);

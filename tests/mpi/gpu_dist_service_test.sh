@@ -8,8 +8,10 @@
 #   upon a time" against the CPU golden ids as tp2 (5 tokens: too short for sp 2). The
 #   one-rank service run (CudaEngine) is checked against generate too, so a difference
 #   of the decode paths shows as such.
-# usage: gpu_dist_service_test.sh BIN_DIR [TOKENIZER]. Exit 77 (skip) without 2 GPUs or
-# without the stories15M conversion. MPREFILL_TEST_OUT=DIR keeps the JSON results.
+# usage: gpu_dist_service_test.sh BIN_DIR [TOKENIZER]. Exit 77 (skip) without 2 GPUs,
+# without MPREFILL_STORIES15M_HF, or (when all else passed) without the tokenizer for the
+# golden-ids run, named on a line "SKIP-MISSING-FILE: PATH" (launch/check_skips.py).
+# MPREFILL_TEST_OUT=DIR keeps the JSON results.
 set -u -o pipefail
 BIN=${1:?usage: gpu_dist_service_test.sh BIN_DIR [TOKENIZER]}
 TOK=${2:-${MPREFILL_TOKENIZER:-}}
@@ -20,9 +22,10 @@ if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_RO
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 if [ "${ngpu:-0}" -lt 2 ]; then echo "SKIP: needs 2 GPUs, found ${ngpu:-0}"; exit 77; fi
 HF=${MPREFILL_STORIES15M_HF:-}
-if [ -z "$HF" ] || [ ! -f "$HF/config.json" ]; then
+if [ -z "$HF" ]; then
   echo "SKIP: set MPREFILL_STORIES15M_HF to the bf16 HF conversion of stories15M"; exit 77
 fi
+if [ ! -f "$HF/config.json" ]; then echo "FAIL: MPREFILL_STORIES15M_HF=$HF has no config.json"; exit 1; fi
 
 fail=0
 ids_of() { python3 -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1])).get('generated_ids')))" "$1" 2>/dev/null; }
@@ -53,7 +56,12 @@ for tp in 1 2; do
     "$(ids_of "$OUTD/run_tp${tp}.json")" "$REF"
   grep -h "executor" "$OUTD/run_tp${tp}.log" | head -1
 done
-if [ -n "$TOK" ] && [ -f "$TOK" ]; then
+skipped=0
+if [ -z "$TOK" ] || [ ! -f "$TOK" ]; then
+  echo "SKIP: the golden-ids run needs the stories15M tokenizer"
+  echo "SKIP-MISSING-FILE: $(realpath -m "${TOK:-tokenizer.bin}")"
+  skipped=1
+else
   GOLDEN='[29892, 727, 471, 263, 2217, 7826, 4257, 365]'
   step stories_tp2 "$BIN/mprefill" run --device cuda --ranks 2 --tp 2 --model "$HF" \
     --tokenizer "$TOK" --prompt "Once upon a time" --decode 7 --json
@@ -61,4 +69,5 @@ if [ -n "$TOK" ] && [ -f "$TOK" ]; then
     "$(ids_of "$OUTD/stories_tp2.json")" "$GOLDEN"
 fi
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1 >"$OUTD/card.txt"
+[ $fail = 0 ] && [ $skipped = 1 ] && exit 77
 exit $fail

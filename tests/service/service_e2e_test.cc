@@ -31,7 +31,10 @@ std::string model() { return t::shared_dir() + "/models/stories15M/stories15M.bi
 std::string tokenizer() { return t::shared_dir() + "/models/stories15M/tokenizer.bin"; }
 std::string bin(const std::string& name) { return t::bin_dir() + "/" + name; }
 
-bool have_stories() { return t::file_exists(model()) && t::file_exists(tokenizer()); }
+// Skips the test (from a void function) unless stories15M and its tokenizer are there.
+#define SKIP_WITHOUT_STORIES()       \
+  MPREFILL_SKIP_IF_MISSING(model()); \
+  MPREFILL_SKIP_IF_MISSING(tokenizer())
 
 // KV bytes per token of stories15M with fp32 KV: 2 x 6 layers x 6 heads x 48 x 4.
 constexpr uint64_t kKvPerToken = 2 * 6 * 6 * 48 * 4;
@@ -197,7 +200,7 @@ struct Service {
 };
 
 void check_run_matches_generate(int ranks, int tp) {
-  if (!have_stories()) GTEST_SKIP() << "stories15M not found under " << t::shared_dir();
+  SKIP_WITHOUT_STORIES();
   for (const Prompt& p : prompts()) {
     const json ref = reference(p);
     std::string out;
@@ -231,7 +234,7 @@ TEST(ServiceE2E, RunRanks2MatchesGenerate) { check_run_matches_generate(2, 1); }
 TEST(ServiceE2E, RunRanks4Tp2MatchesGenerate) { check_run_matches_generate(4, 2); }
 
 TEST(ServiceE2E, ConcurrentSubmissionsQueueAndAllFinish) {
-  if (!have_stories()) GTEST_SKIP() << "stories15M not found";
+  SKIP_WITHOUT_STORIES();
   Service s(model(), 2, 1, "conc");
   // Every prompt twice, all at once: one group, so they queue.
   std::string script;
@@ -317,7 +320,7 @@ TEST(ServiceE2E, CancelMidRunThenTheServiceStillWorks) {
 }
 
 TEST(ServiceE2E, PythonClientRunsAJob) {
-  if (!have_stories()) GTEST_SKIP() << "stories15M not found";
+  SKIP_WITHOUT_STORIES();
   const std::string py = MPREFILL_PYTHON3;
   if (py.empty())
     GTEST_SKIP() << "no python3 with google.protobuf (launch/setup.sh installs python3-protobuf)";
