@@ -143,6 +143,7 @@ struct Options {
   int topk = 100;
   std::string bs_select = "estimate";  // estimate | random
   int n_init = 128, n_local = 4096;    // A-shape
+  std::string sparse_kernel = "auto";  // auto | v1 | v2 (kernels/cuda/sparse: SparseKernelGen)
   int warmup = 2, repeat = 10;
   int check_rows = 6;
   bool json = false;
@@ -158,14 +159,17 @@ void usage() {
       "uniform,clustered]\n"
       "         [--budget-class V,S[;V,S]] [--mix llama3-8b|FILE.json] [--budgets FILE.json "
       "[--layers all|L,..]]\n"
-      "         [--topk 100] [--bs-select estimate|random] [--a-shape N_INIT,N_LOCAL]\n"
+      "         [--topk 100] [--bs-select estimate|random] [--a-shape N_INIT,N_LOCAL] "
+      "[--sparse-kernel auto|v1|v2]\n"
       "         [--dump-indices PREFIX|DIR/|FILE] [--load-indices FILE[,FILE]] [--warmup 2] "
       "[--repeat 10]\n"
       "         [--check-rows 6] [--seed 1] [--json] [--index-only]\n"
       "--index-only: no GPU; build (and dump) the vertical-slash indices and "
       "print their tiles.\n"
       "defaults: --seq 32768; heads/kv-heads 32/8 up to 128K, 4/1 up to 512K, 2/1 above; "
-      "vertical_slash budgets --mix llama3-8b; --a-shape 128,4096; --topk 100.\n");
+      "vertical_slash budgets --mix llama3-8b; --a-shape 128,4096; --topk 100.\n"
+      "--sparse-kernel: sparse kernel generation of every sparse case (auto: v2 for "
+      "vertical_slash and a_shape, v1 for block_sparse).\n");
 }
 
 Options parse(int argc, char** argv, int first) {
@@ -214,6 +218,8 @@ Options parse(int argc, char** argv, int first) {
       if (v.size() != 2) die("--a-shape wants N_INIT,N_LOCAL");
       o.n_init = to_int(v[0], "n_init");
       o.n_local = to_int(v[1], "n_local");
+    } else if (a == "--sparse-kernel") {
+      o.sparse_kernel = next();
     } else if (a == "--warmup") {
       o.warmup = to_int(next(), "--warmup");
     } else if (a == "--repeat" || a == "--reps") {
@@ -239,6 +245,8 @@ Options parse(int argc, char** argv, int first) {
   for (auto& s : o.index_sets)
     if (s != "uniform" && s != "clustered") die("unknown --index-set " + s);
   if (o.bs_select != "estimate" && o.bs_select != "random") die("unknown --bs-select");
+  if (o.sparse_kernel != "auto" && o.sparse_kernel != "v1" && o.sparse_kernel != "v2")
+    die("unknown --sparse-kernel " + o.sparse_kernel + " (auto, v1 or v2)");
   if (o.repeat < 1 || o.warmup < 0) die("--repeat >= 1 and --warmup >= 0 required");
   if (o.head_dim <= 0) die("bad --head-dim");
   return o;
@@ -666,6 +674,11 @@ void run_shape(const Options& o, const Shape& s, std::vector<Case> cases, const 
   for (auto& c : cases)
     n_index_cases += c.pattern == "vertical_slash" || c.pattern == "block_sparse";
   std::map<std::string, std::vector<Result>> groups;
+#if MPREFILL_BENCH_SPARSE
+  const cuda::SparseKernelGen gen = o.sparse_kernel == "v1"   ? cuda::SparseKernelGen::kV1
+                                    : o.sparse_kernel == "v2" ? cuda::SparseKernelGen::kV2
+                                                              : cuda::SparseKernelGen::kAuto;
+#endif
   for (Case& c : cases) {
     if (c.pattern == "dense") continue;
     Result r;
@@ -717,7 +730,7 @@ void run_shape(const Options& o, const Shape& s, std::vector<Case> cases, const 
       view.range_hi = static_cast<const int*>(d_hi.p);
       view.col_ptr = static_cast<const int64_t*>(d_cp.p);
       view.col = static_cast<const int*>(d_col.p);
-      launch = [&p, view] { return cuda::vs_attention_fwd(p, view, 0, nullptr); };
+      launch = [&p, view, gen] { return cuda::vs_attention_fwd(p, view, 0, nullptr, gen); };
 #endif
     } else if (c.pattern == "block_sparse") {
       if (!c.load_path.empty()) {
@@ -794,7 +807,9 @@ void run_shape(const Options& o, const Shape& s, std::vector<Case> cases, const 
       view.nblocks = bix.nblocks;
       view.k = bix.k;
       view.blocks = static_cast<const int*>(d_bs.p);
-      launch = [&p, view] { return cuda::block_sparse_attention_fwd(p, view, 0, nullptr); };
+      launch = [&p, view, gen] {
+        return cuda::block_sparse_attention_fwd(p, view, 0, nullptr, gen);
+      };
 #endif
     } else if (c.pattern == "a_shape") {
       r.tiles = ashape_tiles(n, o.n_init, o.n_local) * s.heads;
@@ -812,7 +827,7 @@ void run_shape(const Options& o, const Shape& s, std::vector<Case> cases, const 
         return rg;
       };
 #if MPREFILL_BENCH_SPARSE
-      launch = [&p, ni, nl] { return cuda::ashape_attention_fwd(p, ni, nl, nullptr); };
+      launch = [&p, ni, nl, gen] { return cuda::ashape_attention_fwd(p, ni, nl, nullptr, gen); };
 #endif
     }
     if (!launch) {

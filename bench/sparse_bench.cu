@@ -10,8 +10,8 @@
 //
 //   mprefill-sparse-bench [--seq 32768,131072] [--reps 10] [--warmup 2] [--set clustered]
 //                         [--kernels 1,2]
-// --kernels: sparse kernel generations to time, each in turn on the same inputs and index
-// (kernels/cuda/sparse/sparse_attention.h: set_sparse_kernel_version); "kernel" in the JSON.
+// --kernels: sparse kernel generations (1, 2) to time, each in turn on the same inputs and
+// index (kernels/cuda/sparse/sparse_attention.h: SparseKernelGen); "kernel" in the JSON.
 // One JSON object per case on stdout, then a short table on stderr.
 #include <cuda_runtime_api.h>
 
@@ -101,6 +101,12 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
+  for (int64_t ver : versions) {
+    if (ver != 1 && ver != 2) {
+      std::fprintf(stderr, "--kernels takes generations 1 and/or 2, got %lld\n", (long long)ver);
+      return 1;
+    }
+  }
   const IndexSetKind kind = parse_index_set_kind(set);
   const int H = 32, HKV = 8, D = 128;
   const std::vector<std::tuple<int, int, int>> mix = {
@@ -151,6 +157,7 @@ int main(int argc, char** argv) {
         median_ms([&] { BENCH_OK(cuda::flash_attention_fwd(p, nullptr)); }, warmup, r);
     const double dense_tfs = dense_flops / dense_ms * 1e-9;
     int kver = 0;  // kernel generation of the case being emitted (0: dense)
+    auto gen = [&kver] { return static_cast<cuda::SparseKernelGen>(kver); };
     auto emit = [&](const std::string& base, double ms, double tiles) {
       const std::string name = kver > 0 ? base + "_v" + std::to_string(kver) : base;
       const double tfs = tiles * tile_flops / ms * 1e-9;
@@ -169,9 +176,8 @@ int main(int argc, char** argv) {
     emit("dense_flash", dense_ms, causal_tiles);
     for (int64_t ver : versions) {
       kver = int(ver);
-      BENCH_OK(cuda::set_sparse_kernel_version(kver));
       const double ms = median_ms(
-          [&] { BENCH_OK(cuda::ashape_attention_fwd(p, int(n), 0, nullptr)); }, warmup, r);
+          [&] { BENCH_OK(cuda::ashape_attention_fwd(p, int(n), 0, nullptr, gen())); }, warmup, r);
       emit("dense_via_sparse_kernel", ms, causal_tiles);
     }
     {
@@ -204,9 +210,9 @@ int main(int argc, char** argv) {
       bv.blocks = db;
       for (int64_t ver : versions) {
         kver = int(ver);
-        BENCH_OK(cuda::set_sparse_kernel_version(kver));
-        const double ms = median_ms(
-            [&] { BENCH_OK(cuda::block_sparse_attention_fwd(p, bv, 0, nullptr)); }, warmup, r);
+        const double ms =
+            median_ms([&] { BENCH_OK(cuda::block_sparse_attention_fwd(p, bv, 0, nullptr, gen())); },
+                      warmup, r);
         emit("block_sparse_top100", ms, tiles);
       }
       cudaFree(db);
@@ -233,9 +239,8 @@ int main(int argc, char** argv) {
       dv.col = cc;
       for (size_t vi = 0; vi < versions.size(); ++vi) {
         kver = int(versions[vi]);
-        BENCH_OK(cuda::set_sparse_kernel_version(kver));
-        const double ms =
-            median_ms([&] { BENCH_OK(cuda::vs_attention_fwd(p, dv, 0, nullptr)); }, warmup, r);
+        const double ms = median_ms(
+            [&] { BENCH_OK(cuda::vs_attention_fwd(p, dv, 0, nullptr, gen())); }, warmup, r);
         emit("vs_" + std::to_string(bv) + "_" + std::to_string(bs), ms, tiles);
         mix_ms[vi] += ms * count / 1024.0;
       }

@@ -104,11 +104,11 @@ void run_case(const Case& c) {
 
   const test::gpu::Ref ref = test::gpu::reference(sh, h, vis);
 
-  // Every kernel generation (kernels/cuda/sparse/sparse_attention.h; the default, 0,
+  // Every kernel generation (kernels/cuda/sparse/sparse_attention.h; the default, kAuto,
   // picks one of them per pattern), each on fresh, poisoned buffers.
-  for (int version : {1, 2}) {
+  for (const cuda::SparseKernelGen gen : {cuda::SparseKernelGen::kV1, cuda::SparseKernelGen::kV2}) {
+    const int version = static_cast<int>(gen);
     SCOPED_TRACE("sparse kernel v" + std::to_string(version));
-    ASSERT_EQ(cuda::set_sparse_kernel_version(version), Status::kOk);
     test::gpu::DeviceBuffers dev(sh, h);
     ASSERT_TRUE(dev.ok()) << "cudaMalloc/cudaMemcpy failed";
     AttentionParams p = dev.params();
@@ -125,19 +125,18 @@ void run_case(const Case& c) {
       v.col_ptr = dev.upload(ix.col_ptr);
       v.col = dev.upload(ix.col);
       ASSERT_TRUE(dev.ok()) << "index upload failed";
-      st = cuda::vs_attention_fwd(p, v, c.head_offset, nullptr);
+      st = cuda::vs_attention_fwd(p, v, c.head_offset, nullptr, gen);
     } else if (c.pat == Pat::kBlock) {
       BlockSparseView v = view(c.bs);
       v.blocks = dev.upload(c.bs.blocks);
       ASSERT_TRUE(dev.ok()) << "index upload failed";
-      st = cuda::block_sparse_attention_fwd(p, v, c.head_offset, nullptr);
+      st = cuda::block_sparse_attention_fwd(p, v, c.head_offset, nullptr, gen);
     } else {
-      st = cuda::ashape_attention_fwd(p, c.n_init, c.n_local, nullptr);
+      st = cuda::ashape_attention_fwd(p, c.n_init, c.n_local, nullptr, gen);
     }
     ASSERT_EQ(st, Status::kOk) << to_string(st) << ": " << cuda::last_error();
     dev.check(ref, c.name() + " v" + std::to_string(version));
   }
-  ASSERT_EQ(cuda::set_sparse_kernel_version(0), Status::kOk);  // back to the default
 }
 
 // ---------------------------------------------------------------- index sets
@@ -383,10 +382,15 @@ TEST(SparseAttentionApi, RejectsBadArguments) {
   bs.blocks = reinterpret_cast<const int*>(dummy.data());
   p.q_pos0 = 64;  // rows past seq_len
   EXPECT_EQ(cuda::block_sparse_attention_fwd(p, bs, 0, nullptr), Status::kInvalidArgument);
-  const int version = cuda::sparse_kernel_version();
-  EXPECT_EQ(cuda::set_sparse_kernel_version(3), Status::kInvalidArgument);
-  EXPECT_EQ(cuda::set_sparse_kernel_version(-1), Status::kInvalidArgument);
-  EXPECT_EQ(cuda::sparse_kernel_version(), version);
+  // A generation outside SparseKernelGen is refused before any launch (p is launchable).
+  p.q_pos0 = 0;
+  for (const int bad : {3, -1}) {
+    const auto gen = static_cast<cuda::SparseKernelGen>(bad);
+    EXPECT_EQ(cuda::ashape_attention_fwd(p, 4, 4, nullptr, gen), Status::kInvalidArgument) << bad;
+    EXPECT_NE(cuda::last_error().find("gen"), std::string::npos) << cuda::last_error();
+    EXPECT_EQ(cuda::block_sparse_attention_fwd(p, bs, 0, nullptr, gen), Status::kInvalidArgument)
+        << bad;
+  }
 }
 
 }  // namespace

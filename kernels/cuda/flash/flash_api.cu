@@ -5,6 +5,7 @@
 #include <cstdio>
 
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/common/launch_common.h"
 #include "kernels/cuda/flash/flash.h"
 #include "kernels/cuda/flash/flash_launch.h"
 
@@ -62,10 +63,6 @@ __global__ void fill_empty_rows(uint16_t* o, float* lse, int n_q, int heads, int
   if (lse != nullptr && threadIdx.x == 0) lse[h * lse_head_stride + t] = -INFINITY;
 }
 
-bool aligned(const void* ptr, uintptr_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-}
-
 }  // namespace
 
 bool flash_attention_supported(DType dtype, int head_dim) {
@@ -84,16 +81,7 @@ Status flash_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
                                 __LINE__);
   if (p.dtype != DType::kBF16 && p.dtype != DType::kF16)
     return unsupported("dtype", static_cast<int>(p.dtype), kBuiltDtypes);
-  // TMA: 16-byte aligned bases and strides; the epilogue stores column pairs.
-  MPREFILL_CHECK_ARG(aligned(p.q, 16) && aligned(p.k, 16) && aligned(p.v, 16) && aligned(p.o, 4),
-                     Status::kUnsupported);
-  MPREFILL_CHECK_ARG(p.q_row_stride % 8 == 0 && p.q_head_stride % 8 == 0 &&
-                         p.k_row_stride % 8 == 0 && p.k_head_stride % 8 == 0 &&
-                         p.v_row_stride % 8 == 0 && p.v_head_stride % 8 == 0,
-                     Status::kUnsupported);
-  MPREFILL_CHECK_ARG(p.o_row_stride % 2 == 0 && p.o_head_stride % 2 == 0, Status::kUnsupported);
-  MPREFILL_CHECK_ARG(p.n_q < (1 << 30) && p.n_k < (1 << 30), Status::kUnsupported);
-  MPREFILL_CHECK_ARG(p.num_heads <= 65535, Status::kUnsupported);  // grid.y
+  if (const Status s = check_tma_layout(p); s != Status::kOk) return s;
   if (p.n_q == 0) return Status::kOk;
   if (p.n_k == 0) {  // the kernel's K/V tensor maps need n_k >= 1
     if (!flash_attention_supported(p.dtype, p.head_dim))

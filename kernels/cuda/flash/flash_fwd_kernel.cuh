@@ -19,102 +19,53 @@
 #define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED 1
 #endif
 
-#include <cuda_runtime_api.h>
-#include <cutlass/arch/barrier.h>
-#include <cutlass/arch/reg_reconfig.h>
-#include <cutlass/cutlass.h>
-#include <cutlass/numeric_types.h>
-
-#include <cmath>
-#include <cstdint>
-#include <cute/arch/cluster_sm90.hpp>
-#include <cute/tensor.hpp>
 #include <cutlass/pipeline/pipeline.hpp>
 
-#include "kernels/attention.h"
-#include "kernels/cuda/check.h"
+#include "kernels/cuda/common/attention_common.cuh"
 
 namespace mprefill::cuda::flash {
 
 using namespace cute;
+using namespace attn;
 
 // ---------------------------------------------------------------- traits
-template <typename Element_, int kHeadDim_, bool kCausal_>
-struct FwdTraits {
-  using Element = Element_;
-  using ElementAccum = float;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr bool kCausal = kCausal_;
-  static constexpr int kBlockM = 128;
 #ifndef MPREFILL_FLASH_BLOCK_N_NONCAUSAL
 #define MPREFILL_FLASH_BLOCK_N_NONCAUSAL 176
 #endif
-  // Non-causal head_dim 128 uses a wider key tile (fewer softmax rounds per FLOP; +5%
-  // measured, bench/NOTES.md v3). Causal keeps 128 so at most two tiles cross the diagonal.
-  static constexpr int kBlockN =
-      (kHeadDim == 128 && !kCausal_) ? MPREFILL_FLASH_BLOCK_N_NONCAUSAL : 128;
-  static constexpr int kStages = 2;
-  static constexpr int kNumMmaWG = kBlockM / 64;
-  static constexpr int kNumMmaThreads = kNumMmaWG * cutlass::NumThreadsPerWarpGroup;
+// Non-causal head_dim 128 uses a wider key tile (fewer softmax rounds per FLOP; +5%
+// measured, bench/NOTES.md v3). Causal keeps 128 so at most two tiles cross the diagonal.
+constexpr int flash_block_n(int head_dim, bool causal) {
+  return (head_dim == 128 && !causal) ? MPREFILL_FLASH_BLOCK_N_NONCAUSAL : 128;
+}
+
+// 128 query rows (two consumer warpgroups) x flash_block_n keys, 2 K/V stages.
+template <typename Element_, int kHeadDim_, bool kCausal_>
+struct FwdTraits
+    : attn::TileTypes<Element_, 128, flash_block_n(kHeadDim_, kCausal_), kHeadDim_, 2, 2> {
+  using Base = attn::TileTypes<Element_, 128, flash_block_n(kHeadDim_, kCausal_), kHeadDim_, 2, 2>;
+  using Element = Element_;
+  static constexpr bool kCausal = kCausal_;
+  static constexpr int kNumMmaThreads = Base::kNumMmaWG * cutlass::NumThreadsPerWarpGroup;
   static constexpr int kNumThreads = kNumMmaThreads + cutlass::NumThreadsPerWarpGroup;
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
 #ifndef MPREFILL_FLASH_PINGPONG
 #define MPREFILL_FLASH_PINGPONG 1
 #endif
-  static constexpr bool kPingpong = MPREFILL_FLASH_PINGPONG != 0 && kNumMmaWG == 2;
+  static constexpr bool kPingpong = MPREFILL_FLASH_PINGPONG != 0 && Base::kNumMmaWG == 2;
 
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim must be 64 or 128");
-  static_assert(kBlockM % 64 == 0 && kBlockN % 16 == 0 && kBlockN <= 256, "bad tile");
-  static_assert(kStages >= 2, "need at least double buffering");
+  static_assert(Base::kBlockN % 16 == 0 && Base::kBlockN <= 256, "bad tile");
+  static_assert(Base::kStages >= 2, "need at least double buffering");
   static_assert(kProducerRegs * 128 + kConsumerRegs * kNumMmaThreads <= 65536,
                 "register reallocation exceeds the register file");
-  static_assert(sizeof(Element) == 2, "16-bit elements only");
 
-  using TileShapeMNK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;
-  using TileShapePV = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;
-  using AtomLayoutMNK = Layout<Shape<Int<kNumMmaWG>, _1, _1>>;
-  using TiledMmaS = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, ElementAccum, TileShapeMNK>(), AtomLayoutMNK{}));
-  using TiledMmaO =
-      decltype(make_tiled_mma(GMMA::rs_op_selector<Element, Element, ElementAccum, TileShapePV,
-                                                   GMMA::Major::K, GMMA::Major::MN>(),
-                              AtomLayoutMNK{}));
-
-  // 128-byte swizzled K-major rows (64 elements) for Q, K and V.
-  using SmemAtom = GMMA::Layout_K_SW128_Atom<Element>;
-  using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  using SmemLayoutK =
-      decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
-  using SmemLayoutV = SmemLayoutK;
-  // V viewed as (head_dim, kBlockN, stages): the MN-major B operand of O += P V.
-  using SmemLayoutVt = decltype(composition(
-      SmemLayoutV{},
-      make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
-
-  // Global tensors as (token, dim, head) with unit stride along dim.
-  using ShapeQKV = Shape<int32_t, int32_t, int32_t>;
-  using StrideQKV = Stride<int64_t, _1, int64_t>;
-  using GmemLayoutQKV = Layout<ShapeQKV, StrideQKV>;
-  using TmaQ = decltype(make_tma_copy(
-      SM90_TMA_LOAD{},
-      make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemLayoutQKV{}),
-      SmemLayoutQ{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}, _1{}));
-  using TmaKV = decltype(make_tma_copy(
-      SM90_TMA_LOAD{},
-      make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemLayoutQKV{}),
-      take<0, 2>(SmemLayoutK{}), Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{}));
-
-  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  using Pipeline = cutlass::PipelineTmaAsync<Base::kStages>;
   using PipelineState = typename Pipeline::PipelineState;
-  // Whole boxes: TMA counts zero-filled out-of-bounds elements (row tail, padded head_dim) too.
-  static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
-  static constexpr uint32_t kTmaBytesKV = kBlockN * kHeadDim * sizeof(Element);
 
   struct SharedStorage {
-    cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
-    cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
-    cute::array_aligned<Element, cosize_v<SmemLayoutV>, 1024> v;
+    cute::array_aligned<Element, cosize_v<typename Base::SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Element, cosize_v<typename Base::SmemLayoutK>, 1024> k;
+    cute::array_aligned<Element, cosize_v<typename Base::SmemLayoutV>, 1024> v;
     typename Pipeline::SharedStorage pipe_k;
     typename Pipeline::SharedStorage pipe_v;
     cutlass::arch::ClusterTransactionBarrier bar_q;
@@ -123,9 +74,9 @@ struct FwdTraits {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm90 opt-in limit");
 
   struct Params {
-    TmaQ tma_q;
-    TmaKV tma_k;
-    TmaKV tma_v;
+    typename Base::TmaQ tma_q;
+    typename Base::TmaKV tma_k;
+    typename Base::TmaKV tma_v;
     Element* o;
     float* lse;  // may be null
     int64_t o_row_stride, o_head_stride, lse_head_stride;
@@ -136,54 +87,6 @@ struct FwdTraits {
     float scale, scale_log2;
   };
 };
-
-// ---------------------------------------------------------------- register layouts
-// Accumulator ((2, 2, N/8), MMA_M, MMA_N) -> (rows = (2, MMA_M), cols = (2, N/8, MMA_N)).
-template <class Layout>
-CUTE_HOST_DEVICE constexpr auto acc_rowcol(Layout l) {
-  static_assert(decltype(rank<0>(l))::value == 3, "expect an sm90 accumulator layout");
-  return make_layout(make_layout(get<0, 1>(l), get<1>(l)),
-                     make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
-}
-
-// Accumulator of S = Q K^T reinterpreted as the register A operand of O += P V:
-// ((2, 2, N/8), MMA_M, MMA_N) -> ((2, 2, 2), MMA_M, (N/16, MMA_N)).
-template <class Layout>
-CUTE_HOST_DEVICE constexpr auto acc_to_a_operand(Layout l) {
-  auto v = logical_divide(get<0>(l), Shape<Underscore, Underscore, _2>{});  // (2,2,(2,N/16))
-  return make_layout(make_layout(get<0>(v), get<1>(v), get<2, 0>(v)), get<1>(l),
-                     make_layout(get<2, 1>(v), get<2>(l)));
-}
-
-// Issues C (+)= A B over all k blocks as one committed wgmma group; the caller waits
-// (warpgroup_wait) and fences C before reading it.
-template <bool kZeroInit, class TiledMma, class TA, class TB, class TC>
-CUTE_DEVICE void wg_gemm_issue(TiledMma& mma, TA const& a, TB const& b, TC& c) {
-  constexpr bool kRegA = !is_base_of<GMMA::DescriptorIterator, typename TiledMma::FrgTypeA>::value;
-  warpgroup_fence_operand(c);
-  if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
-  warpgroup_arrive();
-  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
-  CUTLASS_PRAGMA_UNROLL
-  for (int kb = 0; kb < size<2>(a); ++kb) {
-    cute::gemm(mma, a(_, _, kb), b(_, _, kb), c);
-    mma.accumulate_ = GMMA::ScaleOut::One;
-  }
-  warpgroup_commit_batch();
-}
-
-template <int kWidth>
-CUTE_DEVICE float quad_allreduce_max(float x) {
-  CUTLASS_PRAGMA_UNROLL
-  for (int o = 1; o < kWidth; o *= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-template <int kWidth>
-CUTE_DEVICE float quad_allreduce_sum(float x) {
-  CUTLASS_PRAGMA_UNROLL
-  for (int o = 1; o < kWidth; o *= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
 
 // Number of key tiles that hold a key visible to some row of query tile m_block.
 template <class T>
@@ -217,9 +120,7 @@ __global__ void __launch_bounds__(T::kNumThreads, 1)
   const int n_blocks = visible_key_blocks<T>(p, m_block);
 
   if (warp_idx == 0 && cute::elect_one_sync()) {
-    cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
+    prefetch_qkv_descriptors(p);
     ss.bar_q.init(1);
   }
 
@@ -293,12 +194,7 @@ __global__ void __launch_bounds__(T::kNumThreads, 1)
   Tensor O_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
   Tensor cO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
   constexpr int kRows = decltype(size<0>(O_rc))::value;  // query rows held by this thread
-  float row_max[kRows], row_sum[kRows];
-  CUTLASS_PRAGMA_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    row_max[r] = -INFINITY;
-    row_sum[r] = 0.f;
-  }
+  OnlineSoftmax<kRows> softmax;
   clear(tOrO);
 
   if (n_blocks > 0) {
@@ -324,13 +220,12 @@ __global__ void __launch_bounds__(T::kNumThreads, 1)
       min_limit = int(cute::max<int64_t>(cute::min<int64_t>(lim, p.n_k), 0));
     }
     const float scale_log2 = p.scale_log2;
-    float corr[kRows];
 
-    // S <- exp2(S * scale_log2 - running max) in place; row statistics updated and the
-    // rescale factor of the previous O kept in corr.
-    auto online_softmax = [&](auto& tSrS, int n) {
-      Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+    // Masks S of key tile n (keys past each row's limit) when it crosses the causal
+    // diagonal or the n_k edge, then the online softmax.
+    auto mask_softmax = [&](auto& tSrS, int n) {
       if ((n + 1) * kBlockN > min_limit) {
+        Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
         CUTLASS_PRAGMA_UNROLL
         for (int r = 0; r < kRows; ++r) {
           CUTLASS_PRAGMA_UNROLL
@@ -339,38 +234,11 @@ __global__ void __launch_bounds__(T::kNumThreads, 1)
           }
         }
       }
-      CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        float mx = row_max[r];
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < size<1>(S); ++c) mx = fmaxf(mx, S(r, c));
-        mx = quad_allreduce_max<4>(mx);
-        const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
-        corr[r] = exp2f(row_max[r] * scale_log2 - base);  // 0 when row_max = -inf
-        row_max[r] = mx;
-        float sum = 0.f;
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < size<1>(S); ++c) {
-          S(r, c) = exp2f(fmaf(S(r, c), scale_log2, -base));
-          sum += S(r, c);
-        }
-        row_sum[r] = row_sum[r] * corr[r] + sum;
-      }
-    };
-    auto rescale_o = [&]() {
-      CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < size<1>(O_rc); ++c) O_rc(r, c) *= corr[r];
-      }
+      softmax.update(tSrS, scale_log2);
     };
     Tensor rP =
         make_tensor_like<Element>(partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{}));
     Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));
-    auto convert_p = [&](auto const& tSrS) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tSrS); ++i) rP(i) = Element(tSrS(i));
-    };
 
     // Pingpong: the consumer warpgroups take turns issuing their GEMMs, so that one
     // warpgroup's softmax overlaps the other's tensor-core work.
@@ -397,8 +265,8 @@ __global__ void __launch_bounds__(T::kNumThreads, 1)
       warpgroup_fence_operand(tSrS);
       pipe_k.consumer_release(st_k);
       ++st_k;
-      online_softmax(tSrS, n_blocks - 1);
-      convert_p(tSrS);
+      mask_softmax(tSrS, n_blocks - 1);
+      convert_p(rP, tSrS);
     }
     for (int n = n_blocks - 2; n >= 0; --n) {
       Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -412,14 +280,14 @@ __global__ void __launch_bounds__(T::kNumThreads, 1)
       warpgroup_fence_operand(tSrS);
       pipe_k.consumer_release(st_k);
       ++st_k;
-      online_softmax(tSrS, n);
+      mask_softmax(tSrS, n);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       warpgroup_fence_operand(rP);
       pipe_v.consumer_release(st_v);
       ++st_v;
-      rescale_o();
-      convert_p(tSrS);
+      softmax.rescale(O_rc);
+      convert_p(rP, tSrS);
     }
     pipe_v.consumer_wait(st_v);
     turn_begin();
@@ -434,82 +302,31 @@ __global__ void __launch_bounds__(T::kNumThreads, 1)
   }
 
   // -------------------------------------------------------------- epilogue
-  Element* o_head = p.o + int64_t(head) * p.o_head_stride;
-  CUTLASS_PRAGMA_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    const float sum = quad_allreduce_sum<4>(row_sum[r]);
-    const bool empty = !(sum > 0.f);
-    const float inv = empty ? 0.f : 1.f / sum;
-    const int row = m_block * kBlockM + get<0>(cO_rc(r, 0));
-    if (row < p.n_q) {
-      Element* o_row = o_head + int64_t(row) * p.o_row_stride;
-      CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < size<1>(O_rc); c += 2) {
-        // (c, c + 1) are adjacent columns (mode (0,0) of the accumulator has size 2).
-        const int col = get<1>(cO_rc(r, c));
-        if (col >= p.head_dim) continue;  // padded head_dim: column pairs never straddle it
-        const Element lo(O_rc(r, c) * inv), hi(O_rc(r, c + 1) * inv);
-        *reinterpret_cast<uint32_t*>(o_row + col) = uint32_t(lo.raw()) | (uint32_t(hi.raw()) << 16);
-      }
-      if (p.lse != nullptr && (tidx % 4) == 0) {
-        p.lse[int64_t(head) * p.lse_head_stride + row] =
-            empty ? -INFINITY : row_max[r] * p.scale + logf(sum);
-      }
-    }
-  }
+  store_o_lse<true>(
+      p, head, tidx, O_rc, cO_rc, softmax,
+      [&](int r) { return m_block * kBlockM + get<0>(cO_rc(r, 0)); },
+      [&](int row) { return row < p.n_q; });
 }
 
 // ---------------------------------------------------------------- launcher
 template <class T>
 Status run_flash_fwd(const AttentionParams& a, cudaStream_t stream) {
-  using Element = typename T::Element;
   constexpr int D = T::kHeadDim;
   // A smaller head_dim (multiple of 8, e.g. 48 on the 64 instance) runs padded: the tensor
   // maps' dim extent is the real head_dim while the box stays D, so TMA zero-fills columns
   // head_dim..D-1 of every Q/K/V tile (adding 0 to Q K^T and to the unused O columns), and the
   // epilogue stores only columns < head_dim.
   if (a.head_dim <= 0 || a.head_dim > D || a.head_dim % 8 != 0) return Status::kUnsupported;
-  auto gmem = [&](const void* ptr, int32_t n, int32_t heads, int64_t row_stride,
-                  int64_t head_stride) {
-    return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)),
-                       make_layout(make_shape(n, int32_t(a.head_dim), heads),
-                                   make_stride(row_stride, _1{}, head_stride)));
-  };
   typename T::Params p;
-  p.tma_q =
-      make_tma_copy(SM90_TMA_LOAD{}, gmem(a.q, a.n_q, a.num_heads, a.q_row_stride, a.q_head_stride),
-                    typename T::SmemLayoutQ{}, Shape<Int<T::kBlockM>, Int<D>>{}, _1{});
-  p.tma_k = make_tma_copy(
-      SM90_TMA_LOAD{}, gmem(a.k, a.n_k, a.num_kv_heads, a.k_row_stride, a.k_head_stride),
-      take<0, 2>(typename T::SmemLayoutK{}), Shape<Int<T::kBlockN>, Int<D>>{}, _1{});
-  p.tma_v = make_tma_copy(
-      SM90_TMA_LOAD{}, gmem(a.v, a.n_k, a.num_kv_heads, a.v_row_stride, a.v_head_stride),
-      take<0, 2>(typename T::SmemLayoutK{}), Shape<Int<T::kBlockN>, Int<D>>{}, _1{});
-  p.o = static_cast<Element*>(a.o);
-  p.lse = a.lse;
-  p.o_row_stride = a.o_row_stride;
-  p.o_head_stride = a.o_head_stride;
-  p.lse_head_stride = a.lse_head_stride;
-  p.n_q = a.n_q;
-  p.n_k = a.n_k;
-  p.num_heads = a.num_heads;
-  p.num_kv_heads = a.num_kv_heads;
-  p.head_ratio = a.num_heads / a.num_kv_heads;
+  set_qkv_tma<typename T::Base>(a, a.head_dim, a.n_k, p);
+  set_attention_params(a, p);
   p.num_m_blocks = (a.n_q + T::kBlockM - 1) / T::kBlockM;
   p.head_dim = a.head_dim;
   // Clamped so that row + offset cannot overflow; with n_q, n_k < 2^30 the mask is unchanged.
   p.pos_offset = cute::max<int64_t>(cute::min<int64_t>(a.q_pos0 - a.k_pos0, int64_t(1) << 40),
                                     -(int64_t(1) << 40));
-  p.scale = a.scale;
-  p.scale_log2 = a.scale * 1.4426950408889634f;
-
-  auto kernel = flash_fwd_kernel<T>;
-  MPREFILL_CUDA_TRY(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
-  const dim3 grid(p.num_m_blocks, a.num_heads);
-  kernel<<<grid, T::kNumThreads, T::kSmemBytes, stream>>>(p);
-  MPREFILL_CUDA_LAUNCH_CHECK("flash_fwd_kernel");
-  return Status::kOk;
+  return launch_attention(flash_fwd_kernel<T>, dim3(p.num_m_blocks, a.num_heads), T::kNumThreads,
+                          T::kSmemBytes, stream, p, "launch flash_fwd_kernel");
 }
 
 }  // namespace mprefill::cuda::flash

@@ -4,12 +4,13 @@
 #include <cuda_runtime_api.h>
 
 #include "kernels/attention.h"
+#include "kernels/cuda/common/launch_common.h"
 #include "kernels/status.h"
 
 namespace mprefill::cuda::flash {
 
-struct Bf16 {};
-struct Fp16 {};
+using cuda::Bf16;
+using cuda::Fp16;
 
 // Runs the kernel for element tag E (Bf16 / Fp16), head_dim D, causal flag C.
 template <class E, int D, bool C>

@@ -1,14 +1,11 @@
 // Host entry of the sparse attention forward: argument checks and dispatch over
 // dtype x head_dim onto the explicit instances in inst/ (pattern kind is a kernel
 // parameter, so one instance serves vertical-slash, block-sparse and A-shape).
-#include <atomic>
-#include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
-#include <string>
 
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/common/launch_common.h"
 #include "kernels/cuda/sparse/sparse_attention.h"
 #include "kernels/cuda/sparse/sparse_launch.h"
 
@@ -33,10 +30,6 @@ Status unsupported(const char* fn, const AttentionParams& p) {
   return detail::record_error(Status::kUnsupported, msg, __FILE__, __LINE__);
 }
 
-bool aligned(const void* ptr, uintptr_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-}
-
 // Checks shared by the three patterns; kOk means `run` may launch.
 Status check_common(const char* fn, const AttentionParams& p) {
   const Status v = validate(p);
@@ -44,35 +37,28 @@ Status check_common(const char* fn, const AttentionParams& p) {
   MPREFILL_CHECK_ARG(p.causal, Status::kInvalidArgument);
   MPREFILL_CHECK_ARG(p.q_pos0 >= 0, Status::kInvalidArgument);
   if (!sparse_attention_supported(p.dtype, p.head_dim)) return unsupported(fn, p);
-  MPREFILL_CHECK_ARG(aligned(p.q, 16) && aligned(p.k, 16) && aligned(p.v, 16) && aligned(p.o, 4),
-                     Status::kUnsupported);
-  MPREFILL_CHECK_ARG(p.q_row_stride % 8 == 0 && p.q_head_stride % 8 == 0 &&
-                         p.k_row_stride % 8 == 0 && p.k_head_stride % 8 == 0 &&
-                         p.v_row_stride % 8 == 0 && p.v_head_stride % 8 == 0,
-                     Status::kUnsupported);
-  MPREFILL_CHECK_ARG(p.o_row_stride % 2 == 0 && p.o_head_stride % 2 == 0, Status::kUnsupported);
-  MPREFILL_CHECK_ARG(p.n_q < (1 << 30) && p.n_k < (1 << 30), Status::kUnsupported);
-  MPREFILL_CHECK_ARG(p.num_heads <= 65535, Status::kUnsupported);  // grid.y
-  return Status::kOk;
+  return check_tma_layout(p);
 }
 
-// 0 = auto (default): v2 for vertical-slash and A-shape, v1 for block-sparse (measured on
-// the H100, bench/NOTES.md section 3: v2 +7% on the clustered Llama-3-8B mix at 32K, +9%
-// on the dense mask; v1 +25% on random top-100 block lists, whose adjacent blocks share
-// few key tiles). MPREFILL_SPARSE_KERNEL=1 or =2 in the environment forces one generation
-// (A/B timing of tools that do not call set_sparse_kernel_version).
-int initial_version() {
-  const char* e = std::getenv("MPREFILL_SPARSE_KERNEL");
-  if (e == nullptr) return 0;
-  const std::string v(e);
-  return v == "1" ? 1 : v == "2" ? 2 : 0;
-}
-std::atomic<int> g_version{initial_version()};
-
-Status run(const AttentionParams& p, PatternArgs pat, cudaStream_t s) {
+// kAuto: v2 for vertical-slash and A-shape, v1 for block-sparse (measured on the H100,
+// bench/NOTES.md section 3: v2 +7% on the clustered Llama-3-8B mix at 32K, +9% on the
+// dense mask; v1 +25% on random top-100 block lists, whose adjacent blocks share few key
+// tiles).
+Status run(const AttentionParams& p, PatternArgs pat, SparseKernelGen gen, cudaStream_t s) {
+  MPREFILL_CHECK_ARG(
+      gen == SparseKernelGen::kAuto || gen == SparseKernelGen::kV1 || gen == SparseKernelGen::kV2,
+      Status::kInvalidArgument);
   if (p.n_q == 0) return Status::kOk;
-  const int version = g_version.load(std::memory_order_relaxed);
-  pat.version = version != 0 ? version : pat.kind == 1 ? 1 : 2;
+  switch (gen) {
+    case SparseKernelGen::kV1:
+      pat.version = 1;
+      break;
+    case SparseKernelGen::kV2:
+      pat.version = 2;
+      break;
+    default:
+      pat.version = pat.kind == 1 ? 1 : 2;
+  }
   switch (p.dtype) {
     case DType::kBF16:
       if (p.head_dim == 128) return run_fwd<Bf16, 128>(p, pat, s);
@@ -94,14 +80,6 @@ Status run(const AttentionParams& p, PatternArgs pat, cudaStream_t s) {
 
 }  // namespace
 
-Status set_sparse_kernel_version(int version) {
-  MPREFILL_CHECK_ARG(version >= 0 && version <= 2, Status::kInvalidArgument);
-  g_version.store(version, std::memory_order_relaxed);
-  return Status::kOk;
-}
-
-int sparse_kernel_version() { return g_version.load(std::memory_order_relaxed); }
-
 bool sparse_attention_supported(DType dtype, int head_dim) {
 #ifdef MPREFILL_CUDA_SUBSET
   return dtype == DType::kBF16 && head_dim == 128;
@@ -111,7 +89,7 @@ bool sparse_attention_supported(DType dtype, int head_dim) {
 }
 
 Status vs_attention_fwd(const AttentionParams& p, const VsIndexView& ix, int head_offset,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, SparseKernelGen gen) {
   if (const Status s = check_common("vs_attention_fwd", p); s != Status::kOk) return s;
   MPREFILL_CHECK_ARG(ix.seq_len > 0 && ix.nblocks == num_blocks(ix.seq_len),
                      Status::kInvalidArgument);
@@ -127,11 +105,11 @@ Status vs_attention_fwd(const AttentionParams& p, const VsIndexView& ix, int hea
   pat.col_ptr = ix.col_ptr;
   pat.col = ix.col;
   pat.head_offset = head_offset;
-  return run(p, pat, stream);
+  return run(p, pat, gen, stream);
 }
 
 Status block_sparse_attention_fwd(const AttentionParams& p, const BlockSparseView& ix,
-                                  int head_offset, cudaStream_t stream) {
+                                  int head_offset, cudaStream_t stream, SparseKernelGen gen) {
   if (const Status s = check_common("block_sparse_attention_fwd", p); s != Status::kOk) return s;
   MPREFILL_CHECK_ARG(ix.seq_len > 0 && ix.nblocks == num_blocks(ix.seq_len) && ix.k >= 0,
                      Status::kInvalidArgument);
@@ -143,18 +121,18 @@ Status block_sparse_attention_fwd(const AttentionParams& p, const BlockSparseVie
   pat.head_offset = head_offset;
   pat.blocks = ix.blocks;
   pat.bs_k = ix.k;
-  return run(p, pat, stream);
+  return run(p, pat, gen, stream);
 }
 
-Status ashape_attention_fwd(const AttentionParams& p, int n_init, int n_local,
-                            cudaStream_t stream) {
+Status ashape_attention_fwd(const AttentionParams& p, int n_init, int n_local, cudaStream_t stream,
+                            SparseKernelGen gen) {
   if (const Status s = check_common("ashape_attention_fwd", p); s != Status::kOk) return s;
   MPREFILL_CHECK_ARG(n_init >= 0 && n_local >= 0, Status::kInvalidArgument);
   PatternArgs pat;
   pat.kind = 2;
   pat.n_init = n_init;
   pat.n_local = n_local;
-  return run(p, pat, stream);
+  return run(p, pat, gen, stream);
 }
 
 }  // namespace mprefill::cuda

@@ -27,28 +27,28 @@
 
 namespace mprefill::cuda {
 
+// Kernel generation of one launch (bench/NOTES.md section 3 has both): kV1 = one 64-row
+// query block per CTA; kV2 = two adjacent blocks per CTA over the union of their key tiles
+// (bf16 / head_dim 128 only, and global positions < 2^31 - 256; else v1 runs); kAuto (the
+// default): v2 for vertical-slash and A-shape, v1 for block-sparse. Same mask and results.
+// Any other value: kInvalidArgument.
+enum class SparseKernelGen : int { kAuto = 0, kV1 = 1, kV2 = 2 };
+
 // Vertical-slash: per 64-row query block, its ranges [lo, hi) and gathered columns.
 Status vs_attention_fwd(const AttentionParams& p, const VsIndexView& ix, int head_offset,
-                        cudaStream_t stream);
+                        cudaStream_t stream, SparseKernelGen gen = SparseKernelGen::kAuto);
 
 // Block-sparse: per 64-row query block, the listed 64-key blocks (-1 padded).
 Status block_sparse_attention_fwd(const AttentionParams& p, const BlockSparseView& ix,
-                                  int head_offset, cudaStream_t stream);
+                                  int head_offset, cudaStream_t stream,
+                                  SparseKernelGen gen = SparseKernelGen::kAuto);
 
 // A-shape: key c visible to row r iff c <= r && (c < n_init || r - c < n_local), one
 // (n_init, n_local) for all heads of the call.
-Status ashape_attention_fwd(const AttentionParams& p, int n_init, int n_local, cudaStream_t stream);
+Status ashape_attention_fwd(const AttentionParams& p, int n_init, int n_local, cudaStream_t stream,
+                            SparseKernelGen gen = SparseKernelGen::kAuto);
 
 // True when the launchers above support this (dtype, head_dim) in this build.
 bool sparse_attention_supported(DType dtype, int head_dim);
-
-// Kernel generation behind the launchers above (process-wide; bench/NOTES.md section 3
-// has both): 1 = one 64-row query block per CTA; 2 = two adjacent blocks per CTA over the
-// union of their key tiles (bf16 / head_dim 128 only, and global positions < 2^31 - 256;
-// else 1 runs); 0 = auto (the default): 2 for vertical-slash and A-shape, 1 for
-// block-sparse. Same mask and results. Returns kInvalidArgument for any other value. The
-// environment variable MPREFILL_SPARSE_KERNEL=1 or =2 sets the initial value.
-Status set_sparse_kernel_version(int version);
-int sparse_kernel_version();
 
 }  // namespace mprefill::cuda

@@ -1,6 +1,6 @@
 // Hopper sparse attention forward (vertical-slash, block-sparse, A-shape): traits,
-// kernel and launcher template. Built from the dense kernel's machinery
-// (kernels/cuda/flash/flash_fwd_kernel.cuh): CuTe WGMMA (SS for S = Q K^T, RS for
+// kernel and launcher template. Built from the machinery it shares with the dense kernel
+// (kernels/cuda/common/attention_common.cuh): CuTe WGMMA (SS for S = Q K^T, RS for
 // O += P V), TMA loads, online softmax in exp2, S[n] overlapped with P V[n-1].
 //
 // One CTA = one 64-row query block b (global rows [m0, m0 + 64), m0 = 64 b) of one head,
@@ -33,39 +33,27 @@
 // tiles loaded before the pending one).
 #pragma once
 
-#include <cuda_runtime_api.h>
-#include <cutlass/arch/barrier.h>
-#include <cutlass/arch/reg_reconfig.h>
-#include <cutlass/cutlass.h>
-#include <cutlass/numeric_types.h>
-
 #include <climits>
-#include <cmath>
-#include <cstdint>
-#include <cute/arch/cluster_sm90.hpp>
-#include <cute/tensor.hpp>
 
-#include "kernels/attention.h"
-#include "kernels/cuda/check.h"
+#include "kernels/cuda/common/attention_common.cuh"
 
 namespace mprefill::cuda::sparse {
 
 using namespace cute;
+using namespace attn;
 
 enum class Kind : int { kVs = 0, kBlockSparse = 1, kAShape = 2 };
 
 // ---------------------------------------------------------------- traits
-template <typename Element_, int kHeadDim_>
-struct SparseTraits {
-  using Element = Element_;
-  using ElementAccum = float;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = 64;
-  static constexpr int kBlockN = 64;
 #ifndef MPREFILL_SPARSE_STAGES
 #define MPREFILL_SPARSE_STAGES 2
 #endif
-  static constexpr int kStages = MPREFILL_SPARSE_STAGES;
+// 64 query rows (one consumer warpgroup) x 64 keys.
+template <typename Element_, int kHeadDim_>
+struct SparseTraits : attn::TileTypes<Element_, 64, 64, kHeadDim_, MPREFILL_SPARSE_STAGES, 1> {
+  using Base = attn::TileTypes<Element_, 64, 64, kHeadDim_, MPREFILL_SPARSE_STAGES, 1>;
+  using Element = Element_;
+  static constexpr int kStages = Base::kStages;
   static constexpr int kNumThreads = 256;
 #ifndef MPREFILL_SPARSE_CTAS_PER_SM
 #define MPREFILL_SPARSE_CTAS_PER_SM 2
@@ -76,50 +64,14 @@ struct SparseTraits {
 #endif
   static constexpr int kProducerRegs = MPREFILL_SPARSE_PRODUCER_REGS;
   static constexpr int kConsumerRegs = kCtasPerSm == 2 ? 256 - kProducerRegs : 240;
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim must be 64 or 128");
   static_assert(kStages == 2, "the one-step-late cp.async signalling is proven for 2 stages");
   static_assert((kProducerRegs + kConsumerRegs) * 128 * kCtasPerSm <= 65536, "register file");
-  static_assert(sizeof(Element) == 2, "16-bit elements only");
-
-  using TileShapeMNK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;
-  using TileShapePV = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;
-  using TiledMmaS =
-      decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, ElementAccum, TileShapeMNK>(),
-                              Layout<Shape<_1, _1, _1>>{}));
-  using TiledMmaO =
-      decltype(make_tiled_mma(GMMA::rs_op_selector<Element, Element, ElementAccum, TileShapePV,
-                                                   GMMA::Major::K, GMMA::Major::MN>(),
-                              Layout<Shape<_1, _1, _1>>{}));
-
-  using SmemAtom = GMMA::Layout_K_SW128_Atom<Element>;
-  using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  using SmemLayoutK =
-      decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
-  using SmemLayoutV = SmemLayoutK;
-  using SmemLayoutVt = decltype(composition(
-      SmemLayoutV{},
-      make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
-
-  using ShapeQKV = Shape<int32_t, int32_t, int32_t>;
-  using StrideQKV = Stride<int64_t, _1, int64_t>;
-  using GmemLayoutQKV = Layout<ShapeQKV, StrideQKV>;
-  using TmaQ = decltype(make_tma_copy(
-      SM90_TMA_LOAD{},
-      make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemLayoutQKV{}),
-      SmemLayoutQ{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}, _1{}));
-  using TmaKV = decltype(make_tma_copy(
-      SM90_TMA_LOAD{},
-      make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemLayoutQKV{}),
-      take<0, 2>(SmemLayoutK{}), Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{}));
-
-  static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
-  static constexpr uint32_t kTmaBytesKV = kBlockN * kHeadDim * sizeof(Element);
 
   struct SharedStorage {
-    cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
-    cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
-    cute::array_aligned<Element, cosize_v<SmemLayoutV>, 1024> v;
-    int64_t key[kStages][kBlockN];  // global key position of each K slot column
+    cute::array_aligned<Element, cosize_v<typename Base::SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Element, cosize_v<typename Base::SmemLayoutK>, 1024> k;
+    cute::array_aligned<Element, cosize_v<typename Base::SmemLayoutV>, 1024> v;
+    int64_t key[kStages][Base::kBlockN];  // global key position of each K slot column
     cutlass::arch::ClusterTransactionBarrier full_k[kStages], full_v[kStages];
     cutlass::arch::ClusterBarrier empty_k[kStages], empty_v[kStages];
     cutlass::arch::ClusterTransactionBarrier bar_q;
@@ -128,9 +80,9 @@ struct SparseTraits {
   static_assert(kSmemBytes * kCtasPerSm <= 227 * 1024, "two CTAs per SM must fit");
 
   struct Params {
-    TmaQ tma_q;
-    TmaKV tma_k;
-    TmaKV tma_v;
+    typename Base::TmaQ tma_q;
+    typename Base::TmaKV tma_k;
+    typename Base::TmaKV tma_v;
     const Element* k;  // gather sources (token-major, strides in elements)
     const Element* v;
     int64_t k_row_stride, k_head_stride, v_row_stride, v_head_stride;
@@ -158,61 +110,6 @@ struct SparseTraits {
     int64_t n_init, n_local;
   };
 };
-
-// ---------------------------------------------------------------- helpers
-template <class Layout>
-CUTE_HOST_DEVICE constexpr auto acc_rowcol(Layout l) {
-  static_assert(decltype(rank<0>(l))::value == 3, "expect an sm90 accumulator layout");
-  return make_layout(make_layout(get<0, 1>(l), get<1>(l)),
-                     make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
-}
-
-template <class Layout>
-CUTE_HOST_DEVICE constexpr auto acc_to_a_operand(Layout l) {
-  auto v = logical_divide(get<0>(l), Shape<Underscore, Underscore, _2>{});
-  return make_layout(make_layout(get<0>(v), get<1>(v), get<2, 0>(v)), get<1>(l),
-                     make_layout(get<2, 1>(v), get<2>(l)));
-}
-
-template <bool kZeroInit, class TiledMma, class TA, class TB, class TC>
-CUTE_DEVICE void wg_gemm_issue(TiledMma& mma, TA const& a, TB const& b, TC& c) {
-  constexpr bool kRegA = !is_base_of<GMMA::DescriptorIterator, typename TiledMma::FrgTypeA>::value;
-  warpgroup_fence_operand(c);
-  if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
-  warpgroup_arrive();
-  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
-  CUTLASS_PRAGMA_UNROLL
-  for (int kb = 0; kb < size<2>(a); ++kb) {
-    cute::gemm(mma, a(_, _, kb), b(_, _, kb), c);
-    mma.accumulate_ = GMMA::ScaleOut::One;
-  }
-  warpgroup_commit_batch();
-}
-
-template <int kWidth>
-CUTE_DEVICE float quad_allreduce_max(float x) {
-  CUTLASS_PRAGMA_UNROLL
-  for (int o = 1; o < kWidth; o *= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-template <int kWidth>
-CUTE_DEVICE float quad_allreduce_sum(float x) {
-  CUTLASS_PRAGMA_UNROLL
-  for (int o = 1; o < kWidth; o *= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
-// 16-byte cp.async, zero-filling the destination when !valid.
-CUTE_DEVICE void cp_async_16(uint32_t smem_addr, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-CUTE_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-CUTE_DEVICE void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 // One key tile: global keys [s, e) of a range, or list positions [s, e) of ix.col.
 struct Tile {
@@ -249,43 +146,12 @@ struct TileCursor {
       nr = p.range_ptr[hb + 1] - r_base;
       lo_arr = p.range_lo;
       hi_arr = p.range_hi;
-      // Columns (ascending) inside [klo, khi): positions [g, g_end).
-      int64_t a = p.col_ptr[hb], z = p.col_ptr[hb + 1];
-      int64_t lo = a, hi = z;
-      while (lo < hi) {
-        const int64_t mid = (lo + hi) / 2;
-        if (p.col[mid] < klo)
-          lo = mid + 1;
-        else
-          hi = mid;
-      }
-      g = lo;
-      hi = z;
-      while (lo < hi) {
-        const int64_t mid = (lo + hi) / 2;
-        if (p.col[mid] < khi)
-          lo = mid + 1;
-        else
-          hi = mid;
-      }
-      g_end = lo;
+      vs_column_span(p, hb, klo, khi, g, g_end);
     } else if (kind == Kind::kBlockSparse) {
       list = p.blocks + (int64_t(p.head_offset + head) * p.nblocks + b) * p.bs_k;
       nr = p.bs_k;
     } else {
-      const int64_t init_hi = cute::min<int64_t>(p.n_init, m0 + 64);
-      const int64_t loc_lo = cute::max<int64_t>(m0 - p.n_local + 1, 0);
-      if (p.n_local > 0 && loc_lo <= init_hi) {
-        a_lo0 = 0;
-        a_hi0 = m0 + 64;
-        nr = 1;
-      } else {
-        a_lo0 = 0;
-        a_hi0 = init_hi;
-        a_lo1 = loc_lo;
-        a_hi1 = m0 + 64;
-        nr = p.n_local > 0 ? 2 : 1;
-      }
+      nr = ashape_ranges(p, m0, a_lo0, a_hi0, a_lo1, a_hi1);
     }
   }
 
@@ -348,21 +214,12 @@ __global__ void __launch_bounds__(T::kNumThreads, T::kCtasPerSm)
   const int kv_head = head / p.head_ratio;
   const int warp_group = cutlass::canonical_warp_group_idx();
 
-  if (threadIdx.x == 0) {
-    cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
-    ss.bar_q.init(1);
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < kStages; ++i) {
-      ss.full_k[i].init(128);
-      ss.full_v[i].init(128);
-      ss.empty_k[i].init(128);
-      ss.empty_v[i].init(128);
-    }
-    cutlass::arch::fence_barrier_init();
-  }
-  __syncthreads();
+  init_ring_barriers<kStages>(p, ss, [&](int i) {
+    ss.full_k[i].init(128);
+    ss.full_v[i].init(128);
+    ss.empty_k[i].init(128);
+    ss.empty_v[i].init(128);
+  });
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename T::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename T::SmemLayoutK{});
@@ -380,13 +237,9 @@ __global__ void __launch_bounds__(T::kNumThreads, T::kCtasPerSm)
     Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.n_k, int32_t(kHeadDim), p.num_kv_heads));
     Tensor mV = p.tma_v.get_tma_tensor(make_shape(p.n_k, int32_t(kHeadDim), p.num_kv_heads));
     if (tid == 0) {
-      Tensor gQ =
-          local_tile(domain_offset(make_coord(int32_t(m0 - p.q_pos0), _0{}), mQ(_, _, head)),
-                     Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_0{}, _0{}));
-      auto [tQg, tQs] =
-          tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
       ss.bar_q.arrive_and_expect_tx(T::kTmaBytesQ);
-      copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.bar_q), 0), tQg, tQs);
+      tma_load_rows<kBlockM, kHeadDim>(p.tma_q, reinterpret_cast<uint64_t&>(ss.bar_q), mQ, head,
+                                       int32_t(m0 - p.q_pos0), sQ);
     }
     const Element* k_base = p.k + int64_t(kv_head) * p.k_head_stride;
     const Element* v_base = p.v + int64_t(kv_head) * p.v_head_stride;
@@ -404,40 +257,18 @@ __global__ void __launch_bounds__(T::kNumThreads, T::kCtasPerSm)
       }
       if (!t.gather) {
         if (tid == 0) {
-          auto& tma = is_k ? p.tma_k : p.tma_v;
-          Tensor gX = local_tile(domain_offset(make_coord(int32_t(t.s - p.k_pos0), _0{}),
-                                               (is_k ? mK : mV)(_, _, kv_head)),
-                                 Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_0{}, _0{}));
-          auto [tXg, tXs] = tma_partition(tma, _0{}, Layout<_1>{},
-                                          group_modes<0, 2>(is_k ? sK : sV), group_modes<0, 2>(gX));
           full.arrive_and_expect_tx(T::kTmaBytesKV);
-          copy(tma.with(reinterpret_cast<uint64_t&>(full), 0), tXg, tXs(_, stage));
+          tma_load_rows<kBlockN, kHeadDim>(is_k ? p.tma_k : p.tma_v,
+                                           reinterpret_cast<uint64_t&>(full), is_k ? mK : mV,
+                                           kv_head, int32_t(t.s - p.k_pos0), is_k ? sK : sV, stage);
         } else {
           full.arrive();
         }
         return false;
       }
-      const Element* base = is_k ? k_base : v_base;
-      const int64_t row_stride = is_k ? p.k_row_stride : p.v_row_stride;
-      auto& sX = is_k ? sK : sV;  // swizzled: address through the tensor, not the layout
-      // Thread tid copies 16-byte chunk ch of rows row0 + i * kRowStep; the column
-      // indices are loaded first (independent loads), then the copies are issued.
-      constexpr int kChunksPerRow = kHeadDim / 8;
-      constexpr int kRowStep = 128 / kChunksPerRow;
-      constexpr int kIters = kBlockN / kRowStep;
-      const int ch = tid % kChunksPerRow, row0 = tid / kChunksPerRow;
-      int cols[kIters];
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kIters; ++i) {
-        const int64_t pos = t.s + row0 + i * kRowStep;
-        cols[i] = pos < t.e ? __ldg(col + pos) : -1;
-      }
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kIters; ++i) {
-        const bool ok = cols[i] >= 0;
-        const Element* src = base + (ok ? (int64_t(cols[i]) - p.k_pos0) * row_stride : 0) + ch * 8;
-        cp_async_16(cute::cast_smem_ptr_to_uint(&sX(row0 + i * kRowStep, ch * 8, stage)), src, ok);
-      }
+      const RowGather<kBlockN, kHeadDim> gather(tid, col, t.s, t.e);
+      gather.issue(is_k ? sK : sV, stage, is_k ? k_base : v_base,
+                   is_k ? p.k_row_stride : p.v_row_stride, p.k_pos0);
       cp_async_commit();
       return true;
     };
@@ -506,12 +337,7 @@ __global__ void __launch_bounds__(T::kNumThreads, T::kCtasPerSm)
   Tensor O_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
   Tensor cO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
   constexpr int kRows = decltype(size<0>(O_rc))::value;
-  float row_max[kRows], row_sum[kRows];
-  CUTLASS_PRAGMA_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    row_max[r] = -INFINITY;
-    row_sum[r] = 0.f;
-  }
+  OnlineSoftmax<kRows> softmax;
   clear(tOrO);
 
   TileCursor cur(p, head, m0);
@@ -524,7 +350,6 @@ __global__ void __launch_bounds__(T::kNumThreads, T::kCtasPerSm)
     Tensor cS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
     const bool ashape = p.kind == Kind::kAShape;
     const float scale_log2 = p.scale_log2;
-    float corr[kRows];
 
     // Masks S of tile t (K slot `stage`) where a key is not visible to a row.
     auto mask = [&](auto& tSrS, Tile const& tt, int stage) {
@@ -544,40 +369,9 @@ __global__ void __launch_bounds__(T::kNumThreads, T::kCtasPerSm)
         }
       }
     };
-    auto online_softmax = [&](auto& tSrS) {
-      Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
-      CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        float mx = row_max[r];
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < size<1>(S); ++c) mx = fmaxf(mx, S(r, c));
-        mx = quad_allreduce_max<4>(mx);
-        const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
-        corr[r] = exp2f(row_max[r] * scale_log2 - base);
-        row_max[r] = mx;
-        float sum = 0.f;
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < size<1>(S); ++c) {
-          S(r, c) = exp2f(fmaf(S(r, c), scale_log2, -base));
-          sum += S(r, c);
-        }
-        row_sum[r] = row_sum[r] * corr[r] + sum;
-      }
-    };
-    auto rescale_o = [&]() {
-      CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < size<1>(O_rc); ++c) O_rc(r, c) *= corr[r];
-      }
-    };
     Tensor rP =
         make_tensor_like<Element>(partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{}));
     Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));
-    auto convert_p = [&](auto const& tSrS) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tSrS); ++i) rP(i) = Element(tSrS(i));
-    };
 
     int sk = 0, sv = 0;
     uint32_t phk = 0, phv = 0;
@@ -594,8 +388,8 @@ __global__ void __launch_bounds__(T::kNumThreads, T::kCtasPerSm)
         sk = 0;
         phk ^= 1;
       }
-      online_softmax(tSrS);
-      convert_p(tSrS);
+      softmax.update(tSrS, scale_log2);
+      convert_p(rP, tSrS);
     }
     while (cur.next(t)) {
       Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -611,7 +405,7 @@ __global__ void __launch_bounds__(T::kNumThreads, T::kCtasPerSm)
         sk = 0;
         phk ^= 1;
       }
-      online_softmax(tSrS);
+      softmax.update(tSrS, scale_log2);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       warpgroup_fence_operand(rP);
@@ -620,8 +414,8 @@ __global__ void __launch_bounds__(T::kNumThreads, T::kCtasPerSm)
         sv = 0;
         phv ^= 1;
       }
-      rescale_o();
-      convert_p(tSrS);
+      softmax.rescale(O_rc);
+      convert_p(rP, tSrS);
     }
     ss.full_v[sv].wait(phv);
     wg_gemm_issue<false>(mma_o, tOrP, tOrV(_, _, _, sv), tOrO);
@@ -631,84 +425,42 @@ __global__ void __launch_bounds__(T::kNumThreads, T::kCtasPerSm)
   }
 
   // -------------------------------------------------------------- epilogue
-  Element* o_head = p.o + int64_t(head) * p.o_head_stride;
-  CUTLASS_PRAGMA_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    const float sum = quad_allreduce_sum<4>(row_sum[r]);
-    const bool empty = !(sum > 0.f);
-    const float inv = empty ? 0.f : 1.f / sum;
-    const int64_t row = m0 + get<0>(cO_rc(r, 0)) - p.q_pos0;  // local query row
-    if (row >= 0 && row < p.n_q) {
-      Element* o_row = o_head + row * p.o_row_stride;
-      CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < size<1>(O_rc); c += 2) {
-        const int col = get<1>(cO_rc(r, c));
-        const Element lo(O_rc(r, c) * inv), hi(O_rc(r, c + 1) * inv);
-        *reinterpret_cast<uint32_t*>(o_row + col) = uint32_t(lo.raw()) | (uint32_t(hi.raw()) << 16);
-      }
-      if (p.lse != nullptr && (tidx % 4) == 0) {
-        p.lse[int64_t(head) * p.lse_head_stride + row] =
-            empty ? -INFINITY : row_max[r] * p.scale + logf(sum);
-      }
-    }
-  }
+  store_o_lse<false>(
+      p, head, tidx, O_rc, cO_rc, softmax,
+      [&](int r) { return m0 + get<0>(cO_rc(r, 0)) - p.q_pos0; },  // int64_t local query row
+      [&](int64_t row) { return row >= 0 && row < p.n_q; });
 }
 
 // ---------------------------------------------------------------- launcher
+// Params of one launch, of v1 (T = SparseTraits) or v2 (the same Params and TMA boxes):
 // `sp` carries the pattern fields (kind, index pointers, A-shape sizes); the attention
 // fields are filled here from `a`. Preconditions checked by the caller (sparse_api.cu).
 template <class T>
-Status run_sparse_fwd(const AttentionParams& a, typename T::Params sp, cudaStream_t stream) {
+typename T::Params sparse_params(const AttentionParams& a, typename T::Params sp) {
   using Element = typename T::Element;
-  constexpr int D = T::kHeadDim;
-  auto gmem = [&](const void* ptr, int32_t n, int32_t heads, int64_t row_stride,
-                  int64_t head_stride) {
-    return make_tensor(
-        make_gmem_ptr(static_cast<Element const*>(ptr)),
-        make_layout(make_shape(n, int32_t(D), heads), make_stride(row_stride, _1{}, head_stride)));
-  };
   typename T::Params p = sp;
   const int32_t n_k_desc = a.n_k > 0 ? a.n_k : 1;  // no tile is read when n_k = 0
-  p.tma_q =
-      make_tma_copy(SM90_TMA_LOAD{}, gmem(a.q, a.n_q, a.num_heads, a.q_row_stride, a.q_head_stride),
-                    typename T::SmemLayoutQ{}, Shape<Int<T::kBlockM>, Int<D>>{}, _1{});
-  p.tma_k = make_tma_copy(
-      SM90_TMA_LOAD{}, gmem(a.k, n_k_desc, a.num_kv_heads, a.k_row_stride, a.k_head_stride),
-      take<0, 2>(typename T::SmemLayoutK{}), Shape<Int<T::kBlockN>, Int<D>>{}, _1{});
-  p.tma_v = make_tma_copy(
-      SM90_TMA_LOAD{}, gmem(a.v, n_k_desc, a.num_kv_heads, a.v_row_stride, a.v_head_stride),
-      take<0, 2>(typename T::SmemLayoutK{}), Shape<Int<T::kBlockN>, Int<D>>{}, _1{});
+  set_qkv_tma<typename T::Base>(a, int32_t(T::kHeadDim), n_k_desc, p);
+  set_attention_params(a, p);
   p.k = static_cast<const Element*>(a.k);
   p.v = static_cast<const Element*>(a.v);
   p.k_row_stride = a.k_row_stride;
   p.k_head_stride = a.k_head_stride;
   p.v_row_stride = a.v_row_stride;
   p.v_head_stride = a.v_head_stride;
-  p.o = static_cast<Element*>(a.o);
-  p.lse = a.lse;
-  p.o_row_stride = a.o_row_stride;
-  p.o_head_stride = a.o_head_stride;
-  p.lse_head_stride = a.lse_head_stride;
-  p.n_q = a.n_q;
-  p.n_k = a.n_k;
-  p.num_heads = a.num_heads;
-  p.num_kv_heads = a.num_kv_heads;
-  p.head_ratio = a.num_heads / a.num_kv_heads;
   p.q_pos0 = a.q_pos0;
   p.k_pos0 = a.k_pos0;
   p.block_first = a.q_pos0 / T::kBlockM;
   const int64_t block_last = (a.q_pos0 + a.n_q - 1) / T::kBlockM;
   p.num_m_blocks = int32_t(block_last - p.block_first + 1);
-  p.scale = a.scale;
-  p.scale_log2 = a.scale * 1.4426950408889634f;
+  return p;
+}
 
-  auto kernel = sparse_fwd_kernel<T>;
-  MPREFILL_CUDA_TRY(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
-  const dim3 grid(p.num_m_blocks, a.num_heads);
-  kernel<<<grid, T::kNumThreads, T::kSmemBytes, stream>>>(p);
-  MPREFILL_CUDA_LAUNCH_CHECK("sparse_fwd_kernel");
-  return Status::kOk;
+template <class T>
+Status run_sparse_fwd(const AttentionParams& a, typename T::Params sp, cudaStream_t stream) {
+  const typename T::Params p = sparse_params<T>(a, sp);
+  return launch_attention(sparse_fwd_kernel<T>, dim3(p.num_m_blocks, a.num_heads), T::kNumThreads,
+                          T::kSmemBytes, stream, p, "launch sparse_fwd_kernel");
 }
 
 }  // namespace mprefill::cuda::sparse

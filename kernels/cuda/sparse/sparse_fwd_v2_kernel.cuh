@@ -2,7 +2,8 @@
 // head, walking the UNION of their key tiles once, so that every K/V tile both blocks need
 // is loaded once for 128 rows (v1 loads it per 64-row block: bench/NOTES.md measured 1.9x
 // the L2 bytes per FLOP of the dense kernel). Same mask, same results as v1
-// (sparse_fwd_kernel.cuh, whose helpers this file uses).
+// (sparse_fwd_kernel.cuh, whose Params and launch set-up this file uses; the device pieces
+// shared with v1 and the dense kernel are in kernels/cuda/common/attention_common.cuh).
 //
 // Roles: warpgroup 0 = producer (all 128 threads walk the same tiles; one issues the TMA
 // loads, all share the gathers); warpgroup 1 = consumer of block A (rows [m0, m0 + 64)),
@@ -44,52 +45,34 @@
 
 namespace mprefill::cuda::sparse {
 
-template <typename Element_, int kHeadDim_>
-struct SparseTraitsV2 {
-  using Element = Element_;
-  using ElementAccum = float;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = 64;  // rows per consumer warpgroup = one query block
-  static constexpr int kBlockN = 64;
 #ifndef MPREFILL_SPARSE_V2_STAGES
 #define MPREFILL_SPARSE_V2_STAGES 6
 #endif
-  static constexpr int kStages = MPREFILL_SPARSE_V2_STAGES;
+// 2 x 64 query rows (one consumer warpgroup per query block) x 64 keys, one K/V ring.
+template <typename Element_, int kHeadDim_>
+struct SparseTraitsV2 : attn::TileTypes<Element_, 64, 64, kHeadDim_, MPREFILL_SPARSE_V2_STAGES, 1> {
+  using Base = attn::TileTypes<Element_, 64, 64, kHeadDim_, MPREFILL_SPARSE_V2_STAGES, 1>;
+  using V1 = SparseTraits<Element_, kHeadDim_>;  // Params and TMA boxes of v1
+  using Element = Element_;
+  static constexpr int kStages = Base::kStages;
   static constexpr int kNumThreads = 384;
   static constexpr int kProducerRegs = 88;
   static constexpr int kConsumerRegs = 208;
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim must be 64 or 128");
   static_assert(kStages >= 2, "the deadlock argument needs two slots");
   // setmaxnreg moves registers only within what the CTA got at launch: 384 threads x 168
   // (the __launch_bounds__(384, 1) cap) = 3 x 168 per thread slot. 96 / 208 (512) hung the
   // consumers' setmaxnreg.inc on the H100 (run 2 of v2, bench/NOTES.md).
   static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "register pool of the CTA");
 
-  using Base = SparseTraits<Element, kHeadDim>;  // MMA atoms, TMA types of v1
-  using TiledMmaS = typename Base::TiledMmaS;
-  using TiledMmaO = typename Base::TiledMmaO;
-  using SmemAtom = typename Base::SmemAtom;
-  using SmemLayoutQ = typename Base::SmemLayoutQ;
-  using SmemLayoutK =
-      decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
-  using SmemLayoutV = SmemLayoutK;
-  using SmemLayoutVt = decltype(composition(
-      SmemLayoutV{},
-      make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
-  using TmaQ = typename Base::TmaQ;
-  using TmaKV = typename Base::TmaKV;
-  static constexpr uint32_t kTmaBytesQ = Base::kTmaBytesQ;
-  static constexpr uint32_t kTmaBytesKV = Base::kTmaBytesKV;
-
   // Slot flags.
   static constexpr uint32_t kUse0 = 1, kMask0 = 4, kGather = 16, kEnd = 32;  // kUse1 = 2 ...
 
   struct SharedStorage {
-    cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q0;
-    cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q1;
-    cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
-    cute::array_aligned<Element, cosize_v<SmemLayoutV>, 1024> v;
-    int32_t key[kStages][kBlockN];  // positions < 2^31 - 256 (sparse_v2_positions_ok)
+    cute::array_aligned<Element, cosize_v<typename Base::SmemLayoutQ>, 1024> q0;
+    cute::array_aligned<Element, cosize_v<typename Base::SmemLayoutQ>, 1024> q1;
+    cute::array_aligned<Element, cosize_v<typename Base::SmemLayoutK>, 1024> k;
+    cute::array_aligned<Element, cosize_v<typename Base::SmemLayoutV>, 1024> v;
+    int32_t key[kStages][Base::kBlockN];  // positions < 2^31 - 256 (sparse_v2_positions_ok)
     uint64_t member[kStages][2];
     uint32_t flags[kStages];
     cutlass::arch::ClusterTransactionBarrier full[kStages];
@@ -99,7 +82,7 @@ struct SparseTraitsV2 {
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 
-  using Params = typename Base::Params;  // same fields; block_first/num_m_blocks count blocks
+  using Params = typename V1::Params;  // same fields; block_first/num_m_blocks count blocks
 };
 
 // One query block's key intervals [lo, hi), ascending, clipped to [klo, khi); `has` /
@@ -183,42 +166,12 @@ CUTE_DEVICE void init_intervals(KeyIntervals& it, P const& p, int head, int64_t 
     it.a = p.range_lo + r0;
     it.b = p.range_hi + r0;
     it.n = int(p.range_ptr[hb + 1] - r0);
-    int64_t lo = p.col_ptr[hb], hi = p.col_ptr[hb + 1];
-    const int64_t z = hi;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (p.col[mid] < it.klo)
-        lo = mid + 1;
-      else
-        hi = mid;
-    }
-    *g = lo;
-    hi = z;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (p.col[mid] < it.khi)
-        lo = mid + 1;
-      else
-        hi = mid;
-    }
-    *g_end = lo;
+    vs_column_span(p, hb, it.klo, it.khi, *g, *g_end);
   } else if (p.kind == Kind::kBlockSparse) {
     it.a = p.blocks + (int64_t(p.head_offset + head) * p.nblocks + blk) * p.bs_k;
     it.n = p.bs_k;
   } else {
-    const int64_t init_hi = cute::min<int64_t>(p.n_init, m0 + 64);
-    const int64_t loc_lo = cute::max<int64_t>(m0 - p.n_local + 1, 0);
-    if (p.n_local > 0 && loc_lo <= init_hi) {
-      it.a_lo0 = 0;
-      it.a_hi0 = int(m0 + 64);
-      it.n = 1;
-    } else {
-      it.a_lo0 = 0;
-      it.a_hi0 = int(init_hi);
-      it.a_lo1 = int(loc_lo);
-      it.a_hi1 = int(m0 + 64);
-      it.n = p.n_local > 0 ? 2 : 1;
-    }
+    it.n = ashape_ranges(p, m0, it.a_lo0, it.a_hi0, it.a_lo1, it.a_hi1);
   }
   it.advance(p.kind);
 }
@@ -243,19 +196,10 @@ __global__ void __launch_bounds__(T::kNumThreads, 1)
   const int kv_head = head / p.head_ratio;
   const int warp_group = cutlass::canonical_warp_group_idx();
 
-  if (threadIdx.x == 0) {
-    cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
-    ss.bar_q.init(1);
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < kStages; ++i) {
-      ss.full[i].init(128);
-      ss.empty[i].init(256);
-    }
-    cutlass::arch::fence_barrier_init();
-  }
-  __syncthreads();
+  init_ring_barriers<kStages>(p, ss, [&](int i) {
+    ss.full[i].init(128);
+    ss.empty[i].init(256);
+  });
 
   Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename T::SmemLayoutK{});
   Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename T::SmemLayoutV{});
@@ -358,6 +302,9 @@ __global__ void __launch_bounds__(T::kNumThreads, 1)
         return;
       }
 
+      // The Q, K and V loads below are written out rather than taken from attention_common.cuh
+      // (tma_load_rows, RowGather), as v1 does: at 88 registers this producer spills, and
+      // ptxas (CUDA 13.0) spills more with the helpers inlined (-Xptxas -v).
       if (!q_issued) {
         q_issued = true;
         if (tid == 0) {
@@ -461,12 +408,7 @@ __global__ void __launch_bounds__(T::kNumThreads, 1)
   Tensor O_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
   Tensor cO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
   constexpr int kRows = decltype(size<0>(O_rc))::value;
-  float row_max[kRows], row_sum[kRows], corr[kRows];
-  CUTLASS_PRAGMA_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    row_max[r] = -INFINITY;
-    row_sum[r] = 0.f;
-  }
+  OnlineSoftmax<kRows> softmax;
   clear(tOrO);
 
   Tensor tSrQ = thr_s.partition_fragment_A(sQ);
@@ -493,26 +435,6 @@ __global__ void __launch_bounds__(T::kNumThreads, 1)
         if (ashape) vis = vis && (key < p.n_init || row - key < p.n_local);
         if (!vis) S(r, c) = -INFINITY;
       }
-    }
-  };
-  auto online_softmax = [&](auto& tSrS) {
-    Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
-    CUTLASS_PRAGMA_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      float mx = row_max[r];
-      CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < size<1>(S); ++c) mx = fmaxf(mx, S(r, c));
-      mx = quad_allreduce_max<4>(mx);
-      const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
-      corr[r] = exp2f(row_max[r] * scale_log2 - base);
-      row_max[r] = mx;
-      float sum = 0.f;
-      CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < size<1>(S); ++c) {
-        S(r, c) = exp2f(fmaf(S(r, c), scale_log2, -base));
-        sum += S(r, c);
-      }
-      row_sum[r] = row_sum[r] * corr[r] + sum;
     }
   };
   Tensor rP =
@@ -554,7 +476,7 @@ __global__ void __launch_bounds__(T::kNumThreads, 1)
         warpgroup_wait<1>();
         warpgroup_fence_operand(tSrS);
         if (f & mask_bit) mask(tSrS, stage);
-        online_softmax(tSrS);
+        softmax.update(tSrS, scale_log2);
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
         warpgroup_fence_operand(rP);
@@ -564,15 +486,10 @@ __global__ void __launch_bounds__(T::kNumThreads, 1)
         warpgroup_wait<0>();
         warpgroup_fence_operand(tSrS);
         if (f & mask_bit) mask(tSrS, stage);
-        online_softmax(tSrS);
+        softmax.update(tSrS, scale_log2);
       }
-      CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < size<1>(O_rc); ++c) O_rc(r, c) *= corr[r];
-      }
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tSrS); ++i) rP(i) = Element(tSrS(i));
+      softmax.rescale(O_rc);
+      convert_p(rP, tSrS);
       pending = true;
       prev = stage;
       prev_idx = idx;
@@ -585,27 +502,10 @@ __global__ void __launch_bounds__(T::kNumThreads, 1)
   if (pending) flush();
 
   // -------------------------------------------------------------- epilogue (as v1)
-  Element* o_head = p.o + int64_t(head) * p.o_head_stride;
-  CUTLASS_PRAGMA_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    const float sum = quad_allreduce_sum<4>(row_sum[r]);
-    const bool empty = !(sum > 0.f);
-    const float inv = empty ? 0.f : 1.f / sum;
-    const int64_t row = m0 + get<0>(cO_rc(r, 0)) - p.q_pos0;  // local query row
-    if (row >= 0 && row < p.n_q) {
-      Element* o_row = o_head + row * p.o_row_stride;
-      CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < size<1>(O_rc); c += 2) {
-        const int col = get<1>(cO_rc(r, c));
-        const Element lo(O_rc(r, c) * inv), hi(O_rc(r, c + 1) * inv);
-        *reinterpret_cast<uint32_t*>(o_row + col) = uint32_t(lo.raw()) | (uint32_t(hi.raw()) << 16);
-      }
-      if (p.lse != nullptr && (tidx % 4) == 0) {
-        p.lse[int64_t(head) * p.lse_head_stride + row] =
-            empty ? -INFINITY : row_max[r] * p.scale + logf(sum);
-      }
-    }
-  }
+  store_o_lse<false>(
+      p, head, tidx, O_rc, cO_rc, softmax,
+      [&](int r) { return m0 + get<0>(cO_rc(r, 0)) - p.q_pos0; },  // int64_t local query row
+      [&](int64_t row) { return row >= 0 && row < p.n_q; });
 }
 
 // True when v2 can run this call (32-bit positions in its producer).
@@ -623,57 +523,9 @@ namespace mprefill::cuda::sparse {
 // plus sparse_v2_positions_ok(a).
 template <class T>
 Status run_sparse_fwd_v2(const AttentionParams& a, typename T::Params sp, cudaStream_t stream) {
-  using Base = typename T::Base;
-  using Element = typename T::Element;
-  constexpr int D = T::kHeadDim;
-  auto gmem = [&](const void* ptr, int32_t n, int32_t heads, int64_t row_stride,
-                  int64_t head_stride) {
-    return make_tensor(
-        make_gmem_ptr(static_cast<Element const*>(ptr)),
-        make_layout(make_shape(n, int32_t(D), heads), make_stride(row_stride, _1{}, head_stride)));
-  };
-  typename T::Params p = sp;
-  const int32_t n_k_desc = a.n_k > 0 ? a.n_k : 1;  // no tile is read when n_k = 0
-  p.tma_q =
-      make_tma_copy(SM90_TMA_LOAD{}, gmem(a.q, a.n_q, a.num_heads, a.q_row_stride, a.q_head_stride),
-                    typename Base::SmemLayoutQ{}, Shape<Int<T::kBlockM>, Int<D>>{}, _1{});
-  p.tma_k = make_tma_copy(
-      SM90_TMA_LOAD{}, gmem(a.k, n_k_desc, a.num_kv_heads, a.k_row_stride, a.k_head_stride),
-      take<0, 2>(typename Base::SmemLayoutK{}), Shape<Int<T::kBlockN>, Int<D>>{}, _1{});
-  p.tma_v = make_tma_copy(
-      SM90_TMA_LOAD{}, gmem(a.v, n_k_desc, a.num_kv_heads, a.v_row_stride, a.v_head_stride),
-      take<0, 2>(typename Base::SmemLayoutK{}), Shape<Int<T::kBlockN>, Int<D>>{}, _1{});
-  p.k = static_cast<const Element*>(a.k);
-  p.v = static_cast<const Element*>(a.v);
-  p.k_row_stride = a.k_row_stride;
-  p.k_head_stride = a.k_head_stride;
-  p.v_row_stride = a.v_row_stride;
-  p.v_head_stride = a.v_head_stride;
-  p.o = static_cast<Element*>(a.o);
-  p.lse = a.lse;
-  p.o_row_stride = a.o_row_stride;
-  p.o_head_stride = a.o_head_stride;
-  p.lse_head_stride = a.lse_head_stride;
-  p.n_q = a.n_q;
-  p.n_k = a.n_k;
-  p.num_heads = a.num_heads;
-  p.num_kv_heads = a.num_kv_heads;
-  p.head_ratio = a.num_heads / a.num_kv_heads;
-  p.q_pos0 = a.q_pos0;
-  p.k_pos0 = a.k_pos0;
-  p.block_first = a.q_pos0 / T::kBlockM;
-  const int64_t block_last = (a.q_pos0 + a.n_q - 1) / T::kBlockM;
-  p.num_m_blocks = int32_t(block_last - p.block_first + 1);
-  p.scale = a.scale;
-  p.scale_log2 = a.scale * 1.4426950408889634f;
-
-  auto kernel = sparse_fwd_v2_kernel<T>;
-  MPREFILL_CUDA_TRY(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
-  const dim3 grid((p.num_m_blocks + 1) / 2, a.num_heads);
-  kernel<<<grid, T::kNumThreads, T::kSmemBytes, stream>>>(p);
-  MPREFILL_CUDA_LAUNCH_CHECK("sparse_fwd_v2_kernel");
-  return Status::kOk;
+  const typename T::Params p = sparse_params<typename T::V1>(a, sp);
+  return launch_attention(sparse_fwd_v2_kernel<T>, dim3((p.num_m_blocks + 1) / 2, a.num_heads),
+                          T::kNumThreads, T::kSmemBytes, stream, p, "launch sparse_fwd_v2_kernel");
 }
 
 }  // namespace mprefill::cuda::sparse

@@ -7,12 +7,13 @@
 #include <type_traits>
 
 #include "kernels/attention.h"
+#include "kernels/cuda/common/launch_common.h"
 #include "kernels/status.h"
 
 namespace mprefill::cuda::sparse {
 
-struct Bf16 {};
-struct Fp16 {};
+using cuda::Bf16;
+using cuda::Fp16;
 
 // Pattern of one launch (the kernel's Params minus what AttentionParams gives).
 struct PatternArgs {
@@ -27,7 +28,9 @@ struct PatternArgs {
   const int* blocks = nullptr;
   int bs_k = 0;
   int64_t n_init = 0, n_local = 0;
-  int version = 2;  // kernel generation: 1 (sparse_fwd_kernel.cuh) or 2 (sparse_fwd_v2_kernel.cuh)
+  // Kernel generation, resolved from SparseKernelGen (sparse_attention.h): 1
+  // (sparse_fwd_kernel.cuh) or 2 (sparse_fwd_v2_kernel.cuh).
+  int version = 2;
 };
 
 template <class E, int D>
