@@ -87,9 +87,10 @@ if(TARGET mprefill_proto_msgs AND TARGET mprefill_coordinator AND TARGET mprefil
     target_compile_options(mprefill_proto_${tag} PRIVATE ${_opts})
     target_link_options(mprefill_proto_${tag} INTERFACE -fsanitize=${_san})
 
-    add_library(mprefill_coordinator_${tag} STATIC EXCLUDE_FROM_ALL
-                ${_src}/coordinator/coordinator.cc ${_src}/coordinator/planner.cc
-                ${_src}/coordinator/metrics.cc)
+    # The sources of mprefill_coordinator (relative to coordinator/), so the lists agree.
+    get_target_property(_coord_src mprefill_coordinator SOURCES)
+    list(TRANSFORM _coord_src PREPEND ${_src}/coordinator/)
+    add_library(mprefill_coordinator_${tag} STATIC EXCLUDE_FROM_ALL ${_coord_src})
     target_link_libraries(mprefill_coordinator_${tag} PUBLIC mprefill_proto_${tag} mprefill_model)
     target_compile_options(mprefill_coordinator_${tag} PRIVATE ${_opts})
 

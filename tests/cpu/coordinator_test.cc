@@ -346,7 +346,7 @@ TEST(Coordinator, ValidatesJobsWithClearErrors) {
   std::vector<Case> cases;
   cases.push_back({submit({}), v1::INVALID_ARGUMENT, "prompt is empty"});
   cases.push_back({submit({5, 32000, 7}), v1::INVALID_ARGUMENT,
-                   "token id 32000 at position 1 is outside [0, 32000)"});
+                   "token id 32000 at position 1 is out of range [0, 32000)"});
   cases.push_back({submit({5, -1}), v1::INVALID_ARGUMENT, "token id -1 at position 1"});
   cases.push_back(
       {submit(prompt(201)), v1::INVALID_ARGUMENT,

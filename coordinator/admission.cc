@@ -1,0 +1,203 @@
+// Validation and admission of a SubmitJob, in this order (the first failure is the one
+// reported): a registered group and decoder, the model name, the prompt (text or ids, id
+// range, length limit), the options, then capacity (KV bytes against the decoders, the
+// per-rank estimate against the groups' free memory) and the queue limit. Every refusal is
+// one line with the numbers that decided it; the connection is kept.
+#include <algorithm>
+
+#include "coordinator/state.h"
+#include "model/prompt.h"
+#include "model/sparse_policy.h"
+#include "model/tokenizer.h"
+
+namespace mprefill::coord {
+
+namespace {
+
+// Sets the refusal's code and returns its message: `return bad(code, v1::X, "why")`.
+std::string bad(v1::ErrorCode* code, v1::ErrorCode c, std::string why) {
+  *code = c;
+  return why;
+}
+
+}  // namespace
+
+std::string Coordinator::Impl::refuse_reason_locked(const v1::SubmitJob& m,
+                                                    std::vector<int32_t>* tokens, uint64_t* kv,
+                                                    v1::ErrorCode* code) {
+  if (groups.empty()) return bad(code, v1::UNAVAILABLE, "no worker group is registered");
+  if (decoders.empty()) return bad(code, v1::UNAVAILABLE, "no decoder is registered");
+  const v1::KvContract& kc = *contract;
+  const auto& model = kc.model();
+  if (!m.model().empty() && m.model() != model.name() && m.model() != model.weights_digest())
+    return bad(code, v1::MODEL_MISMATCH,
+               "job asks for model '" + m.model() + "' but the service runs '" + model.name() +
+                   "' (digest " + model.weights_digest() + ")");
+  std::string why = check_prompt(m, tokens, code);
+  if (!why.empty()) return why;
+  const int64_t n = static_cast<int64_t>(tokens->size());
+  why = check_options(m.options(), n, code);
+  if (!why.empty()) return why;
+  return check_capacity(m.options(), n, kv, code);
+}
+
+std::string Coordinator::Impl::check_prompt(const v1::SubmitJob& m, std::vector<int32_t>* tokens,
+                                            v1::ErrorCode* code) {
+  const auto& model = contract->model();
+  if (!m.text().empty() && m.token_ids_size() > 0)
+    return bad(code, v1::INVALID_ARGUMENT, "give token ids or text, not both");
+  if (!m.text().empty()) {
+    if (!tokenizer)
+      return bad(code, v1::INVALID_ARGUMENT,
+                 "text prompts need a tokenizer on the coordinator (--tokenizer); send token ids");
+    if (tokenizer->vocab_size() != model.vocab())
+      return bad(code, v1::INVALID_ARGUMENT,
+                 "the coordinator's tokenizer has " + std::to_string(tokenizer->vocab_size()) +
+                     " tokens but the model has " + std::to_string(model.vocab()));
+    std::vector<int> ids = tokenizer->encode(m.text(), true);
+    tokens->assign(ids.begin(), ids.end());
+  } else {
+    tokens->assign(m.token_ids().begin(), m.token_ids().end());
+  }
+  const int64_t n = static_cast<int64_t>(tokens->size());
+  ModelConfig ids_model;  // the contract's vocabulary is all the id check needs
+  ids_model.vocab = static_cast<int>(model.vocab());
+  try {
+    check_prompt_ids(ids_model, std::vector<int>(tokens->begin(), tokens->end()));
+  } catch (const std::exception& e) {
+    return bad(code, v1::INVALID_ARGUMENT, e.what());
+  }
+  int64_t limit = model.max_position();
+  std::string limit_src = "the model's max_position " + std::to_string(model.max_position());
+  if (opt.max_prompt > 0 && opt.max_prompt < limit) {
+    limit = opt.max_prompt;
+    limit_src = "the coordinator's --max-prompt " + std::to_string(opt.max_prompt);
+  }
+  if (n > limit)
+    return bad(code, v1::INVALID_ARGUMENT,
+               "prompt of " + std::to_string(n) + " tokens exceeds the limit of " +
+                   std::to_string(limit) + " (" + limit_src + ")");
+  return "";
+}
+
+std::string Coordinator::Impl::check_options(const v1::JobOptions& o, int64_t n,
+                                             v1::ErrorCode* code) {
+  const auto& model = contract->model();
+  if (o.decode_tokens() < 0) return bad(code, v1::INVALID_ARGUMENT, "decode_tokens must be >= 0");
+  if (n + o.decode_tokens() > model.max_position())
+    return bad(code, v1::INVALID_ARGUMENT,
+               "prompt of " + std::to_string(n) + " tokens + " + std::to_string(o.decode_tokens()) +
+                   " decoded exceeds the model's max_position " +
+                   std::to_string(model.max_position()));
+  const auto& smp = o.sampling();
+  if (!(smp.temperature() >= 0.0f) || smp.temperature() > 100.0f)
+    return bad(code, v1::INVALID_ARGUMENT, "temperature must be in [0, 100]");
+  if (!(smp.top_p() >= 0.0f && smp.top_p() <= 1.0f))
+    return bad(code, v1::INVALID_ARGUMENT, "top_p must be in [0, 1]");
+  for (int id : o.stop_ids())
+    if (id < 0 || id >= model.vocab())
+      return bad(code, v1::INVALID_ARGUMENT,
+                 "stop id " + std::to_string(id) + " is outside [0, " +
+                     std::to_string(model.vocab()) + ")");
+  if (o.dense_below() < 0) return bad(code, v1::INVALID_ARGUMENT, "dense_below must be >= 0");
+  if (o.audit_heads() < 0 || o.audit_heads() > model.n_heads())
+    return bad(code, v1::INVALID_ARGUMENT,
+               "audit_heads must be in [0, " + std::to_string(model.n_heads()) + "]");
+  if (!o.kv_transport().empty() && o.kv_transport() != "tcp" && o.kv_transport() != "nccl")
+    return bad(code, v1::INVALID_ARGUMENT,
+               "kv_transport must be tcp or nccl, not '" + o.kv_transport() + "'");
+  if (!o.group().empty() && !groups.count(o.group()))
+    return bad(code, v1::INVALID_ARGUMENT,
+               "no worker group named '" + o.group() + "' is registered");
+  if (!o.decoder().empty() && !decoders.count(o.decoder()))
+    return bad(code, v1::INVALID_ARGUMENT, "no decoder named '" + o.decoder() + "' is registered");
+  if (!o.sparse().empty() && o.sparse() != "dense" && o.sparse() != "auto") {
+    try {
+      (void)load_sparse_policy(o.sparse(), config_of(model),
+                               o.dense_below() > 0 ? o.dense_below() : kDefaultDenseBelow);
+    } catch (const std::exception& e) {
+      return bad(code, v1::INVALID_ARGUMENT, std::string("sparse policy: ") + e.what());
+    }
+  }
+  return "";
+}
+
+// The KV must fit some eligible decoder's capacity, the per-rank estimate some eligible
+// group's free memory.
+std::string Coordinator::Impl::check_capacity(const v1::JobOptions& o, int64_t n, uint64_t* kv,
+                                              v1::ErrorCode* code) {
+  const v1::KvContract& kc = *contract;
+  const auto& model = kc.model();
+  const std::string transport = o.kv_transport().empty() ? "tcp" : o.kv_transport();
+  auto has = [&](const auto& list) {
+    return std::find(list.begin(), list.end(), transport) != list.end();
+  };
+  *kv = kv_bytes(kc, n);
+  uint64_t best_cap = 0;
+  std::string best_dec;
+  for (const auto& [name, d] : decoders) {
+    if (!o.decoder().empty() && name != o.decoder()) continue;
+    if (!has(d.reg.kv_transports())) continue;
+    if (d.reg.capacity_bytes() > best_cap) {
+      best_cap = d.reg.capacity_bytes();
+      best_dec = name;
+    }
+  }
+  if (best_dec.empty())
+    return bad(code, v1::UNAVAILABLE, "no registered decoder takes KV over " + transport);
+  if (*kv > best_cap)
+    return bad(code, v1::RESOURCE_EXHAUSTED,
+               "KV of " + std::to_string(n) + " tokens needs " + format_bytes(*kv) + " (2 x " +
+                   std::to_string(model.n_layers()) + " layers x " +
+                   std::to_string(model.n_kv_heads()) + " kv heads x " +
+                   std::to_string(model.head_dim()) + " x " +
+                   std::to_string(dtype_bytes(kc.kv_dtype())) +
+                   " bytes per token) but the largest decoder capacity is " +
+                   format_bytes(best_cap) + " (decoder '" + best_dec + "')");
+  std::string group_why;
+  bool group_fits = false;
+  for (const auto& [name, g] : groups) {
+    if (!o.group().empty() && name != o.group()) continue;
+    if (!has(g.reg.kv_transports())) continue;
+    const uint64_t need = rank_bytes_estimate(kc, n, g.reg.tp(), g.reg.sp());
+    bool fits = true;
+    for (const auto& r : g.reg.ranks()) {
+      if (r.free_memory_bytes() != 0 && r.free_memory_bytes() < need) {
+        fits = false;
+        group_why = "needs about " + format_bytes(need) + " per rank (tp " +
+                    std::to_string(g.reg.tp()) + " x sp " + std::to_string(g.reg.sp()) +
+                    ") but group '" + name + "' rank " + std::to_string(r.rank()) + " has " +
+                    format_bytes(r.free_memory_bytes()) + " free";
+        break;
+      }
+    }
+    if (fits) {
+      group_fits = true;
+      break;
+    }
+  }
+  if (!group_fits) {
+    if (group_why.empty())
+      return bad(code, v1::UNAVAILABLE, "no registered worker group sends KV over " + transport);
+    return bad(code, v1::RESOURCE_EXHAUSTED,
+               "prompt of " + std::to_string(n) + " tokens " + group_why);
+  }
+  if (static_cast<int64_t>(queue.size()) >= opt.queue_limit)
+    return bad(code, v1::RESOURCE_EXHAUSTED,
+               "queue full: " + std::to_string(queue.size()) + " jobs waiting (limit " +
+                   std::to_string(opt.queue_limit) + ")");
+  return "";
+}
+
+std::string Coordinator::Impl::client_limit_reason(const Session* s, v1::ErrorCode* code) {
+  int open = 0;  // this connection's unfinished jobs
+  for (const auto& [id, j] : jobs)
+    open += j.client_raw == s &&
+            (j.state == v1::QUEUED || j.state == v1::RUNNING || j.state == v1::HANDING_OFF);
+  if (open < opt.max_jobs_per_client) return "";
+  *code = v1::RESOURCE_EXHAUSTED;
+  return "this client has " + std::to_string(open) + " unfinished jobs (limit " +
+         std::to_string(opt.max_jobs_per_client) + " per client)";
+}
+
+}  // namespace mprefill::coord

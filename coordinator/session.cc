@@ -1,0 +1,250 @@
+// Connections: the accept loop with its --max-connections limit, and each Session's hello,
+// framed reads and queued writes on its strand.
+#include "coordinator/session.h"
+
+#include <algorithm>
+#include <mutex>
+
+namespace mprefill::coord {
+
+void Coordinator::Impl::do_accept() {
+  acceptor.async_accept(
+      [self = shared_from_this()](const boost::system::error_code& ec, tcp::socket sock) {
+        if (self->stopping) return;
+        if (!ec) {
+          auto s = std::make_shared<Session>(self, std::move(sock));
+          std::string full;
+          {
+            std::lock_guard<std::mutex> lk(self->mu);
+            if (static_cast<int64_t>(self->sessions.size()) >= self->opt.max_connections) {
+              full = "too many connections: " + std::to_string(self->sessions.size()) +
+                     " open (--max-connections " + std::to_string(self->opt.max_connections) + ")";
+              ++self->metrics.refused_connections;
+            } else {
+              self->sessions.insert(s.get());
+              self->metrics.connections = static_cast<int64_t>(self->sessions.size());
+            }
+          }
+          if (full.empty())
+            s->start();
+          else
+            s->refuse(full);
+        }
+        self->do_accept();
+      });
+}
+
+Session::Session(std::shared_ptr<Coordinator::Impl> c, tcp::socket sock)
+    : coord_(std::move(c)),
+      socket_(std::move(sock)),
+      strand_(asio::make_strand(coord_->io)),
+      hello_timer_(coord_->io),
+      linger_timer_(coord_->io),
+      frame_timer_(coord_->io),
+      parser_(std::min(coord_->opt.max_frame, wire::kHelloMaxFrame)) {  // raised after hello
+  boost::system::error_code ec;
+  auto ep = socket_.remote_endpoint(ec);
+  peer_ = ec ? "?" : ep.address().to_string() + ":" + std::to_string(ep.port());
+  socket_.set_option(tcp::no_delay(true), ec);
+}
+
+void Session::start() {
+  auto self = shared_from_this();
+  asio::dispatch(strand_, [self] {
+    self->nonce_ = wire::random_nonce();
+    self->write(wire::encode_frame(
+        wire::make_server_hello(self->nonce_, !self->coord_->opt.secret.empty())));
+    self->hello_timer_.expires_after(std::chrono::milliseconds(self->coord_->opt.hello_timeout_ms));
+    self->hello_timer_.async_wait(
+        asio::bind_executor(self->strand_, [self](const boost::system::error_code& ec) {
+          if (!ec && !self->hello_done_ && !self->closed_) {
+            self->coord_->log("%s: no ClientHello within %d ms, closing", self->peer_.c_str(),
+                              self->coord_->opt.hello_timeout_ms);
+            self->close();
+          }
+        }));
+    self->read();
+  });
+}
+
+void Session::refuse(const std::string& why) {
+  auto self = shared_from_this();
+  asio::dispatch(strand_, [self, why] {
+    self->coord_->log("%s: connection refused: %s", self->peer_.c_str(), why.c_str());
+    self->send_error_and_close(0, v1::RESOURCE_EXHAUSTED, why);
+  });
+}
+
+void Session::send(const v1::Envelope& env) {
+  std::string frame = wire::encode_frame(env);
+  auto self = shared_from_this();
+  asio::post(strand_, [self, f = std::move(frame)]() mutable { self->write(std::move(f)); });
+}
+
+void Session::send_error_and_close(uint64_t job, v1::ErrorCode code, const std::string& msg) {
+  std::string frame = wire::encode_frame(wire::make_error(job, code, msg));
+  auto self = shared_from_this();
+  asio::post(strand_, [self, f = std::move(frame)]() mutable {
+    self->write(std::move(f));
+    self->close_after_flush_ = true;
+    if (!self->writing_) {
+      self->close();
+      return;
+    }
+    // A peer that does not read the Error is closed anyway after 5 s.
+    self->linger_timer_.expires_after(std::chrono::seconds(5));
+    self->linger_timer_.async_wait(
+        asio::bind_executor(self->strand_, [self](const boost::system::error_code& ec) {
+          if (!ec) self->close();
+        }));
+  });
+}
+
+void Session::close_async() {
+  auto self = shared_from_this();
+  asio::post(strand_, [self] { self->close(); });
+}
+
+void Session::close() {
+  if (closed_) return;
+  closed_ = true;
+  boost::system::error_code ec;
+  hello_timer_.cancel();
+  linger_timer_.cancel();
+  frame_timer_.cancel();
+  socket_.shutdown(tcp::socket::shutdown_both, ec);
+  socket_.close(ec);
+  coord_->on_closed(this);
+}
+
+void Session::write(std::string frame) {
+  if (closed_) return;
+  queued_bytes_ += frame.size();
+  if (queued_bytes_ > kMaxQueuedBytes) {
+    coord_->log("%s: peer does not read (%zu bytes queued), closing", peer_.c_str(), queued_bytes_);
+    close();
+    return;
+  }
+  outq_.push_back(std::move(frame));
+  if (!writing_) write_next();
+}
+
+void Session::write_next() {
+  if (outq_.empty() || closed_) {
+    writing_ = false;
+    if (close_after_flush_) close();
+    return;
+  }
+  writing_ = true;
+  auto self = shared_from_this();
+  asio::async_write(
+      socket_, asio::buffer(outq_.front()),
+      asio::bind_executor(strand_, [self](const boost::system::error_code& ec, size_t n) {
+        self->queued_bytes_ -= n;
+        if (!self->outq_.empty()) self->outq_.pop_front();
+        if (ec) {
+          self->close();
+          return;
+        }
+        self->write_next();
+      }));
+}
+
+void Session::read() {
+  if (closed_) return;
+  auto self = shared_from_this();
+  socket_.async_read_some(
+      asio::buffer(buf_.data(), buf_.size()),
+      asio::bind_executor(strand_, [self](const boost::system::error_code& ec, size_t n) {
+        if (ec) {
+          self->close();
+          return;
+        }
+        self->parser_.feed(self->buf_.data(), n);
+        self->drain();
+      }));
+}
+
+// After the hello: a frame begun (bytes buffered) must be complete within
+// frame_timeout_ms; the clock restarts with each complete frame.
+void Session::watch_partial_frame(bool progressed) {
+  if (frame_timer_armed_ && (progressed || parser_.buffered() == 0)) {
+    frame_timer_armed_ = false;
+    ++frame_gen_;
+    frame_timer_.cancel();
+  }
+  if (frame_timer_armed_ || parser_.buffered() == 0 || closed_) return;
+  frame_timer_armed_ = true;
+  const int ms = coord_->opt.frame_timeout_ms;
+  frame_timer_.expires_after(std::chrono::milliseconds(ms));
+  auto self = shared_from_this();
+  frame_timer_.async_wait(asio::bind_executor(
+      strand_, [self, gen = frame_gen_, ms](const boost::system::error_code& ec) {
+        if (ec || gen != self->frame_gen_ || !self->frame_timer_armed_ || self->closed_) return;
+        self->bad_frame(v1::BAD_FRAME, "frame not completed within " + std::to_string(ms) +
+                                           " ms (" + std::to_string(self->parser_.buffered()) +
+                                           " bytes of it arrived)");
+      }));
+}
+
+void Session::drain() {
+  bool progressed = false;
+  for (;;) {
+    if (closed_ || close_after_flush_) return;
+    v1::Envelope env;
+    std::string err;
+    auto r = parser_.next(&env, &err);
+    if (r == wire::FrameParser::Result::kNeedMore) break;
+    progressed = true;
+    if (r == wire::FrameParser::Result::kError) {
+      bad_frame(parser_.error_kind() == wire::WireError::Kind::kBadVersion ? v1::BAD_VERSION
+                                                                           : v1::BAD_FRAME,
+                err);
+      return;
+    }
+    if (!hello_done_) {
+      if (!take_hello(env)) return;
+      continue;
+    }
+    coord_->on_message(shared_from_this(), env);
+  }
+  if (hello_done_) watch_partial_frame(progressed);
+  read();
+}
+
+bool Session::take_hello(const v1::Envelope& env) {
+  if (!env.has_client_hello()) {
+    bad_frame(v1::BAD_FRAME, "first frame is not a ClientHello");
+    return false;
+  }
+  std::string why;
+  v1::ErrorCode code = v1::ERROR_CODE_UNSPECIFIED;
+  if (!wire::check_client_hello(env.client_hello(), nonce_, v1::ROLE_UNSPECIFIED,
+                                coord_->opt.secret, &why, &code)) {
+    coord_->log("%s: hello refused: %s", peer_.c_str(), why.c_str());
+    send_error_and_close(0, code, why);
+    return false;
+  }
+  hello_done_ = true;
+  hello_timer_.cancel();
+  parser_.set_max_frame(coord_->opt.max_frame);
+  role_ = env.client_hello().role();
+  name_ = env.client_hello().name();
+  auto ok = envelope();
+  ok.mutable_hello_accepted()->set_server("mprefill-coordinator");
+  write(wire::encode_frame(ok));
+  coord_->on_hello(shared_from_this());
+  return true;
+}
+
+void Session::bad_frame(v1::ErrorCode code, const std::string& why) {
+  coord_->log("%s (%s %s): bad frame: %s; closing this connection", peer_.c_str(), role_name(role_),
+              name_.c_str(), why.c_str());
+  {
+    std::lock_guard<std::mutex> lk(coord_->mu);
+    ++coord_->metrics.bad_frames;
+  }
+  send_error_and_close(0, code, why);
+}
+
+}  // namespace mprefill::coord

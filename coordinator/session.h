@@ -1,0 +1,69 @@
+// Private to coordinator/: one connection of the coordinator (client, worker group rank 0
+// or decoder). All socket work, timers and the parser run on the session's strand; send()
+// and the close requests may be called from any thread (they post onto the strand).
+// Until the hello is accepted a frame may be at most kHelloMaxFrame bytes and must arrive
+// within hello_timeout_ms; after it, a frame begun must be complete within
+// frame_timeout_ms.
+#pragma once
+#include <array>
+#include <cstddef>
+#include <deque>
+#include <memory>
+#include <string>
+
+#include "coordinator/state.h"
+#include "proto/wire.h"
+
+namespace mprefill::coord {
+
+// A session whose unsent frames exceed this is a peer that does not read: closed.
+constexpr size_t kMaxQueuedBytes = size_t{256} << 20;
+constexpr size_t kReadChunk = size_t{64} << 10;
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(std::shared_ptr<Coordinator::Impl> c, tcp::socket sock);
+
+  void start();  // ServerHello, the hello timer, the first read
+  // A connection over --max-connections: one Error, then closed (never registered).
+  void refuse(const std::string& why);
+  // Thread-safe: queues a frame onto the strand.
+  void send(const v1::Envelope& env);
+  // Error, then close once it is written (or after 5 s if the peer does not read).
+  void send_error_and_close(uint64_t job, v1::ErrorCode code, const std::string& msg);
+  void close_async();
+  void close();  // on the strand (or at stop): idempotent, tells the coordinator
+
+  const std::string& peer() const { return peer_; }
+  // Set once by the hello on the strand, read under the coordinator's mutex afterwards.
+  v1::Role role() const { return role_; }
+  const std::string& name() const { return name_; }
+  std::string registered;  // group / decoder name once registered (under coordinator mu)
+
+ private:
+  void write(std::string frame);
+  void write_next();
+  void read();
+  void watch_partial_frame(bool progressed);
+  void drain();
+  bool take_hello(const v1::Envelope& env);  // false: refused, the session is closing
+  void bad_frame(v1::ErrorCode code, const std::string& why);
+
+  std::shared_ptr<Coordinator::Impl> coord_;
+  tcp::socket socket_;
+  asio::strand<asio::io_context::executor_type> strand_;
+  asio::steady_timer hello_timer_;
+  asio::steady_timer linger_timer_;  // bounds close-after-flush
+  asio::steady_timer frame_timer_;   // bounds a frame begun after the hello
+  bool frame_timer_armed_ = false;
+  uint64_t frame_gen_ = 0;
+  wire::FrameParser parser_;
+  std::array<char, kReadChunk> buf_;
+  std::deque<std::string> outq_;
+  size_t queued_bytes_ = 0;
+  bool writing_ = false, closed_ = false, close_after_flush_ = false, hello_done_ = false;
+  std::string nonce_, peer_, name_;
+  v1::Role role_ = v1::ROLE_UNSPECIFIED;
+};
+
+}  // namespace mprefill::coord

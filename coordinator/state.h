@@ -1,0 +1,238 @@
+// Private to coordinator/: the service state that the coordinator's modules share, and
+// the Impl behind coordinator.h. Everything under `mu` is touched only with mu held; the
+// modules never wait on I/O while holding it (sends are queued onto the sessions' strands).
+//
+// Modules (one .cc each, all defining members of Coordinator::Impl):
+//   coordinator.cc  life cycle, the ticker, GET /metrics, routing of messages by role
+//   session.cc      connections: accept (--max-connections), hello/auth, frames, writes
+//   registry.cc     worker groups and decoders: registration, KV contract, heartbeats,
+//                   picking a free group / decoder, removal
+//   admission.cc    validation of a SubmitJob and admission against capacity and limits
+//   jobs.cc         queue, state machine, cancel, status, progress, worker/decoder job
+//                   events and the JobResult
+//   planner.cc, metrics.cc: pure arithmetic and Prometheus text (no Impl)
+#pragma once
+// clang-format off
+// <utility> before asio: Boost 1.74's awaitable.hpp uses std::exchange without including it.
+#include <utility>
+#include <boost/asio.hpp>
+// clang-format on
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "coordinator/coordinator.h"
+#include "coordinator/metrics.h"
+#include "coordinator/planner.h"
+#include "model/sparse_policy.h"
+#include "model/tokenizer.h"
+
+namespace mprefill::coord {
+
+namespace asio = boost::asio;
+using tcp = asio::ip::tcp;
+using Clock = std::chrono::steady_clock;
+namespace v1 = ::mprefill::v1;
+
+class Session;
+using SessionPtr = std::shared_ptr<Session>;
+
+inline double ms_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+inline bool terminal(v1::JobState s) {
+  return s == v1::DONE || s == v1::FAILED || s == v1::CANCELLED;
+}
+
+inline const char* state_name(v1::JobState s) {
+  switch (s) {
+    case v1::QUEUED:
+      return "QUEUED";
+    case v1::RUNNING:
+      return "RUNNING";
+    case v1::HANDING_OFF:
+      return "HANDING_OFF";
+    case v1::DONE:
+      return "DONE";
+    case v1::FAILED:
+      return "FAILED";
+    case v1::CANCELLED:
+      return "CANCELLED";
+    default:
+      return "UNSPECIFIED";
+  }
+}
+
+inline const char* role_name(v1::Role r) {
+  switch (r) {
+    case v1::CLIENT:
+      return "client";
+    case v1::WORKER:
+      return "worker group";
+    case v1::DECODER:
+      return "decoder";
+    default:
+      return "peer";
+  }
+}
+
+inline v1::Envelope envelope() {
+  v1::Envelope e;
+  e.set_version(wire::kProtocolVersion);
+  return e;
+}
+
+// A registered worker group (its rank 0's connection).
+struct Group {
+  std::string name;
+  std::weak_ptr<Session> session;
+  v1::WorkerRegister reg;
+  uint64_t job = 0;            // running job, 0: idle
+  uint64_t cancelled_job = 0;  // cancelled, not yet ended by the group
+  Clock::time_point cancel_time, cancel_deadline;
+  Clock::time_point last_seen;
+  bool alive = true;
+};
+
+struct Decoder {
+  std::string name;
+  std::weak_ptr<Session> session;
+  v1::DecoderRegister reg;
+  std::string host;  // where workers push pages
+  uint64_t reserved_bytes = 0;
+  std::set<uint64_t> jobs;
+  Clock::time_point last_seen;
+  bool alive = true;
+};
+
+struct Job {
+  uint64_t id = 0;
+  v1::JobState state = v1::QUEUED;
+  std::weak_ptr<Session> client;
+  const Session* client_raw = nullptr;  // identity only (disconnect cleanup)
+  bool detached = false;                // survives its client's disconnect
+  std::string client_name;
+  std::shared_ptr<const SparsePolicy> policy;
+  std::vector<int32_t> tokens;
+  v1::JobOptions options;
+  std::string client_tag;
+  uint64_t kv_bytes = 0;
+  std::string group, decoder;
+  bool ready = false;  // decoder answered Ready; Assignment sent
+  int layer = 0, n_layers = 0;
+  Clock::time_point submitted, started, prefill_started, deadline;
+  double queue_ms = 0;
+  v1::WorkerDone worker_done;
+  double ttft_ms = 0;
+  std::string error;
+};
+
+struct Coordinator::Impl : std::enable_shared_from_this<Coordinator::Impl> {
+  explicit Impl(CoordinatorOptions o);
+
+  CoordinatorOptions opt;
+  asio::io_context io;
+  std::optional<asio::executor_work_guard<asio::io_context::executor_type>> work;
+  tcp::acceptor acceptor{io};
+  tcp::acceptor metrics_acceptor{io};
+  asio::steady_timer ticker{io};
+  std::vector<std::thread> threads;
+  std::atomic<bool> stopping{false};
+  std::optional<Tokenizer> tokenizer;
+
+  // ---- state (mu) ----
+  std::mutex mu;
+  uint64_t next_job_id = 1;
+  std::map<uint64_t, Job> jobs;
+  std::deque<uint64_t> queue;  // QUEUED job ids, FIFO
+  std::deque<uint64_t> finished;
+  std::map<std::string, Group> groups;
+  std::map<std::string, Decoder> decoders;
+  std::optional<v1::KvContract> contract;  // of the service while any group/decoder is live
+  std::set<Session*> sessions;
+  MetricsSnapshot metrics;
+
+  // ---- coordinator.cc: life cycle, ticker, /metrics, routing ----
+  void start();
+  void stop();
+  void arm_ticker();
+  void tick();  // every 100 ms: heartbeats, deadlines, cancel grace
+  void do_accept_metrics();
+  std::string metrics_text_locked_copy();  // takes mu
+  void log(const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+  // Called from session strands (take mu).
+  void on_hello(const SessionPtr& s);
+  void on_message(const SessionPtr& s, v1::Envelope& env);
+  void on_closed(Session* s);
+  // With mu held, as everything below.
+  void send_to(const std::weak_ptr<Session>& w, const v1::Envelope& env);
+  void protocol_error(const SessionPtr& s, const std::string& why);
+  void unexpected_message(const SessionPtr& s, const v1::Envelope& env, const char* from);
+
+  // ---- session.cc ----
+  void do_accept();
+
+  // ---- registry.cc ----
+  void handle_worker_register(const SessionPtr& s, const v1::WorkerRegister& m);
+  void handle_decoder_register(const SessionPtr& s, const v1::DecoderRegister& m);
+  void handle_worker_message(const SessionPtr& s, v1::Envelope& env);
+  void handle_decoder_message(const SessionPtr& s, v1::Envelope& env);
+  bool check_contract(const v1::KvContract& kv, std::string* why);
+  void maybe_reset_contract();
+  Group* pick_group(const Job& j);
+  Decoder* pick_decoder(const Job& j);
+  void fail_group(Group& g, const std::string& why);
+  void fail_decoder(Decoder& d, const std::string& why);
+  void expire_silent_peers(Clock::time_point now);
+  void end_cancel_grace(Clock::time_point now);
+
+  // ---- admission.cc ----
+  // Empty when the job may be queued (tokens and kv filled); else the reason, with *code.
+  std::string refuse_reason_locked(const v1::SubmitJob& m, std::vector<int32_t>* tokens,
+                                   uint64_t* kv, v1::ErrorCode* code);
+  std::string check_prompt(const v1::SubmitJob& m, std::vector<int32_t>* tokens,
+                           v1::ErrorCode* code);
+  std::string check_options(const v1::JobOptions& o, int64_t n, v1::ErrorCode* code);
+  std::string check_capacity(const v1::JobOptions& o, int64_t n, uint64_t* kv, v1::ErrorCode* code);
+  std::string client_limit_reason(const Session* s, v1::ErrorCode* code);
+
+  // ---- jobs.cc ----
+  void handle_submit(const SessionPtr& s, const v1::SubmitJob& m);
+  void handle_cancel(const SessionPtr& s, uint64_t job_id);
+  void handle_status(const SessionPtr& s, uint64_t job_id);
+  void dispatch();
+  void send_assignment(Job& j);
+  void finish(Job& j, v1::JobState state, v1::ErrorCode code, const std::string& message);
+  void free_group_of(Job& j, bool cancel);
+  void release_decoder_of(Job& j, bool send_release);
+  void fill_status(const Job& j, v1::JobStatus* st) const;
+  void progress(Job& j);
+  void count_state(v1::JobState s, int delta);
+  void set_state(Job& j, v1::JobState s);
+  void expire_deadlines(Clock::time_point now);
+  // Job events of a registered group / decoder.
+  Job* running_job_of(Group& g, uint64_t id);
+  void end_cancelled(Group& g, uint64_t id);
+  void on_worker_progress(const SessionPtr& s, Group& g, const v1::WorkerProgress& p);
+  void on_worker_done(Group& g, const v1::WorkerDone& m);
+  void record_audit(const v1::WorkerDone& m);
+  void on_worker_failed(Group& g, const v1::WorkerFailed& m);
+  Job* live_job_of(Decoder& d, uint64_t id);
+  void on_ready(Decoder& d, uint64_t job_id);
+  void on_decode_done(Decoder& d, const v1::DecodeDone& m);
+  void on_decode_failed(Decoder& d, const v1::DecodeFailed& m);
+};
+
+}  // namespace mprefill::coord
