@@ -71,7 +71,9 @@ const char* kUsage =
     "  --recall-table        mean recall per pattern and budget at each length (markdown)\n"
     "  --eval-retrieval F    JSON lines {\"ids\": [...], \"answer\": [...]}: greedy answer "
     "through\n"
-    "                        the engine per policy; accuracy and mask tile density per length\n"
+    "                        the engine per policy; accuracy and mask tile density per length;\n"
+    "                        optional \"checks\": [[P, [...]], ...]: answers after prefills of\n"
+    "                        ids[0:P) too (correct iff all are; density averaged, time summed)\n"
     "  --policies SPECS      ';'-separated: dense | auto (v=1000, s=6096 everywhere) | FILE.json "
     "|\n"
     "                        ashape:SINK:LOCAL | vs:V:S | bs:K, each optionally @F: budgets "
@@ -433,6 +435,8 @@ int run_eval(const Args& a, const ModelWeights& w) {
   }
   struct Sample {
     std::vector<int> ids, answer;
+    // Further prompts ids[0:P) with their answers (multi-key task of python/probe/).
+    std::vector<std::pair<int64_t, std::vector<int>>> checks;
   };
   std::vector<Sample> samples;
   {
@@ -446,14 +450,23 @@ int run_eval(const Args& a, const ModelWeights& w) {
       try {
         j = nlohmann::json::parse(line);
         samples.push_back(
-            {j.at("ids").get<std::vector<int>>(), j.at("answer").get<std::vector<int>>()});
+            {j.at("ids").get<std::vector<int>>(), j.at("answer").get<std::vector<int>>(), {}});
+        if (j.contains("checks"))
+          samples.back().checks =
+              j.at("checks").get<std::vector<std::pair<int64_t, std::vector<int>>>>();
       } catch (const nlohmann::json::exception& e) {
         throw std::runtime_error(a.eval + " line " + std::to_string(lineno) +
                                  ": expected {\"ids\": [...], \"answer\": [...]} (" + e.what() +
                                  ")");
       }
-      if (samples.back().answer.empty())
+      const Sample& s = samples.back();
+      if (s.answer.empty())
         throw std::runtime_error(a.eval + " line " + std::to_string(lineno) + ": empty answer");
+      for (const auto& [p, ans] : s.checks)
+        if (p < 1 || p >= static_cast<int64_t>(s.ids.size()) || ans.empty())
+          throw std::runtime_error(a.eval + " line " + std::to_string(lineno) +
+                                   ": a check needs a prefix length in [1, " +
+                                   std::to_string(s.ids.size()) + ") and a non-empty answer");
       if (a.limit > 0 && static_cast<int>(samples.size()) >= a.limit) break;
     }
   }
@@ -487,7 +500,7 @@ int run_eval(const Args& a, const ModelWeights& w) {
   const bool on_gpu = a.device != "cpu";
   struct Agg {
     int n = 0, correct = 0, run = 0;
-    double density = 0, factor = 0, seconds = 0;
+    double density = 0, factor = 0, seconds = 0, prefill_seconds = 0;
     std::string note;  // why some samples did not run
   };
   std::map<std::pair<std::string, int64_t>, Agg> agg;
@@ -513,22 +526,41 @@ int run_eval(const Args& a, const ModelWeights& w) {
           continue;
         }
       }
-      KvCache cache(cfg, n + static_cast<int64_t>(s.answer.size()));
-      PrefillPlan plan;
-      std::vector<float> logits = prefill(s.ids, pol, &cache, &plan);
-      std::vector<int> got;
-      for (size_t t = 0; t < s.answer.size(); ++t) {
-        const int id =
-            static_cast<int>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-        got.push_back(id);
-        if (t + 1 < s.answer.size())
-          logits = engine.decode_step(id, n + static_cast<int64_t>(t), &cache);
+      // The checks' prefixes, then the whole prompt; the budget factor of @F is the whole
+      // prompt's (the prefixes end at most a few queries earlier).
+      std::vector<std::pair<int64_t, const std::vector<int>*>> prompts;
+      for (const auto& [p, ans] : s.checks) prompts.push_back({p, &ans});
+      prompts.push_back({n, &s.answer});
+      bool all_correct = true;
+      double density = 0, prefill_s = 0;
+      for (const auto& [len, answer] : prompts) {
+        const std::vector<int> ids(s.ids.begin(), s.ids.begin() + len);
+        // On the GPU a one-token answer needs no KV: its export to the host (1 GiB of fp32
+        // at 128K) is skipped. The CPU engine's prefill writes into a cache in any case.
+        std::unique_ptr<KvCache> cache;
+        if (answer->size() > 1 || !on_gpu)
+          cache = std::make_unique<KvCache>(cfg, len + static_cast<int64_t>(answer->size()));
+        PrefillPlan plan;
+        const auto p0 = std::chrono::steady_clock::now();
+        std::vector<float> logits = prefill(ids, pol, cache.get(), &plan);
+        prefill_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - p0).count();
+        std::vector<int> got;
+        for (size_t t = 0; t < answer->size(); ++t) {
+          const int id =
+              static_cast<int>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+          got.push_back(id);
+          if (t + 1 < answer->size())
+            logits = engine.decode_step(id, len + static_cast<int64_t>(t), cache.get());
+        }
+        all_correct = all_correct && got == *answer;
+        density += plan_tile_density(plan, pol, cfg.n_heads);
       }
       Agg& g = agg[{ps.name, n}];
       ++g.n;
       ++g.run;
-      g.correct += got == s.answer;
-      g.density += plan_tile_density(plan, pol, cfg.n_heads);
+      g.correct += all_correct;
+      g.density += density / static_cast<double>(prompts.size());
+      g.prefill_seconds += prefill_s;
       g.factor += factor;
       g.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     }
@@ -554,6 +586,7 @@ int run_eval(const Args& a, const ModelWeights& w) {
         row["tile_density"] = dens;
         row["budget_factor"] = g.factor / g.run;
         row["seconds_per_sample"] = g.seconds / g.run;
+        row["prefill_seconds_per_sample"] = g.prefill_seconds / g.run;
       } else {
         std::printf("| %s | %lld | 0 | n/a | n/a | n/a | n/a |\n", ps.name.c_str(),
                     static_cast<long long>(key.second));

@@ -1,4 +1,4 @@
-"""The probe model's synthetic key-value retrieval task (no torch needed).
+"""The probe model's synthetic retrieval tasks (no torch needed).
 
 Vocabulary of 512 ids, no tokenizer: 0 pad, 1 BOS, 2 EOS, 3 KEY, 5 QUERY, 16..511 content
 tokens (4 and 6 are unused). A sequence is BOS, then filler content tokens in which `pairs`
@@ -11,11 +11,27 @@ match): the record is on average half the context away, so the answer needs long
 attention. An evaluation sample ends at k2 of its final query; its answer is [v1, v2] and
 greedy decoding must reproduce both tokens.
 
+Task "kv" (single key, above): one query at the end. Task "mk" (multi-key, issue 18): the
+same context, then `keys` queries for distinct records, one drawn from each of `keys` equal
+segments of the body (so the facts are scattered over the whole context), in random order;
+the sample is answered iff all `keys` values are. Each value is scored after a prefill that
+ends at that query's k2 (teacher forcing: the earlier queries carry their true values), so
+every fact goes through a sparse prefill; with dense decoding after one prefill only the
+first value would (the decode attends densely to the whole cache). The prefill that ends at
+query j also holds j - 1 answered queries in its last 64 rows, whose records compete with
+the scored one for the verticals of an estimated mask: a budget with too few verticals
+drops some of them.
+
+Eval line format (what `mprefill-search --eval-retrieval` reads): {"ids": [...], "answer":
+[...]} and, for mk, "checks": [[P, [...]], ...]: greedy answers after prefills of ids[:P];
+the sample is correct iff the answer after ids and after every check's prefix all match.
+
 This module makes the evaluation sets and calibration prompts deterministically from a
 seed (Python's `random`, stable across versions), so they are regenerated rather than
 committed; train_probe.py draws its training batches from the same distribution on the GPU.
 
   python3 python/probe/probe_task.py --out DIR [--lengths 8192,16384,32768] [--samples 50]
+      [--task kv|mk] [--keys 4] [--answer-tokens 2] [--shard N]
   (the CI set beside the committed model: --lengths 1024 --samples 8 --seed 1024
    --prefix retrieval --calib-length 0)
 """
@@ -66,9 +82,60 @@ def make_sample(rng, length, pairs=None, queries=1):
     return ids, [values[j][0], values[j][1]]
 
 
+def make_multikey_sample(rng, length, keys=4, pairs=None):
+    """One multi-key sample of exactly `length` tokens ending at k2 of the last of `keys`
+    queries. Returns (ids, checks) with checks = [(P_j, [v1, v2])] for j = 1..keys in query
+    order: P_j = the prefix length that ends at k2 of query j (P_keys = length).
+
+    Query j's record sits in segment j of the body's slots (keys equal segments), so the
+    queried facts are spread over the whole context; the other records are uniform."""
+    pairs = pairs_for(length) if pairs is None else pairs
+    assert 1 <= keys <= pairs <= VOCAB - FIRST_CONTENT
+    tail = RECORD * keys - 2  # QUERY k1 k2 v1 v2 per query, the last one without values
+    body = length - 1 - tail
+    nslots = body // RECORD
+    assert nslots >= pairs and nslots >= 2 * keys, "sequence too short for the records"
+    ids = [rng.randrange(FIRST_CONTENT, VOCAB) for _ in range(body)]
+    k1 = rng.sample(range(FIRST_CONTENT, VOCAB), pairs)
+    recs = [(a, rng.randrange(FIRST_CONTENT, VOCAB), rng.randrange(FIRST_CONTENT, VOCAB),
+             rng.randrange(FIRST_CONTENT, VOCAB)) for a in k1]
+    # Queried records first: one slot per segment; then the rest anywhere else.
+    qslots = [rng.randrange(j * nslots // keys, (j + 1) * nslots // keys) for j in range(keys)]
+    taken = set(qslots)
+    free = [s for s in range(nslots) if s not in taken]
+    slots = qslots + rng.sample(free, pairs - keys)
+    for r, s in zip(recs, slots):
+        ids[RECORD * s:RECORD * s + RECORD] = [KEY, *r]
+    ids = [BOS] + ids
+    checks = []
+    for j in rng.sample(range(keys), keys):
+        a, b, v1, v2 = recs[j]
+        ids += [QUERY, a, b]
+        checks.append((len(ids), [v1, v2]))
+        ids += [v1, v2]
+    del ids[-2:]
+    assert len(ids) == length and checks[-1][0] == length
+    return ids, checks
+
+
 def eval_set(length, samples, seed=EVAL_SEED):
     rng = random.Random(seed * 1000003 + length)
     return [make_sample(rng, length) for _ in range(samples)]
+
+
+def multikey_eval_set(length, samples, keys=4, seed=EVAL_SEED):
+    """Multi-key samples as (ids, checks); its own seed stream (distinct from eval_set's)."""
+    rng = random.Random((seed * 1000003 + length) * 31 + keys)
+    return [make_multikey_sample(rng, length, keys) for _ in range(samples)]
+
+
+def eval_line(ids, answer, checks=(), answer_tokens=2):
+    """One JSON line of the evaluator's format; answers cut to their first answer_tokens
+    tokens (1: only the value token produced by the prefill itself, no dense decode)."""
+    rec = {"ids": ids, "answer": answer[:answer_tokens]}
+    if checks:
+        rec["checks"] = [[p, a[:answer_tokens]] for p, a in checks]
+    return json.dumps(rec, separators=(",", ":"))
 
 
 def calibration_ids(length=8192, seed=CALIB_SEED):
@@ -77,10 +144,19 @@ def calibration_ids(length=8192, seed=CALIB_SEED):
     return ids
 
 
-def write_eval(path, samples):
+def write_eval(path, samples, answer_tokens=2):
+    """kv samples (ids, answer) or mk samples (ids, checks): the last check is the answer
+    after the whole of ids, the others go to "checks"."""
     with open(path, "w") as f:
         for ids, ans in samples:
-            f.write(json.dumps({"ids": ids, "answer": ans}, separators=(",", ":")) + "\n")
+            if ans and isinstance(ans[0], tuple):
+                f.write(eval_line(ids, ans[-1][1], ans[:-1], answer_tokens) + "\n")
+            else:
+                f.write(eval_line(ids, ans, (), answer_tokens) + "\n")
+
+
+def length_name(n):
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
 def main():
@@ -91,12 +167,17 @@ def main():
     ap.add_argument("--seed", type=int, default=EVAL_SEED)
     ap.add_argument("--calib-length", type=int, default=8192, help="0: no calibration prompt")
     ap.add_argument("--prefix", default="eval", help="file names PREFIX_<length>.jsonl")
+    ap.add_argument("--task", choices=("kv", "mk"), default="kv")
+    ap.add_argument("--keys", type=int, default=4, help="mk: queried records per sample")
+    ap.add_argument("--answer-tokens", type=int, choices=(1, 2), default=2,
+                    help="answer tokens scored per query (1: the prefill's own token only)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     for n in (int(x) for x in args.lengths.split(",") if x):
-        name = f"{n // 1024}k" if n % 1024 == 0 else str(n)
-        write_eval(os.path.join(args.out, f"{args.prefix}_{name}.jsonl"),
-                   eval_set(n, args.samples, args.seed))
+        samples = (eval_set(n, args.samples, args.seed) if args.task == "kv" else
+                   multikey_eval_set(n, args.samples, args.keys, args.seed))
+        write_eval(os.path.join(args.out, f"{args.prefix}_{length_name(n)}.jsonl"), samples,
+                   args.answer_tokens)
     if args.calib_length <= 0:
         return
     with open(os.path.join(args.out, f"calib_{args.calib_length // 1024}k.ids"), "w") as f:

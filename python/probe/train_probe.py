@@ -1,27 +1,55 @@
 #!/usr/bin/env python3
-"""Train the long-context probe model for mprefill (issue 8, item 3).
+"""Train the long-context probe model for mprefill (issue 8 item 3; 128K: issue 18 item 2).
 
 A small Llama-architecture model (HF LlamaForCausalLM layout) trained from scratch on the
-synthetic key-value retrieval task of probe_task.py, with a length curriculum up to
---max-len, then exported as an HF directory that mprefill loads (model/weights.h
-load_hf_dir): config.json + model.safetensors (BF16) + MODEL_CARD.md + calib_8k.ids.
+synthetic retrieval tasks of probe_task.py with a length curriculum up to --max-len, then
+exported as an HF directory that mprefill loads (model/weights.h load_hf_dir): config.json +
+model.safetensors (BF16) + MODEL_CARD.md + calib_8k.ids + train.log + train_summary.json.
 
-Shape (default): 4 layers, hidden 256, 4 query heads / 2 KV heads of head_dim 128 (the
-CUDA engine's kernels and GPU estimation take head_dim 64 or 128; the CI's CUDA subset
-build has 128 only), SwiGLU 704, vocab 512, RoPE theta 1e6: about 4M parameters, 8 MB bf16.
+Shape (default): 4 layers, hidden 256, 4 query heads / 2 KV heads of head_dim 128 (the CUDA
+engine's kernels and GPU estimation take head_dim 64 or 128; the CI's CUDA subset build has
+128 only), SwiGLU 704, vocab 512: 4.0M parameters, 8 MB in bf16.
 
-Training: batches generated on the device with vectorised torch (no Python loop per
-sample); loss on the value tokens of the queries only (k2 -> v1, v1 -> v2). Curriculum
-512 -> 1K -> ... -> max-len: a stage ends when the running exact-match accuracy of its
-queries reaches --advance-acc (or after --stage-minutes once it is above 0.5, or on a
-schedule that reaches max-len at 60% of the cap); 30% of the steps revisit a shorter
-length so short contexts are not forgotten. Tokens per step are constant.
-Learning rate: warm-up, constant, cosine to 5% over the last 20% of the wall-clock cap.
-The --minutes cap covers training; evaluation and export add well under a minute on an H100.
+Why 64K-128K needs more than the 32K recipe (probe-kv32k: 1.00 at 32K, 0.52 at 64K):
+- Positions never seen. Retrieval matches the 2-token key by content, so its q.k must not
+  depend on the distance to the record: the head keeps the match in the rotary pairs that
+  turn little over the context. Pair i turns by L * theta^(-2i/d) radians over L tokens; the
+  pairs that stay under pi/2 are those with 2i/d > ln(L / 1.57) / ln(theta). At theta 1e6
+  that is 28% of the pairs at 32K but 18% at 128K: a matcher learnt at 32K partly lives in
+  pairs that turn past pi/2 at 64K and beyond, so it breaks there. theta 1e7 (Qwen2.5-1M's
+  value) keeps 30% of the pairs under pi/2 at 128K, the 32K profile of theta 1e6. The
+  highest frequency (1 rad per token, what the previous-token head uses) does not depend on
+  theta. Training at 64K and 128K then covers every distance the evaluation asks for.
+- Curriculum 256 -> ... -> 131072 (doublings): each doubling was learnt in 30-600 steps up to
+  32K; a stage ends at --advance-acc running exact match, or after --stage-minutes once
+  above 0.5, or on a schedule that reaches max-len at 60% of the cap. 30% of the steps
+  revisit one of the 3 shorter lengths. The last 20% of the cap decays the learning rate.
+- Tokens per step: 65536 (batch = 65536 / length) up to 64K, one 131072-token sequence at
+  128K. Supervised queries per sequence grow as the batch shrinks (at least 32 per step,
+  at most half the records) so the gradient does not thin out at long lengths.
+- Memory and time at 128K: SDPA's flash kernel in bf16 (forced on CUDA: a fallback to the
+  math kernel would materialise 4 x 128K^2 scores) keeps attention memory linear; the
+  activations of this 4M-parameter model at 131072 tokens are ~10 GB in all. One step at
+  128K is ~16 x 128K^2/2 x 128 x 4 x 3.5 = 2.5e14 flop of attention, ~0.6 s on an H200 at
+  the 32K run's measured rate (a 32K step of batch 2 took 0.068 s), ~1 s on an H100.
+- Mixed tasks: half the steps draw the queried records one per segment of the context, as
+  the multi-key evaluation does (probe_task.make_multikey_sample); the others uniformly.
+  Every query in the tail is supervised, so a multi-key prompt's earlier answered queries
+  (teacher forcing) are the training layout.
 
-  PYTHONUNBUFFERED=1 python3 python/probe/train_probe.py --out DIR --minutes 7
+Resumable in chunks (one device command may run 10 minutes): --chunk-minutes stops this
+process after that much time, with a checkpoint (--out/ckpt.pt: weights, optimiser, data
+generator and Python RNG states, curriculum state, training seconds so far) and exit status
+3; the same command resumes from it. The schedule runs on training seconds summed over the
+chunks, so chunking does not change it (stage changes depend on measured time: a rerun with
+the same seed follows the same curriculum only up to timing noise). train.log (appended per
+chunk) and train_summary.json are written into --out; the checkpoint is removed at the end.
+
+  PYTHONUNBUFFERED=1 python3 python/probe/train_probe.py --out DIR --minutes 16 \
+      --chunk-minutes 8.5    # repeat while the exit status is 3
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -39,12 +67,15 @@ import probe_task as task  # noqa: E402
 
 BOS, KEY, QUERY = task.BOS, task.KEY, task.QUERY
 FIRST, VOCAB, RECORD = task.FIRST_CONTENT, task.VOCAB, task.RECORD
+EXIT_RESUME = 3  # checkpointed before the end: run the same command again
 
 
 # ----------------------------------------------------------------------------- data
-def gpu_batch(gen, batch, length, queries, device):
+def gpu_batch(gen, batch, length, queries, device, stratified=False):
     """[batch][length] ids of the task distribution (probe_task.make_sample with `queries`
-    complete query records at the end) and the positions whose next token is supervised."""
+    complete query records at the end) and the positions whose next token is supervised.
+    stratified: the queried records sit one per segment of the slots (queries segments),
+    as in probe_task.make_multikey_sample; else anywhere."""
     pairs = task.pairs_for(length)
     tail = RECORD * queries
     body = length - 1 - tail
@@ -56,12 +87,23 @@ def gpu_batch(gen, batch, length, queries, device):
     k1 = torch.rand(batch, ncontent, generator=gen, device=device).argsort(-1)[:, :pairs] + FIRST
     k2, v1, v2 = (torch.randint(FIRST, VOCAB, (batch, pairs), generator=gen, device=device)
                   for _ in range(3))
-    slots = torch.rand(batch, nslots, generator=gen, device=device).argsort(-1)[:, :pairs]
-    pos = 1 + RECORD * slots[..., None] + torch.arange(RECORD, device=device)  # [B][P][6]
+    score = torch.rand(batch, nslots, generator=gen, device=device)
+    if stratified:
+        # Records 0..queries-1 at one slot per segment; the rest at the other slots.
+        seg = torch.arange(queries, device=device)
+        u = torch.rand(batch, queries, generator=gen, device=device)
+        qslots = ((seg + u) * nslots / queries).long().clamp_(max=nslots - 1)
+        score.scatter_(1, qslots, 2.0)  # last in the order below: not drawn twice
+        rest = score.argsort(-1)[:, :pairs - queries]
+        slots = torch.cat([qslots, rest], 1)
+        q = torch.rand(batch, queries, generator=gen, device=device).argsort(-1)
+    else:
+        slots = score.argsort(-1)[:, :pairs]
+        q = torch.rand(batch, pairs, generator=gen, device=device).argsort(-1)[:, :queries]
+    pos = 1 + RECORD * slots[..., None] + torch.arange(RECORD, device=device)  # [B][P][5]
     key_tok = torch.full_like(k1, KEY)
     rec = torch.stack([key_tok, k1, k2, v1, v2], -1)
     ids.scatter_(1, pos.view(batch, -1), rec.view(batch, -1))
-    q = torch.rand(batch, pairs, generator=gen, device=device).argsort(-1)[:, :queries]
     g = lambda t: t.gather(1, q)  # noqa: E731
     qrec = torch.stack([torch.full_like(q, QUERY), g(k1), g(k2), g(v1), g(v2)], -1)
     ids[:, length - tail:] = qrec.view(batch, tail)
@@ -70,7 +112,22 @@ def gpu_batch(gen, batch, length, queries, device):
     return ids, lpos
 
 
+def queries_for(length, batch, base):
+    """Supervised queries per sequence: at least 32 per step, at least `base`, at most half
+    the records."""
+    return max(1, min(task.pairs_for(length) // 2, max(base, math.ceil(32 / batch))))
+
+
 # ----------------------------------------------------------------------------- model
+def flash_only(cuda):
+    """On CUDA, SDPA restricted to the flash kernel: an error instead of a silent fallback to
+    the math kernel, whose T x T scores do not fit at 128K."""
+    if not cuda:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -125,7 +182,8 @@ class Block(nn.Module):
             v = v.repeat_interleave(H // KV, dim=1)
         # bf16 on the GPU so SDPA takes the flash kernel; the residual stream x stays fp32.
         adt = torch.bfloat16 if x.is_cuda else torch.float32
-        a = F.scaled_dot_product_attention(q.to(adt), k.to(adt), v.to(adt), is_causal=True)
+        with flash_only(x.is_cuda):
+            a = F.scaled_dot_product_attention(q.to(adt), k.to(adt), v.to(adt), is_causal=True)
         x = x + self.o_proj(a.transpose(1, 2).reshape(B, T, H * hd)).float()
         h = self.post_attention_layernorm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)).float()
@@ -155,7 +213,7 @@ class Llama(nn.Module):
 
 # ----------------------------------------------------------------------------- export
 def hf_state(model):
-    """HF LlamaForCausalLM tensor names (what model/weights.cc load_hf_dir reads)."""
+    """HF LlamaForCausalLM tensor names (what worker/weights.cc load_hf_dir reads)."""
     out = {"model.embed_tokens.weight": model.embed_tokens.weight,
            "model.norm.weight": model.norm.weight,
            "lm_head.weight": model.lm_head.weight}
@@ -212,118 +270,197 @@ MODEL_CARD = """# {name}: long-context retrieval probe for mprefill
   {rope_theta:g} (rotate-half), vocabulary {vocab_size} (no tokenizer: ids are the task's
   symbols), untied LM head, {params:,} parameters, {mbytes:.1f} MB in bf16 (model.safetensors).
 - Trained from scratch by `python/probe/train_probe.py` (seed {seed}, {steps} steps,
-  {minutes:.1f} minutes on one {device}) on the synthetic key-value retrieval task of
-  `python/probe/probe_task.py`: filler content tokens with records `KEY k1 k2 v1 v2`
-  spread uniformly (16 records up to 4K tokens, one per 256 tokens beyond, at most 64),
-  then queries `QUERY k1 k2 -> v1 v2`; loss on the value tokens only. Length curriculum
-  {curriculum} ({tokens_per_step} tokens per step; stage reached at step: {stage_steps}).
+  {minutes:.1f} minutes of training in {chunks} chunk(s) on one {device}) on the synthetic
+  retrieval tasks of `python/probe/probe_task.py`: filler content tokens with records
+  `KEY k1 k2 v1 v2` spread uniformly (16 records up to 4K tokens, one per 256 tokens beyond,
+  at most 64), then queries `QUERY k1 k2 -> v1 v2` (half the steps with the queried records
+  one per segment of the context, as in the multi-key task); loss on the value tokens only.
+  Length curriculum {curriculum} ({tokens_per_step} tokens per step, at least one sequence;
+  stage reached at step: {stage_steps}).
 - Ids: 0 pad, 1 BOS, 2 EOS, 3 KEY, 5 QUERY, 16..{vmax} content (4, 6..15 unused).
-- Dense accuracy in PyTorch (bf16 attention, weights rounded to bf16; exact match of both
-  value tokens, greedy) on the eval sets of `probe_task.py` (seed {eval_seed}, {eval_n}
-  samples per length; one query at the end of the context):
+- Dense accuracy in PyTorch (bf16 attention, weights rounded to bf16; greedy exact match of
+  both value tokens of every scored query) on the eval sets of `probe_task.py` (seed
+  {eval_seed}, {eval_n} samples per length; kv: one query at the end; mk: {keys} queried
+  records, each scored after a prefix ending at its query, all must match):
 {accuracy}
 - Eval sets and the calibration prompt are regenerated, not committed:
-  `python3 python/probe/probe_task.py --out DIR` writes eval_{{8k,16k,32k}}.jsonl
-  (JSON lines {{"ids": [...], "answer": [v1, v2]}}) and calib_8k.ids (calibration prompt
-  for mprefill-search, token ids). `calib_8k.ids` beside this card is that prompt.
-- Accuracy per sparse policy through the mprefill engine: `docs/probe.md`.
+  `python3 python/probe/probe_task.py --out DIR [--task kv|mk]` writes eval_<length>.jsonl
+  and calib_8k.ids (calibration prompt for mprefill-search, token ids; the file beside this
+  card is that prompt). `python/probe/eval_probe.py` runs the engine evaluation.
+- Files: config.json, model.safetensors, calib_8k.ids, train.log and train_summary.json
+  (the training run).
 - Licence: the project's; trained only on generated data.
 """
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- eval
 @torch.no_grad()
 def accuracy(model, samples, device, batch):
-    """Greedy exact match of both answer tokens with one forward per sample: the input is
-    ids + [v1]; greedy decoding reproduces [v1, v2] iff argmax at k2 is v1 and argmax at v1
-    (given v1) is v2."""
-    ok = 0
-    for i in range(0, len(samples), batch):
-        chunk = samples[i:i + batch]
-        x = torch.tensor([ids + [ans[0]] for ids, ans in chunk], device=device)
+    """Greedy exact match of both answer tokens with one forward per prompt: the input is
+    prompt + [v1]; greedy decoding reproduces [v1, v2] iff argmax at k2 is v1 and argmax at
+    v1 (given v1) is v2. samples: (ids, [v1, v2]) (kv) or (ids, [(P, [v1, v2]), ...]) (mk:
+    the prompt of each check is ids[:P], a sample is right iff all its checks are)."""
+    prompts, owner = [], []
+    for i, (ids, ans) in enumerate(samples):
+        for p, a in (ans if ans and isinstance(ans[0], tuple) else [(len(ids), ans)]):
+            prompts.append((ids[:p] + [a[0]], a))
+            owner.append(i)
+    right = [True] * len(samples)
+    j = 0
+    while j < len(prompts):  # batches of equal-length prompts, in order
+        k = j
+        while k < len(prompts) and k - j < batch and len(prompts[k][0]) == len(prompts[j][0]):
+            k += 1
+        x = torch.tensor([p for p, _ in prompts[j:k]], device=device)
         T = x.shape[1]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pred = model(x, torch.tensor([T - 2, T - 1], device=device)).argmax(-1)
-        want = torch.tensor([ans for _, ans in chunk], device=device)
-        ok += (pred == want).all(-1).sum().item()
-    return ok / max(1, len(samples))
+        want = torch.tensor([a for _, a in prompts[j:k]], device=device)
+        for r, ok in zip(range(j, k), (pred == want).all(-1).tolist()):
+            right[owner[r]] = right[owner[r]] and ok
+        j = k
+    return sum(right) / max(1, len(samples))
+
+
+# ----------------------------------------------------------------------------- main
+class Log:
+    """print + append to OUT/train.log (one file over all chunks)."""
+
+    def __init__(self, path):
+        self.f = open(path, "a")
+
+    def __call__(self, msg):
+        print(msg, flush=True)
+        self.f.write(msg + "\n")
+        self.f.flush()
+
+
+def curriculum(min_len, max_len):
+    lengths, L = [], min_len
+    while L < max_len:
+        lengths.append(L)
+        L *= 2
+    return lengths + [max_len]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="output HF directory")
-    ap.add_argument("--name", default="probe-kv32k")
-    ap.add_argument("--minutes", type=float, default=7.0, help="training wall-clock cap")
-    ap.add_argument("--max-len", type=int, default=32768)
+    ap.add_argument("--out", required=True, help="output HF directory (also the checkpoint's)")
+    ap.add_argument("--name", default="probe-kv128k")
+    ap.add_argument("--minutes", type=float, default=16.0,
+                    help="training cap, summed over chunks (eval and export add ~1 min)")
+    ap.add_argument("--chunk-minutes", type=float, default=8.5,
+                    help="stop this process after this long with a checkpoint (exit status 3)")
+    ap.add_argument("--max-len", type=int, default=131072)
     ap.add_argument("--min-len", type=int, default=256)
     ap.add_argument("--tokens-per-step", type=int, default=65536)
-    ap.add_argument("--queries", type=int, default=16, help="supervised queries per sequence")
+    ap.add_argument("--queries", type=int, default=16,
+                    help="supervised queries per sequence (more at long lengths: queries_for)")
+    ap.add_argument("--stratified", type=float, default=0.5,
+                    help="fraction of steps with the queried records one per segment")
     ap.add_argument("--advance-acc", type=float, default=0.9)
     ap.add_argument("--stage-minutes", type=float, default=0.0,
                     help="longest stage before the next length (0: 15%% of --minutes)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--rope-theta", type=float, default=1e7)
     ap.add_argument("--eval-samples", type=int, default=50)
-    ap.add_argument("--eval-lengths", default="8192,16384,32768,65536")
+    ap.add_argument("--eval-lengths", default="8192,16384,32768,65536,131072")
+    ap.add_argument("--eval-keys", type=int, default=4, help="facts per multi-key eval sample")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--ffn", type=int, default=704)
+    ap.add_argument("--ckpt-every", type=float, default=120.0, help="seconds between checkpoints")
+    ap.add_argument("--eval-reserve", type=float, default=120.0,
+                    help="seconds of a chunk kept for the final evaluation and export")
     args = ap.parse_args()
+    if args.minutes <= 0 or args.chunk_minutes <= 0 or args.min_len < 256:
+        ap.error("--minutes and --chunk-minutes must be > 0, --min-len >= 256")
 
-    t_start = time.time()
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
+    t_proc = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    log = Log(os.path.join(args.out, "train.log"))
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed)
     c = {"hidden_size": args.hidden, "intermediate_size": args.ffn,
          "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
          "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim,
-         "vocab_size": VOCAB, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
-         "rope_theta": 1000000.0}
+         "vocab_size": VOCAB, "max_position_embeddings": 2 * args.max_len,
+         "rms_norm_eps": 1e-5, "rope_theta": args.rope_theta}
     model = Llama(c).to(device)
     params = sum(p.numel() for p in model.parameters())
-    assert params * 2 <= 20 * 1000 * 1000, f"{params} parameters exceed 20 MB in bf16"
+    assert params * 2 <= 16 * 1000 * 1000, f"{params} parameters exceed 16 MB in bf16"
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"probe: {params} parameters ({params * 2 / 1e6:.1f} MB bf16) on {dev_name}", flush=True)
-
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05,
                             **({"fused": True} if device.type == "cuda" else {}))
-    lengths, L = [], args.min_len
-    while L < args.max_len:
-        lengths.append(L)
-        L *= 2
-    lengths.append(args.max_len)
+    lengths = curriculum(args.min_len, args.max_len)
+    st = {"step": 0, "stage": 0, "stage_t0": 0.0, "stage_step0": 0, "stage_reached": [0],
+          "run_acc": 0.0, "run_loss": None, "train_s": 0.0, "chunks": 0, "done": False,
+          "args": vars(args)}
+    if os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ck["state"]["args"]["seed"] != args.seed or ck["config"] != c:
+            raise SystemExit(f"train_probe: error: {ckpt_path} is from another run "
+                             "(seed or shape differ); remove it to start afresh")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        gen.set_state(ck["gen"].cpu())
+        random.setstate(ck["py_random"])
+        torch.set_rng_state(ck["torch_rng"].cpu())
+        st = ck["state"]
+        log(f"probe: resumed from {ckpt_path}: step {st['step']}, length {lengths[st['stage']]}, "
+            f"{st['train_s']:.0f} s trained")
+    st["chunks"] += 1
+    log(f"probe: chunk {st['chunks']}: {params} parameters ({params * 2 / 1e6:.1f} MB bf16) on "
+        f"{dev_name}, seed {args.seed}, theta {args.rope_theta:g}, lengths {lengths}")
+
+    def save_ckpt():
+        tmp = ckpt_path + ".tmp"
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                    "gen": gen.get_state(), "py_random": random.getstate(),
+                    "torch_rng": torch.get_rng_state(), "state": st, "config": c}, tmp)
+        os.replace(tmp, ckpt_path)
+
     budget = args.minutes * 60
+    chunk_end = t_proc + args.chunk_minutes * 60
     stage_cap = (args.stage_minutes or 0.15 * args.minutes) * 60
     warmup = 100
-    stage, stage_t0, stage_step0 = 0, time.time(), 0
-    stage_reached = [0]
-    run_acc, run_loss = 0.0, None
-    t0 = time.time()
-    step = 0
-    last_print = 0.0
-    while True:
-        el = time.time() - t0
-        if el > budget:
+    last_print, last_ckpt = 0.0, time.time()
+    step0 = st["step"]
+    while not st["done"]:
+        t_iter = time.time()
+        if st["train_s"] >= budget:
+            st["done"] = True
             break
-        frac = el / budget
-        lr = args.lr * min(1.0, (step + 1) / warmup)
+        if t_iter >= chunk_end:
+            save_ckpt()
+            log(f"probe: chunk {st['chunks']} ends at step {st['step']} ({st['train_s']:.0f} s "
+                f"of {budget:.0f} s trained): checkpoint {ckpt_path}; run again to resume")
+            sys.exit(EXIT_RESUME)
+        frac = st["train_s"] / budget
+        lr = args.lr * min(1.0, (st["step"] + 1) / warmup)
         if frac > 0.8:
             lr *= 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (frac - 0.8) / 0.2))
         for g in opt.param_groups:
             g["lr"] = lr
+        stage = st["stage"]
         cur = lengths[stage]
         length = cur
         if stage > 0 and random.random() < 0.3:
             length = random.choice(lengths[max(0, stage - 3):stage])
         batch = max(1, args.tokens_per_step // length)
-        x, lpos = gpu_batch(gen, batch, length, args.queries, device)
+        nq = queries_for(length, batch, args.queries)
+        strat = random.random() < args.stratified
+        x, lpos = gpu_batch(gen, batch, length, nq, device, strat)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x, lpos)
         target = x[:, lpos + 1]
@@ -332,41 +469,53 @@ def main():
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        step += 1
+        st["step"] += 1
+        step = st["step"]
         if length == cur:
             # Exact match per query (both value tokens), a running mean over ~20 steps.
             hit = (logits.argmax(-1) == target).view(batch, -1, 2).all(-1).float().mean().item()
-            run_acc = 0.9 * run_acc + 0.1 * hit
+            st["run_acc"] = 0.9 * st["run_acc"] + 0.1 * hit
             lv = loss.item()
-            run_loss = lv if run_loss is None else 0.9 * run_loss + 0.1 * lv
+            st["run_loss"] = lv if st["run_loss"] is None else 0.9 * st["run_loss"] + 0.1 * lv
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # so train_s counts the step's GPU time
         now = time.time()
+        st["train_s"] += now - t_iter
+        ts, run_acc = st["train_s"], st["run_acc"]
         if now - last_print > 10 or step == 1:
             last_print = now
-            print(f"probe: step {step} len {cur} (this step {length} x {batch}) loss "
-                  f"{run_loss if run_loss is not None else float('nan'):.4f} acc {run_acc:.3f} "
-                  f"lr {lr:.2e} {now - t0:.0f} s", flush=True)
+            rl = st["run_loss"]
+            log(f"probe: step {step} len {cur} (this step {length} x {batch}, {nq} queries"
+                f"{', stratified' if strat else ''}) loss {rl if rl is not None else float('nan'):.4f}"
+                f" acc {run_acc:.3f} lr {lr:.2e} {ts:.0f} s")
         # Next length: when this one is learnt; after --stage-minutes once it is half
         # learnt; and on a schedule that reaches max-len at 60% of the cap once above 0.3.
-        forced = now - t0 > budget * 0.6 * (stage + 1) / (len(lengths) - 1)
-        capped = now - stage_t0 > stage_cap and run_acc >= 0.5
-        forced = forced and run_acc >= 0.3  # nothing learnt yet: longer would not help
-        if stage + 1 < len(lengths) and step - stage_step0 >= 30 and (
+        forced = ts > budget * 0.6 * (stage + 1) / (len(lengths) - 1) and run_acc >= 0.3
+        capped = ts - st["stage_t0"] > stage_cap and run_acc >= 0.5
+        if stage + 1 < len(lengths) and step - st["stage_step0"] >= 30 and (
                 run_acc >= args.advance_acc or capped or forced):
             why = (f"acc {run_acc:.3f}" if run_acc >= args.advance_acc else
                    f"stage time cap, acc {run_acc:.3f}" if capped else
                    f"schedule, acc {run_acc:.3f}")
-            stage += 1
-            stage_t0, stage_step0 = now, step
-            stage_reached.append(step)
-            run_acc *= 0.5  # the next length starts from the current skill, discounted
-            print(f"probe: step {step}: length {lengths[stage]} ({why}) at {now - t0:.0f} s",
-                  flush=True)
-    train_minutes = (time.time() - t0) / 60
-    print(f"probe: trained {step} steps in {train_minutes:.2f} min, final length "
-          f"{lengths[stage]}, running acc {run_acc:.3f}", flush=True)
+            st["stage"] += 1
+            st["stage_t0"], st["stage_step0"] = ts, step
+            st["stage_reached"].append(step)
+            st["run_acc"] *= 0.5  # the next length starts from the current skill, discounted
+            log(f"probe: step {step}: length {lengths[st['stage']]} ({why}) at {ts:.0f} s")
+        if now - last_ckpt > args.ckpt_every:
+            save_ckpt()
+            last_ckpt = time.time()
+    if st["step"] > step0 and time.time() + args.eval_reserve > chunk_end:
+        # Training ended in this chunk, too late for the evaluation: that is the next chunk.
+        save_ckpt()
+        log(f"probe: training done ({st['step']} steps); evaluation in the next chunk")
+        sys.exit(EXIT_RESUME)
+    train_minutes = st["train_s"] / 60
+    stage = st["stage"]
+    log(f"probe: trained {st['step']} steps in {train_minutes:.2f} min, final length "
+        f"{lengths[stage]}, running acc {st['run_acc']:.3f}")
 
     # Export first (so a late failure still leaves the model), then evaluate.
-    os.makedirs(args.out, exist_ok=True)
     model.eval()
     with torch.no_grad():  # evaluate what is exported: bf16-rounded weights
         for p in model.parameters():
@@ -378,29 +527,35 @@ def main():
     with open(os.path.join(args.out, "calib_8k.ids"), "w") as f:
         f.write(" ".join(map(str, task.calibration_ids(8192))) + "\n")
 
-    acc_lines, results = [], {}
+    acc_lines, results = [], {"kv": {}, "mk": {}}
     for n in (int(v) for v in args.eval_lengths.split(",") if v):
-        samples = task.eval_set(n, args.eval_samples)
-        acc = accuracy(model, samples, device, max(1, 65536 // n))
-        results[n] = acc
-        acc_lines.append(f"  - {n // 1024}K tokens: {acc:.3f}")
-        print(f"probe: dense accuracy at {n} tokens: {acc:.3f} ({len(samples)} samples)", flush=True)
-    curriculum = " -> ".join(map(str, lengths[:stage + 1]))
+        for name in ("kv", "mk"):
+            samples = (task.eval_set(n, args.eval_samples) if name == "kv" else
+                       task.multikey_eval_set(n, args.eval_samples, args.eval_keys))
+            acc = accuracy(model, samples, device, max(1, 65536 // n))
+            results[name][n] = acc
+            log(f"probe: dense {name} accuracy at {n} tokens: {acc:.3f} ({len(samples)} samples)")
+        acc_lines.append(f"  - {task.length_name(n).upper()} tokens: single key "
+                         f"{results['kv'][n]:.3f}, multi-key {results['mk'][n]:.3f}")
     card = MODEL_CARD.format(
         name=args.name, params=params, mbytes=params * 2 / 1e6, seed=args.seed,
-        curriculum=curriculum, steps=step, minutes=train_minutes, device=dev_name,
+        curriculum=" -> ".join(map(str, lengths[:stage + 1])), steps=st["step"],
+        minutes=train_minutes, chunks=st["chunks"], device=dev_name,
         tokens_per_step=args.tokens_per_step,
-        stage_steps=", ".join(f"{l}: {s}" for l, s in zip(lengths, stage_reached)),
+        stage_steps=", ".join(f"{l}: {s}" for l, s in zip(lengths, st["stage_reached"])),
         vmax=VOCAB - 1, eval_seed=task.EVAL_SEED, eval_n=args.eval_samples,
-        accuracy="\n".join(acc_lines), **c)
+        keys=args.eval_keys, accuracy="\n".join(acc_lines), **c)
     with open(os.path.join(args.out, "MODEL_CARD.md"), "w") as f:
         f.write(card)
     with open(os.path.join(args.out, "train_summary.json"), "w") as f:
-        json.dump({"steps": step, "train_minutes": train_minutes, "device": dev_name,
-                   "lengths": lengths[:stage + 1], "stage_reached": stage_reached,
-                   "dense_accuracy": results, "params": params,
-                   "total_seconds": time.time() - t_start}, f, indent=1)
-    print(f"probe: wrote {args.out} ({time.time() - t_start:.0f} s in all)", flush=True)
+        json.dump({"steps": st["step"], "train_minutes": train_minutes, "chunks": st["chunks"],
+                   "device": dev_name, "seed": args.seed, "rope_theta": args.rope_theta,
+                   "lengths": lengths[:stage + 1], "stage_reached": st["stage_reached"],
+                   "dense_accuracy": results, "params": params, "args": vars(args),
+                   "last_chunk_seconds": time.time() - t_proc}, f, indent=1)
+    if os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
+    log(f"probe: wrote {args.out} ({time.time() - t_proc:.0f} s in this chunk)")
 
 
 if __name__ == "__main__":

@@ -6,3 +6,10 @@ endif()
 if(TARGET probe_model_test AND TARGET mprefill-search)
   add_dependencies(probe_model_test mprefill-search)
 endif()
+# The probe's torch-free Python tools: task generators, Wilson interval, eval CSV (python/probe/).
+find_package(Python3 COMPONENTS Interpreter QUIET)
+if(Python3_Interpreter_FOUND)
+  add_test(NAME probe_python_test COMMAND ${Python3_EXECUTABLE} -m unittest -v test_probe_tools
+           WORKING_DIRECTORY ${CMAKE_SOURCE_DIR}/python/probe)
+  set_tests_properties(probe_python_test PROPERTIES TIMEOUT 60 LABELS cpu)
+endif()

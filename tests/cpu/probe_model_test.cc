@@ -151,5 +151,66 @@ TEST_F(ProbeModel, SearchAndRetrievalEvalRunOnIt) {
   std::filesystem::remove_all(out);
 }
 
+// --eval-retrieval with "checks" (the multi-key task of probe_task.py): a sample is right
+// only when the answers after every check's prefix and after the whole prompt all are.
+TEST_F(ProbeModel, EvalRetrievalScoresEveryCheck) {
+  const test::TempDir tmp("probe_checks");
+  const std::string& out = tmp.path;
+  const Sample s = read_samples(probe_dir() + "/retrieval_1k.jsonl").at(0);
+  // A second query after the first one's true values: the first other record of the body.
+  size_t r = 1;
+  while (r + 4 < s.ids.size() && (s.ids[r] != 3 || (s.ids[r + 1] == s.ids[s.ids.size() - 2] &&
+                                                    s.ids[r + 2] == s.ids.back())))
+    ++r;
+  ASSERT_LT(r + 4, s.ids.size() - 3);
+  std::vector<int> ids = s.ids;
+  ids.insert(ids.end(), {s.answer[0], s.answer[1], 5, s.ids[r + 1], s.ids[r + 2]});
+  const std::vector<int> second = {s.ids[r + 3]};  // one token: the prefill's own answer
+  using nlohmann::json;
+  auto line = [&](int64_t prefix, const std::vector<int>& first) {
+    json j;
+    j["ids"] = ids;
+    j["answer"] = second;
+    j["checks"] = json::array({json::array({prefix, first})});
+    return j.dump();
+  };
+  const int64_t n1 = static_cast<int64_t>(s.ids.size());
+  std::vector<int> wrong = s.answer;
+  wrong[0] = wrong[0] == 16 ? 17 : 16;
+  {
+    std::ofstream f(out + "/mk.jsonl");
+    f << line(n1, s.answer) << "\n" << line(n1, wrong) << "\n";
+    std::ofstream g(out + "/bad.jsonl");
+    g << line(static_cast<int64_t>(ids.size()), s.answer) << "\n";
+  }
+  const std::string bin = test::bin_dir() + "/mprefill-search";
+  std::string log;
+  for (const char* name : {"mk", "mk_first"}) {
+    const bool limit = std::string(name) == "mk_first";
+    ASSERT_EQ(test::run_command(bin + " --model " + probe_dir() + " --eval-retrieval " + out +
+                                    "/mk.jsonl --policies dense --json " + out + "/" + name +
+                                    ".json" + (limit ? " --limit 1" : ""),
+                                &log),
+              0)
+        << log;
+  }
+  std::ifstream a1(out + "/mk_first.json"), a2(out + "/mk.json");
+  const json first = json::parse(a1), both = json::parse(a2);
+  // The committed model answers both queries of the first sample; the second sample has the
+  // same prompts with a wrong first answer, so it counts as wrong.
+  EXPECT_EQ(first.at(0).at("correct"), 1) << first.dump();
+  EXPECT_EQ(both.at(0).at("samples"), 2);
+  EXPECT_EQ(both.at(0).at("correct"), 1) << both.dump();
+  EXPECT_DOUBLE_EQ(both.at(0).at("tile_density").get<double>(), 1.0);
+  EXPECT_GT(both.at(0).at("prefill_seconds_per_sample").get<double>(), 0.0);
+  // A check whose prefix is the whole prompt is refused with one error line.
+  EXPECT_EQ(test::run_command(bin + " --model " + probe_dir() + " --eval-retrieval " + out +
+                                  "/bad.jsonl --policies dense",
+                              &log),
+            1)
+      << log;
+  EXPECT_NE(log.find("a check needs a prefix length in [1, "), std::string::npos) << log;
+}
+
 }  // namespace
 }  // namespace mprefill
