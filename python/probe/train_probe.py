@@ -213,7 +213,7 @@ class Llama(nn.Module):
 
 # ----------------------------------------------------------------------------- export
 def hf_state(model):
-    """HF LlamaForCausalLM tensor names (what worker/weights.cc load_hf_dir reads)."""
+    """HF LlamaForCausalLM tensor names (what model/weights.cc load_hf_dir reads)."""
     out = {"model.embed_tokens.weight": model.embed_tokens.weight,
            "model.norm.weight": model.norm.weight,
            "lm_head.weight": model.lm_head.weight}
