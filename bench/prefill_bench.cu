@@ -1,4 +1,4 @@
-// mprefill-bench prefill: TTFT of the single-GPU engine (worker/cuda/cuda_engine.h) on a
+// mprefill-bench prefill: TTFT of the single-GPU engine (engine/cuda/cuda_engine.h) on a
 // random model of a named shape, with a per-layer breakdown.
 //
 //   mprefill-bench prefill --shape llama3-8b --seq N [--sparse dense|auto|FILE.json]
@@ -18,7 +18,7 @@
 // --index-set clustered|uniform: the estimation still runs (and is timed) on every sparse
 // head, then attention uses the synthetic index sets of ../shared/BENCHMARKS.md for the
 // vertical-slash heads (random weights have no real sparsity).
-// Distributed (tp x sp ranks, one GPU each; worker/cuda/cuda_dist_engine.h):
+// Distributed (tp x sp ranks, one GPU each; engine/cuda/cuda_dist_engine.h):
 //   mpirun -np R mprefill-bench prefill --tp T --sp S --shape llama3-8b --seq N
 //       [--sparse dense|FILE --index-set estimated|clustered|uniform] [--kv-skip on|off]
 //       [--json]
@@ -46,18 +46,18 @@
 #include <string>
 #include <vector>
 
+#include "engine/cuda/cuda_engine.h"
 #include "kernels/cuda/cuda.h"
-#include "worker/cuda/cuda_engine.h"
 #ifdef MPREFILL_HAVE_DIST_BENCH
 #include "comm/mpi_comm.h"
 #include "comm/nccl_comm.h"
-#include "worker/cuda/cuda_dist_engine.h"
+#include "engine/cuda/cuda_dist_engine.h"
 #endif
+#include "engine/ring_need.h"
 #include "kv/cuda/kv_sinks.h"
 #include "model/index_sets.h"
 #include "model/model_config.h"
 #include "model/sparse_policy.h"
-#include "worker/ring_need.h"
 
 namespace {
 
@@ -204,7 +204,7 @@ int run_dist(const Args& a) {
   const int64_t n = a.seq;
   const bool dense = policy.all_dense(n);
   // --index-set estimated: the ring engine estimates the indices itself, globally across
-  // its sp ranks (worker/cuda/sp_estimate.h); otherwise a fixed synthetic plan.
+  // its sp ranks (engine/cuda/sp_estimate.h); otherwise a fixed synthetic plan.
   const bool estimated = !dense && a.index_set == "estimated";
   auto mpi = comm::make_mpi_communicator(MPI_COMM_WORLD);
   comm::CommConfig cc;
@@ -281,7 +281,7 @@ int run_dist(const Args& a) {
   const std::time_t now = std::time(nullptr);
   std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
   const double ring_imb = sum_comp > 0 ? max_comp / (sum_comp / wi.size) : 1.0;
-  // KV-send skipping bound (worker/ring_need.h): the fraction of the ring's KV blocks
+  // KV-send skipping bound (engine/ring_need.h): the fraction of the ring's KV blocks
   // that some downstream receiver's mask reads (-1: dense or estimated, not analysed).
   double kv_needed = -1;
   if (!dense && !estimated && a.sp > 1)

@@ -20,10 +20,10 @@
 #include <thread>
 #include <vector>
 
+#include "engine/engine.h"
 #include "kv/kv_receiver.h"
 #include "model/fingerprint.h"
 #include "proto/wire.h"
-#include "worker/engine.h"
 
 namespace mprefill::decode {
 

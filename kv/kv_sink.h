@@ -48,6 +48,9 @@ class KvSink {
   virtual ~KvSink() = default;
   virtual void put(const KvSlice& slice) = 0;
   virtual void finish() {}
+  // true: put() takes device slices (on_device) as they are; false: the executor hands
+  // host slices only (a GPU executor stages them to host memory first).
+  virtual bool takes_device_slices() const { return false; }
 };
 
 }  // namespace mprefill

@@ -22,7 +22,7 @@
 //               mask, i.e. what the sparse kernel outputs (tests/cpu/pattern_search_test.cc checks
 //               it against the kernels).
 //   max_error = max |O_mask - O_dense| / max |O_dense| over the same rows (the online
-//               audit's output_rel_error, worker/audit.h; same row primitives).
+//               audit's output_rel_error, engine/audit.h; same row primitives).
 // Selection per head and budget: highest recall among that budget's candidates, ties
 // (|d recall| <= 1e-9) to the lower error. The dense reference candidate is listed but
 // never chosen (MInference's format has no dense pattern).
@@ -34,11 +34,11 @@
 #include <utility>
 #include <vector>
 
+#include "engine/engine.h"
+#include "engine/mask_score.h"
 #include "model/sparse_policy.h"
 #include "model/weights.h"
 #include "search/png.h"
-#include "worker/engine.h"
-#include "worker/mask_score.h"
 
 namespace mprefill {
 

@@ -17,15 +17,15 @@
 #include <string>
 #include <vector>
 
+#include "engine/engine.h"
 #include "kernels/cpu/cpu.h"
 #include "model/sparse_policy.h"
 #include "model/tokenizer.h"
 #include "model/weights.h"
 #include "tools/cli_args.h"
-#include "worker/engine.h"
 #ifdef MPREFILL_HAVE_GPU_ENGINE
-#include "worker/cuda/cuda_engine.h"
-#include "worker/cuda/cuda_generate.h"
+#include "engine/cuda/cuda_engine.h"
+#include "engine/cuda/cuda_generate.h"
 #endif
 
 namespace {
@@ -148,7 +148,7 @@ nlohmann::json sparse_json(const SparsePolicy& p, const PrefillStats& st) {
             {"block_sparse", st.heads_by_kind[3]}}}};
 }
 
-// One entry per audited head (worker/audit.h).
+// One entry per audited head (engine/audit.h).
 nlohmann::json audit_json(const PrefillStats& st) {
   nlohmann::json out = nlohmann::json::array();
   for (const HeadAuditResult& r : st.audit)

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/engine.h"
 #include "kernels/cpu/cpu.h"
 #include "model/prompt.h"
 #include "model/sparse_policy.h"
@@ -31,10 +32,9 @@
 #include "search/pattern_search.h"
 #include "search/png.h"
 #include "tools/cli_args.h"
-#include "worker/engine.h"
 #ifdef MPREFILL_HAVE_GPU_ENGINE
+#include "engine/cuda/cuda_engine.h"
 #include "kv/cuda/kv_sinks.h"
-#include "worker/cuda/cuda_engine.h"
 #endif
 
 namespace {

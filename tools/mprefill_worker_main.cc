@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "comm/mpi_comm.h"
+#include "engine/executor.h"
 #include "kernels/cpu/cpu.h"
 #include "kv/kv_handoff.h"
 #include "model/fingerprint.h"
@@ -38,19 +39,8 @@
 #include "model/weights.h"
 #include "proto/wire.h"
 #include "tools/cli_args.h"
-#include "worker/dist_engine.h"
-#include "worker/engine.h"
-#ifdef MPREFILL_HAVE_GPU_ENGINE
-#include <cuda_runtime_api.h>
-
-#include "worker/cuda/cuda_engine.h"
-#endif
 #ifdef MPREFILL_HAVE_NCCL_KV
 #include "kv/cuda/nccl_kv_sink.h"
-#endif
-#ifdef MPREFILL_HAVE_GPU_DIST
-#include "comm/nccl_comm.h"
-#include "worker/cuda/cuda_dist_engine.h"
 #endif
 
 namespace {
@@ -67,7 +57,7 @@ const char* kUsage =
     "usage: mpirun -np N mprefill-worker --coordinator HOST:PORT --model PATH [--tp T]\n"
     "                                    [--device cpu|cuda] [--group NAME] [--secret-file F]\n"
     "                                    [--threads N] [--kv-streams S] [--page-tokens P]\n"
-    "                                    [--executor auto|engine|dist] [--comm-timeout-ms MS]\n"
+    "                                    [--comm-timeout-ms MS]\n"
     "                                    [--handoff-timeout-ms MS] [--connect-timeout-ms MS]\n"
     "                                    [--reconnect-s S]\n"
     "One worker group of the prefill service: N MPI ranks, tp x sp = N (sp = N / tp).\n"
@@ -75,17 +65,17 @@ const char* kUsage =
     "  --model PATH             HF directory, llama2.c .bin, or random:NAME[:SEED]; the\n"
     "                           decoder must load the same weights (fingerprint checked)\n"
     "  --tp T                   tensor-parallel ranks (divides N and the KV heads; default 1)\n"
-    "  --device cpu|cuda        cuda: one rank on the GPU of its node-local rank (CudaEngine,\n"
-    "                           CUDA builds; the KV is copied to host for the TCP handoff,\n"
-    "                           or sent from the GPU by NCCL for --kv-transport nccl jobs);\n"
-    "                           groups of several GPU ranks are not supported yet\n"
+    "  --device cpu|cuda        the executor's backend (engine/executor.h): cpu runs every\n"
+    "                           tp x sp shape (one rank: tp 1 x sp 1); cuda runs each rank on\n"
+    "                           the GPU of its node-local rank (CUDA builds; several ranks\n"
+    "                           need NCCL); the KV is copied to host for the TCP handoff, or\n"
+    "                           sent from the GPU by NCCL for kv_transport nccl jobs (one rank)\n"
     "  --group NAME             group name (default worker-HOSTNAME-PID)\n"
     "  --secret-file F          shared secret for the coordinator and decoder hellos\n"
     "  --threads N              CPU threads per rank (default: all cores or MPREFILL_THREADS)\n"
     "  --kv-streams S           TCP streams per rank to the decoder (default 1)\n"
     "  --page-tokens P          tokens per KV page (default 256; the decoder must agree)\n"
-    "  --executor E             auto (default: dist, which streams each layer's KV), engine\n"
-    "                           (single process; N must be 1), dist (DistEngine); CPU only\n"
+
     "  --comm-timeout-ms MS     bound of every MPI wait (default 120000)\n"
     "  --handoff-timeout-ms MS  bound of each wait on the decoder when the Assignment gives\n"
     "                           none (default 30000)\n"
@@ -97,7 +87,7 @@ const char* kUsage =
     "stopped answering, a coordinator not back within --reconnect-s); 2 on bad arguments.\n";
 
 struct Args {
-  std::string coordinator, model, device = "cpu", group, secret_file, executor = "auto";
+  std::string coordinator, model, device = "cpu", group, secret_file;
   int tp = 1, threads = 0, streams = 1, page_tokens = kDefaultPageTokens;
   int comm_timeout_ms = 120000, handoff_timeout_ms = 30000, connect_timeout_ms = 10000;
   int reconnect_s = 60;
@@ -132,8 +122,6 @@ Args parse_args(int argc, char** argv) {
       a.streams = parse_int(flag, value(), 1, 64);
     else if (flag == "--page-tokens")
       a.page_tokens = parse_int(flag, value(), 1, 1 << 20);
-    else if (flag == "--executor")
-      a.executor = value();
     else if (flag == "--comm-timeout-ms")
       a.comm_timeout_ms = parse_int(flag, value(), 100, 86400000);
     else if (flag == "--handoff-timeout-ms")
@@ -150,8 +138,6 @@ Args parse_args(int argc, char** argv) {
   if (a.model.empty()) throw UsageError("--model PATH is required");
   if (a.device != "cpu" && a.device != "cuda")
     throw UsageError("--device must be cpu or cuda, got '" + a.device + "'");
-  if (a.executor != "auto" && a.executor != "engine" && a.executor != "dist")
-    throw UsageError("--executor must be auto, engine or dist, got '" + a.executor + "'");
   return a;
 }
 
@@ -354,51 +340,6 @@ class CoordinatorLink {
 
 // ---- the group -------------------------------------------------------------------------
 
-#ifdef MPREFILL_HAVE_GPU_ENGINE
-// The GPU engine's device slices (bf16, on its stream) copied to host memory and passed on
-// to a host sink (the TCP handoff converts them to the contract's dtype); then on_layer.
-class DeviceToHostSink : public KvSink {
- public:
-  // to_host false: device slices pass through as they are (the NCCL handoff).
-  DeviceToHostSink(KvSink* next, std::function<void(int)> on_layer, bool to_host = true)
-      : next_(next), on_layer_(std::move(on_layer)), to_host_(to_host) {}
-  void put(const KvSlice& s) override {
-    KvSlice h = s;
-    if (s.on_device && to_host_) {
-      const auto t0 = Clock::now();
-      const size_t bytes = static_cast<size_t>(s.bytes_per_tensor());
-      k_.resize(bytes);
-      v_.resize(bytes);
-      auto st = static_cast<cudaStream_t>(s.stream);
-      check(cudaMemcpyAsync(k_.data(), s.k, bytes, cudaMemcpyDeviceToHost, st), "copy K");
-      check(cudaMemcpyAsync(v_.data(), s.v, bytes, cudaMemcpyDeviceToHost, st), "copy V");
-      check(cudaStreamSynchronize(st), "synchronise");
-      copy_ms_ += std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-      h.k = k_.data();
-      h.v = v_.data();
-      h.on_device = false;
-      h.stream = nullptr;
-    }
-    next_->put(h);
-    if (on_layer_) on_layer_(s.layer);
-  }
-  void finish() override { next_->finish(); }
-  double copy_ms() const { return copy_ms_; }
-
- private:
-  KvSink* next_;
-  std::function<void(int)> on_layer_;
-  bool to_host_ = true;
-  std::vector<char> k_, v_;
-  double copy_ms_ = 0;
-  static void check(cudaError_t e, const char* what) {
-    if (e != cudaSuccess)
-      throw std::runtime_error(std::string("KV device-to-host ") + what + ": " +
-                               cudaGetErrorString(e));
-  }
-};
-#endif
-
 // The job's KV handoff: TcpKvHandoff, or (kv_transport "nccl", GPU ranks) NcclKvSink.
 class Handoff : public KvSink {
  public:
@@ -408,7 +349,7 @@ class Handoff : public KvSink {
 #endif
   void put(const KvSlice& s) override { tcp_ ? tcp_->put(s) : nccl_put(s); }
   void finish() override { tcp_ ? tcp_->finish() : nccl_finish(); }
-  bool device_slices() const { return !tcp_; }
+  bool takes_device_slices() const override { return !tcp_; }
   bool failed() const { return tcp_ ? tcp_->failed() : nccl_failed(); }
   std::string error() const { return tcp_ ? tcp_->error() : nccl_error(); }
   KvHandoffStats stats() const { return tcp_ ? tcp_->stats() : nccl_stats(); }
@@ -456,16 +397,7 @@ class Worker {
   comm::WorldInfo wi_;
   std::unique_ptr<comm::Communicator> world_;
   std::unique_ptr<Control> ctl_;
-  std::unique_ptr<ModelWeights> weights_;  // engine executor
-  std::unique_ptr<Engine> engine_;
-#ifdef MPREFILL_HAVE_GPU_ENGINE
-  std::unique_ptr<gpu::CudaEngine> cuda_;  // --device cuda, one rank
-#endif
-#ifdef MPREFILL_HAVE_GPU_DIST
-  std::unique_ptr<comm::Communicator> nccl_;        // --device cuda, several ranks
-  std::unique_ptr<gpu::CudaDistEngine> cuda_dist_;  // over nccl_
-#endif
-  std::unique_ptr<DistEngine> dist_;
+  std::unique_ptr<Executor> exec_;
   ModelConfig cfg_;
   v1::KvContract contract_;
   std::string secret_;
@@ -481,23 +413,8 @@ class Worker {
   int tp_ = 1, sp_ = 1;
 
   bool root() const { return wi_.rank == 0; }
-  bool on_dist_gpu() const {
-#ifdef MPREFILL_HAVE_GPU_DIST
-    return cuda_dist_ != nullptr;
-#else
-    return false;
-#endif
-  }
-  bool on_gpu() const {
-#ifdef MPREFILL_HAVE_GPU_ENGINE
-    return cuda_ != nullptr || on_dist_gpu();
-#else
-    return false;
-#endif
-  }
-  const char* executor_name() const {
-    return dist_ ? "dist" : on_dist_gpu() ? "cuda-dist" : on_gpu() ? "cuda" : "engine";
-  }
+  bool on_gpu() const { return exec_ && exec_->backend() == Backend::kCuda; }
+  const char* executor_name() const { return exec_ ? exec_->name() : "none"; }
   void log(const char* fmt, const std::string& s) {
     if (root()) std::fprintf(stderr, fmt, s.c_str());
   }
@@ -512,76 +429,21 @@ class Worker {
                                  std::to_string(wi_.size) + " ranks");
       tp_ = a_.tp;
       sp_ = wi_.size / a_.tp;
-      std::string exec = a_.executor;
-      if (a_.device == "cuda") {
-#ifdef MPREFILL_HAVE_GPU_ENGINE
-        // One rank on the GPU of its node-local rank (CudaEngine); a multi-rank GPU group
-        // runs CudaDistEngine (tp x sp over NCCL, one GPU per rank).
-#ifdef MPREFILL_HAVE_GPU_DIST
-        const bool multi_ok = true;
-#else
-        const bool multi_ok = false;
-#endif
-        if (wi_.size != 1 && !multi_ok)
-          throw std::runtime_error("--device cuda: groups of " + std::to_string(wi_.size) +
-                                   " ranks need the distributed CUDA executor (a CUDA build "
-                                   "with NCCL); run one rank, or --device cpu");
-        if (!gpu::cuda_available())
-          throw std::runtime_error("--device cuda: no CUDA device is visible");
-        exec = wi_.size == 1 ? "cuda" : "cuda-dist";
-#else
-        throw std::runtime_error(
-            "--device cuda: this build of mprefill-worker has no CUDA "
-            "engine (configure with -DMPREFILL_CUDA=ON); use --device cpu");
-#endif
-      }
-      // DistEngine also for one rank: it hands each layer's KV to the decoder as soon as the
-      // layer is done (the Engine path exports after the whole prefill, so a long one-rank
-      // prefill would outlast the decoder's wait for its first page).
-      if (exec == "auto") exec = "dist";
-      if (exec == "engine" && wi_.size != 1)
-        throw std::runtime_error("--executor engine runs one rank, the group has " +
-                                 std::to_string(wi_.size));
-      if (exec == "engine" || exec == "cuda") {
-        weights_ = std::make_unique<ModelWeights>(load_model(a_.model));
-        cfg_ = weights_->config;
-      }
-      if (exec == "engine") {
-        engine_ = std::make_unique<Engine>(*weights_);
-      } else if (exec == "cuda") {
-#ifdef MPREFILL_HAVE_GPU_ENGINE
-        gpu::CudaEngineOptions co;
-        co.device = wi_.local_rank;
-        cuda_ = std::make_unique<gpu::CudaEngine>(*weights_, co);
-#endif
-      } else if (exec == "cuda-dist") {
-#ifdef MPREFILL_HAVE_GPU_DIST
-        // Each rank reads only its tp slices (HF directory) and uploads them.
-        std::string nerr;
-        comm::CommConfig cc;
-        cc.timeout_ms = a_.comm_timeout_ms;
-        nccl_ = comm::make_nccl_communicator(MPI_COMM_WORLD, wi_.local_rank, cc, &nerr);
-        if (!nccl_) throw std::runtime_error("--device cuda: NCCL communicator: " + nerr);
-        gpu::CudaDistOptions co;
-        co.device = wi_.local_rank;
-        cuda_dist_ = std::make_unique<gpu::CudaDistEngine>(nccl_.get(), a_.model,
-                                                           DistTopology{tp_, sp_}, co);
-        cfg_ = cuda_dist_->config();
-#endif
-      } else {
-        dist_ = std::make_unique<DistEngine>(world_.get(), a_.model, DistTopology{tp_, sp_});
-        cfg_ = dist_->config();
-      }
+      ExecutorSpec spec;
+      spec.backend = parse_backend(a_.device);
+      spec.model = a_.model;
+      spec.topo = DistTopology{tp_, sp_};
+      spec.device = wi_.local_rank;
+      spec.comm_timeout_ms = a_.comm_timeout_ms;
+      exec_ = make_executor(spec, world_.get());
+      cfg_ = exec_->config();
       if (cfg_.n_kv_heads % tp_ != 0)
         throw std::runtime_error("--tp " + std::to_string(tp_) + " does not divide the " +
                                  std::to_string(cfg_.n_kv_heads) + " KV heads");
       if (root()) {
-        // The dist executors hold only slices: digest the weight files a chunk at a time.
-        const ModelFingerprint fp =
-            weights_ ? model_fingerprint(*weights_, model_name_from_path(a_.model))
-                     : model_fingerprint_of_path(a_.model);
+        // Executors hold only their slices: digest the weight files a chunk at a time.
+        const ModelFingerprint fp = model_fingerprint_of_path(a_.model);
         contract_ = make_kv_contract(fp, a_.page_tokens, v1::F32);
-        if (!engine_) weights_.reset();  // the full weights were only for the digest
       }
     } catch (const std::exception& e) {
       err = e.what();
@@ -643,7 +505,7 @@ class Worker {
       *r->mutable_kv() = contract_;
       r->add_kv_transports("tcp");
 #ifdef MPREFILL_HAVE_NCCL_KV
-      if (on_gpu()) r->add_kv_transports("nccl");  // one GPU rank: NcclKvSink
+      if (exec_->caps().nccl_kv) r->add_kv_transports("nccl");  // NcclKvSink
 #endif
       conn->send(env, timeout_ms);
       v1::Envelope ans;
@@ -843,12 +705,10 @@ class Worker {
       check_prompt_ids(cfg_, ids);
       const bool nccl = o.kv_transport() == "nccl";
 #ifdef MPREFILL_HAVE_NCCL_KV
-      if (nccl && !on_gpu())
-        throw std::runtime_error("KV transport 'nccl' needs a --device cuda group");
-      if (nccl && on_dist_gpu())
-        throw std::runtime_error(
-            "KV transport 'nccl' serves one-rank --device cuda groups; this group of " +
-            std::to_string(wi_.size) + " GPU ranks hands KV off over tcp");
+      if (nccl && !exec_->caps().nccl_kv)
+        throw std::runtime_error(std::string("KV transport 'nccl' is not served by this group's ") +
+                                 exec_->name() +
+                                 " executor (one --device cuda rank); it hands KV off over tcp");
 #else
       if (nccl)
         throw std::runtime_error(
@@ -862,8 +722,10 @@ class Worker {
                                   o.dense_below() > 0 ? o.dense_below() : kDefaultDenseBelow);
       policy.check_model(cfg_);
       audit.heads_per_layer = std::max(0, o.audit_heads());  // same on every rank
-      if (audit.heads_per_layer > 0 && on_gpu())
-        throw std::runtime_error("audit_heads: the head audit runs on CPU groups only");
+      PrefillRequest probe;
+      probe.ids = &ids;
+      probe.audit = audit;
+      check_request(*exec_, probe);  // refused features: one message, before any work
       KvHandoffOptions ho;
       ho.job_id = id;
       ho.rank = wi_.rank;
@@ -891,7 +753,7 @@ class Worker {
 
     // 2. Prefill with the KV handed off layer by layer; progress and cancel checks at
     // every layer boundary (collective on the control channel, so all ranks stop at
-    // the same layer).
+    // the same layer; a CUDA executor finishes the prefill first, engine/executor.h).
     std::vector<float> logits;
     PrefillStats stats;
     std::string prefill_err;
@@ -914,73 +776,21 @@ class Worker {
     };
     double kv_export_ms = 0;
     try {
-      if (dist_) {
-        DistPrefillResult r = dist_->prefill(ids, policy, sink.get(), nullptr, progress, audit);
-        logits = std::move(r.logits);
-        stats = r.stats;
-#ifdef MPREFILL_HAVE_GPU_DIST
-      } else if (on_dist_gpu()) {
-        // Each rank's (KV heads, token shard) of every layer reaches the host and the TCP
-        // handoff as soon as the layer's K / V exist (before its ring attention).
-        DeviceToHostSink d2h(sink.get(), [&](int layer) {
-          if (!root()) return;
-          v1::Envelope p;
-          p.mutable_worker_progress()->set_job_id(id);
-          p.mutable_worker_progress()->set_layer(layer + 1);
-          p.mutable_worker_progress()->set_n_layers(cfg_.n_layers);
-          link_->send(p);
-        });
-        const gpu::CudaDistResult r = cuda_dist_->prefill(ids, policy, &d2h);  // calls finish()
-        logits = r.logits;
-        stats.total_ms = r.total_ms;
-        kv_export_ms = d2h.copy_ms();
-        if (root() && link_->cancelled(id))
-          throw Cancelled("job " + std::to_string(id) + " cancelled");
-#endif
-      } else if (on_gpu()) {
-#ifdef MPREFILL_HAVE_GPU_ENGINE
-        // Layers reach the host and the TCP handoff as the GPU finishes them. No throw
-        // from inside the engine: cancellation is honoured after the prefill.
-        DeviceToHostSink d2h(
-            sink.get(),
-            [&](int layer) {
-              if (!root()) return;
-              v1::Envelope p;
-              p.mutable_worker_progress()->set_job_id(id);
-              p.mutable_worker_progress()->set_layer(layer + 1);
-              p.mutable_worker_progress()->set_n_layers(cfg_.n_layers);
-              link_->send(p);
-            },
-            /*to_host=*/!sink->device_slices());
-        gpu::CudaPrefillStats cs;
-        logits = cuda_->prefill(ids, policy, &d2h, nullptr, &cs);  // calls finish()
-        stats.total_ms = cs.total_ms;
-        kv_export_ms = d2h.copy_ms();
-        if (root() && link_->cancelled(id))
-          throw Cancelled("job " + std::to_string(id) + " cancelled");
-#endif
-      } else {
-        // Single process: the engine fills a cache, then each layer is exported.
-        const int64_t n = static_cast<int64_t>(ids.size());
-        KvCache cache(cfg_, n);
-        logits = engine_->prefill(ids, policy, &cache, nullptr, &stats, audit);
-        const auto te = Clock::now();
-        std::vector<int> heads(cfg_.n_kv_heads);
-        for (int h = 0; h < cfg_.n_kv_heads; ++h) heads[h] = h;
-        for (int l = 0; l < cfg_.n_layers; ++l) {
-          KvSlice s;
-          s.layer = l;
-          s.kv_heads = heads;
-          s.tokens = {{0, n}};
-          s.head_dim = cfg_.head_dim;
-          s.k = cache.k[l].data();
-          s.v = cache.v[l].data();
-          sink->put(s);
-          progress(l, cfg_.n_layers);
-        }
-        sink->finish();
-        kv_export_ms = std::chrono::duration<double, std::milli>(Clock::now() - te).count();
-      }
+      PrefillRequest req;
+      req.ids = &ids;
+      req.policy = &policy;
+      req.audit = audit;
+      req.progress = progress;
+      PrefillResult r = exec_->prefill(req, sink.get());  // calls sink->finish()
+      logits = std::move(r.logits);
+      stats.tokens = r.tokens;
+      stats.all_dense = r.all_dense;
+      stats.total_ms = r.total_ms;
+      stats.gemm_ms = r.gemm_ms;
+      stats.attention_ms = r.attention_ms;
+      stats.estimate_ms = r.estimate_ms;
+      stats.audit = std::move(r.audit);
+      kv_export_ms = r.kv_export_ms;
     } catch (const HandoffStop&) {
       // The ranks whose handoff failed report why (below); the others report nothing.
     } catch (const Cancelled& e) {
@@ -991,7 +801,8 @@ class Worker {
       prefill_err = e.what();
       // A throw that is not the handoff's own (deferred) failure came from inside the
       // collective prefill: peers may be stuck or out of step.
-      fatal = (dist_ || on_dist_gpu()) && !sink->failed();
+      const bool collective = exec_->backend() == Backend::kCpu || wi_.size > 1;
+      fatal = collective && !sink->failed();
     }
     if (sink->failed()) prefill_err = sink->error();  // the cause, where it happened
     const KvHandoffStats hs = sink->stats();

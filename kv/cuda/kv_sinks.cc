@@ -147,4 +147,24 @@ void PinnedStreamSink::finish() {
   pending_ = false;
 }
 
+void HostStagingSink::put(const KvSlice& s) {
+  if (!s.on_device) return next_->put(s);
+  const auto t0 = std::chrono::steady_clock::now();
+  const size_t bytes = static_cast<size_t>(s.bytes_per_tensor());
+  k_.resize(bytes);
+  v_.resize(bytes);
+  auto st = static_cast<cudaStream_t>(s.stream);
+  ck(cudaMemcpyAsync(k_.data(), s.k, bytes, cudaMemcpyDeviceToHost, st), "staging: copy K");
+  ck(cudaMemcpyAsync(v_.data(), s.v, bytes, cudaMemcpyDeviceToHost, st), "staging: copy V");
+  ck(cudaStreamSynchronize(st), "staging: synchronise");
+  copy_ms_ +=
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  KvSlice h = s;
+  h.k = k_.data();
+  h.v = v_.data();
+  h.on_device = false;
+  h.stream = nullptr;
+  next_->put(h);
+}
+
 }  // namespace mprefill::gpu

@@ -8,6 +8,9 @@
 //                     next layer. keep_all: one host buffer per layer (what a handoff
 //                     needs); otherwise one buffer reused (bandwidth measurement only).
 //   NullKvSink        counts the layers and discards them.
+//   HostStagingSink   hands a host-only sink (the TCP handoff) each device slice copied
+//                     to host memory (synchronous on the slice's stream; the sink's own
+//                     queue overlaps the sending with the next layer).
 // All throw std::runtime_error with context on CUDA errors or mismatched slices.
 #pragma once
 #include <cuda_runtime_api.h>
@@ -28,6 +31,7 @@ class HostKvCacheSink : public KvSink {
   explicit HostKvCacheSink(KvCache* cache) : cache_(cache) {}
   void put(const KvSlice& s) override;
   void finish() override;
+  bool takes_device_slices() const override { return true; }
   int layers_received() const { return layers_; }
 
  private:
@@ -46,6 +50,7 @@ class PinnedStreamSink : public KvSink {
   PinnedStreamSink& operator=(const PinnedStreamSink&) = delete;
   void put(const KvSlice& s) override;
   void finish() override;  // waits for the last copy
+  bool takes_device_slices() const override { return true; }
 
   size_t device_bytes() const { return 2 * tensor_bytes_; }
   size_t host_bytes() const;
@@ -76,12 +81,26 @@ class NullKvSink : public KvSink {
     ++layers_;
     bytes_ += 2 * s.bytes_per_tensor();
   }
+  bool takes_device_slices() const override { return true; }
   int layers() const { return layers_; }
   int64_t bytes() const { return bytes_; }
 
  private:
   int layers_ = 0;
   int64_t bytes_ = 0;
+};
+
+class HostStagingSink : public KvSink {
+ public:
+  explicit HostStagingSink(KvSink* next) : next_(next) {}
+  void put(const KvSlice& s) override;
+  void finish() override { next_->finish(); }
+  double copy_ms() const { return copy_ms_; }  // host time spent in the copies
+
+ private:
+  KvSink* next_;
+  std::vector<char> k_, v_;
+  double copy_ms_ = 0;
 };
 
 }  // namespace mprefill::gpu

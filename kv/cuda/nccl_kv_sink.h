@@ -34,6 +34,7 @@ class NcclKvSink : public KvSink {
   NcclKvSink& operator=(const NcclKvSink&) = delete;
 
   void put(const KvSlice& slice) override;
+  bool takes_device_slices() const override { return true; }
   // Waits (bounded) for every layer's ack, checks all layers were put, closes the
   // connection and the communicator. Throws on failure.
   void finish() override;

@@ -1,8 +1,8 @@
-# Online accuracy audit (worker/audit.h) of the DistEngine against the single-process
+# Online accuracy audit (engine/audit.h) of the DistEngine against the single-process
 # Engine, CPU ranks under mpirun; topology through MPREFILL_TEST_TP (sp = ranks / tp).
 # tests/cpu/audit_test.cc is registered with the cpu suites.
 add_executable(mpi_audit_dist_test mpi/audit_dist_test.cc mpi/mpi_test_main.cc)
-target_link_libraries(mpi_audit_dist_test PRIVATE mprefill_comm mprefill_worker
+target_link_libraries(mpi_audit_dist_test PRIVATE mprefill_comm mprefill_engine
   mprefill_testutil GTest::gtest)
 # tp x sp: 1x1, 2x1, 1x2, 2x2. The stories15M case is an entry of its own: without the
 # model it skips, and the random-model entries still pass.

@@ -47,7 +47,7 @@ endif()
 # (EXCLUDE_FROM_ALL; targets sanitize-asan, sanitize-tsan) into bin-asan/ and bin-tsan/
 # under the usual binary names. Only the service's own code is recompiled (-O1): the
 # frame codec and hello (proto/wire.cc, hmac.cc), the coordinator, the decoder, the KV
-# handoff and page store, and the three service mains. The engine (mprefill_worker,
+# handoff and page store, and the three service mains. The engine (mprefill_engine,
 # mprefill_kernels), MPI comm, the generated protobuf messages and GoogleTest are the
 # objects this directory already built, uninstrumented: with ASan their heap blocks are
 # still checked (the allocator is replaced process-wide), their own loads and stores are
@@ -104,13 +104,13 @@ if(TARGET mprefill_proto_msgs AND TARGET mprefill_coordinator AND TARGET mprefil
     add_library(mprefill_decode_${tag} STATIC EXCLUDE_FROM_ALL ${_src}/decode/decoder.cc
                 ${_src}/kv/kv_receiver.cc ${_src}/kv/kv_handoff.cc ${_src}/kv/kv_store.cc
                 ${_src}/kv/crc32c.cc)
-    target_link_libraries(mprefill_decode_${tag} PUBLIC mprefill_proto_${tag} mprefill_worker
+    target_link_libraries(mprefill_decode_${tag} PUBLIC mprefill_proto_${tag} mprefill_engine
                           mprefill_kernels)
     target_compile_options(mprefill_decode_${tag} PRIVATE ${_opts})
     foreach(exe worker decoder)
       add_executable(mprefill-${exe}-${tag} EXCLUDE_FROM_ALL ${_src}/tools/mprefill_${exe}_main.cc)
       target_link_libraries(mprefill-${exe}-${tag} PRIVATE mprefill_decode_${tag} mprefill_comm
-                            mprefill_worker mprefill_cli)
+                            mprefill_executor mprefill_engine mprefill_cli)
       target_compile_options(mprefill-${exe}-${tag} PRIVATE ${_opts})
       list(APPEND _targets mprefill-${exe}-${tag})
     endforeach()

@@ -1,8 +1,8 @@
-// Online accuracy audit (worker/audit.h): seeded head / block sampling, recall and output
+// Online accuracy audit (engine/audit.h): seeded head / block sampling, recall and output
 // error of full-cover and small masks, equality with the pattern search's scores on the
 // same head and rows, partials merged over split key sets (the distributed path), the
 // Engine and generate hooks, stories15M, and the CLI's --audit-heads.
-#include "worker/audit.h"
+#include "engine/audit.h"
 
 #include <gtest/gtest.h>
 
@@ -15,10 +15,10 @@
 #include <string>
 #include <vector>
 
+#include "engine/engine.h"
 #include "model/sparse_policy.h"
 #include "search/pattern_search.h"
 #include "tests/testutil.h"
-#include "worker/engine.h"
 
 namespace mprefill {
 namespace {

@@ -1,6 +1,6 @@
 // Single-process engine against a naive fp64 forward pass, prefill/decode consistency,
 // sparse policies and plan reuse, MLP chunking, sampler.
-#include "worker/engine.h"
+#include "engine/engine.h"
 
 #include <gtest/gtest.h>
 

@@ -7,11 +7,11 @@
 #include <string>
 #include <vector>
 
+#include "engine/engine.h"
 #include "model/convert.h"
 #include "model/tokenizer.h"
 #include "model/weights.h"
 #include "tests/testutil.h"
-#include "worker/engine.h"
 
 namespace mprefill {
 namespace {

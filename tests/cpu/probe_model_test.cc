@@ -13,10 +13,10 @@
 #include <string>
 #include <vector>
 
+#include "engine/engine.h"
 #include "model/sparse_policy.h"
 #include "model/weights.h"
 #include "tests/testutil.h"
-#include "worker/engine.h"
 
 namespace mprefill {
 namespace {

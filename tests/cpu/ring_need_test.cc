@@ -1,6 +1,6 @@
-// KV blocks of the sp ring that some downstream receiver reads (worker/ring_need.h), on
+// KV blocks of the sp ring that some downstream receiver reads (engine/ring_need.h), on
 // zigzag layouts small enough to count by hand. Block b holds tokens [64 b, 64 b + 64).
-#include "worker/ring_need.h"
+#include "engine/ring_need.h"
 
 #include <gtest/gtest.h>
 

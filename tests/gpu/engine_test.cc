@@ -1,9 +1,9 @@
-// GPU prefill engine (worker/cuda/cuda_engine.h) against the CPU Engine on the same
+// GPU prefill engine (engine/cuda/cuda_engine.h) against the CPU Engine on the same
 // (bf16-rounded) weights: per-layer K / V and last-position logits for every pattern with
 // the indices fixed (estimated once on the CPU, the PrefillPlan shared), the GPU
 // estimation against CPU scores (equal except near-ties), the memory plan's refusal, the
 // sinks, and stories15M greedy ids from a bf16 HF conversion.
-#include "worker/engine.h"
+#include "engine/engine.h"
 
 #include <gtest/gtest.h>
 
@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "engine/cuda/cuda_engine.h"
+#include "engine/cuda/cuda_generate.h"
 #include "kernels/cpu/cpu.h"
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/flash/flash.h"
@@ -23,8 +25,6 @@
 #include "kv/cuda/kv_sinks.h"
 #include "model/convert.h"
 #include "tests/testutil.h"
-#include "worker/cuda/cuda_engine.h"
-#include "worker/cuda/cuda_generate.h"
 
 namespace mprefill {
 namespace {

@@ -14,10 +14,10 @@
 
 #include "comm/mpi_comm.h"
 #include "decode/decoder.h"
+#include "engine/dist_engine.h"
+#include "engine/engine.h"
 #include "kv/kv_handoff.h"
 #include "model/fingerprint.h"
-#include "worker/dist_engine.h"
-#include "worker/engine.h"
 
 namespace mprefill {
 namespace {

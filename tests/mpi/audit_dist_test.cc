@@ -1,4 +1,4 @@
-// The DistEngine's online audit (worker/audit.h) against the single-process Engine's
+// The DistEngine's online audit (engine/audit.h) against the single-process Engine's
 // under mpirun: same audited heads, recall and output errors on every rank, for a fixed
 // plan and for the plan the ranks estimate. Topology from MPREFILL_TEST_TP (sp = ranks /
 // tp), as tests/mpi/dist_engine_test.cc.
@@ -11,11 +11,11 @@
 #include <string>
 #include <vector>
 
+#include "engine/audit.h"
+#include "engine/dist_engine.h"
+#include "engine/engine.h"
 #include "tests/mpi/mpi_testutil.h"
 #include "tests/testutil.h"
-#include "worker/audit.h"
-#include "worker/dist_engine.h"
-#include "worker/engine.h"
 
 namespace mprefill {
 namespace {

@@ -3,7 +3,7 @@
 // the reference (logits, per-layer KV, the estimated plan) and broadcasts it; every rank
 // checks its own part (its KV slices, the logits it returns) and the verdicts are
 // combined over ranks.
-#include "worker/dist_engine.h"
+#include "engine/dist_engine.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -19,12 +19,12 @@
 #include <vector>
 
 #include "comm/mpi_comm.h"
+#include "engine/plan_codec.h"
 #include "kv/kv_cache_sink.h"
 #include "model/convert.h"
 #include "model/tokenizer.h"
 #include "tests/mpi/mpi_testutil.h"
 #include "tests/testutil.h"
-#include "worker/plan_codec.h"
 
 namespace mprefill {
 namespace {

@@ -14,11 +14,11 @@
 #include <string>
 #include <vector>
 
+#include "engine/distributed_estimate.h"
+#include "engine/ring_attention.h"
 #include "kernels/cpu/cpu.h"
 #include "kv/kv_cache_sink.h"
 #include "tests/mpi/mpi_testutil.h"
-#include "worker/distributed_estimate.h"
-#include "worker/ring_attention.h"
 
 namespace mprefill {
 namespace {

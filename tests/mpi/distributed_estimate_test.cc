@@ -2,7 +2,7 @@
 // the same global Q/K, estimates from its zigzag shards and checks scores and selections
 // against one single-process cpu::vs_estimate (and its own score arrays) over all keys;
 // failures are summed over ranks.
-#include "worker/distributed_estimate.h"
+#include "engine/distributed_estimate.h"
 
 #include <gtest/gtest.h>
 

@@ -1,4 +1,4 @@
-// GPU distributed prefill (worker/cuda/cuda_dist_engine.h) under mpirun, one rank per
+// GPU distributed prefill (engine/cuda/cuda_dist_engine.h) under mpirun, one rank per
 // GPU, against the single-GPU CudaEngine on the same device-random model (each rank of
 // the distributed engine draws exactly its slices of it): last-position logits and the
 // per-layer K / V of every rank's (KV heads, token shard), for every tp x sp of the
@@ -20,13 +20,13 @@
 
 #include "comm/mpi_comm.h"
 #include "comm/nccl_comm.h"
+#include "engine/cuda/cuda_dist_engine.h"
+#include "engine/cuda/cuda_engine.h"
+#include "engine/engine.h"
+#include "engine/plan_codec.h"
 #include "kv/cuda/kv_sinks.h"
 #include "model/convert.h"
 #include "tests/mpi/mpi_testutil.h"
-#include "worker/cuda/cuda_dist_engine.h"
-#include "worker/cuda/cuda_engine.h"
-#include "worker/engine.h"
-#include "worker/plan_codec.h"
 
 namespace mprefill {
 namespace {

@@ -1,7 +1,7 @@
 // Ring attention (dense, CPU, MPI backend) under mpirun: every rank builds the same
 // global Q/K/V, runs the ring on its zigzag ranges and checks its rows against one
 // cpu::attention_dense call over all keys of the sequence; failures are summed over ranks.
-#include "worker/ring_attention.h"
+#include "engine/ring_attention.h"
 
 #include <gtest/gtest.h>
 

@@ -10,8 +10,3 @@ foreach(exe mprefill-worker mprefill-decoder)
     endif()
   endif()
 endforeach()
-# --device cuda (one rank on CudaEngine), in CUDA builds only.
-if(TARGET mprefill_worker_cuda AND TARGET mprefill-worker AND TARGET mprefill_decode)
-  target_link_libraries(mprefill-worker PRIVATE mprefill_worker_cuda)
-  target_compile_definitions(mprefill-worker PRIVATE MPREFILL_HAVE_GPU_ENGINE=1)
-endif()

@@ -1,4 +1,4 @@
-#include "worker/audit.h"
+#include "engine/audit.h"
 
 #include <algorithm>
 #include <cmath>

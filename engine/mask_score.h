@@ -1,5 +1,5 @@
 // Mask scoring primitives: how much of a query row's softmax mass (and of its output) a
-// sparse mask keeps. Used online by the head audit (worker/audit.h) and offline by the
+// sparse mask keeps. Used online by the head audit (engine/audit.h) and offline by the
 // pattern search (search/pattern_search.h), so an audit of every block equals the
 // search's scores of the same head and mask.
 #pragma once
@@ -9,7 +9,7 @@
 
 #include "kernels/sparse.h"
 #include "model/sparse_policy.h"
-#include "worker/engine.h"
+#include "engine/engine.h"
 
 namespace mprefill {
 

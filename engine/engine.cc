@@ -1,4 +1,4 @@
-#include "worker/engine.h"
+#include "engine/engine.h"
 
 #include <algorithm>
 #include <chrono>
@@ -8,8 +8,8 @@
 
 #include "kernels/cpu/cpu.h"
 #include "model/prompt.h"
-#include "worker/audit.h"
-#include "worker/plan_codec.h"
+#include "engine/audit.h"
+#include "engine/plan_codec.h"
 
 namespace mprefill {
 namespace {

@@ -4,7 +4,7 @@
 // rule, vertical-slash index, block-sparse blocks of the prefill's plan):
 //   recall           = mean over the sampled rows of the captured softmax mass
 //   output_rel_error = max |O_sparse - O_dense| / max |O_dense| over the sampled rows
-// Scored with the mask scoring primitives of worker/mask_score.h (RowPartial, OutputError,
+// Scored with the mask scoring primitives of engine/mask_score.h (RowPartial, OutputError,
 // BlockKeys), so an audit of every block equals the search's scores of the same head and mask.
 //
 // Cost per layer: O(K * blocks * 64 * N * d) multiply-adds (fp32 logits by the CPU GEMM,
@@ -21,8 +21,8 @@
 #include <vector>
 
 #include "model/sparse_policy.h"
-#include "worker/engine.h"
-#include "worker/mask_score.h"
+#include "engine/engine.h"
+#include "engine/mask_score.h"
 
 namespace mprefill {
 

@@ -32,7 +32,7 @@ struct PrefillPlan {
   bool empty() const { return layers.empty(); }
 };
 
-// Online accuracy audit of a prefill (worker/audit.h): per layer, heads_per_layer heads
+// Online accuracy audit of a prefill (engine/audit.h): per layer, heads_per_layer heads
 // that do not run dense (seeded choice) are scored on query_blocks sampled 64-row query
 // blocks (the last one always) against their dense causal attention.
 struct AuditOptions {

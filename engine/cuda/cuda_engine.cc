@@ -1,4 +1,4 @@
-#include "worker/cuda/cuda_engine.h"
+#include "engine/cuda/cuda_engine.h"
 
 #include <cuda_runtime.h>
 
@@ -17,8 +17,8 @@
 #include "kernels/cuda/index/index.h"
 #include "kernels/cuda/sparse/sparse_attention.h"
 #include "model/prompt.h"
-#include "worker/cuda/device_init.h"
-#include "worker/plan_codec.h"
+#include "engine/cuda/device_init.h"
+#include "engine/plan_codec.h"
 
 namespace mprefill::gpu {
 namespace {

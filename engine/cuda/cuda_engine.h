@@ -1,7 +1,7 @@
 // Single-process prefill on one CUDA GPU (sm90): bf16 weights resident on the device,
 // cuBLASLt GEMMs, the WGMMA flash / sparse attention kernels and the GPU index
 // estimation, with the same per-head policy and PrefillPlan as the CPU Engine
-// (worker/engine.h). Decoding is not done here: each layer's KV goes to a KvSink
+// (engine/engine.h). Decoding is not done here: each layer's KV goes to a KvSink
 // (kv/kv_sink.h; device pointers, bf16) and a decoder (e.g. the CPU Engine on a
 // KvCache filled by HostKvCacheSink) continues from it.
 //
@@ -26,7 +26,7 @@
 #include "model/model_config.h"
 #include "model/sparse_policy.h"
 #include "model/weights.h"
-#include "worker/engine.h"
+#include "engine/engine.h"
 
 namespace mprefill::gpu {
 

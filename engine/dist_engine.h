@@ -5,7 +5,7 @@
 // shards. Every rank of the group calls the same methods with the same arguments
 // (collective); rank r of the world is (sp_rank = r / tp, tp_rank = r % tp).
 //
-// CPU implementation (worker/dist_engine.cc): the ring is sparse-aware
+// CPU implementation (engine/dist_engine.cc): the ring is sparse-aware
 // (ring_attention_sparse_cpu: each step computes only the query blocks whose mask selects
 // a tile of the visiting shard); vertical-slash and block-sparse indices are estimated
 // over the sp shards and equal the single process's; the FFN rows are split evenly over
@@ -25,7 +25,7 @@
 #include "kv/kv_sink.h"
 #include "model/parallel_plan.h"
 #include "model/sparse_policy.h"
-#include "worker/engine.h"
+#include "engine/engine.h"
 
 namespace mprefill {
 
@@ -96,7 +96,7 @@ class DistEngine {
   // layer for this rank's (kv heads, token shard) goes to sink (may be null). Throws
   // std::runtime_error naming the rank on a communication failure or timeout.
   // An enabled audit (same options on every rank) fills stats.audit with every audited
-  // head of the prefill, identical on every rank (worker/audit.h: each sp rank scores the
+  // head of the prefill, identical on every rank (engine/audit.h: each sp rank scores the
   // sampled rows against its key shard, partials merged over sp, figures gathered over tp).
   DistPrefillResult prefill(const std::vector<int>& ids, const SparsePolicy& policy, KvSink* sink,
                             PrefillPlan* plan_inout = nullptr, const LayerProgressFn& progress = {},

@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "model/weights.h"
-#include "worker/engine.h"
+#include "engine/engine.h"
 
 namespace mprefill::gpu {
 

@@ -1,4 +1,4 @@
-#include "worker/ring_attention.h"
+#include "engine/ring_attention.h"
 
 #include <algorithm>
 #include <chrono>

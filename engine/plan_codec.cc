@@ -1,4 +1,4 @@
-#include "worker/plan_codec.h"
+#include "engine/plan_codec.h"
 
 #include <stdexcept>
 #include <string>

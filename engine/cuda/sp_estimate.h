@@ -1,5 +1,5 @@
 // Global sparse-index estimation across sequence-parallel GPU ranks (the GPU form of
-// worker/distributed_estimate.h), on the kernels of kernels/cuda/index/index.h and an NCCL
+// engine/distributed_estimate.h), on the kernels of kernels/cuda/index/index.h and an NCCL
 // sp communicator. Every sp rank holds the K (and Q) rows of its zigzag token ranges
 // (plan_sequence_parallel: 64-aligned edges) and ends with the same indices:
 //

@@ -1,5 +1,5 @@
 // Distributed prefill on GPUs: one rank per GPU, tp x sp ranks over NCCL (the GPU
-// backend of worker/dist_engine.h's design, as a separate class with the same prefill
+// backend of engine/dist_engine.h's design, as a separate class with the same prefill
 // semantics; rank r of the group is (sp_rank = r / tp, tp_rank = r % tp)).
 //
 //   - Tensor parallel over KV-head groups: rank t holds the contiguous KV heads
@@ -16,7 +16,7 @@
 //     (kernels/cuda/merge.h) into an fp32 state, written once as bf16 for Wo. A shard
 //     travels only as far as causally needed (skip_causal_kv).
 //   - Sparse indices: from a given plan, or estimated globally across the sp ranks per
-//     layer (worker/cuda/sp_estimate.h), identical on every sp rank.
+//     layer (engine/cuda/sp_estimate.h), identical on every sp rank.
 //   - Random weights are drawn on the device per slice with the same (seed, element)
 //     hash as CudaEngine(cfg, seed): every rank holds exactly its slices of the
 //     single-GPU random model, so the two can be compared.
@@ -38,8 +38,8 @@
 #include "model/sparse_policy.h"
 #include "model/weight_source.h"
 #include "model/weights.h"
-#include "worker/dist_engine.h"
-#include "worker/engine.h"
+#include "engine/dist_engine.h"
+#include "engine/engine.h"
 
 namespace mprefill::gpu {
 
@@ -98,7 +98,7 @@ class CudaDistEngine {
   // Sparse heads (policy): A-shape by global positions. Vertical-slash and block-sparse
   // heads take their indices from `plan` when it is filled (e.g. from CudaEngine or the CPU
   // engines); without a plan they are estimated per layer globally across the sp ranks
-  // (worker/cuda/sp_estimate.h: last 64 queries broadcast from their owner, global row
+  // (engine/cuda/sp_estimate.h: last 64 queries broadcast from their owner, global row
   // statistics, column / slash scores and pooled blocks combined over NCCL, one top-k on
   // the same arrays on every sp rank), and `estimated`, if given, receives the indices of
   // this rank's heads ([n_layers][n_heads], other ranks' heads left default). Each ring

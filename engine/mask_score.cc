@@ -1,4 +1,4 @@
-#include "worker/mask_score.h"
+#include "engine/mask_score.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-#include "worker/cuda/device_init.h"
+#include "engine/cuda/device_init.h"
 
 namespace mprefill::gpu {
 namespace {

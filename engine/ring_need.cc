@@ -1,4 +1,4 @@
-#include "worker/ring_need.h"
+#include "engine/ring_need.h"
 
 #include <algorithm>
 #include <stdexcept>

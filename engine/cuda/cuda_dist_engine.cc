@@ -1,4 +1,4 @@
-#include "worker/cuda/cuda_dist_engine.h"
+#include "engine/cuda/cuda_dist_engine.h"
 
 #include <cuda_runtime.h>
 
@@ -15,9 +15,9 @@
 #include "kernels/cuda/sparse/sparse_attention.h"
 #include "model/prompt.h"
 #include "model/weight_source.h"
-#include "worker/cuda/device_init.h"
-#include "worker/cuda/sp_estimate.h"
-#include "worker/plan_codec.h"
+#include "engine/cuda/device_init.h"
+#include "engine/cuda/sp_estimate.h"
+#include "engine/plan_codec.h"
 
 namespace mprefill::gpu {
 namespace {
@@ -399,7 +399,7 @@ CudaDistResult CudaDistEngine::prefill(const std::vector<int>& ids, const Sparse
     }
   }
   // Without a plan, vertical-slash / block-sparse heads are estimated globally across the
-  // sp ranks (worker/cuda/sp_estimate.h).
+  // sp ranks (engine/cuda/sp_estimate.h).
   const bool estimate = !all_dense && (!plan || plan->empty());
   if (estimated) {
     estimated->seq_len = n;

@@ -1,9 +1,9 @@
-#include "worker/cuda/cuda_generate.h"
+#include "engine/cuda/cuda_generate.h"
 
 #include <algorithm>
 
 #include "kv/cuda/kv_sinks.h"
-#include "worker/cuda/cuda_engine.h"
+#include "engine/cuda/cuda_engine.h"
 
 namespace mprefill::gpu {
 

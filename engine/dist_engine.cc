@@ -1,5 +1,5 @@
 // Distributed CPU prefill: tensor parallel over KV-head groups x sequence parallel over
-// token shards (worker/dist_engine.h).
+// token shards (engine/dist_engine.h).
 //
 // Per layer on rank (sp s, tp t), x = the residual rows of s's token ranges (replicated
 // over the tp ranks of s):
@@ -11,7 +11,7 @@
 //   tp per layer; K / V of (t's kv heads, s's ranges) to the sink.
 // The last position's owner computes the logits (vocab rows split over tp, all-gather),
 // then broadcasts them over its sp group, so every rank returns them.
-#include "worker/dist_engine.h"
+#include "engine/dist_engine.h"
 
 #include <algorithm>
 #include <chrono>
@@ -23,10 +23,10 @@
 #include "model/prompt.h"
 #include "model/safetensors.h"
 #include "model/weight_source.h"
-#include "worker/audit.h"
-#include "worker/distributed_estimate.h"
-#include "worker/plan_codec.h"
-#include "worker/ring_attention.h"
+#include "engine/audit.h"
+#include "engine/distributed_estimate.h"
+#include "engine/plan_codec.h"
+#include "engine/ring_attention.h"
 
 namespace mprefill {
 namespace {
@@ -256,7 +256,7 @@ struct DistEngine::Impl {
   DistPrefillResult prefill(const std::vector<int>& ids, const SparsePolicy& policy, KvSink* sink,
                             PrefillPlan* plan_inout, const LayerProgressFn& progress,
                             const AuditOptions& audit);
-  // The audit of layer l (worker/audit.h), collective; appends to out (same on every rank).
+  // The audit of layer l (engine/audit.h), collective; appends to out (same on every rank).
   void audit_layer_dist(int l, const SparsePolicy& policy, int64_t n, const TokenRanges& mine,
                         const std::vector<int64_t>& pos, const std::vector<float>& q,
                         const std::vector<float>& k, const std::vector<float>& v,

@@ -1,4 +1,4 @@
-#include "worker/distributed_estimate.h"
+#include "engine/distributed_estimate.h"
 
 #include <algorithm>
 #include <cmath>

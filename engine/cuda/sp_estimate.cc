@@ -1,4 +1,4 @@
-#include "worker/cuda/sp_estimate.h"
+#include "engine/cuda/sp_estimate.h"
 
 #include <cuda_runtime.h>
 

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "worker/engine.h"
+#include "engine/engine.h"
 
 namespace mprefill {
 

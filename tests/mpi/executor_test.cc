@@ -1,0 +1,228 @@
+// The executor contract (engine/executor.h) under mpirun: make_executor() on every rank,
+// the CPU backend at every tp x sp of the world (1 rank: tp 1 x sp 1) against the
+// single-process Engine (logits, the gathered KV cache), progress on every rank after
+// every layer, a throwing progress stopping the prefill, and the refusals that live in
+// check_request() / make_executor(). MPREFILL_TEST_TP sets tp (sp = ranks / tp).
+#include "engine/executor.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kv/kv_cache_sink.h"
+#include "model/weights.h"
+#include "tests/mpi/mpi_testutil.h"
+
+namespace mprefill {
+namespace {
+
+using test::mpi::expect_all_ranks_ok;
+using test::mpi::world;
+
+constexpr const char* kModel = "random:tiny:7";
+
+int env_tp() {
+  const char* e = std::getenv("MPREFILL_TEST_TP");
+  return e ? std::max(1, std::atoi(e)) : 1;
+}
+
+std::vector<int> random_ids(int64_t n, int vocab, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::uniform_int_distribution<int> d(0, vocab - 1);
+  std::vector<int> ids(n);
+  for (auto& x : ids) x = d(g);
+  return ids;
+}
+
+ExecutorSpec cpu_spec(int ranks) {
+  ExecutorSpec s;
+  s.backend = Backend::kCpu;
+  s.model = kModel;
+  s.topo.tp = env_tp();
+  s.topo.sp = ranks / s.topo.tp;
+  return s;
+}
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b, size_t n) {
+  double d = 0;
+  for (size_t i = 0; i < n; ++i) d = std::max(d, static_cast<double>(std::fabs(a[i] - b[i])));
+  return d;
+}
+double max_abs(const std::vector<float>& a, size_t n) {
+  double m = 0;
+  for (size_t i = 0; i < n; ++i) m = std::max(m, static_cast<double>(std::fabs(a[i])));
+  return m;
+}
+
+// A 200-token prompt (not a multiple of the 64-token block) through the executor equals
+// the single-process Engine: logits on every rank, the KV gathered on rank 0.
+TEST(Executor, CpuEqualsSingleProcessEngine) {
+  auto c = world();
+  const ExecutorSpec spec = cpu_spec(c->size());
+  std::unique_ptr<Executor> ex = make_executor(spec, c.get());
+  ASSERT_EQ(ex->backend(), Backend::kCpu);
+  EXPECT_STREQ(ex->name(), "cpu-dist");
+  EXPECT_EQ(ex->topology().tp * ex->topology().sp, c->size());
+  const ModelConfig& cfg = ex->config();
+  const int64_t n = 200;
+  const std::vector<int> ids = random_ids(n, cfg.vocab, 11);
+
+  KvCache mine(cfg, n);
+  KvCacheSink sink(&mine, cfg.head_dim);
+  std::vector<int> layers_seen;
+  PrefillRequest req;
+  req.ids = &ids;
+  req.progress = [&](int layer, int n_layers) {
+    EXPECT_EQ(n_layers, cfg.n_layers);
+    layers_seen.push_back(layer);
+  };
+  const PrefillResult r = ex->prefill(req, &sink);
+  EXPECT_EQ(r.tokens, n);
+  EXPECT_TRUE(r.all_dense);
+  EXPECT_TRUE(r.measured);
+  EXPECT_EQ(r.kv_dtype, DType::kF32);
+  EXPECT_GT(r.kv_bytes_exported, 0);
+  EXPECT_EQ(static_cast<int>(r.sp_layout.size()), spec.topo.sp);
+  std::vector<int> expect_layers(cfg.n_layers);
+  for (int l = 0; l < cfg.n_layers; ++l) expect_layers[l] = l;
+  EXPECT_EQ(layers_seen, expect_layers) << "progress once per layer, in order, on every rank";
+
+  KvCache gathered(cfg, n);
+  gather_kv_cache(*c, sink, 0, n, c->rank() == 0 ? &gathered : nullptr);
+
+  const ModelWeights w = load_model(kModel);
+  Engine eng(w);
+  KvCache ref(cfg, n);
+  const std::vector<float> ref_logits = eng.prefill(ids, SparsePolicy::dense(), &ref);
+  bool ok = r.logits.size() == ref_logits.size();
+  if (ok) {
+    const double d = max_abs_diff(r.logits, ref_logits, ref_logits.size());
+    ok = d <= 1e-4 * max_abs(ref_logits, ref_logits.size());
+    EXPECT_TRUE(ok) << "rank " << c->rank() << ": logits max|diff| " << d;
+  }
+  if (c->rank() == 0) {
+    const size_t cells = static_cast<size_t>(n) * cfg.kv_dim();
+    for (int l = 0; l < cfg.n_layers; ++l) {
+      const double dk = max_abs_diff(gathered.k[l], ref.k[l], cells);
+      const double dv = max_abs_diff(gathered.v[l], ref.v[l], cells);
+      const bool lok =
+          dk <= 1e-4 * max_abs(ref.k[l], cells) && dv <= 1e-4 * max_abs(ref.v[l], cells);
+      EXPECT_TRUE(lok) << "layer " << l << ": K max|diff| " << dk << ", V " << dv;
+      ok = ok && lok;
+    }
+  }
+  expect_all_ranks_ok(*c, ok);
+}
+
+// A progress that throws at layer 1 on every rank stops the CPU prefill there: no
+// layer after it reaches the sink, and the exception reaches the caller.
+TEST(Executor, ThrowingProgressStopsTheCpuPrefill) {
+  auto c = world();
+  std::unique_ptr<Executor> ex = make_executor(cpu_spec(c->size()), c.get());
+  ASSERT_TRUE(ex->caps().abort_mid_prefill);
+  const ModelConfig& cfg = ex->config();
+  ASSERT_GE(cfg.n_layers, 3);
+  const std::vector<int> ids = random_ids(130, cfg.vocab, 5);
+  KvCache mine(cfg, 130);
+  KvCacheSink sink(&mine, cfg.head_dim);
+  PrefillRequest req;
+  req.ids = &ids;
+  req.progress = [](int layer, int) {
+    if (layer == 1) throw std::runtime_error("stop at layer 1");
+  };
+  bool threw = false;
+  try {
+    ex->prefill(req, &sink);
+  } catch (const std::runtime_error& e) {
+    threw = std::string(e.what()).find("stop at layer 1") != std::string::npos;
+  }
+  EXPECT_TRUE(threw);
+  int max_layer = -1;
+  for (const KvPiece& p : sink.pieces()) max_layer = std::max(max_layer, p.layer);
+  EXPECT_EQ(max_layer, 1) << "no layer after the throwing progress was exported";
+  expect_all_ranks_ok(*c, threw && max_layer == 1);
+}
+
+// An executor whose caps lack a feature: check_request refuses it with one message that
+// names the executor and the feature.
+class NoFeatures final : public Executor {
+ public:
+  const ModelConfig& config() const override { return cfg_; }
+  DistTopology topology() const override { return {}; }
+  int rank() const override { return 3; }
+  Backend backend() const override { return Backend::kCuda; }
+  ExecutorCaps caps() const override { return {}; }
+  const char* name() const override { return "bare"; }
+  PrefillResult prefill(const PrefillRequest& req, KvSink*) override {
+    check_request(*this, req);
+    return {};
+  }
+
+ private:
+  ModelConfig cfg_;
+};
+
+TEST(Executor, RefusalsComeFromOnePlace) {
+  auto c = world();
+  NoFeatures bare;
+  const std::vector<int> ids = {1, 2, 3};
+  PrefillRequest req;
+  EXPECT_THROW(
+      {
+        try {
+          bare.prefill(req, nullptr);
+        } catch (const std::runtime_error& e) {
+          EXPECT_NE(std::string(e.what()).find("has no prompt ids"), std::string::npos) << e.what();
+          throw;
+        }
+      },
+      std::runtime_error);
+  req.ids = &ids;
+  req.audit.heads_per_layer = 2;
+  try {
+    bare.prefill(req, nullptr);
+    ADD_FAILURE() << "an audit request passed an executor without the audit";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("bare executor (rank 3): the head audit"),
+              std::string::npos)
+        << e.what();
+  }
+  req.audit = {};
+  EXPECT_NO_THROW(bare.prefill(req, nullptr));
+
+  // A topology that does not match the group, and a bad backend name.
+  ExecutorSpec bad = cpu_spec(c->size());
+  bad.topo.sp += 1;
+  try {
+    make_executor(bad, c.get());
+    ADD_FAILURE() << "a topology larger than the group was accepted";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("the group has " + std::to_string(c->size())),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(parse_backend("gpu"), std::invalid_argument);
+  EXPECT_EQ(parse_backend("cuda"), Backend::kCuda);
+
+  // --device cuda on this machine: refused with one line naming the device flag (no CUDA
+  // backend in the build, or no visible device) unless a GPU is really there.
+  ExecutorSpec cuda = cpu_spec(c->size());
+  cuda.backend = Backend::kCuda;
+  const char* require = std::getenv("MPREFILL_REQUIRE_GPU");
+  if (!require || std::string(require) != "1") {
+    try {
+      make_executor(cuda, c.get());
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find("--device cuda"), std::string::npos) << e.what();
+    }
+  }
+}
+
+}  // namespace
+}  // namespace mprefill
