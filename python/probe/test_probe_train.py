@@ -63,6 +63,44 @@ class SmokeTrain(unittest.TestCase):
                 self.assertTrue(os.path.exists(os.path.join(d, name)), name)
             self.assertFalse(os.path.exists(os.path.join(d, "ckpt.pt")))
 
+    def test_multikey_accuracy_in_one_forward(self):
+        # accuracy() scores every check of a multi-key sample from one forward; causal
+        # attention makes that equal to a forward per check prefix. A random model's own
+        # greedy answers (per prefix) must score 1.0, the same with one answer changed 0.0.
+        code = f"""
+import sys, torch
+sys.path.insert(0, {HERE!r})
+import train_probe as tp, probe_task as task
+torch.manual_seed(0)
+c = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+         num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=4096,
+         rms_norm_eps=1e-5, rope_theta=1e7)
+m = tp.Llama(c).eval()
+with torch.no_grad():
+    for p in m.parameters():
+        p.mul_(20)  # away from uniform logits: argmax ties would make the check vacuous
+own = []
+with torch.no_grad():
+    for ids, checks in task.multikey_eval_set(1024, 4, 4):
+        ids, new = list(ids), []
+        for p, _ in checks:  # greedy v1 after ids[:p], then v2 after ids[:p] + [v1]
+            v1 = m(torch.tensor([ids[:p]]), torch.tensor([p - 1])).argmax(-1).item()
+            v2 = m(torch.tensor([ids[:p] + [v1]]), torch.tensor([p])).argmax(-1).item()
+            if p < len(ids):
+                ids[p:p + 2] = [v1, v2]  # teacher forcing with the model's own answers
+            new.append((p, [v1, v2]))
+        own.append((ids, new))
+dev = torch.device("cpu")
+print(tp.accuracy(m, own, dev, 4))
+bad = [(ids, [(p, [a[0], a[1] + 1 if a[1] < 511 else 16]) if j == 1 else (p, a)
+              for j, (p, a) in enumerate(ch)]) for ids, ch in own]
+print(tp.accuracy(m, bad, dev, 4))
+"""
+        r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        self.assertEqual(r.stdout.split(), ["1.0", "0.0"])
+
     def test_bad_min_len_is_refused(self):
         with tempfile.TemporaryDirectory() as d:
             r = subprocess.run([PY, os.path.join(HERE, "train_probe.py"), "--out", d,

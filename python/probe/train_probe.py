@@ -434,6 +434,59 @@ def stage_line(st, length, step, ts, why):
             f"acc {row['acc']:.3f} (kv {row['acc_kv']:.3f}, mk {row['acc_mk']:.3f})")
 
 
+def finish(args, c, model, st, lengths, params, dev_name, device, log, t_proc):
+    """Export the trained model (HF directory), evaluate it densely on both tasks, write the
+    model card and train_summary.json, remove the checkpoint."""
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    train_minutes = st["train_s"] / 60
+    stage = st["stage"]
+    log(f"probe: trained {st['step']} steps in {train_minutes:.2f} min, final length "
+        f"{lengths[stage]}, running acc {st['run_acc']:.3f}")
+
+    # Export first (so a late failure still leaves the model), then evaluate.
+    model.eval()
+    with torch.no_grad():  # evaluate what is exported: bf16-rounded weights
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    save_safetensors(os.path.join(args.out, "model.safetensors"), hf_state(model))
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(hf_config(c), f, indent=2)
+        f.write("\n")
+    with open(os.path.join(args.out, "calib_8k.ids"), "w") as f:
+        f.write(" ".join(map(str, task.calibration_ids(8192))) + "\n")
+
+    acc_lines, results = [], {"kv": {}, "mk": {}}
+    for n in (int(v) for v in args.eval_lengths.split(",") if v):
+        for name in ("kv", "mk"):
+            samples = (task.eval_set(n, args.eval_samples) if name == "kv" else
+                       task.multikey_eval_set(n, args.eval_samples, args.eval_keys))
+            acc = accuracy(model, samples, device, max(1, 65536 // n))
+            results[name][n] = acc
+            log(f"probe: dense {name} accuracy at {n} tokens: {acc:.3f} ({len(samples)} samples)")
+        acc_lines.append(f"  - {task.length_name(n).upper()} tokens: single key "
+                         f"{results['kv'][n]:.3f}, multi-key {results['mk'][n]:.3f}")
+    card = MODEL_CARD.format(
+        name=args.name, params=params, mbytes=params * 2 / 1e6, seed=args.seed,
+        curriculum=" -> ".join(map(str, lengths[:stage + 1])), steps=st["step"],
+        minutes=train_minutes, chunks=st["chunks"], device=dev_name,
+        tokens_per_step=args.tokens_per_step,
+        stage_steps=", ".join(f"{l}: {s}" for l, s in zip(lengths, st["stage_reached"])),
+        vmax=VOCAB - 1, eval_seed=task.EVAL_SEED, eval_n=args.eval_samples,
+        keys=args.eval_keys, accuracy="\n".join(acc_lines), **c)
+    with open(os.path.join(args.out, "MODEL_CARD.md"), "w") as f:
+        f.write(card)
+    with open(os.path.join(args.out, "train_summary.json"), "w") as f:
+        json.dump({"steps": st["step"], "train_minutes": train_minutes, "chunks": st["chunks"],
+                   "device": dev_name, "seed": args.seed, "rope_theta": args.rope_theta,
+                   "lengths": lengths[:stage + 1], "stage_reached": st["stage_reached"],
+                   "stages": st["stages"], "dense_accuracy": results, "params": params,
+                   "args": vars(args),
+                   "last_chunk_seconds": time.time() - t_proc}, f, indent=1)
+    if os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
+    log(f"probe: wrote {args.out} ({time.time() - t_proc:.0f} s in this chunk)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output HF directory (also the checkpoint's)")
@@ -602,53 +655,7 @@ def main():
     if not st.get("last_stage_logged"):
         st["last_stage_logged"] = True
         log(stage_line(st, lengths[st["stage"]], st["step"], st["train_s"], "end of training"))
-    train_minutes = st["train_s"] / 60
-    stage = st["stage"]
-    log(f"probe: trained {st['step']} steps in {train_minutes:.2f} min, final length "
-        f"{lengths[stage]}, running acc {st['run_acc']:.3f}")
-
-    # Export first (so a late failure still leaves the model), then evaluate.
-    model.eval()
-    with torch.no_grad():  # evaluate what is exported: bf16-rounded weights
-        for p in model.parameters():
-            p.copy_(p.to(torch.bfloat16).float())
-    save_safetensors(os.path.join(args.out, "model.safetensors"), hf_state(model))
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(hf_config(c), f, indent=2)
-        f.write("\n")
-    with open(os.path.join(args.out, "calib_8k.ids"), "w") as f:
-        f.write(" ".join(map(str, task.calibration_ids(8192))) + "\n")
-
-    acc_lines, results = [], {"kv": {}, "mk": {}}
-    for n in (int(v) for v in args.eval_lengths.split(",") if v):
-        for name in ("kv", "mk"):
-            samples = (task.eval_set(n, args.eval_samples) if name == "kv" else
-                       task.multikey_eval_set(n, args.eval_samples, args.eval_keys))
-            acc = accuracy(model, samples, device, max(1, 65536 // n))
-            results[name][n] = acc
-            log(f"probe: dense {name} accuracy at {n} tokens: {acc:.3f} ({len(samples)} samples)")
-        acc_lines.append(f"  - {task.length_name(n).upper()} tokens: single key "
-                         f"{results['kv'][n]:.3f}, multi-key {results['mk'][n]:.3f}")
-    card = MODEL_CARD.format(
-        name=args.name, params=params, mbytes=params * 2 / 1e6, seed=args.seed,
-        curriculum=" -> ".join(map(str, lengths[:stage + 1])), steps=st["step"],
-        minutes=train_minutes, chunks=st["chunks"], device=dev_name,
-        tokens_per_step=args.tokens_per_step,
-        stage_steps=", ".join(f"{l}: {s}" for l, s in zip(lengths, st["stage_reached"])),
-        vmax=VOCAB - 1, eval_seed=task.EVAL_SEED, eval_n=args.eval_samples,
-        keys=args.eval_keys, accuracy="\n".join(acc_lines), **c)
-    with open(os.path.join(args.out, "MODEL_CARD.md"), "w") as f:
-        f.write(card)
-    with open(os.path.join(args.out, "train_summary.json"), "w") as f:
-        json.dump({"steps": st["step"], "train_minutes": train_minutes, "chunks": st["chunks"],
-                   "device": dev_name, "seed": args.seed, "rope_theta": args.rope_theta,
-                   "lengths": lengths[:stage + 1], "stage_reached": st["stage_reached"],
-                   "stages": st["stages"], "dense_accuracy": results, "params": params,
-                   "args": vars(args),
-                   "last_chunk_seconds": time.time() - t_proc}, f, indent=1)
-    if os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
-    log(f"probe: wrote {args.out} ({time.time() - t_proc:.0f} s in this chunk)")
+    finish(args, c, model, st, lengths, params, dev_name, device, log, t_proc)
 
 
 if __name__ == "__main__":
