@@ -81,7 +81,7 @@ with torch.no_grad():
         p.mul_(20)  # away from uniform logits: argmax ties would make the check vacuous
 own = []
 with torch.no_grad():
-    for ids, checks in task.multikey_eval_set(1024, 4, 4):
+    for ids, checks in task.multikey_eval_set(512, 3, 4):
         ids, new = list(ids), []
         for p, _ in checks:  # greedy v1 after ids[:p], then v2 after ids[:p] + [v1]
             v1 = m(torch.tensor([ids[:p]]), torch.tensor([p - 1])).argmax(-1).item()
