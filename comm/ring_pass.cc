@@ -59,9 +59,9 @@ Status ring_pass(int rank, const RingPlan& plan, RingTransport& transport,
   using Clock = std::chrono::steady_clock;
   const int size = plan.size();
   if (rank < 0 || rank >= size)
-    return fail(error, Status::kInvalidArgument,
-                who + "rank " + std::to_string(rank) + " is not in a ring of " +
-                    std::to_string(size));
+    return fail(
+        error, Status::kInvalidArgument,
+        who + "rank " + std::to_string(rank) + " is not in a ring of " + std::to_string(size));
   const int next = (rank + 1) % size, prev = (rank + size - 1) % size;
   RingPassStats local;
   RingPassStats& st = stats ? *stats : local;
@@ -164,10 +164,9 @@ Status HostRingTransport::post(const RingStep& s, int64_t send_rows, int64_t rec
   status_ = Status::kOk;
   error_.clear();
   try {
-    xfer_ = std::thread(
-        [this, ck, cv, sc, nk, nv, rc, to, from] {
-          status_ = exchange(sp_, ck, cv, sc, nk, nv, rc, to, from, &error_);
-        });
+    xfer_ = std::thread([this, ck, cv, sc, nk, nv, rc, to, from] {
+      status_ = exchange(sp_, ck, cv, sc, nk, nv, rc, to, from, &error_);
+    });
   } catch (const std::exception&) {  // thread creation failed: run it inline
     status_ = exchange(sp_, ck, cv, sc, nk, nv, rc, to, from, &error_);
   }

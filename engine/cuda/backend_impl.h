@@ -64,13 +64,13 @@ struct CudaBackend::Impl {
   std::vector<DevLayer> layers;
   double* inv_freq = nullptr;
   cuda::GemmContext* gemm = nullptr;
-  int64_t* pinned = nullptr;  // host pinned [4]: index totals read back per call
-  cudaStream_t st = nullptr;  // compute
+  int64_t* pinned = nullptr;       // host pinned [4]: index totals read back per call
+  cudaStream_t st = nullptr;       // compute
   cudaStream_t comm_st = nullptr;  // ring transfers (sp > 1 only)
   std::unique_ptr<comm::Communicator> tp_comm, sp_comm;  // null when that size is 1
-  std::vector<cudaEvent_t> events;       // timing marks of the layer categories
-  std::vector<cudaEvent_t> sync_events;  // ordering between the streams (no timing)
-  std::vector<cudaEvent_t> time_events;  // timing spans of the ring / all-reduces
+  std::vector<cudaEvent_t> events;                       // timing marks of the layer categories
+  std::vector<cudaEvent_t> sync_events;                  // ordering between the streams (no timing)
+  std::vector<cudaEvent_t> time_events;                  // timing spans of the ring / all-reduces
 
   template <class T>
   T* alloc(size_t count, const char* what) {
@@ -164,7 +164,7 @@ Setup make_setup(const ModelConfig& c, const Geometry& g, const CudaOptions& opt
                  const Fail& fail);
 void carve_all(Carver& cv, const Setup& S, const ModelConfig& c, const Geometry& g, Bufs& B,
                Sizes& sz);
-MemoryPlan measure(const Setup& S, const ModelConfig& c, const Geometry& g,
-                   const CudaOptions& opt, size_t weight_bytes, const Fail& fail);
+MemoryPlan measure(const Setup& S, const ModelConfig& c, const Geometry& g, const CudaOptions& opt,
+                   size_t weight_bytes, const Fail& fail);
 
 }  // namespace mprefill::gpu

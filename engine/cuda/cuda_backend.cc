@@ -156,8 +156,7 @@ std::vector<float> CudaBackend::prefill(const std::vector<int>& ids, const Spars
   ST.sp_imbalance = sp_imbalance(S.layout);
 
   // ---- forward
-  LayerForward::Inputs in{&c,   &I,     &S,       &B,        &opt_, &policy,
-                          plan_inout, fill_plan, &popt, sink, &ST};
+  LayerForward::Inputs in{&c, &I, &S, &B, &opt_, &policy, plan_inout, fill_plan, &popt, sink, &ST};
   LayerForward fw(in);
   fw.embed();
   for (int l = 0; l < c.n_layers; ++l) fw.layer(l);

@@ -119,8 +119,8 @@ class CudaExecutor final : public Executor {
     if (req.plan) plan = *req.plan;
     CudaPrefillStats st;
     PrefillResult out;
-    out.logits = backend_->prefill(*req.ids, req.policy ? *req.policy : dense,
-                                   chain.progress.get(), req.plan ? &plan : nullptr, &st);
+    out.logits = backend_->prefill(*req.ids, req.policy ? *req.policy : dense, chain.progress.get(),
+                                   req.plan ? &plan : nullptr, &st);
     chain.progress->rethrow();
     out.tokens = st.tokens;
     out.all_dense = st.all_dense;

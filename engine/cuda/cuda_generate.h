@@ -3,8 +3,8 @@
 #pragma once
 #include <vector>
 
-#include "model/weights.h"
 #include "engine/engine.h"
+#include "model/weights.h"
 
 namespace mprefill::gpu {
 

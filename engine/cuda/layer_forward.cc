@@ -38,9 +38,9 @@ LayerForward::LayerForward(const Inputs& in)
     bool estimates = false;
     for (const auto& layer : S.pieces)
       for (const Piece& p : layer)
-        estimates |= (p.kind == PatternKind::kVerticalSlash ||
-                      p.kind == PatternKind::kBlockSparse) &&
-                     (!p.planned || popt_.estimate_with_plan);
+        estimates |=
+            (p.kind == PatternKind::kVerticalSlash || p.kind == PatternKind::kBlockSparse) &&
+            (!p.planned || popt_.estimate_with_plan);
     // Collective per call: every sp rank of this tp slice has the same pieces.
     if (estimates)
       est_ = std::make_unique<SpEstimator>(I.sp_comm.get(), S.layout, g.sp_rank, S.n, st, f.who);
@@ -101,16 +101,15 @@ void LayerForward::gemm(const void* x, const void* w, const void* bias, void* y,
 void LayerForward::all_reduce_x(int l) {
   if (g.tp == 1) return;
   const size_t a = timing ? time_mark(st) : 0;
-  f.cok(I.tp_comm->all_reduce(B.x, B.x, size_t(S.nl) * c.hidden, DType::kF32,
-                              comm::ReduceOp::kSum, st),
+  f.cok(I.tp_comm->all_reduce(B.x, B.x, size_t(S.nl) * c.hidden, DType::kF32, comm::ReduceOp::kSum,
+                              st),
         *I.tp_comm, "tp all-reduce at layer " + std::to_string(l));
   if (timing) spans.push_back({2, a, time_mark(st)});
   mark(kRest, l);
 }
 
 void LayerForward::embed() {
-  f.ok(cuda::embedding(I.embed, DType::kBF16, c.vocab, c.hidden, B.ids, S.nl, B.x, DType::kF32,
-                       st),
+  f.ok(cuda::embedding(I.embed, DType::kBF16, c.vocab, c.hidden, B.ids, S.nl, B.x, DType::kF32, st),
        "embedding");
   mark(kHead, -1);
 }
@@ -145,9 +144,9 @@ void LayerForward::qkv_rope_export(int l) {
        H, kvl, false, l);
   mark(kGemm, l);
   // Global positions: B.pos at sp > 1, 0 .. n-1 (null) at sp 1.
-  f.ok(cuda::rope(B.q, DType::kBF16, nl, g.nh, hd_, ql, hd_, B.pos, 0, I.inv_freq, c.rope_style,
-                  st),
-       "rope q", l);
+  f.ok(
+      cuda::rope(B.q, DType::kBF16, nl, g.nh, hd_, ql, hd_, B.pos, 0, I.inv_freq, c.rope_style, st),
+      "rope q", l);
   f.ok(cuda::rope(B.k, DType::kBF16, nl, g.nkv, hd_, kvl, hd_, B.pos, 0, I.inv_freq, c.rope_style,
                   st),
        "rope k", l);
@@ -314,8 +313,7 @@ void LayerForward::index_vs(int l, const Piece& p, IndexCursor& cur, PieceView& 
     f.raise("layer " + std::to_string(l) + " vertical-slash index has " + std::to_string(nr) +
             " ranges and " + std::to_string(ncol) + " columns, over the capacity of " +
             std::to_string(S.range_cap - cur.ranges) + " / " +
-            std::to_string(S.col_cap - cur.cols) +
-            " (raise CudaOptions::vs_index_max_bytes)");
+            std::to_string(S.col_cap - cur.cols) + " (raise CudaOptions::vs_index_max_bytes)");
   int* lo = B.range_lo + cur.ranges;
   int* hi = B.range_hi + cur.ranges;
   int* col = ncol ? B.col + cur.cols : nullptr;
@@ -378,9 +376,9 @@ void LayerForward::index_bs(int l, const Piece& p, IndexCursor& cur, PieceView& 
       e.head_dim = hd_;
       e.scale = scale_;
       e.dtype = DType::kBF16;
-      f.ok(cuda::index::block_sparse_estimate(e, topk_.data(), blocks, kmax, B.est_ws, S.est_ws,
-                                              st),
-           "block_sparse_estimate", l);
+      f.ok(
+          cuda::index::block_sparse_estimate(e, topk_.data(), blocks, kmax, B.est_ws, S.est_ws, st),
+          "block_sparse_estimate", l);
     }
     cur.blocks += int64_t(p.nh) * S.nb * kmax;
     out.bs.k = kmax;
@@ -407,8 +405,8 @@ void LayerForward::launch(const Piece& p, const PieceView& x, AttentionParams ap
            l);
       break;
     case PatternKind::kVerticalSlash:
-      f.ok(cuda::vs_attention_fwd(ap, x.vs, 0, st),
-           std::string(what) + "vertical-slash attention", l);
+      f.ok(cuda::vs_attention_fwd(ap, x.vs, 0, st), std::string(what) + "vertical-slash attention",
+           l);
       break;
     case PatternKind::kBlockSparse:
       f.ok(cuda::block_sparse_attention_fwd(ap, x.bs, 0, st),
@@ -500,6 +498,7 @@ std::vector<float> LayerForward::logits(comm::Communicator* world) {
 }
 
 void LayerForward::collect_times() {
+  if (est_) ST.estimate_bytes_sent = est_->comm_bytes();
   if (!timing) return;
   for (size_t i = 1; i < marks_.size(); ++i) {
     float ms = 0;
@@ -523,11 +522,9 @@ void LayerForward::collect_times() {
   for (const Span& s : spans) {
     float ms = 0;
     f.ck(cudaEventElapsedTime(&ms, I.time_events[s.a], I.time_events[s.b]), "timing");
-    double* to[4] = {&ST.ring_compute_ms, &ST.ring_wait_ms, &ST.allreduce_ms,
-                     &ST.ring_transfer_ms};
+    double* to[4] = {&ST.ring_compute_ms, &ST.ring_wait_ms, &ST.allreduce_ms, &ST.ring_transfer_ms};
     *to[s.kind] += ms;
   }
-  if (est_) ST.estimate_bytes_sent = est_->comm_bytes();
 }
 
 }  // namespace mprefill::gpu

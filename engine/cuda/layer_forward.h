@@ -57,7 +57,7 @@ class LayerForward {
   // Final norm + LM head of position n - 1 on its owner, broadcast to the group; waits
   // for the device (bounded in a group) and returns the logits.
   std::vector<float> logits(comm::Communicator* world);
-  // Timing: fold the events into stats (after the device finished).
+  // Stats after the device finished: estimation traffic, and with timing the events.
   void collect_times();
 
  private:
@@ -91,7 +91,7 @@ class LayerForward {
   cudaStream_t st;
   bool timing;
   size_t n_sync = 0;
-  cudaEvent_t sync_event();            // ordering events, reused round-robin (64)
+  cudaEvent_t sync_event();           // ordering events, reused round-robin (64)
   size_t time_mark(cudaStream_t on);  // a timing event recorded on `on`
   struct Span {
     int kind;  // 0 ring compute, 1 ring wait, 2 all-reduce, 3 ring transfer (comm stream)

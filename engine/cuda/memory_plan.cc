@@ -178,8 +178,8 @@ Setup make_setup(const ModelConfig& c, const Geometry& g, const CudaOptions& opt
   Setup S;
   S.n = n;
   S.nb = num_blocks(n);
-  S.layout = g.sp == 1 ? std::vector<TokenRanges>{TokenRanges{{0, n}}}
-                       : plan_sequence_parallel(n, g.sp);
+  S.layout =
+      g.sp == 1 ? std::vector<TokenRanges>{TokenRanges{{0, n}}} : plan_sequence_parallel(n, g.sp);
   S.rows.assign(g.sp, 0);
   for (int r = 0; r < g.sp; ++r) {
     for (auto [b, e] : S.layout[r]) S.rows[r] += e - b;
@@ -232,25 +232,25 @@ Setup make_setup(const ModelConfig& c, const Geometry& g, const CudaOptions& opt
     // per-range scores, row statistics, pooled Q / K blocks (fp32).
     int64_t max_range = 0;
     for (auto [b, e] : S.layout[g.sp_rank]) max_range = std::max(max_range, e - b);
-    S.sp_est_scratch = 4 * (size_t(g.nh) * (2 * n + max_range) +
-                            size_t(g.nh) * S.n_last * (4 + 2 * g.sp) +
-                            size_t(S.nb) * hd * (g.nh + g.nkv)) +
-                       cuda::index::vs_estimate_workspace_size([&] {
-                         VsEstimateParams e;
-                         e.q_row_stride = g.ql;
-                         e.q_head_stride = hd;
-                         e.k_row_stride = g.kvl;
-                         e.k_head_stride = hd;
-                         e.n_last = S.n_last;
-                         e.seq_len = n;
-                         e.n_k = static_cast<int>(max_range);
-                         e.num_heads = g.nh;
-                         e.num_kv_heads = g.nkv;
-                         e.head_dim = hd;
-                         e.scale = 1.f;
-                         e.dtype = DType::kBF16;
-                         return e;
-                       }());
+    S.sp_est_scratch =
+        4 * (size_t(g.nh) * (2 * n + max_range) + size_t(g.nh) * S.n_last * (4 + 2 * g.sp) +
+             size_t(S.nb) * hd * (g.nh + g.nkv)) +
+        cuda::index::vs_estimate_workspace_size([&] {
+          VsEstimateParams e;
+          e.q_row_stride = g.ql;
+          e.q_head_stride = hd;
+          e.k_row_stride = g.kvl;
+          e.k_head_stride = hd;
+          e.n_last = S.n_last;
+          e.seq_len = n;
+          e.n_k = static_cast<int>(max_range);
+          e.num_heads = g.nh;
+          e.num_kv_heads = g.nkv;
+          e.head_dim = hd;
+          e.scale = 1.f;
+          e.dtype = DType::kBF16;
+          return e;
+        }());
   }
   return S;
 }

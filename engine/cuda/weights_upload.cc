@@ -31,8 +31,8 @@ CudaBackend::CudaBackend(comm::Communicator* world, const ModelConfig& cfg, uint
   init(nullptr, seed);
 }
 
-CudaBackend::CudaBackend(comm::Communicator* world, const ModelWeights& weights,
-                         DistTopology topo, CudaOptions opt)
+CudaBackend::CudaBackend(comm::Communicator* world, const ModelWeights& weights, DistTopology topo,
+                         CudaOptions opt)
     : cfg_(weights.config), topo_(topo), opt_(opt), world_(world) {
   cfg_.tie_word_embeddings = weights.lm_head.empty();  // the host model has no lm_head then
   const WeightSource src(weights);
@@ -116,14 +116,13 @@ void upload_slices(CudaBackend::Impl& I, const ModelConfig& cfg, const WeightSou
     }
     upload(L.wo, src.cols(a + "o_proj.weight", Lw ? &Lw->wo : nullptr, H, Q, q_off, ql),
            a + "o_proj.weight");
-    up_rows(L.wgu, m + "gate_proj.weight", Lw ? &Lw->w_gate : nullptr, cfg.intermediate, H, f0,
+    up_rows(L.wgu, m + "gate_proj.weight", Lw ? &Lw->w_gate : nullptr, cfg.intermediate, H, f0, nf);
+    up_rows(L.wgu + nf * H, m + "up_proj.weight", Lw ? &Lw->w_up : nullptr, cfg.intermediate, H, f0,
             nf);
-    up_rows(L.wgu + nf * H, m + "up_proj.weight", Lw ? &Lw->w_up : nullptr, cfg.intermediate, H,
-            f0, nf);
-    upload(L.wdown,
-           src.cols(m + "down_proj.weight", Lw ? &Lw->w_down : nullptr, H, cfg.intermediate, f0,
-                    nf),
-           m + "down_proj.weight");
+    upload(
+        L.wdown,
+        src.cols(m + "down_proj.weight", Lw ? &Lw->w_down : nullptr, H, cfg.intermediate, f0, nf),
+        m + "down_proj.weight");
     upf(L.attn_norm, p + "input_layernorm.weight", Lw ? &Lw->attn_norm : nullptr, H);
     upf(L.ffn_norm, p + "post_attention_layernorm.weight", Lw ? &Lw->ffn_norm : nullptr, H);
   }
@@ -187,8 +186,7 @@ void CudaBackend::init(const WeightSource* src, uint64_t seed) {
             " needs a communicator of " + std::to_string(group) + " ranks");
   if (world_ && world_->size() != group)
     f.raise("topology tp " + std::to_string(topo.tp) + " x sp " + std::to_string(topo.sp) +
-            " does not match the " + std::to_string(world_->size()) +
-            " ranks of the communicator");
+            " does not match the " + std::to_string(world_->size()) + " ranks of the communicator");
   if (cfg_.n_kv_heads % topo.tp != 0)
     f.raise("tp " + std::to_string(topo.tp) + " does not divide the " +
             std::to_string(cfg_.n_kv_heads) + " KV heads");

@@ -1,11 +1,10 @@
 // The CUDA backend (engine/cuda/cuda_backend.h) over NCCL under mpirun, one rank per
 // GPU, against the same class on one GPU (tp 1 x sp 1, no communicator) on the same
-// device-random model (each rank of a group draws exactly its slices of it): last-position logits and the
-// per-layer K / V of every rank's (KV heads, token shard), for every tp x sp of the
-// world size that divides the KV heads (np 2: 2x1, 1x2; np 4: 2x2, 1x4), with dense,
-// fixed sparse and ring-estimated sparse indices (against the single-GPU estimation);
-// causal KV skipping. Needs one GPU per rank (ctest labels gpu2 / gpu4); skips loudly
-// otherwise.
+// device-random model (each rank of a group draws exactly its slices of it): last-position logits
+// and the per-layer K / V of every rank's (KV heads, token shard), for every tp x sp of the world
+// size that divides the KV heads (np 2: 2x1, 1x2; np 4: 2x2, 1x4), with dense, fixed sparse and
+// ring-estimated sparse indices (against the single-GPU estimation); causal KV skipping. Needs one
+// GPU per rank (ctest labels gpu2 / gpu4); skips loudly otherwise.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
