@@ -152,6 +152,33 @@ size_t estimation_workspace(const ModelConfig& c, const Geometry& g, const Setup
   return ws;
 }
 
+// Upper bound of SpEstimator's grow-on-demand scratch (sp > 1): global column and slash
+// scores [heads][N], per-range scores, row statistics of every rank, pooled Q / K blocks
+// (fp32), and the larger of its estimation and selection workspaces.
+size_t sp_estimator_scratch(const Geometry& g, const Setup& S, int hd) {
+  int64_t max_range = 0;
+  for (auto [b, e] : S.layout[g.sp_rank]) max_range = std::max(max_range, e - b);
+  VsEstimateParams e;
+  e.q_row_stride = g.ql;
+  e.q_head_stride = hd;
+  e.k_row_stride = g.kvl;
+  e.k_head_stride = hd;
+  e.n_last = S.n_last;
+  e.seq_len = S.n;
+  e.n_k = static_cast<int>(max_range);
+  e.num_heads = g.nh;
+  e.num_kv_heads = g.nkv;
+  e.head_dim = hd;
+  e.scale = 1.f;
+  e.dtype = DType::kBF16;
+  const size_t ws = std::max(
+      cuda::index::vs_estimate_workspace_size(e),
+      cuda::index::vs_select_workspace_size(std::min(g.nh, cuda::index::kMaxHeadsPerCall), S.n));
+  return 4 * (size_t(g.nh) * (2 * S.n + max_range) + size_t(g.nh) * S.n_last * (4 + 2 * g.sp) +
+              size_t(S.nb) * hd * (g.nh + g.nkv)) +
+         ws;
+}
+
 }  // namespace
 
 bool head_planned(const HeadPlan& hp) {
@@ -227,31 +254,7 @@ Setup make_setup(const ModelConfig& c, const Geometry& g, const CudaOptions& opt
     S.col_cap = std::max<int64_t>(S.col_cap, 1);
   }
   S.est_ws = estimation_workspace(c, g, S);
-  if (g.sp > 1 && (S.any_vs || S.any_bs)) {
-    // SpEstimator's grow-on-demand scratch: global column and slash scores [heads][N],
-    // per-range scores, row statistics, pooled Q / K blocks (fp32).
-    int64_t max_range = 0;
-    for (auto [b, e] : S.layout[g.sp_rank]) max_range = std::max(max_range, e - b);
-    S.sp_est_scratch =
-        4 * (size_t(g.nh) * (2 * n + max_range) + size_t(g.nh) * S.n_last * (4 + 2 * g.sp) +
-             size_t(S.nb) * hd * (g.nh + g.nkv)) +
-        cuda::index::vs_estimate_workspace_size([&] {
-          VsEstimateParams e;
-          e.q_row_stride = g.ql;
-          e.q_head_stride = hd;
-          e.k_row_stride = g.kvl;
-          e.k_head_stride = hd;
-          e.n_last = S.n_last;
-          e.seq_len = n;
-          e.n_k = static_cast<int>(max_range);
-          e.num_heads = g.nh;
-          e.num_kv_heads = g.nkv;
-          e.head_dim = hd;
-          e.scale = 1.f;
-          e.dtype = DType::kBF16;
-          return e;
-        }());
-  }
+  if (g.sp > 1 && (S.any_vs || S.any_bs)) S.sp_est_scratch = sp_estimator_scratch(g, S, hd);
   return S;
 }
 
