@@ -20,22 +20,41 @@ Why 64K-128K needs more than the 32K recipe (probe-kv32k: 1.00 at 32K, 0.52 at 6
   value) keeps 30% of the pairs under pi/2 at 128K, the 32K profile of theta 1e6. The
   highest frequency (1 rad per token, what the previous-token head uses) does not depend on
   theta. Training at 64K and 128K then covers every distance the evaluation asks for.
-- Curriculum 256 -> ... -> 131072 (doublings): each doubling was learnt in 30-600 steps up to
-  32K; a stage ends at --advance-acc running exact match, or after --stage-minutes once
-  above 0.5, or on a schedule that reaches max-len at 60% of the cap. 30% of the steps
-  revisit one of the 3 shorter lengths. The last 20% of the cap decays the learning rate.
+- Curriculum 32 -> 64 -> ... -> 131072 (doublings); a stage ends at --advance-acc running
+  exact match, or after --stage-minutes once above 0.5, or on a schedule that reaches
+  max-len at 60% of the cap once above 0.3. 30% of the steps revisit one of the 3 shorter
+  lengths. The last 20% of the cap decays the learning rate.
+- Leaving the first stage (issue 18's first H100 trial stayed at chance for 10,730 steps at
+  256 tokens): at initialisation attention is uniform, so the gradient that builds the
+  lookup (a head at k2 that finds the record and copies v1) is diluted over the whole
+  context, and probe-kv32k spent 1,400 of its 3,947 steps on that plateau at 256 tokens with
+  16 supervised queries per sequence. The 128K recipe halved the supervision there (8
+  queries: queries_for capped at half the records) and never left it. Now: (1) the first
+  stages are 32 and 64 tokens with 2 and 4 records (train_pairs), where that gradient is
+  8x / 4x stronger than at 256; (2) every record is queried up to 4K tokens (probe-kv32k's
+  16 at 256-4K); (3) k1 -> k2 of each query is supervised too (--key-loss: k1 is unique
+  among the records, a one-token induction target that builds the same previous-token +
+  copy circuit); (4) the LM head starts as a copy of the embedding (--tied-init), so a
+  head that copies a token's embedding raises that token's logit from the first step.
+  On CPU (2-layer, hidden-64 model, 4,096 tokens per step) the 64-token stage is learnt
+  in ~450 steps with (1)+(3)+(4) and not within 750 steps at 256 tokens with either the
+  old or the broken recipe (docs/probe.md, "Why the first 128K trial learnt nothing").
 - Tokens per step: 65536 (batch = 65536 / length) up to 64K, one 131072-token sequence at
-  128K. Supervised queries per sequence grow as the batch shrinks (at least 32 per step,
-  at most half the records) so the gradient does not thin out at long lengths.
-- Memory and time at 128K: SDPA's flash kernel in bf16 (forced on CUDA: a fallback to the
-  math kernel would materialise 4 x 128K^2 scores) keeps attention memory linear; the
-  activations of this 4M-parameter model at 131072 tokens are ~10 GB in all. One step at
-  128K is ~16 x 128K^2/2 x 128 x 4 x 3.5 = 2.5e14 flop of attention, ~0.6 s on an H200 at
-  the 32K run's measured rate (a 32K step of batch 2 took 0.068 s), ~1 s on an H100.
+  128K. Supervised queries per sequence: every record up to 4K, then half the records,
+  at least 32 per step, so the gradient does not thin out at long lengths.
 - Mixed tasks: half the steps draw the queried records one per segment of the context, as
   the multi-key evaluation does (probe_task.make_multikey_sample); the others uniformly.
   Every query in the tail is supervised, so a multi-key prompt's earlier answered queries
-  (teacher forcing) are the training layout.
+  (teacher forcing) are the training layout. Both running accuracies are logged (kv, mk).
+- Memory and time at 128K: SDPA's flash kernel in bf16 (forced on CUDA: a fallback to the
+  math kernel would materialise 4 x 128K^2 scores) keeps attention memory linear; the
+  activations of this 4M-parameter model at 131072 tokens are ~10 GB in all. Time per step
+  on an H100, t(L, T) = T x (0.55 us + 14336 L / 2.5e14 s) for T tokens at length L: 0.55
+  us per token is the measured 256-token rate of the first H100 trial (0.036 s per 65536
+  tokens: everything but attention); 14336 L flop per token is causal attention forward +
+  backward (16 head-layers x 3.5 x 2 x 128 x L) at an assumed 250 TFLOP/s of flash
+  attention (FA2 on an H100). So 0.05 s per step at 4K, 0.16 s at 32K, 0.28 s at 64K,
+  1.06 s at 128K (docs/probe.md has the stage budget).
 
 Resumable in chunks (one device command may run 10 minutes): --chunk-minutes stops this
 process after that much time, with a checkpoint (--out/ckpt.pt: weights, optimiser, data
@@ -71,16 +90,25 @@ EXIT_RESUME = 3  # checkpointed before the end: run the same command again
 
 
 # ----------------------------------------------------------------------------- data
+def train_pairs(length):
+    """Records per training sequence: probe_task.pairs_for (16 up to 4K, one per 256 tokens
+    beyond, at most 64) from 256 tokens on; below 256 (the first stages only: no evaluation
+    set is that short) one per 16 tokens, so a 64-token sequence holds 4."""
+    return task.pairs_for(length) if length >= 256 else max(2, length // 16)
+
+
 def gpu_batch(gen, batch, length, queries, device, stratified=False):
     """[batch][length] ids of the task distribution (probe_task.make_sample with `queries`
-    complete query records at the end) and the positions whose next token is supervised.
+    complete query records at the end) and the supervised positions (next token = target):
+    vpos (k2 -> v1, v1 -> v2: the answer, what accuracy counts) and kpos (k1 -> k2: a
+    one-token induction target; k1 is unique among the records).
     stratified: the queried records sit one per segment of the slots (queries segments),
     as in probe_task.make_multikey_sample; else anywhere."""
-    pairs = task.pairs_for(length)
+    pairs = train_pairs(length)
     tail = RECORD * queries
     body = length - 1 - tail
     nslots = body // RECORD
-    assert nslots >= pairs >= queries
+    assert nslots >= pairs >= queries, (length, pairs, queries)
     ncontent = VOCAB - FIRST
     ids = torch.randint(FIRST, VOCAB, (batch, length), generator=gen, device=device)
     ids[:, 0] = BOS
@@ -108,14 +136,16 @@ def gpu_batch(gen, batch, length, queries, device, stratified=False):
     qrec = torch.stack([torch.full_like(q, QUERY), g(k1), g(k2), g(v1), g(v2)], -1)
     ids[:, length - tail:] = qrec.view(batch, tail)
     start = length - tail + RECORD * torch.arange(queries, device=device)
-    lpos = torch.stack([start + 2, start + 3], -1).view(-1)  # k2 -> v1, v1 -> v2
-    return ids, lpos
+    vpos = torch.stack([start + 2, start + 3], -1).view(-1)  # k2 -> v1, v1 -> v2
+    return ids, vpos, start + 1
 
 
 def queries_for(length, batch, base):
-    """Supervised queries per sequence: at least 32 per step, at least `base`, at most half
-    the records."""
-    return max(1, min(task.pairs_for(length) // 2, max(base, math.ceil(32 / batch))))
+    """Supervised queries per sequence: every record while there are at most 16 (up to 4K
+    tokens, as probe-kv32k was trained), else half of them; at least 32 per step."""
+    pairs = train_pairs(length)
+    cap = pairs if pairs <= 16 else pairs // 2
+    return max(1, min(cap, max(base, math.ceil(32 / batch))))
 
 
 # ----------------------------------------------------------------------------- model
@@ -274,9 +304,11 @@ MODEL_CARD = """# {name}: long-context retrieval probe for mprefill
   retrieval tasks of `python/probe/probe_task.py`: filler content tokens with records
   `KEY k1 k2 v1 v2` spread uniformly (16 records up to 4K tokens, one per 256 tokens beyond,
   at most 64), then queries `QUERY k1 k2 -> v1 v2` (half the steps with the queried records
-  one per segment of the context, as in the multi-key task); loss on the value tokens only.
-  Length curriculum {curriculum} ({tokens_per_step} tokens per step, at least one sequence;
-  stage reached at step: {stage_steps}).
+  one per segment of the context, as in the multi-key task; 2 / 4 / 8 records in the
+  32 / 64 / 128-token first stages); loss on the value tokens and on k2 of each query (after
+  k1), the LM head starting as a copy of the embedding. Length curriculum {curriculum}
+  ({tokens_per_step} tokens per step, at least one sequence; stage reached at step:
+  {stage_steps}; per stage loss and accuracy in train.log and train_summary.json).
 - Ids: 0 pad, 1 BOS, 2 EOS, 3 KEY, 5 QUERY, 16..{vmax} content (4, 6..15 unused).
 - Dense accuracy in PyTorch (bf16 attention, weights rounded to bf16; greedy exact match of
   both value tokens of every scored query) on the eval sets of `probe_task.py` (seed
@@ -296,30 +328,33 @@ MODEL_CARD = """# {name}: long-context retrieval probe for mprefill
 # ----------------------------------------------------------------------------- eval
 @torch.no_grad()
 def accuracy(model, samples, device, batch):
-    """Greedy exact match of both answer tokens with one forward per prompt: the input is
-    prompt + [v1]; greedy decoding reproduces [v1, v2] iff argmax at k2 is v1 and argmax at
-    v1 (given v1) is v2. samples: (ids, [v1, v2]) (kv) or (ids, [(P, [v1, v2]), ...]) (mk:
-    the prompt of each check is ids[:P], a sample is right iff all its checks are)."""
-    prompts, owner = [], []
-    for i, (ids, ans) in enumerate(samples):
-        for p, a in (ans if ans and isinstance(ans[0], tuple) else [(len(ids), ans)]):
-            prompts.append((ids[:p] + [a[0]], a))
-            owner.append(i)
-    right = [True] * len(samples)
+    """Greedy exact match of both answer tokens, one forward per sample. kv samples are
+    (ids, [v1, v2]): the input is ids + [v1]; greedy decoding reproduces [v1, v2] iff the
+    argmax at k2 is v1 and the argmax at v1 (given v1) is v2. mk samples are (ids, [(P,
+    [v1, v2]), ...]), each check a prompt ids[:P]; right iff all checks are. Causal
+    attention makes the logits at P - 1 and P of the whole ids + [last v1] those of the
+    prompt ids[:P] + [v1] (teacher forcing: ids[P] is the check's v1), so one forward
+    scores every check."""
+    rows = []  # (input ids, logit positions, wanted tokens)
+    for ids, ans in samples:
+        checks = ans if ans and isinstance(ans[0], tuple) else [(len(ids), ans)]
+        assert checks[-1][0] == len(ids)
+        pos = [q for p, _ in checks for q in (p - 1, p)]
+        rows.append((ids + [checks[-1][1][0]], pos, [t for _, a in checks for t in a[:2]]))
+    right = 0
     j = 0
-    while j < len(prompts):  # batches of equal-length prompts, in order
+    while j < len(rows):  # batches of prompts with equal length and positions, in order
         k = j
-        while k < len(prompts) and k - j < batch and len(prompts[k][0]) == len(prompts[j][0]):
+        while (k < len(rows) and k - j < batch and len(rows[k][0]) == len(rows[j][0])
+               and rows[k][1] == rows[j][1]):
             k += 1
-        x = torch.tensor([p for p, _ in prompts[j:k]], device=device)
-        T = x.shape[1]
+        x = torch.tensor([r[0] for r in rows[j:k]], device=device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = model(x, torch.tensor([T - 2, T - 1], device=device)).argmax(-1)
-        want = torch.tensor([a for _, a in prompts[j:k]], device=device)
-        for r, ok in zip(range(j, k), (pred == want).all(-1).tolist()):
-            right[owner[r]] = right[owner[r]] and ok
+            pred = model(x, torch.tensor(rows[j][1], device=device)).argmax(-1)
+        want = torch.tensor([r[2] for r in rows[j:k]], device=device)
+        right += (pred == want).all(-1).sum().item()
         j = k
-    return sum(right) / max(1, len(samples))
+    return right / max(1, len(samples))
 
 
 # ----------------------------------------------------------------------------- main
@@ -343,173 +378,66 @@ def curriculum(min_len, max_len):
     return lengths + [max_len]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="output HF directory (also the checkpoint's)")
-    ap.add_argument("--name", default="probe-kv128k")
-    ap.add_argument("--minutes", type=float, default=16.0,
-                    help="training cap, summed over chunks (eval and export add ~1 min)")
-    ap.add_argument("--chunk-minutes", type=float, default=8.5,
-                    help="stop this process after this long with a checkpoint (exit status 3)")
-    ap.add_argument("--max-len", type=int, default=131072)
-    ap.add_argument("--min-len", type=int, default=256)
-    ap.add_argument("--tokens-per-step", type=int, default=65536)
-    ap.add_argument("--queries", type=int, default=16,
-                    help="supervised queries per sequence (more at long lengths: queries_for)")
-    ap.add_argument("--stratified", type=float, default=0.5,
-                    help="fraction of steps with the queried records one per segment")
-    ap.add_argument("--advance-acc", type=float, default=0.9)
-    ap.add_argument("--stage-minutes", type=float, default=0.0,
-                    help="longest stage before the next length (0: 15%% of --minutes)")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--rope-theta", type=float, default=1e7)
-    ap.add_argument("--eval-samples", type=int, default=50)
-    ap.add_argument("--eval-lengths", default="8192,16384,32768,65536,131072")
-    ap.add_argument("--eval-keys", type=int, default=4, help="facts per multi-key eval sample")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--ffn", type=int, default=704)
-    ap.add_argument("--ckpt-every", type=float, default=120.0, help="seconds between checkpoints")
-    ap.add_argument("--eval-reserve", type=float, default=120.0,
-                    help="seconds of a chunk kept for the final evaluation and export")
-    args = ap.parse_args()
-    if args.minutes <= 0 or args.chunk_minutes <= 0 or args.min_len < 256:
-        ap.error("--minutes and --chunk-minutes must be > 0, --min-len >= 256")
+def lr_at(peak, step, frac, warmup=100):
+    """Linear warm-up over `warmup` steps, constant, cosine to 5% over the last 20% of the
+    training time (frac = trained seconds / cap)."""
+    lr = peak * min(1.0, (step + 1) / warmup)
+    if frac > 0.8:
+        lr *= 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (frac - 0.8) / 0.2))
+    return lr
 
-    t_proc = time.time()
-    os.makedirs(args.out, exist_ok=True)
-    log = Log(os.path.join(args.out, "train.log"))
+
+def train_step(model, opt, gen, device, batch, length, queries, stratified, key_loss):
+    """One optimiser step on a fresh batch. Loss: cross-entropy on the answer tokens
+    (k2 -> v1, v1 -> v2) plus key_loss x that on k1 -> k2 of each query. Returns (answer
+    loss, exact-match rate of both answer tokens per query)."""
+    x, vpos, kpos = gpu_batch(gen, batch, length, queries, device, stratified)
+    pos = torch.cat([vpos, kpos]) if key_loss > 0 else vpos
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(x, pos).float()
+    target = x[:, pos + 1]
+    nv = vpos.numel()
+    vloss = F.cross_entropy(logits[:, :nv].reshape(-1, VOCAB), target[:, :nv].reshape(-1))
+    loss = vloss
+    if key_loss > 0:
+        kloss = F.cross_entropy(logits[:, nv:].reshape(-1, VOCAB), target[:, nv:].reshape(-1))
+        loss = vloss + key_loss * kloss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    hit = (logits[:, :nv].argmax(-1) == target[:, :nv]).view(batch, -1, 2).all(-1)
+    return vloss.item(), hit.float().mean().item()
+
+
+def note_step(st, loss, hit, stratified):
+    """Running means (over ~20 steps) of the answer loss and exact match at the current
+    length, per query layout (kv: uniform, mk: stratified), and the stage's mean loss."""
+    st["run_acc"] = 0.9 * st["run_acc"] + 0.1 * hit
+    k = "acc_mk" if stratified else "acc_kv"
+    st[k] = 0.8 * st[k] + 0.2 * hit  # about half the steps: a similar horizon
+    st["run_loss"] = loss if st["run_loss"] is None else 0.9 * st["run_loss"] + 0.1 * loss
+    st["stage_loss"][0] += loss
+    st["stage_loss"][1] += 1
+
+
+def stage_line(st, length, step, ts, why):
+    """One line per finished stage: what a short trial is read by."""
+    n = max(1, st["stage_loss"][1])
+    row = {"length": length, "steps": step - st["stage_step0"],
+           "seconds": round(ts - st["stage_t0"], 1), "mean_loss": round(st["stage_loss"][0] / n, 4),
+           "end_loss": round(st["run_loss"] or 0.0, 4), "acc": round(st["run_acc"], 3),
+           "acc_kv": round(st["acc_kv"], 3), "acc_mk": round(st["acc_mk"], 3), "why": why}
+    st["stages"].append(row)
+    return (f"probe: stage {length} done ({why}): {row['steps']} steps, {row['seconds']:.0f} s, "
+            f"mean answer loss {row['mean_loss']:.3f}, end loss {row['end_loss']:.3f}, "
+            f"acc {row['acc']:.3f} (kv {row['acc_kv']:.3f}, mk {row['acc_mk']:.3f})")
+
+
+def finish(args, c, model, st, lengths, params, dev_name, device, log, t_proc):
+    """Export the trained model (HF directory), evaluate it densely on both tasks, write the
+    model card and train_summary.json, remove the checkpoint."""
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(args.seed)
-    c = {"hidden_size": args.hidden, "intermediate_size": args.ffn,
-         "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
-         "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim,
-         "vocab_size": VOCAB, "max_position_embeddings": 2 * args.max_len,
-         "rms_norm_eps": 1e-5, "rope_theta": args.rope_theta}
-    model = Llama(c).to(device)
-    params = sum(p.numel() for p in model.parameters())
-    assert params * 2 <= 16 * 1000 * 1000, f"{params} parameters exceed 16 MB in bf16"
-    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05,
-                            **({"fused": True} if device.type == "cuda" else {}))
-    lengths = curriculum(args.min_len, args.max_len)
-    st = {"step": 0, "stage": 0, "stage_t0": 0.0, "stage_step0": 0, "stage_reached": [0],
-          "run_acc": 0.0, "run_loss": None, "train_s": 0.0, "chunks": 0, "done": False,
-          "args": vars(args)}
-    if os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ck["state"]["args"]["seed"] != args.seed or ck["config"] != c:
-            raise SystemExit(f"train_probe: error: {ckpt_path} is from another run "
-                             "(seed or shape differ); remove it to start afresh")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        gen.set_state(ck["gen"].cpu())
-        random.setstate(ck["py_random"])
-        torch.set_rng_state(ck["torch_rng"].cpu())
-        st = ck["state"]
-        log(f"probe: resumed from {ckpt_path}: step {st['step']}, length {lengths[st['stage']]}, "
-            f"{st['train_s']:.0f} s trained")
-    st["chunks"] += 1
-    log(f"probe: chunk {st['chunks']}: {params} parameters ({params * 2 / 1e6:.1f} MB bf16) on "
-        f"{dev_name}, seed {args.seed}, theta {args.rope_theta:g}, lengths {lengths}")
-
-    def save_ckpt():
-        tmp = ckpt_path + ".tmp"
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                    "gen": gen.get_state(), "py_random": random.getstate(),
-                    "torch_rng": torch.get_rng_state(), "state": st, "config": c}, tmp)
-        os.replace(tmp, ckpt_path)
-
-    budget = args.minutes * 60
-    chunk_end = t_proc + args.chunk_minutes * 60
-    stage_cap = (args.stage_minutes or 0.15 * args.minutes) * 60
-    warmup = 100
-    last_print, last_ckpt = 0.0, time.time()
-    step0 = st["step"]
-    while not st["done"]:
-        t_iter = time.time()
-        if st["train_s"] >= budget:
-            st["done"] = True
-            break
-        if t_iter >= chunk_end:
-            save_ckpt()
-            log(f"probe: chunk {st['chunks']} ends at step {st['step']} ({st['train_s']:.0f} s "
-                f"of {budget:.0f} s trained): checkpoint {ckpt_path}; run again to resume")
-            sys.exit(EXIT_RESUME)
-        frac = st["train_s"] / budget
-        lr = args.lr * min(1.0, (st["step"] + 1) / warmup)
-        if frac > 0.8:
-            lr *= 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (frac - 0.8) / 0.2))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        stage = st["stage"]
-        cur = lengths[stage]
-        length = cur
-        if stage > 0 and random.random() < 0.3:
-            length = random.choice(lengths[max(0, stage - 3):stage])
-        batch = max(1, args.tokens_per_step // length)
-        nq = queries_for(length, batch, args.queries)
-        strat = random.random() < args.stratified
-        x, lpos = gpu_batch(gen, batch, length, nq, device, strat)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x, lpos)
-        target = x[:, lpos + 1]
-        loss = F.cross_entropy(logits.float().reshape(-1, VOCAB), target.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        st["step"] += 1
-        step = st["step"]
-        if length == cur:
-            # Exact match per query (both value tokens), a running mean over ~20 steps.
-            hit = (logits.argmax(-1) == target).view(batch, -1, 2).all(-1).float().mean().item()
-            st["run_acc"] = 0.9 * st["run_acc"] + 0.1 * hit
-            lv = loss.item()
-            st["run_loss"] = lv if st["run_loss"] is None else 0.9 * st["run_loss"] + 0.1 * lv
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # so train_s counts the step's GPU time
-        now = time.time()
-        st["train_s"] += now - t_iter
-        ts, run_acc = st["train_s"], st["run_acc"]
-        if now - last_print > 10 or step == 1:
-            last_print = now
-            rl = st["run_loss"]
-            log(f"probe: step {step} len {cur} (this step {length} x {batch}, {nq} queries"
-                f"{', stratified' if strat else ''}) loss {rl if rl is not None else float('nan'):.4f}"
-                f" acc {run_acc:.3f} lr {lr:.2e} {ts:.0f} s")
-        # Next length: when this one is learnt; after --stage-minutes once it is half
-        # learnt; and on a schedule that reaches max-len at 60% of the cap once above 0.3.
-        forced = ts > budget * 0.6 * (stage + 1) / (len(lengths) - 1) and run_acc >= 0.3
-        capped = ts - st["stage_t0"] > stage_cap and run_acc >= 0.5
-        if stage + 1 < len(lengths) and step - st["stage_step0"] >= 30 and (
-                run_acc >= args.advance_acc or capped or forced):
-            why = (f"acc {run_acc:.3f}" if run_acc >= args.advance_acc else
-                   f"stage time cap, acc {run_acc:.3f}" if capped else
-                   f"schedule, acc {run_acc:.3f}")
-            st["stage"] += 1
-            st["stage_t0"], st["stage_step0"] = ts, step
-            st["stage_reached"].append(step)
-            st["run_acc"] *= 0.5  # the next length starts from the current skill, discounted
-            log(f"probe: step {step}: length {lengths[st['stage']]} ({why}) at {ts:.0f} s")
-        if now - last_ckpt > args.ckpt_every:
-            save_ckpt()
-            last_ckpt = time.time()
-    if st["step"] > step0 and time.time() + args.eval_reserve > chunk_end:
-        # Training ended in this chunk, too late for the evaluation: that is the next chunk.
-        save_ckpt()
-        log(f"probe: training done ({st['step']} steps); evaluation in the next chunk")
-        sys.exit(EXIT_RESUME)
     train_minutes = st["train_s"] / 60
     stage = st["stage"]
     log(f"probe: trained {st['step']} steps in {train_minutes:.2f} min, final length "
@@ -551,11 +479,183 @@ def main():
         json.dump({"steps": st["step"], "train_minutes": train_minutes, "chunks": st["chunks"],
                    "device": dev_name, "seed": args.seed, "rope_theta": args.rope_theta,
                    "lengths": lengths[:stage + 1], "stage_reached": st["stage_reached"],
-                   "dense_accuracy": results, "params": params, "args": vars(args),
+                   "stages": st["stages"], "dense_accuracy": results, "params": params,
+                   "args": vars(args),
                    "last_chunk_seconds": time.time() - t_proc}, f, indent=1)
     if os.path.exists(ckpt_path):
         os.remove(ckpt_path)
     log(f"probe: wrote {args.out} ({time.time() - t_proc:.0f} s in this chunk)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="output HF directory (also the checkpoint's)")
+    ap.add_argument("--name", default="probe-kv128k")
+    ap.add_argument("--minutes", type=float, default=16.0,
+                    help="training cap, summed over chunks (eval and export add ~1 min)")
+    ap.add_argument("--max-steps", type=int, default=0,
+                    help="also stop after this many steps (0: time only; tests)")
+    ap.add_argument("--chunk-minutes", type=float, default=8.5,
+                    help="stop this process after this long with a checkpoint (exit status 3)")
+    ap.add_argument("--max-len", type=int, default=131072)
+    ap.add_argument("--min-len", type=int, default=32)
+    ap.add_argument("--tokens-per-step", type=int, default=65536)
+    ap.add_argument("--queries", type=int, default=16,
+                    help="supervised queries per sequence (more at long lengths: queries_for)")
+    ap.add_argument("--stratified", type=float, default=0.5,
+                    help="fraction of steps with the queried records one per segment")
+    ap.add_argument("--key-loss", type=float, default=1.0,
+                    help="weight of the k1 -> k2 loss of each query (0: answer tokens only)")
+    ap.add_argument("--tied-init", type=int, default=1,
+                    help="1: the LM head starts as a copy of the embedding (0: its own draw)")
+    ap.add_argument("--advance-acc", type=float, default=0.9)
+    ap.add_argument("--stage-minutes", type=float, default=0.0,
+                    help="longest stage before the next length (0: 15%% of --minutes)")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--rope-theta", type=float, default=1e7)
+    ap.add_argument("--eval-samples", type=int, default=50)
+    ap.add_argument("--eval-lengths", default="8192,16384,32768,65536,131072")
+    ap.add_argument("--eval-keys", type=int, default=4, help="facts per multi-key eval sample")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--ffn", type=int, default=704)
+    ap.add_argument("--ckpt-every", type=float, default=120.0, help="seconds between checkpoints")
+    ap.add_argument("--eval-reserve", type=float, default=120.0,
+                    help="seconds of a chunk kept for the final evaluation and export")
+    args = ap.parse_args()
+    if args.minutes <= 0 or args.chunk_minutes <= 0 or args.min_len < 32:
+        ap.error("--minutes and --chunk-minutes must be > 0, --min-len >= 32")
+
+    t_proc = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    log = Log(os.path.join(args.out, "train.log"))
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(args.seed)
+    c = {"hidden_size": args.hidden, "intermediate_size": args.ffn,
+         "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
+         "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim,
+         "vocab_size": VOCAB, "max_position_embeddings": 2 * args.max_len,
+         "rms_norm_eps": 1e-5, "rope_theta": args.rope_theta}
+    model = Llama(c).to(device)
+    if args.tied_init:
+        with torch.no_grad():  # the LM head starts as the embedding (trained untied)
+            model.lm_head.weight.copy_(model.embed_tokens.weight)
+    params = sum(p.numel() for p in model.parameters())
+    assert params * 2 <= 16 * 1000 * 1000, f"{params} parameters exceed 16 MB in bf16"
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05,
+                            **({"fused": True} if device.type == "cuda" else {}))
+    lengths = curriculum(args.min_len, args.max_len)
+    st = {"step": 0, "stage": 0, "stage_t0": 0.0, "stage_step0": 0, "stage_reached": [0],
+          "run_acc": 0.0, "acc_kv": 0.0, "acc_mk": 0.0, "run_loss": None,
+          "stage_loss": [0.0, 0], "stages": [], "train_s": 0.0, "chunks": 0, "done": False,
+          "args": vars(args)}
+    if os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ck["state"]["args"]["seed"] != args.seed or ck["config"] != c:
+            raise SystemExit(f"train_probe: error: {ckpt_path} is from another run "
+                             "(seed or shape differ); remove it to start afresh")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        gen.set_state(ck["gen"].cpu())
+        random.setstate(ck["py_random"])
+        torch.set_rng_state(ck["torch_rng"].cpu())
+        st = ck["state"]
+        log(f"probe: resumed from {ckpt_path}: step {st['step']}, length {lengths[st['stage']]}, "
+            f"{st['train_s']:.0f} s trained")
+    st["chunks"] += 1
+    log(f"probe: chunk {st['chunks']}: {params} parameters ({params * 2 / 1e6:.1f} MB bf16) on "
+        f"{dev_name}, seed {args.seed}, theta {args.rope_theta:g}, lengths {lengths}")
+
+    def save_ckpt():
+        tmp = ckpt_path + ".tmp"
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                    "gen": gen.get_state(), "py_random": random.getstate(),
+                    "torch_rng": torch.get_rng_state(), "state": st, "config": c}, tmp)
+        os.replace(tmp, ckpt_path)
+
+    budget = args.minutes * 60
+    chunk_end = t_proc + args.chunk_minutes * 60
+    stage_cap = (args.stage_minutes or 0.15 * args.minutes) * 60
+    last_print, last_ckpt = 0.0, time.time()
+    step0 = st["step"]
+    while not st["done"]:
+        t_iter = time.time()
+        if st["train_s"] >= budget or (args.max_steps and st["step"] >= args.max_steps):
+            st["done"] = True
+            break
+        if t_iter >= chunk_end:
+            save_ckpt()
+            log(f"probe: chunk {st['chunks']} ends at step {st['step']} ({st['train_s']:.0f} s "
+                f"of {budget:.0f} s trained): checkpoint {ckpt_path}; run again to resume")
+            sys.exit(EXIT_RESUME)
+        frac = st["train_s"] / budget
+        if args.max_steps:
+            frac = max(frac, st["step"] / args.max_steps)
+        lr = lr_at(args.lr, st["step"], frac)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        stage = st["stage"]
+        cur = lengths[stage]
+        length = cur
+        if stage > 0 and random.random() < 0.3:
+            length = random.choice(lengths[max(0, stage - 3):stage])
+        batch = max(1, args.tokens_per_step // length)
+        nq = queries_for(length, batch, args.queries)
+        strat = random.random() < args.stratified
+        loss, hit = train_step(model, opt, gen, device, batch, length, nq, strat, args.key_loss)
+        st["step"] += 1
+        step = st["step"]
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # so train_s counts the step's GPU time
+        now = time.time()
+        st["train_s"] += now - t_iter
+        if length == cur:
+            note_step(st, loss, hit, strat)
+        ts, run_acc = st["train_s"], st["run_acc"]
+        if now - last_print > 10 or step == 1:
+            last_print = now
+            log(f"probe: step {step} len {cur} (this step {length} x {batch}, {nq} queries"
+                f"{', stratified' if strat else ''}) loss {st['run_loss']:.4f} acc {run_acc:.3f} "
+                f"(kv {st['acc_kv']:.3f}, mk {st['acc_mk']:.3f}) lr {lr:.2e} {ts:.0f} s")
+        # Next length: when this one is learnt; after --stage-minutes once it is half
+        # learnt; and on a schedule that reaches max-len at 60% of the cap once above 0.3.
+        forced = ts > budget * 0.6 * (stage + 1) / max(1, len(lengths) - 1) and run_acc >= 0.3
+        capped = ts - st["stage_t0"] > stage_cap and run_acc >= 0.5
+        if stage + 1 < len(lengths) and step - st["stage_step0"] >= 30 and (
+                run_acc >= args.advance_acc or capped or forced):
+            why = ("acc" if run_acc >= args.advance_acc else
+                   "stage time cap" if capped else "schedule")
+            log(stage_line(st, cur, step, ts, why))
+            st["stage"] += 1
+            st["stage_t0"], st["stage_step0"] = ts, step
+            st["stage_reached"].append(step)
+            st["stage_loss"] = [0.0, 0]
+            for k in ("run_acc", "acc_kv", "acc_mk"):
+                st[k] *= 0.5  # the next length starts from the current skill, discounted
+            log(f"probe: step {step}: length {lengths[st['stage']]} at {ts:.0f} s")
+        if now - last_ckpt > args.ckpt_every:
+            save_ckpt()
+            last_ckpt = time.time()
+    if st["step"] > step0 and time.time() + args.eval_reserve > chunk_end:
+        # Training ended in this chunk, too late for the evaluation: that is the next chunk.
+        save_ckpt()
+        log(f"probe: training done ({st['step']} steps); evaluation in the next chunk")
+        sys.exit(EXIT_RESUME)
+    if not st.get("last_stage_logged"):
+        st["last_stage_logged"] = True
+        log(stage_line(st, lengths[st["stage"]], st["step"], st["train_s"], "end of training"))
+    finish(args, c, model, st, lengths, params, dev_name, device, log, t_proc)
 
 
 if __name__ == "__main__":

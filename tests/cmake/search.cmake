@@ -12,4 +12,8 @@ if(Python3_Interpreter_FOUND)
   add_test(NAME probe_python_test COMMAND ${Python3_EXECUTABLE} -m unittest -v test_probe_tools
            WORKING_DIRECTORY ${CMAKE_SOURCE_DIR}/python/probe)
   set_tests_properties(probe_python_test PROPERTIES TIMEOUT 60 LABELS cpu)
+  # Smoke training of train_probe.py (~40 s of one core; skipped without a torch Python).
+  add_test(NAME probe_train_smoke_test COMMAND ${Python3_EXECUTABLE} -m unittest -v test_probe_train
+           WORKING_DIRECTORY ${CMAKE_SOURCE_DIR}/python/probe)
+  set_tests_properties(probe_train_smoke_test PROPERTIES TIMEOUT 240 LABELS cpu)
 endif()
