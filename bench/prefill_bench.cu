@@ -1,4 +1,4 @@
-// mprefill-bench prefill: TTFT of the single-GPU engine (engine/cuda/cuda_engine.h) on a
+// mprefill-bench prefill: TTFT of the CUDA backend on one GPU (engine/cuda/cuda_backend.h) on a
 // random model of a named shape, with a per-layer breakdown.
 //
 //   mprefill-bench prefill --shape llama3-8b --seq N [--sparse dense|auto|FILE.json]
@@ -8,7 +8,7 @@
 // Weights are generated on the GPU (never on the host). Token ids are uniform random. The
 // timed prefill is one run (a whole prefill is seconds to tens of seconds), after a short
 // warm-up prefill of --warmup-seq tokens that loads kernels and cuBLASLt algorithms.
-// TTFT = host wall time of CudaEngine::prefill (workspace allocation, ids upload, all
+// TTFT = host wall time of CudaBackend::prefill (workspace allocation, ids upload, all
 // layers, KV export, logits download) plus the greedy pick of the first token.
 // Breakdown: CUDA events between phases on the engine stream: gemm (QKV, O, gate/up, down),
 // attention (flash / sparse kernels), estimate (VS row stats, scores, top-k, CSR index
@@ -18,7 +18,7 @@
 // --index-set clustered|uniform: the estimation still runs (and is timed) on every sparse
 // head, then attention uses the synthetic index sets of ../shared/BENCHMARKS.md for the
 // vertical-slash heads (random weights have no real sparsity).
-// Distributed (tp x sp ranks, one GPU each; engine/cuda/cuda_dist_engine.h):
+// Distributed (tp x sp ranks, one GPU each; the same CudaBackend over NCCL):
 //   mpirun -np R mprefill-bench prefill --tp T --sp S --shape llama3-8b --seq N
 //       [--sparse dense|FILE --index-set estimated|clustered|uniform] [--kv-skip on|off]
 //       [--json]
@@ -46,12 +46,11 @@
 #include <string>
 #include <vector>
 
-#include "engine/cuda/cuda_engine.h"
+#include "engine/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda.h"
 #ifdef MPREFILL_HAVE_DIST_BENCH
 #include "comm/mpi_comm.h"
 #include "comm/nccl_comm.h"
-#include "engine/cuda/cuda_dist_engine.h"
 #endif
 #include "engine/ring_need.h"
 #include "kv/cuda/kv_sinks.h"
@@ -71,7 +70,7 @@ struct Args {
   double cudnn_ms = 0;
   bool json = false;
   int tp = 1, sp = 1;
-  bool kv_skip = true;  // --kv-skip on|off (distributed: CudaDistOptions::skip_causal_kv)
+  bool kv_skip = true;  // --kv-skip on|off (distributed: CudaOptions::skip_causal_kv)
 };
 
 void usage() {
@@ -212,13 +211,14 @@ int run_dist(const Args& a) {
   std::string err;
   auto nccl = comm::make_nccl_communicator(MPI_COMM_WORLD, wi.local_rank, cc, &err);
   if (!nccl) throw std::runtime_error(err);
-  gpu::CudaDistOptions o;
+  gpu::CudaOptions o;
   o.device = wi.local_rank;
   o.mlp_chunk = a.mlp_chunk;
-  o.timing = true;
   o.skip_causal_kv = a.kv_skip;
+  gpu::PrefillOptions po;
+  po.timing = true;
   const auto t_init = std::chrono::steady_clock::now();
-  gpu::CudaDistEngine eng(nccl.get(), cfg, a.seed, DistTopology{a.tp, a.sp}, o);
+  gpu::CudaBackend eng(nccl.get(), cfg, a.seed, DistTopology{a.tp, a.sp}, o);
   const double init_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_init).count();
   std::mt19937_64 rng(a.seed);
@@ -235,12 +235,13 @@ int run_dist(const Args& a) {
   if (mpi->all_reduce(&z, &zz, 1, DType::kI32, comm::ReduceOp::kSum, nullptr) != Status::kOk)
     throw std::runtime_error("barrier: " + mpi->last_error());
   const auto t0 = std::chrono::steady_clock::now();
-  const gpu::CudaDistResult r =
-      eng.prefill(ids, policy, &sink, dense || estimated ? nullptr : &plan);
+  gpu::CudaPrefillStats r;
+  const std::vector<float> logits =
+      eng.prefill(ids, policy, &sink, dense || estimated ? nullptr : &plan, &r, po);
   const double wall =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   bool finite = true;
-  for (float v : r.logits) finite = finite && std::isfinite(v);
+  for (float v : logits) finite = finite && std::isfinite(v);
   // Per-rank figures gathered on every rank (fp64 as two fp32 would lose digits: use I64 of
   // microseconds / bytes).
   const int64_t mine[8] = {int64_t(wall * 1000),           int64_t(r.ring_compute_ms * 1000),
@@ -320,10 +321,10 @@ int run(const Args& a) {
   policy.check_model(cfg);
   const int64_t n = a.seq;
 
-  gpu::CudaEngineOptions eo;
+  gpu::CudaOptions eo;
   eo.mlp_chunk = a.mlp_chunk;
   const auto t_init = std::chrono::steady_clock::now();
-  gpu::CudaEngine eng(cfg, a.seed, eo);
+  gpu::CudaBackend eng(nullptr, cfg, a.seed, DistTopology{}, eo);  // one GPU: tp 1 x sp 1
   const double init_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_init).count();
 

@@ -9,8 +9,8 @@ namespace mprefill {
 std::unique_ptr<Executor> make_cpu_executor(const ExecutorSpec& spec, comm::Communicator* world);
 
 namespace gpu {
-// CUDA builds only (engine/cuda/cuda_executor.cc): one rank runs CudaEngine, a group of
-// several ranks CudaDistEngine over an NCCL communicator bootstrapped on MPI_COMM_WORLD.
+// CUDA builds only (engine/cuda/cuda_executor.cc): CudaBackend, on one rank without a
+// communicator, on a group over an NCCL communicator bootstrapped on MPI_COMM_WORLD.
 std::unique_ptr<Executor> make_cuda_executor(const ExecutorSpec& spec, comm::Communicator* world);
 }  // namespace gpu
 

@@ -1,7 +1,7 @@
 // ONE executor contract for every prefill backend (issue 14 step 2): the worker service,
 // the tools and the tests hold an `Executor` made by make_executor() and call prefill();
-// which engine runs behind it (CPU DistEngine at any tp x sp, one-rank CUDA engine,
-// CudaDistEngine over NCCL) is the factory's business, and a feature a backend lacks is
+// which engine runs behind it (CPU DistEngine at any tp x sp, CUDA CudaBackend at any
+// tp x sp) is the factory's business, and a feature a backend lacks is
 // refused by check_request() with one message, before any work.
 //
 // Collective semantics: every rank of the group constructs its executor with the same

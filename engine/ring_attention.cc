@@ -1,12 +1,10 @@
 #include "engine/ring_attention.h"
 
 #include <algorithm>
-#include <chrono>
-#include <exception>
 #include <limits>
-#include <thread>
 #include <vector>
 
+#include "comm/ring_pass.h"
 #include "kernels/attention.h"
 #include "kernels/cpu/cpu.h"
 
@@ -22,39 +20,6 @@ int64_t token_count(const TokenRanges& r) {
 Status fail(std::string* error, Status s, const std::string& what) {
   if (error) *error = what;
   return s;
-}
-
-// One ring transfer, posted as a group: send (k, v) of `send_tokens` rows to `to`, receive
-// `recv_tokens` rows into (rk, rv) from `from`. Zero-row messages are skipped on both
-// sides (both derive the counts from the same plan). On failure `err` holds last_error().
-Status exchange(comm::Communicator& c, const float* k, const float* v, size_t send_count, float* rk,
-                float* rv, size_t recv_count, int to, int from, std::string* err) {
-  Status first = c.group_start();
-  if (first != Status::kOk) {
-    *err = c.last_error();
-    return first;
-  }
-  auto keep = [&](Status s) {
-    if (s != Status::kOk && first == Status::kOk) {
-      first = s;
-      *err = c.last_error();
-    }
-  };
-  if (send_count > 0) {
-    keep(c.send(k, send_count, DType::kF32, to, nullptr));
-    keep(c.send(v, send_count, DType::kF32, to, nullptr));
-  }
-  if (recv_count > 0) {
-    keep(c.recv(rk, recv_count, DType::kF32, from, nullptr));
-    keep(c.recv(rv, recv_count, DType::kF32, from, nullptr));
-  }
-  keep(c.group_end());  // always closes the group, even after a failed post
-  return first;
-}
-
-double ms_between(std::chrono::steady_clock::time_point a,
-                  std::chrono::steady_clock::time_point b) {
-  return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
 std::string bad_shape(const std::string& who, int num_heads, int num_kv_heads, int head_dim,
@@ -84,81 +49,27 @@ struct RingOutput {
   }
 };
 
-// The ring both forms run: sp.size() steps; at step s this rank holds the K/V shard of
-// rank (rank - s) mod size (its own first) and runs compute(owner, keys, k, v) on it,
-// while a helper thread (which alone uses `sp` until joined) sends that shard on to
-// rank + 1 and receives the next one from rank - 1. Double buffered: the shard of step
-// s arrives in slot s % 2 during step s - 1. layout[i]: rank i's ranges (the transfer
-// sizes). Adds the step times and bytes sent to st.
+// The ring both forms run (comm/ring_pass.h): at each step compute(owner's ranges, k, v)
+// runs on the shard this rank holds while a helper thread moves it on. Adds the step
+// times and bytes sent to st.
 template <class Compute>
 Status run_ring(comm::Communicator& sp, const std::vector<TokenRanges>& layout, int64_t kv_row,
                 const float* k, const float* v, const std::string& who, RingStats* st,
                 std::string* error, Compute&& compute) {
-  using Clock = std::chrono::steady_clock;
-  const int rank = sp.rank(), size = sp.size();
-  int64_t max_tokens = 0;
-  for (const auto& r : layout) max_tokens = std::max(max_tokens, token_count(r));
-  std::vector<float> kbuf[2], vbuf[2];
-  if (size > 1) {
-    for (int i = 0; i < 2; ++i) {
-      kbuf[i].resize(static_cast<size_t>(max_tokens * kv_row));
-      vbuf[i].resize(static_cast<size_t>(max_tokens * kv_row));
-    }
-  }
-  const int next = (rank + 1) % size, prev = (rank + size - 1) % size;
-
-  const float* cur_k = k;
-  const float* cur_v = v;
-  for (int step = 0; step < size; ++step) {
-    const int owner = (rank - step + size) % size;  // whose K/V this step holds
-    const TokenRanges& keys = layout[owner];
-
-    // Post the transfer of the next shard before computing this one; this thread only
-    // reads cur_k / cur_v meanwhile.
-    std::thread xfer;
-    Status xfer_status = Status::kOk;
-    std::string xfer_error;
-    float* nk = nullptr;
-    float* nv = nullptr;
-    if (step + 1 < size) {
-      const int next_owner = (owner + size - 1) % size;
-      const size_t send_count = static_cast<size_t>(token_count(keys) * kv_row);
-      const size_t recv_count = static_cast<size_t>(token_count(layout[next_owner]) * kv_row);
-      st->bytes_sent += static_cast<int64_t>(2 * send_count * sizeof(float));
-      nk = kbuf[(step + 1) % 2].data();
-      nv = vbuf[(step + 1) % 2].data();
-      try {
-        xfer = std::thread([&, send_count, recv_count, cur_k, cur_v, nk, nv] {
-          xfer_status =
-              exchange(sp, cur_k, cur_v, send_count, nk, nv, recv_count, next, prev, &xfer_error);
-        });
-      } catch (const std::exception&) {  // thread creation failed: run it inline
-        xfer_status =
-            exchange(sp, cur_k, cur_v, send_count, nk, nv, recv_count, next, prev, &xfer_error);
-      }
-    }
-
-    const auto tc = Clock::now();
-    const Status compute_status = compute(keys, cur_k, cur_v);
-    const auto tw = Clock::now();
-    st->compute_ms += ms_between(tc, tw);
-    if (xfer.joinable()) xfer.join();
-    st->wait_ms += ms_between(tw, Clock::now());
-    if (compute_status != Status::kOk) {
-      return fail(error, compute_status,
-                  who + "step " + std::to_string(step) + ": attention of the shard of rank " +
-                      std::to_string(owner) + " failed: " + to_string(compute_status));
-    }
-    if (xfer_status != Status::kOk) {
-      return fail(error, xfer_status,
-                  who + "step " + std::to_string(step) + ": ring transfer (send to " +
-                      std::to_string(next) + ", recv from " + std::to_string(prev) +
-                      ") failed: " + xfer_error);
-    }
-    cur_k = nk;
-    cur_v = nv;
-  }
-  return Status::kOk;
+  comm::RingPlan plan;
+  plan.layout = layout;
+  comm::HostRingTransport transport(sp, k, v, kv_row, plan.max_rows());
+  comm::RingPassStats ps;
+  const Status s = comm::ring_pass(
+      sp.rank(), plan, transport,
+      [&](const comm::RingStep& step) {
+        return compute(layout[step.owner], transport.k(step.step), transport.v(step.step));
+      },
+      &ps, error, who);
+  st->compute_ms += ps.compute_ms;
+  st->wait_ms += ps.wait_ms;
+  st->bytes_sent += ps.rows_sent * kv_row * 2 * static_cast<int64_t>(sizeof(float));
+  return s;
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // Which KV blocks of the sp ring pass-KV some receiver actually reads (issue 4 item 3: "do
 // not send KV blocks that no receiver needs when that saves time"). Host analysis of a
 // filled PrefillPlan at 64-token block granularity, the unit a sparse kernel loads: in the
-// ring of engine/cuda/cuda_dist_engine.h the shard of sp rank src travels src -> src+1 ->
+// ring of engine/cuda/cuda_backend.h the shard of sp rank src travels src -> src+1 ->
 // ... -> src-1 (sp - 1 hops); hop k needs the key blocks read by any of the ranks it still
 // reaches (src+k .. src+sp-1), over every query head of the tp rank's KV-head group.
 // Per query head: dense / A-shape heads need every causal key block (conservative);

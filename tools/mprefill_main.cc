@@ -24,7 +24,7 @@
 #include "model/weights.h"
 #include "tools/cli_args.h"
 #ifdef MPREFILL_HAVE_GPU_ENGINE
-#include "engine/cuda/cuda_engine.h"
+#include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_generate.h"
 #endif
 

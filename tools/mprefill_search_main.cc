@@ -33,7 +33,7 @@
 #include "search/png.h"
 #include "tools/cli_args.h"
 #ifdef MPREFILL_HAVE_GPU_ENGINE
-#include "engine/cuda/cuda_engine.h"
+#include "engine/cuda/cuda_backend.h"
 #include "kv/cuda/kv_sinks.h"
 #endif
 
@@ -477,14 +477,14 @@ int run_eval(const Args& a, const ModelWeights& w) {
     return engine.prefill(ids, pol, cache, plan, nullptr);
   };
 #ifdef MPREFILL_HAVE_GPU_ENGINE
-  std::unique_ptr<gpu::CudaEngine> gpu_engine;
+  std::unique_ptr<gpu::CudaBackend> gpu_engine;
   if (a.device != "cpu") {
-    gpu::CudaEngineOptions o;
+    gpu::CudaOptions o;
     if (a.device.size() > 5)
       o.device = static_cast<int>(parse_int("--device", a.device.substr(5), 0, 1023));
     if (!gpu::cuda_available())
       throw std::runtime_error("--device cuda: no CUDA device is visible");
-    gpu_engine = std::make_unique<gpu::CudaEngine>(w, o);
+    gpu_engine = std::make_unique<gpu::CudaBackend>(nullptr, w, DistTopology{}, o);
     prefill = [&](const std::vector<int>& ids, const SparsePolicy& pol, KvCache* cache,
                   PrefillPlan* plan) {
       if (cache == nullptr) return gpu_engine->prefill(ids, pol, nullptr, plan);

@@ -2,8 +2,8 @@
 
 #include <algorithm>
 
+#include "engine/cuda/cuda_backend.h"
 #include "kv/cuda/kv_sinks.h"
-#include "engine/cuda/cuda_engine.h"
 
 namespace mprefill::gpu {
 
@@ -11,7 +11,7 @@ GenerateResult generate_cuda(const ModelWeights& w, const std::vector<int>& ids,
                              const GenerateOptions& opt) {
   Engine cpu(w);                 // the decoder, and the same checks as the CPU path
   cpu.check_generate(ids, opt);  // before the GPU engine is set up
-  CudaEngine gpu(w);
+  CudaBackend gpu(nullptr, w);   // one GPU: tp 1 x sp 1
   return cpu.generate_with(ids, opt, [&](KvCache* cache, PrefillStats* ps) {
     HostKvCacheSink sink(cache);
     CudaPrefillStats st;

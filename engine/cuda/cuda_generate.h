@@ -1,10 +1,10 @@
-// `mprefill generate --device cuda`: prefill on the GPU (CudaEngine), KV exported into a
+// `mprefill generate --device cuda`: prefill on the GPU (CudaBackend, one GPU), KV exported into a
 // host KvCache, then sampling and decoding on the CPU Engine from that cache.
 #pragma once
 #include <vector>
 
-#include "model/weights.h"
 #include "engine/engine.h"
+#include "model/weights.h"
 
 namespace mprefill::gpu {
 

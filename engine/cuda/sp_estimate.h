@@ -15,7 +15,7 @@
 //     arrays (one writer per block, so the SUM all-reduce is exact), then the top-k of
 //     block_sparse_estimate runs on every rank: bit-identical to the single-GPU index.
 //
-// Versus single-GPU CudaEngine: block-sparse indices are identical. Vertical-slash column
+// Versus one GPU (CudaBackend at sp 1): block-sparse indices are identical. Vertical-slash column
 // scores are identical given identical row statistics; the row sums and slash sums are fp32
 // sums in another order (1024-key chunks start at each shard's first key; rank partials
 // are added across ranks), so they may differ in the last ulps, and a selection can then

@@ -1,4 +1,4 @@
-# GPU distributed prefill (engine/cuda/cuda_dist_engine.h) under mpirun, one rank per GPU
+# GPU distributed prefill (engine/cuda/cuda_backend.h over NCCL) under mpirun, one rank per GPU
 # (labels gpu2 / gpu4: need 2 / 4 GPUs; ctest -L gpu2 on a 2-GPU machine). NVLink
 # multicast off (launch/DEVICE.md).
 if(TARGET mprefill_engine_cuda AND TARGET mprefill_comm_nccl)
@@ -13,7 +13,7 @@ if(TARGET mprefill_engine_cuda AND TARGET mprefill_comm_nccl)
   endforeach()
 endif()
 
-# `mprefill run --device cuda --ranks 2` (CudaDistEngine behind mprefill-worker, tp1 x sp2
+# `mprefill run --device cuda --ranks 2` (CudaBackend over NCCL behind mprefill-worker, tp1 x sp2
 # and tp2 x sp1) against `mprefill generate --device cuda`: same greedy ids on stories15M
 # (env MPREFILL_STORIES15M_HF; exits 77 = skipped without it or without 2 GPUs).
 if(TARGET mprefill_engine_cuda AND TARGET mprefill_comm_nccl AND TARGET mprefill-worker AND

@@ -1,4 +1,5 @@
-// GPU prefill engine (engine/cuda/cuda_engine.h) against the CPU Engine on the same
+// The CUDA backend on one GPU (engine/cuda/cuda_backend.h, tp 1 x sp 1, no communicator)
+// against the CPU Engine on the same
 // (bf16-rounded) weights: per-layer K / V and last-position logits for every pattern with
 // the indices fixed (estimated once on the CPU, the PrefillPlan shared), the GPU
 // estimation against CPU scores (equal except near-ties), the memory plan's refusal, the
@@ -16,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "engine/cuda/cuda_engine.h"
+#include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_generate.h"
 #include "kernels/cpu/cpu.h"
 #include "kernels/cuda/cuda.h"
@@ -130,7 +131,7 @@ Compared compare_engines(const ModelWeights& w, const std::vector<int>& ids,
   KvCache ccache(c, n);
   const std::vector<float> cl = cpu.prefill(ids, policy, &ccache, plan);
 
-  gpu::CudaEngine eng(w);
+  gpu::CudaBackend eng(nullptr, w);
   KvCache gcache(c, n);
   gpu::HostKvCacheSink sink(&gcache);
   gpu::CudaPrefillStats st;
@@ -157,7 +158,7 @@ Compared compare_engines(const ModelWeights& w, const std::vector<int>& ids,
 // bf16 activations (Q/K/V, normed inputs, attention output, MLP) against fp32: ~1e-2.
 constexpr double kKvTol = 2.5e-2, kLogitTol = 4e-2;
 
-TEST(CudaEngine, DenseMatchesCpu) {
+TEST(CudaBackend, DenseMatchesCpu) {
   REQUIRE_GPU();
   const ModelWeights w = small_model(11);
   const auto ids = random_ids(333, w.config.vocab, 5);
@@ -169,7 +170,7 @@ TEST(CudaEngine, DenseMatchesCpu) {
 
 // Every pattern, indices estimated once on the CPU and shared: the GPU must reproduce the
 // CPU's masked attention, so K / V of layer 1 and the logits agree to bf16 accuracy.
-TEST(CudaEngine, EveryPatternWithSharedPlanMatchesCpu) {
+TEST(CudaBackend, EveryPatternWithSharedPlanMatchesCpu) {
   REQUIRE_GPU();
   if (!cuda::sparse_attention_supported(DType::kBF16, 128)) GTEST_SKIP() << "no sparse kernels";
   const ModelWeights w = small_model(12);
@@ -190,12 +191,12 @@ TEST(CudaEngine, EveryPatternWithSharedPlanMatchesCpu) {
 
 // The sparse masks matter: the same model under the all-dense policy gives layer-1 KV
 // far from the sparse run (so the comparison above can fail).
-TEST(CudaEngine, SparsePlanChangesTheResult) {
+TEST(CudaBackend, SparsePlanChangesTheResult) {
   REQUIRE_GPU();
   if (!cuda::sparse_attention_supported(DType::kBF16, 128)) GTEST_SKIP() << "no sparse kernels";
   const ModelWeights w = small_model(12);
   const auto ids = random_ids(451, w.config.vocab, 6 + 451);
-  gpu::CudaEngine eng(w);
+  gpu::CudaBackend eng(nullptr, w);
   KvCache a(w.config, 451), b(w.config, 451);
   gpu::HostKvCacheSink sa(&a), sb(&b);
   const auto la = eng.prefill(ids, SparsePolicy::dense(), &sa);
@@ -246,7 +247,7 @@ void expect_equal_but_near_ties(const std::vector<int>& got, const std::vector<i
 
 // Estimation on the GPU (filled plan) against the CPU's scores of layer 0 computed from
 // the CPU engine's K and query: selections equal except near-ties.
-TEST(CudaEngine, EstimationMatchesCpuScores) {
+TEST(CudaBackend, EstimationMatchesCpuScores) {
   REQUIRE_GPU();
   if (!cuda::sparse_attention_supported(DType::kBF16, 128)) GTEST_SKIP() << "no sparse kernels";
   const ModelWeights w = small_model(13);
@@ -254,7 +255,7 @@ TEST(CudaEngine, EstimationMatchesCpuScores) {
   const int64_t n = 700;
   const auto ids = random_ids(n, c.vocab, 77);
   SparsePolicy policy = SparsePolicy::uniform(c, HeadPattern::vertical_slash(60, 120), 0);
-  gpu::CudaEngine eng(w);
+  gpu::CudaBackend eng(nullptr, w);
   PrefillPlan gplan;
   gpu::NullKvSink sink;
   eng.prefill(ids, policy, &sink, &gplan);
@@ -309,7 +310,7 @@ TEST(CudaEngine, EstimationMatchesCpuScores) {
 // Block-sparse estimation on the GPU uses the CPU's order of operations (bit-equal scores
 // on equal inputs); through the engine the inputs differ by bf16 rounding, so the lists
 // of layer 0 must agree on most blocks and always hold the diagonal.
-TEST(CudaEngine, BlockSparseEstimationCloseToCpu) {
+TEST(CudaBackend, BlockSparseEstimationCloseToCpu) {
   REQUIRE_GPU();
   if (!cuda::sparse_attention_supported(DType::kBF16, 128)) GTEST_SKIP() << "no sparse kernels";
   const ModelWeights w = small_model(14);
@@ -317,7 +318,7 @@ TEST(CudaEngine, BlockSparseEstimationCloseToCpu) {
   const int64_t n = 1000;
   const auto ids = random_ids(n, c.vocab, 78);
   const SparsePolicy policy = SparsePolicy::uniform(c, HeadPattern::block_sparse(4), 0);
-  gpu::CudaEngine eng(w);
+  gpu::CudaBackend eng(nullptr, w);
   PrefillPlan gplan;
   eng.prefill(ids, policy, nullptr, &gplan);
   Engine cpu(w);
@@ -345,12 +346,12 @@ TEST(CudaEngine, BlockSparseEstimationCloseToCpu) {
   EXPECT_GE(same, total * 9 / 10) << same << " of " << total << " blocks agree";
 }
 
-TEST(CudaEngine, MemoryPlanRefusesBeforeWork) {
+TEST(CudaBackend, MemoryPlanRefusesBeforeWork) {
   REQUIRE_GPU();
   const ModelWeights w = small_model(15);
-  gpu::CudaEngineOptions opt;
+  gpu::CudaOptions opt;
   opt.memory_limit = size_t{1} << 20;  // 1 MiB: too small for 4096 tokens
-  gpu::CudaEngine eng(w, opt);
+  gpu::CudaBackend eng(nullptr, w, DistTopology{}, opt);
   const gpu::MemoryPlan mp = eng.plan_memory(4096, SparsePolicy::dense());
   EXPECT_FALSE(mp.fits);
   EXPECT_GT(mp.workspace, mp.available);
@@ -368,14 +369,26 @@ TEST(CudaEngine, MemoryPlanRefusesBeforeWork) {
   EXPECT_THROW(eng.prefill({}, SparsePolicy::dense(), &sink), std::runtime_error);
 }
 
+// A group topology needs a communicator: refused with one message before any device work
+// (runs without a GPU too).
+TEST(CudaBackend, GroupWithoutCommunicatorIsRefused) {
+  const ModelWeights w = small_model(17);
+  try {
+    gpu::CudaBackend eng(nullptr, w, DistTopology{1, 2});
+    FAIL() << "a tp 1 x sp 2 backend without a communicator was built";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("needs a communicator"), std::string::npos) << e.what();
+  }
+}
+
 // The streaming sink's host copies equal what the host-cache sink received.
-TEST(CudaEngine, PinnedSinkKeepsEveryLayer) {
+TEST(CudaBackend, PinnedSinkKeepsEveryLayer) {
   REQUIRE_GPU();
   const ModelWeights w = small_model(16);
   const ModelConfig& c = w.config;
   const int64_t n = 257;
   const auto ids = random_ids(n, c.vocab, 9);
-  gpu::CudaEngine eng(w);
+  gpu::CudaBackend eng(nullptr, w);
   KvCache cache(c, n);
   gpu::HostKvCacheSink hs(&cache);
   eng.prefill(ids, SparsePolicy::dense(), &hs);
@@ -391,7 +404,7 @@ TEST(CudaEngine, PinnedSinkKeepsEveryLayer) {
 
 // stories15M: a bf16 HF conversion on the GPU (prefill) + CPU decode gives the golden
 // greedy ids of ../shared/models/stories15M/README.md.
-TEST(CudaEngine, Stories15MGreedyIds) {
+TEST(CudaBackend, Stories15MGreedyIds) {
   REQUIRE_GPU();
   std::string dir;
   std::string tmp;

@@ -1,11 +1,10 @@
-// GPU distributed prefill (engine/cuda/cuda_dist_engine.h) under mpirun, one rank per
-// GPU, against the single-GPU CudaEngine on the same device-random model (each rank of
-// the distributed engine draws exactly its slices of it): last-position logits and the
-// per-layer K / V of every rank's (KV heads, token shard), for every tp x sp of the
-// world size that divides the KV heads (np 2: 2x1, 1x2; np 4: 2x2, 1x4), with dense,
-// fixed sparse and ring-estimated sparse indices (against the single-GPU estimation);
-// causal KV skipping. Needs one GPU per rank (ctest labels gpu2 / gpu4); skips loudly
-// otherwise.
+// The CUDA backend (engine/cuda/cuda_backend.h) over NCCL under mpirun, one rank per
+// GPU, against the same class on one GPU (tp 1 x sp 1, no communicator) on the same
+// device-random model (each rank of a group draws exactly its slices of it): last-position logits
+// and the per-layer K / V of every rank's (KV heads, token shard), for every tp x sp of the world
+// size that divides the KV heads (np 2: 2x1, 1x2; np 4: 2x2, 1x4), with dense, fixed sparse and
+// ring-estimated sparse indices (against the single-GPU estimation); causal KV skipping. Needs one
+// GPU per rank (ctest labels gpu2 / gpu4); skips loudly otherwise.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -20,8 +19,7 @@
 
 #include "comm/mpi_comm.h"
 #include "comm/nccl_comm.h"
-#include "engine/cuda/cuda_dist_engine.h"
-#include "engine/cuda/cuda_engine.h"
+#include "engine/cuda/cuda_backend.h"
 #include "engine/engine.h"
 #include "engine/plan_codec.h"
 #include "kv/cuda/kv_sinks.h"
@@ -213,14 +211,18 @@ void compare_topologies(comm::Communicator& nccl, comm::Communicator& mpi, int d
   for (int tp = 1; tp <= size; ++tp) {
     if (size % tp != 0 || c.n_kv_heads % tp != 0) continue;
     const DistTopology topo{tp, size / tp};
-    gpu::CudaDistOptions o;
+    gpu::CudaOptions o;
     o.device = device;
-    o.timing = true;
     o.mlp_chunk = 500;  // several chunks per shard
-    gpu::CudaDistEngine eng(&nccl, c, seed, topo, o);
+    gpu::PrefillOptions po;
+    po.timing = true;
+    gpu::CudaBackend eng(&nccl, c, seed, topo, o);
     ShardSink sink(c, n);
-    PrefillPlan est;
-    const gpu::CudaDistResult r = eng.prefill(ids, policy, &sink, plan, ref_plan ? &est : nullptr);
+    PrefillPlan est, given;  // estimated here (ref_plan), or the fixed plan (used as given)
+    if (plan) given = *plan;
+    PrefillPlan* inout = plan ? &given : (ref_plan ? &est : nullptr);
+    gpu::CudaPrefillStats r;
+    const std::vector<float> logits = eng.prefill(ids, policy, &sink, inout, &r, po);
     if (ref_plan) {
       const int grp = c.n_heads / c.n_kv_heads, h0 = eng.kv_begin() * grp, h1 = eng.kv_end() * grp;
       const PlanDiff d = compare_plans(est, *ref_plan, h0, h1);
@@ -269,14 +271,14 @@ void compare_topologies(comm::Communicator& nccl, comm::Communicator& mpi, int d
         }
     }
     double dl = 0;
-    for (size_t i = 0; i < ref_logits.size() && i < r.logits.size(); ++i)
-      dl = std::max(dl, double(std::fabs(r.logits[i] - ref_logits[i])));
+    for (size_t i = 0; i < ref_logits.size() && i < logits.size(); ++i)
+      dl = std::max(dl, double(std::fabs(logits[i] - ref_logits[i])));
     e.logits = dl / max_abs(ref_logits);
     // This rank's cells: its KV heads x its token shard, every layer.
     const int64_t expect_cells = int64_t(c.n_layers) * r.local_tokens * (c.n_kv_heads / tp);
     const bool good = e.k < kKvTol && e.v < kKvTol && e.logits < kLogitTol &&
                       e.cells == expect_cells && sink.puts_ == c.n_layers &&
-                      r.logits.size() == ref_logits.size();
+                      logits.size() == ref_logits.size();
     std::printf(
         "# %s rank %d tp %d sp %d n %lld: K err %.3g V err %.3g logits err %.3g (cells "
         "%lld/%lld) ring compute %.3f ms wait %.3f ms allreduce %.3f ms sent %lld B\n",
@@ -299,9 +301,9 @@ TEST_F(GpuDist, DenseMatchesSingleGpu) {
     KvCache ref(c, n);  // reference: the whole model on this rank's GPU
     std::vector<float> ref_logits;
     {
-      gpu::CudaEngineOptions o;
+      gpu::CudaOptions o;
       o.device = device_;
-      gpu::CudaEngine eng(c, seed, o);
+      gpu::CudaBackend eng(nullptr, c, seed, DistTopology{}, o);  // one GPU
       gpu::HostKvCacheSink sink(&ref);
       ref_logits = eng.prefill(ids, SparsePolicy::dense(), &sink);
     }
@@ -338,9 +340,9 @@ TEST_F(GpuDist, SparseWithFixedPlanMatchesSingleGpu) {
   const uint64_t seed = 33;
   for (int64_t n : {777, 1500}) {
     const auto ids = random_ids(n, c.vocab, 200 + n);
-    gpu::CudaEngineOptions o;
+    gpu::CudaOptions o;
     o.device = device_;
-    gpu::CudaEngine eng(c, seed, o);
+    gpu::CudaBackend eng(nullptr, c, seed, DistTopology{}, o);  // one GPU
     std::vector<int32_t> code;
     if (nccl_->rank() == 0) {
       PrefillPlan est;
@@ -373,9 +375,9 @@ TEST_F(GpuDist, SparseEstimatedMatchesSingleGpu) {
   const uint64_t seed = 35;
   for (int64_t n : {777, 2600}) {
     const auto ids = random_ids(n, c.vocab, 300 + n);
-    gpu::CudaEngineOptions o;
+    gpu::CudaOptions o;
     o.device = device_;
-    gpu::CudaEngine eng(c, seed, o);
+    gpu::CudaBackend eng(nullptr, c, seed, DistTopology{}, o);  // one GPU
     PrefillPlan ref_plan;
     KvCache ref(c, n);
     gpu::HostKvCacheSink sink(&ref);
@@ -386,7 +388,7 @@ TEST_F(GpuDist, SparseEstimatedMatchesSingleGpu) {
   }
 }
 
-// Causal KV skipping (CudaDistOptions::skip_causal_kv) sends fewer ring bytes (at sp 2
+// Causal KV skipping (CudaOptions::skip_causal_kv) sends fewer ring bytes (at sp 2
 // exactly 3/4: rank 1 never reads rank 0's second zigzag chunk) and leaves the logits as
 // they are.
 TEST_F(GpuDist, CausalKvSkipSendsLessSameLogits) {
@@ -394,18 +396,19 @@ TEST_F(GpuDist, CausalKvSkipSendsLessSameLogits) {
   const int64_t n = 1536;  // 4 zigzag chunks of 384 tokens at sp 2
   const auto ids = random_ids(n, c.vocab, 9);
   const DistTopology topo{1, nccl_->size()};
-  gpu::CudaDistResult r[2];
+  gpu::CudaPrefillStats r[2];
+  std::vector<float> lg[2];
   for (int skip = 0; skip < 2; ++skip) {
-    gpu::CudaDistOptions o;
+    gpu::CudaOptions o;
     o.device = device_;
     o.skip_causal_kv = skip == 1;
-    gpu::CudaDistEngine eng(nccl_.get(), c, 41, topo, o);
-    r[skip] = eng.prefill(ids, SparsePolicy::dense(), nullptr);
+    gpu::CudaBackend eng(nccl_.get(), c, 41, topo, o);
+    lg[skip] = eng.prefill(ids, SparsePolicy::dense(), nullptr, nullptr, &r[skip]);
   }
   double dl = 0;
-  for (size_t i = 0; i < r[0].logits.size(); ++i)
-    dl = std::max(dl, double(std::fabs(r[1].logits[i] - r[0].logits[i])));
-  const double rel = dl / max_abs(r[0].logits);
+  for (size_t i = 0; i < lg[0].size(); ++i)
+    dl = std::max(dl, double(std::fabs(lg[1][i] - lg[0][i])));
+  const double rel = dl / max_abs(lg[0]);
   int64_t sent[2] = {r[0].ring_bytes_sent, r[1].ring_bytes_sent}, tot[2] = {0, 0};
   ASSERT_EQ(mpi_->all_reduce(sent, tot, 2, DType::kI64, comm::ReduceOp::kSum, nullptr),
             Status::kOk);
@@ -444,14 +447,14 @@ TEST_F(GpuDist, HfCheckpointSlicesMatchHostWeights) {
   for (const DistTopology topo :
        {DistTopology{1, nccl_->size()}, DistTopology{2, nccl_->size() / 2}}) {
     if (topo.sp < 1 || c.n_kv_heads % topo.tp != 0) continue;
-    gpu::CudaDistOptions o;
+    gpu::CudaOptions o;
     o.device = device_;
     const ModelWeights host = load_model(dir);
-    gpu::CudaDistEngine from_host(nccl_.get(), host, topo, o);
-    gpu::CudaDistEngine from_path(nccl_.get(), dir, topo, o);
+    gpu::CudaBackend from_host(nccl_.get(), host, topo, o);
+    gpu::CudaBackend from_path(nccl_.get(), dir, topo, o);
     EXPECT_FALSE(from_path.config().tie_word_embeddings);
-    const auto a = from_host.prefill(ids, SparsePolicy::dense(), nullptr).logits;
-    const auto b = from_path.prefill(ids, SparsePolicy::dense(), nullptr).logits;
+    const auto a = from_host.prefill(ids, SparsePolicy::dense(), nullptr);
+    const auto b = from_path.prefill(ids, SparsePolicy::dense(), nullptr);
     ASSERT_EQ(a.size(), b.size());
     ASSERT_FALSE(a.empty());
     int64_t differ = 0;
@@ -470,27 +473,53 @@ TEST_F(GpuDist, DifferentSeedIsDetected) {
   const auto ids = random_ids(n, c.vocab, 5);
   std::vector<float> ref_logits;
   {
-    gpu::CudaEngineOptions o;
+    gpu::CudaOptions o;
     o.device = device_;
-    gpu::CudaEngine eng(c, 31, o);
+    gpu::CudaBackend eng(nullptr, c, 31, DistTopology{}, o);
     ref_logits = eng.prefill(ids, SparsePolicy::dense(), nullptr);
   }
-  gpu::CudaDistOptions o;
+  gpu::CudaOptions o;
   o.device = device_;
-  gpu::CudaDistEngine eng(nccl_.get(), c, 32, DistTopology{1, nccl_->size()}, o);
-  const auto r = eng.prefill(ids, SparsePolicy::dense(), nullptr);
+  gpu::CudaBackend eng(nccl_.get(), c, 32, DistTopology{1, nccl_->size()}, o);
+  const auto logits = eng.prefill(ids, SparsePolicy::dense(), nullptr);
   double dl = 0;
   for (size_t i = 0; i < ref_logits.size(); ++i)
-    dl = std::max(dl, double(std::fabs(r.logits[i] - ref_logits[i])));
+    dl = std::max(dl, double(std::fabs(logits[i] - ref_logits[i])));
   EXPECT_GT(dl / max_abs(ref_logits), 0.1);
+}
+
+// The memory plan refuses a group's prefill before any work, with the numbers, on every
+// rank (the same message source as one GPU).
+TEST_F(GpuDist, MemoryPlanRefusesInGroup) {
+  const ModelConfig c = small_config();
+  gpu::CudaOptions o;
+  o.device = device_;
+  o.memory_limit = size_t{1} << 20;  // 1 MiB: too small for 4096 tokens
+  gpu::CudaBackend eng(nccl_.get(), c, 3, DistTopology{1, nccl_->size()}, o);
+  const gpu::MemoryPlan mp = eng.plan_memory(4096, SparsePolicy::dense());
+  EXPECT_FALSE(mp.fits);
+  EXPECT_EQ(mp.local_tokens * nccl_->size(), 4096);  // zigzag shards of equal size
+  ShardSink sink(c, 4096);
+  bool refused = false;
+  try {
+    eng.prefill(random_ids(4096, c.vocab, 1), SparsePolicy::dense(), &sink);
+  } catch (const std::runtime_error& e) {
+    refused = std::string(e.what()).find("GiB") != std::string::npos;
+  }
+  EXPECT_TRUE(refused);
+  EXPECT_EQ(sink.puts_, 0);  // refused before the first layer
+  expect_all_ranks_ok(*mpi_, refused);
 }
 
 TEST_F(GpuDist, BadTopologyAndPromptAreRefused) {
   const ModelConfig c = small_config();
-  gpu::CudaDistOptions o;
+  gpu::CudaOptions o;
   o.device = device_;
-  EXPECT_THROW(gpu::CudaDistEngine(nccl_.get(), c, 1, DistTopology{1, 1}, o), std::runtime_error);
-  gpu::CudaDistEngine eng(nccl_.get(), c, 1, DistTopology{1, nccl_->size()}, o);
+  EXPECT_THROW(gpu::CudaBackend(nccl_.get(), c, 1, DistTopology{1, 1}, o), std::runtime_error);
+  // A group needs its communicator.
+  EXPECT_THROW(gpu::CudaBackend(nullptr, c, 1, DistTopology{1, nccl_->size()}, o),
+               std::runtime_error);
+  gpu::CudaBackend eng(nccl_.get(), c, 1, DistTopology{1, nccl_->size()}, o);
   EXPECT_THROW(eng.prefill({1, 2, 3}, SparsePolicy::dense(), nullptr), std::runtime_error);
   EXPECT_THROW(eng.prefill(std::vector<int>(200, c.vocab), SparsePolicy::dense(), nullptr),
                std::runtime_error);

@@ -1,12 +1,12 @@
 #!/bin/bash
 # Multi-GPU worker groups in the service (label gpu2, 2 GPUs): `mprefill run --device cuda
-# --ranks 2` runs CudaDistEngine (one GPU per rank, KV handed off per layer over TCP) and
+# --ranks 2` runs CudaBackend over NCCL (one GPU per rank, KV handed off per layer over TCP) and
 # must give the same greedy ids as the single-process `mprefill generate --device cuda`:
 #   stories15M (bf16 HF conversion, env MPREFILL_STORIES15M_HF), a 250-token prompt
 #   (ids 3 + (i * 7919) % 500; 4 blocks, so both sp ranks hold two zigzag chunks; the
 #   model's max_position is 256), 6 decode steps, as tp1 x sp2 and tp2 x sp1; plus "Once
 #   upon a time" against the CPU golden ids as tp2 (5 tokens: too short for sp 2). The
-#   one-rank service run (CudaEngine) is checked against generate too, so a difference
+#   one-rank service run (CudaBackend, tp 1 x sp 1) is checked against generate too, so a difference
 #   of the decode paths shows as such.
 # usage: gpu_dist_service_test.sh BIN_DIR [TOKENIZER]. Exit 77 (skip) without 2 GPUs,
 # without MPREFILL_STORIES15M_HF, or (when all else passed) without the tokenizer for the
@@ -45,7 +45,7 @@ step() {  # name, command...
 IDS=$(python3 -c "print(','.join(str(3 + (i * 7919) % 500) for i in range(250)))")
 step generate "$BIN/mprefill" generate --device cuda --model "$HF" --prompt-ids "$IDS" --decode 6 --json
 REF=$(ids_of "$OUTD/generate.json")
-# The one-rank service path (CudaEngine, same decoder) as a second reference.
+# The one-rank service path (CudaBackend on one GPU, same decoder) as a second reference.
 step run_1rank "$BIN/mprefill" run --device cuda --ranks 1 --model "$HF" --prompt-ids "$IDS" \
   --decode 6 --json
 check "run --ranks 1 = generate --device cuda" "$(ids_of "$OUTD/run_1rank.json")" "$REF"

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "comm/mpi_comm.h"
+#include "comm/ring_pass.h"
 #include "kernels/attention.h"
 #include "kernels/cpu/cpu.h"
 #include "tests/mpi/mpi_testutil.h"
@@ -122,6 +124,51 @@ TEST(RingAttention, MatchesSingleProcessDense) {
 // first range starts after every key of a shard gets -inf partial states; the merged
 // result must still be exact. Here, in addition, rows of all-equal scores (zero q) check
 // that the merge is a plain average across shards.
+// The ring plan's causal skipping (comm/ring_pass.h; the CUDA backend's ring sends what it
+// says): a rank forwards at most what it received, every key a downstream receiver may
+// read travels, and at sp 2 exactly 3/4 of the rows move (rank 1 never reads rank 0's
+// second zigzag chunk). Host arithmetic only, on every rank.
+TEST(RingPlan, CausalSkippingSendsWhatDownstreamReads) {
+  for (int sp = 1; sp <= 5; ++sp)
+    for (int64_t n : {int64_t{64} * sp, int64_t{1000}, int64_t{1536}, int64_t{4099}}) {
+      if (n < int64_t{64} * sp) continue;
+      comm::RingPlan whole, skip;
+      whole.layout = skip.layout = plan_sequence_parallel(n, sp);
+      skip.skip_causal = true;
+      int64_t moved[2] = {0, 0};
+      for (int owner = 0; owner < sp; ++owner) {
+        int64_t received = skip.rows(owner);
+        for (int hop = 0; hop + 1 < sp; ++hop) {
+          const int sender = (owner + hop) % sp, receiver = (sender + 1) % sp;
+          const int64_t sent = skip.sent_rows(sender, owner);
+          EXPECT_LE(sent, received) << "sp " << sp << " n " << n << " owner " << owner;
+          EXPECT_EQ(whole.sent_rows(sender, owner), whole.rows(owner));
+          // Every key of the owner the receiver (and those after it) may read is in the
+          // sent prefix: rows ascend, so count the owner's rows below key_end.
+          int64_t need = 0;
+          for (int r = receiver; r != owner; r = (r + 1) % sp) {
+            int64_t below = 0;
+            for (auto [b, e] : skip.layout[owner])
+              below += std::max<int64_t>(0, std::min(e, skip.key_end(r)) - b);
+            need = std::max(need, below);
+          }
+          EXPECT_GE(sent, need) << "sp " << sp << " n " << n << " owner " << owner;
+          moved[0] += whole.sent_rows(sender, owner);
+          moved[1] += sent;
+          received = sent;
+        }
+      }
+      EXPECT_LE(moved[1], moved[0]);
+      if (sp == 2 && n == 1536) {
+        EXPECT_EQ(moved[1] * 4, moved[0] * 3);
+      }
+      for (int r = 0; r < sp; ++r) {
+        EXPECT_EQ(whole.key_end(r), n);
+        EXPECT_LE(skip.key_end(r), n);
+      }
+    }
+}
+
 TEST(RingAttention, ZeroQueriesAverageValues) {
   auto c = world();
   const int sp = c->size(), r = c->rank();
