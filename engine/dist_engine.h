@@ -12,7 +12,7 @@
 // tp; the token embedding is held whole on every rank (any id may come), the LM head is
 // split by vocab rows over tp and gathered by the owner of the last position.
 //
-// CONTRACT (used by the worker service loop, tools/mprefill_worker_main.cc): keep these
+// CONTRACT (used through engine/executor.h by the worker service, worker/): keep these
 // names and meanings; add fields freely.
 #pragma once
 #include <cstdint>

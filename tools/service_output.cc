@@ -37,6 +37,11 @@ nlohmann::json outcome_json(const Outcome& o, const ServiceArgs& a, const Prompt
   j["handoff_ms"] = r.handoff_ms();
   j["handoff_gbps"] = r.handoff_ms() > 0 ? r.kv_bytes_handed_off() / (r.handoff_ms() * 1e6) : 0.0;
   j["sparse"] = {{"source", a.sparse}};
+  // The work split the group ran: the coordinator's token layout, unless the sparse-aware
+  // re-balance replaced it.
+  j["sp_rebalanced"] = r.sp_rebalanced();
+  j["sp_imbalance"] = r.sp_imbalance();
+  j["tp_imbalance"] = r.tp_imbalance();
   if (r.audit_size() > 0) {
     nlohmann::json audit = nlohmann::json::array();
     for (const auto& h : r.audit())
