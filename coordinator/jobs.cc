@@ -179,6 +179,8 @@ void Coordinator::Impl::send_assignment(Job& j) {
   if (a->options().kv_transport().empty()) a->mutable_options()->set_kv_transport("tcp");
   *a->mutable_plan() = make_shard_plan(
       contract->model(), *j.policy, static_cast<int64_t>(j.tokens.size()), g.reg.tp(), g.reg.sp());
+  // The policy as resolved here: the worker never opens the path a client named.
+  *a->mutable_policy() = policy_table(*j.policy);
   auto* de = a->mutable_decoder();
   de->set_name(d.name);
   de->set_host(d.host);
@@ -454,6 +456,9 @@ void Coordinator::Impl::on_decode_done(Decoder& d, const v1::DecodeDone& m) {
   *r->mutable_audit() = wd.audit();
   r->set_queue_ms(j->queue_ms);
   r->set_client_tag(j->client_tag);
+  r->set_sp_rebalanced(wd.sp_rebalanced());
+  r->set_sp_imbalance(wd.sp_imbalance());
+  r->set_tp_imbalance(wd.tp_imbalance());
   finish(*j, v1::DONE, v1::ERROR_CODE_UNSPECIFIED, "");
   send_to(j->client, out);
 }

@@ -72,6 +72,20 @@ v1::ShardPlan make_shard_plan(const v1::ModelFingerprint& m, const SparsePolicy&
   return plan;
 }
 
+v1::SparsePolicyTable policy_table(const SparsePolicy& policy) {
+  v1::SparsePolicyTable t;
+  t.set_source(policy.source);
+  t.set_n_layers(policy.n_layers);
+  t.set_n_heads(policy.n_heads);
+  t.set_dense_below(policy.dense_below);
+  for (const HeadPattern& h : policy.heads) {
+    t.add_kind(static_cast<int32_t>(h.kind));
+    t.add_a(h.a);
+    t.add_b(h.b);
+  }
+  return t;
+}
+
 std::string contract_difference(const v1::KvContract& a, const v1::KvContract& b) {
   const auto& x = a.model();
   const auto& y = b.model();

@@ -39,6 +39,9 @@ ModelConfig config_of(const v1::ModelFingerprint& m);
 v1::ShardPlan make_shard_plan(const v1::ModelFingerprint& m, const SparsePolicy& policy, int64_t n,
                               int tp, int sp);
 
+// The policy as sent in Assignment.policy (the worker decodes it; it never loads one).
+v1::SparsePolicyTable policy_table(const SparsePolicy& policy);
+
 // Empty when the contracts are equal, else a one-line description of the first
 // difference ("kv_dtype: F32 vs BF16").
 std::string contract_difference(const v1::KvContract& a, const v1::KvContract& b);

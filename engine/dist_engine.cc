@@ -255,7 +255,7 @@ struct DistEngine::Impl {
 
   DistPrefillResult prefill(const std::vector<int>& ids, const SparsePolicy& policy, KvSink* sink,
                             PrefillPlan* plan_inout, const LayerProgressFn& progress,
-                            const AuditOptions& audit);
+                            const AuditOptions& audit, const std::vector<TokenRanges>* sp_layout);
   // The audit of layer l (engine/audit.h), collective; appends to out (same on every rank).
   void audit_layer_dist(int l, const SparsePolicy& policy, int64_t n, const TokenRanges& mine,
                         const std::vector<int64_t>& pos, const std::vector<float>& q,
@@ -316,8 +316,9 @@ const TpPlan& DistEngine::placement() const { return impl_->placement; }
 
 DistPrefillResult DistEngine::prefill(const std::vector<int>& ids, const SparsePolicy& policy,
                                       KvSink* sink, PrefillPlan* plan_inout,
-                                      const LayerProgressFn& progress, const AuditOptions& audit) {
-  return impl_->prefill(ids, policy, sink, plan_inout, progress, audit);
+                                      const LayerProgressFn& progress, const AuditOptions& audit,
+                                      const std::vector<TokenRanges>* sp_layout) {
+  return impl_->prefill(ids, policy, sink, plan_inout, progress, audit, sp_layout);
 }
 
 void DistEngine::Impl::audit_layer_dist(int l, const SparsePolicy& policy, int64_t n,
@@ -437,7 +438,8 @@ void DistEngine::Impl::audit_layer_dist(int l, const SparsePolicy& policy, int64
 DistPrefillResult DistEngine::Impl::prefill(const std::vector<int>& ids, const SparsePolicy& policy,
                                             KvSink* sink, PrefillPlan* plan_inout,
                                             const LayerProgressFn& progress,
-                                            const AuditOptions& audit) {
+                                            const AuditOptions& audit,
+                                            const std::vector<TokenRanges>* sp_layout) {
   const auto t_start = Clock::now();
   audit.validate();
   const ModelConfig& c = w.cfg;
@@ -483,7 +485,8 @@ DistPrefillResult DistEngine::Impl::prefill(const std::vector<int>& ids, const S
     }
   }
 
-  // ---- sp layout: zigzag, or the weighted split when the zigzag is off by > threshold.
+  // ---- sp layout: the given one or zigzag, or the weighted split when it is off by more
+  // than the threshold (the one runtime change to the plan, reported in sp_rebalanced).
   std::vector<double> bw(static_cast<size_t>(nb), 0.0);
   if (reuse && !all_dense) {
     // One head's mask at a time: a vertical-slash index is O(blocks * (v + s)), a whole
@@ -504,7 +507,10 @@ DistPrefillResult DistEngine::Impl::prefill(const std::vector<int>& ids, const S
         for (int64_t b = 0; b < nb; ++b) bw[b] += expected_block_tiles(p, b, n);
       }
   }
-  std::vector<TokenRanges> layout = plan_sequence_parallel(n, topo.sp);
+  // The caller's layout (the coordinator's plan, checked by check_sp_layout), else zigzag.
+  if (sp_layout && !sp_layout->empty()) check_sp_layout(*sp_layout, n, topo.sp);
+  std::vector<TokenRanges> layout =
+      sp_layout && !sp_layout->empty() ? *sp_layout : plan_sequence_parallel(n, topo.sp);
   res.sp_imbalance_zigzag = layout_imbalance(layout, bw);
   res.sp_imbalance_predicted = res.sp_imbalance_zigzag;
   if (topo.sp > 1 && res.sp_imbalance_zigzag > dopt.sp_rebalance_threshold) {

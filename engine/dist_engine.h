@@ -12,7 +12,7 @@
 // tp; the token embedding is held whole on every rank (any id may come), the LM head is
 // split by vocab rows over tp and gathered by the owner of the last position.
 //
-// CONTRACT (used by the worker service loop, tools/mprefill_worker_main.cc): keep these
+// CONTRACT (used through engine/executor.h by the worker service, worker/): keep these
 // names and meanings; add fields freely.
 #pragma once
 #include <cstdint>
@@ -67,7 +67,8 @@ struct DistPrefillResult {
   bool sp_rebalanced = false;           // the weighted split replaced the zigzag
   bool tp_replaced = false;             // the KV-head groups were re-placed for this prefill
   double tp_replace_ms = 0;             // time spent re-reading attention slices for that
-  double sp_imbalance_zigzag = 1.0;     // predicted max/mean tiles of the plain zigzag
+  double sp_imbalance_zigzag = 1.0;     // predicted max/mean tiles of the layout started
+                                        // from (the given one, else the plain zigzag)
   double sp_imbalance_predicted = 1.0;  // predicted for sp_layout (block weights below)
   double tp_imbalance_tiles = 1.0;      // measured from the computed tiles
   int64_t tiles_computed = 0;           // mask tiles this rank computed (all layers)
@@ -98,9 +99,13 @@ class DistEngine {
   // An enabled audit (same options on every rank) fills stats.audit with every audited
   // head of the prefill, identical on every rank (engine/audit.h: each sp rank scores the
   // sampled rows against its key shard, partials merged over sp, figures gathered over tp).
+  // sp_layout (non-empty): the token ranges of every sp rank to start from (the
+  // coordinator's plan; check_sp_layout's rules), in place of the zigzag; the sparse-aware
+  // re-balance may still replace it (sp_rebalanced).
   DistPrefillResult prefill(const std::vector<int>& ids, const SparsePolicy& policy, KvSink* sink,
                             PrefillPlan* plan_inout = nullptr, const LayerProgressFn& progress = {},
-                            const AuditOptions& audit = {});
+                            const AuditOptions& audit = {},
+                            const std::vector<TokenRanges>* sp_layout = nullptr);
 
   const ModelConfig& config() const;
   DistTopology topology() const;

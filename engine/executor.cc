@@ -24,6 +24,19 @@ void check_request(const Executor& e, const PrefillRequest& req) {
                              "--device cpu groups");
   if (req.plan && !req.plan->empty() && !c.fixed_plan)
     throw std::runtime_error(who + "fixed sparse indices (a filled plan) are not supported");
+  if (!req.sp_layout.empty()) {
+    const int64_t n = static_cast<int64_t>(req.ids->size());
+    const int sp = e.topology().sp;
+    try {
+      check_sp_layout(req.sp_layout, n, sp);
+    } catch (const std::exception& x) {
+      throw std::runtime_error(who + x.what());
+    }
+    if (!c.sp_layout && req.sp_layout != plan_sequence_parallel(n, sp))
+      throw std::runtime_error(who +
+                               "a token layout other than the zigzag split is not supported; "
+                               "it runs on --device cpu groups");
+  }
 }
 
 namespace {
@@ -44,6 +57,7 @@ class CpuExecutor final : public Executor {
     c.audit = true;
     c.fixed_plan = true;
     c.abort_mid_prefill = true;
+    c.sp_layout = true;
     return c;
   }
   const char* name() const override { return "cpu-dist"; }
@@ -53,8 +67,9 @@ class CpuExecutor final : public Executor {
     const SparsePolicy dense = SparsePolicy::dense();
     PrefillPlan plan;
     if (req.plan) plan = *req.plan;
-    DistPrefillResult r = engine_.prefill(*req.ids, req.policy ? *req.policy : dense, sink,
-                                          req.plan ? &plan : nullptr, req.progress, req.audit);
+    DistPrefillResult r =
+        engine_.prefill(*req.ids, req.policy ? *req.policy : dense, sink,
+                        req.plan ? &plan : nullptr, req.progress, req.audit, &req.sp_layout);
     PrefillResult out;
     out.logits = std::move(r.logits);
     const PrefillStats& s = r.stats;
@@ -70,8 +85,10 @@ class CpuExecutor final : public Executor {
     out.kv_dtype = DType::kF32;
     out.kv_bytes_exported = r.kv_bytes_exported;
     out.sp_layout = std::move(r.sp_layout);
+    out.sp_rebalanced = r.sp_rebalanced;
     out.sp_imbalance = r.sp_imbalance;
     out.tp_imbalance = r.tp_imbalance;
+    out.sp_imbalance_planned = r.sp_imbalance_zigzag;
     out.tiles_computed = r.tiles_computed;
     out.audit = s.audit;
     out.audit_ms = s.audit_ms;

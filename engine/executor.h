@@ -58,6 +58,7 @@ struct ExecutorCaps {
   bool fixed_plan = false;  // PrefillRequest::plan (indices given by the caller)
   bool nccl_kv = false;     // the NCCL KV transport (kv/cuda/nccl_kv_sink.h) can carry its KV
   bool abort_mid_prefill = false;  // a throwing progress stops the prefill at that layer
+  bool sp_layout = false;          // PrefillRequest::sp_layout other than plan_sequence_parallel's
 };
 
 struct PrefillRequest {
@@ -66,6 +67,11 @@ struct PrefillRequest {
   const PrefillPlan* plan = nullptr;      // fixed sparse indices (caps.fixed_plan)
   AuditOptions audit;                     // caps.audit
   LayerProgressFn progress;               // see the header comment; may be empty
+  // The token ranges of every sp rank (the coordinator's plan, model/parallel_plan.h
+  // check_sp_layout's rules); empty: the executor plans (zigzag). A backend without
+  // caps.sp_layout runs only the zigzag layout. The sparse-aware re-balance may replace
+  // the layout at run time (PrefillResult::sp_rebalanced).
+  std::vector<TokenRanges> sp_layout;
 };
 
 struct PrefillResult {
@@ -82,9 +88,12 @@ struct PrefillResult {
   DType kv_dtype = DType::kF32;
   int64_t kv_bytes_exported = 0;
   size_t peak_device_bytes = 0;  // CUDA backends: device memory in use at the peak
-  // Work split (same on every rank).
+  // Work split (same on every rank): the layout run, whether the sparse-aware re-balance
+  // replaced the requested (or zigzag) one, the measured max/mean over ranks, and the
+  // predicted max/mean tiles of the layout as requested.
   std::vector<TokenRanges> sp_layout;
-  double sp_imbalance = 1.0, tp_imbalance = 1.0;
+  bool sp_rebalanced = false;
+  double sp_imbalance = 1.0, tp_imbalance = 1.0, sp_imbalance_planned = 1.0;
   int64_t tiles_computed = 0;          // 64x64 attention tiles this rank computed (all layers)
   std::vector<HeadAuditResult> audit;  // every audited head, identical on every rank
   double audit_ms = 0;
@@ -106,7 +115,8 @@ class Executor {
 };
 
 // Throws std::runtime_error "<executor>: <feature> is not supported (...)" for a request
-// the executor's caps refuse, or a request without ids; the one place such refusals live.
+// the executor's caps refuse, a request without ids, or an sp_layout that is not one of
+// the prompt over the executor's sp ranks; the one place such refusals live.
 void check_request(const Executor& e, const PrefillRequest& req);
 
 // Builds the executor of spec on this rank. world: the group's MPI communicator (CPU

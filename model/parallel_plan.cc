@@ -80,6 +80,42 @@ TpPlan plan_tensor_parallel(const ModelConfig& cfg, const SparsePolicy& policy, 
   return plan;
 }
 
+void check_sp_layout(const std::vector<TokenRanges>& layout, int64_t n, int sp) {
+  const std::string what =
+      "token layout for " + std::to_string(n) + " tokens over sp " + std::to_string(sp) + ": ";
+  if (static_cast<int>(layout.size()) != sp)
+    throw std::runtime_error(what + "it has " + std::to_string(layout.size()) + " sp shards");
+  std::vector<std::pair<int64_t, int64_t>> all;
+  for (int r = 0; r < sp; ++r) {
+    int64_t prev_end = -1;
+    for (const auto& [b, e] : layout[r]) {
+      const std::string range = "sp rank " + std::to_string(r) + " range [" + std::to_string(b) +
+                                ", " + std::to_string(e) + ")";
+      if (b < 0 || e > n || b >= e)
+        throw std::runtime_error(what + range + " is empty or outside the prompt");
+      if (b % kBlock != 0 || (e % kBlock != 0 && e != n))
+        throw std::runtime_error(what + range + " does not fall on " + std::to_string(kBlock) +
+                                 "-token block edges");
+      if (b < prev_end) throw std::runtime_error(what + range + " is not in ascending order");
+      prev_end = e;
+      all.emplace_back(b, e);
+    }
+  }
+  std::sort(all.begin(), all.end());
+  int64_t at = 0;
+  for (const auto& [b, e] : all) {
+    if (b != at)
+      throw std::runtime_error(what + (b < at
+                                           ? "token " + std::to_string(b) + " is held by two ranks"
+                                           : "tokens [" + std::to_string(at) + ", " +
+                                                 std::to_string(b) + ") are held by no rank"));
+    at = e;
+  }
+  if (at != n)
+    throw std::runtime_error(what + "tokens [" + std::to_string(at) + ", " + std::to_string(n) +
+                             ") are held by no rank");
+}
+
 std::vector<TokenRanges> plan_sequence_parallel(int64_t n, int sp) {
   if (sp <= 0) throw std::runtime_error("sequence parallel size must be positive");
   const int64_t nb = num_blocks(n);

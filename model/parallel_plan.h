@@ -41,6 +41,12 @@ using TokenRanges = std::vector<std::pair<int64_t, int64_t>>;
 // 64-token block edges (the sparse query blocks are never split between ranks).
 std::vector<TokenRanges> plan_sequence_parallel(int64_t n, int sp);
 
+// Throws std::runtime_error with one line unless layout is a token layout of a prompt of
+// n tokens over sp ranks: sp entries (a rank may hold none), each rank's ranges ascending
+// and non-empty, every edge on a 64-token block edge (or n), every token held by exactly
+// one rank. The layouts of plan_sequence_parallel[_weighted] pass.
+void check_sp_layout(const std::vector<TokenRanges>& layout, int64_t n, int sp);
+
 // Causal 64x64 tiles of the query rows a rank holds (dense work), for balance reports.
 int64_t causal_tiles(const TokenRanges& rows);
 

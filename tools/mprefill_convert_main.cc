@@ -6,6 +6,7 @@
 #include <string>
 
 #include "model/convert.h"
+#include "tools/cli_args.h"
 
 namespace {
 
@@ -25,35 +26,34 @@ int usage_error(const std::string& msg) {
 int main(int argc, char** argv) {
   std::string in, out;
   mprefill::ConvertOptions opt;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&](std::string* dst) {
-      if (i + 1 >= argc) return false;
-      *dst = argv[++i];
-      return true;
-    };
-    if (a == "-h" || a == "--help") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    } else if (a == "--in") {
-      if (!value(&in)) return usage_error("--in needs a value");
-    } else if (a == "--out") {
-      if (!value(&out)) return usage_error("--out needs a value");
-    } else if (a == "--dtype") {
-      std::string d;
-      if (!value(&d)) return usage_error("--dtype needs a value");
-      if (d == "bf16") {
-        opt.dtype = mprefill::DType::kBF16;
-      } else if (d == "fp32") {
-        opt.dtype = mprefill::DType::kF32;
+  try {
+    mprefill::cli::FlagReader r(argc - 1, argv + 1);  // past the program name
+    while (r.next()) {
+      const std::string& a = r.flag();
+      if (a == "-h" || a == "--help") {
+        std::fputs(kUsage, stdout);
+        return 0;
+      } else if (a == "--in") {
+        in = r.value();
+      } else if (a == "--out") {
+        out = r.value();
+      } else if (a == "--dtype") {
+        const std::string d = r.value();
+        if (d == "bf16") {
+          opt.dtype = mprefill::DType::kBF16;
+        } else if (d == "fp32") {
+          opt.dtype = mprefill::DType::kF32;
+        } else {
+          return usage_error("unknown --dtype '" + d + "' (bf16 or fp32)");
+        }
+      } else if (a == "--force") {
+        opt.force = true;
       } else {
-        return usage_error("unknown --dtype '" + d + "' (bf16 or fp32)");
+        return usage_error("unknown argument '" + r.arg() + "'");
       }
-    } else if (a == "--force") {
-      opt.force = true;
-    } else {
-      return usage_error("unknown argument '" + a + "'");
     }
+  } catch (const mprefill::cli::UsageError& e) {
+    return usage_error(e.what());
   }
   if (in.empty() || out.empty()) return usage_error("--in and --out are required");
   try {

@@ -55,20 +55,10 @@ int main(int argc, char** argv) {
   opt.port = 7070;
   std::string port_file;
   try {
-    for (int i = 1; i < argc; ++i) {
-      std::string flag = argv[i];
-      std::string inline_value;
-      bool has_inline = false;
-      if (flag.rfind("--", 0) == 0 && flag.find('=') != std::string::npos) {
-        inline_value = flag.substr(flag.find('=') + 1);
-        flag = flag.substr(0, flag.find('='));
-        has_inline = true;
-      }
-      auto value = [&]() -> std::string {
-        if (has_inline) return inline_value;
-        if (i + 1 >= argc) throw UsageError(flag + " needs a value");
-        return argv[++i];
-      };
+    mprefill::cli::FlagReader r(argc - 1, argv + 1);  // past the program name
+    while (r.next()) {
+      const std::string& flag = r.flag();
+      auto value = [&] { return r.value(); };
       if (flag == "--help" || flag == "-h") {
         std::fputs(kUsage, stdout);
         return 0;
@@ -107,7 +97,7 @@ int main(int argc, char** argv) {
       } else if (flag == "--quiet") {
         opt.log = false;
       } else {
-        throw UsageError("unknown option '" + std::string(argv[i]) + "'");
+        throw UsageError("unknown option '" + r.arg() + "'");
       }
     }
     if (opt.heartbeat_timeout_ms < opt.heartbeat_ms)

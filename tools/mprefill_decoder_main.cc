@@ -75,12 +75,10 @@ int main(int argc, char** argv) {
   bool help = false;
   int gpu = -1;  // --device cuda[:N]
   try {
-    for (int i = 1; i < argc; ++i) {
-      const std::string flag = argv[i];
-      auto value = [&]() -> std::string {
-        if (i + 1 >= argc) throw UsageError(flag + " needs a value");
-        return argv[++i];
-      };
+    mprefill::cli::FlagReader r(argc - 1, argv + 1);  // past the program name
+    while (r.next()) {
+      const std::string& flag = r.flag();
+      auto value = [&] { return r.value(); };
       if (flag == "--help" || flag == "-h")
         help = true;
       else if (flag == "--coordinator")
@@ -121,7 +119,7 @@ int main(int argc, char** argv) {
         else
           throw UsageError("--device must be cpu, cuda or cuda:N, got '" + d + "'");
       } else
-        throw UsageError("unknown option '" + flag + "' (see --help)");
+        throw UsageError("unknown option '" + r.arg() + "' (see --help)");
     }
     if (help) {
       std::fputs(kUsage, stdout);

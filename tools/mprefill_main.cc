@@ -4,29 +4,14 @@
 //
 // Exit status: 0 success; 1 a runtime error (one line "mprefill: error: ..." on stderr);
 // 2 a usage error (that line plus a short usage).
-#include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <exception>
-#include <fstream>
 #include <iostream>
-#include <nlohmann/json.hpp>
-#include <optional>
-#include <sstream>
-#include <stdexcept>
+#include <new>
 #include <string>
-#include <vector>
 
-#include "engine/engine.h"
-#include "kernels/cpu/cpu.h"
-#include "model/sparse_policy.h"
-#include "model/tokenizer.h"
-#include "model/weights.h"
 #include "tools/cli_args.h"
-#ifdef MPREFILL_HAVE_GPU_ENGINE
-#include "engine/cuda/cuda_backend.h"
-#include "engine/cuda/cuda_generate.h"
-#endif
+#include "tools/generate.h"
 
 namespace {
 
@@ -34,7 +19,9 @@ using mprefill::cli::one_line;
 using mprefill::cli::parse_int;
 using mprefill::cli::UsageError;
 
-using namespace mprefill;
+using mprefill::cli::DeviceError;
+using mprefill::cli::GenerateArgs;
+using mprefill::cli::run_generate;
 
 const char* kUsage =
     "usage: mprefill <command> [options]\n"
@@ -68,23 +55,9 @@ const char* kGenerateUsage =
     "                      sampled query blocks: recall and relative output difference\n"
     "                      per head (cpu engine)\n";
 
-struct DeviceError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-struct GenerateArgs : cli::JobOptions {
-  GenerateArgs() { dense_below = kDefaultDenseBelow; }
-  std::string model, tokenizer;
-  int64_t max_prompt = 0;
-  std::string device = "cpu";
-  int threads = 0;
-  bool json = false;
-  bool help = false;
-};
-
 GenerateArgs parse_generate(int argc, char** argv) {
   GenerateArgs a;
-  cli::FlagReader r(argc, argv);
+  mprefill::cli::FlagReader r(argc, argv);
   while (r.next()) {
     const std::string& flag = r.flag();
     if (flag == "--help" || flag == "-h") {
@@ -116,167 +89,10 @@ GenerateArgs parse_generate(int argc, char** argv) {
   return a;
 }
 
-nlohmann::json sparse_json(const SparsePolicy& p, const PrefillStats& st) {
-  nlohmann::json patterns = nlohmann::json::array();
-  for (const PatternCount& c : p.summary()) {
-    nlohmann::json e = {{"pattern", to_string(c.pattern.kind)}, {"heads", c.count}};
-    switch (c.pattern.kind) {
-      case PatternKind::kAShape:
-        e["n_init"] = c.pattern.a;
-        e["n_local"] = c.pattern.b;
-        break;
-      case PatternKind::kVerticalSlash:
-        e["v"] = c.pattern.a;
-        e["s"] = c.pattern.b;
-        break;
-      case PatternKind::kBlockSparse:
-        e["topk"] = c.pattern.a;
-        break;
-      case PatternKind::kDense:
-        break;
-    }
-    patterns.push_back(e);
-  }
-  return {{"source", p.source},
-          {"dense_below", p.dense_below},
-          {"ran_dense", st.all_dense},
-          {"patterns", patterns},
-          {"heads_run",
-           {{"dense", st.heads_by_kind[0]},
-            {"a_shape", st.heads_by_kind[1]},
-            {"vertical_slash", st.heads_by_kind[2]},
-            {"block_sparse", st.heads_by_kind[3]}}}};
-}
-
-// One entry per audited head (engine/audit.h).
-nlohmann::json audit_json(const PrefillStats& st) {
-  nlohmann::json out = nlohmann::json::array();
-  for (const HeadAuditResult& r : st.audit)
-    out.push_back({{"layer", r.layer},
-                   {"head", r.head},
-                   {"pattern", to_string(r.pattern.kind)},
-                   {"a", r.pattern.a},
-                   {"b", r.pattern.b},
-                   {"rows", r.rows},
-                   {"recall", r.recall},
-                   {"output_rel_error", r.output_rel_error},
-                   {"output_rel_error_fro", r.output_rel_error_fro}});
-  return out;
-}
-
-int run_generate(const GenerateArgs& a) {
-#ifdef MPREFILL_HAVE_GPU_ENGINE
-  if (a.device == "cuda" && !gpu::cuda_available())
-    throw DeviceError("--device cuda: no CUDA device is visible");
-#else
-  if (a.device == "cuda")
-    throw DeviceError(
-        "--device cuda: this build has no CUDA engine (configure with -DMPREFILL_CUDA=ON)");
-#endif
-  if (a.threads > 0) cpu::set_num_threads(a.threads);
-
-  std::optional<Tokenizer> tok;
-  if (!a.tokenizer.empty()) tok = Tokenizer::load(a.tokenizer);
-
-  const cli::PromptInput prompt = cli::read_prompt(a);
-  std::vector<int> ids = prompt.ids;
-  const std::string& prompt_text = prompt.text;
-  if (ids.empty()) {
-    if (!tok) throw UsageError("a text prompt needs --tokenizer");
-    ids = tok->encode(prompt_text, true);
-  }
-
-  const auto t_load = std::chrono::steady_clock::now();
-  const ModelWeights w = load_model(a.model);
-  const double load_ms =
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_load).count();
-  if (tok && tok->vocab_size() != w.config.vocab)
-    throw std::runtime_error("tokenizer " + a.tokenizer + " has " +
-                             std::to_string(tok->vocab_size()) + " tokens but the model has " +
-                             std::to_string(w.config.vocab));
-
-  Engine engine(w);
-  GenerateOptions opt;
-  opt.decode_steps = a.decode;
-  opt.sampler.temperature = static_cast<float>(a.temperature);
-  opt.sampler.top_p = static_cast<float>(a.top_p);
-  opt.sampler.seed = a.seed;
-  opt.sampler.validate();
-  opt.stop_ids = a.stop_ids;
-  opt.max_prompt = a.max_prompt;
-  opt.audit.heads_per_layer = a.audit_heads;
-  engine.check_prompt(ids, a.max_prompt);  // before reading a sparse config: cheap errors first
-  opt.policy = load_sparse_policy(a.sparse, w.config, a.dense_below);
-  opt.policy.check_model(w.config);
-
-#ifdef MPREFILL_HAVE_GPU_ENGINE
-  // cuda: GPU prefill, KV into a host cache, decoding on the CPU engine.
-  const GenerateResult r =
-      a.device == "cuda" ? gpu::generate_cuda(w, ids, opt) : engine.generate(ids, opt);
-#else
-  const GenerateResult r = engine.generate(ids, opt);
-#endif
-
-  std::string text;
-  if (tok) {
-    int prev = ids.back();
-    for (int id : r.generated_ids) {
-      text += tok->decode_token(prev, id);
-      prev = id;
-    }
-  }
-
-  if (a.json) {
-    nlohmann::json j = {{"prompt_tokens", r.prompt_tokens},
-                        {"first_token_id", r.first_token_id},
-                        {"first_token_logit", r.first_token_logit},
-                        {"generated_ids", r.generated_ids},
-                        {"logits", r.logits},
-                        {"logprobs", r.logprobs},
-                        {"ttft_ms", r.ttft_ms},
-                        {"decode_ms", r.decode_ms},
-                        {"load_ms", load_ms},
-                        {"stopped_by", r.stopped_by},
-                        {"sparse", sparse_json(opt.policy, r.prefill)},
-                        {"device", a.device},
-                        {"threads", cpu::num_threads()}};
-    if (tok) j["text"] = text;
-    if (a.audit_heads > 0) {
-      j["audit"] = audit_json(r.prefill);
-      j["audit_ms"] = r.prefill.audit_ms;
-    }
-    std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
-  } else {
-    if (tok) {
-      std::cout << prompt_text << text << "\n";
-    } else {
-      for (size_t i = 0; i < r.generated_ids.size(); ++i)
-        std::cout << (i ? "," : "") << r.generated_ids[i];
-      std::cout << "\n";
-    }
-    const size_t ndec = r.generated_ids.size() - 1;
-    std::fprintf(stderr,
-                 "mprefill: %lld prompt tokens, ttft %.1f ms, %zu decoded in %.1f ms (%.1f tok/s), "
-                 "stop: %s, sparse: %s\n",
-                 static_cast<long long>(r.prompt_tokens), r.ttft_ms, ndec, r.decode_ms,
-                 ndec && r.decode_ms > 0 ? 1000.0 * ndec / r.decode_ms : 0.0, r.stopped_by.c_str(),
-                 one_line(opt.policy.summary_string()).c_str());
-    if (a.audit_heads > 0 && r.prefill.audit.empty())
-      std::fprintf(stderr, "mprefill: audit: no head to audit (the prompt ran dense)\n");
-    for (const HeadAuditResult& h : r.prefill.audit)
-      std::fprintf(stderr,
-                   "mprefill: audit layer %d head %d %s(%d,%d): recall %.6f, output error %.3g "
-                   "(max), %.3g (fro) over %lld rows\n",
-                   h.layer, h.head, to_string(h.pattern.kind), h.pattern.a, h.pattern.b, h.recall,
-                   h.output_rel_error, h.output_rel_error_fro, static_cast<long long>(h.rows));
-  }
-  return 0;
-}
-
 }  // namespace
 
 #ifdef MPREFILL_HAVE_SERVICE
-#include "tools/service_cli.h"  // submit / status / cancel / run (tools/cmake/service.cmake)
+#include "tools/service_cli.h"  // submit / status / cancel / run (tools/CMakeLists.txt)
 #endif
 
 int main(int argc, char** argv) {

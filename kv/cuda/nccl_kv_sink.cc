@@ -1,5 +1,5 @@
-// Compiled into mprefill_worker_cuda (its sources are globbed); empty unless the NCCL KV
-// transport is configured (tools/cmake/ncclkv.cmake defines MPREFILL_HAVE_NCCL_KV).
+// Compiled into mprefill_kv_cuda (kv/CMakeLists.txt); empty unless the NCCL KV
+// transport is configured (kv/CMakeLists.txt defines MPREFILL_HAVE_NCCL_KV).
 #ifdef MPREFILL_HAVE_NCCL_KV
 #include "kv/cuda/nccl_kv_sink.h"
 

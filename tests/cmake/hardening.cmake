@@ -47,10 +47,10 @@ endif()
 # (EXCLUDE_FROM_ALL; targets sanitize-asan, sanitize-tsan) into bin-asan/ and bin-tsan/
 # under the usual binary names. Only the service's own code is recompiled (-O1): the
 # frame codec and hello (proto/wire.cc, hmac.cc), the coordinator, the decoder, the KV
-# handoff and page store, and the three service mains. The engine (mprefill_engine,
-# mprefill_kernels), MPI comm, the generated protobuf messages and GoogleTest are the
-# objects this directory already built, uninstrumented: with ASan their heap blocks are
-# still checked (the allocator is replaced process-wide), their own loads and stores are
+# handoff and page store, the worker service (worker/) and the three service mains. The
+# engine (mprefill_engine, mprefill_kernels), MPI comm, the generated protobuf messages and
+# GoogleTest are the objects this directory already built, uninstrumented: with ASan their
+# heap blocks are still checked (the allocator is replaced process-wide), their own loads and stores are
 # not (launch/sanitize.sh instruments everything, slowly).
 #   asan  address,undefined: coordinator, worker (CPU executors), decoder.
 #   tsan  thread: the same, and wire_test / coordinator_test compiled with it.
@@ -59,7 +59,8 @@ endif()
 # process wrote a sanitizer report, and skips it (77) when the variants are not built.
 # (service_e2e_test comes from service.cmake, included after this file: named by path.)
 if(TARGET mprefill_proto_msgs AND TARGET mprefill_coordinator AND TARGET mprefill_decode
-   AND TARGET mprefill-worker AND TARGET mprefill-decoder AND TARGET wire_test
+   AND TARGET mprefill_worker AND TARGET mprefill-worker AND TARGET mprefill-decoder
+   AND TARGET wire_test
    AND TARGET coordinator_test)
   set(_src ${CMAKE_SOURCE_DIR})
   set(_run ${CMAKE_CURRENT_SOURCE_DIR}/hardening/sanitizer/run.sh)
@@ -107,6 +108,13 @@ if(TARGET mprefill_proto_msgs AND TARGET mprefill_coordinator AND TARGET mprefil
     target_link_libraries(mprefill_decode_${tag} PUBLIC mprefill_proto_${tag} mprefill_engine
                           mprefill_kernels)
     target_compile_options(mprefill_decode_${tag} PRIVATE ${_opts})
+    # The worker service library (worker/), instrumented; its sources as worker/ lists them.
+    get_target_property(_worker_src mprefill_worker SOURCES)
+    list(TRANSFORM _worker_src PREPEND ${_src}/worker/)
+    add_library(mprefill_worker_${tag} STATIC EXCLUDE_FROM_ALL ${_worker_src})
+    target_link_libraries(mprefill_worker_${tag} PUBLIC mprefill_decode_${tag} mprefill_comm
+                          mprefill_executor)
+    target_compile_options(mprefill_worker_${tag} PRIVATE ${_opts})
     foreach(exe worker decoder)
       add_executable(mprefill-${exe}-${tag} EXCLUDE_FROM_ALL ${_src}/tools/mprefill_${exe}_main.cc)
       target_link_libraries(mprefill-${exe}-${tag} PRIVATE mprefill_decode_${tag} mprefill_comm
@@ -114,6 +122,7 @@ if(TARGET mprefill_proto_msgs AND TARGET mprefill_coordinator AND TARGET mprefil
       target_compile_options(mprefill-${exe}-${tag} PRIVATE ${_opts})
       list(APPEND _targets mprefill-${exe}-${tag})
     endforeach()
+    target_link_libraries(mprefill-worker-${tag} PRIVATE mprefill_worker_${tag})
     set(_plain mprefill)  # the CLI is a client: not instrumented here
     if(tag STREQUAL "tsan")
       foreach(t wire coordinator)

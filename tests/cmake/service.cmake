@@ -6,6 +6,24 @@ endif()
 if(TARGET coordinator_test AND TARGET mprefill_coordinator)
   target_link_libraries(coordinator_test PRIVATE mprefill_coordinator)
 endif()
+# The worker service library (worker/): the Assignment checks (tests/cpu), and a real
+# worker group running plans this process sends as the coordinator (tests/service).
+if(TARGET worker_assignment_test)
+  if(TARGET mprefill_worker AND TARGET mprefill_coordinator)
+    target_link_libraries(worker_assignment_test PRIVATE mprefill_worker mprefill_coordinator)
+  else()
+    set_target_properties(worker_assignment_test PROPERTIES EXCLUDE_FROM_ALL ON)
+  endif()
+endif()
+if(TARGET mprefill_hardening_harness AND TARGET mprefill_coordinator)
+  add_executable(worker_plan_test ${CMAKE_CURRENT_SOURCE_DIR}/service/worker_plan_test.cc)
+  target_link_libraries(worker_plan_test PRIVATE mprefill_hardening_harness mprefill_coordinator
+                        mprefill_kv_tcp mprefill_test_main)
+  add_dependencies(worker_plan_test mprefill-worker)
+  add_test(NAME ServiceE2E.WorkerRunsTheCoordinatorsPlan COMMAND worker_plan_test)
+  set_tests_properties(ServiceE2E.WorkerRunsTheCoordinatorsPlan PROPERTIES TIMEOUT 300
+                       LABELS "cpu;mpi;service" ENVIRONMENT "${MPREFILL_MPI_ENV}")
+endif()
 
 # A python3 that imports google.protobuf (Debian python3-protobuf is installed for
 # /usr/bin/python3; a pyenv python3 first on PATH may lack it).

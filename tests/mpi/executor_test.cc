@@ -120,6 +120,44 @@ TEST(Executor, CpuEqualsSingleProcessEngine) {
   expect_all_ranks_ok(*c, ok);
 }
 
+// PrefillRequest::sp_layout (the coordinator's plan) is the layout the CPU backend runs:
+// at sp 2 a balanced interleaving that is not the zigzag (18 causal tiles per rank) runs
+// as given with the zigzag's logits; an unbalanced one (contiguous halves, 10 vs 26
+// tiles) is replaced by the sparse-aware re-balance, which the result reports.
+TEST(Executor, CpuRunsTheGivenTokenLayout) {
+  auto c = world();
+  const ExecutorSpec spec = cpu_spec(c->size());
+  std::unique_ptr<Executor> ex = make_executor(spec, c.get());
+  const int sp = spec.topo.sp;
+  const int64_t n = 512;
+  const std::vector<int> ids = random_ids(n, ex->config().vocab, 5);
+  PrefillRequest req;
+  req.ids = &ids;
+  const PrefillResult base = ex->prefill(req, nullptr);
+  const std::vector<TokenRanges> given =
+      sp == 2 ? std::vector<TokenRanges>{{{0, 64}, {128, 192}, {320, 384}, {448, 512}},
+                                         {{64, 128}, {192, 320}, {384, 448}}}
+              : plan_sequence_parallel(n, sp);
+  req.sp_layout = given;
+  const PrefillResult r = ex->prefill(req, nullptr);
+  EXPECT_EQ(r.sp_layout, given);
+  EXPECT_FALSE(r.sp_rebalanced);
+  bool ok = r.logits.size() == base.logits.size() &&
+            max_abs_diff(r.logits, base.logits, base.logits.size()) <=
+                1e-4 * max_abs(base.logits, base.logits.size());
+  EXPECT_TRUE(ok) << "rank " << c->rank() << ": the given layout changed the logits";
+  if (sp == 2) {
+    req.sp_layout = {{{0, 256}}, {{256, 512}}};
+    const PrefillResult rb = ex->prefill(req, nullptr);
+    EXPECT_TRUE(rb.sp_rebalanced);
+    EXPECT_NEAR(rb.sp_imbalance_planned, 26.0 / 18.0, 1e-6);
+    EXPECT_NE(rb.sp_layout, req.sp_layout);
+    EXPECT_NO_THROW(check_sp_layout(rb.sp_layout, n, sp));
+    ok = ok && rb.sp_rebalanced;
+  }
+  expect_all_ranks_ok(*c, ok);
+}
+
 // A progress that throws at layer 1 on every rank stops the CPU prefill there: no
 // layer after it reaches the sink, and the exception reaches the caller.
 TEST(Executor, ThrowingProgressStopsTheCpuPrefill) {
@@ -154,7 +192,7 @@ TEST(Executor, ThrowingProgressStopsTheCpuPrefill) {
 class NoFeatures final : public Executor {
  public:
   const ModelConfig& config() const override { return cfg_; }
-  DistTopology topology() const override { return {}; }
+  DistTopology topology() const override { return topo; }
   int rank() const override { return 3; }
   Backend backend() const override { return Backend::kCuda; }
   ExecutorCaps caps() const override { return {}; }
@@ -166,6 +204,9 @@ class NoFeatures final : public Executor {
 
  private:
   ModelConfig cfg_;
+
+ public:
+  DistTopology topo;
 };
 
 TEST(Executor, RefusalsComeFromOnePlace) {
@@ -195,6 +236,38 @@ TEST(Executor, RefusalsComeFromOnePlace) {
   }
   req.audit = {};
   EXPECT_NO_THROW(bare.prefill(req, nullptr));
+
+  // A token layout (the coordinator's plan): checked against the prompt and sp; one
+  // other than the zigzag is refused by a backend without caps.sp_layout (the CUDA ones).
+  const std::vector<int> ids512(512, 1);
+  req.ids = &ids512;
+  bare.topo = {1, 2};
+  req.sp_layout = plan_sequence_parallel(512, 2);
+  EXPECT_NO_THROW(bare.prefill(req, nullptr));
+  req.sp_layout = {{{0, 64}, {128, 192}, {320, 384}, {448, 512}},
+                   {{64, 128}, {192, 320}, {384, 448}}};
+  try {
+    bare.prefill(req, nullptr);
+    ADD_FAILURE() << "a non-zigzag layout passed an executor without caps.sp_layout";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find(
+                  "bare executor (rank 3): a token layout other than the zigzag split"),
+              std::string::npos)
+        << e.what();
+  }
+  req.sp_layout = {{{0, 256}}};
+  try {
+    bare.prefill(req, nullptr);
+    ADD_FAILURE() << "a layout of 1 shard passed an sp 2 executor";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("token layout for 512 tokens over sp 2: it has 1 sp "
+                                         "shards"),
+              std::string::npos)
+        << e.what();
+  }
+  req.sp_layout.clear();
+  req.ids = &ids;
+  bare.topo = {};
 
   // A topology that does not match the group, and a bad backend name.
   ExecutorSpec bad = cpu_spec(c->size());

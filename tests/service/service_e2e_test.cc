@@ -221,6 +221,10 @@ void check_run_matches_generate(int ranks, int tp) {
               kKvPerToken * j.at("prompt_tokens").get<uint64_t>());
     EXPECT_GT(j.at("handoff_ms").get<double>(), 0.0);
     EXPECT_EQ(j.at("sp").get<int>(), ranks / tp);
+    // The work split the group reported (WorkerDone -> JobResult): max / mean >= 1.
+    EXPECT_TRUE(j.at("sp_rebalanced").is_boolean()) << out;
+    EXPECT_GE(j.at("sp_imbalance").get<double>(), 1.0) << out;
+    EXPECT_GE(j.at("tp_imbalance").get<double>(), 1.0) << out;
     if (p.flag == "--prompt") {
       EXPECT_EQ(j.value("text", ""), ref.value("text", "")) << out;
     }

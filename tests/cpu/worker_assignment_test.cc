@@ -1,0 +1,144 @@
+// worker/assignment.h: an Assignment's shard plan and policy as the worker decodes and
+// checks them (one line per refusal), and model/parallel_plan.h check_sp_layout. The
+// policy comes from the coordinator's own encoder (coordinator/planner.h policy_table).
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "coordinator/planner.h"
+#include "model/parallel_plan.h"
+#include "worker/assignment.h"
+
+namespace mprefill {
+namespace {
+
+namespace v1 = ::mprefill::v1;
+
+ModelConfig tiny() {
+  ModelConfig c;
+  c.n_layers = 2;
+  c.hidden = 64;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 16;
+  c.vocab = 300;
+  c.max_position = 4096;
+  return c;
+}
+
+v1::ShardPlan plan_of(const std::vector<TokenRanges>& layout, int tp, int sp) {
+  v1::ShardPlan p;
+  p.set_tp(tp);
+  p.set_sp(sp);
+  for (const TokenRanges& r : layout) {
+    auto* s = p.add_sp_shards();
+    for (const auto& [b, e] : r) {
+      auto* x = s->add_ranges();
+      x->set_begin(b);
+      x->set_end(e);
+    }
+  }
+  return p;
+}
+
+// The message of decode_shard_plan's refusal ("" when it accepts).
+std::string refusal(const v1::ShardPlan& p, DistTopology g, int64_t n) {
+  try {
+    (void)worker::decode_shard_plan(p, g, n);
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(WorkerAssignment, DecodesThePlanAsSent) {
+  const std::vector<TokenRanges> mine = {{{0, 64}, {128, 192}, {320, 384}, {448, 500}},
+                                         {{64, 128}, {192, 320}, {384, 448}}};
+  EXPECT_EQ(worker::decode_shard_plan(plan_of(mine, 2, 2), {2, 2}, 500), mine);
+  const auto zz = plan_sequence_parallel(777, 3);
+  EXPECT_EQ(worker::decode_shard_plan(plan_of(zz, 1, 3), {1, 3}, 777), zz);
+  EXPECT_EQ(worker::decode_shard_plan(worker::encode_layout(zz, {1, 3}), {1, 3}, 777), zz);
+}
+
+TEST(WorkerAssignment, RefusesAPlanThatDoesNotFit) {
+  const auto zz = plan_sequence_parallel(512, 2);
+  EXPECT_EQ(refusal(v1::ShardPlan(), {1, 2}, 512),
+            "shard plan: the assignment carries none (the coordinator plans)");
+  EXPECT_EQ(refusal(plan_of(zz, 2, 1), {1, 2}, 512),
+            "shard plan: tp 2 x sp 1 does not match this group's tp 1 x sp 2");
+  EXPECT_EQ(refusal(plan_of(zz, 1, 2), {1, 2}, 513),
+            "shard plan: token layout for 513 tokens over sp 2: tokens [512, 513) are held by "
+            "no rank");
+  EXPECT_EQ(refusal(plan_of({{{0, 128}}, {{64, 512}}}, 1, 2), {1, 2}, 512),
+            "shard plan: token layout for 512 tokens over sp 2: token 64 is held by two ranks");
+  EXPECT_EQ(refusal(plan_of({{{0, 100}}, {{100, 512}}}, 1, 2), {1, 2}, 512),
+            "shard plan: token layout for 512 tokens over sp 2: sp rank 0 range [0, 100) does "
+            "not fall on 64-token block edges");
+  EXPECT_EQ(refusal(plan_of({{{0, 64}}, {{64, 600}}}, 1, 2), {1, 2}, 512),
+            "shard plan: token layout for 512 tokens over sp 2: sp rank 1 range [64, 600) is "
+            "empty or outside the prompt");
+  EXPECT_EQ(refusal(plan_of({{{256, 512}, {0, 128}}, {{128, 256}}}, 1, 2), {1, 2}, 512),
+            "shard plan: token layout for 512 tokens over sp 2: sp rank 0 range [0, 128) is not "
+            "in ascending order");
+  v1::ShardPlan heads = plan_of(zz, 1, 2);
+  heads.add_tp_heads();
+  heads.add_tp_heads();
+  EXPECT_EQ(refusal(heads, {1, 2}, 512), "shard plan: 2 tp head sets for tp 1");
+}
+
+TEST(WorkerAssignment, PolicyIsTheCoordinatorsAndNoPathIsOpened) {
+  const ModelConfig cfg = tiny();
+  SparsePolicy p = SparsePolicy::uniform(cfg, HeadPattern::vertical_slash(100, 200), 77);
+  p.heads[3] = HeadPattern::a_shape(64, 128);
+  p.heads[5] = HeadPattern::block_sparse(9);
+  p.source = "configs/x.json";
+  v1::Assignment a;
+  *a.mutable_policy() = coord::policy_table(p);
+  a.mutable_options()->set_sparse("/no/such/file.json");
+  const SparsePolicy q = worker::decode_policy(a, cfg);
+  EXPECT_EQ(q.source, p.source);
+  EXPECT_EQ(q.dense_below, 77);
+  EXPECT_EQ(q.heads, p.heads);
+  EXPECT_EQ(q.summary_string(), p.summary_string());
+
+  // Without a resolved policy only the names resolve; a path is refused, not opened.
+  v1::Assignment b;
+  b.mutable_options()->set_sparse("auto");
+  EXPECT_EQ(worker::decode_policy(b, cfg).source, "auto");
+  b.mutable_options()->set_sparse("/no/such/file.json");
+  try {
+    (void)worker::decode_policy(b, cfg);
+    ADD_FAILURE() << "a path was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("carries no resolved policy"), std::string::npos)
+        << e.what();
+  }
+
+  // A table that does not fit the model (or is malformed) is refused.
+  v1::Assignment c = a;
+  c.mutable_policy()->set_n_layers(3);
+  EXPECT_THROW((void)worker::decode_policy(c, cfg), std::runtime_error);
+  c = a;
+  c.mutable_policy()->set_kind(0, 9);
+  EXPECT_THROW((void)worker::decode_policy(c, cfg), std::runtime_error);
+}
+
+TEST(WorkerAssignment, DecodeAssignmentChecksThePrompt) {
+  v1::Assignment a;
+  a.set_job_id(7);
+  for (int i = 0; i < 130; ++i) a.add_token_ids(i);
+  *a.mutable_plan() = plan_of(plan_sequence_parallel(130, 2), 1, 2);
+  *a.mutable_policy() = coord::policy_table(SparsePolicy::dense());
+  a.mutable_options()->set_audit_heads(2);
+  const worker::JobSpec s = worker::decode_assignment(a, tiny(), {1, 2});
+  EXPECT_EQ(s.id, 7u);
+  EXPECT_EQ(s.ids.size(), 130u);
+  EXPECT_EQ(s.sp_layout, plan_sequence_parallel(130, 2));
+  EXPECT_EQ(s.audit.heads_per_layer, 2);
+  a.set_token_ids(5, 300);  // outside the vocabulary
+  EXPECT_THROW((void)worker::decode_assignment(a, tiny(), {1, 2}), std::runtime_error);
+}
+
+}  // namespace
+}  // namespace mprefill

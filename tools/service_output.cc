@@ -1,0 +1,132 @@
+#include <algorithm>
+#include <cstdio>
+#include <iostream>
+#include <vector>
+
+#include "tools/service_client.h"
+
+namespace mprefill::cli {
+
+namespace {
+
+std::string gbps(uint64_t bytes, double ms) {
+  if (ms <= 0) return "n/a";
+  char b[32];
+  std::snprintf(b, sizeof(b), "%.3f", static_cast<double>(bytes) / (ms * 1e6));
+  return b;
+}
+
+nlohmann::json outcome_json(const Outcome& o, const ServiceArgs& a, const PromptInput& p) {
+  nlohmann::json j = {{"job_id", o.job_id}, {"status", o.status}};
+  if (o.status != "DONE") {
+    j["error_code"] = v1::ErrorCode_Name(o.code);
+    j["error"] = o.error;
+    return j;
+  }
+  const auto& r = o.result;
+  std::vector<int> gen(r.generated_ids().begin(), r.generated_ids().end());
+  j["prompt_tokens"] = r.prompt_tokens();
+  j["first_token_id"] = r.first_token_id();
+  j["generated_ids"] = gen;
+  j["stopped_by"] = r.stopped_by();
+  j["ttft_ms"] = r.ttft_ms();
+  j["prefill_ms"] = r.prefill_ms();
+  j["decode_ms"] = r.decode_ms();
+  j["queue_ms"] = r.queue_ms();
+  j["kv_bytes_handed_off"] = r.kv_bytes_handed_off();
+  j["handoff_ms"] = r.handoff_ms();
+  j["handoff_gbps"] = r.handoff_ms() > 0 ? r.kv_bytes_handed_off() / (r.handoff_ms() * 1e6) : 0.0;
+  j["sparse"] = {{"source", a.sparse}};
+  // The work split the group ran: the coordinator's token layout, unless the sparse-aware
+  // re-balance replaced it.
+  j["sp_rebalanced"] = r.sp_rebalanced();
+  j["sp_imbalance"] = r.sp_imbalance();
+  j["tp_imbalance"] = r.tp_imbalance();
+  if (r.audit_size() > 0) {
+    nlohmann::json audit = nlohmann::json::array();
+    for (const auto& h : r.audit())
+      audit.push_back({{"layer", h.layer()},
+                       {"head", h.head()},
+                       {"pattern", h.pattern()},
+                       {"recall", h.recall()},
+                       {"output_rel_error", h.output_rel_error()}});
+    j["audit"] = audit;
+  }
+  if (!r.text().empty() || !p.text.empty()) j["text"] = r.text();
+  nlohmann::json ranks = nlohmann::json::array();
+  for (const auto& b : r.ranks())
+    ranks.push_back({{"total_ms", b.total_ms()},
+                     {"gemm_ms", b.gemm_ms()},
+                     {"attention_ms", b.attention_ms()},
+                     {"estimate_ms", b.estimate_ms()},
+                     {"comm_ms", b.comm_ms()},
+                     {"kv_export_ms", b.kv_export_ms()},
+                     {"sp_imbalance", b.sp_imbalance()},
+                     {"tp_imbalance", b.tp_imbalance()}});
+  j["rank_breakdown"] = ranks;
+  return j;
+}
+
+}  // namespace
+
+int print_outcome(const Outcome& o, const ServiceArgs& a, const PromptInput& p,
+                  const std::optional<Tokenizer>& tok, const nlohmann::json& extra) {
+  if (a.json) {
+    nlohmann::json j = outcome_json(o, a, p);
+    if (o.status == "DONE" && tok && j.value("text", std::string()).empty()) {
+      std::string text;
+      int prev = p.ids.empty() ? 1 : p.ids.back();
+      for (int id : o.result.generated_ids()) {
+        text += tok->decode_token(prev, id);
+        prev = id;
+      }
+      j["text"] = text;
+    }
+    if (extra.is_object())
+      for (auto it = extra.begin(); it != extra.end(); ++it) j[it.key()] = it.value();
+    std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
+  }
+  if (o.status == "QUEUED") {
+    if (!a.json) std::cout << o.job_id << std::endl;
+    return 0;
+  }
+  if (o.status != "DONE") {
+    std::fprintf(stderr, "mprefill: error: job %llu %s: %s%s%s\n",
+                 static_cast<unsigned long long>(o.job_id), o.status.c_str(),
+                 o.code != v1::ERROR_CODE_UNSPECIFIED ? v1::ErrorCode_Name(o.code).c_str() : "",
+                 o.code != v1::ERROR_CODE_UNSPECIFIED ? ": " : "", one_line(o.error).c_str());
+    return o.status == "INTERRUPTED" ? 130 : 1;
+  }
+  if (a.json) return 0;
+  const auto& r = o.result;
+  std::string text = r.text();
+  if (text.empty() && tok) {
+    int prev = p.ids.empty() ? 1 : p.ids.back();
+    for (int id : r.generated_ids()) {
+      text += tok->decode_token(prev, id);
+      prev = id;
+    }
+  }
+  if (!p.text.empty() && (!text.empty() || tok)) {
+    std::cout << p.text << text << std::endl;
+  } else {
+    for (int i = 0; i < r.generated_ids_size(); ++i)
+      std::cout << (i ? "," : "") << r.generated_ids(i);
+    std::cout << std::endl;
+  }
+  std::fprintf(stderr,
+               "mprefill: job %llu DONE: %lld prompt tokens, ttft %.1f ms (queue %.1f, prefill "
+               "%.1f), KV %llu bytes handed off in %.1f ms (%s GB/s), %d decoded in %.1f ms, "
+               "stop: %s\n",
+               static_cast<unsigned long long>(o.job_id), static_cast<long long>(r.prompt_tokens()),
+               r.ttft_ms(), r.queue_ms(), r.prefill_ms(),
+               static_cast<unsigned long long>(r.kv_bytes_handed_off()), r.handoff_ms(),
+               gbps(r.kv_bytes_handed_off(), r.handoff_ms()).c_str(),
+               std::max(0, r.generated_ids_size() - 1), r.decode_ms(), r.stopped_by().c_str());
+  for (const auto& h : r.audit())
+    std::fprintf(stderr, "mprefill: audit layer %d head %d (%s): recall %.4f, output error %.3g\n",
+                 h.layer(), h.head(), h.pattern().c_str(), h.recall(), h.output_rel_error());
+  return 0;
+}
+
+}  // namespace mprefill::cli

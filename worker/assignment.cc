@@ -1,0 +1,102 @@
+#include "worker/assignment.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "model/prompt.h"
+
+namespace mprefill::worker {
+
+SparsePolicy decode_policy(const v1::Assignment& job, const ModelConfig& cfg) {
+  const v1::JobOptions& o = job.options();
+  const int64_t dense_below = o.dense_below() > 0 ? o.dense_below() : kDefaultDenseBelow;
+  if (!job.has_policy()) {
+    const std::string name = o.sparse().empty() ? "dense" : o.sparse();
+    if (name != "dense" && name != "auto")
+      throw std::runtime_error("sparse policy '" + name +
+                               "': the assignment carries no resolved policy (the coordinator "
+                               "resolves configs; the worker opens no path a client named)");
+    return load_sparse_policy(name, cfg, dense_below);
+  }
+  const v1::SparsePolicyTable& t = job.policy();
+  SparsePolicy p;
+  p.source = t.source().empty() ? "dense" : t.source();
+  p.n_layers = t.n_layers();
+  p.n_heads = t.n_heads();
+  p.dense_below = t.dense_below();
+  const int64_t cells = int64_t{t.n_layers()} * t.n_heads();
+  if (t.n_layers() < 0 || t.n_heads() < 0 || t.kind_size() != cells || t.a_size() != cells ||
+      t.b_size() != cells || t.dense_below() < 0)
+    throw std::runtime_error("sparse policy '" + p.source + "': the table of " +
+                             std::to_string(t.n_layers()) + " layers x " +
+                             std::to_string(t.n_heads()) + " heads has " +
+                             std::to_string(t.kind_size()) + " patterns (malformed)");
+  p.heads.reserve(static_cast<size_t>(cells));
+  for (int64_t i = 0; i < cells; ++i) {
+    const int k = t.kind(static_cast<int>(i));
+    if (k < 0 || k > static_cast<int>(PatternKind::kBlockSparse))
+      throw std::runtime_error("sparse policy '" + p.source + "': pattern kind " +
+                               std::to_string(k) + " is not one of 0..3");
+    p.heads.push_back(HeadPattern{static_cast<PatternKind>(k), t.a(static_cast<int>(i)),
+                                  t.b(static_cast<int>(i))});
+  }
+  p.check_model(cfg);
+  return p;
+}
+
+std::vector<TokenRanges> decode_shard_plan(const v1::ShardPlan& plan, DistTopology group,
+                                           int64_t n) {
+  if (plan.tp() == 0 && plan.sp() == 0 && plan.sp_shards_size() == 0)
+    throw std::runtime_error("shard plan: the assignment carries none (the coordinator plans)");
+  if (plan.tp() != group.tp || plan.sp() != group.sp)
+    throw std::runtime_error("shard plan: tp " + std::to_string(plan.tp()) + " x sp " +
+                             std::to_string(plan.sp()) + " does not match this group's tp " +
+                             std::to_string(group.tp) + " x sp " + std::to_string(group.sp));
+  if (plan.tp_heads_size() != 0 && plan.tp_heads_size() != group.tp)
+    throw std::runtime_error("shard plan: " + std::to_string(plan.tp_heads_size()) +
+                             " tp head sets for tp " + std::to_string(group.tp));
+  std::vector<TokenRanges> layout;
+  for (const auto& shard : plan.sp_shards()) {
+    TokenRanges& r = layout.emplace_back();
+    for (const auto& range : shard.ranges()) r.emplace_back(range.begin(), range.end());
+  }
+  try {
+    check_sp_layout(layout, n, group.sp);
+  } catch (const std::exception& e) {
+    throw std::runtime_error(std::string("shard plan: ") + e.what());
+  }
+  return layout;
+}
+
+v1::ShardPlan encode_layout(const std::vector<TokenRanges>& layout, DistTopology group) {
+  v1::ShardPlan plan;
+  plan.set_tp(group.tp);
+  plan.set_sp(group.sp);
+  for (const TokenRanges& ranges : layout) {
+    auto* shard = plan.add_sp_shards();
+    for (const auto& [b, e] : ranges) {
+      auto* r = shard->add_ranges();
+      r->set_begin(b);
+      r->set_end(e);
+    }
+  }
+  return plan;
+}
+
+JobSpec decode_assignment(const v1::Assignment& job, const ModelConfig& cfg, DistTopology group) {
+  JobSpec s;
+  s.id = job.job_id();
+  s.ids.assign(job.token_ids().begin(), job.token_ids().end());
+  check_prompt_ids(cfg, s.ids);
+  s.policy = decode_policy(job, cfg);
+  s.sp_layout = decode_shard_plan(job.plan(), group, static_cast<int64_t>(s.ids.size()));
+  const v1::JobOptions& o = job.options();
+  s.audit.heads_per_layer = std::max(0, o.audit_heads());
+  s.sampling.temperature = o.sampling().temperature();
+  s.sampling.top_p = o.sampling().top_p() > 0.f ? o.sampling().top_p() : 1.f;
+  s.sampling.seed = o.sampling().seed();
+  return s;
+}
+
+}  // namespace mprefill::worker

@@ -1,0 +1,211 @@
+#include "worker/job_runner.h"
+
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <stdexcept>
+
+#include "model/sampler.h"
+#include "worker/assignment.h"
+#include "worker/handoff.h"
+
+namespace mprefill::worker {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Cancelled : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+struct HandoffStop : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+void send_failed(const GroupContext& g, uint64_t job, int rank, const std::string& msg) {
+  if (!g.root()) return;
+  std::fprintf(stderr, "mprefill-worker: job %llu failed on rank %d: %s\n",
+               static_cast<unsigned long long>(job), rank, msg.c_str());
+  v1::Envelope f;
+  f.mutable_worker_failed()->set_job_id(job);
+  f.mutable_worker_failed()->set_rank(rank);
+  f.mutable_worker_failed()->set_message(msg);
+  g.link->send(f);
+}
+
+// 1. The request and the handoff streams. false: reported (the group stays in step).
+bool prepare(const GroupContext& g, const v1::Assignment& job, JobSpec* spec,
+             std::unique_ptr<Handoff>* sink) {
+  std::string err;
+  try {
+    *spec = decode_assignment(job, g.exec->config(), g.topo);
+    check_kv_transport(job, *g.exec);
+    PrefillRequest probe;
+    probe.ids = &spec->ids;
+    probe.audit = spec->audit;
+    probe.sp_layout = spec->sp_layout;
+    check_request(*g.exec, probe);  // refused features: one message, before any work
+    HandoffParams hp;
+    hp.rank = g.wi.rank;
+    hp.local_rank = g.wi.local_rank;
+    hp.secret = g.secret;
+    hp.contract = *g.contract;
+    hp.default_timeout_ms = g.opt->handoff_timeout_ms;
+    hp.streams = g.opt->streams;
+    *sink = make_handoff(job, hp);
+  } catch (const std::exception& e) {
+    err = e.what();
+  }
+  std::string msg;
+  const int bad = g.ctl->agree(err, &msg);
+  if (bad >= 0) send_failed(g, job.job_id(), bad, msg);
+  return bad < 0;
+}
+
+// 2. The prefill, its KV handed off layer by layer; progress and cancel checks at every
+// layer boundary (collective on the control channel, so all ranks stop at the same
+// layer; a CUDA executor finishes the prefill first, engine/executor.h). false: reported.
+bool prefill(const GroupContext& g, const JobSpec& spec, std::unique_ptr<Handoff> sink,
+             PrefillResult* out, KvHandoffStats* hs) {
+  const uint64_t id = spec.id;
+  // A cancelled job, or one whose handoff failed on any rank, stops at this boundary on
+  // every rank (the failure itself is reported after the agreement below).
+  auto progress = [&](int layer, int n_layers) {
+    const int64_t stop =
+        g.ctl->max(sink->failed() ? 2 : (g.root() && g.link->cancelled(id) ? 1 : 0));
+    if (stop == 2) throw HandoffStop("KV handoff failed on some rank");
+    if (stop == 1)
+      throw Cancelled("job " + std::to_string(id) + " cancelled at layer " +
+                      std::to_string(layer + 1) + " of " + std::to_string(n_layers));
+    if (g.root()) {
+      v1::Envelope p;
+      p.mutable_worker_progress()->set_job_id(id);
+      p.mutable_worker_progress()->set_layer(layer + 1);
+      p.mutable_worker_progress()->set_n_layers(n_layers);
+      g.link->send(p);
+    }
+  };
+  std::string err;
+  bool fatal = false;
+  try {
+    PrefillRequest req;
+    req.ids = &spec.ids;
+    req.policy = &spec.policy;
+    req.audit = spec.audit;
+    req.progress = progress;
+    req.sp_layout = spec.sp_layout;
+    *out = g.exec->prefill(req, sink.get());  // calls sink->finish()
+  } catch (const HandoffStop&) {
+    // The ranks whose handoff failed report why (below); the others report nothing.
+  } catch (const Cancelled& e) {
+    err = e.what();
+  } catch (const CommFailure&) {
+    throw;
+  } catch (const std::exception& e) {
+    err = e.what();
+    // A throw that is not the handoff's own (deferred) failure came from inside the
+    // collective prefill: peers may be stuck or out of step.
+    const bool collective = g.exec->backend() == Backend::kCpu || g.wi.size > 1;
+    fatal = collective && !sink->failed();
+  }
+  if (sink->failed()) err = sink->error();  // the cause, where it happened
+  *hs = sink->stats();
+  sink.reset();  // streams closed
+
+  std::string msg;
+  const int bad = g.ctl->agree(err, &msg);
+  const int64_t any_fatal = g.ctl->max(fatal ? 1 : 0);
+  if (bad < 0) return true;
+  send_failed(g, id, bad, msg);
+  if (any_fatal) throw CommFailure("prefill failed inside a collective: " + msg);
+  return false;
+}
+
+// The work split the group ran, as WorkerDone reports it.
+void set_split(const GroupContext& g, const JobSpec& spec, const PrefillResult& r,
+               v1::WorkerDone* done) {
+  *done->mutable_executed_plan() =
+      encode_layout(r.sp_layout.empty() ? spec.sp_layout : r.sp_layout, g.topo);
+  done->set_sp_rebalanced(r.sp_rebalanced);
+  done->set_sp_imbalance(r.sp_imbalance);
+  done->set_tp_imbalance(r.tp_imbalance);
+  done->set_sp_imbalance_planned(r.sp_imbalance_planned);
+}
+
+// 3. Totals over ranks, the first token, WorkerDone (rank 0).
+void report(const GroupContext& g, const JobSpec& spec, const PrefillResult& r,
+            const KvHandoffStats& hs, Clock::time_point t0) {
+  const double kv_bytes = g.ctl->sum(static_cast<double>(hs.bytes));
+  // handoff_ms: the busiest rank's busy send time (kv_bytes / handoff_ms is the rate the
+  // group's transport sustained; the sends themselves overlap the layers' compute).
+  const double handoff_ms = g.ctl->max(static_cast<int64_t>(hs.send_ms * 1000)) / 1000.0;
+  const double tail_ms = g.ctl->max(static_cast<int64_t>(hs.tail_ms * 1000)) / 1000.0;
+  char line[512];
+  std::snprintf(line, sizeof line, "%.3f %.3f %.3f %.3f %.3f", r.total_ms, r.gemm_ms,
+                r.attention_ms, r.estimate_ms, r.kv_export_ms + hs.copy_ms);
+  const auto per_rank = g.ctl->all_gather(line);
+  if (!g.root()) return;
+  v1::Envelope d;
+  auto* done = d.mutable_worker_done();
+  try {
+    Sampler sampler(spec.sampling);
+    const SampledToken tok = sampler.sample(r.logits.data(), static_cast<int>(r.logits.size()));
+    done->set_first_token_id(tok.id);
+    done->set_first_token_logit(tok.logit);
+  } catch (const std::exception& e) {
+    return send_failed(g, spec.id, 0, std::string("sampling the first token: ") + e.what());
+  }
+  done->set_job_id(spec.id);
+  for (const HeadAuditResult& h : r.audit) {
+    auto* m = done->add_audit();
+    m->set_layer(h.layer);
+    m->set_head(h.head);
+    m->set_pattern(to_string(h.pattern.kind));
+    m->set_recall(h.recall);
+    m->set_output_rel_error(h.output_rel_error);
+  }
+  done->set_kv_bytes(static_cast<uint64_t>(kv_bytes));
+  done->set_handoff_ms(handoff_ms);
+  done->set_prefill_ms(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  for (const std::string& rank_line : per_rank) {
+    double v[5] = {};
+    std::sscanf(rank_line.c_str(), "%lf %lf %lf %lf %lf", &v[0], &v[1], &v[2], &v[3], &v[4]);
+    auto* b = done->add_ranks();
+    b->set_total_ms(v[0]);
+    b->set_gemm_ms(v[1]);
+    b->set_attention_ms(v[2]);
+    b->set_estimate_ms(v[3]);
+    b->set_kv_export_ms(v[4]);
+    b->set_sp_imbalance(r.sp_imbalance);  // the same on every rank
+    b->set_tp_imbalance(r.tp_imbalance);
+  }
+  set_split(g, spec, r, done);
+  g.link->send(d);
+  std::fprintf(stderr,
+               "mprefill-worker: job %llu done: %.0f KV bytes handed off, %.1f ms busy sending, "
+               "%.1f ms exposed after the last layer; sp imbalance %.3f (plan %.3f%s)\n",
+               static_cast<unsigned long long>(spec.id), kv_bytes, handoff_ms, tail_ms,
+               r.sp_imbalance, r.sp_imbalance_planned, r.sp_rebalanced ? ", re-balanced" : "");
+}
+
+}  // namespace
+
+void run_job(const GroupContext& g, const v1::Assignment& job) {
+  if (g.root()) g.link->set_running(job.job_id());
+  struct Idle {
+    CoordinatorLink* l;
+    ~Idle() {
+      if (l) l->set_running(0);
+    }
+  } idle{g.root() ? g.link : nullptr};
+  const auto t0 = Clock::now();
+  JobSpec spec;
+  std::unique_ptr<Handoff> sink;
+  if (!prepare(g, job, &spec, &sink)) return;
+  PrefillResult r;
+  KvHandoffStats hs;
+  if (!prefill(g, spec, std::move(sink), &r, &hs)) return;
+  report(g, spec, r, hs, t0);
+}
+
+}  // namespace mprefill::worker
