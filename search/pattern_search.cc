@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "engine/cpu_local.h"
 #include "kernels/cpu/cpu.h"
 #include "kernels/cpu/parallel.h"
 #include "kernels/sparse.h"
@@ -272,20 +273,7 @@ RgbImage render_heatmap(const HeadAttention& a, const Mask& m, int size) {
 void head_vs_scores(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
                     int head_dim, int64_t n, float scale, int layer, int head,
                     std::vector<float>* col, std::vector<float>* slash) {
-  const int n_last = static_cast<int>(std::min<int64_t>(kBlock, n));
-  VsEstimateParams e;
-  e.q_last = q + (n - n_last) * q_stride;
-  e.k = k;
-  e.q_row_stride = q_stride;
-  e.q_head_stride = head_dim;
-  e.k_row_stride = k_stride;
-  e.k_head_stride = head_dim;
-  e.n_last = n_last;
-  e.seq_len = n;
-  e.n_k = static_cast<int>(n);
-  e.num_heads = e.num_kv_heads = 1;
-  e.head_dim = head_dim;
-  e.scale = scale;
+  const VsEstimateParams e = one_head_vs_params(q, q_stride, k, k_stride, head_dim, n, scale);
   RowStats stats;
   check(cpu::vs_row_stats(e, &stats), "vs_row_stats", layer, head);
   col->assign(n, 0.f);
@@ -345,58 +333,12 @@ std::vector<float> capture_qkv(
   const ModelConfig& c = w.config;
   c.validate();
   check_prompt_ids(c, ids, "calibration prompt");
-  const int64_t n = static_cast<int64_t>(ids.size());
-  const int64_t H = c.hidden, F = c.intermediate, QD = c.q_dim(), KVD = c.kv_dim();
   const std::vector<double> inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
-  std::vector<float> x(n * H), xb(n * H), q(n * QD), k(n * KVD), v(n * KVD), att(n * QD);
-  cpu::embedding(w.embed.data.data(), c.vocab, H, ids.data(), n, x.data());
-  const int64_t chunk = std::min<int64_t>(512, n);  // EngineOptions::mlp_chunk default
-  std::vector<float> gate(chunk * F), up(chunk * F);
-  auto bias = [](const Tensor& t) { return t.empty() ? nullptr : t.data.data(); };
-  for (int l = 0; l < c.n_layers; ++l) {
-    const LayerWeights& L = w.layers.at(l);
-    cpu::rmsnorm(x.data(), L.attn_norm.data.data(), xb.data(), n, H, c.rms_eps);
-    cpu::gemm_xwt(xb.data(), L.wq.data.data(), bias(L.bq), q.data(), n, H, QD);
-    cpu::gemm_xwt(xb.data(), L.wk.data.data(), bias(L.bk), k.data(), n, H, KVD);
-    cpu::gemm_xwt(xb.data(), L.wv.data.data(), bias(L.bv), v.data(), n, H, KVD);
-    cpu::rope(q.data(), n, c.n_heads, c.head_dim, QD, c.head_dim, nullptr, 0, inv_freq,
-              c.rope_style);
-    cpu::rope(k.data(), n, c.n_kv_heads, c.head_dim, KVD, c.head_dim, nullptr, 0, inv_freq,
-              c.rope_style);
-    if (fn) fn(l, q.data(), k.data(), v.data());
-    AttentionParams p;
-    p.q = q.data();
-    p.k = k.data();
-    p.v = v.data();
-    p.o = att.data();
-    p.q_row_stride = p.o_row_stride = QD;
-    p.k_row_stride = p.v_row_stride = KVD;
-    p.q_head_stride = p.k_head_stride = p.v_head_stride = p.o_head_stride = c.head_dim;
-    p.n_q = p.n_k = static_cast<int>(n);
-    p.num_heads = c.n_heads;
-    p.num_kv_heads = c.n_kv_heads;
-    p.head_dim = c.head_dim;
-    p.causal = true;
-    p.scale = 1.f / std::sqrt(static_cast<float>(c.head_dim));
-    check(cpu::attention_dense(p), "attention_dense", l, -1);
-    cpu::gemm_xwt(att.data(), L.wo.data.data(), nullptr, xb.data(), n, QD, H);
-    cpu::add_inplace(x.data(), xb.data(), n * H);
-    for (int64_t t0 = 0; t0 < n; t0 += chunk) {
-      const int64_t m = std::min(chunk, n - t0);
-      float* xr = x.data() + t0 * H;
-      float* hr = xb.data() + t0 * H;
-      cpu::rmsnorm(xr, L.ffn_norm.data.data(), hr, m, H, c.rms_eps);
-      cpu::gemm_xwt(hr, L.w_gate.data.data(), nullptr, gate.data(), m, H, F);
-      cpu::gemm_xwt(hr, L.w_up.data.data(), nullptr, up.data(), m, H, F);
-      cpu::swiglu(gate.data(), up.data(), gate.data(), m * F);
-      cpu::gemm_xwt(gate.data(), L.w_down.data.data(), nullptr, hr, m, F, H);
-      cpu::add_inplace(xr, hr, m * H);
-    }
-  }
-  std::vector<float> last(H), logits(c.vocab);
-  cpu::rmsnorm(x.data() + (n - 1) * H, w.final_norm.data.data(), last.data(), 1, H, c.rms_eps);
-  cpu::gemm_xwt(last.data(), w.output_matrix().data.data(), nullptr, logits.data(), 1, H, c.vocab);
-  return logits;
+  LocalAttentionParams a;  // dense, K / V in one reused layer buffer
+  a.config = &c;
+  a.n = static_cast<int64_t>(ids.size());
+  a.observe = fn;
+  return local_forward(w, inv_freq, EngineOptions{}.mlp_chunk, ids.data(), a);
 }
 
 HeadSearch search_head(const float* q, int64_t q_stride, const float* k, const float* v,
@@ -432,17 +374,8 @@ HeadSearch search_head(const float* q, int64_t q_stride, const float* k, const f
   };
   auto vs_tiles = [&](const HeadPattern& p) { return vs_mask_tiles(vs_index(p), 0); };
 
-  cpu::BlockSparseEstimateParams be;
-  be.q = q;
-  be.k = k;
-  be.q_row_stride = q_stride;
-  be.q_head_stride = head_dim;
-  be.k_row_stride = kv_stride;
-  be.k_head_stride = head_dim;
-  be.seq_len = n;
-  be.num_heads = be.num_kv_heads = 1;
-  be.head_dim = head_dim;
-  be.scale = scale;
+  const cpu::BlockSparseEstimateParams be =
+      one_head_bs_params(q, q_stride, k, kv_stride, head_dim, n, scale);
   auto bs_index = [&](int topk) {
     BlockSparseIndex ix;
     check(cpu::block_sparse_estimate(be, &topk, &ix), "block_sparse_estimate", -1, -1);
@@ -753,15 +686,8 @@ SparsePolicy scale_policy_to_density(const ModelWeights& w, const std::vector<in
               0);
           break;
         case PatternKind::kBlockSparse: {
-          cpu::BlockSparseEstimateParams e;
-          e.q = d.q.data();
-          e.k = d.k.data();
-          e.q_row_stride = e.k_row_stride = hd;
-          e.q_head_stride = e.k_head_stride = hd;
-          e.seq_len = n;
-          e.num_heads = e.num_kv_heads = 1;
-          e.head_dim = hd;
-          e.scale = scale;
+          const cpu::BlockSparseEstimateParams e =
+              one_head_bs_params(d.q.data(), hd, d.k.data(), hd, hd, n, scale);
           BlockSparseIndex ix;
           check(cpu::block_sparse_estimate(e, &hp.a, &ix), "block_sparse_estimate", -1, -1);
           tiles += block_sparse_tiles(ix.blocks, ix.k);

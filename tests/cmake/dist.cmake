@@ -47,3 +47,14 @@ foreach(topo "1;1" "1;2" "2;1")
   set_tests_properties(${name} PROPERTIES TIMEOUT 120 LABELS "cpu;mpi"
     ENVIRONMENT "${MPREFILL_MPI_ENV};MPREFILL_TEST_TP=${tp};MPREFILL_THREADS=1")
 endforeach()
+
+# One layer forward for every CPU path: Engine::prefill, DistEngine tp 1 x sp 1 and the
+# search's capture bit-identical on one rank (engine/cpu_layer.h).
+add_executable(mpi_dist_engine_one_rank_test mpi/dist_engine_one_rank_test.cc
+  mpi/mpi_test_main.cc)
+target_link_libraries(mpi_dist_engine_one_rank_test PRIVATE mprefill_comm mprefill_engine
+  mprefill_search mprefill_testutil GTest::gtest)
+add_test(NAME mpi_dist_engine_one_rank
+  COMMAND ${MPREFILL_MPIRUN} -np 1 $<TARGET_FILE:mpi_dist_engine_one_rank_test>)
+set_tests_properties(mpi_dist_engine_one_rank PROPERTIES TIMEOUT 120 LABELS "cpu;mpi"
+  ENVIRONMENT "${MPREFILL_MPI_ENV};MPREFILL_THREADS=1")

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/cpu_local.h"
 #include "kernels/cpu/cpu.h"
 #include "model/sparse_policy.h"
 #include "model/tokenizer.h"
@@ -196,35 +197,16 @@ TEST_F(RandomModelSearch, TilesEqualTheEnginesEstimatedIndices) {
     const float* k = (*qkv_)[h.layer][1].data() + (h.head / group) * c.head_dim;
     for (const Candidate& cand : h.candidates) {
       if (cand.pattern.kind == PatternKind::kVerticalSlash) {
-        VsEstimateParams e;  // as Engine::prefill runs it
-        e.q_last = q + (n - 64) * c.q_dim();
-        e.k = k;
-        e.q_row_stride = c.q_dim();
-        e.q_head_stride = c.head_dim;
-        e.k_row_stride = c.kv_dim();
-        e.k_head_stride = c.head_dim;
-        e.n_last = 64;
-        e.seq_len = n;
-        e.n_k = static_cast<int>(n);
-        e.num_heads = e.num_kv_heads = 1;
-        e.head_dim = c.head_dim;
-        e.scale = scale;
+        // As Engine::prefill runs it (engine/cpu_local.h).
+        const VsEstimateParams e =
+            one_head_vs_params(q, c.q_dim(), k, c.kv_dim(), c.head_dim, n, scale);
         std::vector<VsSelection> sel;
         ASSERT_EQ(cpu::vs_estimate(e, &cand.pattern.a, &cand.pattern.b, &sel), Status::kOk);
         EXPECT_EQ(vs_mask_tiles(cpu::vs_build_index(sel, n), 0), cand.tiles);
         ++checked;
       } else if (cand.pattern.kind == PatternKind::kBlockSparse) {
-        cpu::BlockSparseEstimateParams e;
-        e.q = q;
-        e.k = k;
-        e.q_row_stride = c.q_dim();
-        e.q_head_stride = c.head_dim;
-        e.k_row_stride = c.kv_dim();
-        e.k_head_stride = c.head_dim;
-        e.seq_len = n;
-        e.num_heads = e.num_kv_heads = 1;
-        e.head_dim = c.head_dim;
-        e.scale = scale;
+        const cpu::BlockSparseEstimateParams e =
+            one_head_bs_params(q, c.q_dim(), k, c.kv_dim(), c.head_dim, n, scale);
         BlockSparseIndex ix;
         ASSERT_EQ(cpu::block_sparse_estimate(e, &cand.pattern.a, &ix), Status::kOk);
         EXPECT_EQ(block_sparse_tiles(ix.blocks, ix.k), cand.tiles);
@@ -267,35 +249,17 @@ TEST_F(RandomModelSearch, ErrorMatchesSparseKernels) {
         AShapeParams a{&hp.a, &hp.b};
         ASSERT_EQ(cpu::attention_ashape(p, a), Status::kOk);
       } else if (hp.kind == PatternKind::kVerticalSlash) {
-        VsEstimateParams e;
-        e.q_last = static_cast<const float*>(p.q) + (n - 64) * c.q_dim();
-        e.k = p.k;
-        e.q_row_stride = c.q_dim();
-        e.q_head_stride = hd;
-        e.k_row_stride = c.kv_dim();
-        e.k_head_stride = hd;
-        e.n_last = 64;
-        e.seq_len = n;
-        e.n_k = static_cast<int>(n);
-        e.num_heads = e.num_kv_heads = 1;
-        e.head_dim = hd;
-        e.scale = p.scale;
+        const VsEstimateParams e =
+            one_head_vs_params(static_cast<const float*>(p.q), c.q_dim(),
+                               static_cast<const float*>(p.k), c.kv_dim(), hd, n, p.scale);
         std::vector<VsSelection> sel;
         ASSERT_EQ(cpu::vs_estimate(e, &hp.a, &hp.b, &sel), Status::kOk);
         const VsIndex ix = cpu::vs_build_index(sel, n);
         ASSERT_EQ(cpu::attention_vs(p, view(ix), 0), Status::kOk);
       } else {
-        cpu::BlockSparseEstimateParams e;
-        e.q = p.q;
-        e.k = p.k;
-        e.q_row_stride = c.q_dim();
-        e.q_head_stride = hd;
-        e.k_row_stride = c.kv_dim();
-        e.k_head_stride = hd;
-        e.seq_len = n;
-        e.num_heads = e.num_kv_heads = 1;
-        e.head_dim = hd;
-        e.scale = p.scale;
+        const cpu::BlockSparseEstimateParams e =
+            one_head_bs_params(static_cast<const float*>(p.q), c.q_dim(),
+                               static_cast<const float*>(p.k), c.kv_dim(), hd, n, p.scale);
         BlockSparseIndex ix;
         ASSERT_EQ(cpu::block_sparse_estimate(e, &hp.a, &ix), Status::kOk);
         ASSERT_EQ(cpu::attention_block_sparse(p, view(ix), 0), Status::kOk);
