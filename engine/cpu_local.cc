@@ -7,6 +7,7 @@
 #include <string>
 
 #include "engine/audit.h"
+#include "engine/distributed_estimate.h"
 
 namespace mprefill {
 namespace {
@@ -36,22 +37,15 @@ void timed(double* ms, F&& f) {
 
 VsEstimateParams one_head_vs_params(const float* q, int64_t q_stride, const float* k,
                                     int64_t k_stride, int head_dim, int64_t n, float scale) {
-  const int n_last = static_cast<int>(std::min<int64_t>(kBlock, n));
-  VsEstimateParams e;
-  e.q_last = q + (n - n_last) * q_stride;
-  e.k = k;
-  e.q_row_stride = q_stride;
-  e.q_head_stride = head_dim;
-  e.k_row_stride = k_stride;
-  e.k_head_stride = head_dim;
-  e.n_last = n_last;
-  e.seq_len = n;
-  e.n_k = static_cast<int>(n);
-  e.k_pos0 = 0;
-  e.num_heads = e.num_kv_heads = 1;
-  e.head_dim = head_dim;
-  e.scale = scale;
-  return e;
+  VsCallShape s;
+  s.num_heads = s.num_kv_heads = 1;
+  s.head_dim = head_dim;
+  s.n_last = static_cast<int>(std::min<int64_t>(kBlock, n));
+  s.seq_len = n;
+  s.q_row = q_stride;
+  s.k_row = k_stride;
+  s.scale = scale;
+  return vs_call_params(s, q + (n - s.n_last) * q_stride, k, 0, static_cast<int>(n));
 }
 
 cpu::BlockSparseEstimateParams one_head_bs_params(const float* q, int64_t q_stride, const float* k,

@@ -22,6 +22,27 @@ Status fail(comm::Communicator& sp, Status s, const std::string& stage, const st
 
 }  // namespace
 
+VsEstimateParams vs_call_params(const VsCallShape& s, const void* q_last, const void* k,
+                                int64_t k_pos0, int n_k) {
+  VsEstimateParams p;
+  p.q_last = q_last;
+  p.k = k;
+  p.q_row_stride = s.q_row;
+  p.q_head_stride = s.head_dim;
+  p.k_row_stride = s.k_row;
+  p.k_head_stride = s.head_dim;
+  p.n_last = s.n_last;
+  p.seq_len = s.seq_len;
+  p.n_k = n_k;
+  p.k_pos0 = k_pos0;
+  p.num_heads = s.num_heads;
+  p.num_kv_heads = s.num_kv_heads;
+  p.head_dim = s.head_dim;
+  p.scale = s.scale;
+  p.dtype = s.dtype;
+  return p;
+}
+
 Status vs_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine, int64_t n_total,
                                const float* q_local, const float* k_local, int num_heads,
                                int num_kv_heads, int head_dim, float scale, const int* v_budget,
@@ -71,24 +92,17 @@ Status vs_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine, 
   }
 
   // Params of one local key range [b, e) whose rows start at local row off.
+  VsCallShape shape;
+  shape.num_heads = num_heads;
+  shape.num_kv_heads = num_kv_heads;
+  shape.head_dim = head_dim;
+  shape.n_last = n_last;
+  shape.seq_len = n;
+  shape.q_row = q_row;
+  shape.k_row = k_row;
+  shape.scale = scale;
   auto params = [&](int64_t b, int64_t e, int64_t off) {
-    VsEstimateParams p;
-    p.q_last = q_last.data();
-    p.k = k_local + off * k_row;
-    p.q_row_stride = q_row;
-    p.q_head_stride = head_dim;
-    p.k_row_stride = k_row;
-    p.k_head_stride = head_dim;
-    p.n_last = n_last;
-    p.seq_len = n;
-    p.n_k = static_cast<int>(e - b);
-    p.k_pos0 = b;
-    p.num_heads = num_heads;
-    p.num_kv_heads = num_kv_heads;
-    p.head_dim = head_dim;
-    p.scale = scale;
-    p.dtype = DType::kF32;
-    return p;
+    return vs_call_params(shape, q_last.data(), k_local + off * k_row, b, static_cast<int>(e - b));
   };
 
   // (2) Row statistics: local combine over ranges, then global max and rescaled sums.

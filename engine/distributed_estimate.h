@@ -21,6 +21,21 @@ struct VsGlobalScores {
   std::vector<float> slash;  // [num_heads][n_total]
 };
 
+// Sizes of a vertical-slash estimator call: the prompt's last n_last query rows (row
+// stride q_row, heads at head_dim) against key rows of stride k_row.
+struct VsCallShape {
+  int num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  int n_last = 0;       // min(64, seq_len)
+  int64_t seq_len = 0;  // the prompt's length N
+  int64_t q_row = 0, k_row = 0;
+  float scale = 0.f;
+  DType dtype = DType::kF32;  // kF32 (CPU), kBF16 (CUDA)
+};
+// The params of one call over the keys k [n_k][k_row] at global positions
+// [k_pos0, k_pos0 + n_k): the one constructor of every shard loop (both backends).
+VsEstimateParams vs_call_params(const VsCallShape& s, const void* q_last, const void* k,
+                                int64_t k_pos0, int n_k);
+
 // Selections of every query head from the last n_last = min(64, n_total) query rows.
 //   mine: this rank's ranges (ascending, disjoint, inside [0, n_total)); the ranges of all
 //         ranks together must cover [0, n_total) exactly once.
