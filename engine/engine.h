@@ -1,6 +1,8 @@
 // Single-process CPU engine (fp32): prefill of every layer into a KV cache with the
 // per-head sparse policy, logits of the last position, then decoding on that cache.
-// The reference that the GPU and distributed executors are compared against.
+// The reference that the GPU and distributed executors are compared against. Prefill and
+// decode steps run the one CPU layer forward (engine/cpu_layer.h) with the single-process
+// attention (engine/cpu_local.h); DistEngine at tp 1 x sp 1 gives the same bits.
 #pragma once
 #include <cstdint>
 #include <functional>
