@@ -8,6 +8,7 @@
 
 #include "engine/audit.h"
 #include "engine/distributed_estimate.h"
+#include "kernels/edge_check.h"
 
 namespace mprefill {
 namespace {
@@ -17,12 +18,11 @@ double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
 
-void check_status(Status s, const char* what, int layer, int head) {
-  if (s == Status::kOk) return;
-  std::string where = "layer " + std::to_string(layer);
-  if (head >= 0) where += " head " + std::to_string(head);
-  throw std::runtime_error(std::string("engine: ") + what + " failed at " + where + ": " +
-                           to_string(s));
+// "what at layer L[ head H]" for the edge check.
+std::string at(const char* what, int layer, int head) {
+  std::string s = std::string("engine: ") + what + " at layer " + std::to_string(layer);
+  if (head >= 0) s += " head " + std::to_string(head);
+  return s;
 }
 
 // Adds the time of a kernel call to *ms (when stats are kept).
@@ -97,13 +97,17 @@ void LocalAttention::head(int l, int h, const AttentionParams& ph, const HeadPat
   const bool estimate = !p_.plan || p_.fill_plan;
   switch (hp.kind) {
     case PatternKind::kDense:
-      timed(att_ms, [&] { check_status(cpu::attention_dense(ph), "attention_dense", l, h); });
+      timed(att_ms, [&] {
+        MPREFILL_EDGE_CHECK(cpu::attention_dense(ph), at("attention_dense", l, h), "");
+      });
       break;
     case PatternKind::kAShape: {
       AShapeParams a;
       a.n_init = &hp.a;
       a.n_local = &hp.b;
-      timed(att_ms, [&] { check_status(cpu::attention_ashape(ph, a), "attention_ashape", l, h); });
+      timed(att_ms, [&] {
+        MPREFILL_EDGE_CHECK(cpu::attention_ashape(ph, a), at("attention_ashape", l, h), "");
+      });
       break;
     }
     case PatternKind::kVerticalSlash: {
@@ -114,7 +118,7 @@ void LocalAttention::head(int l, int h, const AttentionParams& ph, const HeadPat
                                                         static_cast<const float*>(ph.k), c.kv_dim(),
                                                         c.head_dim, N, ph.scale);
           std::vector<VsSelection> sel;
-          check_status(cpu::vs_estimate(e, &hp.a, &hp.b, &sel), "vs_estimate", l, h);
+          MPREFILL_EDGE_CHECK(cpu::vs_estimate(e, &hp.a, &hp.b, &sel), at("vs_estimate", l, h), "");
           if (sel.size() != 1)
             throw std::runtime_error("engine: vs_estimate returned " + std::to_string(sel.size()) +
                                      " selections for one head");
@@ -122,8 +126,9 @@ void LocalAttention::head(int l, int h, const AttentionParams& ph, const HeadPat
         }
         ix = cpu::vs_build_index({hplan->vs}, N);
       });
-      timed(att_ms,
-            [&] { check_status(cpu::attention_vs(ph, view(ix), 0), "attention_vs", l, h); });
+      timed(att_ms, [&] {
+        MPREFILL_EDGE_CHECK(cpu::attention_vs(ph, view(ix), 0), at("attention_vs", l, h), "");
+      });
       break;
     }
     case PatternKind::kBlockSparse: {
@@ -133,7 +138,8 @@ void LocalAttention::head(int l, int h, const AttentionParams& ph, const HeadPat
             static_cast<const float*>(ph.q), c.q_dim(), static_cast<const float*>(ph.k), c.kv_dim(),
             c.head_dim, N, ph.scale);
         BlockSparseIndex bix;
-        check_status(cpu::block_sparse_estimate(e, &hp.a, &bix), "block_sparse_estimate", l, h);
+        MPREFILL_EDGE_CHECK(cpu::block_sparse_estimate(e, &hp.a, &bix),
+                            at("block_sparse_estimate", l, h), "");
         hplan->topk = bix.k;
         hplan->blocks = std::move(bix.blocks);
       });
@@ -143,7 +149,8 @@ void LocalAttention::head(int l, int h, const AttentionParams& ph, const HeadPat
       bv.k = hplan->topk;
       bv.blocks = hplan->blocks.data();
       timed(att_ms, [&] {
-        check_status(cpu::attention_block_sparse(ph, bv, 0), "attention_block_sparse", l, h);
+        MPREFILL_EDGE_CHECK(cpu::attention_block_sparse(ph, bv, 0),
+                            at("attention_block_sparse", l, h), "");
       });
       break;
     }
@@ -183,7 +190,7 @@ void LocalAttention::attend(int l, const float* q, float* att) {
     p.num_heads = c.n_heads;
     p.num_kv_heads = c.n_kv_heads;
     timed(st ? &st->attention_ms : nullptr,
-          [&] { check_status(cpu::attention_dense(p), "attention_dense", l, -1); });
+          [&] { MPREFILL_EDGE_CHECK(cpu::attention_dense(p), at("attention_dense", l, -1), ""); });
     if (st) st->heads_by_kind[0] += c.n_heads;
   } else {
     for (int h = 0; h < c.n_heads; ++h) {

@@ -327,6 +327,21 @@ struct Model {
     std::uniform_int_distribution<int> d(0, kVocab - 1);
     for (int64_t i = 0; i < kRows; ++i) ids.push_back(d(g));
   }
+  // The forward of this model's rows at pos through layers (views of its layers).
+  CpuForwardParams forward(const CpuShape& shape, const std::vector<CpuLayer>& views,
+                           const std::vector<int64_t>& pos, CpuAttention* att) const {
+    CpuForwardParams p;
+    p.shape = shape;
+    p.layers = views.data();
+    p.n_layers = kLayers;
+    p.embed = embed.data();
+    p.vocab = kVocab;
+    p.ids = ids.data();
+    p.n = kRows;
+    p.pos = pos.data();
+    p.attention = att;
+    return p;
+  }
 };
 
 TEST_F(CpuLayerOps, ForwardAndLogitsMatchFp64) {
@@ -335,16 +350,7 @@ TEST_F(CpuLayerOps, ForwardAndLogitsMatchFp64) {
   std::vector<CpuLayer> views;
   for (const Layer& L : m.layers) views.push_back(L.view());
   Fp64Attention att({&views[0], &views[1]}, pos);
-  CpuForwardParams p;
-  p.shape = shape(RopeStyle::kAdjacentPairs, 16);
-  p.layers = views.data();
-  p.n_layers = kLayers;
-  p.embed = m.embed.data();
-  p.vocab = kVocab;
-  p.ids = m.ids.data();
-  p.n = kRows;
-  p.pos = pos.data();
-  p.attention = &att;
+  CpuForwardParams p = m.forward(shape(RopeStyle::kAdjacentPairs, 16), views, pos, &att);
   int reduces = 0;
   p.reduce = [&](float*, int64_t count) {
     EXPECT_EQ(count, kRows * kHidden);
@@ -376,16 +382,7 @@ TEST_F(CpuLayerOps, TensorParallelSplitSumsToTheWholeLayer) {
   std::vector<CpuLayer> whole;
   for (const Layer& L : m.layers) whole.push_back(L.view());
   Fp64Attention att1({&whole[0], &whole[1]}, pos);
-  CpuForwardParams p;
-  p.shape = shape(RopeStyle::kRotateHalf, 16);
-  p.layers = whole.data();
-  p.n_layers = kLayers;
-  p.embed = m.embed.data();
-  p.vocab = kVocab;
-  p.ids = m.ids.data();
-  p.n = kRows;
-  p.pos = pos.data();
-  p.attention = &att1;
+  const CpuForwardParams p = m.forward(shape(RopeStyle::kRotateHalf, 16), whole, pos, &att1);
   const Vec x1 = cpu_forward(p);
 
   std::vector<Layer> copies = m.layers;  // slices own their storage per rank
