@@ -35,7 +35,7 @@ Decoder::Decoder(const ModelWeights& w, DecoderOptions opt, SendFn send)
     : w_(w), opt_(std::move(opt)), engine_(w), send_(std::move(send)) {
   fp_ = model_fingerprint(w, opt_.model_name);
   ReceiverOptions ro = opt_.receiver;
-  ro.contract = make_kv_contract(fp_, opt_.page_tokens, v1::F32);
+  ro.contract = make_kv_contract(fp_, opt_.page_tokens);  // the model's KV dtype
   receiver_ = std::make_unique<KvReceiver>(ro, [this](uint64_t job, const std::string& msg) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -138,9 +138,11 @@ v1::DecodeDone Decoder::decode(uint64_t job_id, const v1::StartDecode& start) {
   const auto t0 = Clock::now();
   const int64_t n = store->n_tokens();
   const int steps = e.decode_tokens();
-  KvCache cache(c, n + steps);
+  // The cache keeps the store's dtype (a bf16 model's KV stays bf16; the engine widens
+  // it on read).
+  KvCache cache(c, n + steps, store->shape().dtype);
   for (int l = 0; l < c.n_layers; ++l) {  // pages go back to the pool layer by layer
-    store->export_layer(l, cache.k[l].data(), cache.v[l].data());
+    store->export_layer(l, cache.k_data(l), cache.v_data(l));
     store->release_layer(l);
   }
   cache.n_tokens = n;

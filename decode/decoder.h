@@ -4,9 +4,10 @@
 //
 //   Decoder     the coordinator side: DecoderRegister, Expect -> Ready, StartDecode ->
 //               DecodeDone (or DecodeFailed), Release, heartbeats. Decoding runs on its
-//               own thread: the store is copied into a KvCache layer by layer (pages
-//               released as they go) and Engine::decode_step continues from the first
-//               token, so the ids equal Engine::generate's for the same KV and sampler.
+//               own thread: the store is copied into a KvCache of the contract's
+//               dtype (bf16 for a bf16 model) layer by layer (pages released as they go) and
+//               Engine::decode_step continues from the first token, so the ids equal
+//               Engine::generate's for the same KV and sampler.
 #pragma once
 #include <atomic>
 #include <condition_variable>

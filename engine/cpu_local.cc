@@ -66,23 +66,28 @@ cpu::BlockSparseEstimateParams one_head_bs_params(const float* q, int64_t q_stri
 }
 
 LocalAttention::LocalAttention(const LocalAttentionParams& p) : p_(p) {
+  const int64_t kvd = p_.config->kv_dim();
   if (!p_.cache) {
     if (p_.pos0 != 0) throw std::runtime_error("engine: a forward without a KV cache starts at 0");
-    const int64_t kvd = p_.config->kv_dim();
     k_.resize(static_cast<size_t>(p_.n * kvd));
+    v_.resize(k_.size());
+  } else if (p_.cache->dtype == DType::kBF16) {
+    widen_ = true;
+    k_.resize(static_cast<size_t>((p_.pos0 + p_.n) * kvd));
     v_.resize(k_.size());
   }
 }
 
 const float* LocalAttention::keys(int layer) const {
-  return p_.cache ? p_.cache->k[layer].data() : k_.data();
+  return p_.cache && !widen_ ? p_.cache->k[layer].data() : k_.data();
 }
 const float* LocalAttention::values(int layer) const {
-  return p_.cache ? p_.cache->v[layer].data() : v_.data();
+  return p_.cache && !widen_ ? p_.cache->v[layer].data() : v_.data();
 }
 
 void LocalAttention::kv_rows(int layer, float** k, float** v) {
   const int64_t at = p_.pos0 * p_.config->kv_dim();
+  if (widen_) p_.cache->read_rows(layer, 0, p_.pos0, k_.data(), v_.data());
   *k = const_cast<float*>(keys(layer)) + at;
   *v = const_cast<float*>(values(layer)) + at;
 }
@@ -161,6 +166,12 @@ void LocalAttention::attend(int l, const float* q, float* att) {
   const ModelConfig& c = *p_.config;
   const int hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
   const int64_t n = p_.n, pos0 = p_.pos0, N = pos0 + n;
+  if (widen_) {  // store the new rows in bf16; attend to what the cache holds
+    float* kn = k_.data() + pos0 * c.kv_dim();
+    float* vn = v_.data() + pos0 * c.kv_dim();
+    p_.cache->write_rows(l, pos0, N, kn, vn);
+    p_.cache->read_rows(l, pos0, N, kn, vn);
+  }
   const float* K = keys(l);
   const float* V = values(l);
   if (p_.observe) p_.observe(l, q, K, V);

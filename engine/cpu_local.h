@@ -27,7 +27,9 @@ struct LocalAttentionParams {
   int64_t n = 0;     // rows of this forward
   int64_t pos0 = 0;  // their first position; > 0: a decode step (dense over the cache)
   // K / V rows go to rows [pos0, pos0 + n) of cache->k[l] / v[l]. Null: to one buffer of
-  // n rows reused by every layer (pos0 must be 0; the capture of a long prompt).
+  // n rows reused by every layer (pos0 must be 0; the capture of a long prompt). A bf16
+  // cache (a bf16 model's decoder) is read widened into one fp32 layer buffer, and the
+  // new rows are stored rounded to bf16 before the attention reads them back.
   KvCache* cache = nullptr;
   const SparsePolicy* policy = nullptr;  // null: dense
   // Indices: filled per layer when fill_plan (plan->layers sized by the caller), read
@@ -49,7 +51,8 @@ class LocalAttention final : public CpuAttention {
 
  private:
   LocalAttentionParams p_;
-  std::vector<float> k_, v_;  // the reused layer buffer when there is no cache
+  std::vector<float> k_, v_;  // the reused layer buffer: no cache, or a bf16 one
+  bool widen_ = false;        // the cache is bf16: layers go through k_ / v_
   const float* keys(int layer) const;
   const float* values(int layer) const;
   // One head of a prefill under its pattern (estimating its indices when asked).

@@ -63,9 +63,7 @@ namespace {
 
 void check_cache(const KvCache* cache, const ModelConfig& c, int64_t pos0, int64_t n) {
   if (!cache) throw std::runtime_error("engine: no KV cache given");
-  if (cache->n_layers != c.n_layers || cache->kv_dim != c.kv_dim() ||
-      cache->k.size() != static_cast<size_t>(c.n_layers) ||
-      cache->v.size() != static_cast<size_t>(c.n_layers))
+  if (!cache->has_shape(c.n_layers, static_cast<int>(c.kv_dim())))
     throw std::runtime_error("engine: KV cache shape does not match the model");
   if (cache->n_tokens != pos0)
     throw std::runtime_error("engine: KV cache holds " + std::to_string(cache->n_tokens) +

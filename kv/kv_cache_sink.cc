@@ -15,8 +15,10 @@ KvCacheSink::KvCacheSink(KvCache* cache, int head_dim) : cache_(cache), head_dim
 
 void KvCacheSink::put(const KvSlice& s) {
   const std::string where = "KvCacheSink: layer " + std::to_string(s.layer) + ": ";
-  if (s.on_device || s.dtype != DType::kF32)
-    throw std::runtime_error(where + "only fp32 host slices are supported");
+  if (s.on_device || (s.dtype != DType::kF32 && s.dtype != DType::kBF16))
+    throw std::runtime_error(where + "only fp32 or bf16 host slices are supported");
+  if (s.dtype == DType::kBF16 && cache_->dtype != DType::kBF16)
+    throw std::runtime_error(where + "a bf16 slice needs a bf16 cache");
   if (s.layer < 0 || s.layer >= cache_->n_layers)
     throw std::runtime_error(where + "layer out of range");
   if (s.head_dim != head_dim_) throw std::runtime_error(where + "head_dim mismatch");
@@ -26,6 +28,8 @@ void KvCacheSink::put(const KvSlice& s) {
   const int64_t width = static_cast<int64_t>(s.kv_heads.size()) * head_dim_;
   const float* k = static_cast<const float*>(s.k);
   const float* v = static_cast<const float*>(s.v);
+  const auto* k16 = static_cast<const uint16_t*>(s.k);
+  const auto* v16 = static_cast<const uint16_t*>(s.v);
   int64_t row = 0;
   for (auto [b, e] : s.tokens) {
     if (b < 0 || e < b || e > cache_->capacity)
@@ -36,8 +40,18 @@ void KvCacheSink::put(const KvSlice& s) {
       for (size_t i = 0; i < s.kv_heads.size(); ++i) {
         const int64_t src = row * width + static_cast<int64_t>(i) * head_dim_;
         const int64_t dst = t * cache_->kv_dim + int64_t{s.kv_heads[i]} * head_dim_;
-        std::copy_n(k + src, head_dim_, cache_->k[s.layer].data() + dst);
-        std::copy_n(v + src, head_dim_, cache_->v[s.layer].data() + dst);
+        if (cache_->dtype == DType::kF32) {
+          std::copy_n(k + src, head_dim_, cache_->k[s.layer].data() + dst);
+          std::copy_n(v + src, head_dim_, cache_->v[s.layer].data() + dst);
+        } else if (s.dtype == DType::kBF16) {  // bf16 as is
+          std::copy_n(k16 + src, head_dim_, cache_->k16[s.layer].data() + dst);
+          std::copy_n(v16 + src, head_dim_, cache_->v16[s.layer].data() + dst);
+        } else {  // fp32 rows into a bf16 cache: rounded to nearest even
+          for (int d = 0; d < head_dim_; ++d) {
+            cache_->k16[s.layer][dst + d] = f32_to_bf16(k[src + d]);
+            cache_->v16[s.layer][dst + d] = f32_to_bf16(v[src + d]);
+          }
+        }
       }
     }
     max_end_ = std::max(max_end_, e);
@@ -108,6 +122,8 @@ int64_t piece_values(const KvPiece& p, int head_dim) {
 void gather_kv_cache(comm::Communicator& c, const KvCacheSink& mine, int root, int64_t n_tokens,
                      KvCache* out) {
   const KvCache& src = mine.cache();
+  if (src.dtype != DType::kF32 || (out && out->dtype != DType::kF32))
+    throw std::runtime_error("gather_kv_cache: fp32 caches only");
   const int rank = c.rank(), size = c.size(), hd = mine.head_dim();
   const int64_t kv_dim = src.kv_dim;
   if (root < 0 || root >= size)

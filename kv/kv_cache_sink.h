@@ -1,4 +1,4 @@
-// KvSink into a KvCache (fp32 host memory), and the gather of a KV cache that is spread
+// KvSink into a KvCache (host memory), and the gather of a KV cache that is spread
 // over the ranks of a distributed prefill (each rank holding some (kv heads, token
 // ranges) per layer) onto one rank, for tests and for decoding on that rank.
 #pragma once
@@ -20,7 +20,8 @@ struct KvPiece {
 };
 
 // Writes each slice into the rows / head columns of a KvCache it does not own. Slices
-// must be fp32 host memory with the cache's head_dim; tokens inside the capacity.
+// must be host memory with the cache's head_dim, tokens inside the capacity: fp32 (into
+// an fp32 cache, or rounded into a bf16 one) or bf16 (into a bf16 cache, as is).
 // finish() sets cache->n_tokens to the end of the last token range seen (a full prefill
 // on one rank: the prompt length; a distributed one: call gather_kv_cache).
 class KvCacheSink : public KvSink {
@@ -45,7 +46,7 @@ class KvCacheSink : public KvSink {
 // the K / V values taken from its cache) to `root`, which writes them into `out` (same
 // model shape, capacity >= n_tokens) and checks that every (layer, kv head, token) in
 // [0, n_tokens) arrived exactly once; then out->n_tokens = n_tokens. Other ranks leave
-// `out` alone (may be null). Throws std::runtime_error naming the rank on a
+// `out` alone (may be null). fp32 caches only. Throws std::runtime_error naming the rank on a
 // communication failure or a coverage gap / overlap.
 void gather_kv_cache(comm::Communicator& c, const KvCacheSink& mine, int root, int64_t n_tokens,
                      KvCache* out);

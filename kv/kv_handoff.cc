@@ -44,7 +44,7 @@ size_t varint_size(uint64_t v) {
 
 // ---- contract ------------------------------------------------------------------------
 
-v1::KvContract make_kv_contract(const ModelFingerprint& fp, int page_tokens, v1::DType dtype) {
+v1::KvContract make_kv_contract(const ModelFingerprint& fp, int page_tokens) {
   v1::KvContract c;
   auto* m = c.mutable_model();
   m->set_name(fp.name);
@@ -56,7 +56,7 @@ v1::KvContract make_kv_contract(const ModelFingerprint& fp, int page_tokens, v1:
   m->set_vocab(fp.vocab);
   m->set_max_position(fp.max_position);
   m->set_weights_digest(fp.weights_digest);
-  c.set_kv_dtype(dtype);
+  c.set_kv_dtype(to_proto(fp.kv_dtype));
   c.set_layout(kKvLayout);
   c.set_page_tokens(page_tokens);
   return c;

@@ -26,10 +26,9 @@ namespace v1 = ::mprefill::v1;
 constexpr int kDefaultPageTokens = 256;
 constexpr const char* kKvLayout = "token-major";
 
-// The KV contract of a model: fingerprint, fp32 (the CPU executors' and decoder's KV
-// dtype), token-major pages of page_tokens.
-v1::KvContract make_kv_contract(const ModelFingerprint& fp, int page_tokens = kDefaultPageTokens,
-                                v1::DType dtype = v1::F32);
+// The KV contract of a model: fingerprint, the model's KV dtype (fp.kv_dtype, decided by
+// model_kv_dtype: bf16 for bf16 checkpoints, else fp32), token-major pages of page_tokens.
+v1::KvContract make_kv_contract(const ModelFingerprint& fp, int page_tokens = kDefaultPageTokens);
 // Empty when a and b describe the same KV stream; else one line naming the first
 // difference ("weights digest 1a2b... vs 3c4d...").
 std::string kv_contract_mismatch(const v1::KvContract& a, const v1::KvContract& b);

@@ -84,13 +84,16 @@ KvReceiver::KvReceiver(ReceiverOptions opt, FailFn on_fail)
   shape_.n_kv_heads = m.n_kv_heads();
   shape_.head_dim = m.head_dim();
   shape_.page_tokens = opt_.contract.page_tokens();
-  shape_.validate();
+  try {
+    shape_.dtype = from_proto(opt_.contract.kv_dtype());
+    shape_.validate();
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(std::string("KV receiver contract: ") + e.what());
+  }
   pool_ = std::make_unique<PagePool>(shape_, opt_.capacity_bytes);
-  // Largest page frame: every KV head of page_tokens tokens, K and V in fp32, + header.
-  const uint64_t page_frame = uint64_t{2} * 4 * static_cast<uint64_t>(shape_.page_tokens) *
-                                  static_cast<uint64_t>(shape_.n_kv_heads) *
-                                  static_cast<uint64_t>(shape_.head_dim) +
-                              4096;
+  // Largest page frame: every KV head of page_tokens tokens, K and V in the contract's
+  // dtype (fp32 pages too: an NCCL sender's bf16 pages are never larger), + header.
+  const uint64_t page_frame = static_cast<uint64_t>(shape_.page_bytes()) + 4096;
   if (opt_.max_frame < page_frame)
     throw std::runtime_error("max frame " + std::to_string(opt_.max_frame) +
                              " bytes is smaller than one KV page frame of this model (" +
@@ -132,10 +135,9 @@ bool KvReceiver::expect(const v1::Expect& e, std::string* why) {
     return say("decoder holds " + std::to_string(active) + " jobs (max " +
                std::to_string(opt_.max_jobs) + ")");
   if (e.prompt_tokens() < 1) return say("prompt_tokens must be >= 1");
-  // 2 x 4 bytes x kv_dim x layers per token: a count past 2^62 bytes would overflow the
-  // reservation arithmetic (the capacity check below then refuses what merely is large).
-  const uint64_t per_token =
-      uint64_t{8} * static_cast<uint64_t>(shape_.kv_dim()) * static_cast<uint64_t>(shape_.n_layers);
+  // 2 x dtype bytes x kv_dim x layers per token: a count past 2^62 bytes would overflow
+  // the reservation arithmetic (the capacity check below then refuses what merely is large).
+  const uint64_t per_token = shape_.kv_bytes(1);
   if (static_cast<uint64_t>(e.prompt_tokens()) > (uint64_t{1} << 62) / per_token)
     return say("prompt_tokens " + std::to_string(e.prompt_tokens()) + " is absurd (" +
                std::to_string(per_token) + " KV bytes per token)");
@@ -506,9 +508,11 @@ void KvReceiver::handle_page(Stream& s, const std::shared_ptr<Job>& job, const v
   if (h.job_id() != s.job_id || h.sender_rank() != s.rank)
     bad = "page of job " + std::to_string(h.job_id()) + " rank " + std::to_string(h.sender_rank()) +
           " on the stream of job " + std::to_string(s.job_id) + " rank " + std::to_string(s.rank);
-  else if (h.layout() != opt_.contract.layout() || h.page_tokens() != shape_.page_tokens ||
-           (h.dtype() != opt_.contract.kv_dtype() && !(bf16_ok && h.dtype() == v1::BF16)))
-    bad = "page layout / page_tokens / dtype differ from the KV contract";
+  else if (h.layout() != opt_.contract.layout() || h.page_tokens() != shape_.page_tokens)
+    bad = "page layout / page_tokens differ from the KV contract";
+  else if (h.dtype() != opt_.contract.kv_dtype() && !(bf16_ok && h.dtype() == v1::BF16))
+    bad = "page dtype " + v1::DType_Name(h.dtype()) + ", the KV contract says " +
+          v1::DType_Name(opt_.contract.kv_dtype());
   if (bad.empty()) {
     PageIn p;
     p.layer = h.layer();
@@ -516,7 +520,7 @@ void KvReceiver::handle_page(Stream& s, const std::shared_ptr<Job>& job, const v
     p.token_begin = h.token_begin();
     p.token_end = h.token_end();
     p.head_dim = h.head_dim();
-    p.dtype = h.dtype() == v1::BF16 ? DType::kBF16 : DType::kF32;
+    p.dtype = h.dtype() == v1::BF16 ? DType::kBF16 : DType::kF32;  // checked above
     p.k = page.k().data();
     p.v = page.v().data();
     p.k_bytes = page.k().size();

@@ -12,6 +12,24 @@ std::string range_str(int64_t b, int64_t e) {
   return "[" + std::to_string(b) + ", " + std::to_string(e) + ")";
 }
 
+// n values of dtype `from` at src to the other one at dst (kF32 <-> kBF16; memcpy is
+// unaligned-safe for rows inside a received frame).
+void convert_row(DType from, const char* src, char* dst, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) {
+    if (from == DType::kBF16) {
+      uint16_t h;
+      std::memcpy(&h, src + 2 * d, 2);
+      const float f = bf16_to_f32(h);
+      std::memcpy(dst + 4 * d, &f, 4);
+    } else {
+      float f;
+      std::memcpy(&f, src + 4 * d, 4);
+      const uint16_t h = f32_to_bf16(f);
+      std::memcpy(dst + 2 * d, &h, 2);
+    }
+  }
+}
+
 }  // namespace
 
 std::vector<PageCut> cut_pages(const std::vector<std::pair<int64_t, int64_t>>& ranges,
@@ -41,6 +59,11 @@ int64_t KvStoreShape::pages_for(int64_t n_tokens) const {
   return int64_t{n_layers} * ((n_tokens + page_tokens - 1) / page_tokens);
 }
 
+uint64_t KvStoreShape::kv_bytes(int64_t n_tokens) const {
+  return uint64_t{2} * static_cast<uint64_t>(n_tokens) * static_cast<uint64_t>(kv_dim()) *
+         static_cast<uint64_t>(elem_bytes()) * static_cast<uint64_t>(n_layers);
+}
+
 void KvStoreShape::validate() const {
   if (n_layers < 1 || n_kv_heads < 1 || head_dim < 1)
     throw std::invalid_argument("KV store shape: layers " + std::to_string(n_layers) +
@@ -49,6 +72,9 @@ void KvStoreShape::validate() const {
   if (page_tokens < 1 || page_tokens > (1 << 20))
     throw std::invalid_argument("KV store shape: page_tokens must be in [1, 2^20], got " +
                                 std::to_string(page_tokens));
+  if (dtype != DType::kF32 && dtype != DType::kBF16)
+    throw std::invalid_argument(std::string("KV store shape: dtype ") + to_string(dtype) +
+                                " is not f32 or bf16");
 }
 
 // ---- PagePool ---------------------------------------------------------------------
@@ -83,7 +109,7 @@ uint64_t PagePool::reserved_bytes() const {
   return reserved_bytes_;
 }
 
-std::unique_ptr<float[]> PagePool::take() {
+std::unique_ptr<char[]> PagePool::take() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!free_.empty()) {
@@ -92,10 +118,10 @@ std::unique_ptr<float[]> PagePool::take() {
       return p;
     }
   }
-  return std::unique_ptr<float[]>(new float[2 * shape_.page_floats()]);
+  return std::unique_ptr<char[]>(new char[shape_.page_bytes()]);
 }
 
-void PagePool::give(std::unique_ptr<float[]> page) {
+void PagePool::give(std::unique_ptr<char[]> page) {
   if (!page) return;
   std::lock_guard<std::mutex> lock(mu_);
   // A few buffers wait for the next pages; the rest go back to the allocator at once (a
@@ -111,10 +137,14 @@ JobKvStore::JobKvStore(PagePool* pool, int64_t n_tokens)
     throw PageError("job KV store: prompt tokens must be >= 1, got " + std::to_string(n_tokens));
   n_blocks_ = (n_tokens + shape_.page_tokens - 1) / shape_.page_tokens;
   pages_reserved_ = shape_.pages_for(n_tokens);
-  bytes_reserved_ = static_cast<uint64_t>(2 * 4 * n_tokens * shape_.kv_dim() * shape_.n_layers);
+  bytes_reserved_ = shape_.kv_bytes(n_tokens);
   std::string why;
   if (!pool_->reserve(pages_reserved_, bytes_reserved_, &why))
-    throw PageError("decoder KV store full: " + why);
+    throw PageError("decoder KV store full: " + std::to_string(n_tokens) + " tokens x " +
+                    std::to_string(shape_.kv_bytes(1)) + " bytes per token (2 x " +
+                    std::to_string(shape_.n_layers) + " layers x " +
+                    std::to_string(shape_.kv_dim()) + " x " + to_string(shape_.dtype) +
+                    "): " + why);
   layers_.resize(shape_.n_layers);
   for (Layer& L : layers_) {
     L.pages.resize(n_blocks_);
@@ -183,29 +213,31 @@ bool JobKvStore::put(const PageIn& p) {
   const int64_t block = p.token_begin / P;
   auto& page = L.pages[block];
   if (!page) page = pool_->take();
-  float* pk = page.get();
-  float* pv = page.get() + shape_.page_floats();
+  const int64_t esz = shape_.elem_bytes();
+  char* pk = page.get();
+  char* pv = page.get() + shape_.page_elems() * esz;
   const int64_t rows = p.token_end - p.token_begin;
   const int64_t r0 = p.token_begin - block * P;
-  if (p.dtype == DType::kF32 && nh == kvh) {
-    const size_t n = static_cast<size_t>(rows * kvh * hd) * 4;
-    std::memcpy(pk + r0 * kvh * hd, p.k, n);
-    std::memcpy(pv + r0 * kvh * hd, p.v, n);
+  if (p.dtype == shape_.dtype && nh == kvh) {  // the common case: one copy, bytes as sent
+    const size_t n = static_cast<size_t>(rows * kvh * hd * esz);
+    std::memcpy(pk + r0 * kvh * hd * esz, p.k, n);
+    std::memcpy(pv + r0 * kvh * hd * esz, p.v, n);
   } else {
+    // A subset of heads, or another dtype (bf16 pages of an NCCL sender into an fp32
+    // store: widened exactly; fp32 into bf16: rounded to nearest even).
+    const int64_t in_esz = dtype_size(p.dtype);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < nh; ++j) {
         const int64_t dst = ((r0 + r) * kvh + p.kv_heads[j]) * hd;
         const int64_t src = (r * nh + j) * hd;
-        if (p.dtype == DType::kF32) {
-          std::memcpy(pk + dst, static_cast<const float*>(p.k) + src, hd * 4);
-          std::memcpy(pv + dst, static_cast<const float*>(p.v) + src, hd * 4);
+        const char* ks = static_cast<const char*>(p.k) + src * in_esz;
+        const char* vs = static_cast<const char*>(p.v) + src * in_esz;
+        if (p.dtype == shape_.dtype) {
+          std::memcpy(pk + dst * esz, ks, hd * esz);
+          std::memcpy(pv + dst * esz, vs, hd * esz);
         } else {
-          const auto* k16 = static_cast<const uint16_t*>(p.k) + src;
-          const auto* v16 = static_cast<const uint16_t*>(p.v) + src;
-          for (int64_t d = 0; d < hd; ++d) {
-            pk[dst + d] = bf16_to_f32(k16[d]);
-            pv[dst + d] = bf16_to_f32(v16[d]);
-          }
+          convert_row(p.dtype, ks, pk + dst * esz, hd);
+          convert_row(p.dtype, vs, pv + dst * esz, hd);
         }
       }
   }
@@ -251,17 +283,19 @@ uint64_t JobKvStore::bytes_received() const {
   return bytes_;
 }
 
-void JobKvStore::export_layer(int layer, float* k_out, float* v_out) const {
+void JobKvStore::export_layer(int layer, void* k_out, void* v_out) const {
   std::lock_guard<std::mutex> lock(mu_);
   const Layer& L = layers_.at(layer);
   if (L.released || L.cells != n_tokens_ * shape_.n_kv_heads)
     throw PageError("KV layer " + std::to_string(layer) + " is not complete");
-  const int64_t P = shape_.page_tokens, row = shape_.kv_dim();
+  const int64_t P = shape_.page_tokens, row = shape_.kv_dim() * shape_.elem_bytes();
+  char* ko = static_cast<char*>(k_out);
+  char* vo = static_cast<char*>(v_out);
   for (int64_t b = 0; b < n_blocks_; ++b) {
     const int64_t rows = std::min(P, n_tokens_ - b * P);
-    const float* page = L.pages[b].get();
-    std::memcpy(k_out + b * P * row, page, rows * row * 4);
-    std::memcpy(v_out + b * P * row, page + shape_.page_floats(), rows * row * 4);
+    const char* page = L.pages[b].get();
+    std::memcpy(ko + b * P * row, page, rows * row);
+    std::memcpy(vo + b * P * row, page + P * row, rows * row);
   }
 }
 

@@ -4,8 +4,9 @@
 // A sender cuts each of its global token ranges at those block boundaries, so a received
 // page lies inside one block and never spans two ranges; it carries a subset of the KV
 // heads (a tensor-parallel rank's). The store keeps, per job and layer, one fixed-size
-// page per block holding every KV head: K then V, each [P][n_kv_heads][head_dim] fp32
-// (token-major, the KvCache row layout), so a layer exports with one copy per page.
+// page per block holding every KV head: K then V, each [P][n_kv_heads][head_dim] in the
+// contract's dtype (bf16 or fp32, token-major, the KvCache row layout), so a layer
+// exports with one copy per page and a bf16 KV costs bf16 bytes end to end.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -33,12 +34,17 @@ std::vector<PageCut> cut_pages(const std::vector<std::pair<int64_t, int64_t>>& r
 struct KvStoreShape {
   int n_layers = 0, n_kv_heads = 0, head_dim = 0;
   int page_tokens = 256;
+  DType dtype = DType::kF32;  // of the stored KV: kF32 or kBF16 (the contract's)
   int64_t kv_dim() const { return int64_t{n_kv_heads} * head_dim; }
-  int64_t page_floats() const { return kv_dim() * page_tokens; }  // per tensor
-  int64_t page_bytes() const { return 2 * page_floats() * 4; }    // K and V
+  int64_t elem_bytes() const { return dtype_size(dtype); }
+  int64_t page_elems() const { return kv_dim() * page_tokens; }           // per tensor
+  int64_t page_bytes() const { return 2 * page_elems() * elem_bytes(); }  // K and V
+  // KV bytes of a job of n tokens (what capacity is counted in): 2 x n x kv_dim x
+  // dtype bytes x layers.
+  uint64_t kv_bytes(int64_t n_tokens) const;
   // Store pages of a job of n tokens: n_layers * ceil(n / P).
   int64_t pages_for(int64_t n_tokens) const;
-  void validate() const;  // throws std::invalid_argument naming the field
+  void validate() const;  // throws std::invalid_argument naming the field (dtype too)
 };
 
 // A page that a store rejects (bad geometry, checksum, overlap); what() is one line.
@@ -49,8 +55,8 @@ class PageError : public std::runtime_error {
 
 // Fixed-size page buffers shared by every job of a decoder, with a byte budget: a job
 // reserves its KV up front (admission), then takes and returns buffers. The budget counts
-// a job's KV bytes (2 x tokens x kv_dim x 4 x layers: what the coordinator admits jobs
-// by), so both sides agree on what fits; the partly used last page of each layer makes
+// a job's KV bytes in the stored dtype (KvStoreShape::kv_bytes: what the coordinator
+// admits jobs by), so both sides agree on what fits; the partly used last page of each layer makes
 // the memory held exceed it by less than one page per layer and job. Thread-safe.
 class PagePool {
  public:
@@ -58,8 +64,8 @@ class PagePool {
   // false (with *why) when kv_bytes do not fit next to the reservations held.
   bool reserve(int64_t pages, uint64_t kv_bytes, std::string* why);
   void unreserve(int64_t pages, uint64_t kv_bytes);
-  std::unique_ptr<float[]> take();  // a page_floats() * 2 buffer (contents undefined)
-  void give(std::unique_ptr<float[]> page);
+  std::unique_ptr<char[]> take();  // a page_bytes() buffer (contents undefined)
+  void give(std::unique_ptr<char[]> page);
   const KvStoreShape& shape() const { return shape_; }
   uint64_t capacity_bytes() const { return capacity_; }
   uint64_t reserved_bytes() const;
@@ -71,7 +77,7 @@ class PagePool {
   mutable std::mutex mu_;
   int64_t reserved_pages_ = 0;
   uint64_t reserved_bytes_ = 0;
-  std::vector<std::unique_ptr<float[]>> free_;
+  std::vector<std::unique_ptr<char[]>> free_;
 };
 
 // One received page as the wire delivers it.
@@ -80,7 +86,7 @@ struct PageIn {
   std::vector<int> kv_heads;  // ascending model KV heads
   int64_t token_begin = 0, token_end = 0;
   int head_dim = 0;
-  DType dtype = DType::kF32;  // kF32 or kBF16 (stored as fp32)
+  DType dtype = DType::kF32;  // kF32 or kBF16 (converted to the store's dtype when they differ)
   const void* k = nullptr;    // [tokens][kv_heads][head_dim]
   const void* v = nullptr;
   size_t k_bytes = 0, v_bytes = 0;
@@ -108,14 +114,16 @@ class JobKvStore {
   int64_t n_tokens() const { return n_tokens_; }
   uint64_t bytes_received() const;  // page payload bytes as sent (k + v)
 
-  // Copies a complete layer into k_out / v_out, each [n_tokens][kv_dim] (KvCache rows).
-  void export_layer(int layer, float* k_out, float* v_out) const;
+  // Copies a complete layer into k_out / v_out, each [n_tokens][kv_dim] (KvCache rows)
+  // of shape().dtype.
+  void export_layer(int layer, void* k_out, void* v_out) const;
+  const KvStoreShape& shape() const { return shape_; }
   // Returns a layer's page buffers to the pool (after export).
   void release_layer(int layer);
 
  private:
   struct Layer {
-    std::vector<std::unique_ptr<float[]>> pages;       // [block]: K then V
+    std::vector<std::unique_ptr<char[]>> pages;        // [block]: K then V
     std::vector<std::map<int64_t, int64_t>> received;  // [head]: begin -> end
     int64_t cells = 0;                                 // (token, head) pairs stored
     bool released = false;

@@ -153,6 +153,7 @@ int64_t rows_per_chunk(int64_t cols, int64_t chunk_bytes) {
 struct FileDigest {
   ModelConfig config;
   std::string digest;
+  DType stored_dtype = DType::kF32;
 };
 
 // An HF directory, tensor by tensor (rows in chunks, converted to fp32 as load_hf_dir
@@ -181,7 +182,7 @@ FileDigest hf_dir_digest(const std::string& dir, int64_t chunk_bytes) {
       d.bytes(t.data.data(), t.data.size() * sizeof(float));
     }
   });
-  return {c, d.hex()};
+  return {c, d.hex(), checkpoint_dtype(ck)};
 }
 
 // A llama2.c .bin: the fp32 arrays read in place of the file (per-layer arrays are
@@ -309,8 +310,10 @@ std::string model_name_from_path(const std::string& path) {
 
 namespace {
 
-ModelFingerprint fingerprint_of(const ModelConfig& c, const std::string& name, std::string digest) {
+ModelFingerprint fingerprint_of(const ModelConfig& c, const std::string& name, std::string digest,
+                                DType stored_dtype) {
   ModelFingerprint f;
+  f.kv_dtype = model_kv_dtype(stored_dtype);
   f.name = name;
   f.n_layers = c.n_layers;
   f.hidden = c.hidden;
@@ -326,7 +329,7 @@ ModelFingerprint fingerprint_of(const ModelConfig& c, const std::string& name, s
 }  // namespace
 
 ModelFingerprint model_fingerprint(const ModelWeights& w, const std::string& name) {
-  return fingerprint_of(w.config, name, weights_digest(w));
+  return fingerprint_of(w.config, name, weights_digest(w), w.stored_dtype);
 }
 
 ModelFingerprint model_fingerprint_of_path(const std::string& path, int64_t chunk_bytes) {
@@ -335,12 +338,12 @@ ModelFingerprint model_fingerprint_of_path(const std::string& path, int64_t chun
   if (path.rfind("random:", 0) != 0) {
     if (std::filesystem::is_directory(path, ec)) {
       const FileDigest fd = hf_dir_digest(path, chunk_bytes);
-      return fingerprint_of(fd.config, name, fd.digest);
+      return fingerprint_of(fd.config, name, fd.digest, fd.stored_dtype);
     }
     if (std::filesystem::is_regular_file(path, ec) &&
         std::filesystem::path(path).extension() == ".bin") {
       const FileDigest fd = llama2c_digest(path, chunk_bytes);
-      return fingerprint_of(fd.config, name, fd.digest);
+      return fingerprint_of(fd.config, name, fd.digest, fd.stored_dtype);
     }
   }
   // random:NAME[:SEED] (no file: generated whole), or load_model's error for a path that
@@ -351,7 +354,8 @@ ModelFingerprint model_fingerprint_of_path(const std::string& path, int64_t chun
 std::string ModelFingerprint::to_string() const {
   return name + " L" + std::to_string(n_layers) + " H" + std::to_string(hidden) + " h" +
          std::to_string(n_heads) + "/" + std::to_string(n_kv_heads) + "x" +
-         std::to_string(head_dim) + " V" + std::to_string(vocab) + " digest " + weights_digest;
+         std::to_string(head_dim) + " V" + std::to_string(vocab) + " kv " +
+         mprefill::to_string(kv_dtype) + " digest " + weights_digest;
 }
 
 }  // namespace mprefill

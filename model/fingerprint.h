@@ -15,10 +15,11 @@ struct ModelFingerprint {
   std::string name;  // model_name_from_path()
   int n_layers = 0, hidden = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, vocab = 0;
   int64_t max_position = 0;
-  std::string weights_digest;  // 32 hex digits
+  std::string weights_digest;    // 32 hex digits
+  DType kv_dtype = DType::kF32;  // model_kv_dtype(): the dtype of every KV page of this model
 
   bool operator==(const ModelFingerprint& o) const = default;
-  std::string to_string() const;  // "stories15M L6 H288 h6/6x48 V32000 digest 1a2b..."
+  std::string to_string() const;  // "stories15M L6 H288 h6/6x48 V32000 kv bf16 digest 1a2b..."
 };
 
 // 128-bit digest (hex) of every tensor's shape and bytes, in a fixed order, and of the

@@ -17,6 +17,17 @@ int64_t Tensor::numel() const {
   return n;
 }
 
+DType checkpoint_dtype(const SafetensorsCheckpoint& ck) {
+  bool any = false;
+  for (const std::string& n : ck.names()) {
+    const TensorInfo& t = ck.info(n);
+    if (t.shape.size() != 2) continue;
+    if (t.dtype != DType::kBF16) return DType::kF32;
+    any = true;
+  }
+  return any ? DType::kBF16 : DType::kF32;
+}
+
 ModelWeights load_hf_dir(const std::string& dir) {
   const ModelConfig cfg = read_hf_dir_config(dir);
 
@@ -25,6 +36,7 @@ ModelWeights load_hf_dir(const std::string& dir) {
                 v = cfg.vocab;
   ModelWeights w;
   w.config = cfg;
+  w.stored_dtype = checkpoint_dtype(ck);
   w.embed = ck.load("model.embed_tokens.weight", {v, h});
   w.layers.resize(cfg.n_layers);
   for (int i = 0; i < cfg.n_layers; ++i) {

@@ -90,7 +90,7 @@ class Service {
       if (root()) {
         // Executors hold only their slices: digest the weight files a chunk at a time.
         const ModelFingerprint fp = model_fingerprint_of_path(o_.model);
-        contract_ = make_kv_contract(fp, o_.page_tokens, v1::F32);
+        contract_ = make_kv_contract(fp, o_.page_tokens);  // the model's KV dtype
       }
     } catch (const std::exception& e) {
       err = e.what();

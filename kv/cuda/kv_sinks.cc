@@ -47,9 +47,21 @@ void HostKvCacheSink::put(const KvSlice& s) {
     throw std::runtime_error("host KV sink: tokens up to " + std::to_string(t1) +
                              " exceed the cache capacity " + std::to_string(cache_->capacity));
   const size_t n = static_cast<size_t>(t1 - t0) * kv_dim;
+  auto stream = static_cast<cudaStream_t>(s.stream);
+  if (cache_->dtype == DType::kBF16) {  // the device bf16 as is, straight into the cache
+    ck(cudaMemcpyAsync(cache_->k16[s.layer].data() + t0 * kv_dim, s.k, n * 2,
+                       cudaMemcpyDeviceToHost, stream),
+       "copy K");
+    ck(cudaMemcpyAsync(cache_->v16[s.layer].data() + t0 * kv_dim, s.v, n * 2,
+                       cudaMemcpyDeviceToHost, stream),
+       "copy V");
+    ck(cudaStreamSynchronize(stream), "synchronise");
+    ++layers_;
+    end_ = std::max(end_, t1);
+    return;
+  }
   k16_.resize(n);
   v16_.resize(n);
-  auto stream = static_cast<cudaStream_t>(s.stream);
   ck(cudaMemcpyAsync(k16_.data(), s.k, n * 2, cudaMemcpyDeviceToHost, stream), "copy K");
   ck(cudaMemcpyAsync(v16_.data(), s.v, n * 2, cudaMemcpyDeviceToHost, stream), "copy V");
   ck(cudaStreamSynchronize(stream), "synchronise");

@@ -1,6 +1,7 @@
 // KvSink implementations for the GPU engine (device slices, bf16):
-//   HostKvCacheSink   copies each layer into a KvCache (fp32, the CPU Engine's cache), so
-//                     the CPU Engine can decode from a GPU prefill and tests can compare.
+//   HostKvCacheSink   copies each layer into a KvCache, so the CPU Engine can decode from
+//                     a GPU prefill and tests can compare: a bf16 cache takes the device
+//                     bf16 as is, an fp32 one the values widened.
 //   PinnedStreamSink  streams each layer to pinned host memory on a copy stream: a
 //                     device-to-device copy into its own staging buffer on the engine's
 //                     stream (so put() returns at once and the engine may overwrite its

@@ -47,13 +47,13 @@ if(TARGET mprefill-worker AND TARGET mprefill-decoder AND TARGET mprefill-coordi
                         nlohmann_json::nlohmann_json)
   target_compile_definitions(service_e2e_test PRIVATE
     MPREFILL_MPIEXEC="${MPIEXEC_EXECUTABLE}" MPREFILL_PYTHON3="${MPREFILL_PYTHON3}")
-  add_dependencies(service_e2e_test mprefill mprefill-worker mprefill-decoder
+  add_dependencies(service_e2e_test mprefill mprefill-convert mprefill-worker mprefill-decoder
                    mprefill-coordinator)
   # One ctest test per TEST (explicit: list-valued properties do not pass through
   # gtest_discover_tests).
   foreach(t RunRanks2MatchesGenerate RunRanks4Tp2MatchesGenerate
             ConcurrentSubmissionsQueueAndAllFinish CancelMidRunThenTheServiceStillWorks
-            PythonClientRunsAJob AuditHeadsComeBackInTheResult)
+            PythonClientRunsAJob AuditHeadsComeBackInTheResult Bf16ModelHandsOffBf16Kv)
     add_test(NAME ServiceE2E.${t}
              COMMAND service_e2e_test --gtest_filter=ServiceE2E.${t})
     set_tests_properties(ServiceE2E.${t} PROPERTIES TIMEOUT 300 LABELS "cpu;mpi;service"

@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "kv/kv_handoff.h"
+#include "model/convert.h"
 #include "model/tokenizer.h"
 #include "tests/testutil.h"
 
@@ -67,11 +68,15 @@ class DecoderTest : public ::testing::Test {
                                                  [this](const v1::Envelope& e) { out_.push(e); });
   }
 
-  // Prefill with the engine and push the KV to the decoder as ranks of a tp x sp group.
-  void hand_off(uint64_t job, const std::vector<int>& ids, int tp, int sp) {
-    const ModelConfig& c = weights_->config;
+  // Prefill with the engine (fp32) and push the KV to the decoder as ranks of a tp x sp
+  // group (fp32 slices: a bf16 contract rounds them at export).
+  void hand_off(uint64_t job, const std::vector<int>& ids, int tp, int sp,
+                const ModelWeights* w = nullptr, decode::Decoder* dec = nullptr) {
+    if (!w) w = weights_;
+    if (!dec) dec = decoder_.get();
+    const ModelConfig& c = w->config;
     const int64_t n = static_cast<int64_t>(ids.size());
-    Engine eng(*weights_);
+    Engine eng(*w);
     KvCache cache(c, n);
     eng.prefill(ids, SparsePolicy::dense(), &cache);
     std::vector<std::thread> ranks;
@@ -83,8 +88,8 @@ class DecoderTest : public ::testing::Test {
           ho.job_id = job;
           ho.rank = r;
           ho.host = "127.0.0.1";
-          ho.port = decoder_->kv_port();
-          ho.contract = decoder_->contract();
+          ho.port = dec->kv_port();
+          ho.contract = dec->contract();
           ho.timeout_ms = 10000;
           TcpKvHandoff h(ho);
           // Zigzag shard of sp rank r / tp; heads t, t + tp, ... of tp rank r % tp.
@@ -241,6 +246,75 @@ TEST_F(DecoderTest, AdmissionReleaseAndUnknownJobs) {
   ASSERT_TRUE(env.has_decode_failed());
   EXPECT_EQ(env.decode_failed().job_id(), 22u);
   EXPECT_NE(env.decode_failed().message().find("not expected"), std::string::npos);
+}
+
+// A bf16 model (stories15M converted to a bf16 HF directory): the contract says bf16, the
+// pages cross in half the fp32 bytes, the decoder keeps bf16 and decodes exactly what an
+// fp32-KV reference whose KV was rounded to bf16 gives; capacity counts bf16 bytes.
+TEST_F(DecoderTest, Bf16ModelKeepsBf16Kv) {
+  test::TempDir tmp;
+  const std::string hf = tmp.path + "/stories_bf16";
+  ConvertOptions co;
+  co.dtype = DType::kBF16;
+  convert_llama2c_to_hf(model_dir() + "/stories15M.bin", hf, co);
+  const ModelWeights w = load_model(hf);
+  ASSERT_EQ(w.stored_dtype, DType::kBF16);
+  const ModelConfig& c = w.config;
+  const std::vector<int> ids =
+      tokenizer_->encode("Lily and her brother found a big red ball", true);
+  const int64_t n = static_cast<int64_t>(ids.size());
+  const uint64_t bf16_kv = uint64_t(2) * n * c.n_layers * c.kv_dim() * 2;
+  decode::DecoderOptions o;
+  o.model_name = "stories_bf16";
+  o.page_tokens = 4;
+  o.receiver.capacity_bytes = bf16_kv;  // this job in bf16, half of it in fp32
+  Outbox out;
+  decode::Decoder dec(w, o, [&](const v1::Envelope& e) { out.push(e); });
+  ASSERT_EQ(dec.contract().kv_dtype(), v1::BF16);
+
+  // Reference: the fp32 prefill's KV rounded to bf16, decoded greedily by the engine.
+  Engine eng(w);
+  KvCache f32(c, n);
+  const std::vector<float> logits = eng.prefill(ids, SparsePolicy::dense(), &f32);
+  Sampler sampler(SamplerOptions{});
+  const int first = sampler.sample(logits.data(), static_cast<int>(logits.size())).id;
+  KvCache b16 = round_to_bf16(f32, n + 16);
+  EXPECT_EQ(b16.bytes(), uint64_t(2) * (n + 16) * c.n_layers * c.kv_dim() * 2);
+  std::vector<int> want{first};
+  for (int step = 0; step < 16; ++step) {
+    const std::vector<float> lg = eng.decode_step(want.back(), n + step, &b16);
+    want.push_back(sampler.sample(lg.data(), static_cast<int>(lg.size())).id);
+  }
+
+  v1::Envelope env = expect(60, n, 16, {});
+  dec.handle(env);
+  ASSERT_TRUE(out.pop(&env));
+  ASSERT_TRUE(env.has_ready()) << env.ShortDebugString();
+  EXPECT_EQ(dec.receiver().reserved_bytes(), bf16_kv);
+  // Capacity is bf16 bytes: one more token does not fit, and the refusal names the bytes.
+  dec.handle(expect(61, 1, 4, {}));
+  ASSERT_TRUE(out.pop(&env));
+  ASSERT_TRUE(env.has_decode_failed());
+  const std::string msg = env.decode_failed().message();
+  EXPECT_NE(msg.find(std::to_string(c.n_layers * c.kv_dim() * 2 * 2) + " bytes per token"),
+            std::string::npos)
+      << msg;
+  EXPECT_NE(msg.find("bf16"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("0 of " + std::to_string(bf16_kv) + " bytes are free"), std::string::npos)
+      << msg;
+
+  hand_off(60, ids, 2, 2, &w, &dec);
+  v1::Envelope start;
+  start.mutable_start_decode()->set_job_id(60);
+  start.mutable_start_decode()->set_first_token_id(first);
+  dec.handle(start);
+  ASSERT_TRUE(out.pop(&env));
+  ASSERT_TRUE(env.has_decode_done()) << env.ShortDebugString();
+  const std::vector<int> got(env.decode_done().generated_ids().begin(),
+                             env.decode_done().generated_ids().end());
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(env.decode_done().kv_bytes_received(), bf16_kv);  // half of fp32's
+  EXPECT_EQ(dec.receiver().reserved_bytes(), 0u);
 }
 
 // Absurd numbers from the coordinator: one clear DecodeFailed each, nothing reserved,

@@ -43,6 +43,11 @@ TEST(FingerprintOfPath, EqualsTheLoadedModelInEveryFormat) {
   save_hf_dir(a, bf16, DType::kBF16);
   expect_same_as_loaded(f32);
   expect_same_as_loaded(bf16);
+  // The model's KV dtype follows its weights: bf16 checkpoints hand off bf16 KV.
+  EXPECT_EQ(model_fingerprint_of_path(f32).kv_dtype, DType::kF32);
+  EXPECT_EQ(model_fingerprint_of_path(bf16).kv_dtype, DType::kBF16);
+  EXPECT_EQ(model_fingerprint(load_model(bf16), "x").kv_dtype, DType::kBF16);
+  EXPECT_EQ(model_fingerprint_of_path("random:tiny:3").kv_dtype, DType::kF32);
 
   ModelConfig qwen = named_shape("tiny");
   qwen.arch = "qwen2";

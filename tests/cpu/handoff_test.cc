@@ -345,7 +345,12 @@ TEST(Contract, MismatchNamesTheField) {
   g.weights_digest = "bb";
   EXPECT_NE(kv_contract_mismatch(a, make_kv_contract(g, 256)).find("weights digest aa vs bb"),
             std::string::npos);
-  EXPECT_NE(kv_contract_mismatch(a, make_kv_contract(f, 256, v1::BF16)).find("kv dtype"),
+  // The dtype comes from the fingerprint (model_kv_dtype), never a caller's choice.
+  EXPECT_EQ(a.kv_dtype(), v1::F32);
+  ModelFingerprint b16 = f;
+  b16.kv_dtype = DType::kBF16;
+  EXPECT_EQ(make_kv_contract(b16, 256).kv_dtype(), v1::BF16);
+  EXPECT_NE(kv_contract_mismatch(a, make_kv_contract(b16, 256)).find("kv dtype"),
             std::string::npos);
 }
 
@@ -385,7 +390,8 @@ TEST(KvPageFrame, ParsesLikeTheProtobufEncoding) {
 
 // ---- TCP: senders -> receiver over loopback ------------------------------------------------
 
-v1::KvContract test_contract(int L, int kvh, int hd, int P, const std::string& digest = "d1") {
+v1::KvContract test_contract(int L, int kvh, int hd, int P, const std::string& digest = "d1",
+                             DType dtype = DType::kF32) {
   ModelFingerprint f;
   f.name = "synthetic";
   f.n_layers = L;
@@ -395,7 +401,14 @@ v1::KvContract test_contract(int L, int kvh, int hd, int P, const std::string& d
   f.head_dim = hd;
   f.vocab = 10;
   f.weights_digest = digest;
+  f.kv_dtype = dtype;
   return make_kv_contract(f, P);
+}
+
+std::vector<uint16_t> to_bf16(const std::vector<float>& x) {
+  std::vector<uint16_t> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = f32_to_bf16(x[i]);
+  return out;
 }
 
 struct Failures {
@@ -686,6 +699,142 @@ TEST(TcpHandoff, ContractMismatchIsRefused) {
   EXPECT_NE(why.find("KV contract mismatch"), std::string::npos) << why;
 }
 
+// ---- bf16 pages ------------------------------------------------------------------------
+
+// A bf16 model's KV: bf16 slices cross as bytes (no conversion), fp32 slices are rounded
+// to nearest even at export; either way the store holds exactly the bf16 values, at half
+// the fp32 bytes, and exports them as bf16.
+TEST(TcpHandoff, Bf16PagesRoundTripAsBytes) {
+  const int L = 2, kvh = 4, hd = 24, P = 64;
+  const int64_t n = 301;  // not a page multiple
+  const SourceKv src = make_source(L, n, kvh, hd, 17);
+  const v1::KvContract c = test_contract(L, kvh, hd, P, "d1", DType::kBF16);
+  ASSERT_EQ(c.kv_dtype(), v1::BF16);
+  Failures fails;
+  kv::KvReceiver rx(receiver_opts(c), [&](uint64_t j, const std::string& m) { fails.add(j, m); });
+  for (const DType slice_dtype : {DType::kBF16, DType::kF32}) {
+    const uint64_t job = slice_dtype == DType::kBF16 ? 40 : 41;
+    std::string why;
+    ASSERT_TRUE(rx.expect(expect_msg(job, n, L, 4), &why)) << why;
+    std::vector<std::thread> ranks;
+    std::vector<std::string> errors(4);
+    std::vector<KvHandoffStats> stats(4);
+    for (int r = 0; r < 4; ++r)
+      ranks.emplace_back([&, r] {
+        try {
+          TcpKvHandoff h(sender_opts(job, r, rx.port(), c, 2));
+          for (int l = 0; l < L; ++l) {
+            const RankSlice rs = cut_slice(src, l, zigzag(n, 2, r / 2), heads_of(kvh, 2, r % 2));
+            const std::vector<uint16_t> k16 = to_bf16(rs.k), v16 = to_bf16(rs.v);
+            KvSlice sl = as_slice(rs, l, hd);
+            if (slice_dtype == DType::kBF16) {
+              sl.dtype = DType::kBF16;
+              sl.k = k16.data();
+              sl.v = v16.data();
+            }
+            h.put(sl);
+          }
+          h.finish();
+          stats[r] = h.stats();
+        } catch (const std::exception& e) {
+          errors[r] = e.what();
+        }
+      });
+    for (auto& t : ranks) t.join();
+    for (int r = 0; r < 4; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
+    ASSERT_TRUE(rx.wait_complete(job, &why)) << why;
+    auto store = rx.store(job);
+    ASSERT_TRUE(store);
+    EXPECT_EQ(store->shape().dtype, DType::kBF16);
+    const uint64_t bf16_bytes = uint64_t(2) * L * n * kvh * hd * 2;  // half of fp32's
+    EXPECT_EQ(rx.info(job).bytes, bf16_bytes);
+    uint64_t sent = 0;
+    for (const auto& st : stats) sent += st.bytes;
+    EXPECT_EQ(sent, bf16_bytes);
+    EXPECT_EQ(rx.reserved_bytes(), bf16_bytes);  // capacity in real bytes
+    std::vector<uint16_t> k(n * kvh * hd), v(k.size());
+    for (int l = 0; l < L; ++l) {
+      store->export_layer(l, k.data(), v.data());
+      EXPECT_EQ(k, to_bf16(src.k[l])) << "K layer " << l;
+      EXPECT_EQ(v, to_bf16(src.v[l])) << "V layer " << l;
+    }
+    store.reset();
+    rx.release(job);
+  }
+  EXPECT_EQ(rx.reserved_bytes(), 0u);
+  EXPECT_EQ(fails.size(), 0u);
+}
+
+// A bf16 page whose bytes change after the checksum, one whose sizes are fp32's, and an
+// fp32 page on a bf16 contract: each fails its job with the reason; a good job still runs.
+TEST(TcpHandoff, CorruptedBf16PageIsRefused) {
+  const int L = 1, kvh = 2, hd = 8, P = 16;
+  const int64_t n = 32;
+  const SourceKv src = make_source(L, n, kvh, hd, 5);
+  const v1::KvContract c = test_contract(L, kvh, hd, P, "d1", DType::kBF16);
+  kv::KvReceiver rx(receiver_opts(c), nullptr);
+  const RankSlice all = cut_slice(src, 0, {{0, n}}, {0, 1});
+  const std::vector<uint16_t> k16 = to_bf16(all.k), v16 = to_bf16(all.v);
+  const size_t bytes = 16 * kvh * hd * 2;  // the first page, bf16
+  auto header = [&](uint64_t job, v1::DType dt, uint32_t crc) {
+    v1::KvPageHeader h;
+    h.set_job_id(job);
+    h.set_layer(0);
+    h.add_kv_heads(0);
+    h.add_kv_heads(1);
+    h.set_token_begin(0);
+    h.set_token_end(16);
+    h.set_dtype(dt);
+    h.set_layout(kKvLayout);
+    h.set_page_tokens(P);
+    h.set_head_dim(hd);
+    h.set_crc32c(crc);
+    return h;
+  };
+  const uint32_t crc = kv::crc32c(v16.data(), bytes, kv::crc32c(k16.data(), bytes));
+  struct Case {
+    uint64_t job;
+    std::string frame, want;
+  };
+  std::vector<uint16_t> flipped(k16.begin(), k16.begin() + bytes / 2);
+  flipped[5] ^= 0x0001;  // one mantissa bit, after the checksum
+  const uint32_t crc_f32 = kv::crc32c(all.v.data(), 2 * bytes, kv::crc32c(all.k.data(), 2 * bytes));
+  const std::vector<Case> cases = {
+      {50, encode_kv_page_frame(header(50, v1::BF16, crc), flipped.data(), v16.data(), bytes),
+       "checksum mismatch"},
+      // fp32-sized payload declared bf16: the sizes are checked from the dtype.
+      {51,
+       encode_kv_page_frame(header(51, v1::BF16, crc_f32), all.k.data(), all.v.data(), 2 * bytes),
+       "expected " + std::to_string(bytes)},
+      {52,
+       encode_kv_page_frame(header(52, v1::F32, crc_f32), all.k.data(), all.v.data(), 2 * bytes),
+       "page dtype F32, the KV contract says BF16"},
+  };
+  for (const Case& cs : cases) {
+    std::string why;
+    ASSERT_TRUE(rx.expect(expect_msg(cs.job, n, L, 1), &why)) << why;
+    auto conn = raw_stream(rx.port(), cs.job, 0, c);
+    conn->send_frame(cs.frame, 5000);
+    const std::string msg = failure_on(conn.get(), 5000);
+    EXPECT_NE(msg.find(cs.want), std::string::npos) << msg;
+    EXPECT_FALSE(rx.wait_complete(cs.job, &why));
+    EXPECT_NE(why.find(cs.want), std::string::npos) << why;
+    rx.release(cs.job);
+  }
+  // The intact page of the same bytes is taken.
+  std::string why;
+  ASSERT_TRUE(rx.expect(expect_msg(53, n, L, 1), &why)) << why;
+  TcpKvHandoff h(sender_opts(53, 0, rx.port(), c));
+  KvSlice sl = as_slice(all, 0, hd);
+  sl.dtype = DType::kBF16;
+  sl.k = k16.data();
+  sl.v = v16.data();
+  h.put(sl);
+  h.finish();
+  EXPECT_TRUE(rx.wait_complete(53, &why)) << why;
+  EXPECT_EQ(rx.info(53).bytes, uint64_t(2) * n * kvh * hd * 2);
+}
+
 double process_cpu_s() {
   timespec ts{};
   clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
@@ -693,54 +842,80 @@ double process_cpu_s() {
 }
 
 // Loopback throughput of the whole path (copy, crc, frame, TCP, parse, crc, store) on
-// this machine; printed, not asserted. MPREFILL_HANDOFF_MB scales the job (default 64).
+// this machine, for the same KV as fp32 pages and as bf16 pages (bf16 slices, as a bf16
+// model's GPU exports them: no conversion on either end); printed, not asserted
+// (bf16 moves the same tokens in half the bytes). MPREFILL_HANDOFF_MB scales the job
+// (fp32 size, default 64).
 TEST(TcpHandoff, LoopbackThroughput) {
   const char* env = std::getenv("MPREFILL_HANDOFF_MB");
   const int64_t mb = env ? std::max(1, std::atoi(env)) : 64;
   const int L = 4, kvh = 8, hd = 128, P = 256;
   const int64_t n = std::max<int64_t>(1, mb * (1 << 20) / (2 * L * kvh * hd * 4));
   const SourceKv src = make_source(L, n, kvh, hd, 1);
-  const v1::KvContract c = test_contract(L, kvh, hd, P);
-  kv::ReceiverOptions ro = receiver_opts(c);
-  ro.capacity_bytes = uint64_t{8} << 30;
-  kv::KvReceiver rx(ro, nullptr);
   const char* streams_env = std::getenv("MPREFILL_HANDOFF_STREAMS");
   const int streams = streams_env ? std::max(1, std::atoi(streams_env)) : 1;
-  for (int sp : {1, 2}) {
-    const uint64_t job = 100 + sp;
-    std::string why;
-    ASSERT_TRUE(rx.expect(expect_msg(job, n, L, sp), &why)) << why;
-    // Slices are prepared up front so only the handoff is timed.
-    std::vector<std::vector<RankSlice>> slices(sp);
-    for (int r = 0; r < sp; ++r)
-      for (int l = 0; l < L; ++l)
-        slices[r].push_back(cut_slice(src, l, zigzag(n, sp, r), heads_of(kvh, 1, 0)));
-    const auto t0 = Clock::now();
-    const double cpu0 = process_cpu_s();
-    std::vector<std::thread> ranks;
-    for (int r = 0; r < sp; ++r)
-      ranks.emplace_back([&, r] {
-        TcpKvHandoff h(sender_opts(job, r, rx.port(), c, streams));
-        for (int l = 0; l < L; ++l) h.put(as_slice(slices[r][l], l, hd));
-        h.finish();
-      });
-    for (auto& t : ranks) t.join();
-    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
-    const double cpu = process_cpu_s() - cpu0;
-    ASSERT_TRUE(rx.wait_complete(job, &why)) << why;
-    const double gb = rx.info(job).bytes / 1e9;
-    // CPU seconds per GB (senders + receiver, both ends in this process) bound the rate
-    // on an idle machine; the wall rate depends on the load of this one.
-    std::printf(
-        "[ handoff ] %d sender(s) x %d stream(s): %.3f GB in %.3f s = %.2f GB/s "
-        "(%.2f CPU s per GB, both ends)\n",
-        sp, streams, gb, s, gb / s, cpu / gb);
-    auto store = rx.store(job);
-    std::vector<float> k(n * kvh * hd), v(k.size());
-    store->export_layer(L - 1, k.data(), v.data());
-    EXPECT_EQ(std::memcmp(k.data(), src.k[L - 1].data(), k.size() * 4), 0);
-    store.reset();
-    rx.release(job);
+  for (const DType dt : {DType::kF32, DType::kBF16}) {
+    const v1::KvContract c = test_contract(L, kvh, hd, P, "d1", dt);
+    kv::ReceiverOptions ro = receiver_opts(c);
+    ro.capacity_bytes = uint64_t{8} << 30;
+    kv::KvReceiver rx(ro, nullptr);
+    for (int sp : {1, 2}) {
+      const uint64_t job = 100 + sp;
+      std::string why;
+      ASSERT_TRUE(rx.expect(expect_msg(job, n, L, sp), &why)) << why;
+      // Slices are prepared up front so only the handoff is timed.
+      std::vector<std::vector<RankSlice>> slices(sp);
+      std::vector<std::vector<std::vector<uint16_t>>> k16(sp), v16(sp);
+      for (int r = 0; r < sp; ++r)
+        for (int l = 0; l < L; ++l) {
+          slices[r].push_back(cut_slice(src, l, zigzag(n, sp, r), heads_of(kvh, 1, 0)));
+          k16[r].push_back(to_bf16(slices[r].back().k));
+          v16[r].push_back(to_bf16(slices[r].back().v));
+        }
+      const auto t0 = Clock::now();
+      const double cpu0 = process_cpu_s();
+      std::vector<std::thread> ranks;
+      for (int r = 0; r < sp; ++r)
+        ranks.emplace_back([&, r] {
+          TcpKvHandoff h(sender_opts(job, r, rx.port(), c, streams));
+          for (int l = 0; l < L; ++l) {
+            KvSlice sl = as_slice(slices[r][l], l, hd);
+            if (dt == DType::kBF16) {
+              sl.dtype = DType::kBF16;
+              sl.k = k16[r][l].data();
+              sl.v = v16[r][l].data();
+            }
+            h.put(sl);
+          }
+          h.finish();
+        });
+      for (auto& t : ranks) t.join();
+      const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+      const double cpu = process_cpu_s() - cpu0;
+      ASSERT_TRUE(rx.wait_complete(job, &why)) << why;
+      const double gb = rx.info(job).bytes / 1e9;
+      EXPECT_EQ(rx.info(job).bytes, uint64_t(2) * L * n * kvh * hd * dtype_size(dt));
+      // CPU seconds per GB (senders + receiver, both ends in this process) bound the rate
+      // on an idle machine; the wall rate depends on the load of this one.
+      std::printf(
+          "[ handoff ] %s pages, %d sender(s) x %d stream(s): %lld tokens, %.3f GB in %.3f s = "
+          "%.2f GB/s, %.2f Mtokens/s (%.2f CPU s per GB, both ends)\n",
+          to_string(dt), sp, streams, static_cast<long long>(n), gb, s, gb / s, n / s / 1e6,
+          cpu / gb);
+      auto store = rx.store(job);
+      const size_t cells = n * kvh * hd;
+      if (dt == DType::kF32) {
+        std::vector<float> k(cells), v(cells);
+        store->export_layer(L - 1, k.data(), v.data());
+        EXPECT_EQ(std::memcmp(k.data(), src.k[L - 1].data(), cells * 4), 0);
+      } else {
+        std::vector<uint16_t> k(cells), v(cells);
+        store->export_layer(L - 1, k.data(), v.data());
+        EXPECT_EQ(k, to_bf16(src.k[L - 1]));
+      }
+      store.reset();
+      rx.release(job);
+    }
   }
 }
 

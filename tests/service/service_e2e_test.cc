@@ -19,6 +19,10 @@
 #include <thread>
 #include <vector>
 
+#include "engine/engine.h"
+#include "kv/kv_cache.h"
+#include "model/sampler.h"
+#include "model/weights.h"
 #include "tests/testutil.h"
 
 namespace t = mprefill::test;
@@ -145,7 +149,8 @@ struct Service {
   std::string dir, secret_file, addr;
   std::unique_ptr<Proc> coord, workers, decoder;
 
-  Service(const std::string& model_path, int ranks, int tp, const std::string& tag) {
+  Service(const std::string& model_path, int ranks, int tp, const std::string& tag,
+          const std::vector<std::string>& decoder_args = {}) {
     dir = ::testing::TempDir() + "/svc_" + tag + "_" + std::to_string(::getpid());
     std::filesystem::create_directories(dir);
     secret_file = dir + "/secret";
@@ -173,10 +178,11 @@ struct Service {
         dir + "/workers.log",
         std::vector<std::string>{"OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1",
                                  "OMPI_MCA_rmaps_base_oversubscribe=1"});
-    decoder = std::make_unique<Proc>(
-        std::vector<std::string>{bin("mprefill-decoder"), "--coordinator", addr, "--model",
-                                 model_path, "--name", "d-" + tag, "--secret-file", secret_file},
-        dir + "/decoder.log");
+    std::vector<std::string> dargs{
+        bin("mprefill-decoder"), "--coordinator", addr, "--model", model_path, "--name", "d-" + tag,
+        "--secret-file",         secret_file};
+    dargs.insert(dargs.end(), decoder_args.begin(), decoder_args.end());
+    decoder = std::make_unique<Proc>(dargs, dir + "/decoder.log");
     // Registered?
     const auto reg_until = Clock::now() + std::chrono::seconds(120);
     for (;;) {
@@ -381,4 +387,70 @@ TEST(ServiceE2E, AuditHeadsComeBackInTheResult) {
     layers.insert(h.at("layer").get<int>());
   }
   EXPECT_GE(layers.size(), 2u) << out;  // every layer audits its own heads
+}
+
+// A bf16 model through the service (stories15M converted by mprefill-convert --dtype bf16):
+// the KV crosses as bf16 pages (half the fp32 bytes), the decoder's ids equal an fp32-KV
+// reference whose KV was rounded to bf16, and the capacity counts bf16 bytes (a decoder
+// of 1 MiB takes 100 tokens, 6912 bytes each, that would need 1.3 MiB in fp32; 200 tokens
+// are refused with the byte numbers).
+TEST(ServiceE2E, Bf16ModelHandsOffBf16Kv) {
+  SKIP_WITHOUT_STORIES();
+  const std::string dir = ::testing::TempDir() + "/bf16_" + std::to_string(::getpid());
+  const std::string hf = dir + "/stories15M_bf16";
+  std::string out;
+  ASSERT_EQ(t::run_command(bin("mprefill-convert") + " --in " + quote(model()) + " --out " +
+                               quote(hf) + " --dtype bf16 --force 2>&1",
+                           &out),
+            0)
+      << out;
+  auto ids_csv = [](int n) {
+    std::vector<int> ids{1};
+    for (int i = 1; i < n; ++i) ids.push_back(3 + (i * 7919) % 31000);
+    std::string s;
+    for (int id : ids) {
+      if (!s.empty()) s += ',';
+      s += std::to_string(id);
+    }
+    return std::make_pair(ids, s);
+  };
+  const auto [ids, csv] = ids_csv(100);
+
+  // Reference: fp32 prefill, its KV rounded to bf16, 16 greedy decode steps.
+  const mprefill::ModelWeights w = mprefill::load_model(hf);
+  ASSERT_EQ(w.stored_dtype, mprefill::DType::kBF16);
+  mprefill::Engine eng(w);
+  mprefill::KvCache f32(w.config, 100);
+  const std::vector<float> logits = eng.prefill(ids, mprefill::SparsePolicy::dense(), &f32);
+  mprefill::Sampler sampler(mprefill::SamplerOptions{});
+  std::vector<int> want{sampler.sample(logits.data(), static_cast<int>(logits.size())).id};
+  mprefill::KvCache b16 = mprefill::round_to_bf16(f32, 100 + 16);
+  for (int step = 0; step < 16; ++step) {
+    const std::vector<float> lg = eng.decode_step(want.back(), 100 + step, &b16);
+    want.push_back(sampler.sample(lg.data(), static_cast<int>(lg.size())).id);
+  }
+
+  Service s(hf, 2, 1, "bf16", {"--capacity-mb", "1"});
+  ASSERT_EQ(
+      t::run_command(s.cli("submit") + " --prompt-ids " + csv + " --decode 16 --json 2>&1", &out),
+      0)
+      << out << s.logs();
+  const json j = last_json(out);
+  ASSERT_TRUE(j.is_object()) << out;
+  EXPECT_EQ(j.value("status", ""), "DONE") << out << s.logs();
+  // (a) bf16 on the wire: 2 x 6 layers x 6 heads x 48 x 2 bytes per token.
+  EXPECT_EQ(j.at("kv_bytes_handed_off").get<uint64_t>(), kKvPerToken / 2 * 100) << out;
+  // (b) the first token, and every decoded one, as the rounded-KV reference gives them.
+  ASSERT_FALSE(ids_of(j).empty()) << out;
+  EXPECT_EQ(ids_of(j)[0], want[0]) << out;
+  EXPECT_EQ(ids_of(j), want) << out;
+  // (c) a job that does not fit is refused with the byte numbers.
+  const int rc = t::run_command(
+      s.cli("submit") + " --prompt-ids " + ids_csv(200).second + " --decode 4 --json 2>&1", &out);
+  EXPECT_NE(rc, 0) << out;
+  EXPECT_NE(out.find("RESOURCE_EXHAUSTED"), std::string::npos) << out;
+  EXPECT_NE(out.find("x 2 bytes per token"), std::string::npos) << out;
+  EXPECT_NE(out.find("largest decoder capacity is 1.00 MiB (1048576 bytes)"), std::string::npos)
+      << out;
+  std::filesystem::remove_all(dir);
 }
