@@ -48,6 +48,7 @@
 
 #include "engine/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda.h"
+#include "kernels/edge_check.h"
 #ifdef MPREFILL_HAVE_DIST_BENCH
 #include "comm/mpi_comm.h"
 #include "comm/nccl_comm.h"
@@ -232,8 +233,8 @@ int run_dist(const Args& a) {
   if (!dense && !estimated) plan = synthetic_plan(a, cfg, policy, n);
   gpu::NullKvSink sink;
   int32_t z = 0, zz = 0;
-  if (mpi->all_reduce(&z, &zz, 1, DType::kI32, comm::ReduceOp::kSum, nullptr) != Status::kOk)
-    throw std::runtime_error("barrier: " + mpi->last_error());
+  MPREFILL_EDGE_CHECK(mpi->all_reduce(&z, &zz, 1, DType::kI32, comm::ReduceOp::kSum, nullptr),
+                      "barrier", mpi->last_error());
   const auto t0 = std::chrono::steady_clock::now();
   gpu::CudaPrefillStats r;
   const std::vector<float> logits =
@@ -249,8 +250,8 @@ int run_dist(const Args& a) {
                            int64_t(r.allreduce_ms * 1000), r.local_tokens,
                            int64_t(r.peak_device_bytes),   finite ? 1 : 0};
   std::vector<int64_t> all(8 * size_t(wi.size));
-  if (mpi->all_gather(mine, all.data(), 8, DType::kI64, nullptr) != Status::kOk)
-    throw std::runtime_error("gather: " + mpi->last_error());
+  MPREFILL_EDGE_CHECK(mpi->all_gather(mine, all.data(), 8, DType::kI64, nullptr),
+                      "gathering the per-rank figures", mpi->last_error());
   if (wi.rank != 0) return 0;
   double ttft = 0, max_comp = 0, sum_comp = 0, wait_max = 0, xfer_max = 0;
   bool all_finite = true;

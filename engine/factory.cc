@@ -5,6 +5,7 @@
 
 #include "engine/backends.h"
 #include "engine/executor.h"
+#include "kernels/edge_check.h"
 
 namespace mprefill {
 
@@ -18,6 +19,9 @@ std::unique_ptr<Executor> make_executor(const ExecutorSpec& spec, comm::Communic
     throw std::runtime_error("executor: tp " + std::to_string(spec.topo.tp) + " x sp " +
                              std::to_string(spec.topo.sp) + " needs " + std::to_string(group) +
                              " ranks, the group has " + std::to_string(world->size()));
+  // Once per process (every executor of a process has the same rank and device): every
+  // edge error names them.
+  set_edge_context(world ? world->rank() : -1, spec.backend == Backend::kCuda ? spec.device : -1);
   switch (spec.backend) {
     case Backend::kCpu:
       return make_cpu_executor(spec, world);

@@ -13,37 +13,10 @@
 
 #include "comm/communicator.h"
 #include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/fail.h"
 #include "kernels/cuda/cuda.h"
-#include "kernels/edge_check.h"
 
 namespace mprefill::gpu {
-
-// Where a CUDA / kernel / communicator status becomes an exception: the edge check
-// (kernels/edge_check.h: StatusError with the backend's last error text and the caller's
-// file:line), prefixed by `who`, naming the backend and, in a group, the rank
-// ("cuda backend (rank 2 of tp 2 x sp 2): "). Validation errors: raise().
-struct Fail {
-  std::string who;
-  void ck(cudaError_t e, const std::string& what,
-          std::source_location at = std::source_location::current()) const {
-    if (e != cudaSuccess)
-      throw_status(Status::kCudaError, who + what, cudaGetErrorString(e), at.file_name(),
-                   static_cast<int>(at.line()));
-  }
-  void ok(Status s, const std::string& what, int layer = -1,
-          std::source_location at = std::source_location::current()) const {
-    if (s == Status::kOk) return;
-    const std::string where = layer >= 0 ? " at layer " + std::to_string(layer) : "";
-    throw_status(s, who + what + where, cuda::last_error(), at.file_name(),
-                 static_cast<int>(at.line()));
-  }
-  void cok(Status s, const comm::Communicator& c, const std::string& what,
-           std::source_location at = std::source_location::current()) const {
-    if (s != Status::kOk)
-      throw_status(s, who + what, c.last_error(), at.file_name(), static_cast<int>(at.line()));
-  }
-  [[noreturn]] void raise(const std::string& what) const { throw std::runtime_error(who + what); }
-};
 
 struct DevLayer {
   uint16_t* wqkv = nullptr;   // [ql + 2 kvl][hidden]: this rank's q rows, then k, v rows
