@@ -49,7 +49,7 @@
 #include "engine/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda.h"
 #include "kernels/edge_check.h"
-#ifdef MPREFILL_HAVE_DIST_BENCH
+#ifdef MPREFILL_HAVE_NCCL
 #include "comm/mpi_comm.h"
 #include "comm/nccl_comm.h"
 #endif
@@ -190,7 +190,7 @@ PrefillPlan synthetic_plan(const Args& a, const ModelConfig& cfg, const SparsePo
   return plan;
 }
 
-#ifdef MPREFILL_HAVE_DIST_BENCH
+#ifdef MPREFILL_HAVE_NCCL
 int run_dist(const Args& a) {
   const comm::WorldInfo wi = comm::world_info();
   if (wi.size != a.tp * a.sp)
@@ -444,7 +444,7 @@ int prefill_bench_main(int argc, char** argv) {
   try {
     const Args a = parse(argc, argv);
     if (a.tp * a.sp > 1) {
-#ifdef MPREFILL_HAVE_DIST_BENCH
+#ifdef MPREFILL_HAVE_NCCL
       comm::MpiRuntime mpi(&argc, &argv);
       try {
         return run_dist(a);

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/single_process.h"
 #include "kernels/cpu/cpu.h"
 #include "model/prompt.h"
 #include "model/sparse_policy.h"
@@ -26,10 +27,6 @@
 #include "search/pattern_search.h"
 #include "search/png.h"
 #include "search/search_cli.h"
-#ifdef MPREFILL_HAVE_GPU_ENGINE
-#include "engine/cuda/cuda_backend.h"
-#include "kv/cuda/kv_sinks.h"
-#endif
 
 namespace mprefill::search {
 
@@ -72,8 +69,7 @@ SparsePolicy base_policy(const std::string& spec, const ModelConfig& cfg) {
 
 // One prefill on the chosen engine: the logits of the last row; the KV into cache (may be
 // null: not kept) and the indices the engine estimated into plan.
-using PrefillFn = std::function<std::vector<float>(const std::vector<int>&, const SparsePolicy&,
-                                                   KvCache*, PrefillPlan*)>;
+using PrefillFn = CachePrefill;
 
 // The policy with budgets times the largest f found (geometric bisection on [1e-3, 1],
 // 14 steps) whose masks, as the engine estimates them in its own prefill of ids under the
@@ -163,31 +159,12 @@ int run_eval(const SearchArgs& a, const ModelWeights& w) {
   }
   if (samples.empty()) throw std::runtime_error("retrieval file " + a.eval + " has no samples");
   const Engine engine(w);  // prompt checks and decoding (and the prefill on --device cpu)
-  PrefillFn prefill = [&](const std::vector<int>& ids, const SparsePolicy& pol, KvCache* cache,
-                          PrefillPlan* plan) {
-    return engine.prefill(ids, pol, cache, plan, nullptr);
-  };
-#ifdef MPREFILL_HAVE_GPU_ENGINE
-  std::unique_ptr<gpu::CudaBackend> gpu_engine;
-  if (a.device != "cpu") {
-    gpu::CudaOptions o;
-    if (a.device.size() > 5)
-      o.device = static_cast<int>(parse_list_int("--device", a.device.substr(5), 0, 1023));
-    if (!gpu::cuda_available())
-      throw std::runtime_error("--device cuda: no CUDA device is visible");
-    gpu_engine = std::make_unique<gpu::CudaBackend>(nullptr, w, DistTopology{}, o);
-    prefill = [&](const std::vector<int>& ids, const SparsePolicy& pol, KvCache* cache,
-                  PrefillPlan* plan) {
-      if (cache == nullptr) return gpu_engine->prefill(ids, pol, nullptr, plan);
-      gpu::HostKvCacheSink sink(cache);
-      return gpu_engine->prefill(ids, pol, &sink, plan);
-    };
-  }
-#else
-  if (a.device != "cpu")
-    throw std::runtime_error(
-        "--device cuda: this build has no CUDA engine (configure with -DMPREFILL_CUDA=ON)");
-#endif
+  // --device cpu | cuda | cuda:N: the backend decision is engine/'s (single_process.h).
+  const Backend backend = a.device == "cpu" ? Backend::kCpu : Backend::kCuda;
+  const int device = a.device.size() > 5
+                         ? static_cast<int>(parse_list_int("--device", a.device.substr(5), 0, 1023))
+                         : 0;
+  const PrefillFn prefill = make_cache_prefill(backend, device, engine);
   const bool on_gpu = a.device != "cpu";
   struct Agg {
     int n = 0, correct = 0, run = 0;
