@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/flags.h"
 #include "engine/engine.h"
 #include "engine/single_process.h"
 #include "kernels/cpu/cpu.h"
@@ -42,10 +43,11 @@ struct PolicySpec {
 SparsePolicy base_policy(const std::string& spec, const ModelConfig& cfg) {
   auto nums = [&](const std::string& s, size_t count) {
     const std::vector<std::string> parts = split(s, ':');
-    if (parts.size() != count + 1) throw UsageError("policy '" + s + "' has the wrong field count");
+    if (parts.size() != count + 1)
+      throw cli::UsageError("policy '" + s + "' has the wrong field count");
     std::vector<int> v;
     for (size_t i = 1; i < parts.size(); ++i)
-      v.push_back(static_cast<int>(parse_list_int("--policies", parts[i], 0, 1 << 30)));
+      v.push_back(static_cast<int>(cli::parse_int("--policies", parts[i], 0, 1 << 30)));
     return v;
   };
   SparsePolicy p;
@@ -57,7 +59,7 @@ SparsePolicy base_policy(const std::string& spec, const ModelConfig& cfg) {
     p = SparsePolicy::uniform(cfg, HeadPattern::vertical_slash(v[0], v[1]), 0);
   } else if (spec.rfind("bs:", 0) == 0) {
     const auto v = nums(spec, 1);
-    if (v[0] < 1) throw UsageError("policy '" + spec + "': top-k must be >= 1");
+    if (v[0] < 1) throw cli::UsageError("policy '" + spec + "': top-k must be >= 1");
     p = SparsePolicy::uniform(cfg, HeadPattern::block_sparse(v[0]), 0);
   } else {
     p = load_sparse_policy(spec, cfg, 0);
@@ -113,9 +115,9 @@ int run_eval(const SearchArgs& a, const ModelWeights& w) {
     const size_t at = s.rfind('@');
     if (at != std::string::npos) {
       ps.base = s.substr(0, at);
-      ps.target = parse_list_float("--policies", s.substr(at + 1));
+      ps.target = cli::parse_float("--policies", s.substr(at + 1));
       if (!(ps.target > 0 && ps.target <= 1))
-        throw UsageError("policy '" + s + "': the density after @ must be in (0, 1]");
+        throw cli::UsageError("policy '" + s + "': the density after @ must be in (0, 1]");
     }
     base_policy(ps.base, cfg);  // validate early
     specs.push_back(ps);
@@ -162,7 +164,7 @@ int run_eval(const SearchArgs& a, const ModelWeights& w) {
   // --device cpu | cuda | cuda:N: the backend decision is engine/'s (single_process.h).
   const Backend backend = a.device == "cpu" ? Backend::kCpu : Backend::kCuda;
   const int device = a.device.size() > 5
-                         ? static_cast<int>(parse_list_int("--device", a.device.substr(5), 0, 1023))
+                         ? static_cast<int>(cli::parse_int("--device", a.device.substr(5), 0, 1023))
                          : 0;
   const PrefillFn prefill = make_cache_prefill(backend, device, engine);
   const bool on_gpu = a.device != "cpu";
@@ -190,7 +192,7 @@ int run_eval(const SearchArgs& a, const ModelWeights& w) {
           // Too short for this density: reported in the table, the other policies run.
           Agg& g = agg[{ps.name, n}];
           ++g.n;
-          g.note = one_line(e.what());
+          g.note = cli::one_line(e.what());
           continue;
         }
       }

@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <utility>
 
+#include "engine/distributed_estimate.h"
 #include "kernels/cuda/cuda.h"
 
 namespace mprefill::gpu {
@@ -86,24 +87,10 @@ void SpEstimator::vertical_slash(const uint16_t* q_last, int64_t q_row, const ui
                                  const cuda::index::VsSelectionsDevice& out, int layer) {
   namespace ix = cuda::index;
   const TokenRanges& mine = layout_[me_];
+  const VsCallShape shape{num_heads, num_kv_heads, head_dim, n_last_,     n_,
+                          q_row,     k_row,        scale,    DType::kBF16};
   auto params = [&](int64_t b, int64_t e, int64_t off) {
-    VsEstimateParams p;
-    p.q_last = q_last;
-    p.k = k_local + size_t(off) * k_row;
-    p.q_row_stride = q_row;
-    p.q_head_stride = head_dim;
-    p.k_row_stride = k_row;
-    p.k_head_stride = head_dim;
-    p.n_last = n_last_;
-    p.seq_len = n_;
-    p.n_k = static_cast<int>(e - b);
-    p.k_pos0 = b;
-    p.num_heads = num_heads;
-    p.num_kv_heads = num_kv_heads;
-    p.head_dim = head_dim;
-    p.scale = scale;
-    p.dtype = DType::kBF16;
-    return p;
+    return vs_call_params(shape, q_last, k_local + size_t(off) * k_row, b, static_cast<int>(e - b));
   };
   size_t wsb = ix::vs_select_workspace_size(std::min(num_heads, ix::kMaxHeadsPerCall), n_);
   for (auto [b, e] : mine) wsb = std::max(wsb, ix::vs_estimate_workspace_size(params(b, e, 0)));
