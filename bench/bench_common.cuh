@@ -1,5 +1,5 @@
-// Pieces shared by the CUDA benchmark binaries: fatal check macros (a benchmark stops at
-// the first failing call, exit status 2) and device-side random 16-bit inputs.
+// Pieces shared by the CUDA benchmark binaries: check macros (a benchmark stops at the
+// first failing call, exit status 2) and device-side random 16-bit inputs.
 #pragma once
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -8,28 +8,17 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/edge_check.h"
 #include "kernels/status.h"
 
-#define BENCH_CUDA(call)                                                      \
-  do {                                                                        \
-    const cudaError_t e_ = (call);                                            \
-    if (e_ != cudaSuccess) {                                                  \
-      std::fprintf(stderr, "error: %s: %s\n", #call, cudaGetErrorString(e_)); \
-      std::exit(2);                                                           \
-    }                                                                         \
-  } while (0)
-
-#define BENCH_OK(call)                                                             \
-  do {                                                                             \
-    const ::mprefill::Status s_ = (call);                                          \
-    if (s_ != ::mprefill::Status::kOk) {                                           \
-      std::fprintf(stderr, "error: %s: %s (%s)\n", #call, mprefill::to_string(s_), \
-                   mprefill::cuda::last_error().c_str());                          \
-      std::exit(2);                                                                \
-    }                                                                              \
-  } while (0)
+// A failing call throws the edge check's StatusError (kernels/edge_check.h: the call,
+// rank, device, file:line and the CUDA error text); run_main() turns it into one error line
+// and exit status 2.
+#define BENCH_CUDA(call) MPREFILL_EDGE_CHECK_CUDA(call, #call)
+#define BENCH_OK(call) MPREFILL_EDGE_CHECK(call, #call, ::mprefill::cuda::last_error())
 
 namespace mprefill::bench {
 
@@ -55,6 +44,18 @@ static __global__ void fill_random(uint16_t* x, size_t n, uint64_t seed, bool bf
     } else {
       x[i] = __half_as_ushort(__float2half_rn(s));
     }
+  }
+}
+
+// A benchmark's main: body(argc, argv), an exception (a failed check) printed as one
+// "error: ..." line with exit status 2.
+template <class Body>
+int run_main(Body body, int argc, char** argv) {
+  try {
+    return body(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
   }
 }
 

@@ -37,7 +37,8 @@ std::vector<int> parse_list(const std::string& s) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+namespace {
+int bench_main(int argc, char** argv) {
   std::vector<int> seqs = {32768, 131072};
   int heads = 32, kv_heads = 8, dim = 128, reps = 10, warmup = 2;
   std::string causal_arg = "1", dtype_arg = "bf16";
@@ -128,12 +129,7 @@ int main(int argc, char** argv) {
       BENCH_CUDA(cudaEventCreate(&e1));
       for (int r = 0; r < warmup + reps; ++r) {
         BENCH_CUDA(cudaEventRecord(e0));
-        const mprefill::Status st = mprefill::cuda::flash_attention_fwd(p, nullptr);
-        if (st != mprefill::Status::kOk) {
-          std::fprintf(stderr, "error: flash_attention_fwd: %s (%s)\n", mprefill::to_string(st),
-                       mprefill::cuda::last_error().c_str());
-          return 3;
-        }
+        BENCH_OK(mprefill::cuda::flash_attention_fwd(p, nullptr));
         BENCH_CUDA(cudaEventRecord(e1));
         BENCH_CUDA(cudaEventSynchronize(e1));
         float ms = 0;
@@ -166,3 +162,6 @@ int main(int argc, char** argv) {
     std::printf("# %-8d %-9s %10.3f %8.1f\n", r.n, r.causal ? "yes" : "no", r.ms, r.tflops);
   return 0;
 }
+}  // namespace
+
+int main(int argc, char** argv) { return mprefill::bench::run_main(bench_main, argc, argv); }

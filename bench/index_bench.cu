@@ -114,7 +114,8 @@ void print_row(const Row& r, int64_t n, const std::string& dev) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+namespace {
+int bench_main(int argc, char** argv) {
   int64_t n = 1 << 20;
   int d = 128, reps = 10, warmup = 2;
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -295,3 +296,6 @@ int main(int argc, char** argv) {
               static_cast<long long>(n), d, reps);
   return 0;
 }
+}  // namespace
+
+int main(int argc, char** argv) { return mprefill::bench::run_main(bench_main, argc, argv); }

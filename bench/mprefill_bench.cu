@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "bench/bench_budgets.h"
+#include "bench/bench_common.cuh"
 #include "kernels/attention.h"
 #include "kernels/cpu/cpu.h"
 #include "kernels/cuda/cuda.h"
@@ -56,7 +57,6 @@
 #include "kernels/sparse.h"
 #include "model/index_sets.h"
 #if __has_include("kernels/cuda/sparse/sparse_attention.h") && !defined(MPREFILL_BENCH_NO_SPARSE)
-#include "bench/bench_common.cuh"
 #include "kernels/cuda/sparse/sparse_attention.h"
 #define MPREFILL_BENCH_SPARSE 1
 #else
@@ -390,9 +390,7 @@ Timing time_it(const std::function<Status()>& launch, int warmup, int repeat, co
   std::vector<float> t;
   for (int r = 0; r < warmup + repeat; ++r) {
     BENCH_CUDA(cudaEventRecord(e0));
-    const Status st = launch();
-    if (st != Status::kOk)
-      die(std::string(what) + ": " + to_string(st) + " (" + cuda::last_error() + ")");
+    MPREFILL_EDGE_CHECK(launch(), what, cuda::last_error());
     BENCH_CUDA(cudaEventRecord(e1));
     BENCH_CUDA(cudaEventSynchronize(e1));
     BENCH_CUDA(cudaGetLastError());
@@ -603,9 +601,7 @@ void run_shape(const Options& o, const Shape& s, std::vector<Case> cases, const 
   // Dense (own flash kernel): the baseline of every case of this shape.
   poison();
   {
-    const Status st = cuda::flash_attention_fwd(p, nullptr);
-    if (st != Status::kOk)
-      die(std::string("flash_attention_fwd: ") + to_string(st) + " (" + cuda::last_error() + ")");
+    BENCH_OK(cuda::flash_attention_fwd(p, nullptr));
     BENCH_CUDA(cudaDeviceSynchronize());
   }
   bool dense_ok = true;
@@ -758,8 +754,8 @@ void run_shape(const Options& o, const Shape& s, std::vector<Case> cases, const 
         ep.scale = p.scale;
         ep.dtype = DType::kF32;
         std::vector<int> topk(s.heads, o.topk);
-        const Status st = cpu::block_sparse_estimate(ep, topk.data(), &bix);
-        if (st != Status::kOk) die(std::string("block_sparse_estimate: ") + to_string(st));
+        MPREFILL_EDGE_CHECK(cpu::block_sparse_estimate(ep, topk.data(), &bix),
+                            "block_sparse_estimate", "");
       } else {  // random: diagonal + uniform distinct earlier blocks
         bix.seq_len = n;
         bix.num_heads = s.heads;
@@ -861,8 +857,7 @@ void run_shape(const Options& o, const Shape& s, std::vector<Case> cases, const 
     r.index_file = c.index_file;
     poison();
     {
-      const Status st = launch();
-      if (st != Status::kOk) die(c.name + ": " + to_string(st) + " (" + cuda::last_error() + ")");
+      MPREFILL_EDGE_CHECK(launch(), c.name, cuda::last_error());
       BENCH_CUDA(cudaDeviceSynchronize());
     }
     r.check_rel = check_rows(s, p, hk, hv, o.check_rows, keys, o.seed + 17, &r.check_ok);

@@ -48,7 +48,8 @@
 
 #include "engine/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda.h"
-#ifdef MPREFILL_HAVE_DIST_BENCH
+#include "kernels/edge_check.h"
+#ifdef MPREFILL_HAVE_NCCL
 #include "comm/mpi_comm.h"
 #include "comm/nccl_comm.h"
 #endif
@@ -189,7 +190,7 @@ PrefillPlan synthetic_plan(const Args& a, const ModelConfig& cfg, const SparsePo
   return plan;
 }
 
-#ifdef MPREFILL_HAVE_DIST_BENCH
+#ifdef MPREFILL_HAVE_NCCL
 int run_dist(const Args& a) {
   const comm::WorldInfo wi = comm::world_info();
   if (wi.size != a.tp * a.sp)
@@ -232,8 +233,8 @@ int run_dist(const Args& a) {
   if (!dense && !estimated) plan = synthetic_plan(a, cfg, policy, n);
   gpu::NullKvSink sink;
   int32_t z = 0, zz = 0;
-  if (mpi->all_reduce(&z, &zz, 1, DType::kI32, comm::ReduceOp::kSum, nullptr) != Status::kOk)
-    throw std::runtime_error("barrier: " + mpi->last_error());
+  MPREFILL_EDGE_CHECK(mpi->all_reduce(&z, &zz, 1, DType::kI32, comm::ReduceOp::kSum, nullptr),
+                      "barrier", mpi->last_error());
   const auto t0 = std::chrono::steady_clock::now();
   gpu::CudaPrefillStats r;
   const std::vector<float> logits =
@@ -249,8 +250,8 @@ int run_dist(const Args& a) {
                            int64_t(r.allreduce_ms * 1000), r.local_tokens,
                            int64_t(r.peak_device_bytes),   finite ? 1 : 0};
   std::vector<int64_t> all(8 * size_t(wi.size));
-  if (mpi->all_gather(mine, all.data(), 8, DType::kI64, nullptr) != Status::kOk)
-    throw std::runtime_error("gather: " + mpi->last_error());
+  MPREFILL_EDGE_CHECK(mpi->all_gather(mine, all.data(), 8, DType::kI64, nullptr),
+                      "gathering the per-rank figures", mpi->last_error());
   if (wi.rank != 0) return 0;
   double ttft = 0, max_comp = 0, sum_comp = 0, wait_max = 0, xfer_max = 0;
   bool all_finite = true;
@@ -443,7 +444,7 @@ int prefill_bench_main(int argc, char** argv) {
   try {
     const Args a = parse(argc, argv);
     if (a.tp * a.sp > 1) {
-#ifdef MPREFILL_HAVE_DIST_BENCH
+#ifdef MPREFILL_HAVE_NCCL
       comm::MpiRuntime mpi(&argc, &argv);
       try {
         return run_dist(a);

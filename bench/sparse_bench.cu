@@ -78,7 +78,8 @@ std::vector<int64_t> parse_list(const std::string& s) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+namespace {
+int bench_main(int argc, char** argv) {
   using namespace mprefill;
   std::vector<int64_t> seqs = {32768, 131072};
   int reps = 10, warmup = 2;
@@ -275,3 +276,6 @@ int main(int argc, char** argv) {
                  r.tfs > 0 ? r.tfs / r.dense_tfs : 0.0, r.dense_ms / r.ms);
   return 0;
 }
+}  // namespace
+
+int main(int argc, char** argv) { return mprefill::bench::run_main(bench_main, argc, argv); }

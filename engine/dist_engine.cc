@@ -28,6 +28,7 @@
 #include "engine/plan_codec.h"
 #include "engine/ring_attention.h"
 #include "kernels/cpu/cpu.h"
+#include "kernels/edge_check.h"
 #include "model/prompt.h"
 #include "model/safetensors.h"
 #include "model/weight_source.h"
@@ -131,15 +132,11 @@ struct DistEngine::Impl {
   [[noreturn]] void fail(const std::string& what) const {
     throw std::runtime_error(who() + ": " + what);
   }
-  void check(comm::Communicator& c, Status s, const char* what) const {
-    if (s != Status::kOk) fail(std::string(what) + ": " + c.last_error());
-  }
   void tp_all_reduce(float* buf, int64_t count) {
     if (topo.tp == 1 || count == 0) return;
-    check(*tp_comm,
-          tp_comm->all_reduce(buf, buf, static_cast<size_t>(count), DType::kF32,
-                              comm::ReduceOp::kSum, nullptr),
-          "all_reduce over tp");
+    MPREFILL_EDGE_CHECK(tp_comm->all_reduce(buf, buf, static_cast<size_t>(count), DType::kF32,
+                                            comm::ReduceOp::kSum, nullptr),
+                        who() + ": all_reduce over tp", tp_comm->last_error());
   }
 
   // The attention of a prefill: indices of this rank's heads, the sparse sp ring, the
@@ -206,9 +203,11 @@ DistEngine::DistEngine(comm::Communicator* world, const std::string& model_path,
 
   // tp group: same sp rank, ordered by tp rank; sp group: same tp rank, by sp rank.
   m.tp_comm = world->split(m.sp_rank, m.tp_rank);
-  if (!m.tp_comm) m.fail("split of the tp communicator failed: " + world->last_error());
+  MPREFILL_EDGE_CHECK(m.tp_comm ? Status::kOk : Status::kCommError,
+                      m.who() + ": split of the tp communicator", world->last_error());
   m.sp_comm = world->split(m.tp_rank, m.sp_rank);
-  if (!m.sp_comm) m.fail("split of the sp communicator failed: " + world->last_error());
+  MPREFILL_EDGE_CHECK(m.sp_comm ? Status::kOk : Status::kCommError,
+                      m.who() + ": split of the sp communicator", world->last_error());
 }
 
 DistEngine::~DistEngine() = default;
@@ -274,10 +273,9 @@ void DistEngine::Impl::audit_layer_dist(int l, const SparsePolicy& policy, int64
     }
   }
   if (topo.sp > 1 && !qrows.empty())
-    check(*sp_comm,
-          sp_comm->all_reduce(qrows.data(), qrows.data(), qrows.size(), DType::kF32,
-                              comm::ReduceOp::kSum, nullptr),
-          "all_reduce of the audit rows over sp");
+    MPREFILL_EDGE_CHECK(sp_comm->all_reduce(qrows.data(), qrows.data(), qrows.size(), DType::kF32,
+                                            comm::ReduceOp::kSum, nullptr),
+                        who() + ": all_reduce of the audit rows over sp", sp_comm->last_error());
 
   // Partials of this rank's key shard, gathered over sp (doubles moved as 8-byte words).
   const int64_t per_row = 3 + 2 * int64_t{hd};
@@ -296,8 +294,9 @@ void DistEngine::Impl::audit_layer_dist(int l, const SparsePolicy& policy, int64
   }
   std::vector<double> all(enc.size() * static_cast<size_t>(topo.sp));
   if (!enc.empty())
-    check(*sp_comm, sp_comm->all_gather(enc.data(), all.data(), enc.size(), DType::kI64, nullptr),
-          "all_gather of the audit partials over sp");
+    MPREFILL_EDGE_CHECK(
+        sp_comm->all_gather(enc.data(), all.data(), enc.size(), DType::kI64, nullptr),
+        who() + ": all_gather of the audit partials over sp", sp_comm->last_error());
 
   // Figures of this tp rank's heads, then of every head over tp (NaN: not this rank's).
   constexpr int kFig = 4;  // recall, max error, fro error, rows
@@ -316,8 +315,9 @@ void DistEngine::Impl::audit_layer_dist(int l, const SparsePolicy& policy, int64
     fig[at * kFig + 3] = static_cast<double>(r.rows);
   }
   std::vector<double> figs(fig.size() * static_cast<size_t>(topo.tp));
-  check(*tp_comm, tp_comm->all_gather(fig.data(), figs.data(), fig.size(), DType::kI64, nullptr),
-        "all_gather of the audit figures over tp");
+  MPREFILL_EDGE_CHECK(
+      tp_comm->all_gather(fig.data(), figs.data(), fig.size(), DType::kI64, nullptr),
+      who() + ": all_gather of the audit figures over tp", tp_comm->last_error());
   for (size_t i = 0; i < heads.size(); ++i) {
     HeadAuditResult r;
     r.layer = l;
@@ -405,10 +405,10 @@ class DistEngine::Impl::Ring final : public CpuAttention {
     t = Clock::now();
     RingStats rs;
     std::string err;
-    const Status s =
+    MPREFILL_EDGE_CHECK(
         ring_attention_sparse_cpu(*m_.sp_comm, j_.layout, n_, q, k_.data(), v_.data(), att, nullptr,
-                                  nq, nkv, c.head_dim, scale, ms.masks.data(), &rs, &err);
-    if (s != Status::kOk) m_.fail("layer " + std::to_string(l) + ": " + err);
+                                  nq, nkv, c.head_dim, scale, ms.masks.data(), &rs, &err),
+        m_.who() + ": ring attention at layer " + std::to_string(l), err);
     tiles_layer[l] = rs.tiles;
     ring_compute_ms += rs.compute_ms;
     ring_wait_ms += rs.wait_ms;
@@ -478,15 +478,17 @@ class DistEngine::Impl::Ring final : public CpuAttention {
       std::string err;
       if (kind == PatternKind::kVerticalSlash) {
         std::vector<VsSelection> out;
-        const Status s = vs_estimate_distributed(*m_.sp_comm, mine_, n_, qs.data(), ks.data(), ns,
-                                                 ns, hd, scale, a.data(), b.data(), &out, &err);
-        if (s != Status::kOk) m_.fail("layer " + std::to_string(l) + ": " + err);
+        MPREFILL_EDGE_CHECK(
+            vs_estimate_distributed(*m_.sp_comm, mine_, n_, qs.data(), ks.data(), ns, ns, hd, scale,
+                                    a.data(), b.data(), &out, &err),
+            m_.who() + ": vertical-slash estimation at layer " + std::to_string(l), err);
         for (int j = 0; j < ns; ++j) (*local)[sel[j]].vs = std::move(out[j]);
       } else {
         BlockSparseIndex bix;
-        const Status s = block_sparse_estimate_distributed(
-            *m_.sp_comm, mine_, n_, qs.data(), ks.data(), ns, ns, hd, scale, a.data(), &bix, &err);
-        if (s != Status::kOk) m_.fail("layer " + std::to_string(l) + ": " + err);
+        MPREFILL_EDGE_CHECK(
+            block_sparse_estimate_distributed(*m_.sp_comm, mine_, n_, qs.data(), ks.data(), ns, ns,
+                                              hd, scale, a.data(), &bix, &err),
+            m_.who() + ": block-sparse estimation at layer " + std::to_string(l), err);
         for (int j = 0; j < ns; ++j) {
           HeadPlan& hp = (*local)[sel[j]];
           hp.topk = a[j];
@@ -594,13 +596,14 @@ std::vector<float> DistEngine::Impl::last_logits(const std::vector<float>& x, in
     const int64_t n_local = static_cast<int64_t>(x.size()) / H;
     cpu_logits(cpu_shape(c, inv_freq, opt.mlp_chunk), x.data() + (n_local - 1) * H,
                w.final_norm.data(), w.lm_rows.data(), w.v1 - w.v0, part.data());
-    check(*tp_comm,
-          tp_comm->all_gather(part.data(), logits.data(), part.size(), DType::kF32, nullptr),
-          "all_gather of the logits over tp");
+    MPREFILL_EDGE_CHECK(
+        tp_comm->all_gather(part.data(), logits.data(), part.size(), DType::kF32, nullptr),
+        who() + ": all_gather of the logits over tp", tp_comm->last_error());
   }
   if (topo.sp > 1)
-    check(*sp_comm, sp_comm->broadcast(logits.data(), logits.size(), DType::kF32, owner, nullptr),
-          "broadcast of the logits over sp");
+    MPREFILL_EDGE_CHECK(
+        sp_comm->broadcast(logits.data(), logits.size(), DType::kF32, owner, nullptr),
+        who() + ": broadcast of the logits over sp", sp_comm->last_error());
   logits.resize(c.vocab);
   return logits;
 }
@@ -610,8 +613,8 @@ void DistEngine::Impl::balance(const std::vector<int64_t>& tiles_layer, const Sp
                                int64_t n, DistPrefillResult* res) {
   const int L = w.cfg.n_layers;
   std::vector<int64_t> all(static_cast<size_t>(world->size()) * L);
-  check(*world, world->all_gather(tiles_layer.data(), all.data(), L, DType::kI64, nullptr),
-        "all_gather of the tile counts");
+  MPREFILL_EDGE_CHECK(world->all_gather(tiles_layer.data(), all.data(), L, DType::kI64, nullptr),
+                      who() + ": all_gather of the tile counts", world->last_error());
   for (int64_t tl : tiles_layer) res->tiles_computed += tl;
   double sp_max = 0, sp_mean = 0, tp_max = 0, tp_mean = 0;
   for (int l = 0; l < L; ++l) {
@@ -648,13 +651,14 @@ void DistEngine::Impl::gather_plan(const std::vector<std::vector<HeadPlan>>& est
         encode_head_plan(est_plans[l][i], &mine_enc);
       }
   int64_t len = static_cast<int64_t>(mine_enc.size()), max_len = 0;
-  check(*world, world->all_reduce(&len, &max_len, 1, DType::kI64, comm::ReduceOp::kMax, nullptr),
-        "all_reduce of the plan size");
+  MPREFILL_EDGE_CHECK(
+      world->all_reduce(&len, &max_len, 1, DType::kI64, comm::ReduceOp::kMax, nullptr),
+      who() + ": all_reduce of the plan size", world->last_error());
   // Padding is a run of -1 (no layer is -1).
   mine_enc.resize(static_cast<size_t>(max_len), -1);
   std::vector<int32_t> all(static_cast<size_t>(max_len) * world->size());
-  check(*world, world->all_gather(mine_enc.data(), all.data(), max_len, DType::kI32, nullptr),
-        "all_gather of the estimated plan");
+  MPREFILL_EDGE_CHECK(world->all_gather(mine_enc.data(), all.data(), max_len, DType::kI32, nullptr),
+                      who() + ": all_gather of the estimated plan", world->last_error());
   for (int r = 0; r < world->size(); ++r) {
     std::vector<int32_t> part(all.begin() + static_cast<int64_t>(r) * max_len,
                               all.begin() + static_cast<int64_t>(r + 1) * max_len);

@@ -11,10 +11,12 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-Status fail(comm::Communicator& sp, Status s, const std::string& stage, const std::string& detail,
-            std::string* error) {
+// The one failure path of both estimators: the status, and in *error the one line the
+// caller's edge check (kernels/edge_check.h) passes on as the backend text.
+Status fail(const comm::Communicator& sp, Status s, const char* fn, const std::string& stage,
+            const std::string& detail, std::string* error) {
   if (error) {
-    *error = "rank " + std::to_string(sp.rank()) + ": vs_estimate_distributed: " + stage;
+    *error = "sp rank " + std::to_string(sp.rank()) + ": " + fn + ": " + stage;
     if (!detail.empty()) *error += ": " + detail;
   }
   return s;
@@ -50,21 +52,24 @@ Status vs_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine, 
                                std::string* error, VsGlobalScores* scores) {
   const Status bad = Status::kInvalidArgument;
   if (!out || !v_budget || !s_budget)
-    return fail(sp, bad, "arguments", "null output/budget", error);
+    return fail(sp, bad, "vs_estimate_distributed", "arguments", "null output/budget", error);
   if (n_total <= 0 || num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 ||
       num_heads % num_kv_heads != 0 || !(scale > 0.f) || !std::isfinite(scale)) {
-    return fail(sp, bad, "arguments", "bad n_total/heads/head_dim/scale", error);
+    return fail(sp, bad, "vs_estimate_distributed", "arguments", "bad n_total/heads/head_dim/scale",
+                error);
   }
   int64_t n_local = 0, prev_end = 0;
   for (auto [b, e] : mine) {
     if (b < prev_end || e < b || e > n_total) {
-      return fail(sp, bad, "arguments", "ranges not ascending inside [0, n_total)", error);
+      return fail(sp, bad, "vs_estimate_distributed", "arguments",
+                  "ranges not ascending inside [0, n_total)", error);
     }
     prev_end = e;
     n_local += e - b;
   }
   if (n_local > 0 && (!q_local || !k_local)) {
-    return fail(sp, bad, "arguments", "null q/k with local tokens", error);
+    return fail(sp, bad, "vs_estimate_distributed", "arguments", "null q/k with local tokens",
+                error);
   }
 
   const int64_t n = n_total;
@@ -88,7 +93,8 @@ Status vs_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine, 
   if (const Status s = sp.all_reduce(q_last.data(), q_last.data(), q_last.size(), DType::kF32,
                                      comm::ReduceOp::kSum, nullptr);
       s != Status::kOk) {
-    return fail(sp, s, "all_reduce last query rows", sp.last_error(), error);
+    return fail(sp, s, "vs_estimate_distributed", "all_reduce last query rows", sp.last_error(),
+                error);
   }
 
   // Params of one local key range [b, e) whose rows start at local row off.
@@ -116,7 +122,7 @@ Status vs_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine, 
       if (e > b) {
         RowStats part;
         if (const Status s = cpu::vs_row_stats(params(b, e, off), &part); s != Status::kOk) {
-          return fail(sp, s,
+          return fail(sp, s, "vs_estimate_distributed",
                       "vs_row_stats of keys [" + std::to_string(b) + ", " + std::to_string(e) + ")",
                       "", error);
         }
@@ -131,7 +137,7 @@ Status vs_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine, 
   if (const Status s = sp.all_reduce(local.max.data(), global.max.data(), n_rows, DType::kF32,
                                      comm::ReduceOp::kMax, nullptr);
       s != Status::kOk) {
-    return fail(sp, s, "all_reduce row max", sp.last_error(), error);
+    return fail(sp, s, "vs_estimate_distributed", "all_reduce row max", sp.last_error(), error);
   }
   for (size_t i = 0; i < n_rows; ++i) {
     // A rank without causal keys for row i holds (-inf, 0) and contributes 0.
@@ -144,7 +150,7 @@ Status vs_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine, 
   if (const Status s = sp.all_reduce(local.sum.data(), global.sum.data(), n_rows, DType::kF32,
                                      comm::ReduceOp::kSum, nullptr);
       s != Status::kOk) {
-    return fail(sp, s, "all_reduce row sum", sp.last_error(), error);
+    return fail(sp, s, "vs_estimate_distributed", "all_reduce row sum", sp.last_error(), error);
   }
 
   // (3) Scores. Column scores of local columns land at their global positions (zeros
@@ -163,7 +169,7 @@ Status vs_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine, 
         if (const Status s =
                 cpu::vs_scores(params(b, e, off), global, col_part.data(), slash.data());
             s != Status::kOk) {
-          return fail(sp, s,
+          return fail(sp, s, "vs_estimate_distributed",
                       "vs_scores of keys [" + std::to_string(b) + ", " + std::to_string(e) + ")",
                       "", error);
         }
@@ -177,12 +183,14 @@ Status vs_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine, 
   if (const Status s = sp.all_reduce(col.data(), col.data(), n_cells, DType::kF32,
                                      comm::ReduceOp::kSum, nullptr);
       s != Status::kOk) {
-    return fail(sp, s, "all_reduce column scores", sp.last_error(), error);
+    return fail(sp, s, "vs_estimate_distributed", "all_reduce column scores", sp.last_error(),
+                error);
   }
   if (const Status s = sp.all_reduce(slash.data(), slash.data(), n_cells, DType::kF32,
                                      comm::ReduceOp::kSum, nullptr);
       s != Status::kOk) {
-    return fail(sp, s, "all_reduce slash scores", sp.last_error(), error);
+    return fail(sp, s, "vs_estimate_distributed", "all_reduce slash scores", sp.last_error(),
+                error);
   }
 
   // (4) The same deterministic selection on the same arrays on every rank.
@@ -203,30 +211,27 @@ Status block_sparse_estimate_distributed(comm::Communicator& sp, const TokenRang
                                          const float* k_local, int num_heads, int num_kv_heads,
                                          int head_dim, float scale, const int* topk,
                                          BlockSparseIndex* out, std::string* error) {
-  auto bfail = [&](Status s, const std::string& stage, const std::string& detail) {
-    if (error) {
-      *error =
-          "rank " + std::to_string(sp.rank()) + ": block_sparse_estimate_distributed: " + stage;
-      if (!detail.empty()) *error += ": " + detail;
-    }
-    return s;
-  };
   const Status bad = Status::kInvalidArgument;
-  if (!out || !topk) return bfail(bad, "arguments", "null output/topk");
+  if (!out || !topk)
+    return fail(sp, bad, "block_sparse_estimate_distributed", "arguments", "null output/topk",
+                error);
   if (n_total <= 0 || num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 ||
       num_heads % num_kv_heads != 0) {
-    return bfail(bad, "arguments", "bad n_total/heads/head_dim");
+    return fail(sp, bad, "block_sparse_estimate_distributed", "arguments",
+                "bad n_total/heads/head_dim", error);
   }
   int64_t n_local = 0, prev_end = 0;
   for (auto [b, e] : mine) {
     if (b < prev_end || e < b || e > n_total || b % kBlock != 0 ||
         (e % kBlock != 0 && e != n_total)) {
-      return bfail(bad, "arguments", "ranges not ascending, 64-aligned, inside [0, n_total)");
+      return fail(sp, bad, "block_sparse_estimate_distributed", "arguments",
+                  "ranges not ascending, 64-aligned, inside [0, n_total)", error);
     }
     prev_end = e;
     n_local += e - b;
   }
-  if (n_local > 0 && (!q_local || !k_local)) return bfail(bad, "arguments", "null q/k");
+  if (n_local > 0 && (!q_local || !k_local))
+    return fail(sp, bad, "block_sparse_estimate_distributed", "arguments", "null q/k", error);
   const int64_t nb = num_blocks(n_total), d = head_dim;
   const int64_t q_row = int64_t{num_heads} * d, k_row = int64_t{num_kv_heads} * d;
   std::vector<float> qpool(static_cast<size_t>(num_heads * nb * d), 0.f);
@@ -252,17 +257,20 @@ Status block_sparse_estimate_distributed(comm::Communicator& sp, const TokenRang
   if (const Status s = sp.all_reduce(qpool.data(), qpool.data(), qpool.size(), DType::kF32,
                                      comm::ReduceOp::kSum, nullptr);
       s != Status::kOk) {
-    return bfail(s, "all_reduce pooled queries", sp.last_error());
+    return fail(sp, s, "block_sparse_estimate_distributed", "all_reduce pooled queries",
+                sp.last_error(), error);
   }
   if (const Status s = sp.all_reduce(kpool.data(), kpool.data(), kpool.size(), DType::kF32,
                                      comm::ReduceOp::kSum, nullptr);
       s != Status::kOk) {
-    return bfail(s, "all_reduce pooled keys", sp.last_error());
+    return fail(sp, s, "block_sparse_estimate_distributed", "all_reduce pooled keys",
+                sp.last_error(), error);
   }
   if (const Status s = cpu::block_sparse_select(qpool.data(), kpool.data(), n_total, num_heads,
                                                 num_kv_heads, head_dim, scale, topk, out);
       s != Status::kOk) {
-    return bfail(s, "block_sparse_select", to_string(s));
+    return fail(sp, s, "block_sparse_estimate_distributed", "block_sparse_select", to_string(s),
+                error);
   }
   return Status::kOk;
 }

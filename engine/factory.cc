@@ -1,10 +1,19 @@
-// make_executor(): the one place that knows which backends this build has (the feature
-// macros MPREFILL_HAVE_CUDA and, inside the CUDA backend, MPREFILL_HAVE_NCCL).
+// make_executor() and the single-process paths (engine/single_process.h): the one place
+// that knows which backends this build has (the feature macro MPREFILL_HAVE_CUDA; NCCL is
+// the CUDA backend's own business, MPREFILL_HAVE_NCCL in engine/cuda/cuda_executor.cc).
+#include <memory>
 #include <stdexcept>
 #include <string>
 
 #include "engine/backends.h"
 #include "engine/executor.h"
+#include "engine/single_process.h"
+#include "kernels/edge_check.h"
+#ifdef MPREFILL_HAVE_CUDA
+#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_generate.h"
+#include "kv/cuda/kv_sinks.h"
+#endif
 
 namespace mprefill {
 
@@ -18,6 +27,9 @@ std::unique_ptr<Executor> make_executor(const ExecutorSpec& spec, comm::Communic
     throw std::runtime_error("executor: tp " + std::to_string(spec.topo.tp) + " x sp " +
                              std::to_string(spec.topo.sp) + " needs " + std::to_string(group) +
                              " ranks, the group has " + std::to_string(world->size()));
+  // Once per process (every executor of a process has the same rank and device): every
+  // edge error names them.
+  set_edge_context(world ? world->rank() : -1, spec.backend == Backend::kCuda ? spec.device : -1);
   switch (spec.backend) {
     case Backend::kCpu:
       return make_cpu_executor(spec, world);
@@ -25,12 +37,59 @@ std::unique_ptr<Executor> make_executor(const ExecutorSpec& spec, comm::Communic
 #ifdef MPREFILL_HAVE_CUDA
       return gpu::make_cuda_executor(spec, world);
 #else
-      throw std::runtime_error(
-          "--device cuda: this build has no CUDA backend (configure with -DMPREFILL_CUDA=ON); "
-          "use --device cpu");
+      throw std::runtime_error("--device cuda: " + backend_unavailable(Backend::kCuda) +
+                               "; use --device cpu");
 #endif
   }
   throw std::runtime_error("executor: unknown backend");
+}
+
+std::string backend_unavailable(Backend b) {
+  if (b == Backend::kCpu) return "";
+#ifdef MPREFILL_HAVE_CUDA
+  return gpu::cuda_available() ? "" : "no CUDA device is visible";
+#else
+  return "this build has no CUDA backend (configure with -DMPREFILL_CUDA=ON)";
+#endif
+}
+
+namespace {
+void require(Backend b) {
+  const std::string why = backend_unavailable(b);
+  if (!why.empty()) throw std::runtime_error("--device cuda: " + why);
+}
+}  // namespace
+
+GenerateResult generate_on(Backend b, const Engine& cpu, const std::vector<int>& ids,
+                           const GenerateOptions& opt) {
+  if (b == Backend::kCpu) return cpu.generate(ids, opt);
+  require(b);
+#ifdef MPREFILL_HAVE_CUDA
+  return gpu::generate_cuda(cpu.weights(), ids, opt);
+#else
+  throw std::logic_error("unreachable");
+#endif
+}
+
+CachePrefill make_cache_prefill(Backend b, int device, const Engine& cpu) {
+  if (b == Backend::kCpu)
+    return [&cpu](const std::vector<int>& ids, const SparsePolicy& pol, KvCache* cache,
+                  PrefillPlan* plan) { return cpu.prefill(ids, pol, cache, plan, nullptr); };
+  require(b);
+#ifdef MPREFILL_HAVE_CUDA
+  gpu::CudaOptions o;
+  o.device = device;
+  auto gpu = std::make_shared<gpu::CudaBackend>(nullptr, cpu.weights(), DistTopology{}, o);
+  return [gpu](const std::vector<int>& ids, const SparsePolicy& pol, KvCache* cache,
+               PrefillPlan* plan) {
+    if (cache == nullptr) return gpu->prefill(ids, pol, nullptr, plan);
+    gpu::HostKvCacheSink sink(cache);
+    return gpu->prefill(ids, pol, &sink, plan);
+  };
+#else
+  (void)device;
+  throw std::logic_error("unreachable");
+#endif
 }
 
 }  // namespace mprefill

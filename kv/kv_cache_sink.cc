@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "kernels/edge_check.h"
+
 namespace mprefill {
 
 KvCacheSink::KvCacheSink(KvCache* cache, int head_dim) : cache_(cache), head_dim_(head_dim) {
@@ -63,12 +65,6 @@ void KvCacheSink::put(const KvSlice& s) {
 void KvCacheSink::finish() { cache_->n_tokens = max_end_; }
 
 namespace {
-
-void check(comm::Communicator& c, Status s, const char* what) {
-  if (s != Status::kOk)
-    throw std::runtime_error("gather_kv_cache rank " + std::to_string(c.rank()) + ": " + what +
-                             ": " + c.last_error());
-}
 
 // Piece list as int64: [count, then per piece: layer, nh, heads..., nr, (b, e)...].
 std::vector<int64_t> encode(const std::vector<KvPiece>& pieces) {
@@ -142,10 +138,13 @@ void gather_kv_cache(comm::Communicator& c, const KvCacheSink& mine, int root, i
     std::vector<float> vals;
     for (const auto& p : mine.pieces()) values_of(p, &vals);
     const int64_t sizes[2] = {static_cast<int64_t>(meta.size()), static_cast<int64_t>(vals.size())};
-    check(c, c.send(sizes, 2, DType::kI64, root, nullptr), "send sizes");
-    check(c, c.send(meta.data(), meta.size(), DType::kI64, root, nullptr), "send piece list");
+    MPREFILL_EDGE_CHECK(c.send(sizes, 2, DType::kI64, root, nullptr), "gather_kv_cache: send sizes",
+                        c.last_error());
+    MPREFILL_EDGE_CHECK(c.send(meta.data(), meta.size(), DType::kI64, root, nullptr),
+                        "gather_kv_cache: send piece list", c.last_error());
     if (!vals.empty())
-      check(c, c.send(vals.data(), vals.size(), DType::kF32, root, nullptr), "send values");
+      MPREFILL_EDGE_CHECK(c.send(vals.data(), vals.size(), DType::kF32, root, nullptr),
+                          "gather_kv_cache: send values", c.last_error());
     return;
   }
   if (!out) throw std::runtime_error("gather_kv_cache: no output cache on the root");
@@ -189,12 +188,15 @@ void gather_kv_cache(comm::Communicator& c, const KvCacheSink& mine, int root, i
   for (int from = 0; from < size; ++from) {
     if (from == root) continue;
     int64_t sizes[2] = {0, 0};
-    check(c, c.recv(sizes, 2, DType::kI64, from, nullptr), "recv sizes");
+    MPREFILL_EDGE_CHECK(c.recv(sizes, 2, DType::kI64, from, nullptr), "gather_kv_cache: recv sizes",
+                        c.last_error());
     std::vector<int64_t> meta(static_cast<size_t>(sizes[0]));
-    check(c, c.recv(meta.data(), meta.size(), DType::kI64, from, nullptr), "recv piece list");
+    MPREFILL_EDGE_CHECK(c.recv(meta.data(), meta.size(), DType::kI64, from, nullptr),
+                        "gather_kv_cache: recv piece list", c.last_error());
     std::vector<float> vals(static_cast<size_t>(sizes[1]));
     if (!vals.empty())
-      check(c, c.recv(vals.data(), vals.size(), DType::kF32, from, nullptr), "recv values");
+      MPREFILL_EDGE_CHECK(c.recv(vals.data(), vals.size(), DType::kF32, from, nullptr),
+                          "gather_kv_cache: recv values", c.last_error());
     place(decode(meta, from), vals, from);
   }
   for (size_t i = 0; i < seen.size(); ++i)

@@ -18,7 +18,7 @@
 # Everything is instrumented here (engine and kernels too: ~15 min of build on 2 cores).
 # CI's default run (launch/test.sh) has a bounded stage of its own instead: the service's
 # code instrumented in the main build directory (targets sanitize-asan / sanitize-tsan,
-# ctest -L sanitize; tests/cmake/hardening.cmake).
+# ctest -L sanitize; tests/hardening/CMakeLists.txt).
 set -euo pipefail
 LOG_TAG=sanitize
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

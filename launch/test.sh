@@ -8,7 +8,7 @@
 #              they skip. Then the sanitizer stage (always, CI or not): the target
 #              `sanitize` (ASan + UBSan and TSan variants of the service code, -O1, in
 #              the same build directory, reusing its other objects) and ctest -L sanitize
-#              (tests/cmake/hardening.cmake): about 10 min on 2 cores.
+#              (tests/hardening/CMakeLists.txt): about 10 min on 2 cores.
 #   --no-sanitize  skip the sanitizer stage (quick local runs; CI keeps it).
 #   --gpu      GPU suite: ctest -L '^gpu$' (one GPU), one at a time, with MPREFILL_REQUIRE_GPU=1; fails
 #              when no GPU is visible or any GPU test is skipped. No sanitizer stage.

@@ -17,7 +17,9 @@
 #include <string>
 #include <vector>
 
+#include "cli/flags.h"
 #include "engine/engine.h"
+#include "engine/single_process.h"
 #include "kernels/cpu/cpu.h"
 #include "model/prompt.h"
 #include "model/sparse_policy.h"
@@ -26,10 +28,6 @@
 #include "search/pattern_search.h"
 #include "search/png.h"
 #include "search/search_cli.h"
-#ifdef MPREFILL_HAVE_GPU_ENGINE
-#include "engine/cuda/cuda_backend.h"
-#include "kv/cuda/kv_sinks.h"
-#endif
 
 namespace mprefill::search {
 
@@ -45,10 +43,11 @@ struct PolicySpec {
 SparsePolicy base_policy(const std::string& spec, const ModelConfig& cfg) {
   auto nums = [&](const std::string& s, size_t count) {
     const std::vector<std::string> parts = split(s, ':');
-    if (parts.size() != count + 1) throw UsageError("policy '" + s + "' has the wrong field count");
+    if (parts.size() != count + 1)
+      throw cli::UsageError("policy '" + s + "' has the wrong field count");
     std::vector<int> v;
     for (size_t i = 1; i < parts.size(); ++i)
-      v.push_back(static_cast<int>(parse_list_int("--policies", parts[i], 0, 1 << 30)));
+      v.push_back(static_cast<int>(cli::parse_int("--policies", parts[i], 0, 1 << 30)));
     return v;
   };
   SparsePolicy p;
@@ -60,7 +59,7 @@ SparsePolicy base_policy(const std::string& spec, const ModelConfig& cfg) {
     p = SparsePolicy::uniform(cfg, HeadPattern::vertical_slash(v[0], v[1]), 0);
   } else if (spec.rfind("bs:", 0) == 0) {
     const auto v = nums(spec, 1);
-    if (v[0] < 1) throw UsageError("policy '" + spec + "': top-k must be >= 1");
+    if (v[0] < 1) throw cli::UsageError("policy '" + spec + "': top-k must be >= 1");
     p = SparsePolicy::uniform(cfg, HeadPattern::block_sparse(v[0]), 0);
   } else {
     p = load_sparse_policy(spec, cfg, 0);
@@ -72,8 +71,7 @@ SparsePolicy base_policy(const std::string& spec, const ModelConfig& cfg) {
 
 // One prefill on the chosen engine: the logits of the last row; the KV into cache (may be
 // null: not kept) and the indices the engine estimated into plan.
-using PrefillFn = std::function<std::vector<float>(const std::vector<int>&, const SparsePolicy&,
-                                                   KvCache*, PrefillPlan*)>;
+using PrefillFn = CachePrefill;
 
 // The policy with budgets times the largest f found (geometric bisection on [1e-3, 1],
 // 14 steps) whose masks, as the engine estimates them in its own prefill of ids under the
@@ -117,9 +115,9 @@ int run_eval(const SearchArgs& a, const ModelWeights& w) {
     const size_t at = s.rfind('@');
     if (at != std::string::npos) {
       ps.base = s.substr(0, at);
-      ps.target = parse_list_float("--policies", s.substr(at + 1));
+      ps.target = cli::parse_float("--policies", s.substr(at + 1));
       if (!(ps.target > 0 && ps.target <= 1))
-        throw UsageError("policy '" + s + "': the density after @ must be in (0, 1]");
+        throw cli::UsageError("policy '" + s + "': the density after @ must be in (0, 1]");
     }
     base_policy(ps.base, cfg);  // validate early
     specs.push_back(ps);
@@ -163,31 +161,12 @@ int run_eval(const SearchArgs& a, const ModelWeights& w) {
   }
   if (samples.empty()) throw std::runtime_error("retrieval file " + a.eval + " has no samples");
   const Engine engine(w);  // prompt checks and decoding (and the prefill on --device cpu)
-  PrefillFn prefill = [&](const std::vector<int>& ids, const SparsePolicy& pol, KvCache* cache,
-                          PrefillPlan* plan) {
-    return engine.prefill(ids, pol, cache, plan, nullptr);
-  };
-#ifdef MPREFILL_HAVE_GPU_ENGINE
-  std::unique_ptr<gpu::CudaBackend> gpu_engine;
-  if (a.device != "cpu") {
-    gpu::CudaOptions o;
-    if (a.device.size() > 5)
-      o.device = static_cast<int>(parse_list_int("--device", a.device.substr(5), 0, 1023));
-    if (!gpu::cuda_available())
-      throw std::runtime_error("--device cuda: no CUDA device is visible");
-    gpu_engine = std::make_unique<gpu::CudaBackend>(nullptr, w, DistTopology{}, o);
-    prefill = [&](const std::vector<int>& ids, const SparsePolicy& pol, KvCache* cache,
-                  PrefillPlan* plan) {
-      if (cache == nullptr) return gpu_engine->prefill(ids, pol, nullptr, plan);
-      gpu::HostKvCacheSink sink(cache);
-      return gpu_engine->prefill(ids, pol, &sink, plan);
-    };
-  }
-#else
-  if (a.device != "cpu")
-    throw std::runtime_error(
-        "--device cuda: this build has no CUDA engine (configure with -DMPREFILL_CUDA=ON)");
-#endif
+  // --device cpu | cuda | cuda:N: the backend decision is engine/'s (single_process.h).
+  const Backend backend = a.device == "cpu" ? Backend::kCpu : Backend::kCuda;
+  const int device = a.device.size() > 5
+                         ? static_cast<int>(cli::parse_int("--device", a.device.substr(5), 0, 1023))
+                         : 0;
+  const PrefillFn prefill = make_cache_prefill(backend, device, engine);
   const bool on_gpu = a.device != "cpu";
   struct Agg {
     int n = 0, correct = 0, run = 0;
@@ -213,7 +192,7 @@ int run_eval(const SearchArgs& a, const ModelWeights& w) {
           // Too short for this density: reported in the table, the other policies run.
           Agg& g = agg[{ps.name, n}];
           ++g.n;
-          g.note = one_line(e.what());
+          g.note = cli::one_line(e.what());
           continue;
         }
       }

@@ -11,6 +11,7 @@
 #include "engine/cpu_local.h"
 #include "kernels/cpu/cpu.h"
 #include "kernels/cpu/parallel.h"
+#include "kernels/edge_check.h"
 #include "kernels/sparse.h"
 #include "model/prompt.h"
 
@@ -19,13 +20,12 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-void check(Status s, const char* what, int layer, int head) {
-  if (s == Status::kOk) return;
-  std::string where;
-  if (layer >= 0) where = " at layer " + std::to_string(layer);
-  if (head >= 0) where += " head " + std::to_string(head);
-  throw std::runtime_error(std::string("pattern search: ") + what + " failed" + where + ": " +
-                           to_string(s));
+// "pattern search: WHAT at layer L head H", the operation an edge check names.
+std::string at(const char* what, int layer, int head) {
+  std::string t = std::string("pattern search: ") + what;
+  if (layer >= 0) t += " at layer " + std::to_string(layer);
+  if (head >= 0) t += " head " + std::to_string(head);
+  return t;
 }
 
 // Dense causal softmax of one head, rows packed: row r at [r (r + 1) / 2, + r + 1).
@@ -275,10 +275,11 @@ void head_vs_scores(const float* q, int64_t q_stride, const float* k, int64_t k_
                     std::vector<float>* col, std::vector<float>* slash) {
   const VsEstimateParams e = one_head_vs_params(q, q_stride, k, k_stride, head_dim, n, scale);
   RowStats stats;
-  check(cpu::vs_row_stats(e, &stats), "vs_row_stats", layer, head);
+  MPREFILL_EDGE_CHECK(cpu::vs_row_stats(e, &stats), at("vs_row_stats", layer, head), "");
   col->assign(n, 0.f);
   slash->assign(n, 0.f);
-  check(cpu::vs_scores(e, stats, col->data(), slash->data()), "vs_scores", layer, head);
+  MPREFILL_EDGE_CHECK(cpu::vs_scores(e, stats, col->data(), slash->data()),
+                      at("vs_scores", layer, head), "");
 }
 
 }  // namespace
@@ -378,7 +379,8 @@ HeadSearch search_head(const float* q, int64_t q_stride, const float* k, const f
       one_head_bs_params(q, q_stride, k, kv_stride, head_dim, n, scale);
   auto bs_index = [&](int topk) {
     BlockSparseIndex ix;
-    check(cpu::block_sparse_estimate(be, &topk, &ix), "block_sparse_estimate", -1, -1);
+    MPREFILL_EDGE_CHECK(cpu::block_sparse_estimate(be, &topk, &ix),
+                        at("block_sparse_estimate", -1, -1), "");
     return ix;
   };
 
@@ -689,7 +691,8 @@ SparsePolicy scale_policy_to_density(const ModelWeights& w, const std::vector<in
           const cpu::BlockSparseEstimateParams e =
               one_head_bs_params(d.q.data(), hd, d.k.data(), hd, hd, n, scale);
           BlockSparseIndex ix;
-          check(cpu::block_sparse_estimate(e, &hp.a, &ix), "block_sparse_estimate", -1, -1);
+          MPREFILL_EDGE_CHECK(cpu::block_sparse_estimate(e, &hp.a, &ix),
+                              at("block_sparse_estimate", -1, -1), "");
           tiles += block_sparse_tiles(ix.blocks, ix.k);
           break;
         }

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/flags.h"
 #include "engine/engine.h"
 #include "kernels/cpu/cpu.h"
 #include "model/prompt.h"
@@ -57,40 +58,6 @@ void write_file(const std::string& path, const std::string& text) {
   if (!f) throw std::runtime_error("cannot write " + path);
   f << text;
   if (!f) throw std::runtime_error("write failed: " + path);
-}
-
-int64_t parse_list_int(const std::string& flag, const std::string& s, int64_t lo, int64_t hi) {
-  size_t used = 0;
-  long long v = 0;
-  try {
-    v = std::stoll(s, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (s.empty() || used != s.size())
-    throw UsageError(flag + " expects an integer, got '" + s + "'");
-  if (v < lo || v > hi)
-    throw UsageError(flag + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) +
-                     "], got " + s);
-  return v;
-}
-
-double parse_list_float(const std::string& flag, const std::string& s) {
-  size_t used = 0;
-  double v = 0;
-  try {
-    v = std::stod(s, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (s.empty() || used != s.size()) throw UsageError(flag + " expects a number, got '" + s + "'");
-  return v;
-}
-
-std::string one_line(std::string s) {
-  for (char& c : s)
-    if (c == '\n' || c == '\r') c = ' ';
-  return s;
 }
 
 namespace {
@@ -135,10 +102,10 @@ std::vector<std::pair<int, int>> parse_heads(const std::string& s, const ModelCo
   for (const std::string& item : split(s, ',')) {
     const size_t colon = item.find(':');
     if (colon == std::string::npos)
-      throw UsageError("--heatmap-heads expects L:H pairs, got '" + item + "'");
+      throw cli::UsageError("--heatmap-heads expects L:H pairs, got '" + item + "'");
     out.push_back(
-        {static_cast<int>(parse_list_int("--heatmap-heads", item.substr(0, colon), 0, 1 << 20)),
-         static_cast<int>(parse_list_int("--heatmap-heads", item.substr(colon + 1), 0, 1 << 20))});
+        {static_cast<int>(cli::parse_int("--heatmap-heads", item.substr(0, colon), 0, 1 << 20)),
+         static_cast<int>(cli::parse_int("--heatmap-heads", item.substr(colon + 1), 0, 1 << 20))});
   }
   return out;
 }
@@ -196,10 +163,10 @@ int run_recall_table(const SearchArgs& a, const ModelWeights& w) {
   const std::vector<int> all = calibration_ids(a, w.config);
   std::vector<double> budgets;
   for (const std::string& b : split(a.budgets, ','))
-    budgets.push_back(parse_list_float("--budgets", b));
+    budgets.push_back(cli::parse_float("--budgets", b));
   std::vector<int64_t> lengths;
   for (const std::string& l : split(a.lengths, ','))
-    lengths.push_back(parse_list_int("--lengths", l, 2 * kBlock, int64_t{1} << 31));
+    lengths.push_back(cli::parse_int("--lengths", l, 2 * kBlock, int64_t{1} << 31));
   std::ostringstream md;
   md.setf(std::ios::fixed);
   md.precision(3);

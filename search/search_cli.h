@@ -10,12 +10,6 @@
 
 namespace mprefill::search {
 
-// A bad value inside a list flag (--budgets, --lengths, --heatmap-heads, --policies): the
-// binary prints it with its usage and exits 2.
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
 struct SearchArgs {
   std::string model, tokenizer, calib, out, csv, heatmaps, heatmap_heads = "all", table, eval,
                                                            policies, json, device = "cpu";
@@ -27,16 +21,14 @@ struct SearchArgs {
 };
 
 // Loads the model and runs the mode the args name (eval when eval is set, the recall table
-// when recall_table, else the search). Returns the exit status; throws UsageError or
-// std::runtime_error with one line.
+// when recall_table, else the search). Returns the exit status; throws cli::UsageError
+// (cli/flags.h: a bad value inside a list flag such as --budgets, --lengths,
+// --heatmap-heads, --policies) or std::runtime_error with one line.
 int run_search_cli(const SearchArgs& a);
 
 // Shared by the modes (search_cli.cc, eval_retrieval.cc).
 std::vector<std::string> split(const std::string& s, char sep);
 std::string read_file(const std::string& path, const char* what);
 void write_file(const std::string& path, const std::string& text);
-int64_t parse_list_int(const std::string& flag, const std::string& s, int64_t lo, int64_t hi);
-double parse_list_float(const std::string& flag, const std::string& s);
-std::string one_line(std::string s);
 
 }  // namespace mprefill::search

@@ -14,15 +14,12 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/single_process.h"
 #include "kernels/cpu/cpu.h"
 #include "model/sparse_policy.h"
 #include "model/tokenizer.h"
 #include "model/weights.h"
 #include "tools/cli_args.h"
-#ifdef MPREFILL_HAVE_GPU_ENGINE
-#include "engine/cuda/cuda_backend.h"
-#include "engine/cuda/cuda_generate.h"
-#endif
 
 namespace mprefill::cli {
 
@@ -79,14 +76,9 @@ nlohmann::json audit_json(const PrefillStats& st) {
 }  // namespace
 
 int run_generate(const GenerateArgs& a) {
-#ifdef MPREFILL_HAVE_GPU_ENGINE
-  if (a.device == "cuda" && !gpu::cuda_available())
-    throw DeviceError("--device cuda: no CUDA device is visible");
-#else
-  if (a.device == "cuda")
-    throw DeviceError(
-        "--device cuda: this build has no CUDA engine (configure with -DMPREFILL_CUDA=ON)");
-#endif
+  const Backend backend = a.device == "cuda" ? Backend::kCuda : Backend::kCpu;
+  if (const std::string why = backend_unavailable(backend); !why.empty())
+    throw DeviceError("--device cuda: " + why);
   if (a.threads > 0) cpu::set_num_threads(a.threads);
 
   std::optional<Tokenizer> tok;
@@ -123,13 +115,8 @@ int run_generate(const GenerateArgs& a) {
   opt.policy = load_sparse_policy(a.sparse, w.config, a.dense_below);
   opt.policy.check_model(w.config);
 
-#ifdef MPREFILL_HAVE_GPU_ENGINE
   // cuda: GPU prefill, KV into a host cache, decoding on the CPU engine.
-  const GenerateResult r =
-      a.device == "cuda" ? gpu::generate_cuda(w, ids, opt) : engine.generate(ids, opt);
-#else
-  const GenerateResult r = engine.generate(ids, opt);
-#endif
+  const GenerateResult r = generate_on(backend, engine, ids, opt);
 
   std::string text;
   if (tok) {

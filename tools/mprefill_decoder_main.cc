@@ -18,7 +18,7 @@
 #include "model/weights.h"
 #include "proto/wire.h"
 #include "tools/cli_args.h"
-#ifdef MPREFILL_HAVE_NCCL_KV
+#ifdef MPREFILL_HAVE_NCCL
 #include "kv/cuda/nccl_kv_receiver.h"
 #endif
 
@@ -150,7 +150,7 @@ int main(int argc, char** argv) {
     if (opt.name.empty()) opt.name = "decoder-" + hostname() + "-" + std::to_string(getpid());
     opt.model_name = model_name_from_path(model);
     if (gpu >= 0) {
-#ifdef MPREFILL_HAVE_NCCL_KV
+#ifdef MPREFILL_HAVE_NCCL
       opt.receiver.nccl = kv::make_nccl_payload_factory(gpu);
       opt.kv_transports = {"tcp", "nccl"};
 #else

@@ -12,6 +12,7 @@
 
 #include "tools/cli_args.h"
 #include "tools/generate.h"
+#include "tools/service_cli.h"  // submit / status / cancel / run
 
 namespace {
 
@@ -91,17 +92,9 @@ GenerateArgs parse_generate(int argc, char** argv) {
 
 }  // namespace
 
-#ifdef MPREFILL_HAVE_SERVICE
-#include "tools/service_cli.h"  // submit / status / cancel / run (tools/CMakeLists.txt)
-#endif
-
 int main(int argc, char** argv) {
   std::ios::sync_with_stdio(true);
-#ifdef MPREFILL_HAVE_SERVICE
   const char* service_usage = mprefill::cli::kServiceCommandsUsage;
-#else
-  const char* service_usage = "";
-#endif
   if (argc < 2) {
     std::fputs("mprefill: error: no command given\n", stderr);
     std::fputs(kUsage, stderr);
@@ -114,10 +107,8 @@ int main(int argc, char** argv) {
     std::fputs(service_usage, stdout);
     return 0;
   }
-#ifdef MPREFILL_HAVE_SERVICE
   if (mprefill::cli::is_service_command(cmd))
     return mprefill::cli::service_main(cmd, argc - 2, argv + 2);
-#endif
   if (cmd != "generate") {
     std::fprintf(stderr, "mprefill: error: unknown command '%s'\n", one_line(cmd).c_str());
     std::fputs(kUsage, stderr);

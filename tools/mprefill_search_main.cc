@@ -130,9 +130,6 @@ int main(int argc, char** argv) {
   } catch (const UsageError& e) {
     std::fprintf(stderr, "mprefill-search: error: %s\n%s", one_line(e.what()).c_str(), kUsage);
     return 2;
-  } catch (const mprefill::search::UsageError& e) {
-    std::fprintf(stderr, "mprefill-search: error: %s\n%s", one_line(e.what()).c_str(), kUsage);
-    return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "mprefill-search: error: %s\n", one_line(e.what()).c_str());
     return 1;

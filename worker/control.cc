@@ -5,9 +5,13 @@
 
 namespace mprefill::worker {
 
+// The edge check, re-thrown as CommFailure: the service tells a broken group by its type.
 void Control::check(Status st, const char* what) {
-  if (st != Status::kOk)
-    throw CommFailure(std::string("control ") + what + ": " + c_->last_error());
+  try {
+    MPREFILL_EDGE_CHECK(st, std::string("control ") + what, c_->last_error());
+  } catch (const StatusError& e) {
+    throw CommFailure(e.what(), e.status());
+  }
 }
 
 void Control::bcast(std::string* s) {

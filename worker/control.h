@@ -11,12 +11,15 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "kernels/edge_check.h"
 
 namespace mprefill::worker {
 
-// A failed or timed-out control collective.
-struct CommFailure : std::runtime_error {
-  using std::runtime_error::runtime_error;
+// A failed or timed-out control collective (the edge check's StatusError: rank, file:line
+// and the communicator's last error), or a group that is out of step.
+struct CommFailure : StatusError {
+  explicit CommFailure(const std::string& text, Status s = Status::kCommError)
+      : StatusError(s, text) {}
 };
 
 // Commands rank 0 broadcasts to the group.

@@ -2,7 +2,7 @@
 
 #include <stdexcept>
 #include <utility>
-#ifdef MPREFILL_HAVE_NCCL_KV
+#ifdef MPREFILL_HAVE_NCCL
 #include "kv/cuda/nccl_kv_sink.h"
 #endif
 
@@ -30,7 +30,7 @@ class HandoffOf final : public Handoff {
 
 std::vector<std::string> served_kv_transports(const Executor& exec) {
   std::vector<std::string> t{"tcp"};
-#ifdef MPREFILL_HAVE_NCCL_KV
+#ifdef MPREFILL_HAVE_NCCL
   if (exec.caps().nccl_kv) t.push_back("nccl");  // NcclKvSink
 #else
   (void)exec;
@@ -41,7 +41,7 @@ std::vector<std::string> served_kv_transports(const Executor& exec) {
 void check_kv_transport(const v1::Assignment& job, const Executor& exec) {
   const std::string& t = job.options().kv_transport();
   const bool nccl = t == "nccl";
-#ifdef MPREFILL_HAVE_NCCL_KV
+#ifdef MPREFILL_HAVE_NCCL
   if (nccl && !exec.caps().nccl_kv)
     throw std::runtime_error(std::string("KV transport 'nccl' is not served by this group's ") +
                              exec.name() +
@@ -69,7 +69,7 @@ std::unique_ptr<Handoff> make_handoff(const v1::Assignment& job, const HandoffPa
                                                : p.default_timeout_ms;
   ho.streams = p.streams;
   ho.defer_errors = true;  // keep the layer loop in step with the other ranks
-#ifdef MPREFILL_HAVE_NCCL_KV
+#ifdef MPREFILL_HAVE_NCCL
   if (job.options().kv_transport() == "nccl")
     return std::make_unique<HandoffOf<gpu::NcclKvSink>>(
         std::make_unique<gpu::NcclKvSink>(ho, p.local_rank));

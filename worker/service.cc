@@ -296,6 +296,8 @@ int run_service(const WorkerOptions& opt, int* argc, char*** argv) {
   signal(SIGTERM, on_signal);
   signal(SIGPIPE, SIG_IGN);
   try {
+    // Every edge error of this process names its rank (and GPU: the node-local rank).
+    set_edge_context(wi.rank, parse_backend(opt.device) == Backend::kCuda ? wi.local_rank : -1);
     Service s(opt, wi);
     return s.run();
   } catch (const std::exception& e) {

@@ -13,37 +13,12 @@
 
 #include "comm/communicator.h"
 #include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/fail.h"
+#include "engine/distributed_estimate.h"
 #include "kernels/cuda/cuda.h"
-#include "kernels/edge_check.h"
+#include "kernels/cuda/index/index.h"
 
 namespace mprefill::gpu {
-
-// Where a CUDA / kernel / communicator status becomes an exception: the edge check
-// (kernels/edge_check.h: StatusError with the backend's last error text and the caller's
-// file:line), prefixed by `who`, naming the backend and, in a group, the rank
-// ("cuda backend (rank 2 of tp 2 x sp 2): "). Validation errors: raise().
-struct Fail {
-  std::string who;
-  void ck(cudaError_t e, const std::string& what,
-          std::source_location at = std::source_location::current()) const {
-    if (e != cudaSuccess)
-      throw_status(Status::kCudaError, who + what, cudaGetErrorString(e), at.file_name(),
-                   static_cast<int>(at.line()));
-  }
-  void ok(Status s, const std::string& what, int layer = -1,
-          std::source_location at = std::source_location::current()) const {
-    if (s == Status::kOk) return;
-    const std::string where = layer >= 0 ? " at layer " + std::to_string(layer) : "";
-    throw_status(s, who + what + where, cuda::last_error(), at.file_name(),
-                 static_cast<int>(at.line()));
-  }
-  void cok(Status s, const comm::Communicator& c, const std::string& what,
-           std::source_location at = std::source_location::current()) const {
-    if (s != Status::kOk)
-      throw_status(s, who + what, c.last_error(), at.file_name(), static_cast<int>(at.line()));
-  }
-  [[noreturn]] void raise(const std::string& what) const { throw std::runtime_error(who + what); }
-};
 
 struct DevLayer {
   uint16_t* wqkv = nullptr;   // [ql + 2 kvl][hidden]: this rank's q rows, then k, v rows
@@ -62,6 +37,34 @@ struct Geometry {
   int head0 = 0, nh = 0, kv0 = 0, nkv = 0;
   int64_t f0 = 0, nf = 0, ql = 0, kvl = 0;
 };
+
+// Estimation params of nh query heads (nkv KV heads) over this rank's bf16 Q / K rows of
+// an n-token prompt: the one constructor of the workspace sizing (memory_plan.cc) and the
+// launches (layer_forward.cc, sp_estimate.cc). q / q_last / k may be null for sizing.
+inline VsCallShape vs_shape(const Geometry& g, int64_t n, int n_last, int nh, int nkv, int hd,
+                            float scale) {
+  return VsCallShape{nh, nkv, hd, n_last, n, g.ql, g.kvl, scale, DType::kBF16};
+}
+inline cuda::index::BlockSparseEstimateParams bs_estimate_params(const Geometry& g, int64_t n,
+                                                                 int nh, int nkv, int hd,
+                                                                 float scale,
+                                                                 const void* q = nullptr,
+                                                                 const void* k = nullptr) {
+  cuda::index::BlockSparseEstimateParams e;
+  e.q = q;
+  e.k = k;
+  e.q_row_stride = g.ql;
+  e.q_head_stride = hd;
+  e.k_row_stride = g.kvl;
+  e.k_head_stride = hd;
+  e.seq_len = n;
+  e.num_heads = nh;
+  e.num_kv_heads = nkv;
+  e.head_dim = hd;
+  e.scale = scale;
+  e.dtype = DType::kBF16;
+  return e;
+}
 
 struct CudaBackend::Impl {
   Fail fail;

@@ -225,22 +225,9 @@ void LayerForward::estimate_vs(int l, const Piece& p, cuda::index::VsSelectionsD
                          vb_.data(), sb_.data(), sel, l);
     return;
   }
-  VsEstimateParams e;
-  e.q_last = B.q + (size_t(n) - S.n_last) * g.ql + size_t(p.h0) * hd_;
-  e.k = k;
-  e.q_row_stride = g.ql;
-  e.q_head_stride = hd_;
-  e.k_row_stride = g.kvl;
-  e.k_head_stride = hd_;
-  e.n_last = S.n_last;
-  e.seq_len = n;
-  e.n_k = static_cast<int>(n);
-  e.k_pos0 = 0;
-  e.num_heads = p.nh;
-  e.num_kv_heads = p.nkv;
-  e.head_dim = hd_;
-  e.scale = scale_;
-  e.dtype = DType::kBF16;
+  const VsEstimateParams e = vs_call_params(
+      vs_shape(g, n, S.n_last, p.nh, p.nkv, hd_, scale_),
+      B.q + (size_t(n) - S.n_last) * g.ql + size_t(p.h0) * hd_, k, 0, static_cast<int>(n));
   f.ck(cudaMemsetAsync(B.col_score, 0, size_t(p.nh) * n * 4, st), "clear scores");
   f.ck(cudaMemsetAsync(B.slash_score, 0, size_t(p.nh) * n * 4, st), "clear scores");
   f.ok(cuda::index::vs_row_stats(e, B.row_max, B.row_sum, B.est_ws, S.est_ws, st), "vs_row_stats",
@@ -363,19 +350,7 @@ void LayerForward::index_bs(int l, const Piece& p, IndexCursor& cur, PieceView& 
       est_->block_sparse(q, g.ql, k, g.kvl, p.nh, p.nkv, hd_, scale_, topk_.data(), blocks, kmax,
                          l);
     } else {
-      cuda::index::BlockSparseEstimateParams e;
-      e.q = q;
-      e.k = k;
-      e.q_row_stride = g.ql;
-      e.q_head_stride = hd_;
-      e.k_row_stride = g.kvl;
-      e.k_head_stride = hd_;
-      e.seq_len = S.n;
-      e.num_heads = p.nh;
-      e.num_kv_heads = p.nkv;
-      e.head_dim = hd_;
-      e.scale = scale_;
-      e.dtype = DType::kBF16;
+      const auto e = bs_estimate_params(g, S.n, p.nh, p.nkv, hd_, scale_, q, k);
       f.ok(
           cuda::index::block_sparse_estimate(e, topk_.data(), blocks, kmax, B.est_ws, S.est_ws, st),
           "block_sparse_estimate", l);

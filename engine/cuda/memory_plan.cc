@@ -117,37 +117,16 @@ size_t estimation_workspace(const ModelConfig& c, const Geometry& g, const Setup
   for (int l = 0; l < c.n_layers; ++l) max_off_cap = std::max(max_off_cap, S.plan_vs_ocap[l]);
   if (S.any_vs) {
     if (g.sp == 1) {
-      VsEstimateParams e;
-      e.q_row_stride = g.ql;
-      e.q_head_stride = hd;
-      e.k_row_stride = g.kvl;
-      e.k_head_stride = hd;
-      e.n_last = S.n_last;
-      e.seq_len = S.n;
-      e.n_k = static_cast<int>(S.n);
-      e.num_heads = g.nh;
-      e.num_kv_heads = g.nkv;
-      e.head_dim = hd;
-      e.scale = scale;
-      e.dtype = DType::kBF16;
-      ws = std::max(ws, cuda::index::vs_estimate_workspace_size(e));
+      ws = std::max(ws, cuda::index::vs_estimate_workspace_size(
+                            vs_call_params(vs_shape(g, S.n, S.n_last, g.nh, g.nkv, hd, scale),
+                                           nullptr, nullptr, 0, static_cast<int>(S.n))));
     }
     ws = std::max(ws, cuda::index::vs_select_workspace_size(g.nh, S.n));
     ws = std::max(ws, cuda::index::vs_index_workspace_size(g.nh, S.n, std::max(max_off_cap, 1)));
   }
   if (S.any_bs && g.sp == 1) {
-    cuda::index::BlockSparseEstimateParams e;
-    e.q_row_stride = g.ql;
-    e.q_head_stride = hd;
-    e.k_row_stride = g.kvl;
-    e.k_head_stride = hd;
-    e.seq_len = S.n;
-    e.num_heads = g.nh;
-    e.num_kv_heads = g.nkv;
-    e.head_dim = hd;
-    e.scale = scale;
-    e.dtype = DType::kBF16;
-    ws = std::max(ws, cuda::index::block_sparse_estimate_workspace_size(e));
+    ws = std::max(ws, cuda::index::block_sparse_estimate_workspace_size(
+                          bs_estimate_params(g, S.n, g.nh, g.nkv, hd, scale)));
   }
   return ws;
 }
@@ -158,19 +137,8 @@ size_t estimation_workspace(const ModelConfig& c, const Geometry& g, const Setup
 size_t sp_estimator_scratch(const Geometry& g, const Setup& S, int hd) {
   int64_t max_range = 0;
   for (auto [b, e] : S.layout[g.sp_rank]) max_range = std::max(max_range, e - b);
-  VsEstimateParams e;
-  e.q_row_stride = g.ql;
-  e.q_head_stride = hd;
-  e.k_row_stride = g.kvl;
-  e.k_head_stride = hd;
-  e.n_last = S.n_last;
-  e.seq_len = S.n;
-  e.n_k = static_cast<int>(max_range);
-  e.num_heads = g.nh;
-  e.num_kv_heads = g.nkv;
-  e.head_dim = hd;
-  e.scale = 1.f;
-  e.dtype = DType::kBF16;
+  const VsEstimateParams e = vs_call_params(vs_shape(g, S.n, S.n_last, g.nh, g.nkv, hd, 1.f),
+                                            nullptr, nullptr, 0, static_cast<int>(max_range));
   const size_t ws = std::max(
       cuda::index::vs_estimate_workspace_size(e),
       cuda::index::vs_select_workspace_size(std::min(g.nh, cuda::index::kMaxHeadsPerCall), S.n));

@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <utility>
 
+#include "engine/distributed_estimate.h"
 #include "kernels/cuda/cuda.h"
 
 namespace mprefill::gpu {
@@ -19,11 +20,10 @@ SpEstimator::SpEstimator(comm::Communicator* sp, std::vector<TokenRanges> layout
       n_last_(static_cast<int>(std::min<int64_t>(kBlock, n))),
       n_(n),
       st_(stream),
-      who_(std::move(who)) {
-  if (n <= 0 || me < 0 || me >= sp_size_)
-    throw std::runtime_error(who_ + "sp estimation: bad sequence length or rank");
+      f_{std::move(who)} {
+  if (n <= 0 || me < 0 || me >= sp_size_) f_.raise("sp estimation: bad sequence length or rank");
   if (sp_size_ > 1 && (!sp || sp->size() != sp_size_ || sp->rank() != me))
-    throw std::runtime_error(who_ + "sp estimation: the communicator does not match the layout");
+    f_.raise("sp estimation: the communicator does not match the layout");
   for (auto [b, e] : layout_[me_]) {
     local_rows_ += e - b;
     max_range_ = std::max(max_range_, e - b);
@@ -42,34 +42,18 @@ T* SpEstimator::get(Buf& b, size_t count) {
   if (need > b.bytes) {
     // The stream may still use the old buffer: free only after it drained.
     if (b.p) {
-      ck(cudaStreamSynchronize(st_), "growing estimation scratch", -1);
+      f_.ck(cudaStreamSynchronize(st_), "sp estimation: growing estimation scratch", -1);
       cudaFree(b.p);
     }
     b.p = nullptr;
     b.bytes = 0;
     const cudaError_t e = cudaMalloc(&b.p, need);
-    if (e != cudaSuccess)
-      throw std::runtime_error(who_ + "allocating " + std::to_string(need >> 20) +
-                               " MiB of estimation scratch: " + cudaGetErrorString(e));
+    if (e != cudaSuccess) b.p = nullptr;
+    f_.ck(e,
+          "sp estimation: allocating " + std::to_string(need >> 20) + " MiB of estimation scratch");
     b.bytes = need;
   }
   return static_cast<T*>(b.p);
-}
-
-void SpEstimator::ck(cudaError_t e, const std::string& what, int layer) const {
-  if (e != cudaSuccess)
-    throw std::runtime_error(who_ + "sp estimation at layer " + std::to_string(layer) + ": " +
-                             what + ": " + cudaGetErrorString(e));
-}
-void SpEstimator::ok(Status s, const std::string& what, int layer) const {
-  if (s != Status::kOk)
-    throw std::runtime_error(who_ + "sp estimation at layer " + std::to_string(layer) + ": " +
-                             what + ": " + to_string(s) + " (" + cuda::last_error() + ")");
-}
-void SpEstimator::cok(Status s, const std::string& what, int layer) const {
-  if (s != Status::kOk)
-    throw std::runtime_error(who_ + "sp estimation at layer " + std::to_string(layer) + ": " +
-                             what + ": " + sp_->last_error());
 }
 
 void SpEstimator::gather_last_rows(const uint16_t* q_local, int64_t row_elems, uint16_t* q_last) {
@@ -83,12 +67,12 @@ void SpEstimator::gather_last_rows(const uint16_t* q_local, int64_t row_elems, u
         uint16_t* dst = q_last + size_t(t0 - first) * row_elems;
         const size_t cnt = size_t(t1 - t0) * row_elems;
         if (r == me_)
-          ck(cudaMemcpyAsync(dst, q_local + size_t(off + t0 - b) * row_elems, cnt * 2,
-                             cudaMemcpyDeviceToDevice, st_),
-             "copying the last query rows", -1);
+          f_.ck(cudaMemcpyAsync(dst, q_local + size_t(off + t0 - b) * row_elems, cnt * 2,
+                                cudaMemcpyDeviceToDevice, st_),
+                "sp estimation: copying the last query rows", -1);
         if (sp_size_ > 1) {
-          cok(sp_->broadcast(dst, cnt, DType::kBF16, r, st_), "broadcasting the last query rows",
-              -1);
+          f_.cok(sp_->broadcast(dst, cnt, DType::kBF16, r, st_), *sp_,
+                 "sp estimation: broadcasting the last query rows", -1);
           if (r == me_) comm_bytes_ += int64_t(cnt) * 2;
         }
       }
@@ -103,24 +87,10 @@ void SpEstimator::vertical_slash(const uint16_t* q_last, int64_t q_row, const ui
                                  const cuda::index::VsSelectionsDevice& out, int layer) {
   namespace ix = cuda::index;
   const TokenRanges& mine = layout_[me_];
+  const VsCallShape shape{num_heads, num_kv_heads, head_dim, n_last_,     n_,
+                          q_row,     k_row,        scale,    DType::kBF16};
   auto params = [&](int64_t b, int64_t e, int64_t off) {
-    VsEstimateParams p;
-    p.q_last = q_last;
-    p.k = k_local + size_t(off) * k_row;
-    p.q_row_stride = q_row;
-    p.q_head_stride = head_dim;
-    p.k_row_stride = k_row;
-    p.k_head_stride = head_dim;
-    p.n_last = n_last_;
-    p.seq_len = n_;
-    p.n_k = static_cast<int>(e - b);
-    p.k_pos0 = b;
-    p.num_heads = num_heads;
-    p.num_kv_heads = num_kv_heads;
-    p.head_dim = head_dim;
-    p.scale = scale;
-    p.dtype = DType::kBF16;
-    return p;
+    return vs_call_params(shape, q_last, k_local + size_t(off) * k_row, b, static_cast<int>(e - b));
   };
   size_t wsb = ix::vs_select_workspace_size(std::min(num_heads, ix::kMaxHeadsPerCall), n_);
   for (auto [b, e] : mine) wsb = std::max(wsb, ix::vs_estimate_workspace_size(params(b, e, 0)));
@@ -141,47 +111,54 @@ void SpEstimator::vertical_slash(const uint16_t* q_last, int64_t q_row, const ui
     int64_t off = 0;
     bool first = true;
     for (auto [b, e] : mine) {
-      ok(ix::vs_row_stats(params(b, e, off), first ? lmax : tmax, first ? lsum : tsum, ws, wsb,
-                          st_),
-         "vs_row_stats", layer);
-      if (!first) ok(ix::vs_combine_row_stats(lmax, lsum, tmax, tsum, rows, st_), "combine", layer);
+      f_.ok(ix::vs_row_stats(params(b, e, off), first ? lmax : tmax, first ? lsum : tsum, ws, wsb,
+                             st_),
+            "sp estimation: vs_row_stats", layer);
+      if (!first)
+        f_.ok(ix::vs_combine_row_stats(lmax, lsum, tmax, tsum, rows, st_), "sp estimation: combine",
+              layer);
       first = false;
       off += e - b;
     }
   }
   // (2) Global statistics: gathered, then combined in rank order (identical on all ranks).
   if (sp_size_ > 1) {
-    cok(sp_->all_gather(lmax, gmax, rows, DType::kF32, st_), "all_gather row max", layer);
-    cok(sp_->all_gather(lsum, gsum, rows, DType::kF32, st_), "all_gather row sum", layer);
+    f_.cok(sp_->all_gather(lmax, gmax, rows, DType::kF32, st_), *sp_,
+           "sp estimation: all_gather row max", layer);
+    f_.cok(sp_->all_gather(lsum, gsum, rows, DType::kF32, st_), *sp_,
+           "sp estimation: all_gather row sum", layer);
     comm_bytes_ += int64_t(rows) * 8;
     for (int r = 1; r < sp_size_; ++r)
-      ok(ix::vs_combine_row_stats(gmax, gsum, gmax + r * rows, gsum + r * rows, rows, st_),
-         "combine gathered row stats", layer);
+      f_.ok(ix::vs_combine_row_stats(gmax, gsum, gmax + r * rows, gsum + r * rows, rows, st_),
+            "sp estimation: combine gathered row stats", layer);
   } else {
-    ck(cudaMemcpyAsync(gmax, lmax, rows * 4, cudaMemcpyDeviceToDevice, st_), "copy", layer);
-    ck(cudaMemcpyAsync(gsum, lsum, rows * 4, cudaMemcpyDeviceToDevice, st_), "copy", layer);
+    f_.ck(cudaMemcpyAsync(gmax, lmax, rows * 4, cudaMemcpyDeviceToDevice, st_),
+          "sp estimation: copy", layer);
+    f_.ck(cudaMemcpyAsync(gsum, lsum, rows * 4, cudaMemcpyDeviceToDevice, st_),
+          "sp estimation: copy", layer);
   }
   // (3) Scores: local columns at their global positions, slash offsets global.
-  ck(cudaMemsetAsync(col, 0, cells * 4, st_), "clear scores", layer);
-  ck(cudaMemsetAsync(slash, 0, cells * 4, st_), "clear scores", layer);
+  f_.ck(cudaMemsetAsync(col, 0, cells * 4, st_), "sp estimation: clear scores", layer);
+  f_.ck(cudaMemsetAsync(slash, 0, cells * 4, st_), "sp estimation: clear scores", layer);
   {
     int64_t off = 0;
     for (auto [b, e] : mine) {
       const int64_t len = e - b;
-      ck(cudaMemsetAsync(coltmp, 0, size_t(num_heads) * len * 4, st_), "clear scores", layer);
-      ok(ix::vs_scores(params(b, e, off), gmax, gsum, coltmp, slash, ws, wsb, st_), "vs_scores",
-         layer);
-      ck(cudaMemcpy2DAsync(col + b, size_t(n_) * 4, coltmp, size_t(len) * 4, size_t(len) * 4,
-                           num_heads, cudaMemcpyDeviceToDevice, st_),
-         "placing column scores", layer);
+      f_.ck(cudaMemsetAsync(coltmp, 0, size_t(num_heads) * len * 4, st_),
+            "sp estimation: clear scores", layer);
+      f_.ok(ix::vs_scores(params(b, e, off), gmax, gsum, coltmp, slash, ws, wsb, st_),
+            "sp estimation: vs_scores", layer);
+      f_.ck(cudaMemcpy2DAsync(col + b, size_t(n_) * 4, coltmp, size_t(len) * 4, size_t(len) * 4,
+                              num_heads, cudaMemcpyDeviceToDevice, st_),
+            "sp estimation: placing column scores", layer);
       off += len;
     }
   }
   if (sp_size_ > 1) {
-    cok(sp_->all_reduce(col, col, cells, DType::kF32, comm::ReduceOp::kSum, st_),
-        "all_reduce column scores", layer);
-    cok(sp_->all_reduce(slash, slash, cells, DType::kF32, comm::ReduceOp::kSum, st_),
-        "all_reduce slash scores", layer);
+    f_.cok(sp_->all_reduce(col, col, cells, DType::kF32, comm::ReduceOp::kSum, st_), *sp_,
+           "sp estimation: all_reduce column scores", layer);
+    f_.cok(sp_->all_reduce(slash, slash, cells, DType::kF32, comm::ReduceOp::kSum, st_), *sp_,
+           "sp estimation: all_reduce slash scores", layer);
     comm_bytes_ += int64_t(cells) * 8;
   }
   // (4) The same selection on the same arrays on every rank.
@@ -193,9 +170,9 @@ void SpEstimator::vertical_slash(const uint16_t* q_last, int64_t q_row, const ui
     part.offsets += size_t(h0) * out.off_capacity;
     part.n_columns += h0;
     part.n_offsets += h0;
-    ok(ix::vs_select(col + size_t(h0) * n_, slash + size_t(h0) * n_, v_budget + h0, s_budget + h0,
-                     &part, ws, wsb, st_),
-       "vs_select", layer);
+    f_.ok(ix::vs_select(col + size_t(h0) * n_, slash + size_t(h0) * n_, v_budget + h0,
+                        s_budget + h0, &part, ws, wsb, st_),
+          "sp estimation: vs_select", layer);
   }
 }
 
@@ -207,27 +184,27 @@ void SpEstimator::block_sparse(const uint16_t* q_local, int64_t q_row, const uin
   const size_t qcells = size_t(num_heads) * nb * d, kcells = size_t(num_kv_heads) * nb * d;
   float* qpool = get<float>(qpool_, qcells);
   float* kpool = get<float>(kpool_, kcells);
-  ck(cudaMemsetAsync(qpool, 0, qcells * 4, st_), "clear pooled blocks", layer);
-  ck(cudaMemsetAsync(kpool, 0, kcells * 4, st_), "clear pooled blocks", layer);
+  f_.ck(cudaMemsetAsync(qpool, 0, qcells * 4, st_), "sp estimation: clear pooled blocks", layer);
+  f_.ck(cudaMemsetAsync(kpool, 0, kcells * 4, st_), "sp estimation: clear pooled blocks", layer);
   int64_t off = 0;
   for (auto [b, e] : layout_[me_]) {
     if (b % kBlock != 0 || (e % kBlock != 0 && e != n_))
-      throw std::runtime_error(who_ + "sp estimation: token range [" + std::to_string(b) + ", " +
-                               std::to_string(e) + ") is not 64-aligned");
+      f_.raise("sp estimation: token range [" + std::to_string(b) + ", " + std::to_string(e) +
+               ") is not 64-aligned");
     const int64_t b0 = b / kBlock;
-    ok(ix::block_mean_pool(q_local + size_t(off) * q_row, q_row, head_dim, e - b, num_heads,
-                           head_dim, DType::kBF16, qpool + b0 * d, nb, st_),
-       "pooling queries", layer);
-    ok(ix::block_mean_pool(k_local + size_t(off) * k_row, k_row, head_dim, e - b, num_kv_heads,
-                           head_dim, DType::kBF16, kpool + b0 * d, nb, st_),
-       "pooling keys", layer);
+    f_.ok(ix::block_mean_pool(q_local + size_t(off) * q_row, q_row, head_dim, e - b, num_heads,
+                              head_dim, DType::kBF16, qpool + b0 * d, nb, st_),
+          "sp estimation: pooling queries", layer);
+    f_.ok(ix::block_mean_pool(k_local + size_t(off) * k_row, k_row, head_dim, e - b, num_kv_heads,
+                              head_dim, DType::kBF16, kpool + b0 * d, nb, st_),
+          "sp estimation: pooling keys", layer);
     off += e - b;
   }
   if (sp_size_ > 1) {
-    cok(sp_->all_reduce(qpool, qpool, qcells, DType::kF32, comm::ReduceOp::kSum, st_),
-        "all_reduce pooled queries", layer);
-    cok(sp_->all_reduce(kpool, kpool, kcells, DType::kF32, comm::ReduceOp::kSum, st_),
-        "all_reduce pooled keys", layer);
+    f_.cok(sp_->all_reduce(qpool, qpool, qcells, DType::kF32, comm::ReduceOp::kSum, st_), *sp_,
+           "sp estimation: all_reduce pooled queries", layer);
+    f_.cok(sp_->all_reduce(kpool, kpool, kcells, DType::kF32, comm::ReduceOp::kSum, st_), *sp_,
+           "sp estimation: all_reduce pooled keys", layer);
     comm_bytes_ += int64_t(qcells + kcells) * 4;
   }
   // Calls of whole kv groups (at most kMaxHeadsPerCall heads each).
@@ -235,11 +212,11 @@ void SpEstimator::block_sparse(const uint16_t* q_local, int64_t q_row, const uin
   const int per_call = std::max(1, ix::kMaxHeadsPerCall / group) * group;
   for (int h0 = 0; h0 < num_heads; h0 += per_call) {
     const int m = std::min(per_call, num_heads - h0);
-    ok(ix::block_sparse_select_pooled(qpool + size_t(h0) * nb * d,
-                                      kpool + size_t(h0 / group) * nb * d, n_, m,
-                                      std::max(1, m / group), head_dim, scale, topk + h0,
-                                      blocks + size_t(h0) * nb * k_out, k_out, st_),
-       "block-sparse top-k", layer);
+    f_.ok(ix::block_sparse_select_pooled(qpool + size_t(h0) * nb * d,
+                                         kpool + size_t(h0 / group) * nb * d, n_, m,
+                                         std::max(1, m / group), head_dim, scale, topk + h0,
+                                         blocks + size_t(h0) * nb * k_out, k_out, st_),
+          "sp estimation: block-sparse top-k", layer);
   }
 }
 

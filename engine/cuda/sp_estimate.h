@@ -23,8 +23,8 @@
 // rounding (tests/mpi/gpu_dist_engine_test.cc counts such entries).
 //
 // All device pointers; work is enqueued on `stream` (NCCL calls on the same stream);
-// scratch grows on demand and is kept between calls. Errors throw std::runtime_error
-// naming the rank and stage.
+// scratch grows on demand and is kept between calls. Errors throw through the edge
+// check (engine/cuda/fail.h) naming the rank, stage and layer.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "engine/cuda/fail.h"
 #include "kernels/cuda/index/index.h"
 #include "model/parallel_plan.h"
 
@@ -80,16 +81,13 @@ class SpEstimator {
   };
   template <class T>
   T* get(Buf& b, size_t count);
-  void ck(cudaError_t e, const std::string& what, int layer) const;
-  void ok(Status s, const std::string& what, int layer) const;
-  void cok(Status s, const std::string& what, int layer) const;
 
   comm::Communicator* sp_;
   std::vector<TokenRanges> layout_;
   int me_, sp_size_, n_last_;
   int64_t n_, local_rows_ = 0, max_range_ = 0;
   cudaStream_t st_;
-  std::string who_;
+  Fail f_;  // the edge check, prefixed by the caller's `who`
   int64_t comm_bytes_ = 0;
   Buf ws_, lmax_, lsum_, tmax_, tsum_, gmax_, gsum_, col_, slash_, coltmp_, qpool_, kpool_;
 };

@@ -228,11 +228,11 @@ void CudaBackend::init(const WeightSource* src, uint64_t seed) {
   // Sub-communicators (collective on every rank of world, in the same order); none at 1.
   if (topo.tp > 1) {
     I.tp_comm = world_->split(g.sp_rank, t);
-    if (!I.tp_comm) f.raise("tp split failed: " + world_->last_error());
+    f.cok(I.tp_comm ? Status::kOk : Status::kCommError, *world_, "tp split");
   }
   if (topo.sp > 1) {
     I.sp_comm = world_->split(t, g.sp_rank);
-    if (!I.sp_comm) f.raise("sp split failed: " + world_->last_error());
+    f.cok(I.sp_comm ? Status::kOk : Status::kCommError, *world_, "sp split");
   }
 
   const std::vector<double> inv = rope_inv_freq(cfg_.head_dim, cfg_.rope_theta, cfg_.rope_scaling);

@@ -6,13 +6,10 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/cuda/edge_check.h"
+
 namespace mprefill::gpu {
 namespace {
-
-void ck(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("kv sink: ") + what + ": " + cudaGetErrorString(e));
-}
 
 // A device slice of one contiguous token range covering all KV heads.
 void check_device_slice(const KvSlice& s, int kv_heads_expected, const char* who) {
@@ -49,22 +46,24 @@ void HostKvCacheSink::put(const KvSlice& s) {
   const size_t n = static_cast<size_t>(t1 - t0) * kv_dim;
   auto stream = static_cast<cudaStream_t>(s.stream);
   if (cache_->dtype == DType::kBF16) {  // the device bf16 as is, straight into the cache
-    ck(cudaMemcpyAsync(cache_->k16[s.layer].data() + t0 * kv_dim, s.k, n * 2,
-                       cudaMemcpyDeviceToHost, stream),
-       "copy K");
-    ck(cudaMemcpyAsync(cache_->v16[s.layer].data() + t0 * kv_dim, s.v, n * 2,
-                       cudaMemcpyDeviceToHost, stream),
-       "copy V");
-    ck(cudaStreamSynchronize(stream), "synchronise");
+    MPREFILL_EDGE_CHECK_CUDA(cudaMemcpyAsync(cache_->k16[s.layer].data() + t0 * kv_dim, s.k, n * 2,
+                                             cudaMemcpyDeviceToHost, stream),
+                             "kv sink: copy K");
+    MPREFILL_EDGE_CHECK_CUDA(cudaMemcpyAsync(cache_->v16[s.layer].data() + t0 * kv_dim, s.v, n * 2,
+                                             cudaMemcpyDeviceToHost, stream),
+                             "kv sink: copy V");
+    MPREFILL_EDGE_CHECK_CUDA(cudaStreamSynchronize(stream), "kv sink: synchronise");
     ++layers_;
     end_ = std::max(end_, t1);
     return;
   }
   k16_.resize(n);
   v16_.resize(n);
-  ck(cudaMemcpyAsync(k16_.data(), s.k, n * 2, cudaMemcpyDeviceToHost, stream), "copy K");
-  ck(cudaMemcpyAsync(v16_.data(), s.v, n * 2, cudaMemcpyDeviceToHost, stream), "copy V");
-  ck(cudaStreamSynchronize(stream), "synchronise");
+  MPREFILL_EDGE_CHECK_CUDA(cudaMemcpyAsync(k16_.data(), s.k, n * 2, cudaMemcpyDeviceToHost, stream),
+                           "kv sink: copy K");
+  MPREFILL_EDGE_CHECK_CUDA(cudaMemcpyAsync(v16_.data(), s.v, n * 2, cudaMemcpyDeviceToHost, stream),
+                           "kv sink: copy V");
+  MPREFILL_EDGE_CHECK_CUDA(cudaStreamSynchronize(stream), "kv sink: synchronise");
   float* k = cache_->k[s.layer].data() + t0 * kv_dim;
   float* v = cache_->v[s.layer].data() + t0 * kv_dim;
   for (size_t i = 0; i < n; ++i) {
@@ -88,7 +87,8 @@ PinnedStreamSink::PinnedStreamSink(int n_layers, int64_t max_rows, int kv_dim, b
   if (n_layers < 1 || max_rows < 1 || kv_dim < 1)
     throw std::runtime_error("pinned KV sink: layers, rows and kv_dim must be >= 1");
   tensor_bytes_ = static_cast<size_t>(max_rows) * kv_dim * 2;
-  ck(cudaMalloc(&stage_, 2 * tensor_bytes_), "device staging buffer");
+  MPREFILL_EDGE_CHECK_CUDA(cudaMalloc(&stage_, 2 * tensor_bytes_),
+                           "kv sink: device staging buffer");
   const int nbuf = keep_all ? n_layers : 1;
   for (int i = 0; i < nbuf; ++i) {
     void* h = nullptr;
@@ -96,15 +96,18 @@ PinnedStreamSink::PinnedStreamSink(int n_layers, int64_t max_rows, int kv_dim, b
     if (e != cudaSuccess) {
       for (void* p : host_) cudaFreeHost(p);
       cudaFree(stage_);
-      throw std::runtime_error("pinned KV sink: cannot pin " +
-                               std::to_string(2.0 * tensor_bytes_ * nbuf / (1 << 30)) +
-                               " GiB of host memory: " + cudaGetErrorString(e));
+      MPREFILL_EDGE_CHECK_CUDA(e, "pinned KV sink: pinning " +
+                                      std::to_string(2.0 * tensor_bytes_ * nbuf / (1 << 30)) +
+                                      " GiB of host memory");
     }
     host_.push_back(h);
   }
-  ck(cudaStreamCreateWithFlags(&copy_, cudaStreamNonBlocking), "copy stream");
-  ck(cudaEventCreateWithFlags(&staged_, cudaEventDisableTiming), "event");
-  ck(cudaEventCreateWithFlags(&copied_ev_, cudaEventDisableTiming), "event");
+  MPREFILL_EDGE_CHECK_CUDA(cudaStreamCreateWithFlags(&copy_, cudaStreamNonBlocking),
+                           "kv sink: copy stream");
+  MPREFILL_EDGE_CHECK_CUDA(cudaEventCreateWithFlags(&staged_, cudaEventDisableTiming),
+                           "kv sink: event");
+  MPREFILL_EDGE_CHECK_CUDA(cudaEventCreateWithFlags(&copied_ev_, cudaEventDisableTiming),
+                           "kv sink: event");
 }
 
 PinnedStreamSink::~PinnedStreamSink() {
@@ -137,23 +140,30 @@ void PinnedStreamSink::put(const KvSlice& s) {
   auto stream = static_cast<cudaStream_t>(s.stream);
   char* st = static_cast<char*>(stage_);
   // The staging buffer is free once the previous layer's device-to-host copy is done.
-  if (pending_) ck(cudaStreamWaitEvent(stream, copied_ev_, 0), "wait previous copy");
-  ck(cudaMemcpyAsync(st, s.k, bytes, cudaMemcpyDeviceToDevice, stream), "stage K");
-  ck(cudaMemcpyAsync(st + tensor_bytes_, s.v, bytes, cudaMemcpyDeviceToDevice, stream), "stage V");
-  ck(cudaEventRecord(staged_, stream), "record");
-  ck(cudaStreamWaitEvent(copy_, staged_, 0), "wait staged");
+  if (pending_)
+    MPREFILL_EDGE_CHECK_CUDA(cudaStreamWaitEvent(stream, copied_ev_, 0),
+                             "kv sink: wait previous copy");
+  MPREFILL_EDGE_CHECK_CUDA(cudaMemcpyAsync(st, s.k, bytes, cudaMemcpyDeviceToDevice, stream),
+                           "kv sink: stage K");
+  MPREFILL_EDGE_CHECK_CUDA(
+      cudaMemcpyAsync(st + tensor_bytes_, s.v, bytes, cudaMemcpyDeviceToDevice, stream),
+      "kv sink: stage V");
+  MPREFILL_EDGE_CHECK_CUDA(cudaEventRecord(staged_, stream), "kv sink: record");
+  MPREFILL_EDGE_CHECK_CUDA(cudaStreamWaitEvent(copy_, staged_, 0), "kv sink: wait staged");
   char* h = static_cast<char*>(host_[keep_all_ ? s.layer : 0]);
-  ck(cudaMemcpyAsync(h, st, bytes, cudaMemcpyDeviceToHost, copy_), "copy K to host");
-  ck(cudaMemcpyAsync(h + tensor_bytes_, st + tensor_bytes_, bytes, cudaMemcpyDeviceToHost, copy_),
-     "copy V to host");
-  ck(cudaEventRecord(copied_ev_, copy_), "record");
+  MPREFILL_EDGE_CHECK_CUDA(cudaMemcpyAsync(h, st, bytes, cudaMemcpyDeviceToHost, copy_),
+                           "kv sink: copy K to host");
+  MPREFILL_EDGE_CHECK_CUDA(
+      cudaMemcpyAsync(h + tensor_bytes_, st + tensor_bytes_, bytes, cudaMemcpyDeviceToHost, copy_),
+      "kv sink: copy V to host");
+  MPREFILL_EDGE_CHECK_CUDA(cudaEventRecord(copied_ev_, copy_), "kv sink: record");
   pending_ = true;
   copied_ += 2 * static_cast<int64_t>(bytes);
 }
 
 void PinnedStreamSink::finish() {
   const auto t0 = std::chrono::steady_clock::now();
-  ck(cudaStreamSynchronize(copy_), "finish copies");
+  MPREFILL_EDGE_CHECK_CUDA(cudaStreamSynchronize(copy_), "kv sink: finish copies");
   wait_ms_ +=
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   pending_ = false;
@@ -166,9 +176,11 @@ void HostStagingSink::put(const KvSlice& s) {
   k_.resize(bytes);
   v_.resize(bytes);
   auto st = static_cast<cudaStream_t>(s.stream);
-  ck(cudaMemcpyAsync(k_.data(), s.k, bytes, cudaMemcpyDeviceToHost, st), "staging: copy K");
-  ck(cudaMemcpyAsync(v_.data(), s.v, bytes, cudaMemcpyDeviceToHost, st), "staging: copy V");
-  ck(cudaStreamSynchronize(st), "staging: synchronise");
+  MPREFILL_EDGE_CHECK_CUDA(cudaMemcpyAsync(k_.data(), s.k, bytes, cudaMemcpyDeviceToHost, st),
+                           "kv sink: staging: copy K");
+  MPREFILL_EDGE_CHECK_CUDA(cudaMemcpyAsync(v_.data(), s.v, bytes, cudaMemcpyDeviceToHost, st),
+                           "kv sink: staging: copy V");
+  MPREFILL_EDGE_CHECK_CUDA(cudaStreamSynchronize(st), "kv sink: staging: synchronise");
   copy_ms_ +=
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   KvSlice h = s;

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "kernels/cuda/edge_check.h"
 #include "kv/cuda/nccl_kv_common.h"
 #include "kv/kv_handoff.h"
 
@@ -13,10 +14,6 @@ namespace mprefill::kv {
 namespace {
 
 constexpr size_t kMaxPageBytes = size_t{1} << 31;  // per tensor; larger headers are refused
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
-}
 
 class NcclPayloadSource final : public PagePayloadSource {
  public:
@@ -26,16 +23,19 @@ class NcclPayloadSource final : public PagePayloadSource {
       throw std::runtime_error("nccl_unique_id has " +
                                std::to_string(hello.nccl_unique_id().size()) + " bytes, not " +
                                std::to_string(sizeof(ncclUniqueId)));
-    check(cudaSetDevice(device_), "cudaSetDevice");
+    MPREFILL_EDGE_CHECK_CUDA(cudaSetDevice(device_), "NCCL KV receiver: cudaSetDevice");
     ncclUniqueId id;
     std::memcpy(&id, hello.nccl_unique_id().data(), sizeof id);
     std::string err;
     comm_ = ncclkv::init_comm(id, 2, 1, timeout_ms_, &err);
     if (!comm_) throw std::runtime_error(err);
     try {
-      check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-      check(cudaMalloc(&sums_, 4 * sizeof(uint32_t)), "cudaMalloc checksums");
-      check(cudaMallocHost(&host_sums_, 4 * sizeof(uint32_t)), "cudaMallocHost");
+      MPREFILL_EDGE_CHECK_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking),
+                               "NCCL KV receiver: cudaStreamCreate");
+      MPREFILL_EDGE_CHECK_CUDA(cudaMalloc(&sums_, 4 * sizeof(uint32_t)),
+                               "NCCL KV receiver: cudaMalloc checksums");
+      MPREFILL_EDGE_CHECK_CUDA(cudaMallocHost(&host_sums_, 4 * sizeof(uint32_t)),
+                               "NCCL KV receiver: cudaMallocHost");
       // Warm-up: one word from the sender sets up the peer connection (NCCL connects
       // lazily, ~100 ms) before the first page, and proves the communicator works.
       std::string e =
@@ -58,7 +58,7 @@ class NcclPayloadSource final : public PagePayloadSource {
     const size_t n =
         static_cast<size_t>(tokens) * h.kv_heads_size() * h.head_dim() * dtype_size(dt);
     if (n > kMaxPageBytes) throw std::runtime_error("page of " + std::to_string(n) + " bytes");
-    check(cudaSetDevice(device_), "cudaSetDevice");
+    MPREFILL_EDGE_CHECK_CUDA(cudaSetDevice(device_), "NCCL KV receiver: cudaSetDevice");
     if (n > cap_) {
       // Growing: the previous fetch finished (its wait returned), nothing is in flight.
       if (buf_) cudaFree(buf_);
@@ -66,13 +66,16 @@ class NcclPayloadSource final : public PagePayloadSource {
       buf_ = nullptr;
       host_ = nullptr;
       cap_ = 0;
-      check(cudaMalloc(&buf_, 2 * n), "cudaMalloc page buffer");
-      check(cudaMallocHost(&host_, 2 * n), "cudaMallocHost page buffer");
+      MPREFILL_EDGE_CHECK_CUDA(cudaMalloc(&buf_, 2 * n),
+                               "NCCL KV receiver: cudaMalloc page buffer");
+      MPREFILL_EDGE_CHECK_CUDA(cudaMallocHost(&host_, 2 * n),
+                               "NCCL KV receiver: cudaMallocHost page buffer");
       cap_ = n;
     }
     char* dk = static_cast<char*>(buf_);
     char* dv = dk + cap_;
-    check(cudaMemsetAsync(sums_, 0, 4 * sizeof(uint32_t), stream_), "cudaMemsetAsync");
+    MPREFILL_EDGE_CHECK_CUDA(cudaMemsetAsync(sums_, 0, 4 * sizeof(uint32_t), stream_),
+                             "NCCL KV receiver: cudaMemsetAsync");
     std::string err = ncclkv::settle(comm_, ncclGroupStart(), timeout_ms_);
     if (err.empty())
       err = ncclkv::settle(comm_, ncclRecv(dk, n, ncclUint8, 0, comm_, stream_), timeout_ms_);
@@ -82,15 +85,20 @@ class NcclPayloadSource final : public PagePayloadSource {
       err = ncclkv::settle(comm_, ncclRecv(sums_, 2, ncclUint32, 0, comm_, stream_), timeout_ms_);
     if (err.empty()) err = ncclkv::settle(comm_, ncclGroupEnd(), timeout_ms_);
     if (!err.empty()) fail("ncclRecv: " + err);
-    check(ncclkv::launch_device_sum(dk, n, sums_ + 2, stream_), "device checksum K");
-    check(ncclkv::launch_device_sum(dv, n, sums_ + 3, stream_), "device checksum V");
+    MPREFILL_EDGE_CHECK_CUDA(ncclkv::launch_device_sum(dk, n, sums_ + 2, stream_),
+                             "NCCL KV receiver: device checksum K");
+    MPREFILL_EDGE_CHECK_CUDA(ncclkv::launch_device_sum(dv, n, sums_ + 3, stream_),
+                             "NCCL KV receiver: device checksum V");
     // Into pinned memory (a pageable destination makes the driver stage every copy), then
     // into the page's strings once the stream is done.
     char* hk = static_cast<char*>(host_);
-    check(cudaMemcpyAsync(hk, dk, n, cudaMemcpyDeviceToHost, stream_), "copy K to host");
-    check(cudaMemcpyAsync(hk + cap_, dv, n, cudaMemcpyDeviceToHost, stream_), "copy V to host");
-    check(cudaMemcpyAsync(host_sums_, sums_, 4 * sizeof(uint32_t), cudaMemcpyDeviceToHost, stream_),
-          "copy checksums");
+    MPREFILL_EDGE_CHECK_CUDA(cudaMemcpyAsync(hk, dk, n, cudaMemcpyDeviceToHost, stream_),
+                             "NCCL KV receiver: copy K to host");
+    MPREFILL_EDGE_CHECK_CUDA(cudaMemcpyAsync(hk + cap_, dv, n, cudaMemcpyDeviceToHost, stream_),
+                             "NCCL KV receiver: copy V to host");
+    MPREFILL_EDGE_CHECK_CUDA(
+        cudaMemcpyAsync(host_sums_, sums_, 4 * sizeof(uint32_t), cudaMemcpyDeviceToHost, stream_),
+        "NCCL KV receiver: copy checksums");
     err = ncclkv::wait_stream(comm_, stream_, timeout_ms_);
     if (!err.empty()) fail("receiving the page: " + err);
     k->assign(hk, n);

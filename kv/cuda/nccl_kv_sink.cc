@@ -1,6 +1,6 @@
 // Compiled into mprefill_kv_cuda (kv/CMakeLists.txt); empty unless the NCCL KV
-// transport is configured (kv/CMakeLists.txt defines MPREFILL_HAVE_NCCL_KV).
-#ifdef MPREFILL_HAVE_NCCL_KV
+// transport is configured (MPREFILL_HAVE_NCCL comes with mprefill_comm_nccl).
+#ifdef MPREFILL_HAVE_NCCL
 #include "kv/cuda/nccl_kv_sink.h"
 
 #include <cuda_runtime_api.h>
@@ -304,4 +304,4 @@ std::string NcclKvSink::error() const { return impl_->error_message(); }
 KvHandoffStats NcclKvSink::stats() const { return impl_->stats(); }
 
 }  // namespace mprefill::gpu
-#endif  // MPREFILL_HAVE_NCCL_KV
+#endif  // MPREFILL_HAVE_NCCL

@@ -15,7 +15,7 @@
 // the acks and fails the handoff — aborting the communicator, which ends the pending
 // sends on the engine's stream — when a layer is not acked within timeout_ms of its put,
 // when the decoder refuses the stream or fails the job, or the connection drops.
-// CUDA builds with NCCL only (MPREFILL_HAVE_NCCL_KV).
+// CUDA builds with NCCL only (MPREFILL_HAVE_NCCL).
 #pragma once
 #include <memory>
 

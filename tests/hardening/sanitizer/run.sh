@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One test of CI's sanitizer stage (ctest label "sanitize", tests/cmake/hardening.cmake):
+# One test of CI's sanitizer stage (ctest label "sanitize", tests/hardening/CMakeLists.txt):
 #
 #   run.sh asan|tsan BIN_DIR LOG_DIR TEST_BINARY [gtest args...]
 #
