@@ -2,7 +2,9 @@
 // peers driven by the test through wire::Connection (the real binaries run in
 // tests/service/): registration, contract refusal, job validation, admission with the
 // numbers, the full job state machine, cancel in each state, heartbeat loss, client
-// disconnect, bad frames, auth and the metrics endpoint.
+// disconnect, bad frames, auth and the metrics endpoint; issue 17: sparse configs by name
+// from --config-dir or inline (never a path), size caps before any work, tokenizing off the
+// io threads and the lock, finished records without client data.
 #include "coordinator/coordinator.h"
 
 #include <arpa/inet.h>
