@@ -1,14 +1,11 @@
-// Validation and admission of a SubmitJob, in this order (the first failure is the one
-// reported): a registered group and decoder, the model name, the prompt (text or ids, id
-// range, length limit), the options, then capacity (KV bytes against the decoders, the
-// per-rank estimate against the groups' free memory) and the queue limit. Every refusal is
-// one line with the numbers that decided it; the connection is kept.
+// Admission of a prepared SubmitJob (intake.cc did the size caps, the prompt and the
+// sparse policy before the lock): the option ranges, then under the lock the named group
+// and decoder, capacity (KV bytes against the decoders, the per-rank estimate against the
+// groups' free memory), the queue limit and the per-client limit. Every refusal is one line
+// with the numbers that decided it; the connection is kept.
 #include <algorithm>
 
 #include "coordinator/state.h"
-#include "model/prompt.h"
-#include "model/sparse_policy.h"
-#include "model/tokenizer.h"
 
 namespace mprefill::coord {
 
@@ -22,67 +19,9 @@ std::string bad(v1::ErrorCode* code, v1::ErrorCode c, std::string why) {
 
 }  // namespace
 
-std::string Coordinator::Impl::refuse_reason_locked(const v1::SubmitJob& m,
-                                                    std::vector<int32_t>* tokens, uint64_t* kv,
-                                                    v1::ErrorCode* code) {
-  if (groups.empty()) return bad(code, v1::UNAVAILABLE, "no worker group is registered");
-  if (decoders.empty()) return bad(code, v1::UNAVAILABLE, "no decoder is registered");
-  const v1::KvContract& kc = *contract;
-  const auto& model = kc.model();
-  if (!m.model().empty() && m.model() != model.name() && m.model() != model.weights_digest())
-    return bad(code, v1::MODEL_MISMATCH,
-               "job asks for model '" + m.model() + "' but the service runs '" + model.name() +
-                   "' (digest " + model.weights_digest() + ")");
-  std::string why = check_prompt(m, tokens, code);
-  if (!why.empty()) return why;
-  const int64_t n = static_cast<int64_t>(tokens->size());
-  why = check_options(m.options(), n, code);
-  if (!why.empty()) return why;
-  return check_capacity(m.options(), n, kv, code);
-}
-
-std::string Coordinator::Impl::check_prompt(const v1::SubmitJob& m, std::vector<int32_t>* tokens,
-                                            v1::ErrorCode* code) {
-  const auto& model = contract->model();
-  if (!m.text().empty() && m.token_ids_size() > 0)
-    return bad(code, v1::INVALID_ARGUMENT, "give token ids or text, not both");
-  if (!m.text().empty()) {
-    if (!tokenizer)
-      return bad(code, v1::INVALID_ARGUMENT,
-                 "text prompts need a tokenizer on the coordinator (--tokenizer); send token ids");
-    if (tokenizer->vocab_size() != model.vocab())
-      return bad(code, v1::INVALID_ARGUMENT,
-                 "the coordinator's tokenizer has " + std::to_string(tokenizer->vocab_size()) +
-                     " tokens but the model has " + std::to_string(model.vocab()));
-    std::vector<int> ids = tokenizer->encode(m.text(), true);
-    tokens->assign(ids.begin(), ids.end());
-  } else {
-    tokens->assign(m.token_ids().begin(), m.token_ids().end());
-  }
-  const int64_t n = static_cast<int64_t>(tokens->size());
-  ModelConfig ids_model;  // the contract's vocabulary is all the id check needs
-  ids_model.vocab = static_cast<int>(model.vocab());
-  try {
-    check_prompt_ids(ids_model, std::vector<int>(tokens->begin(), tokens->end()));
-  } catch (const std::exception& e) {
-    return bad(code, v1::INVALID_ARGUMENT, e.what());
-  }
-  int64_t limit = model.max_position();
-  std::string limit_src = "the model's max_position " + std::to_string(model.max_position());
-  if (opt.max_prompt > 0 && opt.max_prompt < limit) {
-    limit = opt.max_prompt;
-    limit_src = "the coordinator's --max-prompt " + std::to_string(opt.max_prompt);
-  }
-  if (n > limit)
-    return bad(code, v1::INVALID_ARGUMENT,
-               "prompt of " + std::to_string(n) + " tokens exceeds the limit of " +
-                   std::to_string(limit) + " (" + limit_src + ")");
-  return "";
-}
-
-std::string Coordinator::Impl::check_options(const v1::JobOptions& o, int64_t n,
-                                             v1::ErrorCode* code) {
-  const auto& model = contract->model();
+std::string Coordinator::Impl::check_options(const v1::JobOptions& o,
+                                             const v1::ModelFingerprint& model, int64_t n,
+                                             v1::ErrorCode* code) const {
   if (o.decode_tokens() < 0) return bad(code, v1::INVALID_ARGUMENT, "decode_tokens must be >= 0");
   if (n + o.decode_tokens() > model.max_position())
     return bad(code, v1::INVALID_ARGUMENT,
@@ -106,20 +45,25 @@ std::string Coordinator::Impl::check_options(const v1::JobOptions& o, int64_t n,
   if (!o.kv_transport().empty() && o.kv_transport() != "tcp" && o.kv_transport() != "nccl")
     return bad(code, v1::INVALID_ARGUMENT,
                "kv_transport must be tcp or nccl, not '" + o.kv_transport() + "'");
+  return "";
+}
+
+std::string Coordinator::Impl::admit_locked(const PreparedJob& p, uint64_t* kv,
+                                            v1::ErrorCode* code) {
+  if (groups.empty()) return bad(code, v1::UNAVAILABLE, "no worker group is registered");
+  if (decoders.empty()) return bad(code, v1::UNAVAILABLE, "no decoder is registered");
+  // The groups and decoders may all have changed while the job was prepared (the checks
+  // and the policy were made for p.contract).
+  if (!contract || !contract_difference(*contract, p.contract).empty())
+    return bad(code, v1::UNAVAILABLE,
+               "the service's model changed while the job was prepared; submit it again");
+  const v1::JobOptions& o = p.options;
   if (!o.group().empty() && !groups.count(o.group()))
     return bad(code, v1::INVALID_ARGUMENT,
                "no worker group named '" + o.group() + "' is registered");
   if (!o.decoder().empty() && !decoders.count(o.decoder()))
     return bad(code, v1::INVALID_ARGUMENT, "no decoder named '" + o.decoder() + "' is registered");
-  if (!o.sparse().empty() && o.sparse() != "dense" && o.sparse() != "auto") {
-    try {
-      (void)load_sparse_policy(o.sparse(), config_of(model),
-                               o.dense_below() > 0 ? o.dense_below() : kDefaultDenseBelow);
-    } catch (const std::exception& e) {
-      return bad(code, v1::INVALID_ARGUMENT, std::string("sparse policy: ") + e.what());
-    }
-  }
-  return "";
+  return check_capacity(o, static_cast<int64_t>(p.tokens.size()), kv, code);
 }
 
 // The KV must fit some eligible decoder's capacity, the per-rank estimate some eligible

@@ -22,7 +22,17 @@ Coordinator::Impl::Impl(CoordinatorOptions o) : opt(std::move(o)) {
   if (opt.heartbeat_ms < 10 || opt.heartbeat_timeout_ms < opt.heartbeat_ms)
     throw std::invalid_argument(
         "coordinator: heartbeat_ms must be >= 10 and heartbeat_timeout_ms >= heartbeat_ms");
-  if (!opt.tokenizer.empty()) tokenizer = Tokenizer::load(opt.tokenizer);
+  if (opt.prep_threads < 1) throw std::invalid_argument("coordinator: prep_threads must be >= 1");
+  if (opt.max_config_bytes < 1 || opt.max_prompt_bytes < 1)
+    throw std::invalid_argument("coordinator: max_config_bytes and max_prompt_bytes must be >= 1");
+  if (!opt.tokenizer.empty()) {
+    tokenizer = Tokenizer::load(opt.tokenizer);
+    max_piece_bytes = 1;
+    for (int id = 0; id < tokenizer->vocab_size(); ++id)
+      max_piece_bytes = std::max(max_piece_bytes, static_cast<int>(tokenizer->piece(id).size()));
+  }
+  if (!opt.config_dir.empty()) sparse_source.config_dir = canonical_config_dir(opt.config_dir);
+  sparse_source.max_bytes = opt.max_config_bytes;
   boost::system::error_code ec;
   auto addr = asio::ip::make_address(opt.host, ec);
   if (ec) throw std::runtime_error("coordinator: bad bind address '" + opt.host + "'");
@@ -39,6 +49,13 @@ Coordinator::Impl::Impl(CoordinatorOptions o) : opt(std::move(o)) {
   bind(acceptor, opt.port, "service");
   if (opt.metrics_port >= 0)
     bind(metrics_acceptor, static_cast<uint16_t>(opt.metrics_port), "metrics");
+}
+
+bool Coordinator::Impl::post_prep(std::function<void()> task) {
+  std::lock_guard<std::mutex> lk(prep_mu);
+  if (!prep) return false;
+  asio::post(*prep, std::move(task));
+  return true;
 }
 
 void Coordinator::Impl::log(const char* fmt, ...) {
@@ -58,6 +75,10 @@ void Coordinator::Impl::log(const char* fmt, ...) {
 
 void Coordinator::Impl::start() {
   work.emplace(io.get_executor());
+  {
+    std::lock_guard<std::mutex> lk(prep_mu);
+    prep = std::make_unique<asio::thread_pool>(static_cast<size_t>(opt.prep_threads));
+  }
   do_accept();
   if (metrics_acceptor.is_open()) do_accept_metrics();
   arm_ticker();
@@ -89,6 +110,16 @@ void Coordinator::Impl::stop() {
     for (Session* s : sessions) all.push_back(s->shared_from_this());
   }
   for (auto& s : all) s->close_async();
+  std::unique_ptr<asio::thread_pool> pool;
+  {
+    std::lock_guard<std::mutex> lk(prep_mu);
+    pool = std::move(prep);
+  }
+  if (pool) {  // a task under way ends (bounded by the size caps); queued ones are dropped
+    pool->stop();
+    pool->join();
+    pool.reset();
+  }
   work.reset();
   // Sessions close, pending handlers drain; then the threads return.
   for (auto& t : threads)
@@ -188,33 +219,46 @@ void Coordinator::Impl::on_hello(const SessionPtr& s) {
   log("%s connected as %s '%s'", s->peer().c_str(), role_name(s->role()), s->name().c_str());
 }
 
-void Coordinator::Impl::on_message(const SessionPtr& s, v1::Envelope& env) {
+bool Coordinator::Impl::on_message(const SessionPtr& s, v1::Envelope& env) {
+  if (s->role() == v1::CLIENT && env.has_submit()) {
+    try {
+      return on_submit(s, env);  // takes mu only for short, bounded steps (intake.cc)
+    } catch (const std::exception& e) {
+      log("%s: internal error while taking a job: %s", s->peer().c_str(), e.what());
+      s->send(wire::make_error(0, v1::INTERNAL, std::string("coordinator: ") + e.what()));
+      return true;
+    }
+  }
   std::lock_guard<std::mutex> lk(mu);
   try {
-    switch (s->role()) {
-      case v1::CLIENT:
-        if (env.has_submit()) return handle_submit(s, env.submit());
-        if (env.has_cancel()) return handle_cancel(s, env.cancel().job_id());
-        if (env.has_status_request()) return handle_status(s, env.status_request().job_id());
-        break;
-      case v1::WORKER:
-        if (env.has_worker_register()) return handle_worker_register(s, env.worker_register());
-        if (s->registered.empty())
-          return protocol_error(s, "worker group sent a message before WorkerRegister");
-        return handle_worker_message(s, env);
-      case v1::DECODER:
-        if (env.has_decoder_register()) return handle_decoder_register(s, env.decoder_register());
-        if (s->registered.empty())
-          return protocol_error(s, "decoder sent a message before DecoderRegister");
-        return handle_decoder_message(s, env);
-      default:
-        break;
-    }
-    unexpected_message(s, env, role_name(s->role()));
+    route_locked(s, env);
   } catch (const std::exception& e) {
     log("%s: internal error while handling a message: %s", s->peer().c_str(), e.what());
     s->send(wire::make_error(0, v1::INTERNAL, std::string("coordinator: ") + e.what()));
   }
+  return true;
+}
+
+void Coordinator::Impl::route_locked(const SessionPtr& s, v1::Envelope& env) {
+  switch (s->role()) {
+    case v1::CLIENT:
+      if (env.has_cancel()) return handle_cancel(s, env.cancel().job_id());
+      if (env.has_status_request()) return handle_status(s, env.status_request().job_id());
+      break;
+    case v1::WORKER:
+      if (env.has_worker_register()) return handle_worker_register(s, env.worker_register());
+      if (s->registered.empty())
+        return protocol_error(s, "worker group sent a message before WorkerRegister");
+      return handle_worker_message(s, env);
+    case v1::DECODER:
+      if (env.has_decoder_register()) return handle_decoder_register(s, env.decoder_register());
+      if (s->registered.empty())
+        return protocol_error(s, "decoder sent a message before DecoderRegister");
+      return handle_decoder_message(s, env);
+    default:
+      break;
+  }
+  unexpected_message(s, env, role_name(s->role()));
 }
 
 void Coordinator::Impl::on_closed(Session* s) {

@@ -50,7 +50,7 @@ void Coordinator::Impl::fill_status(const Job& j, v1::JobStatus* st) const {
   st->set_state(j.state);
   st->set_layer(j.layer);
   st->set_n_layers(j.n_layers);
-  st->set_prompt_tokens(static_cast<int64_t>(j.tokens.size()));
+  st->set_prompt_tokens(j.prompt_tokens);
   st->set_group(j.group);
   st->set_decoder(j.decoder);
   st->set_error(j.error);
@@ -67,12 +67,12 @@ void Coordinator::Impl::progress(Job& j) {
   if (j.state == v1::HANDING_OFF) {  // prefill finished: its final rate
     const double ms = j.worker_done.prefill_ms();
     p->set_elapsed_ms(ms);
-    if (ms > 0) p->set_tokens_per_s(static_cast<double>(j.tokens.size()) / (ms / 1000.0));
+    if (ms > 0) p->set_tokens_per_s(static_cast<double>(j.prompt_tokens) / (ms / 1000.0));
   } else if (j.state == v1::RUNNING && j.ready) {
     const double ms = ms_between(j.prefill_started, Clock::now());
     p->set_elapsed_ms(ms);
     if (ms > 0 && j.n_layers > 0)
-      p->set_tokens_per_s(static_cast<double>(j.tokens.size()) * j.layer / j.n_layers /
+      p->set_tokens_per_s(static_cast<double>(j.prompt_tokens) * j.layer / j.n_layers /
                           (ms / 1000.0));
   }
   send_to(j.client, env);
@@ -80,39 +80,31 @@ void Coordinator::Impl::progress(Job& j) {
 
 // ---- submit, dispatch, end of a job
 
-void Coordinator::Impl::handle_submit(const SessionPtr& s, const v1::SubmitJob& m) {
-  std::vector<int32_t> tokens;
+void Coordinator::Impl::handle_submit(const SessionPtr& s, const v1::SubmitJob& m,
+                                      PreparedJob&& p) {
   uint64_t kv = 0;
   v1::ErrorCode code = v1::INVALID_ARGUMENT;
-  std::string why = refuse_reason_locked(m, &tokens, &kv, &code);
+  std::string why = admit_locked(p, &kv, &code);
   if (why.empty()) why = client_limit_reason(s.get(), &code);
-  if (!why.empty()) {
-    ++metrics.refused;
-    log("job from %s refused (%s): %s", s->peer().c_str(), v1::ErrorCode_Name(code).c_str(),
-        why.c_str());
-    s->send(wire::make_error(0, code, why));
-    return;
-  }
+  if (!why.empty()) return refuse_submit(s, code, why);
   Job j;
   j.id = next_job_id++;
   j.client = s;
   j.client_raw = s.get();
   j.client_name = s->name();
-  j.tokens = std::move(tokens);
-  j.options = m.options();
+  j.tokens = std::move(p.tokens);
+  j.prompt_tokens = static_cast<int64_t>(j.tokens.size());
+  j.options = std::move(p.options);
+  j.policy = std::move(p.policy);
   j.client_tag = m.client_tag();
   j.detached = m.detach();
   j.kv_bytes = kv;
   j.n_layers = contract->model().n_layers();
   j.submitted = Clock::now();
-  const std::string& sp = m.options().sparse();
-  j.policy = std::make_shared<const SparsePolicy>(load_sparse_policy(
-      sp.empty() ? "dense" : sp, config_of(contract->model()),
-      m.options().dense_below() > 0 ? m.options().dense_below() : kDefaultDenseBelow));
   j.state = v1::QUEUED;
   count_state(v1::QUEUED, +1);
   const uint64_t id = j.id;
-  const int64_t n = static_cast<int64_t>(j.tokens.size());
+  const int64_t n = j.prompt_tokens;
   jobs[id] = std::move(j);
   queue.push_back(id);
   auto env = envelope();
@@ -153,7 +145,7 @@ void Coordinator::Impl::dispatch() {
     auto env = envelope();
     auto* e = env.mutable_expect();
     e->set_job_id(j.id);
-    e->set_prompt_tokens(static_cast<int64_t>(j.tokens.size()));
+    e->set_prompt_tokens(j.prompt_tokens);
     e->set_n_layers(j.n_layers);
     e->set_kv_bytes(j.kv_bytes);
     e->set_senders(g->reg.tp() * g->reg.sp());
@@ -231,6 +223,12 @@ void Coordinator::Impl::finish(Job& j, v1::JobState state, v1::ErrorCode code,
   if (state != v1::DONE) send_to(j.client, wire::make_error(j.id, code, message));
   log("job %llu: %s%s%s", static_cast<unsigned long long>(j.id), state_name(state),
       message.empty() ? "" : ": ", message.c_str());
+  // The record keeps counts and short strings: what grew with the client's input goes.
+  std::vector<int32_t>().swap(j.tokens);
+  std::string().swap(j.client_tag);
+  v1::JobOptions().Swap(&j.options);
+  v1::WorkerDone().Swap(&j.worker_done);
+  j.policy.reset();
   finished.push_back(j.id);
   while (static_cast<int>(finished.size()) > opt.keep_finished) {
     jobs.erase(finished.front());
@@ -434,7 +432,7 @@ void Coordinator::Impl::on_decode_done(Decoder& d, const v1::DecodeDone& m) {
   auto* r = out.mutable_result();
   r->set_job_id(j->id);
   r->set_state(v1::DONE);
-  r->set_prompt_tokens(static_cast<int64_t>(j->tokens.size()));
+  r->set_prompt_tokens(j->prompt_tokens);
   r->set_first_token_id(wd.first_token_id());
   *r->mutable_generated_ids() = m.generated_ids();
   if (tokenizer && tokenizer->vocab_size() == contract->model().vocab()) {

@@ -117,6 +117,15 @@ void Session::close() {
   coord_->on_closed(this);
 }
 
+void Session::resume() {
+  auto self = shared_from_this();
+  asio::post(strand_, [self] {
+    if (!self->paused_) return;
+    self->paused_ = false;
+    if (!self->closed_) self->drain();
+  });
+}
+
 void Session::write(std::string frame) {
   if (closed_) return;
   queued_bytes_ += frame.size();
@@ -206,7 +215,15 @@ void Session::drain() {
       if (!take_hello(env)) return;
       continue;
     }
-    coord_->on_message(shared_from_this(), env);
+    if (!coord_->on_message(shared_from_this(), env)) {
+      // Handled off the strand: no frame deadline meanwhile (the frame is complete);
+      // resume() drains what is buffered and reads on.
+      paused_ = true;
+      frame_timer_armed_ = false;
+      ++frame_gen_;
+      frame_timer_.cancel();
+      return;
+    }
   }
   if (hello_done_) watch_partial_frame(progressed);
   read();

@@ -33,6 +33,9 @@ class Session : public std::enable_shared_from_this<Session> {
   void send_error_and_close(uint64_t job, v1::ErrorCode code, const std::string& msg);
   void close_async();
   void close();  // on the strand (or at stop): idempotent, tells the coordinator
+  // Thread-safe: reading goes on after a message the coordinator took off the strand
+  // (on_message returned false; until then no further frame is read or handled).
+  void resume();
 
   const std::string& peer() const { return peer_; }
   // Set once by the hello on the strand, read under the coordinator's mutex afterwards.
@@ -62,6 +65,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::deque<std::string> outq_;
   size_t queued_bytes_ = 0;
   bool writing_ = false, closed_ = false, close_after_flush_ = false, hello_done_ = false;
+  bool paused_ = false;  // a message is being handled off the strand
   std::string nonce_, peer_, name_;
   v1::Role role_ = v1::ROLE_UNSPECIFIED;
 };

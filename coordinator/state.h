@@ -7,7 +7,10 @@
 //   session.cc      connections: accept (--max-connections), hello/auth, frames, writes
 //   registry.cc     worker groups and decoders: registration, KV contract, heartbeats,
 //                   picking a free group / decoder, removal
+//   intake.cc       a SubmitJob before the lock: size caps, prompt, options, sparse policy
+//                   (tokenizing and config reading on the prep pool)
 //   admission.cc    validation of a SubmitJob and admission against capacity and limits
+//   sparse_source.cc  sparse configs by name from --config-dir or inline (no Impl)
 //   jobs.cc         queue, state machine, cancel, status, progress, worker/decoder job
 //                   events and the JobResult
 //   planner.cc, metrics.cc: pure arithmetic and Prometheus text (no Impl)
@@ -23,6 +26,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -35,6 +39,7 @@
 #include "coordinator/coordinator.h"
 #include "coordinator/metrics.h"
 #include "coordinator/planner.h"
+#include "coordinator/sparse_source.h"
 #include "model/sparse_policy.h"
 #include "model/tokenizer.h"
 
@@ -117,6 +122,8 @@ struct Decoder {
   bool alive = true;
 };
 
+// A job's record. finish() drops what grows with the client's input (tokens, tag, options'
+// lists, policy): a finished record keeps counts and short strings only.
 struct Job {
   uint64_t id = 0;
   v1::JobState state = v1::QUEUED;
@@ -125,8 +132,9 @@ struct Job {
   bool detached = false;                // survives its client's disconnect
   std::string client_name;
   std::shared_ptr<const SparsePolicy> policy;
-  std::vector<int32_t> tokens;
-  v1::JobOptions options;
+  std::vector<int32_t> tokens;  // empty once finished (prompt_tokens stays)
+  int64_t prompt_tokens = 0;
+  v1::JobOptions options;  // without sparse_config (resolved into policy)
   std::string client_tag;
   uint64_t kv_bytes = 0;
   std::string group, decoder;
@@ -137,6 +145,14 @@ struct Job {
   v1::WorkerDone worker_done;
   double ttft_ms = 0;
   std::string error;
+};
+
+// What a SubmitJob becomes before the service lock is taken (intake.cc).
+struct PreparedJob {
+  v1::KvContract contract;  // the service's contract the checks used; compared again under mu
+  std::vector<int32_t> tokens;
+  v1::JobOptions options;  // sparse_config cleared
+  std::shared_ptr<const SparsePolicy> policy;
 };
 
 struct Coordinator::Impl : std::enable_shared_from_this<Coordinator::Impl> {
@@ -151,6 +167,13 @@ struct Coordinator::Impl : std::enable_shared_from_this<Coordinator::Impl> {
   std::vector<std::thread> threads;
   std::atomic<bool> stopping{false};
   std::optional<Tokenizer> tokenizer;
+  int max_piece_bytes = 0;  // longest tokenizer piece: a text of B bytes is >= (B+1)/this tokens
+  SparseSource sparse_source;
+  // Intake work (opt.prep_threads threads): created by start(), taken out, stopped and
+  // joined by stop(); posted to only through post_prep().
+  std::mutex prep_mu;
+  std::unique_ptr<asio::thread_pool> prep;     // under prep_mu
+  bool post_prep(std::function<void()> task);  // false once stopped
 
   // ---- state (mu) ----
   std::mutex mu;
@@ -174,9 +197,11 @@ struct Coordinator::Impl : std::enable_shared_from_this<Coordinator::Impl> {
   void log(const char* fmt, ...) __attribute__((format(printf, 2, 3)));
   // Called from session strands (take mu).
   void on_hello(const SessionPtr& s);
-  void on_message(const SessionPtr& s, v1::Envelope& env);
+  // false: the message went to the prep pool; the session reads on after s->resume().
+  bool on_message(const SessionPtr& s, v1::Envelope& env);
   void on_closed(Session* s);
-  // With mu held, as everything below.
+  // With mu held, as everything below (except intake.cc).
+  void route_locked(const SessionPtr& s, v1::Envelope& env);  // by the sender's role
   void send_to(const std::weak_ptr<Session>& w, const v1::Envelope& env);
   void protocol_error(const SessionPtr& s, const std::string& why);
   void unexpected_message(const SessionPtr& s, const v1::Envelope& env, const char* from);
@@ -198,18 +223,30 @@ struct Coordinator::Impl : std::enable_shared_from_this<Coordinator::Impl> {
   void expire_silent_peers(Clock::time_point now);
   void end_cancel_grace(Clock::time_point now);
 
+  // ---- intake.cc (no lock held unless said) ----
+  bool on_submit(const SessionPtr& s, v1::Envelope& env);
+  // Every "empty, else the reason with *code" below.
+  std::string check_sizes(const v1::SubmitJob& m, v1::ErrorCode* code) const;
+  std::string snapshot_contract(v1::KvContract* kc, v1::ErrorCode* code);  // takes mu briefly
+  std::string check_prompt_form(const v1::SubmitJob& m, const v1::KvContract& kc,
+                                v1::ErrorCode* code) const;
+  // The prompt ids (tokenizing a text), the options and the sparse policy.
+  std::string prepare(const v1::SubmitJob& m, PreparedJob* p, v1::ErrorCode* code) const;
+  void complete_submit(const SessionPtr& s, const v1::SubmitJob& m, PreparedJob&& p,
+                       const std::string& why, v1::ErrorCode code);                     // takes mu
+  void refuse_submit(const SessionPtr& s, v1::ErrorCode code, const std::string& why);  // mu held
+
   // ---- admission.cc ----
-  // Empty when the job may be queued (tokens and kv filled); else the reason, with *code.
-  std::string refuse_reason_locked(const v1::SubmitJob& m, std::vector<int32_t>* tokens,
-                                   uint64_t* kv, v1::ErrorCode* code);
-  std::string check_prompt(const v1::SubmitJob& m, std::vector<int32_t>* tokens,
-                           v1::ErrorCode* code);
-  std::string check_options(const v1::JobOptions& o, int64_t n, v1::ErrorCode* code);
+  std::string check_options(const v1::JobOptions& o, const v1::ModelFingerprint& model, int64_t n,
+                            v1::ErrorCode* code) const;
+  // With mu held: the service still runs the prepared contract, the named group / decoder
+  // exist, capacity (*kv filled) and the queue limit.
+  std::string admit_locked(const PreparedJob& p, uint64_t* kv, v1::ErrorCode* code);
   std::string check_capacity(const v1::JobOptions& o, int64_t n, uint64_t* kv, v1::ErrorCode* code);
   std::string client_limit_reason(const Session* s, v1::ErrorCode* code);
 
   // ---- jobs.cc ----
-  void handle_submit(const SessionPtr& s, const v1::SubmitJob& m);
+  void handle_submit(const SessionPtr& s, const v1::SubmitJob& m, PreparedJob&& p);
   void handle_cancel(const SessionPtr& s, uint64_t job_id);
   void handle_status(const SessionPtr& s, uint64_t job_id);
   void dispatch();

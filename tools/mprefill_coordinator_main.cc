@@ -19,6 +19,8 @@ using mprefill::cli::UsageError;
 const char* kUsage =
     "usage: mprefill-coordinator [--host ADDR] [--port P] [--metrics-port P]\n"
     "                            [--secret-file F] [--tokenizer PATH] [--max-prompt N]\n"
+    "                            [--config-dir DIR] [--max-prompt-bytes B]\n"
+    "                            [--max-config-bytes B] [--max-tag-bytes B]\n"
     "                            [--queue-limit N] [--max-jobs-per-client N]\n"
     "                            [--threads N] [--heartbeat-ms MS]\n"
     "                            [--heartbeat-timeout-ms MS] [--handoff-timeout-ms MS]\n"
@@ -31,6 +33,14 @@ const char* kUsage =
     "  --secret-file F         shared secret: every peer must prove it (HMAC-SHA256)\n"
     "  --tokenizer PATH        llama2.c tokenizer.bin: text prompts and result text\n"
     "  --max-prompt N          prompt limit in tokens (default: the model's max position)\n"
+    "  --config-dir DIR        sparse configs clients choose by name: --sparse NAME reads\n"
+    "                          DIR/NAME.json (regular files; no links, no paths); without\n"
+    "                          it only dense, auto and configs sent inline\n"
+    "  --max-prompt-bytes B    text prompts at most B bytes, refused before tokenizing\n"
+    "                          (default 1048576; longer prompts: send token ids)\n"
+    "  --max-config-bytes B    sparse configs (inline or in --config-dir) at most B bytes\n"
+    "                          (default 4194304)\n"
+    "  --max-tag-bytes B       client_tag at most B bytes (default 1024)\n"
     "  --queue-limit N         queued jobs at most (default 64)\n"
     "  --max-jobs-per-client N unfinished jobs of one client connection (default 16)\n"
     "  --threads N             io threads (default 2)\n"
@@ -74,6 +84,14 @@ int main(int argc, char** argv) {
         opt.tokenizer = value();
       } else if (flag == "--max-prompt") {
         opt.max_prompt = parse_int(flag, value(), 1, 1LL << 40);
+      } else if (flag == "--config-dir") {
+        opt.config_dir = value();
+      } else if (flag == "--max-prompt-bytes") {
+        opt.max_prompt_bytes = static_cast<size_t>(parse_int(flag, value(), 1, int64_t{1} << 30));
+      } else if (flag == "--max-config-bytes") {
+        opt.max_config_bytes = static_cast<size_t>(parse_int(flag, value(), 1, int64_t{1} << 30));
+      } else if (flag == "--max-tag-bytes") {
+        opt.max_tag_bytes = static_cast<size_t>(parse_int(flag, value(), 0, int64_t{1} << 20));
       } else if (flag == "--queue-limit") {
         opt.queue_limit = static_cast<int>(parse_int(flag, value(), 0, 1 << 20));
       } else if (flag == "--max-jobs-per-client") {
@@ -121,6 +139,9 @@ int main(int argc, char** argv) {
     std::fprintf(
         stderr, "mprefill-coordinator: listening on %s:%u%s\n", opt.host.c_str(), c.port(),
         c.metrics_port() ? (", metrics on :" + std::to_string(c.metrics_port())).c_str() : "");
+    if (!opt.config_dir.empty())
+      std::fprintf(stderr, "mprefill-coordinator: sparse configs by name from %s\n",
+                   opt.config_dir.c_str());
     if (!port_file.empty()) {
       const std::string tmp = port_file + ".tmp";
       FILE* f = std::fopen(tmp.c_str(), "w");

@@ -20,13 +20,16 @@ namespace {
 const char* kSubmitUsage =
     "usage: mprefill submit --coordinator HOST:PORT [--secret-file F]\n"
     "                       (--prompt TEXT | --prompt-ids 1,2,3 | --prompt-file FILE)\n"
-    "                       [--tokenizer PATH] [--decode N] [--sparse dense|auto|FILE.json]\n"
+    "                       [--tokenizer PATH] [--decode N] [--sparse dense|auto|NAME|FILE]\n"
     "                       [--dense-below N] [--temperature T] [--top-p P] [--seed S]\n"
     "                       [--stop-ids a,b] [--group NAME] [--decoder NAME]\n"
     "                       [--kv-transport tcp|nccl] [--model NAME] [--tag TEXT]\n"
     "                       [--audit-heads K] [--no-wait] [--timeout-s S] [--json]\n"
     "  --tokenizer PATH    tokenize --prompt here (BOS prepended) and print text; without\n"
     "                      it, text prompts go to the coordinator's tokenizer\n"
+    "  --sparse SPEC       dense (default), auto, the NAME of a config in the coordinator's\n"
+    "                      --config-dir, or a local FILE (a path: a '/' in it or a .json\n"
+    "                      ending) whose JSON is sent with the job\n"
     "  --no-wait           print the job id once accepted and exit (the job goes on;\n"
     "                      without it, a client that goes away cancels its job)\n"
     "  --timeout-s S       give up (and cancel the job) after S seconds (default 3600)\n"
@@ -45,7 +48,8 @@ const char* kRunUsage =
     "                    [--tokenizer PATH] (--prompt TEXT | --prompt-ids 1,2,3 |\n"
     "                    --prompt-file FILE) [--decode N] [--sparse SPEC] [--dense-below N]\n"
     "                    [--temperature T] [--top-p P] [--seed S] [--stop-ids a,b]\n"
-    "                    [--kv-transport tcp|nccl] [--max-prompt N] [--mpirun PATH]\n"
+    "                    [--kv-transport tcp|nccl] [--max-prompt N] [--config-dir DIR]\n"
+    "                    [--mpirun PATH]\n"
     "                    [--startup-timeout-s S] [--timeout-s S] [--json]\n"
     "                    [--decoder-device cpu|cuda[:N]] [--audit-heads K]\n"
     "  Starts a coordinator (in this process, loopback, a fresh shared secret), a decoder\n"
@@ -57,6 +61,9 @@ const char* kRunUsage =
     "  --device cpu|cuda   worker device (default cpu)\n"
     "  --decoder-device cpu|cuda[:N]  the decoder's KV receive device: cuda serves\n"
     "                      --kv-transport nccl (K/V by NCCL from the GPU ranks; default cpu)\n"
+    "  --sparse SPEC       dense (default), auto, a NAME of --config-dir, or a local FILE\n"
+    "                      (a '/' in it or a .json ending) sent with the job\n"
+    "  --config-dir DIR    the coordinator's directory of named sparse configs (NAME.json)\n"
     "  --mpirun PATH       launcher (default: mpirun on PATH)\n"
     "  --startup-timeout-s S  bound on the workers' and decoder's registration (default 120)\n";
 
@@ -129,6 +136,8 @@ ServiceArgs parse_args(const std::string& cmd, int argc, char** argv) {
       a.mpirun = r.value();
     } else if (cmd == "run" && flag == "--startup-timeout-s") {
       a.startup_timeout_s = static_cast<int>(parse_int(flag, r.value(), 1, 3600));
+    } else if (cmd == "run" && flag == "--config-dir") {
+      a.config_dir = r.value();
     } else if (cmd == "run" && flag == "--max-prompt") {
       a.max_prompt = parse_int(flag, r.value(), 1, int64_t{1} << 40);
     } else {

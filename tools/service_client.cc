@@ -1,8 +1,14 @@
 #include "tools/service_client.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
 #include <stdexcept>
 
 namespace mprefill::cli {
@@ -48,6 +54,26 @@ PromptInput make_prompt(const ServiceArgs& a, const std::optional<Tokenizer>& to
   return p;
 }
 
+bool is_sparse_path(const std::string& spec) {
+  return spec.find('/') != std::string::npos ||
+         (spec.size() >= 5 && spec.compare(spec.size() - 5, 5, ".json") == 0);
+}
+
+std::string read_sparse_file(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0)
+    throw std::runtime_error("--sparse " + path + ": " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) throw std::runtime_error("--sparse " + path + ": not a regular file");
+  if (static_cast<uint64_t>(st.st_size) > wire::kDefaultMaxFrame)
+    throw std::runtime_error("--sparse " + path + ": " + std::to_string(st.st_size) +
+                             " bytes, too large to send");
+  std::ifstream f(path, std::ios::binary);
+  std::ostringstream text;
+  text << f.rdbuf();
+  if (!f) throw std::runtime_error("--sparse " + path + ": cannot be read");
+  return text.str();
+}
+
 v1::Envelope make_submit(const ServiceArgs& a, const PromptInput& p, bool progress) {
   v1::Envelope env;
   env.set_version(wire::kProtocolVersion);
@@ -58,7 +84,10 @@ v1::Envelope make_submit(const ServiceArgs& a, const PromptInput& p, bool progre
     s->set_text(p.text);
   }
   auto* o = s->mutable_options();
-  o->set_sparse(a.sparse);
+  if (is_sparse_path(a.sparse))
+    o->set_sparse_config(read_sparse_file(a.sparse));
+  else
+    o->set_sparse(a.sparse);
   o->set_dense_below(a.dense_below);
   o->set_decode_tokens(a.decode);
   o->set_audit_heads(a.audit_heads);

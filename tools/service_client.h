@@ -32,7 +32,7 @@ struct ServiceArgs : JobOptions {
   // status / cancel
   uint64_t job = 0;
   // run
-  std::string model, device = "cpu", mpirun = "mpirun", decoder_device = "cpu";
+  std::string model, device = "cpu", mpirun = "mpirun", decoder_device = "cpu", config_dir;
   int ranks = 1, tp = 1, startup_timeout_s = 120;
   int64_t max_prompt = 0;
   bool json = false, help = false;
@@ -60,6 +60,12 @@ std::unique_ptr<wire::Connection> dial(const std::string& hostport, const std::s
 // The prompt, tokenized here when a tokenizer is given (ids stay empty for a text
 // prompt that goes to the coordinator).
 PromptInput make_prompt(const ServiceArgs& a, const std::optional<Tokenizer>& tok);
+// --sparse SPEC: a path (a '/' in it, or a ".json" ending) is a local file, read here
+// (regular files only) and sent inline (JobOptions.sparse_config); anything else ("dense",
+// "auto", a config name of the coordinator's --config-dir) is sent as a name.
+bool is_sparse_path(const std::string& spec);
+std::string read_sparse_file(const std::string& path);
+// Throws std::runtime_error when a --sparse file cannot be read.
 v1::Envelope make_submit(const ServiceArgs& a, const PromptInput& p, bool progress);
 // Submits and follows one job until its result or error. Ctrl-C, the timeout and a
 // non-empty still_ok() cancel the job (best effort) before returning.

@@ -19,10 +19,11 @@ int cmd_submit(const ServiceArgs& a) {
   std::optional<Tokenizer> tok;
   if (!a.tokenizer.empty()) tok = Tokenizer::load(a.tokenizer);
   const PromptInput p = make_prompt(a, tok);
+  const bool bar = !a.json && isatty(STDERR_FILENO);
+  const v1::Envelope submit = make_submit(a, p, bar);  // reads a --sparse file before dialling
   SigintGuard guard;
   auto c = dial(a.coordinator, secret_of(a));
-  const bool bar = !a.json && isatty(STDERR_FILENO);
-  const Outcome o = follow_job(*c, make_submit(a, p, bar), a.timeout_s, bar, a.no_wait);
+  const Outcome o = follow_job(*c, submit, a.timeout_s, bar, a.no_wait);
   return print_outcome(o, a, p, tok);
 }
 

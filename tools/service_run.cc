@@ -104,6 +104,8 @@ int cmd_run(const ServiceArgs& a) {
   std::optional<Tokenizer> tok;
   if (!a.tokenizer.empty()) tok = Tokenizer::load(a.tokenizer);
   const PromptInput p = make_prompt(a, tok);
+  const bool bar = !a.json && isatty(STDERR_FILENO);
+  const v1::Envelope submit = make_submit(a, p, bar);  // reads a --sparse file before starting
   SigintGuard guard;
   const std::string bin = self_dir();
   for (const char* b : {"mprefill-worker", "mprefill-decoder"})
@@ -134,6 +136,7 @@ int cmd_run(const ServiceArgs& a) {
   co.secret = secret;
   co.tokenizer = a.tokenizer;
   co.max_prompt = a.max_prompt;
+  co.config_dir = a.config_dir;
   co.log = std::getenv("MPREFILL_RUN_VERBOSE") != nullptr;
   coord::Coordinator coordinator(co);
   coordinator.start();
@@ -191,8 +194,7 @@ int cmd_run(const ServiceArgs& a) {
                                std::to_string(a.startup_timeout_s) + " s (--startup-timeout-s)");
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
-  const bool bar = !a.json && isatty(STDERR_FILENO);
-  const Outcome o = follow_job(*c, make_submit(a, p, bar), a.timeout_s, bar, false, children_ok);
+  const Outcome o = follow_job(*c, submit, a.timeout_s, bar, false, children_ok);
   nlohmann::json extra = {{"device", a.device},
                           {"ranks", a.ranks},
                           {"tp", a.tp},

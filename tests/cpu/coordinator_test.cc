@@ -2,18 +2,24 @@
 // peers driven by the test through wire::Connection (the real binaries run in
 // tests/service/): registration, contract refusal, job validation, admission with the
 // numbers, the full job state machine, cancel in each state, heartbeat loss, client
-// disconnect, bad frames, auth and the metrics endpoint.
+// disconnect, bad frames, auth and the metrics endpoint; issue 17: sparse configs by name
+// from --config-dir or inline (never a path), size caps before any work, tokenizing off the
+// io threads and the lock, finished records without client data.
 #include "coordinator/coordinator.h"
 
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <fstream>
 #include <functional>
 #include <mutex>
 #include <set>
@@ -22,7 +28,9 @@
 #include "coordinator/metrics.h"
 #include "coordinator/planner.h"
 #include "model/sparse_policy.h"
+#include "model/tokenizer.h"
 #include "proto/wire.h"
+#include "tests/testutil.h"
 
 namespace w = mprefill::wire;
 namespace v1 = mprefill::v1;
@@ -376,7 +384,7 @@ TEST(Coordinator, ValidatesJobsWithClearErrors) {
   {
     auto t = submit(prompt(5));
     t.mutable_submit()->mutable_options()->set_sparse("/nonexistent/config.json");
-    cases.push_back({t, v1::INVALID_ARGUMENT, "sparse policy"});
+    cases.push_back({t, v1::INVALID_ARGUMENT, "not a built-in (dense, auto) nor a config name"});
   }
   for (const auto& c : cases) {
     send(*cl, c.env);
@@ -797,4 +805,385 @@ TEST(Planner, KvBytesAndShardPlan) {
   auto other = contract();
   other.set_page_tokens(128);
   EXPECT_EQ(mprefill::coord::contract_difference(contract(), other), "page_tokens: 64 vs 128");
+}
+
+// ---- issue 17: clients never name server files; no unbounded work under the lock ----
+
+namespace {
+
+namespace t = mprefill::test;
+
+// An MInference config of `layers` x `heads`, every head the same entry.
+std::string config_json(int layers, int heads, const std::string& entry) {
+  std::string s = "[";
+  for (int l = 0; l < layers; ++l) {
+    s += l ? ",{" : "{";
+    for (int h = 0; h < heads; ++h) s += (h ? ",\"" : "\"") + std::to_string(h) + "\":" + entry;
+    s += "}";
+  }
+  return s + "]";
+}
+
+void write_text(const std::string& path, const std::string& text) {
+  std::ofstream f(path, std::ios::binary);
+  f << text;
+  if (!f) throw std::runtime_error("cannot write " + path);
+}
+
+v1::Envelope submit_sparse(const std::string& name, const std::string& inline_json = "") {
+  v1::Envelope env = submit(prompt(20), 2);
+  env.mutable_submit()->mutable_options()->set_sparse(name);
+  env.mutable_submit()->mutable_options()->set_sparse_config(inline_json);
+  return env;
+}
+
+// Sends a job and returns its answer (JobAccepted or Error) with the time it took.
+v1::Envelope answer_of(w::Connection& cl, const v1::Envelope& job, double* ms = nullptr) {
+  const auto t0 = Clock::now();
+  send(cl, job);
+  v1::Envelope e = recv_until(cl, [](auto& m) { return m.has_accepted() || m.has_error(); });
+  if (ms) *ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  return e;
+}
+
+// The Assignment the group gets for the job just accepted (the decoder answers Ready).
+v1::Assignment assignment_of(Service& s, uint64_t job) {
+  auto ex = recv_until(*s.dec->conn, [&](auto& e) { return e.has_expect(); });
+  EXPECT_EQ(ex.expect().job_id(), job);
+  v1::Envelope ready;
+  ready.mutable_ready()->set_job_id(job);
+  s.dec->send_msg(ready);
+  return recv_until(*s.group->conn, [](auto& e) { return e.has_assignment(); }).assignment();
+}
+
+// The shape of contract() with another max_position (long prompts).
+v1::KvContract long_contract() {
+  v1::KvContract k = contract();
+  k.mutable_model()->set_max_position(int64_t{1} << 22);
+  return k;
+}
+
+// Group "g0" (tp 1 x sp 1) and decoder "d0" with room for anything, on kv.
+struct LongService {
+  Coordinator coord;
+  std::unique_ptr<GroupPeer> group;
+  std::unique_ptr<DecoderPeer> dec;
+  LongService(const CoordinatorOptions& o, const v1::KvContract& kv) : coord(o) {
+    coord.start();
+    group = std::make_unique<GroupPeer>(coord, "g0", 1, 1, 0, kv);
+    EXPECT_TRUE(recv_one(*group->conn).has_worker_registered());
+    group->start_heartbeat();
+    dec = std::make_unique<DecoderPeer>(coord, "d0", uint64_t{1} << 40, kv);
+    EXPECT_TRUE(recv_one(*dec->conn).has_decoder_registered());
+    dec->start_heartbeat();
+  }
+};
+
+// Bytes the process holds from malloc (heap in use + mmapped blocks).
+size_t live_heap_bytes() {
+  const struct mallinfo2 mi = mallinfo2();
+  return mi.uordblks + mi.hblkhd;
+}
+
+}  // namespace
+
+TEST(Coordinator, SparseConfigsComeByNameFromTheConfigDirNeverByPath) {
+  t::TempDir tmp("coord_cfg");
+  const std::string dir = tmp.sub("configs");
+  const std::string marker = "FILE-BYTES-" + std::to_string(::getpid());
+  const std::string secret = tmp.file("secret.txt");  // outside the config directory
+  write_text(secret, "[\"" + marker + "\"]");
+  write_text(dir + "/ashape.json", config_json(6, 6, "[\"stream_llm\", 64, 128, 0.9]"));
+  write_text(dir + "/broken.json", "[ " + marker + " ]");
+  write_text(dir + "/big.json",
+             config_json(6, 6, "[\"stream_llm\", 64, 128, 0.9]") + std::string(5000, ' ') + marker);
+  write_text(dir + "/wrong.json", config_json(2, 6, "[\"stream_llm\", 64, 128, 0.9]"));
+  ASSERT_EQ(::mkfifo((dir + "/fifo.json").c_str(), 0600), 0);
+  ASSERT_EQ(::symlink(secret.c_str(), (dir + "/link.json").c_str()), 0);
+  ASSERT_EQ(::mkdir((dir + "/sub.json").c_str(), 0700), 0);
+
+  CoordinatorOptions o = test_options();
+  o.config_dir = dir;
+  o.max_config_bytes = 4096;
+  Service s(o);
+  auto cl = dial(s.coord, v1::CLIENT, "cli");
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"../../etc/passwd", "not a built-in (dense, auto) nor a config name"},
+      {"/etc/passwd", "not a built-in"},
+      {secret, "not a built-in"},
+      {"..", "not a built-in"},
+      {".hidden", "not a built-in"},
+      {"ashape/../ashape", "not a built-in"},
+      {std::string(100, 'a'), "... (100 bytes)"},
+      {"fifo", "'fifo': is not a regular file (refused)"},
+      {"sub", "'sub': is not a regular file (refused)"},
+      {"link", "'link': is a symbolic link (refused)"},
+      {"big", "'big' has "},
+      {"nope", "'nope': no such config in the coordinator's directory"},
+      {"broken", "'broken': not valid JSON"},
+      {"wrong", "has 2 layers but the model has 6"},
+  };
+  for (const auto& [name, text] : cases) {
+    double ms = 0;
+    const v1::Envelope e = answer_of(*cl, submit_sparse(name), &ms);
+    ASSERT_TRUE(e.has_error()) << name << ": " << e.DebugString();
+    const std::string& m = e.error().message();
+    EXPECT_EQ(e.error().code(), v1::INVALID_ARGUMENT) << name << ": " << m;
+    EXPECT_NE(m.find(text), std::string::npos) << name << ": " << m;
+    EXPECT_EQ(m.find('\n'), std::string::npos) << m;
+    EXPECT_EQ(m.find(marker), std::string::npos) << "file bytes echoed: " << m;
+    EXPECT_EQ(m.find(dir), std::string::npos) << "server path echoed: " << m;
+    EXPECT_EQ(m.find(std::string(100, 'a')), std::string::npos) << m;
+    EXPECT_LT(ms, 2000) << name;  // a FIFO is never opened: nothing blocks
+  }
+  {
+    const v1::Envelope e = answer_of(*cl, submit_sparse("big"));
+    EXPECT_NE(e.error().message().find("over the coordinator's limit of 4096 (--max-config-bytes)"),
+              std::string::npos)
+        << e.error().message();
+  }
+  // The service still answers, and a config of the directory runs: the group gets the
+  // policy the coordinator parsed (every head A-shape 64 / 128), the name, no text.
+  {
+    auto other = dial(s.coord, v1::CLIENT, "status");
+    v1::Envelope q;
+    q.mutable_status_request();
+    send(*other, q);
+    const v1::Envelope r = recv_one(*other);
+    ASSERT_TRUE(r.has_status_reply());
+    EXPECT_EQ(r.status_reply().groups_size(), 1);
+  }
+  const v1::Envelope a = answer_of(*cl, submit_sparse("ashape"));
+  ASSERT_TRUE(a.has_accepted()) << a.DebugString();
+  const v1::Assignment asg = assignment_of(s, a.accepted().job_id());
+  EXPECT_EQ(asg.options().sparse(), "ashape");
+  EXPECT_EQ(asg.policy().source(), "ashape");
+  ASSERT_EQ(asg.policy().n_layers(), 6);
+  ASSERT_EQ(asg.policy().kind_size(), 36);
+  for (int i = 0; i < 36; ++i) {
+    EXPECT_EQ(asg.policy().kind(i), static_cast<int>(mprefill::PatternKind::kAShape)) << i;
+    EXPECT_EQ(asg.policy().a(i), 64);
+    EXPECT_EQ(asg.policy().b(i), 128);
+  }
+}
+
+TEST(Coordinator, WithoutAConfigDirOnlyBuiltInsAndInlineConfigs) {
+  CoordinatorOptions o = test_options();
+  o.max_config_bytes = 4096;
+  Service s(o);
+  auto cl = dial(s.coord, v1::CLIENT, "cli");
+  v1::Envelope e = answer_of(*cl, submit_sparse("ashape"));
+  ASSERT_TRUE(e.has_error());
+  EXPECT_NE(e.error().message().find("no config directory (--config-dir); send the JSON inline"),
+            std::string::npos)
+      << e.error().message();
+  const std::string vs = config_json(6, 6, "[\"vertical_and_slash\", 100, 200, 0.9]");
+  struct Case {
+    v1::Envelope job;
+    std::string text;
+  };
+  const std::vector<Case> bad = {
+      {submit_sparse("", vs + std::string(4097 - vs.size(), ' ')),
+       "sent inline has 4097 bytes, over the coordinator's limit of 4096 (--max-config-bytes)"},
+      {submit_sparse("auto", vs), "both named ('auto') and sent inline"},
+      {submit_sparse("", "{\"0\": [\"stream_llm\", 1"), "sparse config (inline): not valid JSON"},
+      {submit_sparse("", config_json(6, 5, "[\"stream_llm\", 4, 8, 1]")),
+       "layer 0 has 5 heads but the model has 6"},
+  };
+  for (const auto& c : bad) {
+    e = answer_of(*cl, c.job);
+    ASSERT_TRUE(e.has_error()) << c.text;
+    EXPECT_EQ(e.error().code(), v1::INVALID_ARGUMENT);
+    EXPECT_NE(e.error().message().find(c.text), std::string::npos) << e.error().message();
+  }
+  // Built-ins by name and a config inline run; the inline text is not forwarded.
+  e = answer_of(*cl, submit_sparse("", vs));
+  ASSERT_TRUE(e.has_accepted()) << e.DebugString();
+  v1::Assignment asg = assignment_of(s, e.accepted().job_id());
+  EXPECT_EQ(asg.policy().source(), "inline");
+  EXPECT_TRUE(asg.options().sparse_config().empty());
+  ASSERT_EQ(asg.policy().kind_size(), 36);
+  for (int i = 0; i < 36; ++i) {
+    EXPECT_EQ(asg.policy().kind(i), static_cast<int>(mprefill::PatternKind::kVerticalSlash));
+    EXPECT_EQ(asg.policy().a(i), 100);
+    EXPECT_EQ(asg.policy().b(i), 200);
+  }
+}
+
+TEST(Coordinator, SizeCapsAreCheckedBeforeAnyWork) {
+  CoordinatorOptions o = test_options();
+  o.max_prompt_bytes = 1000;
+  o.max_tag_bytes = 16;
+  Service s(o);  // no tokenizer: the text cap answers before "text prompts need a tokenizer"
+  auto cl = dial(s.coord, v1::CLIENT, "cli");
+  auto job = [](const std::function<void(v1::SubmitJob*)>& f) {
+    v1::Envelope e = submit(prompt(5));
+    f(e.mutable_submit());
+    return e;
+  };
+  const std::string long_name(300, 'q');
+  const std::vector<std::pair<v1::Envelope, std::string>> cases = {
+      {job([](auto* m) {
+         m->clear_token_ids();
+         m->set_text(std::string(1001, 'x'));
+       }),
+       "text prompt of 1001 bytes is over the coordinator's limit of 1000 bytes "
+       "(--max-prompt-bytes)"},
+      {job([](auto* m) { m->set_client_tag(std::string(17, 't')); }),
+       "client_tag of 17 bytes is over the coordinator's limit of 16 bytes (--max-tag-bytes)"},
+      {job([&](auto* m) { m->set_model(long_name); }),
+       "model of 300 bytes is over the limit of 256 bytes"},
+      {job([&](auto* m) { m->mutable_options()->set_group(long_name); }), "group of 300 bytes"},
+      {job([&](auto* m) { m->mutable_options()->set_kv_transport(long_name); }),
+       "kv_transport of 300 bytes"},
+      {job([](auto* m) {
+         for (int i = 0; i < 1025; ++i) m->mutable_options()->add_stop_ids(2);
+       }),
+       "1025 stop ids are over the limit of 1024"},
+  };
+  for (const auto& [env, text] : cases) {
+    const v1::Envelope e = answer_of(*cl, env);
+    ASSERT_TRUE(e.has_error()) << text;
+    EXPECT_EQ(e.error().code(), v1::INVALID_ARGUMENT);
+    EXPECT_NE(e.error().message().find(text), std::string::npos) << e.error().message();
+    EXPECT_EQ(e.error().message().find(long_name), std::string::npos) << "echoed";
+  }
+  const v1::Envelope a =
+      answer_of(*cl, job([](auto* m) { m->set_client_tag("sixteen-bytes-ok"); }));
+  ASSERT_TRUE(a.has_accepted()) << a.DebugString();
+  EXPECT_EQ(a.accepted().client_tag(), "sixteen-bytes-ok");
+}
+
+// A 60 MiB text (issue 17: 16 MiB froze the coordinator 24.6 s under its lock for a
+// refusal): refused by the byte cap before any tokenizing while a second client's status
+// requests keep being answered.
+TEST(Coordinator, HugeTextIsRefusedByItsByteCapWhileStatusAnswers) {
+  const std::string tok = t::shared_dir() + "/models/stories15M/tokenizer.bin";
+  MPREFILL_SKIP_IF_MISSING(tok);
+  CoordinatorOptions o = test_options();
+  o.tokenizer = tok;
+  o.threads = 1;
+  Service s(o);
+  auto status_cl = dial(s.coord, v1::CLIENT, "status");
+  std::atomic<bool> done{false};
+  double refusal_ms = 0;
+  v1::Envelope refusal;
+  std::thread attacker([&] {
+    auto cl = dial(s.coord, v1::CLIENT, "huge");
+    v1::Envelope env;
+    std::string text;
+    text.reserve(size_t{60} << 20);
+    while (text.size() < (size_t{60} << 20)) text += "Once upon a time there was a big dog. ";
+    env.mutable_submit()->set_text(std::move(text));
+    refusal = answer_of(*cl, env, &refusal_ms);
+    done = true;
+  });
+  double worst = 0;
+  int answered = 0;
+  while (!done) {
+    v1::Envelope q;
+    q.mutable_status_request();
+    const auto t0 = Clock::now();
+    send(*status_cl, q);
+    ASSERT_TRUE(recv_until(
+                    *status_cl, [](auto& e) { return e.has_status_reply(); }, 10000)
+                    .has_status_reply());
+    worst = std::max(worst, std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+    ++answered;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  attacker.join();
+  ASSERT_TRUE(refusal.has_error()) << refusal.ShortDebugString().substr(0, 200);
+  EXPECT_NE(refusal.error().message().find("over the coordinator's limit of 1048576 bytes "
+                                           "(--max-prompt-bytes)"),
+            std::string::npos)
+      << refusal.error().message();
+  EXPECT_LT(refusal_ms, 10000);
+  EXPECT_GE(answered, 1);
+  // One io thread reads the 60 MiB frame in 64 KiB chunks between the status requests.
+  EXPECT_LT(worst, 1000) << answered << " status requests";
+  std::printf("60 MiB text refused in %.0f ms; %d status requests, slowest %.1f ms\n", refusal_ms,
+              answered, worst);
+}
+
+// A long text under the caps is tokenized on the prep pool: with one io thread, other
+// clients are answered meanwhile and the job is accepted with its token count.
+TEST(Coordinator, TokenizingRunsOffTheIoThreadAndTheLock) {
+  const std::string tok = t::shared_dir() + "/models/stories15M/tokenizer.bin";
+  MPREFILL_SKIP_IF_MISSING(tok);
+  CoordinatorOptions o = test_options();
+  o.tokenizer = tok;
+  o.threads = 1;
+  o.max_prompt_bytes = size_t{16} << 20;
+  LongService s(o, long_contract());
+  std::string text;
+  while (text.size() < (size_t{512} << 10)) text += "Lily and Tom went to the park to play. ";
+  const std::vector<int> ids = mprefill::Tokenizer::load(tok).encode(text, true);
+  auto status_cl = dial(s.coord, v1::CLIENT, "status");
+  auto cl = dial(s.coord, v1::CLIENT, "long");
+  v1::Envelope env;
+  env.mutable_submit()->set_text(text);
+  const auto t0 = Clock::now();
+  send(*cl, env);
+  double worst = 0;
+  int during = 0;
+  v1::Envelope answer;
+  for (;;) {
+    if (cl->recv(&answer, 0)) break;
+    v1::Envelope q;
+    q.mutable_status_request();
+    const auto q0 = Clock::now();
+    send(*status_cl, q);
+    ASSERT_TRUE(recv_until(
+                    *status_cl, [](auto& e) { return e.has_status_reply(); }, 30000)
+                    .has_status_reply());
+    worst = std::max(worst, std::chrono::duration<double, std::milli>(Clock::now() - q0).count());
+    ++during;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    ASSERT_LT(Clock::now() - t0, std::chrono::seconds(120));
+  }
+  const double total = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  ASSERT_TRUE(answer.has_accepted()) << answer.ShortDebugString();
+  EXPECT_EQ(answer.accepted().prompt_tokens(), static_cast<int64_t>(ids.size()));
+  EXPECT_GE(during, 3) << "the job was answered before status could be asked";
+  EXPECT_LT(worst, 500) << during << " status requests during " << total << " ms";
+  std::printf(
+      "512 KiB text (%zu tokens) accepted after %.0f ms; %d status requests, slowest %.1f ms\n",
+      ids.size(), total, during, worst);
+}
+
+// Finished records keep counts, not the prompt or the tag (issue 17: +172 MB per 20 jobs
+// with 8 MiB tags).
+TEST(Coordinator, FinishedJobRecordsDropPromptsAndTags) {
+  CoordinatorOptions o = test_options();
+  o.max_tag_bytes = 64 << 10;
+  LongService s(o, long_contract());
+  constexpr int kTokens = 250000, kJobs = 24;
+  v1::Envelope job;
+  for (int i = 0; i < kTokens; ++i) job.mutable_submit()->add_token_ids(1 + i % 31000);
+  job.mutable_submit()->set_client_tag(std::string(64 << 10, 'g'));
+  job.mutable_submit()->mutable_options()->set_group("nope-yet");  // refused: a warm-up
+  auto cl = dial(s.coord, v1::CLIENT, "cli");
+  ASSERT_TRUE(answer_of(*cl, job).has_error());
+  job.mutable_submit()->mutable_options()->clear_group();
+  auto run_and_cancel = [&] {
+    const v1::Envelope a = answer_of(*cl, job);
+    ASSERT_TRUE(a.has_accepted()) << a.DebugString();
+    v1::Envelope c;
+    c.mutable_cancel()->set_job_id(a.accepted().job_id());
+    send(*cl, c);
+    recv_until(*cl, [](auto& e) { return e.has_status_reply(); });
+  };
+  for (int i = 0; i < 2; ++i) run_and_cancel();  // buffers of the session and the peers
+  const size_t before = live_heap_bytes();
+  for (int i = 0; i < kJobs; ++i) run_and_cancel();
+  const size_t after = live_heap_bytes();
+  // Kept, the records would hold kJobs x (1 MB of ids + 64 KiB of tag) = 25 MB.
+  const double grown_mb = (static_cast<double>(after) - static_cast<double>(before)) / 1e6;
+  EXPECT_LT(grown_mb, 4.0) << "finished records hold client data";
+  const v1::JobStatus st = job_status(s.coord, kJobs + 2);
+  EXPECT_EQ(st.state(), v1::CANCELLED);
+  EXPECT_EQ(st.prompt_tokens(), kTokens);  // the count stays
+  std::printf("%d finished jobs of %d tokens + 64 KiB tags: heap %+.2f MB\n", kJobs, kTokens,
+              grown_mb);
 }

@@ -523,7 +523,8 @@ TEST_F(BadJobs, InvalidPromptsAndOptionsAreRefusedClearly) {
     expect_refused(c, j, v1::INVALID_ARGUMENT, "audit_heads", "audit heads");
     j = h::tiny_job(5, 1);
     j.mutable_options()->set_sparse("/nonexistent/config.json");
-    expect_refused(c, j, v1::INVALID_ARGUMENT, "sparse policy", "sparse config path");
+    expect_refused(c, j, v1::INVALID_ARGUMENT, "not a built-in (dense, auto) nor a config name",
+                   "sparse config path");
     j = h::tiny_job(5, 1);
     j.set_model("stories15M");
     expect_refused(c, j, v1::MODEL_MISMATCH, "runs 'random:tiny:7'", "model name");

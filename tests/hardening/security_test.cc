@@ -3,9 +3,13 @@
 // nonce) and peers without it or with another secret are refused with UNAUTHENTICATED;
 // the secret appears in no log; the queue limit and the frame size limit hold.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -240,4 +244,157 @@ TEST(Security, AdmissionRefusesKvThatDoesNotFit) {
   ASSERT_TRUE(c.submit(h::tiny_job(256, 1), &acc, &err)) << err.message();
   v1::JobResult res;
   EXPECT_TRUE(c.wait_result(acc.job_id(), &res, &err, 60000)) << err.message();
+}
+
+// ---- issue 17: clients never name server files ----
+
+namespace {
+
+// An MInference config for random:tiny (4 layers x 4 heads), every head `entry`.
+std::string tiny_config(const std::string& entry) {
+  std::string s = "[";
+  for (int l = 0; l < 4; ++l) {
+    s += l ? ",{" : "{";
+    for (int hd = 0; hd < 4; ++hd) s += (hd ? ",\"" : "\"") + std::to_string(hd) + "\":" + entry;
+    s += "}";
+  }
+  return s + "]";
+}
+
+std::string ids_arg(int n) {
+  std::string ids;
+  for (int i = 0; i < n; ++i) {
+    if (i) ids += ',';
+    ids += std::to_string(3 + (i * 7919) % 250);
+  }
+  return ids;
+}
+
+// The last line of output that parses as a JSON object.
+nlohmann::json last_json(const std::string& out) {
+  std::istringstream is(out);
+  std::string line;
+  nlohmann::json j;
+  while (std::getline(is, line))
+    if (!line.empty() && line[0] == '{') {
+      try {
+        j = nlohmann::json::parse(line);
+      } catch (const std::exception&) {
+      }
+    }
+  return j;
+}
+
+// The patterns of the audited heads of a --json result (every head the same pattern).
+std::set<std::string> audited_patterns(const std::string& out) {
+  std::set<std::string> p;
+  const nlohmann::json j = last_json(out);
+  if (j.is_object() && j.contains("audit"))
+    for (const auto& a : j["audit"]) p.insert(a.at("pattern").get<std::string>());
+  return p;
+}
+
+}  // namespace
+
+// Issue 17 finding 2: a sparse config named as a path was opened by the coordinator
+// (under its lock): an oracle that echoed the first bytes of files (of the secret file
+// too), a FIFO froze the service. Now: names of --config-dir or JSON inline only.
+TEST(Security, ClientsNeverNameServerFiles) {
+  const std::string dir = h::make_dir("cfgdir");
+  const std::string cfg = dir + "/configs";
+  ASSERT_EQ(::mkdir(cfg.c_str(), 0700), 0);
+  const std::string secret = "sekrit-" + std::to_string(::getpid()) + "-never-echoed";
+  const std::string secret_file = dir + "/secret";
+  h::write_file(secret_file, secret + "\n");
+  h::write_file(cfg + "/ashape.json", tiny_config("[\"stream_llm\", 4, 16, 0.9]"));
+  h::write_file(cfg + "/big.json",
+                tiny_config("[\"stream_llm\", 4, 16, 0.9]") + std::string(5000, ' ') + secret);
+  ASSERT_EQ(::mkfifo((cfg + "/fifo.json").c_str(), 0600), 0);
+  ASSERT_EQ(::symlink(secret_file.c_str(), (cfg + "/link.json").c_str()), 0);
+  // A client's own files (outside the config directory): sent inline by the CLI.
+  h::write_file(dir + "/local-vs.json", tiny_config("[\"vertical_and_slash\", 8, 16, 0.9]"));
+  h::write_file(dir + "/local-big.json",
+                tiny_config("[\"vertical_and_slash\", 8, 16, 0.9]") + std::string(5000, ' '));
+  h::Coordinator co(dir, {"--secret-file", secret_file, "--config-dir", cfg, "--max-config-bytes",
+                          "4096", "--heartbeat-ms", "200"});
+  auto dec = h::start_decoder(dir, co.addr(), kModel, "d0", secret_file);
+  auto wrk = h::start_workers(dir, co.addr(), kModel, 1, "g0", secret_file);
+  ASSERT_TRUE(h::wait_registered(co.port, secret, 1, 1, 90000))
+      << co.proc->log() << dec->log() << wrk->log();
+
+  h::Client c(co.port, secret);
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"../../etc/passwd", "not a built-in (dense, auto) nor a config name"},
+      {"/etc/passwd", "not a built-in"},
+      {secret_file, "not a built-in"},
+      {"../secret", "not a built-in"},
+      {"fifo", "'fifo': is not a regular file (refused)"},
+      {"link", "'link': is a symbolic link (refused)"},
+      {"big", "over the coordinator's limit of 4096 (--max-config-bytes)"},
+  };
+  for (const auto& [name, text] : cases) {
+    auto j = h::tiny_job(80, 1);
+    j.mutable_options()->set_sparse(name);
+    v1::JobAccepted acc;
+    v1::Error err;
+    const auto t0 = h::Clock::now();
+    ASSERT_FALSE(c.submit(j, &acc, &err, 5000)) << name << " was accepted";
+    EXPECT_LT(h::Clock::now() - t0, std::chrono::seconds(2)) << name;
+    EXPECT_EQ(err.code(), v1::INVALID_ARGUMENT) << name << ": " << err.message();
+    EXPECT_NE(err.message().find(text), std::string::npos) << name << ": " << err.message();
+    EXPECT_EQ(err.message().find('\n'), std::string::npos) << err.message();
+    EXPECT_EQ(err.message().find(secret), std::string::npos) << "file bytes echoed";
+    EXPECT_EQ(err.message().find(cfg), std::string::npos) << "server path echoed";
+    // The service answers another client right away (a FIFO is never opened).
+    const auto t1 = h::Clock::now();
+    EXPECT_EQ(h::Client(co.port, secret).status(0, 2000).groups_size(), 1) << name;
+    EXPECT_LT(h::Clock::now() - t1, std::chrono::seconds(2)) << name;
+  }
+
+  // The CLI: a name of --config-dir runs those patterns; a local file goes inline; an
+  // oversize one is refused with one line.
+  const std::string cli = h::bin("mprefill") + " submit --coordinator " + co.addr() +
+                          " --secret-file " + quote(secret_file) + " --prompt-ids " + ids_arg(80) +
+                          " --dense-below 64 --audit-heads 1 --decode 1 --json";
+  std::string out;
+  ASSERT_EQ(mprefill::test::run_command(cli + " --sparse ashape 2>&1", &out), 0) << out;
+  EXPECT_EQ(audited_patterns(out), std::set<std::string>{"a_shape"}) << out;
+  ASSERT_EQ(mprefill::test::run_command(
+                cli + " --sparse " + quote(dir + "/local-vs.json") + " 2>&1", &out),
+            0)
+      << out;
+  EXPECT_EQ(audited_patterns(out), std::set<std::string>{"vertical_slash"}) << out;
+  EXPECT_NE(mprefill::test::run_command(
+                cli + " --sparse " + quote(dir + "/local-big.json") + " 2>&1", &out),
+            0);
+  EXPECT_NE(out.find("mprefill: error: job 0 REFUSED: INVALID_ARGUMENT: sparse config sent "
+                     "inline has "),
+            std::string::npos)
+      << out;
+  EXPECT_NE(out.find("over the coordinator's limit of 4096 (--max-config-bytes)"),
+            std::string::npos)
+      << out;
+  co.proc.reset();
+  EXPECT_EQ(h::read_file(dir + "/coordinator.log").find(secret), std::string::npos);
+}
+
+// `mprefill run --config-dir DIR --sparse NAME`: a named config end to end on the CPU
+// service (the patterns the audited heads ran are the config's).
+TEST(Security, RunTakesASparseConfigByNameFromItsConfigDir) {
+  const std::string dir = h::make_dir("runcfg");
+  const std::string cfg = dir + "/configs";
+  ASSERT_EQ(::mkdir(cfg.c_str(), 0700), 0);
+  h::write_file(cfg + "/ashape.json", tiny_config("[\"stream_llm\", 4, 16, 0.9]"));
+  const std::string run = h::bin("mprefill") + " run --mpirun " + MPREFILL_MPIEXEC + " --model " +
+                          kModel + " --prompt-ids " + ids_arg(100) +
+                          " --dense-below 64 --audit-heads 2 --decode 2 --json --config-dir " +
+                          quote(cfg);
+  std::string out;
+  ASSERT_EQ(mprefill::test::run_command(run + " --sparse ashape 2>&1", &out), 0) << out;
+  EXPECT_EQ(last_json(out).value("status", ""), "DONE") << out;
+  EXPECT_EQ(audited_patterns(out), std::set<std::string>{"a_shape"}) << out;
+  // A name the directory does not hold: one line, exit 1.
+  EXPECT_EQ(mprefill::test::run_command(run + " --sparse nope 2>&1", &out), 1) << out;
+  EXPECT_NE(out.find("INVALID_ARGUMENT: sparse config 'nope': no such config"), std::string::npos)
+      << out;
 }
