@@ -84,7 +84,7 @@ int bench_main(int argc, char** argv) {
   std::vector<int64_t> seqs = {32768, 131072};
   int reps = 10, warmup = 2;
   std::string set = "clustered";
-  std::vector<int64_t> versions = {1, 2};
+  std::vector<int64_t> versions = {1, 2, 3};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--seq")
@@ -103,8 +103,9 @@ int bench_main(int argc, char** argv) {
     }
   }
   for (int64_t ver : versions) {
-    if (ver != 1 && ver != 2) {
-      std::fprintf(stderr, "--kernels takes generations 1 and/or 2, got %lld\n", (long long)ver);
+    if (ver < 1 || ver > 3) {
+      std::fprintf(stderr, "--kernels takes generations 1, 2, 3 (3: the skeleton), got %lld\n",
+                   (long long)ver);
       return 1;
     }
   }

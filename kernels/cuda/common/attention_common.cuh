@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "kernels/attention.h"
+#include "kernels/cuda/attn/sparse_walk.h"
 #include "kernels/cuda/check.h"
 
 namespace mprefill::cuda::attn {
@@ -321,49 +322,9 @@ struct RowGather {
 };
 
 // ---------------------------------------------------------------- sparse key sets
-// Vertical-slash: the positions [g, g_end) of the index's gathered columns (ascending) of
-// index row hb = (head, block) that fall in the visible keys [klo, khi).
-template <class P, class K>
-CUTE_DEVICE void vs_column_span(P const& p, int64_t hb, K klo, K khi, int64_t& g, int64_t& g_end) {
-  int64_t lo = p.col_ptr[hb], hi = p.col_ptr[hb + 1];
-  const int64_t z = hi;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if (p.col[mid] < klo)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
-  g = lo;
-  hi = z;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if (p.col[mid] < khi)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
-  g_end = lo;
-}
-
-// A-shape: the key ranges of the query block at m0, [0, n_init) and the local window
-// [m0 - n_local + 1, m0 + 64) (one range [0, m0 + 64) when they touch, [0, n_init) alone
-// when n_local = 0). Sets [lo0, hi0) and, for two ranges, [lo1, hi1); returns the count.
-template <class P, class I>
-CUTE_DEVICE int ashape_ranges(P const& p, int64_t m0, I& lo0, I& hi0, I& lo1, I& hi1) {
-  const int64_t init_hi = cute::min<int64_t>(p.n_init, m0 + 64);
-  const int64_t loc_lo = cute::max<int64_t>(m0 - p.n_local + 1, 0);
-  if (p.n_local > 0 && loc_lo <= init_hi) {
-    lo0 = 0;
-    hi0 = I(m0 + 64);
-    return 1;
-  }
-  lo0 = 0;
-  hi0 = I(init_hi);
-  lo1 = I(loc_lo);
-  hi1 = I(m0 + 64);
-  return p.n_local > 0 ? 2 : 1;
-}
+// (kernels/cuda/attn/sparse_walk.h, host/device: the CPU replay test runs them too.)
+using walk::ashape_ranges;
+using walk::vs_column_span;
 
 // ---------------------------------------------------------------- host set-up
 // Params fields every kernel has (o / lse, shape, GQA ratio, scales).

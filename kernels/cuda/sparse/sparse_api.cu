@@ -46,7 +46,8 @@ Status check_common(const char* fn, const AttentionParams& p) {
 // tiles).
 Status run(const AttentionParams& p, PatternArgs pat, SparseKernelGen gen, cudaStream_t s) {
   MPREFILL_CHECK_ARG(
-      gen == SparseKernelGen::kAuto || gen == SparseKernelGen::kV1 || gen == SparseKernelGen::kV2,
+      gen == SparseKernelGen::kAuto || gen == SparseKernelGen::kV1 ||
+          gen == SparseKernelGen::kV2 || gen == SparseKernelGen::kSkel,
       Status::kInvalidArgument);
   if (p.n_q == 0) return Status::kOk;
   switch (gen) {
@@ -55,6 +56,9 @@ Status run(const AttentionParams& p, PatternArgs pat, SparseKernelGen gen, cudaS
       break;
     case SparseKernelGen::kV2:
       pat.version = 2;
+      break;
+    case SparseKernelGen::kSkel:
+      pat.version = 3;
       break;
     default:
       pat.version = pat.kind == 1 ? 1 : 2;

@@ -32,7 +32,10 @@ namespace mprefill::cuda {
 // (bf16 / head_dim 128 only, and global positions < 2^31 - 256; else v1 runs); kAuto (the
 // default): v2 for vertical-slash and A-shape, v1 for block-sparse. Same mask and results.
 // Any other value: kInvalidArgument.
-enum class SparseKernelGen : int { kAuto = 0, kV1 = 1, kV2 = 2 };
+// kSkel = the one attention skeleton (kernels/cuda/attn/skeleton.cuh) with the sparse
+// walker: 128-row CTAs over the union of two blocks' key tiles in 128-key tiles, pingpong
+// consumers (bf16 / head_dim 128, positions < 2^31 - 256; else v1 runs).
+enum class SparseKernelGen : int { kAuto = 0, kV1 = 1, kV2 = 2, kSkel = 3 };
 
 // Vertical-slash: per 64-row query block, its ranges [lo, hi) and gathered columns.
 Status vs_attention_fwd(const AttentionParams& p, const VsIndexView& ix, int head_offset,

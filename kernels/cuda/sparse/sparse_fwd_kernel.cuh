@@ -42,7 +42,7 @@ namespace mprefill::cuda::sparse {
 using namespace cute;
 using namespace attn;
 
-enum class Kind : int { kVs = 0, kBlockSparse = 1, kAShape = 2 };
+using Kind = walk::Kind;  // kVs, kBlockSparse, kAShape (kernels/cuda/attn/sparse_walk.h)
 
 // ---------------------------------------------------------------- traits
 #ifndef MPREFILL_SPARSE_STAGES

@@ -85,96 +85,12 @@ struct SparseTraitsV2 : attn::TileTypes<Element_, 64, 64, kHeadDim_, MPREFILL_SP
   using Params = typename V1::Params;  // same fields; block_first/num_m_blocks count blocks
 };
 
-// One query block's key intervals [lo, hi), ascending, clipped to [klo, khi); `has` /
-// (lo, hi) is the current one, advance() moves to the next non-empty one.
-struct KeyIntervals {
-  const int* a;  // VS: range_lo + base; block-sparse: the block list
-  const int* b;  // VS: range_hi + base
-  int i, n;
-  int klo, khi;
-  int a_lo0, a_hi0, a_lo1, a_hi1;  // A-shape
-  int lo, hi;
-  bool has;
-
-  CUTE_DEVICE void advance(Kind kind) {
-    has = false;
-    while (i < n) {
-      int l, h;
-      if (kind == Kind::kVs) {
-        l = a[i];
-        h = b[i];
-      } else if (kind == Kind::kBlockSparse) {
-        const int j = a[i];
-        if (j < 0) {
-          n = i;
-          break;
-        }
-        l = j * 64;
-        h = l + 64;
-      } else {
-        l = i == 0 ? a_lo0 : a_lo1;
-        h = i == 0 ? a_hi0 : a_hi1;
-      }
-      ++i;
-      l = cute::max(l, klo);
-      h = cute::min(h, khi);
-      if (l < h) {
-        lo = l;
-        hi = h;
-        has = true;
-        return;
-      }
-    }
-  }
-};
-
-// Bits [a, b) of a 64-bit mask, 0 <= a <= b <= 64.
-CUTE_DEVICE uint64_t bit_span(int a, int b) {
-  const uint64_t hi = b >= 64 ? ~0ull : ((1ull << b) - 1);
-  const uint64_t lo = a >= 64 ? ~0ull : ((1ull << a) - 1);
-  return hi & ~lo;
-}
-
-// Membership of keys [s, e) (e - s <= 64) in the intervals of `m`; advances `m` past the
-// intervals that end at or before s (pieces are asked for in ascending order).
-CUTE_DEVICE uint64_t member_bits(KeyIntervals& m, Kind kind, int s, int e) {
-  while (m.has && m.hi <= s) m.advance(kind);
-  uint64_t bits = 0;
-  if (!m.has || m.lo >= e) return 0;
-  KeyIntervals t = m;
-  while (t.has && t.lo < e) {
-    bits |= bit_span(cute::max(t.lo, s) - s, cute::min(t.hi, e) - s);
-    if (t.hi >= e) break;
-    t.advance(kind);
-  }
-  return bits;
-}
-
-template <class P>
-CUTE_DEVICE void init_intervals(KeyIntervals& it, P const& p, int head, int64_t m0, bool valid,
-                                int64_t* g, int64_t* g_end) {
-  it.i = it.n = 0;
-  it.has = false;
-  it.klo = int(cute::max<int64_t>(p.k_pos0, 0));
-  it.khi = int(cute::min<int64_t>(p.k_pos0 + p.n_k, m0 + 64));
-  *g = *g_end = 0;
-  if (!valid || it.khi <= it.klo) return;
-  const int64_t blk = m0 / 64;
-  if (p.kind == Kind::kVs) {
-    const int64_t hb = int64_t(p.head_offset + head) * p.nblocks + blk;
-    const int64_t r0 = p.range_ptr[hb];
-    it.a = p.range_lo + r0;
-    it.b = p.range_hi + r0;
-    it.n = int(p.range_ptr[hb + 1] - r0);
-    vs_column_span(p, hb, it.klo, it.khi, *g, *g_end);
-  } else if (p.kind == Kind::kBlockSparse) {
-    it.a = p.blocks + (int64_t(p.head_offset + head) * p.nblocks + blk) * p.bs_k;
-    it.n = p.bs_k;
-  } else {
-    it.n = ashape_ranges(p, m0, it.a_lo0, it.a_hi0, it.a_lo1, it.a_hi1);
-  }
-  it.advance(p.kind);
-}
+// Key intervals, membership bits and the blocks' interval set-up: kernels/cuda/attn/
+// sparse_walk.h (shared with the skeleton's walker).
+using walk::bit_span;
+using walk::init_intervals;
+using walk::KeyIntervals;
+using walk::member_bits;
 
 template <class T>
 __global__ void __launch_bounds__(T::kNumThreads, 1)

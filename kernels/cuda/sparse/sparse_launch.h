@@ -29,7 +29,8 @@ struct PatternArgs {
   int bs_k = 0;
   int64_t n_init = 0, n_local = 0;
   // Kernel generation, resolved from SparseKernelGen (sparse_attention.h): 1
-  // (sparse_fwd_kernel.cuh) or 2 (sparse_fwd_v2_kernel.cuh).
+  // (sparse_fwd_kernel.cuh), 2 (sparse_fwd_v2_kernel.cuh) or 3 (the skeleton,
+  // kernels/cuda/attn/walk_sparse.cuh).
   int version = 2;
 };
 
@@ -44,7 +45,7 @@ inline constexpr bool kSparseV2Built = (D == 128) && std::is_same_v<E, Bf16>;
 }  // namespace mprefill::cuda::sparse
 
 // Instance file body: MPREFILL_SPARSE_FWD_INSTANCE(Bf16, cutlass::bfloat16_t, 128); the
-// file includes sparse_fwd_v2_kernel.cuh (which includes v1's). Version 2 needs 32-bit
+// file includes kernels/cuda/attn/walk_sparse.cuh (which includes v2's and v1's). Version 2 needs 32-bit
 // positions (sparse_v2_positions_ok) and kSparseV2Built; otherwise version 1 runs.
 #define MPREFILL_SPARSE_FWD_INSTANCE(TAG, ELEMENT, HDIM)                        \
   namespace mprefill::cuda::sparse {                                            \
@@ -66,6 +67,8 @@ inline constexpr bool kSparseV2Built = (D == 128) && std::is_same_v<E, Bf16>;
     sp.n_init = pat.n_init;                                                     \
     sp.n_local = pat.n_local;                                                   \
     if constexpr (kSparseV2Built<TAG, HDIM>) {                                  \
+      if (pat.version == 3 && sparse_v2_positions_ok(p))                        \
+        return run_skel_fwd<ELEMENT, HDIM>(p, pat, stream);                     \
       if (pat.version == 2 && sparse_v2_positions_ok(p))                        \
         return run_sparse_fwd_v2<SparseTraitsV2<ELEMENT, HDIM>>(p, sp, stream); \
     }                                                                           \

@@ -1,0 +1,306 @@
+// One Hopper attention forward skeleton (sm_90a) with pluggable key-tile walkers.
+//
+// CTA = 128 query rows of one head (two 64-row consumer warpgroups, 1 and 2) and one
+// producer warpgroup (0). Key tiles of kBlockN = 128 keys flow through two rings of
+// kStages = 2 slots, one for K and one for V, in the consumption order of the dense
+// flash kernel: K[0], then K[n + 1] before V[n], so that a consumer can issue S[n + 1] =
+// Q K[n + 1]^T while P V[n] still holds V[n]. The WALKER decides which keys a tile holds
+// (a TMA box of 128 rows at any key offset, or 128 listed rows gathered by cp.async), in
+// what order, and which of them each consumer must mask; the skeleton owns everything
+// else: barriers, pingpong between the two consumers (one's softmax overlaps the other's
+// GEMMs), S[n] overlapped with P V[n - 1] inside a consumer, online softmax in exp2,
+// rescale, O / LSE epilogue.
+//
+// Walker contract (walk_sparse.cuh is the first walker):
+//   Walker::cta(p, blockIdx.x, blockIdx.y) -> the CTA's head and first query row (global
+//   position row0). Walker::produce<T>(p, ss, cta, tid) runs on all 128 producer threads:
+//   per tile, after K slot (stage, phase) is free, it writes the slot's key positions,
+//   membership words and flags, then loads K (load_tile: every producer thread arrives
+//   on full_k, count 128); after the NEXT tile's K it loads this tile's V; it ends the
+//   stream with a K slot whose flags are kEnd (then the last tile's V).
+//   Consumer side: the flags say, per consumer w, whether it uses the tile (kUse0 << w)
+//   and must mask it (kMask0 << w); a masked cell (row, key row c) stays iff c's
+//   membership bit is set and Walker::visible(p, key[c], row). A consumer that does not
+//   use a tile skips its GEMMs but still takes its pingpong turn and releases the slots
+//   in order.
+//
+// Deadlock freedom (2 stages, separate rings): the producer issues K[n + 1] before V[n];
+// a consumer holds at most the V slot of its pending tile (n - 1) while waiting for K[n]:
+// K[n] needs K slot n - 2 released (released right after S[n - 2] was masked) and V[n -
+// 1] needs V slot n - 3 released (released at tile n - 2 at the latest). A consumer that
+// skips tile n first flushes its pending P V (releases V[n - 1]) and then waits for and
+// releases V[n] itself, so V slots are always released in tile order.
+#pragma once
+
+#include "kernels/cuda/attn/sparse_walk.h"
+#include "kernels/cuda/common/attention_common.cuh"
+
+namespace mprefill::cuda::skel {
+
+using namespace cute;
+using namespace attn;
+
+// Flags of a K slot (sparse_walk.h): kUse0 << w / kMask0 << w, kGather, kEnd.
+using walk::kEnd;
+using walk::kGather;
+using walk::kMask0;
+using walk::kUse0;
+
+// 128 query rows (two consumer warpgroups of 64) x 128 keys, two K/V stages.
+template <typename Element_, int kHeadDim_>
+struct SkelTraits : attn::TileTypes<Element_, 128, 128, kHeadDim_, 2, 2> {
+  using Base = attn::TileTypes<Element_, 128, 128, kHeadDim_, 2, 2>;
+  using Element = Element_;
+  static constexpr int kStages = Base::kStages;
+  static constexpr int kNumMmaThreads = 256;
+  static constexpr int kNumThreads = 384;
+  // setmaxnreg moves registers within the CTA's launch pool, 384 x 168 = 3 x 168 per
+  // thread slot: the producer's walkers need more than the dense kernel's 24.
+#ifndef MPREFILL_SKEL_PRODUCER_REGS
+#define MPREFILL_SKEL_PRODUCER_REGS 72
+#endif
+  static constexpr int kProducerRegs = MPREFILL_SKEL_PRODUCER_REGS;
+  static constexpr int kConsumerRegs = (3 * 168 - kProducerRegs) / 2 / 8 * 8;
+  static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "register pool of the CTA");
+
+  struct SharedStorage {
+    cute::array_aligned<Element, cosize_v<typename Base::SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Element, cosize_v<typename Base::SmemLayoutK>, 1024> k;
+    cute::array_aligned<Element, cosize_v<typename Base::SmemLayoutV>, 1024> v;
+    int32_t key[kStages][Base::kBlockN];  // global key position per K slot row (INT32_MAX: none)
+    uint64_t member[kStages][2][2];       // [slot][consumer][word]: bit c = key row c is a member
+    uint32_t flags[kStages];
+    cutlass::arch::ClusterTransactionBarrier full_k[kStages], full_v[kStages];
+    cutlass::arch::ClusterBarrier empty_k[kStages], empty_v[kStages];
+    cutlass::arch::ClusterTransactionBarrier bar_q;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm90 opt-in limit");
+};
+
+// ---------------------------------------------------------------- producer helpers
+// Writes rows [ts, te) (global key positions; a gather reads them from list[ts, te)) of K
+// or V into slot `stage` of sX: TMA box at key row ts - k_pos0 (rows past te belong to
+// the box but not to the tile: masked by membership), or 16-byte cp.async gathers by the
+// 128 producer threads. Arrives on `full` (count 128) once per thread; thread 0 expects
+// the TMA bytes, a gathering thread first registers its copies (cp.async.mbarrier.arrive:
+// the phase cannot complete before they land).
+template <class T, class P, class TensorM, class TensorS>
+CUTE_DEVICE void load_tile(P const& p, int tid, int kv_head, bool gather, const int* list, int ts,
+                           int te, typename T::Element const* base, int64_t row_stride,
+                           typename P::TmaKV const& tma, TensorM const& mX, TensorS& sX, int stage,
+                           cutlass::arch::ClusterTransactionBarrier& full) {
+  constexpr int kBlockN = T::kBlockN, kHeadDim = T::kHeadDim;
+  if (!gather) {
+    if (tid == 0) {
+      full.arrive_and_expect_tx(T::kTmaBytesKV);
+      Tensor gX = local_tile(domain_offset(make_coord(int32_t(ts - p.k_pos0), _0{}),
+                                           mX(_, _, kv_head)),
+                             Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_0{}, _0{}));
+      auto [tXg, tXs] =
+          tma_partition(tma, _0{}, Layout<_1>{}, group_modes<0, 2>(sX), group_modes<0, 2>(gX));
+      copy(tma.with(reinterpret_cast<uint64_t&>(full), 0), tXg, tXs(_, stage));
+    } else {
+      full.arrive();
+    }
+    return;
+  }
+  constexpr int kChunksPerRow = kHeadDim / 8;
+  constexpr int kRowStep = 128 / kChunksPerRow;
+  constexpr int kIters = kBlockN / kRowStep;
+  const int ch = tid % kChunksPerRow, row0 = tid / kChunksPerRow;
+  int cols[kIters];
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < kIters; ++i) {
+    const int pos = ts + row0 + i * kRowStep;
+    cols[i] = pos < te ? __ldg(list + pos) : -1;
+  }
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < kIters; ++i) {
+    const bool ok = cols[i] >= 0;
+    const auto* src = base + (ok ? (int64_t(cols[i]) - p.k_pos0) * row_stride : 0) + ch * 8;
+    cp_async_16(cute::cast_smem_ptr_to_uint(&sX(row0 + i * kRowStep, ch * 8, stage)), src, ok);
+  }
+  cutlass::arch::cpasync_barrier_arrive(reinterpret_cast<uint64_t const*>(&full));
+  full.arrive();
+}
+
+// ---------------------------------------------------------------- consumer mainloop
+// Runs the consumer side of the skeleton for consumer warpgroup w (rows [64 w, 64 w + 64)
+// of the CTA's query tile, whose first row is the global position row0). Returns with O
+// and the softmax state in the caller's registers.
+template <class T, class Walker, class P, class TensorO, class Softmax>
+CUTE_DEVICE void consume(P const& p, typename T::SharedStorage& ss, int w, int tidx, int64_t row0,
+                         TensorO& tOrO, Softmax& softmax) {
+  using Element = typename T::Element;
+  constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kStages = T::kStages;
+  typename T::TiledMmaS mma_s;
+  typename T::TiledMmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(tidx);
+  auto thr_o = mma_o.get_thread_slice(tidx);
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename T::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename T::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename T::SmemLayoutVt{});
+  Tensor O_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);
+  Tensor tSrK = thr_s.partition_fragment_B(sK);
+  Tensor tOrV = thr_o.partition_fragment_B(sVt);
+  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor cS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(cS_rc))::value;
+  const float scale_log2 = p.scale_log2;
+  const uint32_t use_bit = kUse0 << w, mask_bit = kMask0 << w;
+
+  auto mask = [&](auto& tSrS, int slot) {
+    Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+    const uint64_t mem0 = ss.member[slot][w][0], mem1 = ss.member[slot][w][1];
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < size<1>(S); ++c) {
+      const int cc = get<1>(cS_rc(0, c));
+      const int64_t key = ss.key[slot][cc];
+      const bool in = ((cc < 64 ? mem0 : mem1) >> (cc & 63)) & 1ull;
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t row = row0 + get<0>(cS_rc(r, 0));
+        if (!(in && Walker::visible(p, key, row))) S(r, c) = -INFINITY;
+      }
+    }
+  };
+
+  Tensor rP =
+      make_tensor_like<Element>(partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));
+
+  // Pingpong: the consumers take turns issuing GEMMs; a consumer that skips a tile still
+  // takes its turn, so the turn sequence stays A, B, A, B, ...
+  auto turn_begin = [&]() { cutlass::arch::NamedBarrier::sync(2 * 128, w); };
+  auto turn_end = [&]() { cutlass::arch::NamedBarrier::arrive(2 * 128, 1 - w); };
+  if (w == 1) cutlass::arch::NamedBarrier::arrive(2 * 128, 0);  // consumer 0 goes first
+
+  int sk = 0, sv = 0;
+  uint32_t pk = 0, pv = 0;
+  auto next_k = [&]() {
+    if (++sk == kStages) sk = 0, pk ^= 1;
+  };
+  auto next_v = [&]() {
+    if (++sv == kStages) sv = 0, pv ^= 1;
+  };
+  bool pending = false, pend_gather = false, q_ready = false;
+  // Issues the pending P V alone (inside the caller's turn) and releases its V slot.
+  auto flush = [&]() {
+    ss.full_v[sv].wait(pv);
+    if (pend_gather) cutlass::arch::fence_view_async_shared();
+    wg_gemm_issue<false>(mma_o, tOrP, tOrV(_, _, _, sv), tOrO);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
+    ss.empty_v[sv].arrive();
+    next_v();
+    pending = false;
+  };
+
+  for (;;) {
+    ss.full_k[sk].wait(pk);
+    const uint32_t f = ss.flags[sk];
+    if (f & kEnd) break;
+    if (!(f & use_bit)) {
+      turn_begin();
+      if (pending) flush();
+      turn_end();
+      ss.empty_k[sk].arrive();
+      next_k();
+      ss.full_v[sv].wait(pv);  // this tile's V: released unread, in order
+      ss.empty_v[sv].arrive();
+      next_v();
+      continue;
+    }
+    if (f & kGather) cutlass::arch::fence_view_async_shared();  // cp.async data -> wgmma
+    if (!q_ready) {
+      ss.bar_q.wait(0);
+      q_ready = true;
+    }
+    Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    // Two straight-line branches, each ending with every wgmma retired, so that ptxas
+    // can prove no accumulator is read while a wgmma writes it (else it serialises).
+    if (pending) {
+      ss.full_v[sv].wait(pv);
+      if (pend_gather) cutlass::arch::fence_view_async_shared();
+      turn_begin();
+      wg_gemm_issue<true>(mma_s, tSrQ, tSrK(_, _, _, sk), tSrS);
+      wg_gemm_issue<false>(mma_o, tOrP, tOrV(_, _, _, sv), tOrO);
+      turn_end();
+      warpgroup_wait<1>();  // S done, P V still running
+      warpgroup_fence_operand(tSrS);
+      if (f & mask_bit) mask(tSrS, sk);
+      ss.empty_k[sk].arrive();
+      softmax.update(tSrS, scale_log2);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrO);
+      warpgroup_fence_operand(rP);
+      ss.empty_v[sv].arrive();
+      next_v();
+    } else {
+      turn_begin();
+      wg_gemm_issue<true>(mma_s, tSrQ, tSrK(_, _, _, sk), tSrS);
+      turn_end();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrS);
+      if (f & mask_bit) mask(tSrS, sk);
+      ss.empty_k[sk].arrive();
+      softmax.update(tSrS, scale_log2);
+    }
+    next_k();
+    softmax.rescale(O_rc);
+    convert_p(rP, tSrS);
+    pending = true;
+    pend_gather = (f & kGather) != 0;
+  }
+  // The last turn (both consumers take it, so the turn counts match).
+  turn_begin();
+  if (pending) flush();
+  turn_end();
+  if (w == 0) cutlass::arch::NamedBarrier::sync(2 * 128, 0);  // consume the last arrival
+}
+
+// ---------------------------------------------------------------- kernel
+template <class T, class Walker>
+__global__ void __launch_bounds__(T::kNumThreads, 1)
+    skel_fwd_kernel(CUTE_GRID_CONSTANT typename Walker::template Params<T> const p) {
+  extern __shared__ char smem_raw[];
+  auto& ss = *reinterpret_cast<typename T::SharedStorage*>(smem_raw);
+  const int warp_group = cutlass::canonical_warp_group_idx();
+  const typename Walker::Cta cta = Walker::cta(p, int(blockIdx.x), int(blockIdx.y));
+
+  init_ring_barriers<T::kStages>(p, ss, [&](int i) {
+    ss.full_k[i].init(128);
+    ss.full_v[i].init(128);
+    ss.empty_k[i].init(T::kNumMmaThreads);
+    ss.empty_v[i].init(T::kNumMmaThreads);
+  });
+
+  if (warp_group == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<T::kProducerRegs>();
+    Walker::template produce<T>(p, ss, cta, int(threadIdx.x));
+    return;
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<T::kConsumerRegs>();
+  const int tidx = int(threadIdx.x) - 128;  // [0, 256): both consumer warpgroups
+  typename T::TiledMmaO mma_o;
+  auto thr_o = mma_o.get_thread_slice(tidx);
+  Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<T::kBlockM>, Int<T::kHeadDim>>{});
+  Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<Int<T::kBlockM>, Int<T::kHeadDim>>{}));
+  Tensor O_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
+  Tensor cO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
+  constexpr int kRows = decltype(size<0>(O_rc))::value;
+  OnlineSoftmax<kRows> softmax;
+  clear(tOrO);
+
+  consume<T, Walker>(p, ss, warp_group - 1, tidx, cta.row0, tOrO, softmax);
+
+  store_o_lse<true>(
+      p, cta.head, tidx, O_rc, cO_rc, softmax,
+      [&](int r) { return cta.row0 + get<0>(cO_rc(r, 0)) - p.q_pos0; },  // local query row
+      [&](int64_t row) { return row >= 0 && row < p.n_q; });
+}
+
+}  // namespace mprefill::cuda::skel

@@ -1,0 +1,207 @@
+// Key-tile walker of the skeleton for the MInference patterns (vertical-slash,
+// block-sparse, A-shape; kernels/sparse.h), kind chosen per launch. The tile stream
+// (which keys, in what order, who uses and who masks each tile) is walk::SparseWalk
+// (sparse_walk.h, shared with the CPU replay test); this file loads it: CTA = global
+// query blocks A = block_first + 2 i and B = A + 1 (consumer 0 = A, 1 = B), K/V by TMA
+// at any key row for union pieces and by cp.async for gathered columns.
+#pragma once
+
+#include "kernels/cuda/attn/skeleton.cuh"
+#include "kernels/cuda/attn/sparse_walk.h"
+#include "kernels/cuda/sparse/sparse_fwd_v2_kernel.cuh"
+#include "kernels/cuda/sparse/sparse_launch.h"
+
+namespace mprefill::cuda::skel {
+
+using walk::Kind;
+
+#ifndef MPREFILL_SKEL_UNION_GATHER
+#define MPREFILL_SKEL_UNION_GATHER 1
+#endif
+// Gathered tiles shared by both consumers (1) or A's and B's lists alternating, each
+// used by its owner only (0).
+constexpr bool kUnionGather = MPREFILL_SKEL_UNION_GATHER != 0;
+
+struct SparseWalker {
+  template <class T>
+  struct Params {
+    typename T::TmaQ tma_q;
+    typename T::TmaKV tma_k;
+    typename T::TmaKV tma_v;
+    using TmaKV = typename T::TmaKV;
+    const typename T::Element* k;  // gather sources (token-major, strides in elements)
+    const typename T::Element* v;
+    int64_t k_row_stride, k_head_stride, v_row_stride, v_head_stride;
+    typename T::Element* o;
+    float* lse;
+    int64_t o_row_stride, o_head_stride, lse_head_stride;
+    int32_t n_q, n_k, num_heads, num_kv_heads, head_ratio, head_dim;
+    int64_t q_pos0, k_pos0;
+    int64_t block_first;   // first global 64-row query block of the call
+    int32_t num_m_blocks;  // 64-row blocks of the call (CTAs: ceil(num_m_blocks / 2))
+    float scale, scale_log2;
+    Kind kind;
+    int64_t nblocks;  // vertical-slash / block-sparse index rows per head
+    const int64_t* range_ptr;
+    const int* range_lo;
+    const int* range_hi;
+    const int64_t* col_ptr;
+    const int* col;
+    int head_offset;
+    const int* blocks;
+    int bs_k;
+    int64_t n_init, n_local;
+  };
+
+  struct Cta {
+    int head;
+    int64_t row0;  // global position of the CTA's first query row (block A's m0)
+    bool valid_b;
+  };
+
+  template <class P>
+  CUTE_DEVICE static Cta cta(P const& p, int bx, int by) {
+    const int num_pairs = (p.num_m_blocks + 1) / 2;
+    const int64_t block_a = p.block_first + 2 * int64_t(num_pairs - 1 - bx);  // last first
+    Cta c;
+    c.head = by;
+    c.row0 = block_a * 64;
+    c.valid_b = block_a + 1 <= p.block_first + p.num_m_blocks - 1;
+    return c;
+  }
+
+  template <class P>
+  CUTE_DEVICE static bool visible(P const& p, int64_t key, int64_t row) {
+    bool vis = key <= row;
+    if (p.kind == Kind::kAShape) vis = vis && (key < p.n_init || row - key < p.n_local);
+    return vis;
+  }
+
+  template <class T, class P>
+  CUTE_DEVICE static void produce(P const& p, typename T::SharedStorage& ss, Cta const& cta,
+                                  int tid) {
+    using Element = typename T::Element;
+    constexpr int kBlockN = T::kBlockN, kHeadDim = T::kHeadDim, kStages = T::kStages;
+    static_assert(kBlockN == 128, "one producer thread per key row");
+    const int head = cta.head, kv_head = head / p.head_ratio;
+    walk::SparseWalk<kBlockN> wk;
+    wk.init(p, head, cta.row0, cta.valid_b, kUnionGather);
+
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename T::SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename T::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename T::SmemLayoutV{});
+    Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.n_q, int32_t(kHeadDim), p.num_heads));
+    Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.n_k, int32_t(kHeadDim), p.num_kv_heads));
+    Tensor mV = p.tma_v.get_tma_tensor(make_shape(p.n_k, int32_t(kHeadDim), p.num_kv_heads));
+    const Element* k_base = p.k + int64_t(kv_head) * p.k_head_stride;
+    const Element* v_base = p.v + int64_t(kv_head) * p.v_head_stride;
+
+    int sk = 0, sv = 0;
+    uint32_t pk = 0, pv = 0;
+    bool q_issued = false, have_prev = false;
+    int prev_s = 0, prev_e = 0, prev_gw = -1;  // previous tile (its V goes after this K)
+    for (;;) {
+      walk::TileDesc d;
+      wk.next(p, d);
+      // ---- K of this tile (or the end marker)
+      ss.empty_k[sk].wait(pk ^ 1);
+      if (d.end) {
+        if (tid == 0) ss.flags[sk] = kEnd;
+        ss.full_k[sk].arrive();
+      } else {
+        if (!q_issued) {
+          q_issued = true;
+          if (tid == 0) {
+            ss.bar_q.arrive_and_expect_tx(T::kTmaBytesQ);
+            tma_load_rows<T::kBlockM, kHeadDim>(p.tma_q, reinterpret_cast<uint64_t&>(ss.bar_q),
+                                                mQ, head, int32_t(cta.row0 - p.q_pos0), sQ);
+          }
+        }
+        // Thread tid writes key row tid's position; warp w the 32-bit quarter w of each
+        // consumer's membership bits.
+        const int key = wk.key(p, d, tid);
+        ss.key[sk][tid] = key;
+        const uint32_t qa = __ballot_sync(0xffffffffu, wk.member_a(p, d, tid, key));
+        const uint32_t qb = __ballot_sync(0xffffffffu, wk.member_b(d, tid));
+        if ((tid & 31) == 0) {
+          reinterpret_cast<uint32_t*>(&ss.member[sk][0][0])[tid / 32] = qa;
+          reinterpret_cast<uint32_t*>(&ss.member[sk][1][0])[tid / 32] = qb;
+        }
+        if (tid == 0) ss.flags[sk] = d.flags;
+        load_tile<T>(p, tid, kv_head, d.gw >= 0, p.col, d.ts, d.te, k_base, p.k_row_stride,
+                     p.tma_k, mK, sK, sk, ss.full_k[sk]);
+        if (++sk == kStages) sk = 0, pk ^= 1;
+      }
+      // ---- V of the previous tile
+      if (have_prev) {
+        ss.empty_v[sv].wait(pv ^ 1);
+        load_tile<T>(p, tid, kv_head, prev_gw >= 0, p.col, prev_s, prev_e, v_base, p.v_row_stride,
+                     p.tma_v, mV, sV, sv, ss.full_v[sv]);
+        if (++sv == kStages) sv = 0, pv ^= 1;
+      }
+      if (d.end) return;
+      have_prev = true;
+      prev_s = d.ts;
+      prev_e = d.te;
+      prev_gw = d.gw;
+    }
+  }
+};
+
+}  // namespace mprefill::cuda::skel
+
+namespace mprefill::cuda::skel {
+
+// ---------------------------------------------------------------- launcher
+// `sp` carries the pattern fields (kind, index views, A-shape windows); the caller has
+// checked the arguments and sparse::sparse_v2_positions_ok(a).
+template <class T>
+Status run_skel_sparse(const AttentionParams& a, typename SparseWalker::Params<T> sp,
+                       cudaStream_t stream) {
+  using Element = typename T::Element;
+  using P = typename SparseWalker::Params<T>;
+  P p = sp;
+  const int32_t n_k_desc = a.n_k > 0 ? a.n_k : 1;  // no tile is read when n_k = 0
+  set_qkv_tma<T>(a, int32_t(T::kHeadDim), n_k_desc, p);
+  set_attention_params(a, p);
+  p.k = static_cast<const Element*>(a.k);
+  p.v = static_cast<const Element*>(a.v);
+  p.k_row_stride = a.k_row_stride;
+  p.k_head_stride = a.k_head_stride;
+  p.v_row_stride = a.v_row_stride;
+  p.v_head_stride = a.v_head_stride;
+  p.head_dim = a.head_dim;
+  p.q_pos0 = a.q_pos0;
+  p.k_pos0 = a.k_pos0;
+  p.block_first = a.q_pos0 / 64;
+  p.num_m_blocks = int32_t((a.q_pos0 + a.n_q - 1) / 64 - p.block_first + 1);
+  return launch_attention(skel_fwd_kernel<T, SparseWalker>,
+                          dim3((p.num_m_blocks + 1) / 2, a.num_heads), T::kNumThreads,
+                          T::kSmemBytes, stream, p, "launch skel_fwd_kernel<SparseWalker>");
+}
+
+}  // namespace mprefill::cuda::skel
+
+namespace mprefill::cuda::sparse {
+
+// The sparse instances' entry into the skeleton (PatternArgs -> walker Params).
+template <class Element, int D>
+Status run_skel_fwd(const AttentionParams& a, const PatternArgs& pat, cudaStream_t stream) {
+  using T = skel::SkelTraits<Element, D>;
+  typename skel::SparseWalker::Params<T> sp{};
+  sp.kind = static_cast<Kind>(pat.kind);
+  sp.nblocks = pat.nblocks;
+  sp.range_ptr = pat.range_ptr;
+  sp.range_lo = pat.range_lo;
+  sp.range_hi = pat.range_hi;
+  sp.col_ptr = pat.col_ptr;
+  sp.col = pat.col;
+  sp.head_offset = pat.head_offset;
+  sp.blocks = pat.blocks;
+  sp.bs_k = pat.bs_k;
+  sp.n_init = pat.n_init;
+  sp.n_local = pat.n_local;
+  return skel::run_skel_sparse<T>(a, sp, stream);
+}
+
+}  // namespace mprefill::cuda::sparse
