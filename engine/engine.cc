@@ -109,6 +109,10 @@ std::vector<float> Engine::prefill(const std::vector<int>& ids, const SparsePoli
   a.fill_plan = !reuse;
   a.stats = &st;
   a.audit = &audit;
+  if (opt_.on_layer)
+    a.observe = [this, &c](int layer, const float*, const float*, const float*) {
+      opt_.on_layer(layer, c.n_layers);
+    };
   std::vector<float> logits = local_forward(w_, inv_freq_, opt_.mlp_chunk, ids.data(), a);
   cache->n_tokens = n;
   st.total_ms = ms_since(t0);

@@ -69,6 +69,8 @@ struct PrefillStats {
 
 struct EngineOptions {
   int64_t mlp_chunk = 512;  // tokens per MLP chunk (never a [N x ffn] buffer)
+  // Called by prefill as each layer's attention starts (progress lines); may be empty.
+  std::function<void(int layer, int n_layers)> on_layer;
 };
 
 struct GenerateOptions {

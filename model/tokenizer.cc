@@ -10,6 +10,17 @@
 #include <stdexcept>
 
 namespace mprefill {
+
+std::string tokenizer_beside(const std::string& model_path) {
+  namespace fs = std::filesystem;
+  if (model_path.empty() || model_path.rfind("random:", 0) == 0) return "";
+  std::error_code ec;
+  const fs::path p(model_path);
+  const fs::path dir = fs::is_directory(p, ec) ? p : p.parent_path();
+  const fs::path tok = (dir.empty() ? fs::path(".") : dir) / "tokenizer.bin";
+  return fs::is_regular_file(tok, ec) ? tok.string() : "";
+}
+
 namespace {
 
 constexpr int kFirstByteToken = 3;

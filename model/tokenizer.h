@@ -9,6 +9,10 @@
 
 namespace mprefill {
 
+// The llama2.c tokenizer that ships beside a model: DIR/tokenizer.bin for a model
+// directory DIR or a checkpoint file in DIR; "" when there is none (or for random:...).
+std::string tokenizer_beside(const std::string& model_path);
+
 class Tokenizer {
  public:
   static constexpr int kBos = 1, kEos = 2;

@@ -2,6 +2,8 @@
 
 #include <filesystem>
 #include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "model/hf_config.h"
 #include "model/llama2c.h"
@@ -85,7 +87,21 @@ ModelWeights load_model(const std::string& path) {
   std::error_code ec;
   const fs::file_status st = fs::status(path, ec);
   if (ec || !fs::exists(st)) throw std::runtime_error("model path " + path + " does not exist");
-  if (fs::is_directory(st)) return load_hf_dir(path);
+  if (fs::is_directory(st)) {
+    if (fs::exists(fs::path(path) / "config.json")) return load_hf_dir(path);
+    // A llama2.c model directory: its one checkpoint .bin beside tokenizer.bin.
+    std::vector<std::string> bins;
+    for (const auto& e : fs::directory_iterator(path, ec)) {
+      if (e.is_regular_file() && e.path().extension() == ".bin" &&
+          e.path().filename() != "tokenizer.bin")
+        bins.push_back(e.path().string());
+    }
+    if (bins.size() == 1) return load_llama2c(bins[0]);
+    throw std::runtime_error("model directory " + path + " has no config.json and " +
+                             (bins.empty()
+                                  ? std::string("no llama2.c .bin checkpoint")
+                                  : std::to_string(bins.size()) + " .bin checkpoints (name one)"));
+  }
   if (fs::is_regular_file(st) && fs::path(path).extension() == ".bin") return load_llama2c(path);
   throw std::runtime_error("model path " + path +
                            " is neither an HF directory (config.json + safetensors) nor a "

@@ -16,7 +16,7 @@ std::string hostname();
 // `mprefill generate`, `submit` and `run`.
 struct JobOptions {
   std::optional<std::string> prompt, prompt_ids, prompt_file;  // exactly one is given
-  int decode = 0;
+  int decode = 16;  // tokens decoded after the first one
   int audit_heads = 0;  // heads per layer audited against dense attention
   std::string sparse = "dense";
   int64_t dense_below = 0;

@@ -1,5 +1,7 @@
 #include "tools/generate.h"
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -57,6 +59,24 @@ nlohmann::json sparse_json(const SparsePolicy& p, const PrefillStats& st) {
             {"block_sparse", st.heads_by_kind[3]}}}};
 }
 
+// What ran, not what the policy asked: "dense on every head (5 tokens < --dense-below
+// 32768)" or "vertical_slash x30, dense x6 (policy: auto)".
+std::string ran_summary(const SparsePolicy& p, const PrefillStats& st) {
+  if (st.all_dense) {
+    if (p.source == "dense") return "dense";
+    return "dense on every head (" + std::to_string(st.tokens) + " tokens < --dense-below " +
+           std::to_string(p.dense_below) + "; policy: " + one_line(p.source) + ")";
+  }
+  static const char* kNames[] = {"dense", "a_shape", "vertical_slash", "block_sparse"};
+  std::string out;
+  for (int k : {2, 3, 1, 0}) {
+    if (st.heads_by_kind[k] == 0) continue;
+    out += (out.empty() ? "" : ", ") + std::string(kNames[k]) + " x" +
+           std::to_string(st.heads_by_kind[k]);
+  }
+  return out + " (policy: " + one_line(p.source) + ")";
+}
+
 // One entry per audited head (engine/audit.h).
 nlohmann::json audit_json(const PrefillStats& st) {
   nlohmann::json out = nlohmann::json::array();
@@ -81,14 +101,18 @@ int run_generate(const GenerateArgs& a) {
     throw DeviceError("--device cuda: " + why);
   if (a.threads > 0) cpu::set_num_threads(a.threads);
 
-  std::optional<Tokenizer> tok;
-  if (!a.tokenizer.empty()) tok = Tokenizer::load(a.tokenizer);
-
   const cli::PromptInput prompt = cli::read_prompt(a);
   std::vector<int> ids = prompt.ids;
   const std::string& prompt_text = prompt.text;
+  // A text prompt without --tokenizer takes the tokenizer.bin beside the model; ids in,
+  // ids out unless --tokenizer is given.
+  std::string tok_path = a.tokenizer;
+  if (tok_path.empty() && ids.empty()) tok_path = tokenizer_beside(a.model);
+  std::optional<Tokenizer> tok;
+  if (!tok_path.empty()) tok = Tokenizer::load(tok_path);
   if (ids.empty()) {
-    if (!tok) throw UsageError("a text prompt needs --tokenizer");
+    if (!tok)
+      throw UsageError("a text prompt needs --tokenizer (no tokenizer.bin beside " + a.model + ")");
     ids = tok->encode(prompt_text, true);
   }
 
@@ -97,11 +121,24 @@ int run_generate(const GenerateArgs& a) {
   const double load_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_load).count();
   if (tok && tok->vocab_size() != w.config.vocab)
-    throw std::runtime_error("tokenizer " + a.tokenizer + " has " +
-                             std::to_string(tok->vocab_size()) + " tokens but the model has " +
-                             std::to_string(w.config.vocab));
+    throw std::runtime_error("tokenizer " + tok_path + " has " + std::to_string(tok->vocab_size()) +
+                             " tokens but the model has " + std::to_string(w.config.vocab));
 
-  Engine engine(w);
+  // Progress: one line rewritten per layer (a long CPU prefill takes minutes), on a
+  // terminal or with --progress; cleared (terminal) or ended (file) after the prefill.
+  const bool tty = ::isatty(STDERR_FILENO) != 0;
+  const bool progress = a.progress || (tty && !a.json);
+  const auto t_prefill = std::chrono::steady_clock::now();
+  EngineOptions eo;
+  if (progress)
+    eo.on_layer = [&](int layer, int n_layers) {
+      const double s =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t_prefill).count();
+      std::fprintf(stderr, "%smprefill: prefill layer %d/%d, %zu tokens, %.1f s%s", tty ? "\r" : "",
+                   layer + 1, n_layers, ids.size(), s, tty ? "\033[K" : "\n");
+      std::fflush(stderr);
+    };
+  Engine engine(w, eo);
   GenerateOptions opt;
   opt.decode_steps = a.decode;
   opt.sampler.temperature = static_cast<float>(a.temperature);
@@ -117,6 +154,7 @@ int run_generate(const GenerateArgs& a) {
 
   // cuda: GPU prefill, KV into a host cache, decoding on the CPU engine.
   const GenerateResult r = generate_on(backend, engine, ids, opt);
+  if (progress && tty) std::fputs("\r\033[K", stderr);
 
   std::string text;
   if (tok) {
@@ -161,7 +199,7 @@ int run_generate(const GenerateArgs& a) {
                  "stop: %s, sparse: %s\n",
                  static_cast<long long>(r.prompt_tokens), r.ttft_ms, ndec, r.decode_ms,
                  ndec && r.decode_ms > 0 ? 1000.0 * ndec / r.decode_ms : 0.0, r.stopped_by.c_str(),
-                 one_line(opt.policy.summary_string()).c_str());
+                 ran_summary(opt.policy, r.prefill).c_str());
     if (a.audit_heads > 0 && r.prefill.audit.empty())
       std::fprintf(stderr, "mprefill: audit: no head to audit (the prompt ran dense)\n");
     for (const HeadAuditResult& h : r.prefill.audit)

@@ -23,6 +23,7 @@ struct GenerateArgs : cli::JobOptions {
   int threads = 0;
   bool json = false;
   bool help = false;
+  bool progress = false;  // --progress: a prefill progress line even when stderr is no terminal
 };
 
 // Runs the command; returns the exit status. Throws DeviceError, std::runtime_error.

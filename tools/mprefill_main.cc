@@ -36,13 +36,13 @@ const char* kGenerateUsage =
     "                         [--decode N] [--sparse dense|auto|FILE.json] [--dense-below N]\n"
     "                         [--temperature T] [--top-p P] [--seed S] [--stop-ids a,b]\n"
     "                         [--max-prompt N] [--device cpu|cuda] [--threads N] [--json]\n"
-    "                         [--audit-heads K]\n"
-    "  --model PATH        HF directory (config.json + safetensors), llama2.c .bin, or\n"
-    "                      random:NAME[:SEED] (random weights of a named shape: tiny,\n"
-    "                      stories15m, llama3-8b)\n"
-    "  --tokenizer PATH    llama2.c tokenizer.bin (needed for --prompt/--prompt-file;\n"
-    "                      BOS is prepended)\n"
-    "  --decode N          tokens to decode after the first one (default 0)\n"
+    "                         [--audit-heads K] [--progress]\n"
+    "  --model PATH        HF directory (config.json + safetensors), llama2.c .bin (or its\n"
+    "                      directory), or random:NAME[:SEED] (random weights of a named\n"
+    "                      shape: tiny, stories15m, llama3-8b)\n"
+    "  --tokenizer PATH    llama2.c tokenizer.bin for --prompt/--prompt-file (BOS is\n"
+    "                      prepended; default: tokenizer.bin beside the model)\n"
+    "  --decode N          tokens to decode after the first one (default 16)\n"
     "  --sparse SPEC       per-head pattern policy: dense (default), auto (vertical-slash\n"
     "                      1000/6096 on every head) or an MInference per-head JSON\n"
     "  --dense-below N     prompts shorter than N tokens run dense (default 32768)\n"
@@ -52,6 +52,7 @@ const char* kGenerateUsage =
     "  --device cpu|cuda   engine (default cpu)\n"
     "  --threads N         CPU worker threads (default: all cores or MPREFILL_THREADS)\n"
     "  --json              print one JSON object on stdout\n"
+    "  --progress          prefill progress on stderr (default: when stderr is a terminal)\n"
     "  --audit-heads K     audit K non-dense heads per layer against dense attention on 4\n"
     "                      sampled query blocks: recall and relative output difference\n"
     "                      per head (cpu engine)\n";
@@ -65,6 +66,8 @@ GenerateArgs parse_generate(int argc, char** argv) {
       a.help = true;
     } else if (flag == "--json") {
       a.json = true;
+    } else if (flag == "--progress") {
+      a.progress = true;
     } else if (flag == "--model") {
       a.model = r.value();
     } else if (flag == "--tokenizer") {

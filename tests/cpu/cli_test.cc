@@ -112,6 +112,42 @@ TEST_F(Cli, GenerateTextPrintsContinuation) {
   EXPECT_NE(r.err.find("prompt tokens"), std::string::npos) << r.err;
 }
 
+// New-user defaults (issue 17): the README example (model directory, no --tokenizer, no
+// --decode) prints a real continuation, and the summary line says what ran.
+TEST_F(Cli, ReadmeExampleDecodesWithTheTokenizerBesideTheModel) {
+  need_model();
+  // The llama2.c model directory and the tokenizer.bin in it are found on their own.
+  CmdResult r =
+      run("generate --model " + quote(model_dir()) + " --prompt 'Once upon a time' --json");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const nlohmann::json j = nlohmann::json::parse(r.out);
+  const auto ids = j["generated_ids"].get<std::vector<int>>();
+  EXPECT_EQ(ids.size(), 17u);  // first token + --decode default 16
+  EXPECT_EQ(std::vector<int>(ids.begin(), ids.begin() + 8), kNext);
+  EXPECT_EQ(j["text"].get<std::string>().rfind(", there was a little girl", 0), 0u) << j["text"];
+  // --sparse auto on a short prompt: the summary names what ran (dense), not the policy.
+  r = run("generate --model " + quote(model_bin()) + " --prompt 'Once upon a time' --sparse auto");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.err.find("sparse: dense on every head (5 tokens < --dense-below 32768"),
+            std::string::npos)
+      << r.err;
+  EXPECT_EQ(r.err.find("vertical_slash x"), std::string::npos) << r.err;
+  r = run("generate --model " + quote(model_bin()) +
+          " --prompt 'Once upon a time' --sparse auto --dense-below 0 --decode 1");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.err.find("sparse: vertical_slash x36 (policy: auto)"), std::string::npos) << r.err;
+  // --progress: one line per layer (a terminal gets them rewritten in place).
+  r = run("generate --model " + quote(model_bin()) + " --prompt-ids 1,9038 --decode 1 --progress");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.err.find("mprefill: prefill layer 1/6, 2 tokens"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("mprefill: prefill layer 6/6, 2 tokens"), std::string::npos) << r.err;
+  // A directory with neither config.json nor one checkpoint: one clear error.
+  const std::string empty_dir = tmp_ + "/empty_model";
+  fs::create_directories(empty_dir);
+  expect_error(run("generate --model " + quote(empty_dir) + " --prompt-ids 1"),
+               "has no config.json and no llama2.c .bin checkpoint");
+}
+
 TEST_F(Cli, PromptIdsFileAndSparseFlags) {
   need_model();
   // ids without a tokenizer print ids
