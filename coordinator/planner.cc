@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include "model/parallel_plan.h"
+#include "proto/shard_plan.h"
 
 namespace mprefill::coord {
 
@@ -53,17 +54,7 @@ ModelConfig config_of(const v1::ModelFingerprint& m) {
 
 v1::ShardPlan make_shard_plan(const v1::ModelFingerprint& m, const SparsePolicy& policy, int64_t n,
                               int tp, int sp) {
-  v1::ShardPlan plan;
-  plan.set_tp(tp);
-  plan.set_sp(sp);
-  for (const TokenRanges& ranges : plan_sequence_parallel(n, sp)) {
-    auto* shard = plan.add_sp_shards();
-    for (const auto& [b, e] : ranges) {
-      auto* r = shard->add_ranges();
-      r->set_begin(b);
-      r->set_end(e);
-    }
-  }
+  v1::ShardPlan plan = wire::encode_shard_layout(plan_sequence_parallel(n, sp), tp, sp);
   const TpPlan tpp = plan_tensor_parallel(config_of(m), policy, n, tp);
   for (const auto& heads : tpp.kv_heads.at(0)) {
     auto* t = plan.add_tp_heads();

@@ -6,6 +6,7 @@ namespace mprefill {
 namespace {
 std::atomic<int> g_rank{-1};
 std::atomic<int> g_device{-1};
+std::atomic<const char*> g_role{nullptr};
 
 // Source paths relative to the repository root when they contain one of its folders.
 std::string_view short_path(std::string_view file) {
@@ -18,18 +19,23 @@ std::string_view short_path(std::string_view file) {
 }
 }  // namespace
 
-void set_edge_context(int rank, int device) {
+void set_edge_context(int rank, int device, const char* role) {
   g_rank.store(rank, std::memory_order_relaxed);
   g_device.store(device, std::memory_order_relaxed);
+  g_role.store(role, std::memory_order_relaxed);
 }
 int edge_rank() { return g_rank.load(std::memory_order_relaxed); }
 int edge_device() { return g_device.load(std::memory_order_relaxed); }
+const char* edge_role() { return g_role.load(std::memory_order_relaxed); }
 
 std::string edge_prefix() {
   const int r = edge_rank(), d = edge_device();
+  const char* role = edge_role();
+  std::string who = role ? role : "";
+  if (r >= 0) who += (who.empty() ? "rank " : " rank ") + std::to_string(r);
   const std::string dev = d >= 0 ? "cuda:" + std::to_string(d) : "";
-  if (r < 0) return dev.empty() ? "" : dev + ": ";
-  return "rank " + std::to_string(r) + (dev.empty() ? "" : " (" + dev + ")") + ": ";
+  if (who.empty()) return dev.empty() ? "" : dev + ": ";
+  return who + (dev.empty() ? "" : " (" + dev + ")") + ": ";
 }
 
 void throw_status(Status s, std::string_view what, std::string_view backend_error, const char* file,

@@ -4,8 +4,9 @@
 //   "rank 3 (cuda:1): flash attention at layer 7 failed: CUDA error (cudaMemcpyAsync at
 //    kernels/cuda/gemm.cc:88: an illegal memory access) [engine/cuda/layer_forward.cc:214]"
 //
-// Rank and device come from the process-wide edge context (set once by the executor or
-// the service that owns the process; -1 = not set, left out of the text). The backend's
+// Role, rank and device come from the process-wide edge context (set once by the executor
+// or the service that owns the process; nullptr / -1 = not set, left out of the text):
+// "decoder (cuda:0): ..." in the decoder, which has no rank. The backend's
 // last error text is passed by the caller: cuda::last_error() for CUDA launchers,
 // Communicator::last_error() for comm/, empty for the CPU kernels. Nothing in kernels/
 // or comm/ calls this: they return Status.
@@ -28,12 +29,15 @@ class StatusError : public std::runtime_error {
   Status status_;
 };
 
-// Process-wide rank / CUDA device named in every edge error (thread-safe to read).
-void set_edge_context(int rank, int device);
+// Process-wide role / rank / CUDA device named in every edge error (thread-safe to read).
+// role must outlive every reader (a string literal such as "decoder"); nullptr when the rank
+// says enough (the worker ranks, executors).
+void set_edge_context(int rank, int device, const char* role = nullptr);
 int edge_rank();
 int edge_device();
+const char* edge_role();
 
-// "rank R (cuda:D): " / "rank R: " / "" from the edge context.
+// "ROLE rank R (cuda:D): ", each part left out when unset ("" when all are).
 std::string edge_prefix();
 
 [[noreturn]] void throw_status(Status s, std::string_view what, std::string_view backend_error,

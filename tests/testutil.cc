@@ -1,5 +1,6 @@
 #include "tests/testutil.h"
 
+#include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
@@ -103,6 +104,22 @@ int run_command(const std::string& cmd, std::string* output) {
   const int st = ::pclose(f);
   if (output) *output = out;
   return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+}
+
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const std::runtime_error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "no exception thrown";
+  return "";
+}
+
+void expect_one_line_containing(const std::string& msg, const std::vector<std::string>& parts) {
+  EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+  for (const std::string& p : parts)
+    EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
 }
 
 TempDir::TempDir(const std::string& prefix) {

@@ -1,6 +1,7 @@
 // Shared helpers for the test suites: random data, normwise comparison, paths.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -40,6 +41,13 @@ bool normwise_close(const float* out, const double* ref, size_t n, double tol, s
 
 // Run a command through the shell; returns exit status, captures stdout+stderr.
 int run_command(const std::string& cmd, std::string* output);
+
+// Runs fn and expects a std::runtime_error; returns its message ("" and a test failure
+// when nothing is thrown).
+std::string error_of(const std::function<void()>& fn);
+
+// msg is one line and holds every one of parts.
+void expect_one_line_containing(const std::string& msg, const std::vector<std::string>& parts);
 
 // A fresh directory under the system temp dir (mkdtemp, "PREFIX_XXXXXX"), removed with
 // its contents on destruction. Throws std::runtime_error when it cannot be made.

@@ -13,6 +13,7 @@
 
 #include "decode/decoder.h"
 #include "kernels/cpu/cpu.h"
+#include "kernels/edge_check.h"
 #include "kv/kv_handoff.h"
 #include "model/fingerprint.h"
 #include "model/weights.h"
@@ -139,6 +140,7 @@ int main(int argc, char** argv) {
   }
   signal(SIGPIPE, SIG_IGN);
   if (threads > 0) cpu::set_num_threads(threads);
+  set_edge_context(-1, gpu, "decoder");  // every StatusError names the decoder (no rank)
   try {
     std::string host;
     uint16_t port = 0;

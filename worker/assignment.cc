@@ -5,6 +5,7 @@
 #include <string>
 
 #include "model/prompt.h"
+#include "proto/shard_plan.h"
 
 namespace mprefill::worker {
 
@@ -56,32 +57,13 @@ std::vector<TokenRanges> decode_shard_plan(const v1::ShardPlan& plan, DistTopolo
   if (plan.tp_heads_size() != 0 && plan.tp_heads_size() != group.tp)
     throw std::runtime_error("shard plan: " + std::to_string(plan.tp_heads_size()) +
                              " tp head sets for tp " + std::to_string(group.tp));
-  std::vector<TokenRanges> layout;
-  for (const auto& shard : plan.sp_shards()) {
-    TokenRanges& r = layout.emplace_back();
-    for (const auto& range : shard.ranges()) r.emplace_back(range.begin(), range.end());
-  }
+  std::vector<TokenRanges> layout = wire::decode_shard_layout(plan);
   try {
     check_sp_layout(layout, n, group.sp);
   } catch (const std::exception& e) {
     throw std::runtime_error(std::string("shard plan: ") + e.what());
   }
   return layout;
-}
-
-v1::ShardPlan encode_layout(const std::vector<TokenRanges>& layout, DistTopology group) {
-  v1::ShardPlan plan;
-  plan.set_tp(group.tp);
-  plan.set_sp(group.sp);
-  for (const TokenRanges& ranges : layout) {
-    auto* shard = plan.add_sp_shards();
-    for (const auto& [b, e] : ranges) {
-      auto* r = shard->add_ranges();
-      r->set_begin(b);
-      r->set_end(e);
-    }
-  }
-  return plan;
 }
 
 JobSpec decode_assignment(const v1::Assignment& job, const ModelConfig& cfg, DistTopology group) {

@@ -38,9 +38,6 @@ SparsePolicy decode_policy(const v1::Assignment& job, const ModelConfig& cfg);
 std::vector<TokenRanges> decode_shard_plan(const v1::ShardPlan& plan, DistTopology group,
                                            int64_t n);
 
-// The executed layout as a ShardPlan (WorkerDone.executed_plan).
-v1::ShardPlan encode_layout(const std::vector<TokenRanges>& layout, DistTopology group);
-
 // All of the above plus the prompt ids' range (check_prompt_ids).
 JobSpec decode_assignment(const v1::Assignment& job, const ModelConfig& cfg, DistTopology group);
 

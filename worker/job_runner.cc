@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "model/sampler.h"
+#include "proto/shard_plan.h"
 #include "worker/assignment.h"
 #include "worker/handoff.h"
 
@@ -124,8 +125,8 @@ bool prefill(const GroupContext& g, const JobSpec& spec, std::unique_ptr<Handoff
 // The work split the group ran, as WorkerDone reports it.
 void set_split(const GroupContext& g, const JobSpec& spec, const PrefillResult& r,
                v1::WorkerDone* done) {
-  *done->mutable_executed_plan() =
-      encode_layout(r.sp_layout.empty() ? spec.sp_layout : r.sp_layout, g.topo);
+  *done->mutable_executed_plan() = wire::encode_shard_layout(
+      r.sp_layout.empty() ? spec.sp_layout : r.sp_layout, g.topo.tp, g.topo.sp);
   done->set_sp_rebalanced(r.sp_rebalanced);
   done->set_sp_imbalance(r.sp_imbalance);
   done->set_tp_imbalance(r.tp_imbalance);

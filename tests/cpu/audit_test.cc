@@ -18,6 +18,7 @@
 #include "engine/engine.h"
 #include "model/sparse_policy.h"
 #include "search/pattern_search.h"
+#include "tests/model_fixtures.h"
 #include "tests/testutil.h"
 
 namespace mprefill {
@@ -29,25 +30,6 @@ std::vector<int> random_ids(int n, int vocab, uint64_t seed) {
   for (int& x : ids) x = static_cast<int>(g() % vocab);
   ids[0] = 1;
   return ids;
-}
-
-// Heads cycle dense / A-shape / VS / block-sparse by (layer + head).
-SparsePolicy mixed_policy(const ModelConfig& cfg, HeadPattern ashape, HeadPattern vs,
-                          HeadPattern bs) {
-  SparsePolicy p;
-  p.source = "audit-mix";
-  p.n_layers = cfg.n_layers;
-  p.n_heads = cfg.n_heads;
-  p.dense_below = 0;
-  for (int l = 0; l < cfg.n_layers; ++l)
-    for (int h = 0; h < cfg.n_heads; ++h) {
-      const int kind = (l + h) % 4;
-      p.heads.push_back(kind == 0   ? HeadPattern::dense()
-                        : kind == 1 ? ashape
-                        : kind == 2 ? vs
-                                    : bs);
-    }
-  return p;
 }
 
 std::vector<HeadAuditResult> run_audit(const ModelWeights& w, const std::vector<int>& ids,
@@ -64,8 +46,8 @@ std::vector<HeadAuditResult> run_audit(const ModelWeights& w, const std::vector<
 TEST(Audit, SamplingIsSeededNonDenseAndIncludesTheLastBlock) {
   const ModelConfig cfg = named_shape("tiny");
   const SparsePolicy pol =
-      mixed_policy(cfg, HeadPattern::a_shape(64, 64), HeadPattern::vertical_slash(64, 64),
-                   HeadPattern::block_sparse(2));
+      test::mixed_policy(cfg, HeadPattern::a_shape(64, 64), HeadPattern::vertical_slash(64, 64),
+                         HeadPattern::block_sparse(2));
   AuditOptions o;
   o.heads_per_layer = 2;
   o.seed = 11;
@@ -117,8 +99,8 @@ TEST(Audit, FullCoverMasksHaveRecallOneAndNoError) {
   // Every tile covered: block-sparse top-k >= blocks, VS with every column and diagonal,
   // A-shape whose local window spans the prompt.
   const SparsePolicy pol =
-      mixed_policy(w.config, HeadPattern::a_shape(64, n), HeadPattern::vertical_slash(n, n),
-                   HeadPattern::block_sparse(11));
+      test::mixed_policy(w.config, HeadPattern::a_shape(64, n), HeadPattern::vertical_slash(n, n),
+                         HeadPattern::block_sparse(11));
   AuditOptions ao;
   ao.heads_per_layer = 3;
   ao.query_blocks = 3;
@@ -140,8 +122,8 @@ TEST(Audit, SmallBudgetsLoseMassAndTheAuditLeavesLogitsAlone) {
   const int n = 640;
   const std::vector<int> ids = random_ids(n, w.config.vocab, 9);
   const SparsePolicy pol =
-      mixed_policy(w.config, HeadPattern::a_shape(16, 32), HeadPattern::vertical_slash(8, 16),
-                   HeadPattern::block_sparse(1));
+      test::mixed_policy(w.config, HeadPattern::a_shape(16, 32), HeadPattern::vertical_slash(8, 16),
+                         HeadPattern::block_sparse(1));
   AuditOptions ao;
   ao.heads_per_layer = 3;
   ao.query_blocks = 4;
@@ -291,8 +273,8 @@ TEST(Audit, GenerateCarriesTheAudit) {
   const ModelWeights w = load_model("random:tiny:8");
   Engine eng(w);
   GenerateOptions g;
-  g.policy = mixed_policy(w.config, HeadPattern::a_shape(16, 32),
-                          HeadPattern::vertical_slash(8, 16), HeadPattern::block_sparse(1));
+  g.policy = test::mixed_policy(w.config, HeadPattern::a_shape(16, 32),
+                                HeadPattern::vertical_slash(8, 16), HeadPattern::block_sparse(1));
   g.audit.heads_per_layer = 1;
   const GenerateResult r = eng.generate(random_ids(300, w.config.vocab, 4), g);
   ASSERT_EQ(r.prefill.audit.size(), static_cast<size_t>(w.config.n_layers));
@@ -309,8 +291,8 @@ TEST(AuditStories15M, RecallAndErrorsPerSampledHead) {
   ao.heads_per_layer = 2;
   ao.query_blocks = 3;
   const SparsePolicy small =
-      mixed_policy(w.config, HeadPattern::a_shape(16, 64), HeadPattern::vertical_slash(16, 32),
-                   HeadPattern::block_sparse(2));
+      test::mixed_policy(w.config, HeadPattern::a_shape(16, 64),
+                         HeadPattern::vertical_slash(16, 32), HeadPattern::block_sparse(2));
   const std::vector<HeadAuditResult> a = run_audit(w, ids, small, ao);
   ASSERT_EQ(a.size(), static_cast<size_t>(w.config.n_layers * 2));
   double lowest = 1;
@@ -322,8 +304,8 @@ TEST(AuditStories15M, RecallAndErrorsPerSampledHead) {
   }
   EXPECT_LT(lowest, 1.0);
   const SparsePolicy full =
-      mixed_policy(w.config, HeadPattern::a_shape(64, n), HeadPattern::vertical_slash(n, n),
-                   HeadPattern::block_sparse(10));
+      test::mixed_policy(w.config, HeadPattern::a_shape(64, n), HeadPattern::vertical_slash(n, n),
+                         HeadPattern::block_sparse(10));
   for (const HeadAuditResult& r : run_audit(w, ids, full, ao)) {
     EXPECT_EQ(r.recall, 1.0);
     EXPECT_EQ(r.output_rel_error, 0.0);

@@ -48,5 +48,18 @@ TEST(EdgeCheck, ContextPartsLeftOutWhenUnset) {
   set_edge_context(-1, -1);
 }
 
+// The decoder has a role and a device but no rank (tools/mprefill_decoder_main.cc).
+TEST(EdgeCheck, RoleNamedBeforeRankAndDevice) {
+  set_edge_context(-1, -1, "decoder");
+  EXPECT_EQ(message_of(Status::kTimeout, "").rfind("decoder: flash attention at layer 7", 0), 0u);
+  set_edge_context(-1, 2, "decoder");
+  EXPECT_EQ(message_of(Status::kCudaError, "").rfind("decoder (cuda:2): flash", 0), 0u);
+  set_edge_context(1, 0, "worker");
+  EXPECT_EQ(message_of(Status::kCommError, "").rfind("worker rank 1 (cuda:0): flash", 0), 0u);
+  EXPECT_STREQ(edge_role(), "worker");
+  set_edge_context(-1, -1);
+  EXPECT_EQ(edge_role(), nullptr);
+}
+
 }  // namespace
 }  // namespace mprefill

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "model/sampler.h"
+#include "tests/model_fixtures.h"
 #include "tests/testutil.h"
 
 namespace mprefill {
@@ -267,17 +268,6 @@ TEST(Engine, MlpChunkDoesNotChangeResult) {
 }
 
 // ---------------------------------------------------------------- sparse
-// One policy with all three sparse kinds and dense, mixed over heads and layers.
-SparsePolicy mixed_policy(const ModelConfig& c, HeadPattern ashape, HeadPattern vs,
-                          HeadPattern bs) {
-  SparsePolicy p = SparsePolicy::uniform(c, HeadPattern::dense(), 0);
-  p.source = "test";
-  const HeadPattern pats[4] = {ashape, vs, bs, HeadPattern::dense()};
-  for (int l = 0; l < c.n_layers; ++l)
-    for (int h = 0; h < c.n_heads; ++h) p.heads[l * c.n_heads + h] = pats[(h + l) % 4];
-  return p;
-}
-
 TEST(EngineSparse, FullBudgetsEqualDense) {
   const ModelWeights w = make_model(small_config(RopeStyle::kRotateHalf, true, false), 21);
   const Engine eng(w);
@@ -291,8 +281,9 @@ TEST(EngineSparse, FullBudgetsEqualDense) {
       {"a_shape", SparsePolicy::uniform(w.config, HeadPattern::a_shape(0, n), 0)},
       {"vertical_slash", SparsePolicy::uniform(w.config, HeadPattern::vertical_slash(n, n), 0)},
       {"block_sparse", SparsePolicy::uniform(w.config, HeadPattern::block_sparse(3), 0)},
-      {"mixed", mixed_policy(w.config, HeadPattern::a_shape(5, n),
-                             HeadPattern::vertical_slash(n, 0), HeadPattern::block_sparse(8))},
+      {"mixed",
+       test::cycled_policy(w.config, {HeadPattern::a_shape(5, n), HeadPattern::vertical_slash(n, 0),
+                                      HeadPattern::block_sparse(8), HeadPattern::dense()})},
   };
   for (const auto& [name, pol] : policies) {
     KvCache sc(w.config, n);
@@ -331,8 +322,8 @@ TEST(EngineSparse, PatternsFinitePlanFilledAndReused) {
   const int n = 389;  // 7 query blocks, the last partial
   const auto ids = random_ids(n, c.vocab, 123);
   const SparsePolicy pol =
-      mixed_policy(c, HeadPattern::a_shape(4, 40), HeadPattern::vertical_slash(30, 50),
-                   HeadPattern::block_sparse(2));
+      test::cycled_policy(c, {HeadPattern::a_shape(4, 40), HeadPattern::vertical_slash(30, 50),
+                              HeadPattern::block_sparse(2), HeadPattern::dense()});
   KvCache dc(c, n);
   const auto dense = eng.prefill(ids, SparsePolicy::dense(), &dc);
 

@@ -9,7 +9,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
@@ -26,25 +25,11 @@ namespace mprefill {
 namespace {
 
 namespace fs = std::filesystem;
+using test::error_of;
+using test::expect_one_line_containing;
 using test::TempDir;
 
 std::string stories_bin() { return test::shared_dir() + "/models/stories15M/stories15M.bin"; }
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::runtime_error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "no exception thrown";
-  return "";
-}
-
-void expect_one_line_containing(const std::string& msg, const std::vector<std::string>& parts) {
-  EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
-  for (const std::string& p : parts)
-    EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
-}
 
 void write_bytes(const std::string& path, const void* p, size_t n) {
   std::ofstream f(path, std::ios::binary);

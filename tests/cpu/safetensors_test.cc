@@ -9,7 +9,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <nlohmann/json.hpp>
 #include <ostream>
 #include <string>
@@ -25,6 +24,8 @@ void PrintTo(DType t, std::ostream* os) { *os << to_string(t); }
 namespace {
 
 namespace fs = std::filesystem;
+using test::error_of;
+using test::expect_one_line_containing;
 using test::TempDir;
 
 void write_bytes(const std::string& path, const std::string& bytes) {
@@ -44,23 +45,6 @@ std::string raw_file(const std::string& header, const std::string& data, int64_t
   std::string s(8, '\0');
   std::memcpy(s.data(), &n, 8);
   return s + header + data;
-}
-
-// Runs fn, expects std::runtime_error; returns its message.
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::runtime_error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "no exception thrown";
-  return "";
-}
-
-void expect_one_line_containing(const std::string& msg, const std::vector<std::string>& parts) {
-  EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
-  for (const std::string& p : parts)
-    EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
 }
 
 float round_trip(DType t, float x) {

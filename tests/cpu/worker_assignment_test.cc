@@ -1,6 +1,7 @@
 // worker/assignment.h: an Assignment's shard plan and policy as the worker decodes and
 // checks them (one line per refusal), and model/parallel_plan.h check_sp_layout. The
-// policy comes from the coordinator's own encoder (coordinator/planner.h policy_table).
+// policy comes from the coordinator's own encoder (coordinator/planner.h policy_table), the
+// plan from the shared codec (proto/shard_plan.h).
 #include <gtest/gtest.h>
 
 #include <string>
@@ -8,6 +9,7 @@
 
 #include "coordinator/planner.h"
 #include "model/parallel_plan.h"
+#include "proto/shard_plan.h"
 #include "worker/assignment.h"
 
 namespace mprefill {
@@ -27,21 +29,6 @@ ModelConfig tiny() {
   return c;
 }
 
-v1::ShardPlan plan_of(const std::vector<TokenRanges>& layout, int tp, int sp) {
-  v1::ShardPlan p;
-  p.set_tp(tp);
-  p.set_sp(sp);
-  for (const TokenRanges& r : layout) {
-    auto* s = p.add_sp_shards();
-    for (const auto& [b, e] : r) {
-      auto* x = s->add_ranges();
-      x->set_begin(b);
-      x->set_end(e);
-    }
-  }
-  return p;
-}
-
 // The message of decode_shard_plan's refusal ("" when it accepts).
 std::string refusal(const v1::ShardPlan& p, DistTopology g, int64_t n) {
   try {
@@ -55,33 +42,49 @@ std::string refusal(const v1::ShardPlan& p, DistTopology g, int64_t n) {
 TEST(WorkerAssignment, DecodesThePlanAsSent) {
   const std::vector<TokenRanges> mine = {{{0, 64}, {128, 192}, {320, 384}, {448, 500}},
                                          {{64, 128}, {192, 320}, {384, 448}}};
-  EXPECT_EQ(worker::decode_shard_plan(plan_of(mine, 2, 2), {2, 2}, 500), mine);
+  EXPECT_EQ(worker::decode_shard_plan(wire::encode_shard_layout(mine, 2, 2), {2, 2}, 500), mine);
   const auto zz = plan_sequence_parallel(777, 3);
-  EXPECT_EQ(worker::decode_shard_plan(plan_of(zz, 1, 3), {1, 3}, 777), zz);
-  EXPECT_EQ(worker::decode_shard_plan(worker::encode_layout(zz, {1, 3}), {1, 3}, 777), zz);
+  EXPECT_EQ(worker::decode_shard_plan(wire::encode_shard_layout(zz, 1, 3), {1, 3}, 777), zz);
+}
+
+// proto/shard_plan.h: the one layout <-> ShardPlan codec, field by field.
+TEST(WorkerAssignment, ShardLayoutCodecRoundTrips) {
+  const std::vector<TokenRanges> layout = {{{256, 512}, {0, 128}}, {}, {{128, 256}}};
+  const v1::ShardPlan p = wire::encode_shard_layout(layout, 2, 3);
+  EXPECT_EQ(p.tp(), 2);
+  EXPECT_EQ(p.sp(), 3);
+  ASSERT_EQ(p.sp_shards_size(), 3);
+  EXPECT_EQ(p.sp_shards(1).ranges_size(), 0);
+  ASSERT_EQ(p.sp_shards(0).ranges_size(), 2);
+  EXPECT_EQ(p.sp_shards(0).ranges(0).begin(), 256);
+  EXPECT_EQ(p.sp_shards(0).ranges(1).end(), 128);
+  EXPECT_EQ(p.tp_heads_size(), 0);
+  EXPECT_EQ(wire::decode_shard_layout(p), layout);  // order and empty shards kept
+  EXPECT_TRUE(wire::decode_shard_layout(v1::ShardPlan{}).empty());
 }
 
 TEST(WorkerAssignment, RefusesAPlanThatDoesNotFit) {
   const auto zz = plan_sequence_parallel(512, 2);
   EXPECT_EQ(refusal(v1::ShardPlan(), {1, 2}, 512),
             "shard plan: the assignment carries none (the coordinator plans)");
-  EXPECT_EQ(refusal(plan_of(zz, 2, 1), {1, 2}, 512),
+  EXPECT_EQ(refusal(wire::encode_shard_layout(zz, 2, 1), {1, 2}, 512),
             "shard plan: tp 2 x sp 1 does not match this group's tp 1 x sp 2");
-  EXPECT_EQ(refusal(plan_of(zz, 1, 2), {1, 2}, 513),
+  EXPECT_EQ(refusal(wire::encode_shard_layout(zz, 1, 2), {1, 2}, 513),
             "shard plan: token layout for 513 tokens over sp 2: tokens [512, 513) are held by "
             "no rank");
-  EXPECT_EQ(refusal(plan_of({{{0, 128}}, {{64, 512}}}, 1, 2), {1, 2}, 512),
+  EXPECT_EQ(refusal(wire::encode_shard_layout({{{0, 128}}, {{64, 512}}}, 1, 2), {1, 2}, 512),
             "shard plan: token layout for 512 tokens over sp 2: token 64 is held by two ranks");
-  EXPECT_EQ(refusal(plan_of({{{0, 100}}, {{100, 512}}}, 1, 2), {1, 2}, 512),
+  EXPECT_EQ(refusal(wire::encode_shard_layout({{{0, 100}}, {{100, 512}}}, 1, 2), {1, 2}, 512),
             "shard plan: token layout for 512 tokens over sp 2: sp rank 0 range [0, 100) does "
             "not fall on 64-token block edges");
-  EXPECT_EQ(refusal(plan_of({{{0, 64}}, {{64, 600}}}, 1, 2), {1, 2}, 512),
+  EXPECT_EQ(refusal(wire::encode_shard_layout({{{0, 64}}, {{64, 600}}}, 1, 2), {1, 2}, 512),
             "shard plan: token layout for 512 tokens over sp 2: sp rank 1 range [64, 600) is "
             "empty or outside the prompt");
-  EXPECT_EQ(refusal(plan_of({{{256, 512}, {0, 128}}, {{128, 256}}}, 1, 2), {1, 2}, 512),
-            "shard plan: token layout for 512 tokens over sp 2: sp rank 0 range [0, 128) is not "
-            "in ascending order");
-  v1::ShardPlan heads = plan_of(zz, 1, 2);
+  EXPECT_EQ(
+      refusal(wire::encode_shard_layout({{{256, 512}, {0, 128}}, {{128, 256}}}, 1, 2), {1, 2}, 512),
+      "shard plan: token layout for 512 tokens over sp 2: sp rank 0 range [0, 128) is not "
+      "in ascending order");
+  v1::ShardPlan heads = wire::encode_shard_layout(zz, 1, 2);
   heads.add_tp_heads();
   heads.add_tp_heads();
   EXPECT_EQ(refusal(heads, {1, 2}, 512), "shard plan: 2 tp head sets for tp 1");
@@ -128,7 +131,7 @@ TEST(WorkerAssignment, DecodeAssignmentChecksThePrompt) {
   v1::Assignment a;
   a.set_job_id(7);
   for (int i = 0; i < 130; ++i) a.add_token_ids(i);
-  *a.mutable_plan() = plan_of(plan_sequence_parallel(130, 2), 1, 2);
+  *a.mutable_plan() = wire::encode_shard_layout(plan_sequence_parallel(130, 2), 1, 2);
   *a.mutable_policy() = coord::policy_table(SparsePolicy::dense());
   a.mutable_options()->set_audit_heads(2);
   const worker::JobSpec s = worker::decode_assignment(a, tiny(), {1, 2});

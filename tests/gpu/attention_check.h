@@ -83,6 +83,23 @@ struct Shape {
   int64_t kv_row() const { return int64_t(kv_heads) * dim + pad; }
 };
 
+// The Shape of a test case holding fields of the same names (flash and sparse cases).
+template <class Case>
+Shape shape_of(const Case& c) {
+  Shape s;
+  s.n_q = c.n_q;
+  s.n_k = c.n_k;
+  s.heads = c.heads;
+  s.kv_heads = c.kv_heads;
+  s.dim = c.dim;
+  s.q_pos0 = c.q_pos0;
+  s.k_pos0 = c.k_pos0;
+  s.pad = c.pad;
+  s.dtype = c.dtype;
+  s.seed = c.seed;
+  return s;
+}
+
 struct Host {
   std::vector<uint16_t> q, k, v;  // strided, as on the device
   std::vector<float> qf, kf, vf;  // packed [t][h][d] values of the rounded inputs

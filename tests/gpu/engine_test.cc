@@ -25,6 +25,7 @@
 #include "kernels/cuda/sparse/sparse_attention.h"
 #include "kv/cuda/kv_sinks.h"
 #include "model/convert.h"
+#include "tests/model_fixtures.h"
 #include "tests/testutil.h"
 
 namespace mprefill {
@@ -44,23 +45,6 @@ bool gpu_or_skip() {
     }                                                                         \
   } while (0)
 
-// Small Llama-shaped config: GQA 2:1, head_dim 128 (every build has the bf16/128 sparse
-// kernels), 2 layers.
-ModelConfig small_config() {
-  ModelConfig c;
-  c.hidden = 256;
-  c.intermediate = 352;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 128;
-  c.vocab = 384;
-  c.max_position = 1 << 20;
-  c.rope_theta = 10000.0;
-  c.validate();
-  return c;
-}
-
 void round_bf16(Tensor& t) {
   for (float& x : t.data) x = bf16_to_f32(f32_to_bf16(x));
 }
@@ -68,7 +52,7 @@ void round_bf16(Tensor& t) {
 // Random weights, query/key projections scaled up so attention is peaked (estimation has
 // something to find), every value rounded to bf16 so both engines see the same model.
 ModelWeights small_model(uint64_t seed) {
-  ModelWeights w = random_model(small_config(), seed);
+  ModelWeights w = random_model(test::small_gqa_config(), seed);
   for (LayerWeights& L : w.layers) {
     for (float& x : L.wq.data) x *= 6.f;
     for (float& x : L.wk.data) x *= 6.f;
@@ -98,24 +82,6 @@ double rel_err(const std::vector<float>& a, const std::vector<float>& b, size_t 
     if (!std::isfinite(a[i])) return 1e30;
   }
   return m > 0 ? d / m : d;
-}
-
-// Per-head mixes over both layers: every kind, runs that split GQA groups.
-SparsePolicy mixed_policy(const ModelConfig& c) {
-  SparsePolicy p = SparsePolicy::dense(0);
-  p.source = "test-mix";
-  p.n_layers = c.n_layers;
-  p.n_heads = c.n_heads;
-  p.dense_below = 0;
-  p.heads = {HeadPattern::dense(),
-             HeadPattern::a_shape(64, 128),
-             HeadPattern::vertical_slash(40, 60),
-             HeadPattern::block_sparse(3),
-             HeadPattern::vertical_slash(100, 200),
-             HeadPattern::vertical_slash(30, 50),
-             HeadPattern::block_sparse(2),
-             HeadPattern::a_shape(16, 64)};
-  return p;
 }
 
 struct Compared {
@@ -174,7 +140,7 @@ TEST(CudaBackend, EveryPatternWithSharedPlanMatchesCpu) {
   REQUIRE_GPU();
   if (!cuda::sparse_attention_supported(DType::kBF16, 128)) GTEST_SKIP() << "no sparse kernels";
   const ModelWeights w = small_model(12);
-  const SparsePolicy policy = mixed_policy(w.config);
+  const SparsePolicy policy = test::gqa_split_policy(w.config);
   for (int64_t n : {200, 451}) {
     const auto ids = random_ids(n, w.config.vocab, 6 + n);
     PrefillPlan plan;  // filled by the CPU prefill, then reused by the GPU one
@@ -200,7 +166,7 @@ TEST(CudaBackend, SparsePlanChangesTheResult) {
   KvCache a(w.config, 451), b(w.config, 451);
   gpu::HostKvCacheSink sa(&a), sb(&b);
   const auto la = eng.prefill(ids, SparsePolicy::dense(), &sa);
-  const auto lb = eng.prefill(ids, mixed_policy(w.config), &sb);
+  const auto lb = eng.prefill(ids, test::gqa_split_policy(w.config), &sb);
   EXPECT_GT(rel_err(lb, la, la.size()), 1e-2);
   EXPECT_GT(rel_err(b.k[1], a.k[1], a.k[1].size()), 1e-2);
 }

@@ -44,17 +44,7 @@ struct Case {
 
 void run_case(const Case& c) {
   SCOPED_TRACE(c.name());
-  test::gpu::Shape s;
-  s.n_q = c.n_q;
-  s.n_k = c.n_k;
-  s.heads = c.heads;
-  s.kv_heads = c.kv_heads;
-  s.dim = c.dim;
-  s.q_pos0 = c.q_pos0;
-  s.k_pos0 = c.k_pos0;
-  s.pad = c.pad;
-  s.dtype = c.dtype;
-  s.seed = c.seed;
+  const test::gpu::Shape s = test::gpu::shape_of(c);
   const test::gpu::Host h = test::gpu::make_inputs(s);
   const test::gpu::Ref ref = test::gpu::reference(
       s, h, [&](int, int64_t r, int64_t col) { return !c.causal || col <= r; });

@@ -63,17 +63,7 @@ struct Case {
 
 void run_case(const Case& c) {
   SCOPED_TRACE(c.name());
-  test::gpu::Shape sh;
-  sh.n_q = c.n_q;
-  sh.n_k = c.n_k;
-  sh.heads = c.heads;
-  sh.kv_heads = c.kv_heads;
-  sh.dim = c.dim;
-  sh.q_pos0 = c.q_pos0;
-  sh.k_pos0 = c.k_pos0;
-  sh.pad = c.pad;
-  sh.dtype = c.dtype;
-  sh.seed = c.seed;
+  const test::gpu::Shape sh = test::gpu::shape_of(c);
   const test::gpu::Host h = test::gpu::make_inputs(sh);
 
   // Mask straight from the definitions.

@@ -18,53 +18,22 @@
 #include "engine/engine.h"
 #include "kv/kv_handoff.h"
 #include "model/fingerprint.h"
+#include "tests/model_fixtures.h"
+#include "tests/mpi/mpi_testutil.h"
 
 namespace mprefill {
 namespace {
 
 constexpr const char* kModel = "random:tiny:3";
 
-std::unique_ptr<comm::Communicator> world() {
-  comm::CommConfig cfg;
-  cfg.timeout_ms = 60000;
-  return comm::make_mpi_communicator(MPI_COMM_WORLD, cfg);
-}
-
-int env_tp() {
-  const char* e = std::getenv("MPREFILL_TEST_TP");
-  return e ? std::max(1, std::atoi(e)) : 1;
-}
-
-// Every rank must agree that the test passed on every rank.
-void expect_all_ok(comm::Communicator& c, bool ok) {
-  int32_t bad = ok ? 0 : 1, total = 0;
-  ASSERT_EQ(c.all_reduce(&bad, &total, 1, DType::kI32, comm::ReduceOp::kSum, nullptr), Status::kOk)
-      << c.last_error();
-  EXPECT_EQ(total, 0) << total << " rank(s) failed";
-}
+using test::mpi::env_tp;
+using test::mpi::expect_all_ranks_ok;
+using test::mpi::world;
 
 uint16_t bcast_port(comm::Communicator& c, uint16_t port) {
   int32_t p = port;
   EXPECT_EQ(c.broadcast(&p, 1, DType::kI32, 0, nullptr), Status::kOk) << c.last_error();
   return static_cast<uint16_t>(p);
-}
-
-// Heads cycle through the four kinds, so every rank's shard has sparse heads.
-SparsePolicy mixed_policy(const ModelConfig& cfg) {
-  SparsePolicy p;
-  p.source = "test-mix";
-  p.n_layers = cfg.n_layers;
-  p.n_heads = cfg.n_heads;
-  p.dense_below = 128;
-  for (int l = 0; l < cfg.n_layers; ++l)
-    for (int h = 0; h < cfg.n_heads; ++h) {
-      const int k = (l + h) % 4;
-      p.heads.push_back(k == 0   ? HeadPattern::dense()
-                        : k == 1 ? HeadPattern::a_shape(64, 128)
-                        : k == 2 ? HeadPattern::vertical_slash(60, 150)
-                                 : HeadPattern::block_sparse(4));
-    }
-  return p;
 }
 
 TEST(DistHandoff, DecoderStoreHoldsTheEngineKv) {
@@ -111,7 +80,9 @@ TEST(DistHandoff, DecoderStoreHoldsTheEngineKv) {
   }
 
   DistEngine de(c.get(), kModel, topo);
-  const SparsePolicy policy = mixed_policy(de.config());
+  const SparsePolicy policy =
+      test::mixed_policy(de.config(), HeadPattern::a_shape(64, 128),
+                         HeadPattern::vertical_slash(60, 150), HeadPattern::block_sparse(4), 128);
   KvHandoffOptions ho;
   ho.job_id = 1;
   ho.rank = c->rank();
@@ -170,7 +141,7 @@ TEST(DistHandoff, DecoderStoreHoldsTheEngineKv) {
     std::printf("[ handoff ] tp %d x sp %d: %.2f MB KV received, rank 0 sent for %.1f ms\n", tp,
                 topo.sp, rx->info(1).bytes / 1e6, hs.send_ms);
   }
-  expect_all_ok(*c, ok);
+  expect_all_ranks_ok(*c, ok);
 }
 
 // The decoder vanishes before the job: every rank's handoff fails within its timeout
@@ -224,9 +195,9 @@ TEST(DistHandoff, VanishedDecoderFailsEveryRank) {
     err = e.what();
   }
   ASSERT_EQ(err, "");
-  expect_all_ok(*c, true);  // every rank connected
-  rx.reset();               // the decoder goes away
-  expect_all_ok(*c, true);
+  expect_all_ranks_ok(*c, true);  // every rank connected
+  rx.reset();                     // the decoder goes away
+  expect_all_ranks_ok(*c, true);
   const auto t0 = std::chrono::steady_clock::now();
   try {
     de.prefill(ids, SparsePolicy::dense(), sink.get());  // finish() throws the failure
@@ -238,7 +209,7 @@ TEST(DistHandoff, VanishedDecoderFailsEveryRank) {
                   err.find("job 2, rank " + std::to_string(c->rank())) != std::string::npos &&
                   s < 30.0;
   EXPECT_TRUE(ok) << "rank " << c->rank() << " after " << s << " s: " << err;
-  expect_all_ok(*c, ok);
+  expect_all_ranks_ok(*c, ok);
 }
 
 }  // namespace

@@ -14,19 +14,16 @@
 #include "engine/audit.h"
 #include "engine/dist_engine.h"
 #include "engine/engine.h"
+#include "tests/model_fixtures.h"
 #include "tests/mpi/mpi_testutil.h"
 #include "tests/testutil.h"
 
 namespace mprefill {
 namespace {
 
+using test::mpi::env_tp;
 using test::mpi::expect_all_ranks_ok;
 using test::mpi::world;
-
-int env_tp() {
-  const char* e = std::getenv("MPREFILL_TEST_TP");
-  return e ? std::max(1, std::atoi(e)) : 1;
-}
 
 std::vector<int> random_ids(int n, int vocab, uint64_t seed) {
   std::mt19937_64 g(seed);
@@ -36,30 +33,15 @@ std::vector<int> random_ids(int n, int vocab, uint64_t seed) {
   return ids;
 }
 
-SparsePolicy mixed_policy(const ModelConfig& cfg) {
-  SparsePolicy p;
-  p.source = "audit-mix";
-  p.n_layers = cfg.n_layers;
-  p.n_heads = cfg.n_heads;
-  p.dense_below = 0;
-  for (int l = 0; l < cfg.n_layers; ++l)
-    for (int h = 0; h < cfg.n_heads; ++h) {
-      const int kind = (l + h) % 4;
-      p.heads.push_back(kind == 0   ? HeadPattern::dense()
-                        : kind == 1 ? HeadPattern::a_shape(16, 96)
-                        : kind == 2 ? HeadPattern::vertical_slash(24, 48)
-                                    : HeadPattern::block_sparse(2));
-    }
-  return p;
-}
-
 // Audits one prompt on the single process and over the world's ranks; every rank compares.
 void audit_case(const std::string& model, const std::vector<int>& ids, bool fixed_plan) {
   auto c = world();
   const int tp = env_tp();
   ASSERT_EQ(c->size() % tp, 0);
   const ModelWeights w = load_model(model);
-  const SparsePolicy pol = mixed_policy(w.config);
+  const SparsePolicy pol =
+      test::mixed_policy(w.config, HeadPattern::a_shape(16, 96),
+                         HeadPattern::vertical_slash(24, 48), HeadPattern::block_sparse(2));
   AuditOptions ao;
   ao.heads_per_layer = 2;
   ao.query_blocks = 3;

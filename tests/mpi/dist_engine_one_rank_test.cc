@@ -15,6 +15,7 @@
 #include "kv/kv_cache_sink.h"
 #include "model/weights.h"
 #include "search/pattern_search.h"
+#include "tests/model_fixtures.h"
 #include "tests/mpi/mpi_testutil.h"
 
 namespace mprefill {
@@ -28,24 +29,6 @@ std::vector<int> random_ids(int64_t n, int vocab, uint32_t seed) {
   std::vector<int> ids(n);
   for (auto& x : ids) x = d(g);
   return ids;
-}
-
-// Every (layer, head) cycles through the four kinds.
-SparsePolicy mixed_policy(const ModelConfig& cfg) {
-  SparsePolicy p;
-  p.source = "test-mix";
-  p.n_layers = cfg.n_layers;
-  p.n_heads = cfg.n_heads;
-  p.dense_below = 128;
-  for (int l = 0; l < cfg.n_layers; ++l)
-    for (int h = 0; h < cfg.n_heads; ++h) {
-      const int kind = (l + h) % 4;
-      p.heads.push_back(kind == 0   ? HeadPattern::dense()
-                        : kind == 1 ? HeadPattern::a_shape(64, 100)
-                        : kind == 2 ? HeadPattern::vertical_slash(60, 150)
-                                    : HeadPattern::block_sparse(3));
-    }
-  return p;
 }
 
 // Bitwise equality of the first n floats; the first differing index in the message.
@@ -135,7 +118,9 @@ TEST(OneLayerForward, EngineDistAndCaptureAgreeBitwiseDense) {
 TEST(OneLayerForward, EngineAndDistAgreeBitwiseSparseMix) {
   const ModelWeights w = load_model(kModel);
   const std::vector<int> ids = random_ids(777, w.config.vocab, 6);
-  const SparsePolicy policy = mixed_policy(w.config);
+  const SparsePolicy policy =
+      test::mixed_policy(w.config, HeadPattern::a_shape(64, 100),
+                         HeadPattern::vertical_slash(60, 150), HeadPattern::block_sparse(3), 128);
   const EngineRun ref = engine_prefill(w, ids, policy);
   // Estimated by DistEngine (its plan must equal the engine's), then fixed.
   PrefillPlan estimated;

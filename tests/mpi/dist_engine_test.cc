@@ -23,50 +23,28 @@
 #include "kv/kv_cache_sink.h"
 #include "model/convert.h"
 #include "model/tokenizer.h"
+#include "tests/model_fixtures.h"
 #include "tests/mpi/mpi_testutil.h"
 #include "tests/testutil.h"
 
 namespace mprefill {
 namespace {
 
+using test::mpi::env_tp;
 using test::mpi::expect_all_ranks_ok;
 using test::mpi::world;
 
 constexpr double kTol = 1e-4;  // max|diff| <= kTol * max|ref| (fp32)
 
-int env_tp() {
-  const char* e = std::getenv("MPREFILL_TEST_TP");
-  return e ? std::max(1, std::atoi(e)) : 1;
-}
-
 std::string stories_path() { return test::shared_dir() + "/models/stories15M/stories15M.bin"; }
 std::string stories_tokenizer() { return test::shared_dir() + "/models/stories15M/tokenizer.bin"; }
 
-// Every (layer, head) cycles through the four kinds so each tp rank gets a mix.
-SparsePolicy mixed_policy(const ModelConfig& cfg, int64_t dense_below, int ashape_local,
-                          int vs_slash, int bs_topk) {
-  SparsePolicy p;
-  p.source = "test-mix";
-  p.n_layers = cfg.n_layers;
-  p.n_heads = cfg.n_heads;
-  p.dense_below = dense_below;
-  for (int l = 0; l < cfg.n_layers; ++l)
-    for (int h = 0; h < cfg.n_heads; ++h) {
-      switch ((l + h) % 4) {
-        case 0:
-          p.heads.push_back(HeadPattern::dense());
-          break;
-        case 1:
-          p.heads.push_back(HeadPattern::a_shape(64, ashape_local));
-          break;
-        case 2:
-          p.heads.push_back(HeadPattern::vertical_slash(60, vs_slash));
-          break;
-        default:
-          p.heads.push_back(HeadPattern::block_sparse(bs_topk));
-      }
-    }
-  return p;
+// test::mixed_policy (every tp rank gets a mix) with this suite's budgets.
+SparsePolicy budget_mix(const ModelConfig& cfg, int64_t dense_below, int ashape_local, int vs_slash,
+                        int bs_topk) {
+  return test::mixed_policy(cfg, HeadPattern::a_shape(64, ashape_local),
+                            HeadPattern::vertical_slash(60, vs_slash),
+                            HeadPattern::block_sparse(bs_topk), dense_below);
 }
 
 std::vector<int> random_ids(int64_t n, int lo, int hi, uint32_t seed) {
@@ -335,13 +313,13 @@ TEST(DistEngine, TinyDenseFixed) {
 TEST(DistEngine, TinySparseFixed) {
   const ModelConfig cfg = named_shape("tiny");
   fixed_plan_case("tiny sparse", "random:tiny:7", random_ids(1237, 3, cfg.vocab, 12),
-                  mixed_policy(cfg, 128, 128, 150, 4), true);
+                  budget_mix(cfg, 128, 128, 150, 4), true);
 }
 
 TEST(DistEngine, TinySparseEstimated) {
   const ModelConfig cfg = named_shape("tiny");
   estimated_plan_case("tiny estimated", "random:tiny:7", random_ids(1237, 3, cfg.vocab, 13),
-                      mixed_policy(cfg, 128, 128, 150, 4));
+                      budget_mix(cfg, 128, 128, 150, 4));
 }
 
 // An HF directory (safetensors, read slice by slice by every rank) of a Qwen2-style tiny
@@ -366,7 +344,7 @@ TEST(DistEngine, TinyHfQwen2SparseFixed) {
   }
   expect_all_ranks_ok(*c, wrote);  // also a barrier: the directory exists from here on
   fixed_plan_case("tiny HF qwen2 sparse", dir, random_ids(1100, 3, cfg.vocab, 14),
-                  mixed_policy(cfg, 128, 128, 150, 4), true);
+                  budget_mix(cfg, 128, 128, 150, 4), true);
   if (c->rank() == 0) std::filesystem::remove_all(dir);
 }
 
@@ -379,14 +357,14 @@ TEST(DistEngine, StoriesSparseFixed) {
   MPREFILL_SKIP_IF_MISSING(stories_path());
   const ModelConfig cfg = named_shape("stories15m");
   fixed_plan_case("stories15M sparse", stories_path(), story_ids(449),
-                  mixed_policy(cfg, 64, 64, 120, 3), true);
+                  budget_mix(cfg, 64, 64, 120, 3), true);
 }
 
 TEST(DistEngine, StoriesSparseEstimated) {
   MPREFILL_SKIP_IF_MISSING(stories_path());
   const ModelConfig cfg = named_shape("stories15m");
   estimated_plan_case("stories15M estimated", stories_path(), story_ids(449),
-                      mixed_policy(cfg, 64, 64, 120, 3));
+                      budget_mix(cfg, 64, 64, 120, 3));
 }
 
 // KV gathered to rank 0 and decoded there: the greedy ids equal the single process's.
@@ -397,7 +375,7 @@ TEST(DistEngine, StoriesGreedyDecode) {
   const DistTopology topo = topology(*c);
   const ModelConfig cfg0 = named_shape("stories15m");
   const std::vector<int> ids = story_ids(449);
-  const SparsePolicy policy = mixed_policy(cfg0, 64, 64, 120, 3);
+  const SparsePolicy policy = budget_mix(cfg0, 64, 64, 120, 3);
   const Reference ref = reference(*c, stories_path(), ids, policy, kSteps);
   DistEngine de(c.get(), stories_path(), topo);
   const ModelConfig& cfg = de.config();

@@ -22,15 +22,11 @@
 namespace mprefill {
 namespace {
 
+using test::mpi::env_tp;
 using test::mpi::expect_all_ranks_ok;
 using test::mpi::world;
 
 constexpr const char* kModel = "random:tiny:7";
-
-int env_tp() {
-  const char* e = std::getenv("MPREFILL_TEST_TP");
-  return e ? std::max(1, std::atoi(e)) : 1;
-}
 
 std::vector<int> random_ids(int64_t n, int vocab, uint32_t seed) {
   std::mt19937 g(seed);

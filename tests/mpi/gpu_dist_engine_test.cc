@@ -24,27 +24,13 @@
 #include "engine/plan_codec.h"
 #include "kv/cuda/kv_sinks.h"
 #include "model/convert.h"
+#include "tests/model_fixtures.h"
 #include "tests/mpi/mpi_testutil.h"
 
 namespace mprefill {
 namespace {
 
 using test::mpi::expect_all_ranks_ok;
-
-ModelConfig small_config() {
-  ModelConfig c;
-  c.hidden = 256;
-  c.intermediate = 352;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 128;
-  c.vocab = 384;
-  c.max_position = 1 << 20;
-  c.rope_theta = 10000.0;
-  c.validate();
-  return c;
-}
 
 std::vector<int> random_ids(int64_t n, int vocab, uint64_t seed) {
   std::mt19937_64 g(seed);
@@ -294,7 +280,7 @@ void compare_topologies(comm::Communicator& nccl, comm::Communicator& mpi, int d
 }
 
 TEST_F(GpuDist, DenseMatchesSingleGpu) {
-  const ModelConfig c = small_config();
+  const ModelConfig c = test::small_gqa_config();
   const uint64_t seed = 31;
   for (int64_t n : {777, 1500}) {
     const auto ids = random_ids(n, c.vocab, 100 + n);
@@ -312,31 +298,12 @@ TEST_F(GpuDist, DenseMatchesSingleGpu) {
   }
 }
 
-// Per-head mixes over both layers: every kind, runs that split GQA groups (as
-// tests/gpu/engine_test.cc).
-SparsePolicy mixed_policy(const ModelConfig& c) {
-  SparsePolicy p = SparsePolicy::dense(0);
-  p.source = "test-mix";
-  p.n_layers = c.n_layers;
-  p.n_heads = c.n_heads;
-  p.dense_below = 0;
-  p.heads = {HeadPattern::dense(),
-             HeadPattern::a_shape(64, 128),
-             HeadPattern::vertical_slash(40, 60),
-             HeadPattern::block_sparse(3),
-             HeadPattern::vertical_slash(100, 200),
-             HeadPattern::vertical_slash(30, 50),
-             HeadPattern::block_sparse(2),
-             HeadPattern::a_shape(16, 64)};
-  return p;
-}
-
 // Indices estimated once by rank 0's single-GPU engine, broadcast, then fixed for the
 // reference and for every topology: each ring step runs the sparse kernels on the
 // visiting shard only.
 TEST_F(GpuDist, SparseWithFixedPlanMatchesSingleGpu) {
-  const ModelConfig c = small_config();
-  const SparsePolicy policy = mixed_policy(c);
+  const ModelConfig c = test::small_gqa_config();
+  const SparsePolicy policy = test::gqa_split_policy(c);
   const uint64_t seed = 33;
   for (int64_t n : {777, 1500}) {
     const auto ids = random_ids(n, c.vocab, 200 + n);
@@ -370,8 +337,8 @@ TEST_F(GpuDist, SparseWithFixedPlanMatchesSingleGpu) {
 // vertical-slash up to fp32 ties), the same on all sp ranks, and the logits / KV must
 // match the single-GPU engine running its own estimation.
 TEST_F(GpuDist, SparseEstimatedMatchesSingleGpu) {
-  const ModelConfig c = small_config();
-  const SparsePolicy policy = mixed_policy(c);
+  const ModelConfig c = test::small_gqa_config();
+  const SparsePolicy policy = test::gqa_split_policy(c);
   const uint64_t seed = 35;
   for (int64_t n : {777, 2600}) {
     const auto ids = random_ids(n, c.vocab, 300 + n);
@@ -392,7 +359,7 @@ TEST_F(GpuDist, SparseEstimatedMatchesSingleGpu) {
 // exactly 3/4: rank 1 never reads rank 0's second zigzag chunk) and leaves the logits as
 // they are.
 TEST_F(GpuDist, CausalKvSkipSendsLessSameLogits) {
-  const ModelConfig c = small_config();
+  const ModelConfig c = test::small_gqa_config();
   const int64_t n = 1536;  // 4 zigzag chunks of 384 tokens at sp 2
   const auto ids = random_ids(n, c.vocab, 9);
   const DistTopology topo{1, nccl_->size()};
@@ -425,7 +392,7 @@ TEST_F(GpuDist, CausalKvSkipSendsLessSameLogits) {
 // the same weights loaded whole on the host (bf16 checkpoint: both paths round the same
 // values), so the logits are bit-identical; Qwen2-style q/k/v biases and an untied head.
 TEST_F(GpuDist, HfCheckpointSlicesMatchHostWeights) {
-  ModelConfig c = small_config();
+  ModelConfig c = test::small_gqa_config();
   c.arch = "qwen2";
   c.qkv_bias = true;
   c.tie_word_embeddings = false;
@@ -468,7 +435,7 @@ TEST_F(GpuDist, HfCheckpointSlicesMatchHostWeights) {
 
 // A different model seed must not pass the comparison (the test can fail).
 TEST_F(GpuDist, DifferentSeedIsDetected) {
-  const ModelConfig c = small_config();
+  const ModelConfig c = test::small_gqa_config();
   const int64_t n = 777;  // >= 2 sp 64-token blocks per rank at sp 4
   const auto ids = random_ids(n, c.vocab, 5);
   std::vector<float> ref_logits;
@@ -491,7 +458,7 @@ TEST_F(GpuDist, DifferentSeedIsDetected) {
 // The memory plan refuses a group's prefill before any work, with the numbers, on every
 // rank (the same message source as one GPU).
 TEST_F(GpuDist, MemoryPlanRefusesInGroup) {
-  const ModelConfig c = small_config();
+  const ModelConfig c = test::small_gqa_config();
   gpu::CudaOptions o;
   o.device = device_;
   o.memory_limit = size_t{1} << 20;  // 1 MiB: too small for 4096 tokens
@@ -512,7 +479,7 @@ TEST_F(GpuDist, MemoryPlanRefusesInGroup) {
 }
 
 TEST_F(GpuDist, BadTopologyAndPromptAreRefused) {
-  const ModelConfig c = small_config();
+  const ModelConfig c = test::small_gqa_config();
   gpu::CudaOptions o;
   o.device = device_;
   EXPECT_THROW(gpu::CudaBackend(nccl_.get(), c, 1, DistTopology{1, 1}, o), std::runtime_error);

@@ -3,7 +3,9 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <random>
 #include <vector>
@@ -18,6 +20,12 @@ inline std::unique_ptr<comm::Communicator> world(int timeout_ms = 60000) {
   comm::CommConfig cfg;
   cfg.timeout_ms = timeout_ms;
   return comm::make_mpi_communicator(MPI_COMM_WORLD, cfg);
+}
+
+// The tp of a topology test (MPREFILL_TEST_TP, default 1; sp = ranks / tp).
+inline int env_tp() {
+  const char* e = std::getenv("MPREFILL_TEST_TP");
+  return e ? std::max(1, std::atoi(e)) : 1;
 }
 
 // Every rank must agree that the test passed on every rank.

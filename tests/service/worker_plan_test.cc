@@ -20,6 +20,7 @@
 #include "coordinator/planner.h"
 #include "kv/kv_receiver.h"
 #include "model/parallel_plan.h"
+#include "proto/shard_plan.h"
 #include "proto/wire.h"
 #include "tests/hardening/harness.h"
 
@@ -31,30 +32,6 @@ namespace v1 = ::mprefill::v1;
 using Clock = std::chrono::steady_clock;
 
 constexpr int kTokens = 512;  // 8 blocks of 64
-
-v1::ShardPlan plan_of(const std::vector<TokenRanges>& layout, int tp, int sp) {
-  v1::ShardPlan p;
-  p.set_tp(tp);
-  p.set_sp(sp);
-  for (const TokenRanges& r : layout) {
-    auto* s = p.add_sp_shards();
-    for (const auto& [b, e] : r) {
-      auto* x = s->add_ranges();
-      x->set_begin(b);
-      x->set_end(e);
-    }
-  }
-  return p;
-}
-
-std::vector<TokenRanges> layout_of(const v1::ShardPlan& p) {
-  std::vector<TokenRanges> out;
-  for (const auto& s : p.sp_shards()) {
-    TokenRanges& r = out.emplace_back();
-    for (const auto& x : s.ranges()) r.emplace_back(x.begin(), x.end());
-  }
-  return out;
-}
 
 struct Outcome {
   bool done = false;
@@ -172,11 +149,12 @@ TEST_F(WorkerPlan, RunsTheCoordinatorsPlanAndRefusesABadOne) {
       coord::make_shard_plan(reg_.kv().model(), SparsePolicy::dense(), kTokens, 1, 2);
   const Outcome base = run(assignment(zigzag), true);
   ASSERT_TRUE(base.done) << base.failure.message();
-  EXPECT_EQ(layout_of(base.result.executed_plan()), plan_sequence_parallel(kTokens, 2));
+  EXPECT_EQ(wire::decode_shard_layout(base.result.executed_plan()),
+            plan_sequence_parallel(kTokens, 2));
   EXPECT_FALSE(base.result.sp_rebalanced());
 
   // 2. A plan for another group shape: one line, the group stays up.
-  Outcome bad = run(assignment(plan_of({{{0, kTokens}}}, 1, 1)), false);
+  Outcome bad = run(assignment(wire::encode_shard_layout({{{0, kTokens}}}, 1, 1)), false);
   ASSERT_FALSE(bad.done);
   EXPECT_NE(
       bad.failure.message().find("shard plan: tp 1 x sp 1 does not match this group's tp 1 x sp 2"),
@@ -189,11 +167,11 @@ TEST_F(WorkerPlan, RunsTheCoordinatorsPlanAndRefusesABadOne) {
   const std::vector<TokenRanges> interleaved = {{{0, 64}, {128, 192}, {320, 384}, {448, 512}},
                                                 {{64, 128}, {192, 320}, {384, 448}}};
   ASSERT_NE(interleaved, plan_sequence_parallel(kTokens, 2));
-  v1::Assignment a = assignment(plan_of(interleaved, 1, 2));
+  v1::Assignment a = assignment(wire::encode_shard_layout(interleaved, 1, 2));
   a.mutable_options()->set_sparse("/no/such/dir/config.json");
   const Outcome mine = run(a, true);
   ASSERT_TRUE(mine.done) << mine.failure.message();
-  EXPECT_EQ(layout_of(mine.result.executed_plan()), interleaved);
+  EXPECT_EQ(wire::decode_shard_layout(mine.result.executed_plan()), interleaved);
   EXPECT_FALSE(mine.result.sp_rebalanced());
   EXPECT_NEAR(mine.result.sp_imbalance_planned(), 1.0, 1e-9);
   EXPECT_EQ(mine.result.first_token_id(), base.result.first_token_id());
@@ -201,7 +179,7 @@ TEST_F(WorkerPlan, RunsTheCoordinatorsPlanAndRefusesABadOne) {
               1e-4 * std::fabs(base.result.first_token_logit()) + 1e-5);
 
   // 4. A gap in the token layout: refused naming the tokens nobody holds.
-  bad = run(assignment(plan_of({{{0, 64}}, {{64, 448}}}, 1, 2)), false);
+  bad = run(assignment(wire::encode_shard_layout({{{0, 64}}, {{64, 448}}}, 1, 2)), false);
   ASSERT_FALSE(bad.done);
   EXPECT_NE(bad.failure.message().find("tokens [448, 512) are held by no rank"), std::string::npos)
       << bad.failure.message();
@@ -218,11 +196,11 @@ TEST_F(WorkerPlan, RunsTheCoordinatorsPlanAndRefusesABadOne) {
   // 6. Contiguous halves: 10 vs 26 causal tiles (predicted max/mean 26/18). The
   // sparse-aware re-balance inside the plan replaces it and the result says so.
   const std::vector<TokenRanges> halves = {{{0, 256}}, {{256, 512}}};
-  const Outcome rb = run(assignment(plan_of(halves, 1, 2)), true);
+  const Outcome rb = run(assignment(wire::encode_shard_layout(halves, 1, 2)), true);
   ASSERT_TRUE(rb.done) << rb.failure.message();
   EXPECT_TRUE(rb.result.sp_rebalanced());
   EXPECT_NEAR(rb.result.sp_imbalance_planned(), 26.0 / 18.0, 1e-6);
-  const std::vector<TokenRanges> ran = layout_of(rb.result.executed_plan());
+  const std::vector<TokenRanges> ran = wire::decode_shard_layout(rb.result.executed_plan());
   EXPECT_NE(ran, halves);
   EXPECT_NO_THROW(check_sp_layout(ran, kTokens, 2));
   EXPECT_LE(rb.result.sp_imbalance(), 1.10);
