@@ -13,7 +13,10 @@
 // KvSender on the worker side (headers on the control stream, bytes by its own engine) and a
 // PagePayloadSource on the decoder side (kv/kv_receiver.h; its setup bytes, e.g. an IPC
 // handle or an RDMA memory key, come in KvStreamHello.transport_setup), and one line in each
-// factory below. The page format is docs/kv_page_format.md.
+// factory below. The library to plug in there: NIXL (one agent API over UCX for RDMA and
+// same-host CUDA IPC, and GDS; registered memory + descriptor lists fit "headers on the
+// control stream, bytes by the engine"); Mooncake Transfer Engine is the alternative of the
+// same shape. The page format is docs/kv_page_format.md.
 //
 // No silent fallback: a transport that this build or this executor cannot serve, or that
 // cannot be set up (connect, NCCL init, ...), throws one line naming the transport and the
