@@ -1046,6 +1046,10 @@ int cmd_attention(int argc, char** argv) {
 
 }  // namespace
 
+namespace mprefill {
+int handoff_bench_main(int argc, char** argv);
+}
+
 int main(int argc, char** argv) {
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
     usage();
@@ -1058,6 +1062,9 @@ int main(int argc, char** argv) {
       int prefill_bench_main(int, char**);
       return prefill_bench_main(argc, argv);
     }
+#ifdef MPREFILL_HANDOFF_BENCH
+    if (cmd == "handoff") return mprefill::handoff_bench_main(argc, argv);  // handoff_bench.cc
+#endif
   } catch (const std::exception& e) {
     die(e.what());
   }

@@ -449,6 +449,11 @@ void Coordinator::Impl::on_decode_done(Decoder& d, const v1::DecodeDone& m) {
   r->set_prefill_ms(wd.prefill_ms());
   r->set_kv_bytes_handed_off(wd.kv_bytes());
   r->set_handoff_ms(wd.handoff_ms());
+  r->set_kv_transport(wd.kv_transport());
+  r->set_kv_gbps(wd.kv_gbps());
+  r->set_prefill_end_ms(wd.prefill_end_ms());
+  r->set_kv_ready_ms(wd.kv_ready_ms());
+  r->set_exposed_handoff_ms(wd.exposed_handoff_ms());
   r->set_decode_ms(m.decode_ms());
   *r->mutable_ranks() = wd.ranks();
   *r->mutable_audit() = wd.audit();

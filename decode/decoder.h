@@ -40,7 +40,8 @@ struct DecoderOptions {
   int page_tokens = 256;
   int heartbeat_ms = 1000;    // until DecoderRegistered says otherwise
   int io_timeout_ms = 10000;  // coordinator connect / send bound
-  // DecoderRegister.kv_transports ("nccl" too with ReceiverOptions::nccl set)
+  // DecoderRegister.kv_transports (kv/kv_transport.h receiver_transports of
+  // ReceiverOptions::payload)
   std::vector<std::string> kv_transports = {"tcp"};
   // A lost coordinator: re-register (backoff 100 ms doubling to 2 s) for at most this
   // long, then give up (serve() returns 1). 0: give up at once. Jobs of the old

@@ -30,7 +30,9 @@ struct KvSinkCore {
   std::string error;
   int layers_put = 0;  // written by put() only (which may read it unlocked)
   bool any_put = false;
-  Clock::time_point first_put, last_put, last_ack;
+  // first_put / last_call: the first / latest put() call (the executor's layer done);
+  // last_put: the latest put() returned; last_ack: the latest LayerAck.
+  Clock::time_point first_put, last_call, last_put, last_ack;
   std::vector<char> acked, ack_due;             // [layer]
   std::vector<Clock::time_point> ack_due_from;  // [layer]
   int acked_prefix = 0;                         // layers [0, acked_prefix) acked
@@ -45,7 +47,8 @@ struct KvSinkCore {
   // on_fail() under the lock, wakes every waiter, then close_connections().
   void fail(const std::string& msg);
   // put()'s start: false when a failure is recorded already (the layer is dropped under
-  // defer_errors, else that failure is thrown); notes the first put's time.
+  // defer_errors, else that failure is thrown); notes the put's time (last_call, and
+  // first_put for the first).
   bool begin_put();
   // put()'s way out: records msg and throws it unless defer_errors.
   void give_up(const std::string& msg);
@@ -63,7 +66,8 @@ struct KvSinkCore {
   void read_acks(wire::Connection* conn, const std::string& overdue_what);
   // finish()'s wait: fails when not every layer was put, then waits for every ack (each
   // is bounded by the reader; the outer bound timeout_ms * (n_layers + 2) catches a
-  // wedged stream); sets st.handoff_ms / tail_ms when all were acked.
+  // wedged stream); sets st.handoff_ms / tail_ms / last_put_ms / kv_ready_ms when all
+  // were acked.
   void await_acks();
 
   bool has_failed() const;

@@ -6,6 +6,7 @@
 
 #include "kv/crc32c.h"
 #include "kv/kv_handoff.h"
+#include "kv/kv_page_frame.h"
 
 namespace mprefill::kv {
 namespace {
@@ -40,6 +41,7 @@ struct KvReceiver::Stream {
   uint64_t job_id = 0;
   int rank = -1;
   std::atomic<bool> done{false};
+  bool prehello = false;  // counted in KvReceiver::prehello_ until its hellos are done
   std::thread th;
 
   // Never throws: a stream that cannot take a frame is dropped by its reader.
@@ -98,6 +100,8 @@ KvReceiver::KvReceiver(ReceiverOptions opt, FailFn on_fail)
     throw std::runtime_error("max frame " + std::to_string(opt_.max_frame) +
                              " bytes is smaller than one KV page frame of this model (" +
                              std::to_string(page_frame) + " bytes)");
+  if (opt_.max_prehello < 1 || opt_.prehello_timeout_ms < 1)
+    throw std::runtime_error("KV receiver: max_prehello and prehello_timeout_ms must be >= 1");
   listener_ = std::make_unique<wire::Listener>(opt_.listen_host, opt_.listen_port, opt_.max_frame);
   listener_->set_server_name("mprefill-decoder");
   accept_thread_ = std::thread([this] { accept_loop(); });
@@ -262,25 +266,51 @@ KvReceiver::JobInfo KvReceiver::info(uint64_t job_id) const {
   return r;
 }
 
+void KvReceiver::log_refusal(const std::string& line) {
+  std::lock_guard<std::mutex> lock(log_mu_);
+  const auto now = Clock::now();
+  if (ms_between(last_log_, now) < 1000) {
+    ++suppressed_;
+    return;
+  }
+  if (suppressed_ > 0)
+    std::fprintf(stderr,
+                 "mprefill-decoder: KV stream refused: %s (and %d more since the last line)\n",
+                 line.c_str(), suppressed_);
+  else
+    std::fprintf(stderr, "mprefill-decoder: KV stream refused: %s\n", line.c_str());
+  suppressed_ = 0;
+  last_log_ = now;
+}
+
+// Accepts connections and hands each to its own thread at once: the hellos run
+// concurrently (a silent connection delays nobody), at most max_prehello at a time.
 void KvReceiver::accept_loop() {
   while (!stop_) {
-    std::string peer_name, error;
+    std::string error;
     std::unique_ptr<wire::Connection> conn;
     try {
-      conn = listener_->accept(200, v1::WORKER, opt_.secret, &peer_name, &error);
+      conn = listener_->accept_raw(200, &error);
     } catch (const std::exception& e) {
       if (stop_) return;
       std::fprintf(stderr, "mprefill-decoder: KV port accept: %s\n", e.what());
       continue;
     }
     if (!conn) {
-      if (!error.empty() && !stop_)
-        std::fprintf(stderr, "mprefill-decoder: KV stream refused: %s\n", error.c_str());
+      if (!error.empty() && !stop_) log_refusal(error);
       continue;
     }
+    if (prehello_.load() >= opt_.max_prehello) {
+      log_refusal(conn->peer() + ": " + std::to_string(opt_.max_prehello) +
+                  " connections already in their hello");
+      conn->close();
+      continue;
+    }
+    ++prehello_;
     auto s = std::make_shared<Stream>();
     s->peer = conn->peer();
     s->conn = std::move(conn);
+    s->prehello = true;
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) return;
     streams_.push_back(s);
@@ -334,19 +364,42 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
   auto refuse = [&](v1::ErrorCode code, const std::string& msg) {
     s->send(wire::encode_frame(wire::make_error(s->job_id, code, msg)), kNotifyTimeoutMs);
     drain_and_close(s->conn.get(), kNotifyTimeoutMs);
-    std::fprintf(stderr, "mprefill-decoder: KV stream from %s refused: %s\n", s->peer.c_str(),
-                 msg.c_str());
+    log_refusal("from " + s->peer + ": " + msg);
   };
 
-  // 1. KvStreamHello.
+  // 1. The hellos (ClientHello, then KvStreamHello) within prehello_timeout_ms together.
+  struct Prehello {
+    KvReceiver* rx;
+    Stream* s;
+    void done() {
+      if (s->prehello) --rx->prehello_;
+      s->prehello = false;
+    }
+    ~Prehello() { done(); }
+  } prehello{this, s.get()};
+  const auto hello_deadline = Clock::now() + std::chrono::milliseconds(opt_.prehello_timeout_ms);
+  auto hello_left = [&] {
+    return std::max(1, static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                            hello_deadline - Clock::now())
+                                            .count()));
+  };
+  std::string hello_error;
+  if (!s->conn->server_handshake(v1::WORKER, opt_.secret, "mprefill-decoder", opt_.max_frame,
+                                 opt_.prehello_timeout_ms, &hello_error)) {
+    log_refusal(hello_error);
+    return s->conn->close();
+  }
   v1::Envelope env;
   try {
-    if (!s->conn->recv(&env, opt_.hello_wait_ms))
+    if (!s->conn->recv(&env, hello_left())) {
+      prehello.done();
       return refuse(v1::BAD_FRAME,
-                    "no KvStreamHello within " + std::to_string(opt_.hello_wait_ms) + " ms");
+                    "no KvStreamHello within " + std::to_string(opt_.prehello_timeout_ms) + " ms");
+    }
   } catch (const std::exception& e) {
     return;  // gone before saying anything
   }
+  prehello.done();
   if (!env.has_kv_hello()) return refuse(v1::BAD_FRAME, "first frame is not KvStreamHello");
   const v1::KvStreamHello hello = env.kv_hello();
   s->job_id = hello.job_id();
@@ -388,22 +441,30 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
     for (int l = 0; l < shape_.n_layers; ++l)
       if (job->store->layer_complete(l)) complete_layers.push_back(l);
   }
-  // kv_transport "nccl": join the sender's communicator; K/V bytes come by NCCL.
+  // The stream's transport: "tcp" carries K/V in the page frames; any other one gets its
+  // bytes from a payload source set up here (nccl: joins the sender's communicator).
+  const std::string transport = !hello.transport().empty()
+                                    ? hello.transport()
+                                    : (hello.nccl_unique_id().empty() ? "tcp" : "nccl");
   std::unique_ptr<PagePayloadSource> payload;
-  if (!hello.nccl_unique_id().empty()) {
+  if (transport != "tcp") {
     std::string why;
-    if (!opt_.nccl) {
-      why = "this decoder does not serve kv_transport nccl";
+    auto it = opt_.payload.find(transport);
+    if (it == opt_.payload.end() || !it->second) {
+      std::string served = "tcp";
+      for (const auto& [name, f] : opt_.payload) served += ", " + name;
+      why = "this decoder does not serve kv_transport " + transport + " (it serves " + served + ")";
     } else {
       try {
-        payload = opt_.nccl(hello, job->timeout_ms);
+        payload = it->second(hello, job->timeout_ms);
       } catch (const std::exception& e) {
         why = e.what();
       }
     }
     if (!payload) {
-      const std::string msg = "job " + std::to_string(s->job_id) + ": NCCL KV stream of rank " +
-                              std::to_string(s->rank) + ": " + why;
+      const std::string msg = "job " + std::to_string(s->job_id) + ": " + transport +
+                              " KV stream of rank " + std::to_string(s->rank) +
+                              " cannot be set up: " + why;
       {
         std::lock_guard<std::mutex> lock(mu_);
         fail_locked(job, msg, &after);
@@ -419,16 +480,41 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
     s->send(wire::encode_frame(ack), job->timeout_ms);
   }
 
-  // 3. Pages until the sender closes.
+  // 3. Pages until the sender closes. Page frames are read in place (kv_page_frame.h: the
+  // K/V bytes go from the socket buffer into the store, one copy); other frames through
+  // protobuf.
+  v1::Envelope in;
+  KvPageView page;
+  std::string fk, fv;  // payload-source transports: the page's bytes
   for (;;) {
-    v1::Envelope in;
+    std::string_view raw;
+    bool is_page = false;
     try {
-      if (!s->conn->recv(&in, 200)) {
+      if (!s->conn->recv_raw(&raw, 200)) {
         std::lock_guard<std::mutex> lock(mu_);
         if (stop_) return;
         if (!job->failed) continue;
       }
       if (job_failed(job)) return drain_and_close(s->conn.get(), kNotifyTimeoutMs);
+      is_page = read_kv_page_frame(raw, &page);
+      if (!is_page) {
+        in.Clear();
+        if (!in.ParseFromArray(raw.data(), static_cast<int>(raw.size())))
+          throw wire::WireError(wire::WireError::Kind::kBadFrame,
+                                "unparsable envelope of " + std::to_string(raw.size()) + " bytes");
+        if (in.version() != wire::kProtocolVersion)
+          throw wire::WireError(wire::WireError::Kind::kBadVersion,
+                                "protocol version " + std::to_string(in.version()));
+        if (in.msg_case() == v1::Envelope::MSG_NOT_SET)
+          throw wire::WireError(wire::WireError::Kind::kBadFrame,
+                                "envelope without a message (unknown type?)");
+        if (in.has_kv_page()) {  // a page in another encoding: the same page
+          page.header = in.kv_page().header();
+          page.k = in.kv_page().k();
+          page.v = in.kv_page().v();
+          is_page = true;
+        }
+      }
     } catch (const std::exception& e) {
       std::vector<std::function<void()>> fails;
       {
@@ -444,19 +530,17 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
       for (auto& f : fails) f();
       return;
     }
-    if (in.has_kv_page() && payload) {
-      v1::KvPage full;
-      *full.mutable_header() = in.kv_page().header();
+    if (is_page && payload) {
       try {
-        payload->fetch(full.header(), full.mutable_k(), full.mutable_v());
+        payload->fetch(page.header, &fk, &fv);
       } catch (const std::exception& e) {
         std::vector<std::function<void()>> fails;
         {
           std::lock_guard<std::mutex> lock(mu_);
           fail_locked(job,
                       "job " + std::to_string(s->job_id) + ": rank " + std::to_string(s->rank) +
-                          " (" + s->peer + "): NCCL page of layer " +
-                          std::to_string(full.header().layer()) + ": " + e.what(),
+                          " (" + s->peer + "): page of layer " +
+                          std::to_string(page.header.layer()) + " (" + transport + "): " + e.what(),
                       &fails);
         }
         for (auto& f : fails) f();
@@ -464,11 +548,12 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
       }
       // The sender's crc32c cannot exist (its bytes never reach host memory); the device
       // checksum was compared in fetch(), this one guards the host copy into the store.
-      full.mutable_header()->set_crc32c(
-          crc32c(full.v().data(), full.v().size(), crc32c(full.k().data(), full.k().size())));
-      handle_page(*s, job, full, /*bf16_ok=*/true);
-    } else if (in.has_kv_page()) {
-      handle_page(*s, job, in.kv_page());
+      page.header.set_crc32c(crc32c(fv.data(), fv.size(), crc32c(fk.data(), fk.size())));
+      page.k = fk;
+      page.v = fv;
+      handle_page(*s, job, page, /*bf16_ok=*/true);
+    } else if (is_page) {
+      handle_page(*s, job, page);
     } else if (in.has_error()) {
       std::vector<std::function<void()>> fails;
       {
@@ -489,9 +574,9 @@ bool KvReceiver::job_failed(const std::shared_ptr<Job>& job) const {
   return job->failed;
 }
 
-void KvReceiver::handle_page(Stream& s, const std::shared_ptr<Job>& job, const v1::KvPage& page,
+void KvReceiver::handle_page(Stream& s, const std::shared_ptr<Job>& job, const KvPageView& page,
                              bool bf16_ok) {
-  const v1::KvPageHeader& h = page.header();
+  const v1::KvPageHeader& h = page.header;
   std::shared_ptr<JobKvStore> store;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -521,10 +606,10 @@ void KvReceiver::handle_page(Stream& s, const std::shared_ptr<Job>& job, const v
     p.token_end = h.token_end();
     p.head_dim = h.head_dim();
     p.dtype = h.dtype() == v1::BF16 ? DType::kBF16 : DType::kF32;  // checked above
-    p.k = page.k().data();
-    p.v = page.v().data();
-    p.k_bytes = page.k().size();
-    p.v_bytes = page.v().size();
+    p.k = page.k.data();
+    p.v = page.v.data();
+    p.k_bytes = page.k.size();
+    p.v_bytes = page.v.size();
     p.crc32c = h.crc32c();
     try {
       layer_done = store->put(p);
@@ -543,7 +628,7 @@ void KvReceiver::handle_page(Stream& s, const std::shared_ptr<Job>& job, const v
                       s.peer + "): " + bad,
                   &after);
     } else if (!job->failed) {
-      job->bytes += page.k().size() + page.v().size();
+      job->bytes += page.k.size() + page.v.size();
       if (layer_done) {
         job->layers_complete++;
         to_ack = job->streams;

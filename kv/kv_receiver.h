@@ -7,6 +7,7 @@
 // NCCL: a PagePayloadSource here).
 #pragma once
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -17,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "kv/kv_page_frame.h"
 #include "kv/kv_store.h"
 #include "proto/wire.h"
 
@@ -38,8 +40,9 @@ class PagePayloadSource {
   // checksum mismatch, a wait past its bound).
   virtual void fetch(const v1::KvPageHeader& h, std::string* k, std::string* v) = 0;
 };
-// Makes the source of a stream whose KvStreamHello carries nccl_unique_id (joins the
-// sender's communicator within timeout_ms). Throws std::runtime_error on failure.
+// Makes the source of a stream whose KvStreamHello names its transport (setup bytes in the
+// hello: nccl_unique_id for "nccl", transport_setup for later ones) within timeout_ms.
+// Throws std::runtime_error on failure.
 using PayloadSourceFactory = std::function<std::unique_ptr<PagePayloadSource>(
     const v1::KvStreamHello& hello, int timeout_ms)>;
 
@@ -52,10 +55,18 @@ struct ReceiverOptions {
   int max_jobs = 4;
   int default_timeout_ms = 30000;  // Expect.timeout_ms when 0
   int hello_wait_ms = 5000;        // a stream for a job not expected yet waits this long
+  // Connections that have not yet said hello (ClientHello, then KvStreamHello): each runs
+  // its hello on its own thread (a silent one delays no other), at most max_prehello at
+  // once (more are closed at once, refusals logged at most once a second), each closed
+  // when both hellos did not arrive within prehello_timeout_ms.
+  int max_prehello = 32;
+  int prehello_timeout_ms = 2000;
   // Frame limit on the KV port after a stream's hello (before it: 64 KiB); at least one
   // full page of the contract (checked by the constructor).
   size_t max_frame = wire::kDefaultMaxFrame;
-  PayloadSourceFactory nccl;  // set: streams may use kv_transport "nccl"
+  // Transports other than "tcp" this KV port serves, by name (kv/kv_transport.h
+  // receiver_payloads); a stream naming another one is refused with the reason.
+  std::map<std::string, PayloadSourceFactory> payload;
 };
 
 class KvReceiver {
@@ -107,12 +118,18 @@ class KvReceiver {
   std::vector<std::shared_ptr<Stream>> streams_;
   std::atomic<bool> stop_{false};
   std::thread accept_thread_, monitor_thread_;
+  std::atomic<int> prehello_{0};  // connections in their hello
+  std::mutex log_mu_;             // refusal logging, at most a line a second
+  std::chrono::steady_clock::time_point last_log_{};
+  int suppressed_ = 0;
+
+  void log_refusal(const std::string& line);
 
   void accept_loop();
   void monitor_loop();
   void serve_stream(std::shared_ptr<Stream> s);
   bool job_failed(const std::shared_ptr<Job>& job) const;
-  void handle_page(Stream& s, const std::shared_ptr<Job>& job, const v1::KvPage& page,
+  void handle_page(Stream& s, const std::shared_ptr<Job>& job, const KvPageView& page,
                    bool bf16_ok = false);
   // sender: the failure is the KV senders' (JobInfo::sender_failed).
   void fail_locked(const std::shared_ptr<Job>& job, const std::string& message,

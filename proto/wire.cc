@@ -94,17 +94,35 @@ std::string encode_frame(const v1::Envelope& env) {
 
 FrameParser::FrameParser(size_t max_frame) : max_frame_(max_frame) {}
 
-void FrameParser::feed(const void* data, size_t n) {
-  if (failed_) return;
-  // Drop consumed bytes before growing (amortized: only when they are the larger part).
-  if (pos_ > 0 && pos_ >= buf_.size() / 2) {
-    buf_.erase(0, pos_);
+// buf_ is the parser's memory (its size the capacity, grown, never shrunk); bytes
+// [pos_, end_) are buffered. Consumed bytes are dropped before growing (amortized: only
+// when they are the larger part, or when the new bytes would not fit).
+void FrameParser::make_room(size_t n) {
+  if (pos_ == end_) {
+    pos_ = end_ = 0;
+  } else if (pos_ > 0 && (pos_ >= end_ / 2 || end_ + n > buf_.size())) {
+    std::memmove(buf_.data(), buf_.data() + pos_, end_ - pos_);
+    end_ -= pos_;
     pos_ = 0;
   }
-  buf_.append(static_cast<const char*>(data), n);
+  if (end_ + n > buf_.size()) buf_.resize(std::max(end_ + n, 2 * buf_.size()));
 }
 
-size_t FrameParser::buffered() const { return buf_.size() - pos_; }
+void FrameParser::feed(const void* data, size_t n) {
+  if (failed_ || n == 0) return;
+  make_room(n);
+  std::memcpy(buf_.data() + end_, data, n);
+  end_ += n;
+}
+
+char* FrameParser::prepare(size_t n) {
+  make_room(n);
+  return buf_.data() + end_;
+}
+
+void FrameParser::commit(size_t n) { end_ = std::min(end_ + n, buf_.size()); }
+
+size_t FrameParser::buffered() const { return end_ - pos_; }
 
 FrameParser::Result FrameParser::next(v1::Envelope* out, std::string* error) {
   auto fail = [&](WireError::Kind kind, const std::string& why) {
@@ -131,16 +149,37 @@ FrameParser::Result FrameParser::next(v1::Envelope* out, std::string* error) {
     return fail(WireError::Kind::kBadFrame,
                 "unparsable envelope of " + std::to_string(len) + " bytes");
   pos_ += 4 + len;
+  if (pos_ == end_) pos_ = end_ = 0;
   if (out->version() != kProtocolVersion)
     return fail(WireError::Kind::kBadVersion, "protocol version " + std::to_string(out->version()) +
                                                   " (this side speaks " +
                                                   std::to_string(kProtocolVersion) + ")");
   if (out->msg_case() == v1::Envelope::MSG_NOT_SET)
     return fail(WireError::Kind::kBadFrame, "envelope without a message (unknown type?)");
-  if (pos_ == buf_.size()) {
-    buf_.clear();
-    pos_ = 0;
+  return Result::kOk;
+}
+
+FrameParser::Result FrameParser::next_raw(std::string_view* frame, std::string* error) {
+  if (failed_) {
+    if (error) *error = "stream unusable after an earlier frame error";
+    return Result::kError;
   }
+  if (pos_ == end_) pos_ = end_ = 0;  // the previous raw frame is consumed
+  if (buffered() < 4) return Result::kNeedMore;
+  const auto* p = reinterpret_cast<const uint8_t*>(buf_.data() + pos_);
+  const uint64_t len =
+      uint64_t{p[0]} | uint64_t{p[1]} << 8 | uint64_t{p[2]} << 16 | uint64_t{p[3]} << 24;
+  if (len > max_frame_) {
+    failed_ = true;
+    error_kind_ = WireError::Kind::kBadFrame;
+    if (error)
+      *error = "frame of " + std::to_string(len) + " bytes exceeds the maximum of " +
+               std::to_string(max_frame_);
+    return Result::kError;
+  }
+  if (buffered() < 4 + len) return Result::kNeedMore;
+  *frame = std::string_view(buf_.data() + pos_ + 4, len);
+  pos_ += 4 + len;  // its bytes stay until the next feed() / prepare() / next*() call
   return Result::kOk;
 }
 
@@ -253,7 +292,6 @@ struct Connection::Impl {
   std::string peer_name;
   std::atomic<bool> closed{false};
   bool send_broken = false;  // a partial frame went out: the stream is unusable
-  std::string read_buf;
 
   explicit Impl(size_t max_frame) : parser(max_frame) {}
 
@@ -294,19 +332,28 @@ struct Connection::Impl {
 
   // true with a frame, false at the deadline.
   bool read_frame(v1::Envelope* env, int timeout_ms) {
+    return read_any(timeout_ms, [&](std::string* err) { return parser.next(env, err); });
+  }
+  bool read_raw(std::string_view* frame, int timeout_ms) {
+    return read_any(timeout_ms, [&](std::string* err) { return parser.next_raw(frame, err); });
+  }
+
+  template <class Next>
+  bool read_any(int timeout_ms, Next next) {
     const auto deadline = deadline_after(timeout_ms);
     std::string err;
     for (;;) {
-      auto r = parser.next(env, &err);
+      auto r = next(&err);
       if (r == FrameParser::Result::kOk) return true;
       if (r == FrameParser::Result::kError)
         throw WireError(parser.error_kind(), "recv from " + peer + ": " + err);
       if (closed) throw_closed("recv from");
-      if (read_buf.size() < kReadChunk) read_buf.resize(kReadChunk);
+      // Straight into the parser's buffer (no copy between socket and frame).
+      char* dst = parser.prepare(kReadChunk);
       boost::system::error_code ec;
-      size_t n = socket.read_some(asio::buffer(read_buf.data(), read_buf.size()), ec);
+      size_t n = socket.read_some(asio::buffer(dst, kReadChunk), ec);
       if (n > 0) {
-        parser.feed(read_buf.data(), n);
+        parser.commit(n);
         continue;
       }
       if (ec == asio::error::eof) {
@@ -386,6 +433,14 @@ void Connection::send(const v1::Envelope& env, int timeout_ms) {
 
 void Connection::send_frame(const std::string& frame, int timeout_ms) {
   impl_->write_all(frame.data(), frame.size(), timeout_ms);
+}
+
+void Connection::send_bytes(const void* data, size_t n, int timeout_ms) {
+  impl_->write_all(static_cast<const char*>(data), n, timeout_ms);
+}
+
+bool Connection::recv_raw(std::string_view* frame, int timeout_ms) {
+  return impl_->read_raw(frame, timeout_ms);
 }
 
 bool Connection::recv(v1::Envelope* env, int timeout_ms) {
@@ -514,9 +569,7 @@ void Listener::close() {
   ::shutdown(impl_->acceptor.native_handle(), SHUT_RDWR);
 }
 
-std::unique_ptr<Connection> Listener::accept(int timeout_ms, v1::Role expected_role,
-                                             const std::string& secret, std::string* peer_name,
-                                             std::string* error) {
+std::unique_ptr<Connection> Listener::accept_raw(int timeout_ms, std::string* error) {
   auto set_error = [&](const std::string& e) {
     if (error) *error = e;
   };
@@ -553,43 +606,62 @@ std::unique_ptr<Connection> Listener::accept(int timeout_ms, v1::Role expected_r
   auto remote = impl->socket.remote_endpoint(ec);
   impl->peer = ec ? std::string("?") : endpoint_text(remote);
   impl->parser.set_max_frame(std::min(impl_->max_frame, kHelloMaxFrame));
-  std::unique_ptr<Connection> conn(new Connection(std::move(impl)));
+  set_error("");
+  return std::unique_ptr<Connection>(new Connection(std::move(impl)));
+}
 
-  // Hello exchange, bounded separately from the wait for a connection.
-  const int ht = impl_->hello_timeout_ms;
+bool Connection::server_handshake(v1::Role expected_role, const std::string& secret,
+                                  const std::string& server_name, size_t max_frame, int timeout_ms,
+                                  std::string* error) {
+  auto set_error = [&](const std::string& e) {
+    if (error) *error = e;
+  };
+  const int ht = std::max(timeout_ms, 1);
+  const auto deadline = deadline_after(ht);
   const std::string nonce = random_nonce();
   try {
-    conn->send(make_server_hello(nonce, !secret.empty()), ht);
+    send(make_server_hello(nonce, !secret.empty()), ht);
     v1::Envelope env;
-    if (!conn->recv(&env, ht)) {
-      set_error("hello from " + conn->peer() + ": no ClientHello within " + std::to_string(ht) +
-                " ms");
-      return nullptr;
+    if (!recv(&env, std::max(remaining_ms(deadline), 1))) {
+      set_error("hello from " + peer() + ": no ClientHello within " + std::to_string(ht) + " ms");
+      return false;
     }
     if (!env.has_client_hello()) {
-      conn->send(make_error(0, v1::BAD_FRAME, "expected ClientHello"), ht);
-      set_error("hello from " + conn->peer() + ": first frame is not a ClientHello");
-      return nullptr;
+      send(make_error(0, v1::BAD_FRAME, "expected ClientHello"), ht);
+      set_error("hello from " + peer() + ": first frame is not a ClientHello");
+      return false;
     }
     std::string why;
     v1::ErrorCode code = v1::ERROR_CODE_UNSPECIFIED;
     if (!check_client_hello(env.client_hello(), nonce, expected_role, secret, &why, &code)) {
-      conn->send(make_error(0, code, why), ht);
-      set_error("hello from " + conn->peer() + ": " + why);
-      return nullptr;
+      send(make_error(0, code, why), ht);
+      set_error("hello from " + peer() + ": " + why);
+      return false;
     }
-    conn->impl_->peer_name = env.client_hello().name();
-    conn->impl_->parser.set_max_frame(impl_->max_frame);  // authenticated: full frames
-    if (peer_name) *peer_name = env.client_hello().name();
+    impl_->peer_name = env.client_hello().name();
+    impl_->parser.set_max_frame(max_frame);  // authenticated: full frames
     v1::Envelope ok;
     ok.set_version(kProtocolVersion);
-    ok.mutable_hello_accepted()->set_server(impl_->server_name);
-    conn->send(ok, ht);
+    ok.mutable_hello_accepted()->set_server(server_name);
+    send(ok, ht);
   } catch (const WireError& e) {
     set_error(e.what());
-    return nullptr;
+    return false;
   }
   set_error("");
+  return true;
+}
+
+std::unique_ptr<Connection> Listener::accept(int timeout_ms, v1::Role expected_role,
+                                             const std::string& secret, std::string* peer_name,
+                                             std::string* error) {
+  auto conn = accept_raw(timeout_ms, error);
+  if (!conn) return nullptr;
+  // Hello exchange, bounded separately from the wait for a connection.
+  if (!conn->server_handshake(expected_role, secret, impl_->server_name, impl_->max_frame,
+                              impl_->hello_timeout_ms, error))
+    return nullptr;
+  if (peer_name) *peer_name = conn->peer_name();
   return conn;
 }
 

@@ -48,7 +48,14 @@ class FrameParser {
   enum class Result { kOk, kNeedMore, kError };
   explicit FrameParser(size_t max_frame = kDefaultMaxFrame);
   void feed(const void* data, size_t n);
+  // feed() without the copy: room for n bytes at the returned pointer (valid until the
+  // next call), then commit(k) once k <= n bytes were written there.
+  char* prepare(size_t n);
+  void commit(size_t n);
   Result next(v1::Envelope* out, std::string* error);
+  // As next(), but hands out the next frame's envelope bytes unparsed (no version check:
+  // the caller parses); *frame stays valid until the next feed() or next*() call.
+  Result next_raw(std::string_view* frame, std::string* error);
   size_t buffered() const;
   // Limit for frames not yet started (e.g. raised from kHelloMaxFrame after the hello).
   void set_max_frame(size_t max_frame) { max_frame_ = max_frame; }
@@ -60,8 +67,9 @@ class FrameParser {
   size_t max_frame_;
   bool failed_ = false;
   WireError::Kind error_kind_ = WireError::Kind::kBadFrame;
-  std::string buf_;
-  size_t pos_ = 0;
+  std::string buf_;  // capacity; bytes [pos_, end_) buffered
+  size_t pos_ = 0, end_ = 0;
+  void make_room(size_t n);
 };
 
 // Blocking framed TCP connection with a deadline on every call (Boost.Asio underneath).
@@ -78,9 +86,14 @@ class Connection {
   void send(const v1::Envelope& env, int timeout_ms);
   // Sends bytes made by encode_frame (one encoding, several receivers).
   void send_frame(const std::string& frame, int timeout_ms);
+  // Sends n bytes holding whole frames back to back (the KV sender's staging buffers).
+  void send_bytes(const void* data, size_t n, int timeout_ms);
   // true with one envelope; false when nothing complete arrived within timeout_ms;
   // throws WireError on a closed peer or a bad frame.
   bool recv(v1::Envelope* env, int timeout_ms);
+  // As recv(), the frame's envelope bytes unparsed (FrameParser::next_raw): the KV port
+  // reads page payloads in place; *frame is valid until the next recv*() call.
+  bool recv_raw(std::string_view* frame, int timeout_ms);
   // Shuts the socket down (wakes a blocked send/recv in another thread, which then
   // throws kClosed); the descriptor is released by the destructor.
   void close();
@@ -96,6 +109,13 @@ class Connection {
   // without sending anything.
   void client_handshake(v1::Role role, const std::string& name, const std::string& secret,
                         int timeout_ms);
+  // Accepting side (a connection from Listener::accept_raw): sends ServerHello, checks the
+  // ClientHello (role expected, proof when secret is non-empty) within timeout_ms, answers
+  // HelloAccepted with server_name and raises the frame limit to max_frame. false with a
+  // one-line *error (the peer was told why where it could be).
+  bool server_handshake(v1::Role expected_role, const std::string& secret,
+                        const std::string& server_name, size_t max_frame, int timeout_ms,
+                        std::string* error);
 
   struct Impl;
 
@@ -123,6 +143,10 @@ class Listener {
   std::unique_ptr<Connection> accept(int timeout_ms, v1::Role expected_role,
                                      const std::string& secret, std::string* peer_name,
                                      std::string* error);
+  // Waits up to timeout_ms for a connection and returns it before any hello (frame limit
+  // kHelloMaxFrame until server_handshake): the caller runs the hello exchanges of several
+  // connections at once. nullptr on timeout (*error "") or failure.
+  std::unique_ptr<Connection> accept_raw(int timeout_ms, std::string* error);
   // Stops accepting (a blocked accept() returns nullptr with *error "listener closed").
   void close();
 

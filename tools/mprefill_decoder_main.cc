@@ -15,13 +15,11 @@
 #include "kernels/cpu/cpu.h"
 #include "kernels/edge_check.h"
 #include "kv/kv_handoff.h"
+#include "kv/kv_transport.h"
 #include "model/fingerprint.h"
 #include "model/weights.h"
 #include "proto/wire.h"
 #include "tools/cli_args.h"
-#ifdef MPREFILL_HAVE_NCCL
-#include "kv/cuda/nccl_kv_receiver.h"
-#endif
 
 namespace {
 
@@ -151,16 +149,8 @@ int main(int argc, char** argv) {
     opt.receiver.capacity_bytes = static_cast<uint64_t>(capacity_mb) << 20;
     if (opt.name.empty()) opt.name = "decoder-" + hostname() + "-" + std::to_string(getpid());
     opt.model_name = model_name_from_path(model);
-    if (gpu >= 0) {
-#ifdef MPREFILL_HAVE_NCCL
-      opt.receiver.nccl = kv::make_nccl_payload_factory(gpu);
-      opt.kv_transports = {"tcp", "nccl"};
-#else
-      throw std::runtime_error(
-          "--device cuda: this build of mprefill-decoder has no NCCL KV "
-          "transport (CUDA builds with NCCL)");
-#endif
-    }
+    opt.receiver.payload = kv::receiver_payloads(gpu);  // throws when this build cannot
+    opt.kv_transports = kv::receiver_transports(opt.receiver.payload);
     const ModelWeights w = load_model(model);
     decode::Decoder d(w, opt);
     signal(SIGINT, on_signal);

@@ -36,6 +36,10 @@ nlohmann::json outcome_json(const Outcome& o, const ServiceArgs& a, const Prompt
   j["kv_bytes_handed_off"] = r.kv_bytes_handed_off();
   j["handoff_ms"] = r.handoff_ms();
   j["handoff_gbps"] = r.handoff_ms() > 0 ? r.kv_bytes_handed_off() / (r.handoff_ms() * 1e6) : 0.0;
+  j["kv_transport"] = r.kv_transport();
+  j["prefill_end_ms"] = r.prefill_end_ms();
+  j["kv_ready_ms"] = r.kv_ready_ms();
+  j["exposed_handoff_ms"] = r.exposed_handoff_ms();
   j["sparse"] = {{"source", a.sparse}};
   // The work split the group ran: the coordinator's token layout, unless the sparse-aware
   // re-balance replaced it.
@@ -116,12 +120,13 @@ int print_outcome(const Outcome& o, const ServiceArgs& a, const PromptInput& p,
   }
   std::fprintf(stderr,
                "mprefill: job %llu DONE: %lld prompt tokens, ttft %.1f ms (queue %.1f, prefill "
-               "%.1f), KV %llu bytes handed off in %.1f ms (%s GB/s), %d decoded in %.1f ms, "
-               "stop: %s\n",
+               "%.1f), KV %llu bytes handed off over %s in %.1f ms (%s GB/s; exposed %.1f ms after "
+               "the prefill), %d decoded in %.1f ms, stop: %s\n",
                static_cast<unsigned long long>(o.job_id), static_cast<long long>(r.prompt_tokens()),
                r.ttft_ms(), r.queue_ms(), r.prefill_ms(),
-               static_cast<unsigned long long>(r.kv_bytes_handed_off()), r.handoff_ms(),
-               gbps(r.kv_bytes_handed_off(), r.handoff_ms()).c_str(),
+               static_cast<unsigned long long>(r.kv_bytes_handed_off()),
+               r.kv_transport().empty() ? "?" : r.kv_transport().c_str(), r.handoff_ms(),
+               gbps(r.kv_bytes_handed_off(), r.handoff_ms()).c_str(), r.exposed_handoff_ms(),
                std::max(0, r.generated_ids_size() - 1), r.decode_ms(), r.stopped_by().c_str());
   for (const auto& h : r.audit())
     std::fprintf(stderr, "mprefill: audit layer %d head %d (%s): recall %.4f, output error %.3g\n",

@@ -1,27 +1,22 @@
 // The KV handoff of one job: the sink every rank's executor writes each layer's KV to,
-// carrying it to the job's decoder: TcpKvHandoff, or for kv_transport "nccl" (a one-rank
-// GPU group in a CUDA build with NCCL) NcclKvSink. Errors are deferred (put() records,
-// finish() throws), so a collective executor finishes its layer loop in step with the
-// other ranks; failed()/error() say why.
+// carrying it to the job's decoder over the job's kv_transport (kv/kv_transport.h picks and
+// sets it up; no fallback to another transport). Errors are deferred (put() records,
+// finish() throws), so a collective executor finishes its layer loop in step with the other
+// ranks; failed()/error() say why.
 #pragma once
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "engine/executor.h"
-#include "kv/kv_handoff.h"
-#include "kv/kv_sink.h"
+#include "kv/kv_transport.h"
 #include "proto/wire.h"
 
 namespace mprefill::worker {
 
 namespace v1 = ::mprefill::v1;
 
-class Handoff : public KvSink {
- public:
-  virtual bool failed() const = 0;
-  virtual std::string error() const = 0;
-  virtual KvHandoffStats stats() const = 0;
-};
+using Handoff = kv::KvSender;
 
 // What a rank needs besides the Assignment to hand its KV off.
 struct HandoffParams {
@@ -39,7 +34,9 @@ std::vector<std::string> served_kv_transports(const Executor& exec);
 // this group's executor (before any connection).
 void check_kv_transport(const v1::Assignment& job, const Executor& exec);
 
-// Connects the job's streams to its decoder. Throws std::runtime_error naming the decoder.
-std::unique_ptr<Handoff> make_handoff(const v1::Assignment& job, const HandoffParams& p);
+// Sets the job's transport up to its decoder. Throws std::runtime_error "KV transport 'T'
+// cannot be set up: ..." naming the decoder.
+std::unique_ptr<Handoff> make_handoff(const v1::Assignment& job, const HandoffParams& p,
+                                      const Executor& exec);
 
 }  // namespace mprefill::worker

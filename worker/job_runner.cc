@@ -1,5 +1,6 @@
 #include "worker/job_runner.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <memory>
@@ -53,7 +54,7 @@ bool prepare(const GroupContext& g, const v1::Assignment& job, JobSpec* spec,
     hp.contract = *g.contract;
     hp.default_timeout_ms = g.opt->handoff_timeout_ms;
     hp.streams = g.opt->streams;
-    *sink = make_handoff(job, hp);
+    *sink = make_handoff(job, hp, *g.exec);
   } catch (const std::exception& e) {
     err = e.what();
   }
@@ -67,7 +68,7 @@ bool prepare(const GroupContext& g, const v1::Assignment& job, JobSpec* spec,
 // layer boundary (collective on the control channel, so all ranks stop at the same
 // layer; a CUDA executor finishes the prefill first, engine/executor.h). false: reported.
 bool prefill(const GroupContext& g, const JobSpec& spec, std::unique_ptr<Handoff> sink,
-             PrefillResult* out, KvHandoffStats* hs) {
+             PrefillResult* out, KvHandoffStats* hs, std::string* transport) {
   const uint64_t id = spec.id;
   // A cancelled job, or one whose handoff failed on any rank, stops at this boundary on
   // every rank (the failure itself is reported after the agreement below).
@@ -111,6 +112,7 @@ bool prefill(const GroupContext& g, const JobSpec& spec, std::unique_ptr<Handoff
   }
   if (sink->failed()) err = sink->error();  // the cause, where it happened
   *hs = sink->stats();
+  *transport = sink->transport();
   sink.reset();  // streams closed
 
   std::string msg;
@@ -135,12 +137,18 @@ void set_split(const GroupContext& g, const JobSpec& spec, const PrefillResult& 
 
 // 3. Totals over ranks, the first token, WorkerDone (rank 0).
 void report(const GroupContext& g, const JobSpec& spec, const PrefillResult& r,
-            const KvHandoffStats& hs, Clock::time_point t0) {
+            const KvHandoffStats& hs, const std::string& transport, Clock::time_point t0) {
   const double kv_bytes = g.ctl->sum(static_cast<double>(hs.bytes));
   // handoff_ms: the busiest rank's busy send time (kv_bytes / handoff_ms is the rate the
   // group's transport sustained; the sends themselves overlap the layers' compute).
   const double handoff_ms = g.ctl->max(static_cast<int64_t>(hs.send_ms * 1000)) / 1000.0;
-  const double tail_ms = g.ctl->max(static_cast<int64_t>(hs.tail_ms * 1000)) / 1000.0;
+  // End of prefill and KV ready from each rank's start of the job; the latest rank counts.
+  const double t0_ms = std::chrono::duration<double, std::milli>(t0.time_since_epoch()).count();
+  auto since_t0 = [&](double at_ms) {
+    return g.ctl->max(static_cast<int64_t>(std::max(0.0, at_ms - t0_ms) * 1000)) / 1000.0;
+  };
+  const double prefill_end_ms = since_t0(hs.last_put_ms);
+  const double kv_ready_ms = since_t0(hs.kv_ready_ms);
   char line[512];
   std::snprintf(line, sizeof line, "%.3f %.3f %.3f %.3f %.3f", r.total_ms, r.gemm_ms,
                 r.attention_ms, r.estimate_ms, r.kv_export_ms + hs.copy_ms);
@@ -167,6 +175,11 @@ void report(const GroupContext& g, const JobSpec& spec, const PrefillResult& r,
   }
   done->set_kv_bytes(static_cast<uint64_t>(kv_bytes));
   done->set_handoff_ms(handoff_ms);
+  done->set_kv_transport(transport);
+  done->set_kv_gbps(handoff_ms > 0 ? kv_bytes / (handoff_ms * 1e6) : 0.0);
+  done->set_prefill_end_ms(prefill_end_ms);
+  done->set_kv_ready_ms(kv_ready_ms);
+  done->set_exposed_handoff_ms(std::max(0.0, kv_ready_ms - prefill_end_ms));
   done->set_prefill_ms(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
   for (const std::string& rank_line : per_rank) {
     double v[5] = {};
@@ -183,10 +196,13 @@ void report(const GroupContext& g, const JobSpec& spec, const PrefillResult& r,
   set_split(g, spec, r, done);
   g.link->send(d);
   std::fprintf(stderr,
-               "mprefill-worker: job %llu done: %.0f KV bytes handed off, %.1f ms busy sending, "
-               "%.1f ms exposed after the last layer; sp imbalance %.3f (plan %.3f%s)\n",
-               static_cast<unsigned long long>(spec.id), kv_bytes, handoff_ms, tail_ms,
-               r.sp_imbalance, r.sp_imbalance_planned, r.sp_rebalanced ? ", re-balanced" : "");
+               "mprefill-worker: job %llu done: %.0f KV bytes handed off over %s, %.1f ms busy "
+               "sending (%.2f GB/s); prefill end %.1f ms, KV ready %.1f ms, %.1f ms exposed; "
+               "sp imbalance %.3f (plan %.3f%s)\n",
+               static_cast<unsigned long long>(spec.id), kv_bytes, transport.c_str(), handoff_ms,
+               handoff_ms > 0 ? kv_bytes / (handoff_ms * 1e6) : 0.0, prefill_end_ms, kv_ready_ms,
+               std::max(0.0, kv_ready_ms - prefill_end_ms), r.sp_imbalance, r.sp_imbalance_planned,
+               r.sp_rebalanced ? ", re-balanced" : "");
 }
 
 }  // namespace
@@ -205,8 +221,9 @@ void run_job(const GroupContext& g, const v1::Assignment& job) {
   if (!prepare(g, job, &spec, &sink)) return;
   PrefillResult r;
   KvHandoffStats hs;
-  if (!prefill(g, spec, std::move(sink), &r, &hs)) return;
-  report(g, spec, r, hs, t0);
+  std::string transport;
+  if (!prefill(g, spec, std::move(sink), &r, &hs, &transport)) return;
+  report(g, spec, r, hs, transport, t0);
 }
 
 }  // namespace mprefill::worker

@@ -169,23 +169,37 @@ void PinnedStreamSink::finish() {
   pending_ = false;
 }
 
+HostStagingSink::~HostStagingSink() {
+  cudaFreeHost(k_);  // nullptr: no-op
+  cudaFreeHost(v_);
+}
+
 void HostStagingSink::put(const KvSlice& s) {
   if (!s.on_device) return next_->put(s);
   const auto t0 = std::chrono::steady_clock::now();
   const size_t bytes = static_cast<size_t>(s.bytes_per_tensor());
-  k_.resize(bytes);
-  v_.resize(bytes);
+  if (bytes > cap_) {
+    cudaFreeHost(k_);
+    cudaFreeHost(v_);
+    k_ = v_ = nullptr;
+    cap_ = 0;
+    MPREFILL_EDGE_CHECK_CUDA(cudaHostAlloc(&k_, bytes, cudaHostAllocDefault),
+                             "kv sink: staging: pinning " + std::to_string(bytes) + " bytes (K)");
+    MPREFILL_EDGE_CHECK_CUDA(cudaHostAlloc(&v_, bytes, cudaHostAllocDefault),
+                             "kv sink: staging: pinning " + std::to_string(bytes) + " bytes (V)");
+    cap_ = bytes;
+  }
   auto st = static_cast<cudaStream_t>(s.stream);
-  MPREFILL_EDGE_CHECK_CUDA(cudaMemcpyAsync(k_.data(), s.k, bytes, cudaMemcpyDeviceToHost, st),
+  MPREFILL_EDGE_CHECK_CUDA(cudaMemcpyAsync(k_, s.k, bytes, cudaMemcpyDeviceToHost, st),
                            "kv sink: staging: copy K");
-  MPREFILL_EDGE_CHECK_CUDA(cudaMemcpyAsync(v_.data(), s.v, bytes, cudaMemcpyDeviceToHost, st),
+  MPREFILL_EDGE_CHECK_CUDA(cudaMemcpyAsync(v_, s.v, bytes, cudaMemcpyDeviceToHost, st),
                            "kv sink: staging: copy V");
   MPREFILL_EDGE_CHECK_CUDA(cudaStreamSynchronize(st), "kv sink: staging: synchronise");
   copy_ms_ +=
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   KvSlice h = s;
-  h.k = k_.data();
-  h.v = v_.data();
+  h.k = k_;
+  h.v = v_;
   h.on_device = false;
   h.stream = nullptr;
   next_->put(h);

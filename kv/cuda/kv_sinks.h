@@ -91,16 +91,24 @@ class NullKvSink : public KvSink {
   int64_t bytes_ = 0;
 };
 
+// The copies land in pinned host memory (cudaHostAlloc, grown to the largest slice and
+// reused for every layer): the D2H copy runs at DMA speed and the host sink (the TCP
+// sender) frames its pages from there.
 class HostStagingSink : public KvSink {
  public:
   explicit HostStagingSink(KvSink* next) : next_(next) {}
+  ~HostStagingSink() override;
+  HostStagingSink(const HostStagingSink&) = delete;
+  HostStagingSink& operator=(const HostStagingSink&) = delete;
   void put(const KvSlice& s) override;
   void finish() override { next_->finish(); }
   double copy_ms() const { return copy_ms_; }  // host time spent in the copies
 
  private:
   KvSink* next_;
-  std::vector<char> k_, v_;
+  void* k_ = nullptr;  // pinned, cap_ bytes each
+  void* v_ = nullptr;
+  size_t cap_ = 0;
   double copy_ms_ = 0;
 };
 

@@ -16,7 +16,9 @@
 #include "decode/decoder.h"
 #include "kv/crc32c.h"
 #include "kv/kv_handoff.h"
+#include "kv/kv_page_frame.h"
 #include "kv/kv_store.h"
+#include "kv/kv_transport.h"
 #include "model/fingerprint.h"
 #include "tests/testutil.h"
 
@@ -47,6 +49,23 @@ TEST(Crc32c, KnownVectorsAndExtension) {
     EXPECT_EQ(kv::crc32c(buf.data() + cut, buf.size() - cut, kv::crc32c(buf.data(), cut)), whole);
   buf[500] ^= 0x10;
   EXPECT_NE(kv::crc32c(buf.data(), buf.size()), whole);
+}
+
+// The interleaved hardware path against the table, around its 3 x 4 KiB rounds, unaligned,
+// continuing a running checksum.
+TEST(Crc32c, InterleavedPathMatchesTheTable) {
+  std::vector<uint8_t> buf(3 * 3 * 4096 + 1000);
+  std::mt19937 rng(9);
+  for (auto& b : buf) b = static_cast<uint8_t>(rng());
+  for (size_t n : {size_t{0}, size_t{7}, size_t{12287}, size_t{12288}, size_t{12289}, size_t{24575},
+                   size_t{24576}, size_t{24583}, size_t{36864}, buf.size() - 3})
+    for (size_t off : {size_t{0}, size_t{3}})
+      for (uint32_t seed : {0u, 0xdeadbeefu}) {
+        if (off + n > buf.size()) continue;
+        EXPECT_EQ(kv::crc32c(buf.data() + off, n, seed),
+                  kv::crc32c_portable(buf.data() + off, n, seed))
+            << n << " bytes at +" << off;
+      }
 }
 
 // ---- page cutting ----------------------------------------------------------------------
@@ -917,6 +936,253 @@ TEST(TcpHandoff, LoopbackThroughput) {
       rx.release(job);
     }
   }
+}
+
+// ---- the TCP fast path: staging buffers, page sizes, streams ------------------------------
+
+// Every page size against a prime token count (pages of 1 token, tile +- 1, one page for the
+// whole prompt, larger than the prompt), each with staging buffers smaller than one page
+// frame (a buffer per page, grown), holding a few pages, and the default; 1 and 3 streams;
+// a 2 x 3 tp x sp group (non-contiguous heads, zigzag ranges). The store holds exactly the
+// source, and every rank reports each layer acked.
+TEST(TcpHandoff, EveryPageSizeAndStagingSizeRoundTrips) {
+  const int L = 2, kvh = 4, hd = 8;
+  const int64_t n = 97;
+  const SourceKv src = make_source(L, n, kvh, hd, 5);
+  uint64_t job = 500;
+  for (int P : {1, 2, 3, 7, 16, 31, 32, 33, 96, 97, 98, 300}) {
+    const v1::KvContract c = test_contract(L, kvh, hd, P);
+    kv::KvReceiver rx(receiver_opts(c), nullptr);
+    for (const size_t staging : {size_t{4096}, size_t{3} << 12, size_t{4} << 20}) {
+      const int streams = staging == 4096 ? 3 : 1;
+      ++job;
+      std::string why;
+      ASSERT_TRUE(rx.expect(expect_msg(job, n, L, 6), &why)) << why;
+      std::vector<std::string> errors(6);
+      std::vector<KvHandoffStats> stats(6);
+      std::vector<std::thread> ranks;
+      for (int r = 0; r < 6; ++r)
+        ranks.emplace_back([&, r] {
+          try {
+            KvHandoffOptions o = sender_opts(job, r, rx.port(), c, streams);
+            o.staging_bytes = staging;
+            o.staging_buffers = r % 2 ? 1 : 0;  // one buffer: sends and framing alternate
+            TcpKvHandoff hsend(o);
+            const Ranges tok = zigzag(n, 3, r / 2);
+            const auto heads = heads_of(kvh, 2, r % 2);
+            for (int l = 0; l < L; ++l) {
+              RankSlice rs = cut_slice(src, l, tok, heads);
+              hsend.put(as_slice(rs, l, hd));
+              std::fill(rs.k.begin(), rs.k.end(), -1.f);  // put() copied
+            }
+            hsend.finish();
+            stats[r] = hsend.stats();
+          } catch (const std::exception& e) {
+            errors[r] = e.what();
+          }
+        });
+      for (auto& t : ranks) t.join();
+      for (int r = 0; r < 6; ++r) {
+        EXPECT_EQ(errors[r], "") << "P " << P << " staging " << staging << " rank " << r;
+        EXPECT_EQ(stats[r].layers_acked, L);
+      }
+      ASSERT_TRUE(rx.wait_complete(job, &why)) << "P " << P << ": " << why;
+      auto store = rx.store(job);
+      ASSERT_TRUE(store);
+      expect_store_equals(*store, src);
+      uint64_t sent = 0;
+      int64_t pages = 0;
+      for (const auto& st : stats) sent += st.bytes, pages += st.pages;
+      EXPECT_EQ(sent, uint64_t(2 * L * n * kvh * hd * 4));
+      EXPECT_GE(pages, int64_t{L} * ((n + P - 1) / P));  // every page once, cut per rank
+      store.reset();
+      rx.release(job);
+    }
+    EXPECT_EQ(rx.reserved_bytes(), 0u);
+  }
+}
+
+// The in-place reader of page frames agrees with protobuf on what the sender writes, and
+// leaves every other frame (another message, another version, truncated) to protobuf.
+TEST(KvPageFrame, InPlaceReaderMatchesProtobuf) {
+  std::mt19937 g(3);
+  for (size_t bytes : {size_t{0}, size_t{1}, size_t{127}, size_t{128}, size_t{16383}, size_t{16384},
+                       size_t{100003}}) {
+    std::string k(bytes, '\0'), v(bytes, '\0');
+    for (auto& x : k) x = static_cast<char>(g());
+    for (auto& x : v) x = static_cast<char>(g());
+    v1::KvPageHeader h;
+    h.set_job_id(uint64_t{1} << 40);
+    h.set_layer(3);
+    h.add_kv_heads(1);
+    h.add_kv_heads(5);
+    h.set_token_begin(1 << 20);
+    h.set_token_end((1 << 20) + 7);
+    h.set_dtype(v1::BF16);
+    h.set_layout(kKvLayout);
+    h.set_page_tokens(256);
+    h.set_head_dim(128);
+    h.set_crc32c(0xdeadbeef);
+    h.set_sender_rank(2);
+    const std::string frame = encode_kv_page_frame(h, k.data(), v.data(), bytes);
+    const std::string_view env(frame.data() + 4, frame.size() - 4);
+    kv::KvPageView page;
+    ASSERT_TRUE(kv::read_kv_page_frame(env, &page)) << bytes;
+    EXPECT_EQ(page.header.SerializeAsString(), h.SerializeAsString());
+    EXPECT_EQ(page.k, k);
+    EXPECT_EQ(page.v, v);
+    v1::Envelope parsed;
+    ASSERT_TRUE(parsed.ParseFromArray(env.data(), static_cast<int>(env.size())));
+    EXPECT_EQ(parsed.kv_page().k(), k);
+    for (size_t cut : {size_t{1}, size_t{5}, env.size() / 2})  // truncated: not a page
+      if (cut < env.size()) {
+        EXPECT_FALSE(kv::read_kv_page_frame(env.substr(0, cut), &page));
+      }
+  }
+  v1::Envelope ack;
+  ack.set_version(wire::kProtocolVersion);
+  ack.mutable_layer_ack()->set_layer(1);
+  const std::string af = ack.SerializeAsString();
+  kv::KvPageView page;
+  EXPECT_FALSE(kv::read_kv_page_frame(af, &page));
+  v1::Envelope old_page;
+  old_page.set_version(wire::kProtocolVersion + 1);
+  old_page.mutable_kv_page()->set_k("x");
+  EXPECT_FALSE(kv::read_kv_page_frame(old_page.SerializeAsString(), &page));
+}
+
+// ---- transports: one factory, no silent fallback -----------------------------------------
+
+TEST(KvTransport, UnservedOrBrokenTransportsFailWithTheReason) {
+  const v1::KvContract c = test_contract(2, 2, 8, 16);
+  // Names this build or this executor does not serve: refused before any connection.
+  EXPECT_NE(kv::sender_refusal("rdma", {}).find("KV transport 'rdma' is unknown"),
+            std::string::npos);
+  EXPECT_EQ(kv::sender_refusal("", {}), "");
+  EXPECT_EQ(kv::sender_refusal("tcp", {}), "");
+  EXPECT_EQ(kv::sender_transports({}), std::vector<std::string>{"tcp"});  // a CPU rank
+  try {
+    kv::make_sender("nccl", sender_opts(1, 0, 1, c), kv::SenderSite{});
+    ADD_FAILURE() << "nccl set up on a CPU rank";
+  } catch (const std::exception& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("KV transport 'nccl' is not"), std::string::npos) << m;
+  }
+  // A transport that cannot be set up: the reason, never another transport.
+  uint16_t dead_port = 0;
+  {
+    kv::KvReceiver gone(receiver_opts(c), nullptr);
+    dead_port = gone.port();
+  }
+  try {
+    kv::make_sender("tcp", sender_opts(1, 0, dead_port, c, 2, 2000), kv::SenderSite{});
+    ADD_FAILURE() << "tcp set up to a closed port";
+  } catch (const std::exception& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("KV transport 'tcp' cannot be set up: KV handoff to decoder 127.0.0.1:" +
+                     std::to_string(dead_port)),
+              std::string::npos)
+        << m;
+    EXPECT_NE(m.find("connecting stream 0"), std::string::npos) << m;
+  }
+  // The decoder side: a stream naming a transport this KV port does not serve fails the
+  // job at once with the reason, told to the sender.
+  Failures fails;
+  kv::KvReceiver rx(receiver_opts(c), [&](uint64_t j, const std::string& m) { fails.add(j, m); });
+  EXPECT_EQ(kv::receiver_transports(kv::receiver_payloads(-1)), std::vector<std::string>{"tcp"});
+  std::string why;
+  ASSERT_TRUE(rx.expect(expect_msg(9, 40, 2, 1), &why)) << why;
+  auto conn = wire::Connection::connect("127.0.0.1", rx.port(), 5000);
+  conn->client_handshake(v1::WORKER, "ipc-sender", "", 5000);
+  v1::Envelope hello;
+  hello.mutable_kv_hello()->set_job_id(9);
+  *hello.mutable_kv_hello()->mutable_kv() = c;
+  hello.mutable_kv_hello()->set_transport("ipc");
+  hello.mutable_kv_hello()->set_transport_setup("handle");
+  conn->send(hello, 5000);
+  const std::string told = failure_on(conn.get(), 5000);
+  EXPECT_NE(told.find("ipc KV stream of rank 0 cannot be set up: this decoder does not serve "
+                      "kv_transport ipc (it serves tcp)"),
+            std::string::npos)
+      << told;
+  EXPECT_FALSE(rx.wait_complete(9, &why));
+  EXPECT_NE(why.find("kv_transport ipc"), std::string::npos) << why;
+}
+
+// Two jobs in flight to one decoder at once (different groups, page counts and streams):
+// each store holds exactly its own job's KV.
+TEST(TcpHandoff, TwoJobsInFlightToOneDecoder) {
+  const int L = 3, kvh = 4, hd = 16, P = 32;
+  const SourceKv a = make_source(L, 1001, kvh, hd, 11), b = make_source(L, 611, kvh, hd, 12);
+  const v1::KvContract c = test_contract(L, kvh, hd, P);
+  Failures fails;
+  kv::KvReceiver rx(receiver_opts(c), [&](uint64_t j, const std::string& m) { fails.add(j, m); });
+  std::string why;
+  ASSERT_TRUE(rx.expect(expect_msg(71, a.n, L, 4), &why)) << why;
+  ASSERT_TRUE(rx.expect(expect_msg(72, b.n, L, 2), &why)) << why;
+  std::thread ja([&] { run_group(a, c, rx.port(), 71, 2, 2, 2); });
+  std::thread jb([&] { run_group(b, c, rx.port(), 72, 1, 2, 3); });
+  ja.join();
+  jb.join();
+  ASSERT_TRUE(rx.wait_complete(71, &why)) << why;
+  ASSERT_TRUE(rx.wait_complete(72, &why)) << why;
+  expect_store_equals(*rx.store(71), a);
+  expect_store_equals(*rx.store(72), b);
+  EXPECT_EQ(rx.info(71).streams, 8);
+  EXPECT_EQ(rx.info(72).streams, 6);
+  EXPECT_EQ(fails.size(), 0u);
+}
+
+// The KV port runs each connection's hellos on its own thread: 20 connections that never
+// speak delay no handoff (the serial port took 5 s each), are closed after
+// prehello_timeout_ms, and past max_prehello a new connection is closed at once.
+TEST(KvPort, SilentConnectionsDelayNoHandoff) {
+  const int L = 2, kvh = 2, hd = 16, P = 64;
+  const SourceKv src = make_source(L, 500, kvh, hd, 21);
+  const v1::KvContract c = test_contract(L, kvh, hd, P);
+  kv::ReceiverOptions ro = receiver_opts(c);
+  ro.prehello_timeout_ms = 3000;
+  kv::KvReceiver rx(ro, nullptr);
+  std::vector<std::unique_ptr<wire::Connection>> silent;
+  for (int i = 0; i < 20; ++i)
+    silent.push_back(wire::Connection::connect("127.0.0.1", rx.port(), 2000));
+  std::string why;
+  ASSERT_TRUE(rx.expect(expect_msg(1, src.n, L, 2), &why)) << why;
+  const auto t0 = Clock::now();
+  run_group(src, c, rx.port(), 1, 1, 2, 2);
+  ASSERT_TRUE(rx.wait_complete(1, &why)) << why;
+  const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+  EXPECT_LT(s, 1.5) << "the handoff waited behind silent connections";
+  expect_store_equals(*rx.store(1), src);
+  // Closed after the pre-hello deadline: the ServerHello came, then the end.
+  for (auto& conn : silent) {
+    v1::Envelope env;
+    bool closed = false;
+    try {
+      while (conn->recv(&env, 6000)) {
+      }
+    } catch (const wire::WireError& e) {
+      closed = e.kind() == wire::WireError::Kind::kClosed;
+    }
+    EXPECT_TRUE(closed);
+  }
+
+  // The cap: with max_prehello silent connections in, the next one is closed at once.
+  kv::ReceiverOptions capped = receiver_opts(c);
+  capped.max_prehello = 4;
+  capped.prehello_timeout_ms = 1000;
+  kv::KvReceiver rx2(capped, nullptr);
+  silent.clear();
+  for (int i = 0; i < 4; ++i)
+    silent.push_back(wire::Connection::connect("127.0.0.1", rx2.port(), 2000));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  auto extra = wire::Connection::connect("127.0.0.1", rx2.port(), 2000);
+  EXPECT_THROW(extra->client_handshake(v1::WORKER, "over-cap", "", 2000), wire::WireError);
+  // Once the silent ones expired, streams get in again.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  ASSERT_TRUE(rx2.expect(expect_msg(2, src.n, L, 1), &why)) << why;
+  run_group(src, c, rx2.port(), 2, 1, 1, 1);
+  ASSERT_TRUE(rx2.wait_complete(2, &why)) << why;
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include "engine/dist_engine.h"
 #include "engine/engine.h"
 #include "kv/kv_handoff.h"
+#include "kv/kv_transport.h"
 #include "model/fingerprint.h"
 #include "tests/model_fixtures.h"
 #include "tests/mpi/mpi_testutil.h"
@@ -91,20 +92,26 @@ TEST(DistHandoff, DecoderStoreHoldsTheEngineKv) {
   ho.contract = contract;
   ho.timeout_ms = 30000;
   ho.streams = 1 + c->rank() % 2;  // both single- and multi-stream ranks
+  // Mixed staging: a 4 KiB buffer (every page frame larger: a buffer per page, grown) on odd
+  // ranks, a few pages per buffer on rank 2, the default on the others.
+  ho.staging_bytes = c->rank() % 2 ? 4096 : (c->rank() == 2 ? 64 << 10 : ho.staging_bytes);
   std::string err;
   PrefillPlan plan;  // estimated by the group, identical on every rank
   DistPrefillResult res;
   KvHandoffStats hs;
   try {
-    TcpKvHandoff sink(ho);
-    res = de.prefill(ids, policy, &sink, &plan);  // calls sink.finish()
-    hs = sink.stats();
+    auto sink = kv::make_sender("tcp", ho, kv::SenderSite{});
+    EXPECT_EQ(sink->transport(), "tcp");
+    res = de.prefill(ids, policy, sink.get(), &plan);  // calls sink->finish()
+    hs = sink->stats();
   } catch (const std::exception& e) {
     err = e.what();
   }
   EXPECT_EQ(err, "") << "rank " << c->rank();
   EXPECT_EQ(hs.layers_acked, de.config().n_layers);
   EXPECT_EQ(static_cast<int64_t>(hs.bytes), res.kv_bytes_exported);
+  EXPECT_GE(hs.kv_ready_ms, hs.last_put_ms);  // KV ready after the last layer left
+  EXPECT_GT(hs.last_put_ms, 0.0);
 
   bool ok = err.empty();
   if (c->rank() == 0) {
