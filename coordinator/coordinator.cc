@@ -25,6 +25,20 @@ Coordinator::Impl::Impl(CoordinatorOptions o) : opt(std::move(o)) {
   if (opt.prep_threads < 1) throw std::invalid_argument("coordinator: prep_threads must be >= 1");
   if (opt.max_config_bytes < 1 || opt.max_prompt_bytes < 1)
     throw std::invalid_argument("coordinator: max_config_bytes and max_prompt_bytes must be >= 1");
+  if (opt.max_pre_hello < 1) throw std::invalid_argument("coordinator: max_pre_hello must be >= 1");
+  if (opt.client_max_jobs < 1 || opt.client_max_queued_tokens < 1)
+    throw std::invalid_argument(
+        "coordinator: client_max_jobs and client_max_queued_tokens must be >= 1");
+  if (opt.max_large_frame_bytes < opt.max_frame)
+    throw std::invalid_argument("coordinator: max_large_frame_bytes must be >= max_frame (" +
+                                std::to_string(opt.max_frame) + ")");
+  if (!opt.client_keys.empty()) {
+    if (opt.secret.empty())
+      throw std::invalid_argument(
+          "coordinator: --client-keys needs --secret-file (the infrastructure secret that worker "
+          "groups and decoders prove)");
+    client_keys = std::make_unique<ClientKeyFile>(opt.client_keys);
+  }
   if (!opt.tokenizer.empty()) {
     tokenizer = Tokenizer::load(opt.tokenizer);
     max_piece_bytes = 1;
@@ -192,6 +206,8 @@ std::string Coordinator::Impl::metrics_text_locked_copy() {
     }
     snap.decoders_alive = static_cast<int64_t>(decoders.size());
   }
+  snap.large_frame_bytes = large_frame_bytes.load();
+  snap.log_suppressed = log_suppressed.load();
   return render_metrics(snap);
 }
 
@@ -216,7 +232,11 @@ void Coordinator::Impl::unexpected_message(const SessionPtr& s, const v1::Envelo
 }
 
 void Coordinator::Impl::on_hello(const SessionPtr& s) {
-  log("%s connected as %s '%s'", s->peer().c_str(), role_name(s->role()), s->name().c_str());
+  if (!s->owner().empty())
+    log("%s connected as client key '%s'%s (name '%s')", s->peer().c_str(), s->owner().c_str(),
+        s->admin() ? " (admin)" : "", s->name().c_str());
+  else
+    log("%s connected as %s '%s'", s->peer().c_str(), role_name(s->role()), s->name().c_str());
 }
 
 bool Coordinator::Impl::on_message(const SessionPtr& s, v1::Envelope& env) {
@@ -265,6 +285,11 @@ void Coordinator::Impl::on_closed(Session* s) {
   std::lock_guard<std::mutex> lk(mu);
   sessions.erase(s);
   metrics.connections = static_cast<int64_t>(sessions.size());
+  if (s->pre_hello) {
+    s->pre_hello = false;
+    metrics.pre_hello = --pre_hello;
+    ++metrics.pre_hello_closed;
+  }
   if (stopping) return;
   if (s->role() == v1::WORKER && !s->registered.empty()) {
     auto it = groups.find(s->registered);
@@ -300,6 +325,10 @@ void Coordinator::Impl::tick() {
     expire_silent_peers(now);
     expire_deadlines(now);
     end_cancel_grace(now);
+  }
+  if (client_keys && ++key_check_ticks >= 10) {  // about once a second
+    key_check_ticks = 0;
+    check_client_keys(false);
   }
   arm_ticker();
 }

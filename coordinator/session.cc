@@ -14,21 +14,17 @@ void Coordinator::Impl::do_accept() {
         if (!ec) {
           auto s = std::make_shared<Session>(self, std::move(sock));
           std::string full;
-          {
-            std::lock_guard<std::mutex> lk(self->mu);
-            if (static_cast<int64_t>(self->sessions.size()) >= self->opt.max_connections) {
-              full = "too many connections: " + std::to_string(self->sessions.size()) +
-                     " open (--max-connections " + std::to_string(self->opt.max_connections) + ")";
-              ++self->metrics.refused_connections;
-            } else {
-              self->sessions.insert(s.get());
-              self->metrics.connections = static_cast<int64_t>(self->sessions.size());
-            }
-          }
-          if (full.empty())
-            s->start();
-          else
+          auto evicted = self->enter_pre_hello(s, &full);
+          if (!full.empty()) {
             s->refuse(full);
+            self->do_accept();
+            return;
+          }
+          s->start();
+          for (auto& old : evicted) old->close_async();
+          if (!evicted.empty())
+            self->log_refusal("%s: pre-hello pool full (--max-pre-hello %d): closed the oldest",
+                              s->peer().c_str(), self->opt.max_pre_hello);
         }
         self->do_accept();
       });
@@ -41,7 +37,9 @@ Session::Session(std::shared_ptr<Coordinator::Impl> c, tcp::socket sock)
       hello_timer_(coord_->io),
       linger_timer_(coord_->io),
       frame_timer_(coord_->io),
-      parser_(std::min(coord_->opt.max_frame, wire::kHelloMaxFrame)) {  // raised after hello
+      grant_timer_(coord_->io),
+      parser_(std::min(coord_->opt.max_frame, wire::kHelloMaxFrame)),  // raised after hello
+      buf_(kHelloReadChunk) {
   boost::system::error_code ec;
   auto ep = socket_.remote_endpoint(ec);
   peer_ = ec ? "?" : ep.address().to_string() + ":" + std::to_string(ep.port());
@@ -58,8 +56,8 @@ void Session::start() {
     self->hello_timer_.async_wait(
         asio::bind_executor(self->strand_, [self](const boost::system::error_code& ec) {
           if (!ec && !self->hello_done_ && !self->closed_) {
-            self->coord_->log("%s: no ClientHello within %d ms, closing", self->peer_.c_str(),
-                              self->coord_->opt.hello_timeout_ms);
+            self->coord_->log_refusal("%s: no ClientHello within %d ms, closing",
+                                      self->peer_.c_str(), self->coord_->opt.hello_timeout_ms);
             self->close();
           }
         }));
@@ -70,7 +68,7 @@ void Session::start() {
 void Session::refuse(const std::string& why) {
   auto self = shared_from_this();
   asio::dispatch(strand_, [self, why] {
-    self->coord_->log("%s: connection refused: %s", self->peer_.c_str(), why.c_str());
+    self->coord_->log_refusal("%s: connection refused: %s", self->peer_.c_str(), why.c_str());
     self->send_error_and_close(0, v1::RESOURCE_EXHAUSTED, why);
   });
 }
@@ -112,8 +110,11 @@ void Session::close() {
   hello_timer_.cancel();
   linger_timer_.cancel();
   frame_timer_.cancel();
+  grant_timer_.cancel();
+  release_grant();
   socket_.shutdown(tcp::socket::shutdown_both, ec);
   socket_.close(ec);
+  parser_.release_memory();
   coord_->on_closed(this);
 }
 
@@ -205,6 +206,10 @@ void Session::drain() {
     auto r = parser_.next(&env, &err);
     if (r == wire::FrameParser::Result::kNeedMore) break;
     progressed = true;
+    if (granted_) {  // the large frame is complete (or broken): its bytes go back
+      release_grant();
+      parser_.release_memory();
+    }
     if (r == wire::FrameParser::Result::kError) {
       bad_frame(parser_.error_kind() == wire::WireError::Kind::kBadVersion ? v1::BAD_VERSION
                                                                            : v1::BAD_FRAME,
@@ -226,7 +231,33 @@ void Session::drain() {
     }
   }
   if (hello_done_) watch_partial_frame(progressed);
+  if (!grant_large_frame()) return;
   read();
+}
+
+bool Session::grant_large_frame() {
+  if (!hello_done_ || role_ != v1::CLIENT || granted_) return true;
+  const size_t need = parser_.pending_frame_bytes();
+  if (need <= kSmallFrame) return true;
+  if (coord_->reserve_large_frame(need)) {
+    granted_ = need;
+    parser_.reserve(need);
+    return true;
+  }
+  // Wait for other large frames to complete or fail; the frame timer still bounds this.
+  grant_timer_.expires_after(std::chrono::milliseconds(20));
+  auto self = shared_from_this();
+  grant_timer_.async_wait(asio::bind_executor(strand_, [self](const boost::system::error_code& ec) {
+    if (ec || self->closed_ || self->paused_) return;
+    if (self->grant_large_frame()) self->read();
+  }));
+  return false;
+}
+
+void Session::release_grant() {
+  if (!granted_) return;
+  coord_->release_large_frame(granted_);
+  granted_ = 0;
 }
 
 bool Session::take_hello(const v1::Envelope& env) {
@@ -234,29 +265,45 @@ bool Session::take_hello(const v1::Envelope& env) {
     bad_frame(v1::BAD_FRAME, "first frame is not a ClientHello");
     return false;
   }
-  std::string why;
+  const auto& h = env.client_hello();
+  std::string why, secret, identity, digest;
+  bool admin = false;
   v1::ErrorCode code = v1::ERROR_CODE_UNSPECIFIED;
-  if (!wire::check_client_hello(env.client_hello(), nonce_, v1::ROLE_UNSPECIFIED,
-                                coord_->opt.secret, &why, &code)) {
-    coord_->log("%s: hello refused: %s", peer_.c_str(), why.c_str());
+  if (wire::check_client_hello(h, nonce_, v1::ROLE_UNSPECIFIED, "", &why, &code))  // form only
+    why = coord_->hello_key(h, &secret, &identity, &admin, &digest, &code);
+  if (why.empty()) wire::check_client_hello(h, nonce_, v1::ROLE_UNSPECIFIED, secret, &why, &code);
+  if (why.empty()) {
+    // Written before leaving the pool: readers under the coordinator's mutex skip
+    // sessions still in it.
+    role_ = h.role();
+    name_ = h.name();
+    owner_ = identity;
+    admin_ = admin;
+    key_digest_ = digest;
+    why = coord_->leave_pre_hello(this);
+    code = v1::RESOURCE_EXHAUSTED;
+  }
+  if (!why.empty()) {
+    coord_->log_refusal("%s: hello refused: %s", peer_.c_str(), why.c_str());
     send_error_and_close(0, code, why);
     return false;
   }
   hello_done_ = true;
   hello_timer_.cancel();
   parser_.set_max_frame(coord_->opt.max_frame);
-  role_ = env.client_hello().role();
-  name_ = env.client_hello().name();
-  auto ok = envelope();
-  ok.mutable_hello_accepted()->set_server("mprefill-coordinator");
-  write(wire::encode_frame(ok));
+  buf_.resize(kReadChunk);  // no read is pending: drain runs between reads
+  write(wire::encode_frame(
+      wire::make_hello_accepted("mprefill-coordinator", h, nonce_, secret, identity, admin)));
   coord_->on_hello(shared_from_this());
   return true;
 }
 
 void Session::bad_frame(v1::ErrorCode code, const std::string& why) {
-  coord_->log("%s (%s %s): bad frame: %s; closing this connection", peer_.c_str(), role_name(role_),
-              name_.c_str(), why.c_str());
+  if (!hello_done_)
+    coord_->log_refusal("%s: bad frame before the hello: %s; closing", peer_.c_str(), why.c_str());
+  else
+    coord_->log("%s (%s %s): bad frame: %s; closing this connection", peer_.c_str(),
+                role_name(role_), name_.c_str(), why.c_str());
   {
     std::lock_guard<std::mutex> lk(coord_->mu);
     ++coord_->metrics.bad_frames;

@@ -106,6 +106,26 @@ void FrameParser::feed(const void* data, size_t n) {
 
 size_t FrameParser::buffered() const { return buf_.size() - pos_; }
 
+size_t FrameParser::pending_frame_bytes() const {
+  if (failed_ || buffered() < 4) return 0;
+  const auto* p = reinterpret_cast<const uint8_t*>(buf_.data() + pos_);
+  return 4 + size_t{p[0]} + (size_t{p[1]} << 8) + (size_t{p[2]} << 16) + (size_t{p[3]} << 24);
+}
+
+void FrameParser::reserve(size_t n) {
+  if (pos_ > 0) {
+    buf_.erase(0, pos_);
+    pos_ = 0;
+  }
+  if (n > buf_.capacity()) buf_.reserve(n);
+}
+
+void FrameParser::release_memory() {
+  buf_.erase(0, pos_);
+  pos_ = 0;
+  buf_.shrink_to_fit();
+}
+
 FrameParser::Result FrameParser::next(v1::Envelope* out, std::string* error) {
   auto fail = [&](WireError::Kind kind, const std::string& why) {
     failed_ = true;
@@ -160,12 +180,48 @@ std::string random_nonce() {
   return n;
 }
 
-std::string hello_proof(std::string_view secret, std::string_view nonce, v1::Role role) {
-  std::string msg(nonce);
-  const uint32_t r = static_cast<uint32_t>(role);
-  for (int i = 0; i < 4; ++i) msg.push_back(static_cast<char>((r >> (8 * i)) & 0xff));
+namespace {
+
+std::string transcript(std::string_view label, const HelloBinding& b) {
+  std::string m(label);
+  auto field = [&m](std::string_view f) {
+    const uint32_t n = static_cast<uint32_t>(f.size());
+    for (int i = 0; i < 4; ++i) m.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
+    m.append(f);
+  };
+  const uint32_t r = static_cast<uint32_t>(b.role);
+  std::string role(4, '\0');
+  for (int i = 0; i < 4; ++i) role[i] = static_cast<char>((r >> (8 * i)) & 0xff);
+  field(role);
+  field(b.key_id);
+  field(b.server_nonce);
+  field(b.client_nonce);
+  field(b.channel);
+  return m;
+}
+
+std::string mac(std::string_view secret, const std::string& msg) {
   Digest d = hmac_sha256(secret, msg);
   return std::string(reinterpret_cast<const char*>(d.data()), d.size());
+}
+
+}  // namespace
+
+std::string hello_proof(std::string_view secret, const HelloBinding& b) {
+  return mac(secret, transcript("mprefill hello: client proof v1", b));
+}
+
+std::string server_proof(std::string_view secret, const HelloBinding& b) {
+  return mac(secret, transcript("mprefill hello: server proof v1", b));
+}
+
+HelloBinding binding_of(const v1::ClientHello& hello, std::string_view server_nonce) {
+  HelloBinding b;
+  b.server_nonce = server_nonce;
+  b.client_nonce = hello.client_nonce();
+  b.role = hello.role();
+  b.key_id = hello.key_id();
+  return b;
 }
 
 bool check_client_hello(const v1::ClientHello& hello, std::string_view nonce,
@@ -189,10 +245,25 @@ bool check_client_hello(const v1::ClientHello& hello, std::string_view nonce,
   if (!secret.empty()) {
     if (hello.proof().empty())
       return refuse(v1::UNAUTHENTICATED, "authentication required: no proof (missing secret?)");
-    if (!constant_time_equal(hello.proof(), hello_proof(secret, nonce, role)))
+    if (hello.client_nonce().size() != 32)
+      return refuse(v1::UNAUTHENTICATED, "authentication failed: no 32-byte client nonce");
+    if (!constant_time_equal(hello.proof(), hello_proof(secret, binding_of(hello, nonce))))
       return refuse(v1::UNAUTHENTICATED, "authentication failed: wrong proof (secret differs)");
   }
   return true;
+}
+
+v1::Envelope make_hello_accepted(const std::string& server, const v1::ClientHello& hello,
+                                 std::string_view server_nonce, std::string_view secret,
+                                 const std::string& identity, bool admin) {
+  v1::Envelope env;
+  env.set_version(kProtocolVersion);
+  auto* a = env.mutable_hello_accepted();
+  a->set_server(server);
+  if (!secret.empty()) a->set_server_proof(server_proof(secret, binding_of(hello, server_nonce)));
+  a->set_identity(identity);
+  a->set_admin(admin);
+  return env;
 }
 
 v1::Envelope make_server_hello(const std::string& nonce, bool auth_required) {
@@ -228,6 +299,16 @@ std::string load_secret_file(const std::string& path) {
   return s;
 }
 
+Credential load_key_file(const std::string& path) {
+  const std::string text = load_secret_file(path);
+  std::istringstream is(text);
+  Credential c;
+  std::string extra;
+  if (text.find('\n') != std::string::npos || !(is >> c.key_id >> c.secret) || (is >> extra))
+    throw std::runtime_error("key file " + path + ": expected one line \"NAME SECRET\"");
+  return c;
+}
+
 void parse_host_port(const std::string& text, std::string* host, uint16_t* port) {
   const size_t colon = text.rfind(':');
   if (colon == std::string::npos || colon == 0 || colon + 1 == text.size())
@@ -251,6 +332,8 @@ struct Connection::Impl {
   FrameParser parser;
   std::string peer;
   std::string peer_name;
+  std::string identity;  // HelloAccepted.identity / admin (connecting side)
+  bool admin = false;
   std::atomic<bool> closed{false};
   bool send_broken = false;  // a partial frame went out: the stream is unusable
   std::string read_buf;
@@ -403,7 +486,7 @@ void Connection::close() {
 std::string Connection::peer() const { return impl_->peer; }
 const std::string& Connection::peer_name() const { return impl_->peer_name; }
 
-void Connection::client_handshake(v1::Role role, const std::string& name, const std::string& secret,
+void Connection::client_handshake(v1::Role role, const std::string& name, const Credential& cred,
                                   int timeout_ms) {
   const auto deadline = deadline_after(timeout_ms);
   v1::Envelope env;
@@ -423,16 +506,24 @@ void Connection::client_handshake(v1::Role role, const std::string& name, const 
                     "hello from " + peer() + ": server speaks protocol version " +
                         std::to_string(sh.version()) + ", this side " +
                         std::to_string(kProtocolVersion));
-  if (sh.auth_required() && secret.empty())
+  if (sh.auth_required() && cred.secret.empty())
     throw WireError(WireError::Kind::kAuth,
                     "hello to " + peer() + ": server requires authentication; pass --secret-file");
+  if (!sh.auth_required() && !cred.secret.empty())
+    throw WireError(WireError::Kind::kAuth,
+                    "hello to " + peer() +
+                        ": server does not ask for authentication but this side holds a key: "
+                        "refusing it (an impostor, or a server started without its key files)");
+  const std::string client_nonce = random_nonce();
   v1::Envelope reply;
   reply.set_version(kProtocolVersion);
   auto* ch = reply.mutable_client_hello();
   ch->set_version(kProtocolVersion);
   ch->set_role(role);
   ch->set_name(name);
-  if (sh.auth_required()) ch->set_proof(hello_proof(secret, sh.nonce(), role));
+  ch->set_client_nonce(client_nonce);
+  ch->set_key_id(cred.key_id);
+  if (sh.auth_required()) ch->set_proof(hello_proof(cred.secret, binding_of(*ch, sh.nonce())));
   send(reply, std::max(remaining_ms(deadline), 1));
   v1::Envelope ack;
   bool got = false;
@@ -455,8 +546,20 @@ void Connection::client_handshake(v1::Role role, const std::string& name, const 
   if (!ack.has_hello_accepted())
     throw WireError(WireError::Kind::kBadFrame,
                     "hello to " + peer() + ": expected HelloAccepted, got another message");
-  impl_->peer_name = ack.hello_accepted().server();
+  const auto& ha = ack.hello_accepted();
+  if (sh.auth_required() &&
+      !constant_time_equal(ha.server_proof(),
+                           server_proof(cred.secret, binding_of(*ch, sh.nonce()))))
+    throw WireError(WireError::Kind::kAuth,
+                    "hello to " + peer() +
+                        ": the server did not prove it holds the key: refusing it (an impostor?)");
+  impl_->peer_name = ha.server();
+  impl_->identity = ha.identity();
+  impl_->admin = ha.admin();
 }
+
+const std::string& Connection::identity() const { return impl_->identity; }
+bool Connection::admin() const { return impl_->admin; }
 
 // ---------------------------------------------------------------- Listener
 
@@ -581,10 +684,7 @@ std::unique_ptr<Connection> Listener::accept(int timeout_ms, v1::Role expected_r
     conn->impl_->peer_name = env.client_hello().name();
     conn->impl_->parser.set_max_frame(impl_->max_frame);  // authenticated: full frames
     if (peer_name) *peer_name = env.client_hello().name();
-    v1::Envelope ok;
-    ok.set_version(kProtocolVersion);
-    ok.mutable_hello_accepted()->set_server(impl_->server_name);
-    conn->send(ok, ht);
+    conn->send(make_hello_accepted(impl_->server_name, env.client_hello(), nonce, secret), ht);
   } catch (const WireError& e) {
     set_error(e.what());
     return nullptr;

@@ -11,8 +11,11 @@ namespace mprefill::cli {
 
 using Clock = std::chrono::steady_clock;
 
-std::string secret_of(const ServiceArgs& a) {
-  return a.secret_file.empty() ? std::string() : wire::load_secret_file(a.secret_file);
+wire::Credential secret_of(const ServiceArgs& a) {
+  if (!a.secret_file.empty() && !a.key_file.empty())
+    throw UsageError("--secret-file and --key-file exclude each other");
+  if (!a.key_file.empty()) return wire::load_key_file(a.key_file);
+  return {"", a.secret_file.empty() ? std::string() : wire::load_secret_file(a.secret_file)};
 }
 
 int cmd_submit(const ServiceArgs& a) {
