@@ -19,8 +19,13 @@ namespace mprefill::coord {
 
 struct CoordinatorOptions {
   std::string host = "127.0.0.1";  // bind address of the service port
-  uint16_t port = 0;               // 0: any free port (see Coordinator::port())
-  int metrics_port = -1;           // -1: no metrics server; 0: any free port
+  // TLS (Boost.Asio SSL, TLS 1.3) on the service and metrics ports: PEM certificate chain
+  // and private key. Beyond loopback TLS and `secret` are required unless `insecure`
+  // (a warning at start, mprefill_insecure 1 in /metrics).
+  std::string tls_cert, tls_key;
+  bool insecure = false;
+  uint16_t port = 0;      // 0: any free port (see Coordinator::port())
+  int metrics_port = -1;  // -1: no metrics server; 0: any free port
   // Infrastructure secret (--secret-file): worker groups and decoders prove it; so do
   // clients when there are no client keys. Empty: no auth (loopback use only).
   std::string secret;

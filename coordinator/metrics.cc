@@ -90,6 +90,9 @@ std::string render_metrics(const MetricsSnapshot& m) {
   head(&o, "mprefill_large_frame_bytes", "gauge",
        "Bytes granted to partially received large client frames (--max-large-frame-bytes).");
   line(&o, "mprefill_large_frame_bytes", "", static_cast<double>(m.large_frame_bytes));
+  head(&o, "mprefill_insecure", "gauge",
+       "1: listening beyond loopback without TLS or credentials (--insecure).");
+  line(&o, "mprefill_insecure", "", m.insecure ? 1.0 : 0.0);
   head(&o, "mprefill_log_lines_suppressed_total", "counter",
        "Refusal log lines left out by the 1 line/s limit.");
   line(&o, "mprefill_log_lines_suppressed_total", "", static_cast<double>(m.log_suppressed));

@@ -38,6 +38,7 @@ struct MetricsSnapshot {
   uint64_t pre_hello_closed = 0;     // closed before their hello (any reason)
   int64_t large_frame_bytes = 0;     // granted to partial large client frames
   uint64_t log_suppressed = 0;       // refusal log lines over 1/s
+  bool insecure = false;             // beyond loopback without TLS or credentials
   Histogram ttft, prefill, handoff;
   // Online head audit (JobOptions.audit_heads): totals over all audited heads, the
   // lowest recall of the last audited job, and the last value per (layer, head).

@@ -2,7 +2,10 @@
 // framed reads and queued writes on its strand.
 #include "coordinator/session.h"
 
+#include <openssl/ssl.h>
+
 #include <algorithm>
+#include <cstring>
 #include <mutex>
 
 namespace mprefill::coord {
@@ -44,14 +47,13 @@ Session::Session(std::shared_ptr<Coordinator::Impl> c, tcp::socket sock)
   auto ep = socket_.remote_endpoint(ec);
   peer_ = ec ? "?" : ep.address().to_string() + ":" + std::to_string(ep.port());
   socket_.set_option(tcp::no_delay(true), ec);
+  if (coord_->tls) tls_ = std::make_unique<asio::ssl::stream<tcp::socket&>>(socket_, *coord_->tls);
 }
 
 void Session::start() {
   auto self = shared_from_this();
   asio::dispatch(strand_, [self] {
-    self->nonce_ = wire::random_nonce();
-    self->write(wire::encode_frame(
-        wire::make_server_hello(self->nonce_, !self->coord_->opt.secret.empty())));
+    // The hello deadline covers the TLS handshake too.
     self->hello_timer_.expires_after(std::chrono::milliseconds(self->coord_->opt.hello_timeout_ms));
     self->hello_timer_.async_wait(
         asio::bind_executor(self->strand_, [self](const boost::system::error_code& ec) {
@@ -61,14 +63,41 @@ void Session::start() {
             self->close();
           }
         }));
-    self->read();
+    if (!self->tls_) {
+      self->send_server_hello();
+      self->read();
+      return;
+    }
+    self->tls_->async_handshake(
+        asio::ssl::stream_base::server,
+        asio::bind_executor(self->strand_, [self](const boost::system::error_code& ec) {
+          if (self->closed_) return;
+          unsigned char out[32];
+          const char* label = wire::kTlsExporterLabel;
+          if (ec || SSL_export_keying_material(self->tls_->native_handle(), out, sizeof(out), label,
+                                               std::strlen(label), nullptr, 0, 0) != 1) {
+            self->coord_->log_refusal("%s: TLS handshake failed: %s", self->peer_.c_str(),
+                                      ec ? ec.message().c_str() : "no exporter");
+            self->close();
+            return;
+          }
+          self->exporter_.assign(reinterpret_cast<char*>(out), sizeof(out));
+          self->send_server_hello();
+          self->read();
+        }));
   });
+}
+
+void Session::send_server_hello() {
+  nonce_ = wire::random_nonce();
+  write(wire::encode_frame(wire::make_server_hello(nonce_, !coord_->opt.secret.empty())));
 }
 
 void Session::refuse(const std::string& why) {
   auto self = shared_from_this();
   asio::dispatch(strand_, [self, why] {
     self->coord_->log_refusal("%s: connection refused: %s", self->peer_.c_str(), why.c_str());
+    if (self->tls_) return self->close();  // no TLS session to say it over
     self->send_error_and_close(0, v1::RESOURCE_EXHAUSTED, why);
   });
 }
@@ -147,32 +176,36 @@ void Session::write_next() {
   }
   writing_ = true;
   auto self = shared_from_this();
-  asio::async_write(
-      socket_, asio::buffer(outq_.front()),
-      asio::bind_executor(strand_, [self](const boost::system::error_code& ec, size_t n) {
-        self->queued_bytes_ -= n;
-        if (!self->outq_.empty()) self->outq_.pop_front();
-        if (ec) {
-          self->close();
-          return;
-        }
-        self->write_next();
-      }));
+  auto done = asio::bind_executor(strand_, [self](const boost::system::error_code& ec, size_t n) {
+    self->queued_bytes_ -= n;
+    if (!self->outq_.empty()) self->outq_.pop_front();
+    if (ec) {
+      self->close();
+      return;
+    }
+    self->write_next();
+  });
+  if (tls_)
+    asio::async_write(*tls_, asio::buffer(outq_.front()), std::move(done));
+  else
+    asio::async_write(socket_, asio::buffer(outq_.front()), std::move(done));
 }
 
 void Session::read() {
   if (closed_) return;
   auto self = shared_from_this();
-  socket_.async_read_some(
-      asio::buffer(buf_.data(), buf_.size()),
-      asio::bind_executor(strand_, [self](const boost::system::error_code& ec, size_t n) {
-        if (ec) {
-          self->close();
-          return;
-        }
-        self->parser_.feed(self->buf_.data(), n);
-        self->drain();
-      }));
+  auto got = asio::bind_executor(strand_, [self](const boost::system::error_code& ec, size_t n) {
+    if (ec) {
+      self->close();
+      return;
+    }
+    self->parser_.feed(self->buf_.data(), n);
+    self->drain();
+  });
+  if (tls_)
+    tls_->async_read_some(asio::buffer(buf_.data(), buf_.size()), std::move(got));
+  else
+    socket_.async_read_some(asio::buffer(buf_.data(), buf_.size()), std::move(got));
 }
 
 // After the hello: a frame begun (bytes buffered) must be complete within
@@ -271,7 +304,8 @@ bool Session::take_hello(const v1::Envelope& env) {
   v1::ErrorCode code = v1::ERROR_CODE_UNSPECIFIED;
   if (wire::check_client_hello(h, nonce_, v1::ROLE_UNSPECIFIED, "", &why, &code))  // form only
     why = coord_->hello_key(h, &secret, &identity, &admin, &digest, &code);
-  if (why.empty()) wire::check_client_hello(h, nonce_, v1::ROLE_UNSPECIFIED, secret, &why, &code);
+  if (why.empty())  // the proof, over the TLS exporter when there is TLS
+    wire::check_client_hello(h, nonce_, v1::ROLE_UNSPECIFIED, secret, &why, &code, exporter_);
   if (why.empty()) {
     // Written before leaving the pool: readers under the coordinator's mutex skip
     // sessions still in it.
@@ -292,8 +326,8 @@ bool Session::take_hello(const v1::Envelope& env) {
   hello_timer_.cancel();
   parser_.set_max_frame(coord_->opt.max_frame);
   buf_.resize(kReadChunk);  // no read is pending: drain runs between reads
-  write(wire::encode_frame(
-      wire::make_hello_accepted("mprefill-coordinator", h, nonce_, secret, identity, admin)));
+  write(wire::encode_frame(wire::make_hello_accepted("mprefill-coordinator", h, nonce_, secret,
+                                                     identity, admin, exporter_)));
   coord_->on_hello(shared_from_this());
   return true;
 }

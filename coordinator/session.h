@@ -62,12 +62,17 @@ class Session : public std::enable_shared_from_this<Session> {
   void drain();
   bool take_hello(const v1::Envelope& env);  // false: refused, the session is closing
   void bad_frame(v1::ErrorCode code, const std::string& why);
+  void send_server_hello();  // after the TLS handshake, if any
   // false: the large frame being received waits for a grant (read() is called later).
   bool grant_large_frame();
   void release_grant();
 
   std::shared_ptr<Coordinator::Impl> coord_;
   tcp::socket socket_;
+  // With --tls-cert: every byte after accept goes through this (TLS 1.3); the hello proofs
+  // cover exporter_.
+  std::unique_ptr<asio::ssl::stream<tcp::socket&>> tls_;
+  std::string exporter_;
   asio::strand<asio::io_context::executor_type> strand_;
   asio::steady_timer hello_timer_;
   asio::steady_timer linger_timer_;  // bounds close-after-flush

@@ -21,6 +21,7 @@
 // <utility> before asio: Boost 1.74's awaitable.hpp uses std::exchange without including it.
 #include <utility>
 #include <boost/asio.hpp>
+#include <boost/asio/ssl.hpp>
 // clang-format on
 
 #include <algorithm>
@@ -174,6 +175,7 @@ struct Coordinator::Impl : std::enable_shared_from_this<Coordinator::Impl> {
   int max_piece_bytes = 0;  // longest tokenizer piece: a text of B bytes is >= (B+1)/this tokens
   SparseSource sparse_source;
   std::unique_ptr<ClientKeyFile> client_keys;  // --client-keys (thread-safe itself)
+  std::unique_ptr<asio::ssl::context> tls;     // --tls-cert / --tls-key
   std::atomic<int64_t> large_frame_bytes{0};   // granted to partial large client frames
   std::mutex log_mu;                           // the refusal log's limiter
   Clock::time_point log_last{};
@@ -201,6 +203,7 @@ struct Coordinator::Impl : std::enable_shared_from_this<Coordinator::Impl> {
   MetricsSnapshot metrics;
 
   // ---- coordinator.cc: life cycle, ticker, /metrics, routing ----
+  void setup_tls(bool loopback);  // --tls-cert / --tls-key; beyond loopback: TLS or --insecure
   void start();
   void stop();
   void arm_ticker();

@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "proto/hmac.h"
+#include "proto/tls_client.h"
 
 namespace mprefill::wire {
 
@@ -215,8 +216,10 @@ std::string server_proof(std::string_view secret, const HelloBinding& b) {
   return mac(secret, transcript("mprefill hello: server proof v1", b));
 }
 
-HelloBinding binding_of(const v1::ClientHello& hello, std::string_view server_nonce) {
+HelloBinding binding_of(const v1::ClientHello& hello, std::string_view server_nonce,
+                        std::string_view channel) {
   HelloBinding b;
+  b.channel = channel;
   b.server_nonce = server_nonce;
   b.client_nonce = hello.client_nonce();
   b.role = hello.role();
@@ -226,7 +229,7 @@ HelloBinding binding_of(const v1::ClientHello& hello, std::string_view server_no
 
 bool check_client_hello(const v1::ClientHello& hello, std::string_view nonce,
                         v1::Role expected_role, std::string_view secret, std::string* error,
-                        v1::ErrorCode* code) {
+                        v1::ErrorCode* code, std::string_view channel) {
   auto refuse = [&](v1::ErrorCode c, const std::string& why) {
     if (error) *error = why;
     if (code) *code = c;
@@ -247,7 +250,7 @@ bool check_client_hello(const v1::ClientHello& hello, std::string_view nonce,
       return refuse(v1::UNAUTHENTICATED, "authentication required: no proof (missing secret?)");
     if (hello.client_nonce().size() != 32)
       return refuse(v1::UNAUTHENTICATED, "authentication failed: no 32-byte client nonce");
-    if (!constant_time_equal(hello.proof(), hello_proof(secret, binding_of(hello, nonce))))
+    if (!constant_time_equal(hello.proof(), hello_proof(secret, binding_of(hello, nonce, channel))))
       return refuse(v1::UNAUTHENTICATED, "authentication failed: wrong proof (secret differs)");
   }
   return true;
@@ -255,12 +258,14 @@ bool check_client_hello(const v1::ClientHello& hello, std::string_view nonce,
 
 v1::Envelope make_hello_accepted(const std::string& server, const v1::ClientHello& hello,
                                  std::string_view server_nonce, std::string_view secret,
-                                 const std::string& identity, bool admin) {
+                                 const std::string& identity, bool admin,
+                                 std::string_view channel) {
   v1::Envelope env;
   env.set_version(kProtocolVersion);
   auto* a = env.mutable_hello_accepted();
   a->set_server(server);
-  if (!secret.empty()) a->set_server_proof(server_proof(secret, binding_of(hello, server_nonce)));
+  if (!secret.empty())
+    a->set_server_proof(server_proof(secret, binding_of(hello, server_nonce, channel)));
   a->set_identity(identity);
   a->set_admin(admin);
   return env;
@@ -337,8 +342,22 @@ struct Connection::Impl {
   std::atomic<bool> closed{false};
   bool send_broken = false;  // a partial frame went out: the stream is unusable
   std::string read_buf;
+  std::string host;      // as given to connect (TLS name check)
+  std::string exporter;  // TLS exporter value; empty without TLS
+  std::unique_ptr<TlsClient> tls;
 
   explicit Impl(size_t max_frame) : parser(max_frame) {}
+
+  // One read / write step: bytes moved, 0 when it would block (*wait: POLLIN / POLLOUT);
+  // *ec on a closed or broken stream.
+  size_t io_some(bool write, char* data, size_t n, int* wait, boost::system::error_code* ec) {
+    *wait = write ? POLLOUT : POLLIN;
+    if (tls) return tls->io(write, data, n, wait, ec);
+    size_t r = write ? socket.write_some(asio::buffer(data, n), *ec)
+                     : socket.read_some(asio::buffer(data, n), *ec);
+    if (*ec == asio::error::would_block || *ec == asio::error::try_again) ec->clear();
+    return r;
+  }
 
   int fd() { return socket.native_handle(); }
 
@@ -355,15 +374,16 @@ struct Connection::Impl {
     size_t done = 0;
     while (done < n) {
       boost::system::error_code ec;
-      size_t w = socket.write_some(asio::buffer(data + done, n - done), ec);
+      int wait = POLLOUT;
+      size_t w = io_some(true, const_cast<char*>(data) + done, n - done, &wait, &ec);
       done += w;
-      if (!ec) continue;
-      if (ec != asio::error::would_block && ec != asio::error::try_again) {
+      if (ec) {
         if (done > 0) send_broken = true;
         closed = true;
         throw WireError(WireError::Kind::kClosed, "send to " + peer + ": " + ec.message());
       }
-      int ev = poll_until(fd(), POLLOUT, deadline);
+      if (w > 0) continue;
+      int ev = poll_until(fd(), static_cast<short>(wait), deadline);
       if (closed) throw_closed("send to");
       if (ev == 0) {
         if (done > 0) send_broken = true;
@@ -387,7 +407,8 @@ struct Connection::Impl {
       if (closed) throw_closed("recv from");
       if (read_buf.size() < kReadChunk) read_buf.resize(kReadChunk);
       boost::system::error_code ec;
-      size_t n = socket.read_some(asio::buffer(read_buf.data(), read_buf.size()), ec);
+      int wait = POLLIN;
+      size_t n = io_some(false, read_buf.data(), read_buf.size(), &wait, &ec);
       if (n > 0) {
         parser.feed(read_buf.data(), n);
         continue;
@@ -396,12 +417,12 @@ struct Connection::Impl {
         closed = true;
         throw_closed("recv from");
       }
-      if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
+      if (ec) {
         closed = true;
         throw WireError(WireError::Kind::kClosed, "recv from " + peer + ": " + ec.message());
       }
       if (Clock::now() >= deadline) return false;
-      int ev = poll_until(fd(), POLLIN, deadline);
+      int ev = poll_until(fd(), static_cast<short>(wait), deadline);
       if (ev == 0) return false;
       // POLLIN / POLLHUP / POLLERR: read_some reports what happened.
     }
@@ -420,9 +441,16 @@ Connection::~Connection() {
 
 std::unique_ptr<Connection> Connection::connect(const std::string& host, uint16_t port,
                                                 int timeout_ms, size_t max_frame) {
+  if (host.rfind(kTlsScheme, 0) == 0) {  // "tls://HOST": TLS right after the connect
+    const auto deadline = deadline_after(timeout_ms);
+    auto c = connect(host.substr(std::strlen(kTlsScheme)), port, timeout_ms, max_frame);
+    c->start_tls(TlsClientOptions{true, ""}, std::max(remaining_ms(deadline), 1));
+    return c;
+  }
   auto impl = std::make_unique<Impl>(max_frame);
   const std::string target = host + ":" + std::to_string(port);
   impl->peer = target;
+  impl->host = host;
   const auto deadline = deadline_after(timeout_ms);
   boost::system::error_code ec;
   tcp::resolver resolver(impl->io);
@@ -523,7 +551,9 @@ void Connection::client_handshake(v1::Role role, const std::string& name, const 
   ch->set_name(name);
   ch->set_client_nonce(client_nonce);
   ch->set_key_id(cred.key_id);
-  if (sh.auth_required()) ch->set_proof(hello_proof(cred.secret, binding_of(*ch, sh.nonce())));
+  const std::string& channel = impl_->exporter;
+  if (sh.auth_required())
+    ch->set_proof(hello_proof(cred.secret, binding_of(*ch, sh.nonce(), channel)));
   send(reply, std::max(remaining_ms(deadline), 1));
   v1::Envelope ack;
   bool got = false;
@@ -549,7 +579,7 @@ void Connection::client_handshake(v1::Role role, const std::string& name, const 
   const auto& ha = ack.hello_accepted();
   if (sh.auth_required() &&
       !constant_time_equal(ha.server_proof(),
-                           server_proof(cred.secret, binding_of(*ch, sh.nonce()))))
+                           server_proof(cred.secret, binding_of(*ch, sh.nonce(), channel))))
     throw WireError(WireError::Kind::kAuth,
                     "hello to " + peer() +
                         ": the server did not prove it holds the key: refusing it (an impostor?)");
@@ -557,6 +587,27 @@ void Connection::client_handshake(v1::Role role, const std::string& name, const 
   impl_->identity = ha.identity();
   impl_->admin = ha.admin();
 }
+
+void Connection::start_tls(const TlsClientOptions& o, int timeout_ms) {
+  if (!o.enabled || impl_->tls) return;
+  try {
+    impl_->tls = std::make_unique<TlsClient>(impl_->fd(), impl_->host, o.ca_file);
+    const auto deadline = deadline_after(timeout_ms);
+    int wait = 0;
+    while (!impl_->tls->handshake(&wait)) {
+      if (poll_until(impl_->fd(), static_cast<short>(wait), deadline) == 0)
+        throw WireError(WireError::Kind::kTimeout, "TLS handshake with " + peer() +
+                                                       ": timed out after " +
+                                                       std::to_string(timeout_ms) + " ms");
+    }
+    impl_->exporter = impl_->tls->exporter(kTlsExporterLabel);
+  } catch (const std::runtime_error& e) {
+    if (dynamic_cast<const WireError*>(&e)) throw;
+    throw WireError(WireError::Kind::kConnect, "TLS with " + peer() + ": " + e.what());
+  }
+}
+
+const std::string& Connection::channel_binding() const { return impl_->exporter; }
 
 const std::string& Connection::identity() const { return impl_->identity; }
 bool Connection::admin() const { return impl_->admin; }

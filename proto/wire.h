@@ -34,6 +34,20 @@ struct Credential {
   std::string secret;
 };
 
+// TLS of a connecting side (OpenSSL, TLS 1.3 only). Without ca_file the certificate is
+// not verified: a side that holds a key still authenticates the server through the
+// hello's server proof, which covers the TLS exporter (a relaying man in the middle has
+// two TLS sessions with different exporters and cannot produce it).
+struct TlsClientOptions {
+  bool enabled = false;
+  std::string ca_file;  // PEM; verifies the chain and the host name / IP address
+};
+// A host given as "tls://HOST" (e.g. --coordinator tls://HOST:PORT, for every component)
+// makes Connection::connect run TLS without certificate verification right away.
+constexpr const char* kTlsScheme = "tls://";
+// Label of the TLS exporter value the hello proofs cover (32 bytes, no context).
+constexpr const char* kTlsExporterLabel = "EXPORTER-mprefill-hello";
+
 class WireError : public std::runtime_error {
  public:
   enum class Kind { kClosed, kTimeout, kBadFrame, kBadVersion, kAuth, kConnect };
@@ -119,6 +133,11 @@ class Connection {
                         int timeout_ms) {
     client_handshake(role, name, Credential{"", secret}, timeout_ms);
   }
+  // TLS handshake on the connected socket, before client_handshake (which then binds
+  // its proofs to the exporter). Throws WireError(kConnect / kTimeout) with the reason.
+  void start_tls(const TlsClientOptions& o, int timeout_ms);
+  // The TLS exporter value (kTlsExporterLabel, 32 bytes); empty without TLS.
+  const std::string& channel_binding() const;
   // HelloAccepted.identity / admin of the last client_handshake.
   const std::string& identity() const;
   bool admin() const;
@@ -177,19 +196,21 @@ std::string hello_proof(std::string_view secret, const HelloBinding& b);
 // The accepting side's proof, sent in HelloAccepted.server_proof (32 raw bytes).
 std::string server_proof(std::string_view secret, const HelloBinding& b);
 // The binding of a received ClientHello against the ServerHello nonce that was sent.
-HelloBinding binding_of(const v1::ClientHello& hello, std::string_view server_nonce);
+HelloBinding binding_of(const v1::ClientHello& hello, std::string_view server_nonce,
+                        std::string_view channel = {});
 // Checks a ClientHello against the ServerHello that was sent: version, expected role
 // (ROLE_UNSPECIFIED: any of CLIENT/WORKER/DECODER), a 32-byte client nonce and the proof
 // in constant time when secret is non-empty. false with a one-line *error and *code
 // (BAD_VERSION / UNAUTHENTICATED / BAD_FRAME); the secret never appears in the message.
 bool check_client_hello(const v1::ClientHello& hello, std::string_view nonce,
                         v1::Role expected_role, std::string_view secret, std::string* error,
-                        v1::ErrorCode* code);
+                        v1::ErrorCode* code, std::string_view channel = {});
 // HelloAccepted for an accepted ClientHello; with a non-empty secret it carries the
 // server's proof (the key the ClientHello was checked with).
 v1::Envelope make_hello_accepted(const std::string& server, const v1::ClientHello& hello,
                                  std::string_view server_nonce, std::string_view secret,
-                                 const std::string& identity = "", bool admin = false);
+                                 const std::string& identity = "", bool admin = false,
+                                 std::string_view channel = {});
 v1::Envelope make_server_hello(const std::string& nonce, bool auth_required);
 v1::Envelope make_error(uint64_t job_id, v1::ErrorCode code, const std::string& message);
 

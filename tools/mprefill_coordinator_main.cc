@@ -21,6 +21,7 @@ const char* kUsage =
     "                            [--secret-file F] [--client-keys F] [--client-max-jobs N]\n"
     "                            [--client-max-queued-tokens N] [--max-pre-hello N]\n"
     "                            [--hello-timeout-ms MS] [--max-large-frame-bytes B]\n"
+    "                            [--tls-cert F --tls-key F] [--insecure]\n"
     "                            [--tokenizer PATH] [--max-prompt N]\n"
     "                            [--config-dir DIR] [--max-prompt-bytes B]\n"
     "                            [--max-config-bytes B] [--max-tag-bytes B]\n"
@@ -38,6 +39,10 @@ const char* kUsage =
     "  --client-keys F         one key per client: lines \"NAME SECRET [client|admin]\";\n"
     "                          a client sees and cancels only its own jobs (admin: all);\n"
     "                          re-read on change or SIGHUP (removed keys are cut off)\n"
+    "  --tls-cert F, --tls-key F  TLS 1.3 on the service and metrics ports (PEM chain and\n"
+    "                          key); required beyond loopback, with --secret-file\n"
+    "  --insecure              allow a non-loopback --host without TLS or credentials\n"
+    "                          (warns; mprefill_insecure 1 in /metrics)\n"
     "  --client-max-jobs N     unfinished jobs of one client key (default 16)\n"
     "  --client-max-queued-tokens N  prompt tokens of one key's queued jobs (default 4194304)\n"
     "  --max-pre-hello N       connections before their hello (default 512; the oldest is\n"
@@ -95,6 +100,12 @@ int main(int argc, char** argv) {
         opt.metrics_port = static_cast<int>(parse_int(flag, value(), 0, 65535));
       } else if (flag == "--secret-file") {
         opt.secret = mprefill::wire::load_secret_file(value());
+      } else if (flag == "--tls-cert") {
+        opt.tls_cert = value();
+      } else if (flag == "--tls-key") {
+        opt.tls_key = value();
+      } else if (flag == "--insecure") {
+        opt.insecure = true;
       } else if (flag == "--client-keys") {
         opt.client_keys = value();
       } else if (flag == "--client-max-jobs") {
@@ -165,9 +176,15 @@ int main(int argc, char** argv) {
     std::signal(SIGHUP, on_hup);
     mprefill::coord::Coordinator c(opt);
     c.start();
-    std::fprintf(
-        stderr, "mprefill-coordinator: listening on %s:%u%s\n", opt.host.c_str(), c.port(),
-        c.metrics_port() ? (", metrics on :" + std::to_string(c.metrics_port())).c_str() : "");
+    const std::string metrics =
+        c.metrics_port() ? ", metrics on " + opt.host + ":" + std::to_string(c.metrics_port()) : "";
+    std::fprintf(stderr, "mprefill-coordinator: listening on %s:%u%s%s\n", opt.host.c_str(),
+                 c.port(), metrics.c_str(), opt.tls_cert.empty() ? "" : " (TLS)");
+    if (c.metrics_text().find("\nmprefill_insecure 1") != std::string::npos)
+      std::fprintf(stderr,
+                   "mprefill-coordinator: warning: --insecure: %s is beyond loopback without %s; "
+                   "anyone on the network can read and forge traffic\n",
+                   opt.host.c_str(), opt.tls_cert.empty() ? "TLS" : "credentials");
     if (!opt.client_keys.empty())
       std::fprintf(stderr, "mprefill-coordinator: client keys from %s (SIGHUP re-reads them)\n",
                    opt.client_keys.c_str());

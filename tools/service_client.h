@@ -24,6 +24,7 @@ namespace v1 = ::mprefill::v1;
 struct ServiceArgs : JobOptions {
   // connection
   std::string coordinator, secret_file, key_file;
+  wire::TlsClientOptions tls;
   // job (the rest in JobOptions)
   std::string tokenizer;
   std::string group, decoder, kv_transport, model_name, tag;
@@ -56,7 +57,8 @@ struct Outcome {
 };
 
 // Connects and says hello as a client; a bad HOST:PORT is a UsageError.
-std::unique_ptr<wire::Connection> dial(const std::string& hostport, const wire::Credential& cred);
+std::unique_ptr<wire::Connection> dial(const std::string& hostport, const wire::Credential& cred,
+                                       const wire::TlsClientOptions& tls = {});
 // The prompt, tokenized here when a tokenizer is given (ids stay empty for a text
 // prompt that goes to the coordinator).
 PromptInput make_prompt(const ServiceArgs& a, const std::optional<Tokenizer>& tok);

@@ -25,7 +25,7 @@ int cmd_submit(const ServiceArgs& a) {
   const bool bar = !a.json && isatty(STDERR_FILENO);
   const v1::Envelope submit = make_submit(a, p, bar);  // reads a --sparse file before dialling
   SigintGuard guard;
-  auto c = dial(a.coordinator, secret_of(a));
+  auto c = dial(a.coordinator, secret_of(a), a.tls);
   const Outcome o = follow_job(*c, submit, a.timeout_s, bar, a.no_wait);
   return print_outcome(o, a, p, tok);
 }
@@ -61,7 +61,7 @@ nlohmann::json job_json(const v1::JobStatus& j) {
 }  // namespace
 
 int cmd_status(const ServiceArgs& a) {
-  auto c = dial(a.coordinator, secret_of(a));
+  auto c = dial(a.coordinator, secret_of(a), a.tls);
   const v1::StatusReply r = request_status(*c, a.job);
   if (a.json) {
     nlohmann::json j = {{"jobs", nlohmann::json::array()},
@@ -105,7 +105,7 @@ int cmd_status(const ServiceArgs& a) {
 }
 
 int cmd_cancel(const ServiceArgs& a) {
-  auto c = dial(a.coordinator, secret_of(a));
+  auto c = dial(a.coordinator, secret_of(a), a.tls);
   v1::Envelope env;
   env.mutable_cancel()->set_job_id(a.job);
   c->send(env, 10000);

@@ -603,3 +603,135 @@ TEST(HalfSent, LargeFramesHoldBoundedMemory) {
   for (auto& t : senders) t.join();
   EXPECT_TRUE(s.co->proc->running());
 }
+
+namespace {
+
+// A self-signed certificate for 127.0.0.1 made now with the openssl CLI (nothing
+// downloaded): DIR/NAME.pem and DIR/NAME.key. "" when it worked, else the output.
+std::string make_cert(const std::string& dir, const std::string& name) {
+  std::string out;
+  const int rc = mprefill::test::run_command(
+      "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout " +
+          quote(dir + "/" + name + ".key") + " -out " + quote(dir + "/" + name + ".pem") +
+          " -days 1 -subj /CN=mprefill-test -addext subjectAltName=IP:127.0.0.1 2>&1",
+      &out);
+  return rc == 0 ? "" : out;
+}
+
+int metrics_port_of(const std::string& dir) {
+  std::istringstream ps(h::read_file(dir + "/port"));
+  int port = 0, metrics = 0;
+  ps >> port >> metrics;
+  return metrics;
+}
+
+}  // namespace
+
+// Item 5: beyond loopback TLS and credentials are required; --insecure lifts it with a
+// warning and a gauge.
+TEST(Tls, BeyondLoopbackNeedsTlsAndCredentialsOrInsecure) {
+  const std::string dir = h::make_dir("tls-bind");
+  ASSERT_EQ(make_cert(dir, "server"), "");
+  const std::string coord = h::bin("mprefill-coordinator") + " --port 0 --host 0.0.0.0";
+  std::string out;
+  EXPECT_EQ(mprefill::test::run_command(coord + " 2>&1", &out), 1) << out;
+  EXPECT_NE(out.find("TLS is required (--tls-cert, --tls-key), or --insecure"), std::string::npos)
+      << out;
+  EXPECT_EQ(count_lines(out, {"error"}), 1) << out;
+  const std::string tls = " --tls-cert " + dir + "/server.pem --tls-key " + dir + "/server.key";
+  EXPECT_EQ(mprefill::test::run_command(coord + tls + " 2>&1", &out), 1) << out;
+  EXPECT_NE(out.find("credentials are required in addition"), std::string::npos) << out;
+  h::Coordinator co(dir, {"--host", "0.0.0.0", "--insecure", "--metrics-port", "0"});
+  EXPECT_NE(co.proc->log().find("warning: --insecure"), std::string::npos) << co.proc->log();
+  ASSERT_EQ(mprefill::test::run_command("curl -s --max-time 5 http://127.0.0.1:" +
+                                            std::to_string(metrics_port_of(dir)) + "/metrics",
+                                        &out),
+            0);
+  EXPECT_NE(out.find("\nmprefill_insecure 1"), std::string::npos) << out;
+}
+
+// Item 5: TLS on the service and metrics ports; clients, worker groups and decoders over
+// it; the hello proof covers the TLS exporter, so a proof made without it is refused.
+TEST(Tls, ServiceOverTlsWithProofsBoundToTheChannel) {
+  const std::string dir = h::make_dir("tls");
+  ASSERT_EQ(make_cert(dir, "server"), "");
+  ASSERT_EQ(make_cert(dir, "other"), "");
+  Keys k(dir);
+  auto args = k.args();
+  args.insert(args.end(), {"--tls-cert", dir + "/server.pem", "--tls-key", dir + "/server.key",
+                           "--metrics-port", "0"});
+  h::Coordinator co(dir, args);
+  const std::string addr = co.addr(), tls_addr = "tls://" + co.addr();
+  {  // A proof without the exporter is refused over TLS; with it, accepted.
+    for (bool bound : {false, true}) {
+      auto c = wire::Connection::connect("127.0.0.1", co.port, 5000);
+      c->start_tls(wire::TlsClientOptions{true, dir + "/server.pem"}, 5000);
+      ASSERT_EQ(c->channel_binding().size(), 32u);
+      v1::Envelope sh;
+      ASSERT_TRUE(c->recv(&sh, 5000));
+      ASSERT_TRUE(sh.has_server_hello());
+      v1::Envelope e;
+      e.set_version(wire::kProtocolVersion);
+      auto* ch = e.mutable_client_hello();
+      ch->set_version(wire::kProtocolVersion);
+      ch->set_role(v1::CLIENT);
+      ch->set_key_id("alice");
+      ch->set_client_nonce(wire::random_nonce());
+      ch->set_proof(wire::hello_proof(
+          k.secret.at("alice"),
+          wire::binding_of(*ch, sh.server_hello().nonce(), bound ? c->channel_binding() : "")));
+      c->send(e, 5000);
+      v1::Envelope ans;
+      ASSERT_TRUE(c->recv(&ans, 5000));
+      if (bound) {
+        EXPECT_TRUE(ans.has_hello_accepted()) << ans.ShortDebugString();
+      } else {
+        ASSERT_TRUE(ans.has_error()) << ans.ShortDebugString();
+        EXPECT_EQ(ans.error().code(), v1::UNAUTHENTICATED);
+      }
+    }
+  }
+  std::string out;
+  const std::string status = h::bin("mprefill") + " status --coordinator ";
+  const std::string alice = " --key-file " + quote(k.key_file("alice"));
+  EXPECT_EQ(mprefill::test::run_command(
+                status + addr + alice + " --tls-ca " + dir + "/server.pem --json 2>&1", &out),
+            0)
+      << out;
+  // Plain TCP to a TLS port, and a certificate the CA file does not vouch for: exit != 0.
+  EXPECT_NE(mprefill::test::run_command(status + addr + alice + " 2>&1", &out), 0) << out;
+  EXPECT_NE(mprefill::test::run_command(
+                status + addr + alice + " --tls-ca " + dir + "/other.pem 2>&1", &out),
+            0)
+      << out;
+  EXPECT_NE(out.find("certificate"), std::string::npos) << out;
+  // Worker group and decoder over TLS (tls://), then a job through the CLI over TLS.
+  auto dec = h::start_decoder(dir, tls_addr, kModel, "d0", k.infra_file);
+  auto wrk = h::start_workers(dir, tls_addr, kModel, 1, "g0", k.infra_file);
+  const auto t0 = Clock::now();
+  bool up = false;
+  while (!up && ms_since(t0) < 120000) {
+    up = mprefill::test::run_command(
+             status + tls_addr + " --key-file " + quote(k.key_file("root")) + " --json 2>&1",
+             &out) == 0 &&
+         out.find("\"groups\":[{") != std::string::npos &&
+         out.find("\"decoders\":[{") != std::string::npos;
+    if (!up) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  }
+  ASSERT_TRUE(up) << out << co.proc->log() << dec->log() << wrk->log();
+  EXPECT_EQ(
+      mprefill::test::run_command(h::bin("mprefill") + " submit --coordinator " + addr + alice +
+                                      " --tls --prompt-ids 5,6,7,8 --decode 2 "
+                                      "--json 2>&1",
+                                  &out),
+      0)
+      << out << co.proc->log();
+  EXPECT_NE(out.find("\"status\":\"DONE\""), std::string::npos) << out;
+  // Metrics over HTTPS only.
+  const std::string murl = "127.0.0.1:" + std::to_string(metrics_port_of(dir)) + "/metrics";
+  EXPECT_EQ(mprefill::test::run_command(
+                "curl -s --max-time 5 --cacert " + dir + "/server.pem https://" + murl, &out),
+            0);
+  EXPECT_NE(out.find("\nmprefill_insecure 0"), std::string::npos) << out;
+  EXPECT_NE(mprefill::test::run_command("curl -s --max-time 5 http://" + murl, &out), 0);
+}
