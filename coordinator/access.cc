@@ -102,10 +102,13 @@ std::string Coordinator::Impl::leave_pre_hello(Session* s) {
     --pre_hello;
     metrics.pre_hello = pre_hello;
   }
-  const int64_t authenticated = static_cast<int64_t>(sessions.size()) - pre_hello;
-  if (authenticated <= opt.max_connections) return "";  // s itself is counted
+  const int64_t peers = static_cast<int64_t>(sessions.size()) - pre_hello;  // s included
+  if (peers <= opt.max_connections) {
+    s->authenticated = true;
+    return "";
+  }
   ++metrics.refused_connections;
-  return too_many(authenticated - 1, opt.max_connections);
+  return too_many(peers - 1, opt.max_connections);
 }
 
 std::string Coordinator::Impl::hello_key(const v1::ClientHello& h, std::string* secret,
@@ -160,7 +163,7 @@ void Coordinator::Impl::check_client_keys(bool force) {
   {
     std::lock_guard<std::mutex> lk(mu);
     for (Session* s : sessions) {
-      if (s->pre_hello || s->role() != v1::CLIENT || s->owner().empty()) continue;
+      if (!s->authenticated || s->role() != v1::CLIENT || s->owner().empty()) continue;
       auto it = keys->find(s->owner());
       if (it != keys->end() && digest_hex(it->second.secret) == s->key_digest()) continue;
       revoked.emplace_back(s->shared_from_this(), s->owner());

@@ -307,8 +307,8 @@ bool Session::take_hello(const v1::Envelope& env) {
   if (why.empty())  // the proof, over the TLS exporter when there is TLS
     wire::check_client_hello(h, nonce_, v1::ROLE_UNSPECIFIED, secret, &why, &code, exporter_);
   if (why.empty()) {
-    // Written before leaving the pool: readers under the coordinator's mutex skip
-    // sessions still in it.
+    // Written before leave_pre_hello marks the session authenticated under the
+    // coordinator's mutex: readers there skip sessions not yet marked.
     role_ = h.role();
     name_ = h.name();
     owner_ = identity;

@@ -53,6 +53,8 @@ class Session : public std::enable_shared_from_this<Session> {
   const std::string& key_digest() const { return key_digest_; }
   std::string registered;  // group / decoder name once registered (under coordinator mu)
   bool pre_hello = false;  // counted in Impl::pre_hello (under coordinator mu)
+  // Hello accepted (under coordinator mu): role(), owner() are final and may be read.
+  bool authenticated = false;
 
  private:
   void write(std::string frame);
