@@ -179,7 +179,7 @@ class Impostor {
         res.set_version(wire::kProtocolVersion);
         res.mutable_result()->set_job_id(1);
         res.mutable_result()->set_state(v1::DONE);
-        res.mutable_result()->add_generated_ids(42);
+        res.mutable_result()->add_generated_ids(777013);  // > 65535: no port number
         put(c, res);
       }
     }
@@ -382,7 +382,7 @@ TEST(Roles, ClientsRefuseAServerThatDoesNotProveTheKey) {
       EXPECT_NE(out.find(ask_auth ? "did not prove" : "does not ask for authentication"),
                 std::string::npos)
           << out;
-      EXPECT_EQ(out.find("42"), std::string::npos) << "forged result printed: " << out;
+      EXPECT_EQ(out.find("777013"), std::string::npos) << "forged result printed: " << out;
     }
     EXPECT_EQ(imp.prompts(), 0) << "a prompt went to the impostor";
   }
