@@ -5,6 +5,7 @@
 // with the numbers that decided it; the connection is kept.
 #include <algorithm>
 
+#include "coordinator/session.h"
 #include "coordinator/state.h"
 
 namespace mprefill::coord {
@@ -133,15 +134,31 @@ std::string Coordinator::Impl::check_capacity(const v1::JobOptions& o, int64_t n
   return "";
 }
 
-std::string Coordinator::Impl::client_limit_reason(const Session* s, v1::ErrorCode* code) {
-  int open = 0;  // this connection's unfinished jobs
-  for (const auto& [id, j] : jobs)
-    open += j.client_raw == s &&
-            (j.state == v1::QUEUED || j.state == v1::RUNNING || j.state == v1::HANDING_OFF);
-  if (open < opt.max_jobs_per_client) return "";
+std::string Coordinator::Impl::client_limit_reason(const Session* s, int64_t tokens,
+                                                   v1::ErrorCode* code) {
+  int open = 0;        // this connection's unfinished jobs
+  int owned = 0;       // this client key's unfinished jobs (all its connections)
+  int64_t queued = 0;  // prompt tokens of this client key's queued jobs
+  for (const auto& [id, j] : jobs) {
+    if (terminal(j.state)) continue;
+    open += j.client_raw == s;
+    if (s->owner().empty() || j.owner != s->owner()) continue;
+    ++owned;
+    if (j.state == v1::QUEUED) queued += j.prompt_tokens;
+  }
   *code = v1::RESOURCE_EXHAUSTED;
-  return "this client has " + std::to_string(open) + " unfinished jobs (limit " +
-         std::to_string(opt.max_jobs_per_client) + " per client)";
+  if (open >= opt.max_jobs_per_client)
+    return "this client has " + std::to_string(open) + " unfinished jobs (limit " +
+           std::to_string(opt.max_jobs_per_client) + " per client)";
+  if (s->owner().empty()) return "";
+  if (owned >= opt.client_max_jobs)
+    return "client '" + s->owner() + "' has " + std::to_string(owned) +
+           " unfinished jobs (--client-max-jobs " + std::to_string(opt.client_max_jobs) + ")";
+  if (queued + tokens > opt.client_max_queued_tokens)
+    return "client '" + s->owner() + "' would have " + std::to_string(queued + tokens) +
+           " prompt tokens queued (--client-max-queued-tokens " +
+           std::to_string(opt.client_max_queued_tokens) + ")";
+  return "";
 }
 
 }  // namespace mprefill::coord

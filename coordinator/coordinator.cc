@@ -25,6 +25,20 @@ Coordinator::Impl::Impl(CoordinatorOptions o) : opt(std::move(o)) {
   if (opt.prep_threads < 1) throw std::invalid_argument("coordinator: prep_threads must be >= 1");
   if (opt.max_config_bytes < 1 || opt.max_prompt_bytes < 1)
     throw std::invalid_argument("coordinator: max_config_bytes and max_prompt_bytes must be >= 1");
+  if (opt.max_pre_hello < 1) throw std::invalid_argument("coordinator: max_pre_hello must be >= 1");
+  if (opt.client_max_jobs < 1 || opt.client_max_queued_tokens < 1)
+    throw std::invalid_argument(
+        "coordinator: client_max_jobs and client_max_queued_tokens must be >= 1");
+  if (opt.max_large_frame_bytes < opt.max_frame)
+    throw std::invalid_argument("coordinator: max_large_frame_bytes must be >= max_frame (" +
+                                std::to_string(opt.max_frame) + ")");
+  if (!opt.client_keys.empty()) {
+    if (opt.secret.empty())
+      throw std::invalid_argument(
+          "coordinator: --client-keys needs --secret-file (the infrastructure secret that worker "
+          "groups and decoders prove)");
+    client_keys = std::make_unique<ClientKeyFile>(opt.client_keys);
+  }
   if (!opt.tokenizer.empty()) {
     tokenizer = Tokenizer::load(opt.tokenizer);
     max_piece_bytes = 1;
@@ -36,6 +50,7 @@ Coordinator::Impl::Impl(CoordinatorOptions o) : opt(std::move(o)) {
   boost::system::error_code ec;
   auto addr = asio::ip::make_address(opt.host, ec);
   if (ec) throw std::runtime_error("coordinator: bad bind address '" + opt.host + "'");
+  setup_tls(addr.is_loopback());
   auto bind = [&](tcp::acceptor& a, uint16_t port, const char* what) {
     tcp::endpoint ep(addr, port);
     a.open(ep.protocol(), ec);
@@ -49,6 +64,34 @@ Coordinator::Impl::Impl(CoordinatorOptions o) : opt(std::move(o)) {
   bind(acceptor, opt.port, "service");
   if (opt.metrics_port >= 0)
     bind(metrics_acceptor, static_cast<uint16_t>(opt.metrics_port), "metrics");
+}
+
+void Coordinator::Impl::setup_tls(bool loopback) {
+  if (opt.tls_cert.empty() != opt.tls_key.empty())
+    throw std::invalid_argument("coordinator: --tls-cert and --tls-key go together");
+  if (!opt.tls_cert.empty()) {
+    tls = std::make_unique<asio::ssl::context>(asio::ssl::context::tls_server);
+    SSL_CTX_set_min_proto_version(tls->native_handle(), TLS1_3_VERSION);
+    boost::system::error_code ec;
+    tls->use_certificate_chain_file(opt.tls_cert, ec);
+    if (ec)
+      throw std::runtime_error("coordinator: --tls-cert " + opt.tls_cert + ": " + ec.message());
+    tls->use_private_key_file(opt.tls_key, asio::ssl::context::pem, ec);
+    if (ec) throw std::runtime_error("coordinator: --tls-key " + opt.tls_key + ": " + ec.message());
+  }
+  if (loopback) return;
+  if (opt.insecure) {
+    metrics.insecure = !tls || opt.secret.empty();
+    return;
+  }
+  if (!tls)
+    throw std::invalid_argument("coordinator: --host " + opt.host +
+                                " is beyond loopback: TLS is required (--tls-cert, --tls-key), or "
+                                "--insecure");
+  if (opt.secret.empty())
+    throw std::invalid_argument("coordinator: --host " + opt.host +
+                                " is beyond loopback: credentials are required in addition to "
+                                "TLS (--secret-file, --client-keys), or --insecure");
 }
 
 bool Coordinator::Impl::post_prep(std::function<void()> task) {
@@ -127,19 +170,59 @@ void Coordinator::Impl::stop() {
   threads.clear();
 }
 
-// Minimal HTTP/1.0 server: GET /metrics -> the Prometheus text; anything else 404.
+namespace {
+
+struct Http {
+  Http(tcp::socket s, asio::io_context& io) : sock(std::move(s)), timer(io) {}
+  tcp::socket sock;
+  asio::steady_timer timer;
+  asio::streambuf buf{8192};  // a request head larger than this is refused
+  std::string reply;
+  std::unique_ptr<asio::ssl::stream<tcp::socket&>> tls;
+};
+
+// One request on `stream` (the socket, or TLS over it): GET /metrics or 404 / 400.
+template <class Stream>
+void serve_http(Stream& stream, const std::shared_ptr<Http>& h,
+                const std::shared_ptr<Coordinator::Impl>& self) {
+  asio::async_read_until(
+      stream, h->buf, "\r\n\r\n", [&stream, self, h](const boost::system::error_code& e, size_t) {
+        std::string status = "400 Bad Request", body = "bad request\n";
+        if (!e) {
+          std::istream is(&h->buf);
+          std::string method, path;
+          is >> method >> path;
+          if (method == "GET" && (path == "/metrics" || path.rfind("/metrics?", 0) == 0)) {
+            status = "200 OK";
+            body = self->metrics_text_locked_copy();
+          } else if (method == "GET") {
+            status = "404 Not Found";
+            body = "not found: try /metrics\n";
+          }
+        }
+        h->reply = "HTTP/1.0 " + status +
+                   "\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                   "Content-Length: " +
+                   std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
+        asio::async_write(stream, asio::buffer(h->reply),
+                          [h](const boost::system::error_code&, size_t) {
+                            boost::system::error_code ig;
+                            h->sock.shutdown(tcp::socket::shutdown_both, ig);
+                            h->sock.close(ig);
+                            h->timer.cancel();
+                          });
+      });
+}
+
+}  // namespace
+
+// Minimal HTTP/1.0 server (HTTPS with --tls-cert): GET /metrics -> the Prometheus text;
+// anything else 404. Each request is bounded by 5 s.
 void Coordinator::Impl::do_accept_metrics() {
   metrics_acceptor.async_accept(
       [self = shared_from_this()](const boost::system::error_code& ec, tcp::socket sock) {
         if (self->stopping) return;
         if (!ec) {
-          struct Http {
-            Http(tcp::socket s, asio::io_context& io) : sock(std::move(s)), timer(io) {}
-            tcp::socket sock;
-            asio::steady_timer timer;
-            asio::streambuf buf{8192};  // a request head larger than this is refused
-            std::string reply;
-          };
           auto h = std::make_shared<Http>(std::move(sock), self->io);
           h->timer.expires_after(std::chrono::seconds(5));
           h->timer.async_wait([h](const boost::system::error_code& e) {
@@ -148,33 +231,17 @@ void Coordinator::Impl::do_accept_metrics() {
               h->sock.close(ig);
             }
           });
-          asio::async_read_until(
-              h->sock, h->buf, "\r\n\r\n", [self, h](const boost::system::error_code& e, size_t) {
-                std::string status = "400 Bad Request", body = "bad request\n";
-                if (!e) {
-                  std::istream is(&h->buf);
-                  std::string method, path;
-                  is >> method >> path;
-                  if (method == "GET" && (path == "/metrics" || path.rfind("/metrics?", 0) == 0)) {
-                    status = "200 OK";
-                    body = self->metrics_text_locked_copy();
-                  } else if (method == "GET") {
-                    status = "404 Not Found";
-                    body = "not found: try /metrics\n";
-                  }
-                }
-                h->reply = "HTTP/1.0 " + status +
-                           "\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
-                           "Content-Length: " +
-                           std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
-                asio::async_write(h->sock, asio::buffer(h->reply),
-                                  [h](const boost::system::error_code&, size_t) {
-                                    boost::system::error_code ig;
-                                    h->sock.shutdown(tcp::socket::shutdown_both, ig);
-                                    h->sock.close(ig);
-                                    h->timer.cancel();
-                                  });
-              });
+          if (!self->tls) {
+            serve_http(h->sock, h, self);
+          } else {
+            h->tls = std::make_unique<asio::ssl::stream<tcp::socket&>>(h->sock, *self->tls);
+            h->tls->async_handshake(asio::ssl::stream_base::server,
+                                    [self, h](const boost::system::error_code& e) {
+                                      boost::system::error_code ig;
+                                      if (e) return (void)h->sock.close(ig);
+                                      serve_http(*h->tls, h, self);
+                                    });
+          }
         }
         self->do_accept_metrics();
       });
@@ -192,6 +259,8 @@ std::string Coordinator::Impl::metrics_text_locked_copy() {
     }
     snap.decoders_alive = static_cast<int64_t>(decoders.size());
   }
+  snap.large_frame_bytes = large_frame_bytes.load();
+  snap.log_suppressed = log_suppressed.load();
   return render_metrics(snap);
 }
 
@@ -216,7 +285,11 @@ void Coordinator::Impl::unexpected_message(const SessionPtr& s, const v1::Envelo
 }
 
 void Coordinator::Impl::on_hello(const SessionPtr& s) {
-  log("%s connected as %s '%s'", s->peer().c_str(), role_name(s->role()), s->name().c_str());
+  if (!s->owner().empty())
+    log("%s connected as client key '%s'%s (name '%s')", s->peer().c_str(), s->owner().c_str(),
+        s->admin() ? " (admin)" : "", s->name().c_str());
+  else
+    log("%s connected as %s '%s'", s->peer().c_str(), role_name(s->role()), s->name().c_str());
 }
 
 bool Coordinator::Impl::on_message(const SessionPtr& s, v1::Envelope& env) {
@@ -265,6 +338,11 @@ void Coordinator::Impl::on_closed(Session* s) {
   std::lock_guard<std::mutex> lk(mu);
   sessions.erase(s);
   metrics.connections = static_cast<int64_t>(sessions.size());
+  if (s->pre_hello) {
+    s->pre_hello = false;
+    metrics.pre_hello = --pre_hello;
+    ++metrics.pre_hello_closed;
+  }
   if (stopping) return;
   if (s->role() == v1::WORKER && !s->registered.empty()) {
     auto it = groups.find(s->registered);
@@ -300,6 +378,10 @@ void Coordinator::Impl::tick() {
     expire_silent_peers(now);
     expire_deadlines(now);
     end_cancel_grace(now);
+  }
+  if (client_keys && ++key_check_ticks >= 10) {  // about once a second
+    key_check_ticks = 0;
+    check_client_keys(false);
   }
   arm_ticker();
 }

@@ -19,11 +19,23 @@ namespace mprefill::coord {
 
 struct CoordinatorOptions {
   std::string host = "127.0.0.1";  // bind address of the service port
-  uint16_t port = 0;               // 0: any free port (see Coordinator::port())
-  int metrics_port = -1;           // -1: no metrics server; 0: any free port
-  std::string secret;              // HMAC secret of the hello; empty: no auth
-  std::string tokenizer;           // llama2.c tokenizer.bin for text prompts and result text
-  int64_t max_prompt = 0;          // prompt limit; 0: the model's max_position only
+  // TLS (Boost.Asio SSL, TLS 1.3) on the service and metrics ports: PEM certificate chain
+  // and private key. Beyond loopback TLS and `secret` are required unless `insecure`
+  // (a warning at start, mprefill_insecure 1 in /metrics).
+  std::string tls_cert, tls_key;
+  bool insecure = false;
+  uint16_t port = 0;      // 0: any free port (see Coordinator::port())
+  int metrics_port = -1;  // -1: no metrics server; 0: any free port
+  // Infrastructure secret (--secret-file): worker groups and decoders prove it; so do
+  // clients when there are no client keys. Empty: no auth (loopback use only).
+  std::string secret;
+  // Client keys (client_keys.h, --client-keys): one per client, with a name; needs
+  // `secret`. Clients then see and cancel only their own jobs (admin keys: all).
+  std::string client_keys;
+  int client_max_jobs = 16;                    // unfinished jobs of one client key at most
+  int64_t client_max_queued_tokens = 1 << 22;  // prompt tokens of one key's queued jobs
+  std::string tokenizer;   // llama2.c tokenizer.bin for text prompts and result text
+  int64_t max_prompt = 0;  // prompt limit; 0: the model's max_position only
   // Sparse configs chosen by name: DIR/NAME.json (sparse_source.h); empty: only the
   // built-ins and configs sent inline. Clients never name a path.
   std::string config_dir;
@@ -45,12 +57,21 @@ struct CoordinatorOptions {
   int handoff_timeout_ms = 60000;    // sent to groups and decoders: bound on each KV wait
   int decode_timeout_ms = 600000;    // DecodeDone after StartDecode
   int cancel_grace_ms = 30000;       // a group that does not end a cancelled job is freed
-  int hello_timeout_ms = 5000;
+  // Connections that have not finished their hello: their own pool of at most
+  // max_pre_hello (the oldest is closed for a new one), each closed after
+  // hello_timeout_ms; they never count against max_connections.
+  int hello_timeout_ms = 3000;
+  int max_pre_hello = 512;
   // A frame begun after the hello must be complete within this (a peer that starts a
   // frame and stalls is closed with an Error).
   int frame_timeout_ms = 30000;
   size_t max_frame = wire::kDefaultMaxFrame;  // larger frames: Error BAD_FRAME + close
-  // Open connections at most (all roles); one more gets Error RESOURCE_EXHAUSTED + close.
+  // Bytes of partially received large client frames (> kSmallFrame) held at once, all
+  // connections together (>= max_frame): a client's large frame is read only once its
+  // whole length is granted; until then it waits (bounded by frame_timeout_ms).
+  size_t max_large_frame_bytes = wire::kDefaultMaxFrame;
+  // Authenticated connections at most (all roles); one more hello gets Error
+  // RESOURCE_EXHAUSTED + close.
   int max_connections = 256;
   int keep_finished = 1000;  // finished jobs kept for status queries
   bool log = true;           // one line per event on stderr
@@ -69,6 +90,8 @@ class Coordinator {
   uint16_t port() const;
   uint16_t metrics_port() const;  // 0 when there is no metrics server
   std::string metrics_text();     // what GET /metrics returns
+  // Re-reads --client-keys now (SIGHUP); connections of removed or changed keys close.
+  void reload_client_keys();
 
   struct Impl;
 

@@ -85,13 +85,14 @@ void Coordinator::Impl::handle_submit(const SessionPtr& s, const v1::SubmitJob& 
   uint64_t kv = 0;
   v1::ErrorCode code = v1::INVALID_ARGUMENT;
   std::string why = admit_locked(p, &kv, &code);
-  if (why.empty()) why = client_limit_reason(s.get(), &code);
+  if (why.empty()) why = client_limit_reason(s.get(), static_cast<int64_t>(p.tokens.size()), &code);
   if (!why.empty()) return refuse_submit(s, code, why);
   Job j;
   j.id = next_job_id++;
   j.client = s;
   j.client_raw = s.get();
   j.client_name = s->name();
+  j.owner = s->owner();
   j.tokens = std::move(p.tokens);
   j.prompt_tokens = static_cast<int64_t>(j.tokens.size());
   j.options = std::move(p.options);
@@ -114,8 +115,9 @@ void Coordinator::Impl::handle_submit(const SessionPtr& s, const v1::SubmitJob& 
   a->set_prompt_tokens(n);
   a->set_client_tag(m.client_tag());
   s->send(env);
-  log("job %llu accepted from %s: %lld tokens, %s KV, queue position %zu",
-      static_cast<unsigned long long>(id), s->peer().c_str(), static_cast<long long>(n),
+  log("job %llu accepted from client '%s'%s (%s): %lld tokens, %s KV, queue position %zu",
+      static_cast<unsigned long long>(id), (s->owner().empty() ? s->name() : s->owner()).c_str(),
+      s->owner().empty() ? " (name not proved)" : "", s->peer().c_str(), static_cast<long long>(n),
       format_bytes(kv).c_str(), queue.size() - 1);
   progress(jobs[id]);
   dispatch();
@@ -237,9 +239,14 @@ void Coordinator::Impl::finish(Job& j, v1::JobState state, v1::ErrorCode code,
   dispatch();
 }
 
+bool Coordinator::Impl::may_see(const Session& s, const Job& j) const {
+  return s.admin() || j.owner == s.owner();
+}
+
+// Another client's job is answered exactly as a job that does not exist.
 void Coordinator::Impl::handle_cancel(const SessionPtr& s, uint64_t job_id) {
   auto it = jobs.find(job_id);
-  if (it == jobs.end()) {
+  if (it == jobs.end() || !may_see(*s, it->second)) {
     s->send(wire::make_error(job_id, v1::NOT_FOUND, "no job " + std::to_string(job_id)));
     return;
   }
@@ -257,13 +264,14 @@ void Coordinator::Impl::handle_status(const SessionPtr& s, uint64_t job_id) {
   auto* r = env.mutable_status_reply();
   if (job_id != 0) {
     auto it = jobs.find(job_id);
-    if (it == jobs.end()) {
+    if (it == jobs.end() || !may_see(*s, it->second)) {
       s->send(wire::make_error(job_id, v1::NOT_FOUND, "no job " + std::to_string(job_id)));
       return;
     }
     fill_status(it->second, r->add_jobs());
   } else {
-    for (const auto& [id, j] : jobs) fill_status(j, r->add_jobs());
+    for (const auto& [id, j] : jobs)
+      if (may_see(*s, j)) fill_status(j, r->add_jobs());
   }
   for (const auto& [name, g] : groups) {
     auto* gs = r->add_groups();
@@ -277,7 +285,7 @@ void Coordinator::Impl::handle_status(const SessionPtr& s, uint64_t job_id) {
   for (const auto& [name, d] : decoders) {
     auto* ds = r->add_decoders();
     ds->set_name(name);
-    ds->set_endpoint(d.host + ":" + std::to_string(d.reg.kv_port()));
+    if (s->admin()) ds->set_endpoint(d.host + ":" + std::to_string(d.reg.kv_port()));
     ds->set_active_jobs(static_cast<int32_t>(d.jobs.size()));
     ds->set_alive(d.alive);
   }

@@ -81,6 +81,21 @@ std::string render_metrics(const MetricsSnapshot& m) {
   head(&o, "mprefill_connections_refused_total", "counter",
        "Connections refused over --max-connections.");
   line(&o, "mprefill_connections_refused_total", "", static_cast<double>(m.refused_connections));
+  head(&o, "mprefill_pre_hello_connections", "gauge",
+       "Connections that have not finished their hello (--max-pre-hello).");
+  line(&o, "mprefill_pre_hello_connections", "", static_cast<double>(m.pre_hello));
+  head(&o, "mprefill_pre_hello_closed_total", "counter",
+       "Connections closed before their hello: deadline, pool full, refused hello.");
+  line(&o, "mprefill_pre_hello_closed_total", "", static_cast<double>(m.pre_hello_closed));
+  head(&o, "mprefill_large_frame_bytes", "gauge",
+       "Bytes granted to partially received large client frames (--max-large-frame-bytes).");
+  line(&o, "mprefill_large_frame_bytes", "", static_cast<double>(m.large_frame_bytes));
+  head(&o, "mprefill_insecure", "gauge",
+       "1: listening beyond loopback without TLS or credentials (--insecure).");
+  line(&o, "mprefill_insecure", "", m.insecure ? 1.0 : 0.0);
+  head(&o, "mprefill_log_lines_suppressed_total", "counter",
+       "Refusal log lines left out by the 1 line/s limit.");
+  line(&o, "mprefill_log_lines_suppressed_total", "", static_cast<double>(m.log_suppressed));
   m.ttft.render("mprefill_ttft_seconds", "Submit to first token known.", &o);
   m.prefill.render("mprefill_prefill_seconds", "Prefill time reported by the worker group.", &o);
   m.handoff.render("mprefill_handoff_seconds", "KV handoff time reported by the worker group.", &o);

@@ -34,6 +34,11 @@ struct MetricsSnapshot {
   int64_t groups_alive = 0, groups_busy = 0, decoders_alive = 0;
   int64_t connections = 0;
   uint64_t refused_connections = 0;  // over --max-connections
+  int64_t pre_hello = 0;             // connections before their hello
+  uint64_t pre_hello_closed = 0;     // closed before their hello (any reason)
+  int64_t large_frame_bytes = 0;     // granted to partial large client frames
+  uint64_t log_suppressed = 0;       // refusal log lines over 1/s
+  bool insecure = false;             // beyond loopback without TLS or credentials
   Histogram ttft, prefill, handoff;
   // Online head audit (JobOptions.audit_heads): totals over all audited heads, the
   // lowest recall of the last audited job, and the last value per (layer, head).

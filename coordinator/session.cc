@@ -2,7 +2,10 @@
 // framed reads and queued writes on its strand.
 #include "coordinator/session.h"
 
+#include <openssl/ssl.h>
+
 #include <algorithm>
+#include <cstring>
 #include <mutex>
 
 namespace mprefill::coord {
@@ -14,21 +17,17 @@ void Coordinator::Impl::do_accept() {
         if (!ec) {
           auto s = std::make_shared<Session>(self, std::move(sock));
           std::string full;
-          {
-            std::lock_guard<std::mutex> lk(self->mu);
-            if (static_cast<int64_t>(self->sessions.size()) >= self->opt.max_connections) {
-              full = "too many connections: " + std::to_string(self->sessions.size()) +
-                     " open (--max-connections " + std::to_string(self->opt.max_connections) + ")";
-              ++self->metrics.refused_connections;
-            } else {
-              self->sessions.insert(s.get());
-              self->metrics.connections = static_cast<int64_t>(self->sessions.size());
-            }
-          }
-          if (full.empty())
-            s->start();
-          else
+          auto evicted = self->enter_pre_hello(s, &full);
+          if (!full.empty()) {
             s->refuse(full);
+            self->do_accept();
+            return;
+          }
+          s->start();
+          for (auto& old : evicted) old->close_async();
+          if (!evicted.empty())
+            self->log_refusal("%s: pre-hello pool full (--max-pre-hello %d): closed the oldest",
+                              s->peer().c_str(), self->opt.max_pre_hello);
         }
         self->do_accept();
       });
@@ -41,36 +40,64 @@ Session::Session(std::shared_ptr<Coordinator::Impl> c, tcp::socket sock)
       hello_timer_(coord_->io),
       linger_timer_(coord_->io),
       frame_timer_(coord_->io),
-      parser_(std::min(coord_->opt.max_frame, wire::kHelloMaxFrame)) {  // raised after hello
+      grant_timer_(coord_->io),
+      parser_(std::min(coord_->opt.max_frame, wire::kHelloMaxFrame)),  // raised after hello
+      buf_(kHelloReadChunk) {
   boost::system::error_code ec;
   auto ep = socket_.remote_endpoint(ec);
   peer_ = ec ? "?" : ep.address().to_string() + ":" + std::to_string(ep.port());
   socket_.set_option(tcp::no_delay(true), ec);
+  if (coord_->tls) tls_ = std::make_unique<asio::ssl::stream<tcp::socket&>>(socket_, *coord_->tls);
 }
 
 void Session::start() {
   auto self = shared_from_this();
   asio::dispatch(strand_, [self] {
-    self->nonce_ = wire::random_nonce();
-    self->write(wire::encode_frame(
-        wire::make_server_hello(self->nonce_, !self->coord_->opt.secret.empty())));
+    // The hello deadline covers the TLS handshake too.
     self->hello_timer_.expires_after(std::chrono::milliseconds(self->coord_->opt.hello_timeout_ms));
     self->hello_timer_.async_wait(
         asio::bind_executor(self->strand_, [self](const boost::system::error_code& ec) {
           if (!ec && !self->hello_done_ && !self->closed_) {
-            self->coord_->log("%s: no ClientHello within %d ms, closing", self->peer_.c_str(),
-                              self->coord_->opt.hello_timeout_ms);
+            self->coord_->log_refusal("%s: no ClientHello within %d ms, closing",
+                                      self->peer_.c_str(), self->coord_->opt.hello_timeout_ms);
             self->close();
           }
         }));
-    self->read();
+    if (!self->tls_) {
+      self->send_server_hello();
+      self->read();
+      return;
+    }
+    self->tls_->async_handshake(
+        asio::ssl::stream_base::server,
+        asio::bind_executor(self->strand_, [self](const boost::system::error_code& ec) {
+          if (self->closed_) return;
+          unsigned char out[32];
+          const char* label = wire::kTlsExporterLabel;
+          if (ec || SSL_export_keying_material(self->tls_->native_handle(), out, sizeof(out), label,
+                                               std::strlen(label), nullptr, 0, 0) != 1) {
+            self->coord_->log_refusal("%s: TLS handshake failed: %s", self->peer_.c_str(),
+                                      ec ? ec.message().c_str() : "no exporter");
+            self->close();
+            return;
+          }
+          self->exporter_.assign(reinterpret_cast<char*>(out), sizeof(out));
+          self->send_server_hello();
+          self->read();
+        }));
   });
+}
+
+void Session::send_server_hello() {
+  nonce_ = wire::random_nonce();
+  write(wire::encode_frame(wire::make_server_hello(nonce_, !coord_->opt.secret.empty())));
 }
 
 void Session::refuse(const std::string& why) {
   auto self = shared_from_this();
   asio::dispatch(strand_, [self, why] {
-    self->coord_->log("%s: connection refused: %s", self->peer_.c_str(), why.c_str());
+    self->coord_->log_refusal("%s: connection refused: %s", self->peer_.c_str(), why.c_str());
+    if (self->tls_) return self->close();  // no TLS session to say it over
     self->send_error_and_close(0, v1::RESOURCE_EXHAUSTED, why);
   });
 }
@@ -112,8 +139,11 @@ void Session::close() {
   hello_timer_.cancel();
   linger_timer_.cancel();
   frame_timer_.cancel();
+  grant_timer_.cancel();
+  release_grant();
   socket_.shutdown(tcp::socket::shutdown_both, ec);
   socket_.close(ec);
+  parser_.release_memory();
   coord_->on_closed(this);
 }
 
@@ -146,32 +176,36 @@ void Session::write_next() {
   }
   writing_ = true;
   auto self = shared_from_this();
-  asio::async_write(
-      socket_, asio::buffer(outq_.front()),
-      asio::bind_executor(strand_, [self](const boost::system::error_code& ec, size_t n) {
-        self->queued_bytes_ -= n;
-        if (!self->outq_.empty()) self->outq_.pop_front();
-        if (ec) {
-          self->close();
-          return;
-        }
-        self->write_next();
-      }));
+  auto done = asio::bind_executor(strand_, [self](const boost::system::error_code& ec, size_t n) {
+    self->queued_bytes_ -= n;
+    if (!self->outq_.empty()) self->outq_.pop_front();
+    if (ec) {
+      self->close();
+      return;
+    }
+    self->write_next();
+  });
+  if (tls_)
+    asio::async_write(*tls_, asio::buffer(outq_.front()), std::move(done));
+  else
+    asio::async_write(socket_, asio::buffer(outq_.front()), std::move(done));
 }
 
 void Session::read() {
   if (closed_) return;
   auto self = shared_from_this();
-  socket_.async_read_some(
-      asio::buffer(buf_.data(), buf_.size()),
-      asio::bind_executor(strand_, [self](const boost::system::error_code& ec, size_t n) {
-        if (ec) {
-          self->close();
-          return;
-        }
-        self->parser_.feed(self->buf_.data(), n);
-        self->drain();
-      }));
+  auto got = asio::bind_executor(strand_, [self](const boost::system::error_code& ec, size_t n) {
+    if (ec) {
+      self->close();
+      return;
+    }
+    self->parser_.feed(self->buf_.data(), n);
+    self->drain();
+  });
+  if (tls_)
+    tls_->async_read_some(asio::buffer(buf_.data(), buf_.size()), std::move(got));
+  else
+    socket_.async_read_some(asio::buffer(buf_.data(), buf_.size()), std::move(got));
 }
 
 // After the hello: a frame begun (bytes buffered) must be complete within
@@ -205,6 +239,10 @@ void Session::drain() {
     auto r = parser_.next(&env, &err);
     if (r == wire::FrameParser::Result::kNeedMore) break;
     progressed = true;
+    if (granted_) {  // the large frame is complete (or broken): its bytes go back
+      release_grant();
+      parser_.release_memory();
+    }
     if (r == wire::FrameParser::Result::kError) {
       bad_frame(parser_.error_kind() == wire::WireError::Kind::kBadVersion ? v1::BAD_VERSION
                                                                            : v1::BAD_FRAME,
@@ -226,7 +264,33 @@ void Session::drain() {
     }
   }
   if (hello_done_) watch_partial_frame(progressed);
+  if (!grant_large_frame()) return;
   read();
+}
+
+bool Session::grant_large_frame() {
+  if (!hello_done_ || role_ != v1::CLIENT || granted_) return true;
+  const size_t need = parser_.pending_frame_bytes();
+  if (need <= kSmallFrame) return true;
+  if (coord_->reserve_large_frame(need)) {
+    granted_ = need;
+    parser_.reserve(need);
+    return true;
+  }
+  // Wait for other large frames to complete or fail; the frame timer still bounds this.
+  grant_timer_.expires_after(std::chrono::milliseconds(20));
+  auto self = shared_from_this();
+  grant_timer_.async_wait(asio::bind_executor(strand_, [self](const boost::system::error_code& ec) {
+    if (ec || self->closed_ || self->paused_) return;
+    if (self->grant_large_frame()) self->read();
+  }));
+  return false;
+}
+
+void Session::release_grant() {
+  if (!granted_) return;
+  coord_->release_large_frame(granted_);
+  granted_ = 0;
 }
 
 bool Session::take_hello(const v1::Envelope& env) {
@@ -234,29 +298,46 @@ bool Session::take_hello(const v1::Envelope& env) {
     bad_frame(v1::BAD_FRAME, "first frame is not a ClientHello");
     return false;
   }
-  std::string why;
+  const auto& h = env.client_hello();
+  std::string why, secret, identity, digest;
+  bool admin = false;
   v1::ErrorCode code = v1::ERROR_CODE_UNSPECIFIED;
-  if (!wire::check_client_hello(env.client_hello(), nonce_, v1::ROLE_UNSPECIFIED,
-                                coord_->opt.secret, &why, &code)) {
-    coord_->log("%s: hello refused: %s", peer_.c_str(), why.c_str());
+  if (wire::check_client_hello(h, nonce_, v1::ROLE_UNSPECIFIED, "", &why, &code))  // form only
+    why = coord_->hello_key(h, &secret, &identity, &admin, &digest, &code);
+  if (why.empty())  // the proof, over the TLS exporter when there is TLS
+    wire::check_client_hello(h, nonce_, v1::ROLE_UNSPECIFIED, secret, &why, &code, exporter_);
+  if (why.empty()) {
+    // Written before leave_pre_hello marks the session authenticated under the
+    // coordinator's mutex: readers there skip sessions not yet marked.
+    role_ = h.role();
+    name_ = h.name();
+    owner_ = identity;
+    admin_ = admin;
+    key_digest_ = digest;
+    why = coord_->leave_pre_hello(this);
+    code = v1::RESOURCE_EXHAUSTED;
+  }
+  if (!why.empty()) {
+    coord_->log_refusal("%s: hello refused: %s", peer_.c_str(), why.c_str());
     send_error_and_close(0, code, why);
     return false;
   }
   hello_done_ = true;
   hello_timer_.cancel();
   parser_.set_max_frame(coord_->opt.max_frame);
-  role_ = env.client_hello().role();
-  name_ = env.client_hello().name();
-  auto ok = envelope();
-  ok.mutable_hello_accepted()->set_server("mprefill-coordinator");
-  write(wire::encode_frame(ok));
+  buf_.resize(kReadChunk);  // no read is pending: drain runs between reads
+  write(wire::encode_frame(wire::make_hello_accepted("mprefill-coordinator", h, nonce_, secret,
+                                                     identity, admin, exporter_)));
   coord_->on_hello(shared_from_this());
   return true;
 }
 
 void Session::bad_frame(v1::ErrorCode code, const std::string& why) {
-  coord_->log("%s (%s %s): bad frame: %s; closing this connection", peer_.c_str(), role_name(role_),
-              name_.c_str(), why.c_str());
+  if (!hello_done_)
+    coord_->log_refusal("%s: bad frame before the hello: %s; closing", peer_.c_str(), why.c_str());
+  else
+    coord_->log("%s (%s %s): bad frame: %s; closing this connection", peer_.c_str(),
+                role_name(role_), name_.c_str(), why.c_str());
   {
     std::lock_guard<std::mutex> lk(coord_->mu);
     ++coord_->metrics.bad_frames;

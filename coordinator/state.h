@@ -11,6 +11,8 @@
 //                   (tokenizing and config reading on the prep pool)
 //   admission.cc    validation of a SubmitJob and admission against capacity and limits
 //   sparse_source.cc  sparse configs by name from --config-dir or inline (no Impl)
+//   client_keys.cc  the --client-keys file (no Impl); access.cc: which key a hello must
+//                   prove, pre-hello pool, key reloads, rate-limited refusal log
 //   jobs.cc         queue, state machine, cancel, status, progress, worker/decoder job
 //                   events and the JobResult
 //   planner.cc, metrics.cc: pure arithmetic and Prometheus text (no Impl)
@@ -19,6 +21,7 @@
 // <utility> before asio: Boost 1.74's awaitable.hpp uses std::exchange without including it.
 #include <utility>
 #include <boost/asio.hpp>
+#include <boost/asio/ssl.hpp>
 // clang-format on
 
 #include <algorithm>
@@ -36,6 +39,7 @@
 #include <thread>
 #include <vector>
 
+#include "coordinator/client_keys.h"
 #include "coordinator/coordinator.h"
 #include "coordinator/metrics.h"
 #include "coordinator/planner.h"
@@ -131,6 +135,7 @@ struct Job {
   const Session* client_raw = nullptr;  // identity only (disconnect cleanup)
   bool detached = false;                // survives its client's disconnect
   std::string client_name;
+  std::string owner;  // client key name ("" without --client-keys: every client sees it)
   std::shared_ptr<const SparsePolicy> policy;
   std::vector<int32_t> tokens;  // empty once finished (prompt_tokens stays)
   int64_t prompt_tokens = 0;
@@ -169,6 +174,14 @@ struct Coordinator::Impl : std::enable_shared_from_this<Coordinator::Impl> {
   std::optional<Tokenizer> tokenizer;
   int max_piece_bytes = 0;  // longest tokenizer piece: a text of B bytes is >= (B+1)/this tokens
   SparseSource sparse_source;
+  std::unique_ptr<ClientKeyFile> client_keys;  // --client-keys (thread-safe itself)
+  std::unique_ptr<asio::ssl::context> tls;     // --tls-cert / --tls-key
+  std::atomic<int64_t> large_frame_bytes{0};   // granted to partial large client frames
+  std::mutex log_mu;                           // the refusal log's limiter
+  Clock::time_point log_last{};
+  uint64_t log_held = 0;  // refusal lines left out since the last one written
+  std::atomic<uint64_t> log_suppressed{0};
+  int key_check_ticks = 0;
   // Intake work (opt.prep_threads threads): created by start(), taken out, stopped and
   // joined by stop(); posted to only through post_prep().
   std::mutex prep_mu;
@@ -185,9 +198,12 @@ struct Coordinator::Impl : std::enable_shared_from_this<Coordinator::Impl> {
   std::map<std::string, Decoder> decoders;
   std::optional<v1::KvContract> contract;  // of the service while any group/decoder is live
   std::set<Session*> sessions;
+  int64_t pre_hello = 0;                              // sessions before their hello
+  std::deque<std::weak_ptr<Session>> pre_hello_fifo;  // oldest first (may hold stale ones)
   MetricsSnapshot metrics;
 
   // ---- coordinator.cc: life cycle, ticker, /metrics, routing ----
+  void setup_tls(bool loopback);  // --tls-cert / --tls-key; beyond loopback: TLS or --insecure
   void start();
   void stop();
   void arm_ticker();
@@ -208,6 +224,27 @@ struct Coordinator::Impl : std::enable_shared_from_this<Coordinator::Impl> {
 
   // ---- session.cc ----
   void do_accept();
+
+  // ---- access.cc ----
+  // A refusal line (pre-hello events, refused hellos): at most one a second; the next one
+  // written says how many were left out. Not with mu held.
+  void log_refusal(const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+  // A new connection enters the pre-hello pool; returns those to close (the oldest) when
+  // it is full. With max_connections authenticated peers already: *full says so and s
+  // stays out (it could not be admitted after its hello either).
+  std::vector<SessionPtr> enter_pre_hello(const SessionPtr& s, std::string* full);
+  // What a ClientHello must prove: *secret (empty: nothing), *identity and *admin for a
+  // client; "" or the refusal with *code.
+  std::string hello_key(const v1::ClientHello& h, std::string* secret, std::string* identity,
+                        bool* admin, std::string* key_digest, v1::ErrorCode* code);
+  // The hello was proved: leave the pre-hello pool; "" or the refusal (authenticated
+  // connections over max_connections).
+  std::string leave_pre_hello(Session* s);
+  bool reserve_large_frame(size_t n);
+  void release_large_frame(size_t n);
+  // Re-reads the client keys (force, or when the file changed) and closes the client
+  // connections whose key is gone or changed.
+  void check_client_keys(bool force);
 
   // ---- registry.cc ----
   void handle_worker_register(const SessionPtr& s, const v1::WorkerRegister& m);
@@ -243,7 +280,8 @@ struct Coordinator::Impl : std::enable_shared_from_this<Coordinator::Impl> {
   // exist, capacity (*kv filled) and the queue limit.
   std::string admit_locked(const PreparedJob& p, uint64_t* kv, v1::ErrorCode* code);
   std::string check_capacity(const v1::JobOptions& o, int64_t n, uint64_t* kv, v1::ErrorCode* code);
-  std::string client_limit_reason(const Session* s, v1::ErrorCode* code);
+  std::string client_limit_reason(const Session* s, int64_t tokens, v1::ErrorCode* code);
+  bool may_see(const Session& s, const Job& j) const;  // the caller's own job, or admin
 
   // ---- jobs.cc ----
   void handle_submit(const SessionPtr& s, const v1::SubmitJob& m, PreparedJob&& p);

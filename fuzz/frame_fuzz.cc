@@ -65,7 +65,7 @@ void check_hello(const v1::ClientHello& h) {
     if (ok) {
       FUZZ_CHECK(h.version() == wire::kProtocolVersion);
       FUZZ_CHECK(h.role() == v1::CLIENT || h.role() == v1::WORKER || h.role() == v1::DECODER);
-      if (!s.empty()) FUZZ_CHECK(h.proof() == wire::hello_proof(s, kNonce, h.role()));
+      if (!s.empty()) FUZZ_CHECK(h.proof() == wire::hello_proof(s, wire::binding_of(h, kNonce)));
     } else {
       FUZZ_CHECK(!why.empty());
       FUZZ_CHECK(code != v1::ERROR_CODE_UNSPECIFIED);

@@ -88,7 +88,8 @@ std::vector<std::pair<std::string, v1::Envelope>> messages() {
     h->set_role(role);
     h->set_name("peer-" + std::to_string(role));
     // frame_fuzz checks hellos against this secret and nonce: the right proof.
-    h->set_proof(wire::hello_proof("fuzz-secret-0123456789abcdef", nonce, role));
+    h->set_client_nonce(std::string(32, static_cast<char>('a' + role)));
+    h->set_proof(wire::hello_proof("fuzz-secret-0123456789abcdef", wire::binding_of(*h, nonce)));
     out.emplace_back("client_hello_" + std::to_string(role), e);
   }
   {

@@ -8,7 +8,7 @@ BUILD_DIR="${MPREFILL_BUILD_DIR:-$ROOT/build}"
 # Debian packages the project builds and runs with.
 APT_PACKAGES=(g++ cmake ninja-build pkg-config openmpi-bin libopenmpi-dev libboost-dev
   libprotobuf-dev protobuf-compiler nlohmann-json3-dev libgtest-dev libgmock-dev
-  python3-protobuf
+  python3-protobuf libssl-dev
   clang libclang-rt-14-dev)  # libFuzzer campaigns (launch/fuzz.sh, issue 7)
 
 # PyPI: CUTLASS / CuTe headers (only cutlass_library/source/include is used).

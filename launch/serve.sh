@@ -4,12 +4,16 @@
 #
 #   launch/serve.sh --model PATH [--ranks R] [--tp T] [--device cpu|cuda]
 #                   [--host ADDR] [--port P] [--metrics-port P] [--tokenizer PATH]
-#                   [--secret-file F] [--capacity-mb MB] [--build-dir DIR]
+#                   [--secret-file F] [--client-keys F] [--tls-cert F --tls-key F]
+#                   [--insecure] [--capacity-mb MB] [--build-dir DIR]
 #                   [-- EXTRA mpirun ARGS...]
 #
 # Defaults: 1 rank, tp 1, cpu, 127.0.0.1:7070, metrics on 9464, a fresh secret in
 # $BUILD_DIR/serve.secret (0600) unless --secret-file is given. Clients then use
 #   build/bin/mprefill submit --coordinator HOST:PORT --secret-file F --prompt ...
+# (with --client-keys: --key-file K, one "NAME SECRET" line of it; with --tls-cert: --tls).
+# A --host beyond loopback needs --tls-cert/--tls-key (the group and decoder then connect
+# over tls://) or --insecure.
 # Logs: $BUILD_DIR/serve-{coordinator,workers,decoder}.log
 set -euo pipefail
 LOG_TAG=serve
@@ -25,6 +29,10 @@ METRICS_PORT=9464
 TOKENIZER=""
 SECRET_FILE=""
 CAPACITY_MB=2048
+CLIENT_KEYS=""
+TLS_CERT=""
+TLS_KEY=""
+INSECURE=0
 MPI_EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -37,10 +45,14 @@ while [ $# -gt 0 ]; do
     --metrics-port) METRICS_PORT="$2"; shift ;;
     --tokenizer) TOKENIZER="$2"; shift ;;
     --secret-file) SECRET_FILE="$2"; shift ;;
+    --client-keys) CLIENT_KEYS="$2"; shift ;;
+    --tls-cert) TLS_CERT="$2"; shift ;;
+    --tls-key) TLS_KEY="$2"; shift ;;
+    --insecure) INSECURE=1 ;;
     --capacity-mb) CAPACITY_MB="$2"; shift ;;
     --build-dir) BUILD_DIR="$(realpath -m "$2")"; shift ;;
     --) shift; MPI_EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see launch/serve.sh --help)" ;;
   esac
   shift
@@ -73,6 +85,9 @@ trap 'cleanup; exit 130' INT TERM
 
 COORD_ARGS=(--host "$HOST" --port "$PORT" --metrics-port "$METRICS_PORT" --secret-file "$SECRET_FILE")
 [ -n "$TOKENIZER" ] && COORD_ARGS+=(--tokenizer "$TOKENIZER")
+[ -n "$CLIENT_KEYS" ] && COORD_ARGS+=(--client-keys "$CLIENT_KEYS")
+[ -n "$TLS_CERT" ] && COORD_ARGS+=(--tls-cert "$TLS_CERT" --tls-key "$TLS_KEY")
+[ "$INSECURE" = 1 ] && COORD_ARGS+=(--insecure)
 PORT_FILE="$BUILD_DIR/serve.port"
 rm -f "$PORT_FILE"
 setsid "$BIN/mprefill-coordinator" "${COORD_ARGS[@]}" --port-file "$PORT_FILE" \
@@ -82,6 +97,7 @@ for _ in $(seq 100); do [ -s "$PORT_FILE" ] && break; sleep 0.1; done
 [ -s "$PORT_FILE" ] || die "the coordinator did not start: $(tail -3 "$BUILD_DIR/serve-coordinator.log")"
 ADDR="$HOST:$(cut -d' ' -f1 "$PORT_FILE")"
 [ "$HOST" = 0.0.0.0 ] && ADDR="127.0.0.1:$(cut -d' ' -f1 "$PORT_FILE")"
+[ -n "$TLS_CERT" ] && ADDR="tls://$ADDR"
 METRICS_PORT="$(cut -d' ' -f2 "$PORT_FILE")"
 
 MPI_ARGS=(-np "$RANKS")
@@ -96,10 +112,18 @@ setsid "$BIN/mprefill-decoder" --coordinator "$ADDR" --model "$MODEL" --name ser
   >"$BUILD_DIR/serve-decoder.log" 2>&1 &
 PIDS+=($!)
 
-# Ready when the group and the decoder are registered.
+# Ready when the group and the decoder are registered (asked with an admin client key when
+# there are client keys: the infrastructure secret is no client credential then).
+STATUS_CRED=(--secret-file "$SECRET_FILE")
+if [ -n "$CLIENT_KEYS" ]; then
+  ADMIN_KEY="$BUILD_DIR/serve.admin.key"
+  (umask 077 && awk '!/^#/ && $3 == "admin" { print $1 " " $2; exit }' "$CLIENT_KEYS" >"$ADMIN_KEY")
+  [ -s "$ADMIN_KEY" ] || die "--client-keys $CLIENT_KEYS has no admin key (serve.sh checks readiness with it)"
+  STATUS_CRED=(--key-file "$ADMIN_KEY")
+fi
 READY=0
 for _ in $(seq 600); do
-  ST="$("$BIN/mprefill" status --coordinator "$ADDR" --secret-file "$SECRET_FILE" --json 2>/dev/null || true)"
+  ST="$("$BIN/mprefill" status --coordinator "$ADDR" "${STATUS_CRED[@]}" --json 2>/dev/null || true)"
   if grep -q '"groups":\[{' <<<"$ST" && grep -q '"decoders":\[{' <<<"$ST"; then
     READY=1
     log "ready: coordinator $ADDR (metrics http://$HOST:$METRICS_PORT/metrics), $RANKS rank(s) tp $TP on $DEVICE, secret $SECRET_FILE"

@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "proto/hmac.h"
+#include "proto/tls_client.h"
 
 namespace mprefill::wire {
 
@@ -24,6 +25,7 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 constexpr size_t kReadChunk = size_t{256} << 10;
+constexpr size_t kLinearGrowth = size_t{4} << 20;  // FrameParser::make_room
 
 Clock::time_point deadline_after(int timeout_ms) {
   return Clock::now() + std::chrono::milliseconds(std::max(timeout_ms, 0));
@@ -105,7 +107,12 @@ void FrameParser::make_room(size_t n) {
     end_ -= pos_;
     pos_ = 0;
   }
-  if (end_ + n > buf_.size()) buf_.resize(std::max(end_ + n, 2 * buf_.size()));
+  // Doubling while small; past kLinearGrowth, steps of kLinearGrowth, so that a buffer
+  // reserved for a budgeted large frame overshoots by a bounded amount, not 2x.
+  if (end_ + n > buf_.size()) {
+    const size_t step = buf_.size() < kLinearGrowth ? buf_.size() : kLinearGrowth;
+    buf_.resize(std::max(end_ + n, buf_.size() + step));
+  }
 }
 
 void FrameParser::feed(const void* data, size_t n) {
@@ -123,6 +130,30 @@ char* FrameParser::prepare(size_t n) {
 void FrameParser::commit(size_t n) { end_ = std::min(end_ + n, buf_.size()); }
 
 size_t FrameParser::buffered() const { return end_ - pos_; }
+
+size_t FrameParser::pending_frame_bytes() const {
+  if (failed_ || buffered() < 4) return 0;
+  const auto* p = reinterpret_cast<const uint8_t*>(buf_.data() + pos_);
+  return 4 + size_t{p[0]} + (size_t{p[1]} << 8) + (size_t{p[2]} << 16) + (size_t{p[3]} << 24);
+}
+
+void FrameParser::compact() {
+  if (pos_ == 0) return;
+  std::memmove(buf_.data(), buf_.data() + pos_, end_ - pos_);
+  end_ -= pos_;
+  pos_ = 0;
+}
+
+void FrameParser::reserve(size_t n) {
+  compact();
+  if (n > buf_.size()) buf_.resize(n);
+}
+
+void FrameParser::release_memory() {
+  compact();
+  buf_.resize(end_);
+  buf_.shrink_to_fit();
+}
 
 FrameParser::Result FrameParser::next(v1::Envelope* out, std::string* error) {
   auto fail = [&](WireError::Kind kind, const std::string& why) {
@@ -199,17 +230,55 @@ std::string random_nonce() {
   return n;
 }
 
-std::string hello_proof(std::string_view secret, std::string_view nonce, v1::Role role) {
-  std::string msg(nonce);
-  const uint32_t r = static_cast<uint32_t>(role);
-  for (int i = 0; i < 4; ++i) msg.push_back(static_cast<char>((r >> (8 * i)) & 0xff));
+namespace {
+
+std::string transcript(std::string_view label, const HelloBinding& b) {
+  std::string m(label);
+  auto field = [&m](std::string_view f) {
+    const uint32_t n = static_cast<uint32_t>(f.size());
+    for (int i = 0; i < 4; ++i) m.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
+    m.append(f);
+  };
+  const uint32_t r = static_cast<uint32_t>(b.role);
+  std::string role(4, '\0');
+  for (int i = 0; i < 4; ++i) role[i] = static_cast<char>((r >> (8 * i)) & 0xff);
+  field(role);
+  field(b.key_id);
+  field(b.server_nonce);
+  field(b.client_nonce);
+  field(b.channel);
+  return m;
+}
+
+std::string mac(std::string_view secret, const std::string& msg) {
   Digest d = hmac_sha256(secret, msg);
   return std::string(reinterpret_cast<const char*>(d.data()), d.size());
 }
 
+}  // namespace
+
+std::string hello_proof(std::string_view secret, const HelloBinding& b) {
+  return mac(secret, transcript("mprefill hello: client proof v1", b));
+}
+
+std::string server_proof(std::string_view secret, const HelloBinding& b) {
+  return mac(secret, transcript("mprefill hello: server proof v1", b));
+}
+
+HelloBinding binding_of(const v1::ClientHello& hello, std::string_view server_nonce,
+                        std::string_view channel) {
+  HelloBinding b;
+  b.channel = channel;
+  b.server_nonce = server_nonce;
+  b.client_nonce = hello.client_nonce();
+  b.role = hello.role();
+  b.key_id = hello.key_id();
+  return b;
+}
+
 bool check_client_hello(const v1::ClientHello& hello, std::string_view nonce,
                         v1::Role expected_role, std::string_view secret, std::string* error,
-                        v1::ErrorCode* code) {
+                        v1::ErrorCode* code, std::string_view channel) {
   auto refuse = [&](v1::ErrorCode c, const std::string& why) {
     if (error) *error = why;
     if (code) *code = c;
@@ -228,10 +297,27 @@ bool check_client_hello(const v1::ClientHello& hello, std::string_view nonce,
   if (!secret.empty()) {
     if (hello.proof().empty())
       return refuse(v1::UNAUTHENTICATED, "authentication required: no proof (missing secret?)");
-    if (!constant_time_equal(hello.proof(), hello_proof(secret, nonce, role)))
+    if (hello.client_nonce().size() != 32)
+      return refuse(v1::UNAUTHENTICATED, "authentication failed: no 32-byte client nonce");
+    if (!constant_time_equal(hello.proof(), hello_proof(secret, binding_of(hello, nonce, channel))))
       return refuse(v1::UNAUTHENTICATED, "authentication failed: wrong proof (secret differs)");
   }
   return true;
+}
+
+v1::Envelope make_hello_accepted(const std::string& server, const v1::ClientHello& hello,
+                                 std::string_view server_nonce, std::string_view secret,
+                                 const std::string& identity, bool admin,
+                                 std::string_view channel) {
+  v1::Envelope env;
+  env.set_version(kProtocolVersion);
+  auto* a = env.mutable_hello_accepted();
+  a->set_server(server);
+  if (!secret.empty())
+    a->set_server_proof(server_proof(secret, binding_of(hello, server_nonce, channel)));
+  a->set_identity(identity);
+  a->set_admin(admin);
+  return env;
 }
 
 v1::Envelope make_server_hello(const std::string& nonce, bool auth_required) {
@@ -267,6 +353,16 @@ std::string load_secret_file(const std::string& path) {
   return s;
 }
 
+Credential load_key_file(const std::string& path) {
+  const std::string text = load_secret_file(path);
+  std::istringstream is(text);
+  Credential c;
+  std::string extra;
+  if (text.find('\n') != std::string::npos || !(is >> c.key_id >> c.secret) || (is >> extra))
+    throw std::runtime_error("key file " + path + ": expected one line \"NAME SECRET\"");
+  return c;
+}
+
 void parse_host_port(const std::string& text, std::string* host, uint16_t* port) {
   const size_t colon = text.rfind(':');
   if (colon == std::string::npos || colon == 0 || colon + 1 == text.size())
@@ -290,10 +386,26 @@ struct Connection::Impl {
   FrameParser parser;
   std::string peer;
   std::string peer_name;
+  std::string identity;  // HelloAccepted.identity / admin (connecting side)
+  bool admin = false;
   std::atomic<bool> closed{false};
   bool send_broken = false;  // a partial frame went out: the stream is unusable
+  std::string host;      // as given to connect (TLS name check)
+  std::string exporter;  // TLS exporter value; empty without TLS
+  std::unique_ptr<TlsClient> tls;
 
   explicit Impl(size_t max_frame) : parser(max_frame) {}
+
+  // One read / write step: bytes moved, 0 when it would block (*wait: POLLIN / POLLOUT);
+  // *ec on a closed or broken stream.
+  size_t io_some(bool write, char* data, size_t n, int* wait, boost::system::error_code* ec) {
+    *wait = write ? POLLOUT : POLLIN;
+    if (tls) return tls->io(write, data, n, wait, ec);
+    size_t r = write ? socket.write_some(asio::buffer(data, n), *ec)
+                     : socket.read_some(asio::buffer(data, n), *ec);
+    if (*ec == asio::error::would_block || *ec == asio::error::try_again) ec->clear();
+    return r;
+  }
 
   int fd() { return socket.native_handle(); }
 
@@ -310,15 +422,16 @@ struct Connection::Impl {
     size_t done = 0;
     while (done < n) {
       boost::system::error_code ec;
-      size_t w = socket.write_some(asio::buffer(data + done, n - done), ec);
+      int wait = POLLOUT;
+      size_t w = io_some(true, const_cast<char*>(data) + done, n - done, &wait, &ec);
       done += w;
-      if (!ec) continue;
-      if (ec != asio::error::would_block && ec != asio::error::try_again) {
+      if (ec) {
         if (done > 0) send_broken = true;
         closed = true;
         throw WireError(WireError::Kind::kClosed, "send to " + peer + ": " + ec.message());
       }
-      int ev = poll_until(fd(), POLLOUT, deadline);
+      if (w > 0) continue;
+      int ev = poll_until(fd(), static_cast<short>(wait), deadline);
       if (closed) throw_closed("send to");
       if (ev == 0) {
         if (done > 0) send_broken = true;
@@ -351,7 +464,8 @@ struct Connection::Impl {
       // Straight into the parser's buffer (no copy between socket and frame).
       char* dst = parser.prepare(kReadChunk);
       boost::system::error_code ec;
-      size_t n = socket.read_some(asio::buffer(dst, kReadChunk), ec);
+      int wait = POLLIN;
+      size_t n = io_some(false, dst, kReadChunk, &wait, &ec);
       if (n > 0) {
         parser.commit(n);
         continue;
@@ -360,12 +474,12 @@ struct Connection::Impl {
         closed = true;
         throw_closed("recv from");
       }
-      if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
+      if (ec) {
         closed = true;
         throw WireError(WireError::Kind::kClosed, "recv from " + peer + ": " + ec.message());
       }
       if (Clock::now() >= deadline) return false;
-      int ev = poll_until(fd(), POLLIN, deadline);
+      int ev = poll_until(fd(), static_cast<short>(wait), deadline);
       if (ev == 0) return false;
       // POLLIN / POLLHUP / POLLERR: read_some reports what happened.
     }
@@ -384,9 +498,16 @@ Connection::~Connection() {
 
 std::unique_ptr<Connection> Connection::connect(const std::string& host, uint16_t port,
                                                 int timeout_ms, size_t max_frame) {
+  if (host.rfind(kTlsScheme, 0) == 0) {  // "tls://HOST": TLS right after the connect
+    const auto deadline = deadline_after(timeout_ms);
+    auto c = connect(host.substr(std::strlen(kTlsScheme)), port, timeout_ms, max_frame);
+    c->start_tls(TlsClientOptions{true, ""}, std::max(remaining_ms(deadline), 1));
+    return c;
+  }
   auto impl = std::make_unique<Impl>(max_frame);
   const std::string target = host + ":" + std::to_string(port);
   impl->peer = target;
+  impl->host = host;
   const auto deadline = deadline_after(timeout_ms);
   boost::system::error_code ec;
   tcp::resolver resolver(impl->io);
@@ -458,7 +579,7 @@ void Connection::close() {
 std::string Connection::peer() const { return impl_->peer; }
 const std::string& Connection::peer_name() const { return impl_->peer_name; }
 
-void Connection::client_handshake(v1::Role role, const std::string& name, const std::string& secret,
+void Connection::client_handshake(v1::Role role, const std::string& name, const Credential& cred,
                                   int timeout_ms) {
   const auto deadline = deadline_after(timeout_ms);
   v1::Envelope env;
@@ -478,16 +599,26 @@ void Connection::client_handshake(v1::Role role, const std::string& name, const 
                     "hello from " + peer() + ": server speaks protocol version " +
                         std::to_string(sh.version()) + ", this side " +
                         std::to_string(kProtocolVersion));
-  if (sh.auth_required() && secret.empty())
+  if (sh.auth_required() && cred.secret.empty())
     throw WireError(WireError::Kind::kAuth,
                     "hello to " + peer() + ": server requires authentication; pass --secret-file");
+  if (!sh.auth_required() && !cred.secret.empty())
+    throw WireError(WireError::Kind::kAuth,
+                    "hello to " + peer() +
+                        ": server does not ask for authentication but this side holds a key: "
+                        "refusing it (an impostor, or a server started without its key files)");
+  const std::string client_nonce = random_nonce();
   v1::Envelope reply;
   reply.set_version(kProtocolVersion);
   auto* ch = reply.mutable_client_hello();
   ch->set_version(kProtocolVersion);
   ch->set_role(role);
   ch->set_name(name);
-  if (sh.auth_required()) ch->set_proof(hello_proof(secret, sh.nonce(), role));
+  ch->set_client_nonce(client_nonce);
+  ch->set_key_id(cred.key_id);
+  const std::string& channel = impl_->exporter;
+  if (sh.auth_required())
+    ch->set_proof(hello_proof(cred.secret, binding_of(*ch, sh.nonce(), channel)));
   send(reply, std::max(remaining_ms(deadline), 1));
   v1::Envelope ack;
   bool got = false;
@@ -510,8 +641,41 @@ void Connection::client_handshake(v1::Role role, const std::string& name, const 
   if (!ack.has_hello_accepted())
     throw WireError(WireError::Kind::kBadFrame,
                     "hello to " + peer() + ": expected HelloAccepted, got another message");
-  impl_->peer_name = ack.hello_accepted().server();
+  const auto& ha = ack.hello_accepted();
+  if (sh.auth_required() &&
+      !constant_time_equal(ha.server_proof(),
+                           server_proof(cred.secret, binding_of(*ch, sh.nonce(), channel))))
+    throw WireError(WireError::Kind::kAuth,
+                    "hello to " + peer() +
+                        ": the server did not prove it holds the key: refusing it (an impostor?)");
+  impl_->peer_name = ha.server();
+  impl_->identity = ha.identity();
+  impl_->admin = ha.admin();
 }
+
+void Connection::start_tls(const TlsClientOptions& o, int timeout_ms) {
+  if (!o.enabled || impl_->tls) return;
+  try {
+    impl_->tls = std::make_unique<TlsClient>(impl_->fd(), impl_->host, o.ca_file);
+    const auto deadline = deadline_after(timeout_ms);
+    int wait = 0;
+    while (!impl_->tls->handshake(&wait)) {
+      if (poll_until(impl_->fd(), static_cast<short>(wait), deadline) == 0)
+        throw WireError(WireError::Kind::kTimeout, "TLS handshake with " + peer() +
+                                                       ": timed out after " +
+                                                       std::to_string(timeout_ms) + " ms");
+    }
+    impl_->exporter = impl_->tls->exporter(kTlsExporterLabel);
+  } catch (const std::runtime_error& e) {
+    if (dynamic_cast<const WireError*>(&e)) throw;
+    throw WireError(WireError::Kind::kConnect, "TLS with " + peer() + ": " + e.what());
+  }
+}
+
+const std::string& Connection::channel_binding() const { return impl_->exporter; }
+
+const std::string& Connection::identity() const { return impl_->identity; }
+bool Connection::admin() const { return impl_->admin; }
 
 // ---------------------------------------------------------------- Listener
 
@@ -640,10 +804,7 @@ bool Connection::server_handshake(v1::Role expected_role, const std::string& sec
     }
     impl_->peer_name = env.client_hello().name();
     impl_->parser.set_max_frame(max_frame);  // authenticated: full frames
-    v1::Envelope ok;
-    ok.set_version(kProtocolVersion);
-    ok.mutable_hello_accepted()->set_server(server_name);
-    send(ok, ht);
+    send(make_hello_accepted(server_name, env.client_hello(), nonce, secret), ht);
   } catch (const WireError& e) {
     set_error(e.what());
     return false;

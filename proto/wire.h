@@ -26,6 +26,28 @@ constexpr size_t kHelloMaxFrame = size_t{64} << 10;
 
 // A connection-level failure: closed peer, timeout, malformed or oversize frame, version
 // mismatch, failed authentication. what() is one line with the peer and the operation.
+// What the connecting side proves in its hello: the shared infrastructure secret (key_id
+// empty: worker groups, decoders, and clients of a coordinator without --client-keys), or
+// one client's key from the coordinator's --client-keys file. Empty secret: no credential.
+struct Credential {
+  std::string key_id;
+  std::string secret;
+};
+
+// TLS of a connecting side (OpenSSL, TLS 1.3 only). Without ca_file the certificate is
+// not verified: a side that holds a key still authenticates the server through the
+// hello's server proof, which covers the TLS exporter (a relaying man in the middle has
+// two TLS sessions with different exporters and cannot produce it).
+struct TlsClientOptions {
+  bool enabled = false;
+  std::string ca_file;  // PEM; verifies the chain and the host name / IP address
+};
+// A host given as "tls://HOST" (e.g. --coordinator tls://HOST:PORT, for every component)
+// makes Connection::connect run TLS without certificate verification right away.
+constexpr const char* kTlsScheme = "tls://";
+// Label of the TLS exporter value the hello proofs cover (32 bytes, no context).
+constexpr const char* kTlsExporterLabel = "EXPORTER-mprefill-hello";
+
 class WireError : public std::runtime_error {
  public:
   enum class Kind { kClosed, kTimeout, kBadFrame, kBadVersion, kAuth, kConnect };
@@ -57,6 +79,13 @@ class FrameParser {
   // the caller parses); *frame stays valid until the next feed() or next*() call.
   Result next_raw(std::string_view* frame, std::string* error);
   size_t buffered() const;
+  // Bytes (4-byte length included) of the frame being assembled once its length arrived;
+  // 0 before that. Lets a receiver budget a large frame before buffering it.
+  size_t pending_frame_bytes() const;
+  // Room for n buffered bytes at once (no doubling while a budgeted frame arrives).
+  void reserve(size_t n);
+  // Drops consumed bytes and returns spare capacity (after a large frame).
+  void release_memory();
   // Limit for frames not yet started (e.g. raised from kHelloMaxFrame after the hello).
   void set_max_frame(size_t max_frame) { max_frame_ = max_frame; }
   // After kError: kBadVersion for a well-formed envelope of another protocol version,
@@ -70,6 +99,7 @@ class FrameParser {
   std::string buf_;  // capacity; bytes [pos_, end_) buffered
   size_t pos_ = 0, end_ = 0;
   void make_room(size_t n);
+  void compact();  // moves the buffered bytes to the front
 };
 
 // Blocking framed TCP connection with a deadline on every call (Boost.Asio underneath).
@@ -103,11 +133,14 @@ class Connection {
   const std::string& peer_name() const;
 
   // Connecting side of the hello exchange: reads ServerHello, answers ClientHello with
-  // role and name (and HMAC-SHA256(secret, nonce || role) when the server requires auth
-  // and secret is non-empty), then waits for HelloAccepted. Throws WireError(kBadVersion /
-  // kAuth / kTimeout / kClosed); a server that requires auth while secret is empty is kAuth
-  // without sending anything.
-  void client_handshake(v1::Role role, const std::string& name, const std::string& secret,
+  // role, name, a fresh client nonce and, when the server requires auth, hello_proof with
+  // the credential; then waits for HelloAccepted and checks its server_proof. Throws
+  // WireError(kBadVersion / kAuth / kTimeout / kClosed). kAuth without sending anything:
+  // a server that requires auth while this side has no credential, and a server that
+  // does NOT ask for auth while this side holds one (an impostor, or a misconfigured
+  // server: a credential is never sent to, nor a prompt trusted from, an unproven server).
+  // kAuth after the exchange: the server's proof is missing or wrong.
+  void client_handshake(v1::Role role, const std::string& name, const Credential& cred,
                         int timeout_ms);
   // Accepting side (a connection from Listener::accept_raw): sends ServerHello, checks the
   // ClientHello (role expected, proof when secret is non-empty) within timeout_ms, answers
@@ -116,6 +149,19 @@ class Connection {
   bool server_handshake(v1::Role expected_role, const std::string& secret,
                         const std::string& server_name, size_t max_frame, int timeout_ms,
                         std::string* error);
+  // The shared secret (no key id).
+  void client_handshake(v1::Role role, const std::string& name, const std::string& secret,
+                        int timeout_ms) {
+    client_handshake(role, name, Credential{"", secret}, timeout_ms);
+  }
+  // TLS handshake on the connected socket, before client_handshake (which then binds
+  // its proofs to the exporter). Throws WireError(kConnect / kTimeout) with the reason.
+  void start_tls(const TlsClientOptions& o, int timeout_ms);
+  // The TLS exporter value (kTlsExporterLabel, 32 bytes); empty without TLS.
+  const std::string& channel_binding() const;
+  // HelloAccepted.identity / admin of the last client_handshake.
+  const std::string& identity() const;
+  bool admin() const;
 
   struct Impl;
 
@@ -160,21 +206,46 @@ class Listener {
 
 // 32 bytes from the OS random source (getrandom).
 std::string random_nonce();
-// HMAC-SHA256(secret, nonce || role as 4-byte little-endian), 32 raw bytes.
-std::string hello_proof(std::string_view secret, std::string_view nonce, v1::Role role);
+// What both proofs of a hello cover: the two fresh nonces, the connecting side's role and
+// key id, and the channel binding (TLS exporter value; empty on plain TCP). A proof is
+// HMAC-SHA256(key, label || each field with a 4-byte little-endian length); the labels of
+// the two directions differ, so neither proof can be reflected or replayed: not as the
+// other direction, not under another role or key id, not on another connection.
+struct HelloBinding {
+  std::string_view server_nonce, client_nonce;
+  v1::Role role = v1::ROLE_UNSPECIFIED;
+  std::string_view key_id, channel;
+};
+// The connecting side's proof (32 raw bytes).
+std::string hello_proof(std::string_view secret, const HelloBinding& b);
+// The accepting side's proof, sent in HelloAccepted.server_proof (32 raw bytes).
+std::string server_proof(std::string_view secret, const HelloBinding& b);
+// The binding of a received ClientHello against the ServerHello nonce that was sent.
+HelloBinding binding_of(const v1::ClientHello& hello, std::string_view server_nonce,
+                        std::string_view channel = {});
 // Checks a ClientHello against the ServerHello that was sent: version, expected role
-// (ROLE_UNSPECIFIED: any of CLIENT/WORKER/DECODER), proof in constant time when secret is
-// non-empty. false with a one-line *error and *code (BAD_VERSION / UNAUTHENTICATED /
-// BAD_FRAME); the secret never appears in the message.
+// (ROLE_UNSPECIFIED: any of CLIENT/WORKER/DECODER), a 32-byte client nonce and the proof
+// in constant time when secret is non-empty. false with a one-line *error and *code
+// (BAD_VERSION / UNAUTHENTICATED / BAD_FRAME); the secret never appears in the message.
 bool check_client_hello(const v1::ClientHello& hello, std::string_view nonce,
                         v1::Role expected_role, std::string_view secret, std::string* error,
-                        v1::ErrorCode* code);
+                        v1::ErrorCode* code, std::string_view channel = {});
+// HelloAccepted for an accepted ClientHello; with a non-empty secret it carries the
+// server's proof (the key the ClientHello was checked with).
+v1::Envelope make_hello_accepted(const std::string& server, const v1::ClientHello& hello,
+                                 std::string_view server_nonce, std::string_view secret,
+                                 const std::string& identity = "", bool admin = false,
+                                 std::string_view channel = {});
 v1::Envelope make_server_hello(const std::string& nonce, bool auth_required);
 v1::Envelope make_error(uint64_t job_id, v1::ErrorCode code, const std::string& message);
 
 // Reads a shared secret from a file (trailing whitespace stripped). Throws
 // std::runtime_error naming the path when the file is missing, unreadable or empty.
 std::string load_secret_file(const std::string& path);
+// Reads a client key file: one line "NAME SECRET" (the line of that client in the
+// coordinator's --client-keys file, without the role). Throws std::runtime_error naming
+// the path (never the secret) when it is missing, unreadable or not of that form.
+Credential load_key_file(const std::string& path);
 
 // "host:port" (or "[v6]:port") -> host, port in [0, 65535] (0: any port, for listening);
 // throws std::invalid_argument with the text on a bad value.

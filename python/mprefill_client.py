@@ -81,11 +81,22 @@ class ServiceError(Exception):
         super().__init__(f"{self.code}: {message}")
 
 
+def _proof(secret: bytes, side: bytes, role: int, key_id: str, server_nonce: bytes,
+           client_nonce: bytes) -> bytes:
+    """wire::hello_proof / server_proof (proto/wire.cc): HMAC-SHA256 over a label and
+    length-prefixed fields (role, key id, both nonces, channel binding)."""
+    msg = b"mprefill hello: " + side + b" proof v1"
+    for f in (struct.pack("<I", role), key_id.encode(), server_nonce, client_nonce, b""):
+        msg += struct.pack("<I", len(f)) + f
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
 class Client:
     """One connection to the coordinator, as role CLIENT."""
 
     def __init__(self, host: str, port: int, secret: bytes | None = None,
-                 timeout_s: float = 10.0, name: str = "mprefill-python"):
+                 timeout_s: float = 10.0, name: str = "mprefill-python", key_id: str = ""):
+        """secret: the shared secret, or with key_id this client's key (--client-keys)."""
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
@@ -101,11 +112,18 @@ class Client:
         env.client_hello.version = PROTOCOL_VERSION
         env.client_hello.role = common.CLIENT
         env.client_hello.name = name
+        env.client_hello.client_nonce = os.urandom(32)
+        env.client_hello.key_id = key_id
+        if not sh.auth_required and secret:
+            # A key is never shown to, nor a result trusted from, an unproven server.
+            raise RuntimeError("the server does not ask for authentication but this client "
+                               "holds a key: refusing it (an impostor, or a server started "
+                               "without its key files)")
         if sh.auth_required:
             if not secret:
                 raise RuntimeError("the coordinator requires a secret (--secret-file)")
-            msg = sh.nonce + struct.pack("<I", common.CLIENT)
-            env.client_hello.proof = hmac.new(secret, msg, hashlib.sha256).digest()
+            env.client_hello.proof = _proof(secret, b"client", common.CLIENT, key_id,
+                                            sh.nonce, env.client_hello.client_nonce)
         self.send(env)
         ack = self.recv(timeout_s)
         kind = ack.WhichOneof("msg")
@@ -113,6 +131,12 @@ class Client:
             raise ServiceError(ack.error.code, ack.error.message)
         if kind != "hello_accepted":
             raise RuntimeError("expected HelloAccepted, got " + str(kind))
+        if sh.auth_required:
+            want = _proof(secret, b"server", common.CLIENT, key_id, sh.nonce,
+                          env.client_hello.client_nonce)
+            if not hmac.compare_digest(ack.hello_accepted.server_proof, want):
+                raise RuntimeError("the server did not prove it holds the key: refusing it "
+                                   "(an impostor?)")
 
     # ---- frames
     def send(self, env) -> None:
@@ -261,6 +285,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Submit a job to an mprefill coordinator and follow it.")
     ap.add_argument("--coordinator", required=True, type=_parse_hostport, help="HOST:PORT")
     ap.add_argument("--secret-file", help="shared secret of the service")
+    ap.add_argument("--key-file", help='this client\'s key: one line "NAME SECRET"')
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-ids", help="comma-separated token ids")
     src.add_argument("--text", help="text prompt (needs the coordinator's --tokenizer)")
@@ -272,10 +297,20 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout-s", type=float, default=3600.0)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     a = ap.parse_args(argv)
-    secret = None
-    if a.secret_file:
-        with open(a.secret_file, "rb") as f:
-            secret = f.read().rstrip(b" \t\r\n")
+    secret, key_id = None, ""
+    try:
+        if a.secret_file:
+            with open(a.secret_file, "rb") as f:
+                secret = f.read().rstrip(b" \t\r\n")
+        elif a.key_file:
+            with open(a.key_file, "rb") as f:
+                fields = f.read().split()
+            if len(fields) != 2:
+                raise ValueError(f'key file {a.key_file}: expected one line "NAME SECRET"')
+            key_id, secret = fields[0].decode(), fields[1]
+    except (OSError, ValueError) as e:
+        print(f"mprefill_client: error: {e}", file=sys.stderr)
+        return 2
     ids = None
     if a.prompt_ids is not None:
         try:
@@ -285,7 +320,7 @@ def main(argv=None) -> int:
             return 2
     tty = sys.stderr.isatty() and not a.json
     try:
-        c = Client(*a.coordinator, secret=secret)
+        c = Client(*a.coordinator, secret=secret, key_id=key_id)
         job = c.submit(token_ids=ids, text=a.text, decode_tokens=a.decode, sparse=a.sparse,
                        temperature=a.temperature, top_p=a.top_p, seed=a.seed, want_progress=tty)
 

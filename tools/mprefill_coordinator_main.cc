@@ -18,7 +18,11 @@ using mprefill::cli::UsageError;
 
 const char* kUsage =
     "usage: mprefill-coordinator [--host ADDR] [--port P] [--metrics-port P]\n"
-    "                            [--secret-file F] [--tokenizer PATH] [--max-prompt N]\n"
+    "                            [--secret-file F] [--client-keys F] [--client-max-jobs N]\n"
+    "                            [--client-max-queued-tokens N] [--max-pre-hello N]\n"
+    "                            [--hello-timeout-ms MS] [--max-large-frame-bytes B]\n"
+    "                            [--tls-cert F --tls-key F] [--insecure]\n"
+    "                            [--tokenizer PATH] [--max-prompt N]\n"
     "                            [--config-dir DIR] [--max-prompt-bytes B]\n"
     "                            [--max-config-bytes B] [--max-tag-bytes B]\n"
     "                            [--queue-limit N] [--max-jobs-per-client N]\n"
@@ -30,7 +34,22 @@ const char* kUsage =
     "  --port P                service port (default 7070; 0: any free port)\n"
     "  --metrics-port P        Prometheus text metrics over HTTP GET /metrics (default off;\n"
     "                          0: any free port)\n"
-    "  --secret-file F         shared secret: every peer must prove it (HMAC-SHA256)\n"
+    "  --secret-file F         infrastructure secret: worker groups and decoders prove it\n"
+    "                          (HMAC-SHA256); clients too unless --client-keys is given\n"
+    "  --client-keys F         one key per client: lines \"NAME SECRET [client|admin]\";\n"
+    "                          a client sees and cancels only its own jobs (admin: all);\n"
+    "                          re-read on change or SIGHUP (removed keys are cut off)\n"
+    "  --tls-cert F, --tls-key F  TLS 1.3 on the service and metrics ports (PEM chain and\n"
+    "                          key); required beyond loopback, with --secret-file\n"
+    "  --insecure              allow a non-loopback --host without TLS or credentials\n"
+    "                          (warns; mprefill_insecure 1 in /metrics)\n"
+    "  --client-max-jobs N     unfinished jobs of one client key (default 16)\n"
+    "  --client-max-queued-tokens N  prompt tokens of one key's queued jobs (default 4194304)\n"
+    "  --max-pre-hello N       connections before their hello (default 512; the oldest is\n"
+    "                          closed for a new one); not counted in --max-connections\n"
+    "  --hello-timeout-ms MS   hello deadline of a new connection (default 3000)\n"
+    "  --max-large-frame-bytes B  partial client frames over 256 KiB held at once, all\n"
+    "                          connections (default 67108864, >= --max-frame)\n"
     "  --tokenizer PATH        llama2.c tokenizer.bin: text prompts and result text\n"
     "  --max-prompt N          prompt limit in tokens (default: the model's max position)\n"
     "  --config-dir DIR        sparse configs clients choose by name: --sparse NAME reads\n"
@@ -47,7 +66,7 @@ const char* kUsage =
     "  --heartbeat-ms MS       heartbeat period asked of groups and decoders (default 1000)\n"
     "  --heartbeat-timeout-ms  silence after which a group / decoder is dead (default 10000)\n"
     "  --handoff-timeout-ms    bound on each KV handoff wait (default 60000)\n"
-    "  --max-connections N     open connections at most, all roles (default 256); one more\n"
+    "  --max-connections N     authenticated connections, all roles (default 256); one more\n"
     "                          gets Error RESOURCE_EXHAUSTED and is closed\n"
     "  --max-frame BYTES       frame size limit after the hello (default 67108864; before\n"
     "                          it: 65536 at most)\n"
@@ -55,8 +74,9 @@ const char* kUsage =
     "  --port-file F           write \"PORT METRICS_PORT\" to F once listening\n"
     "  --quiet                 no event log on stderr\n";
 
-volatile std::sig_atomic_t g_signal = 0;
+volatile std::sig_atomic_t g_signal = 0, g_reload = 0;
 void on_signal(int sig) { g_signal = sig; }
+void on_hup(int) { g_reload = 1; }
 
 }  // namespace
 
@@ -80,6 +100,25 @@ int main(int argc, char** argv) {
         opt.metrics_port = static_cast<int>(parse_int(flag, value(), 0, 65535));
       } else if (flag == "--secret-file") {
         opt.secret = mprefill::wire::load_secret_file(value());
+      } else if (flag == "--tls-cert") {
+        opt.tls_cert = value();
+      } else if (flag == "--tls-key") {
+        opt.tls_key = value();
+      } else if (flag == "--insecure") {
+        opt.insecure = true;
+      } else if (flag == "--client-keys") {
+        opt.client_keys = value();
+      } else if (flag == "--client-max-jobs") {
+        opt.client_max_jobs = static_cast<int>(parse_int(flag, value(), 1, 1 << 20));
+      } else if (flag == "--client-max-queued-tokens") {
+        opt.client_max_queued_tokens = parse_int(flag, value(), 1, int64_t{1} << 40);
+      } else if (flag == "--max-pre-hello") {
+        opt.max_pre_hello = static_cast<int>(parse_int(flag, value(), 1, 1 << 20));
+      } else if (flag == "--hello-timeout-ms") {
+        opt.hello_timeout_ms = static_cast<int>(parse_int(flag, value(), 10, 600000));
+      } else if (flag == "--max-large-frame-bytes") {
+        opt.max_large_frame_bytes =
+            static_cast<size_t>(parse_int(flag, value(), 1024, int64_t{1} << 40));
       } else if (flag == "--tokenizer") {
         opt.tokenizer = value();
       } else if (flag == "--max-prompt") {
@@ -134,11 +173,25 @@ int main(int argc, char** argv) {
     std::signal(SIGINT, on_signal);
     std::signal(SIGTERM, on_signal);
     std::signal(SIGPIPE, SIG_IGN);
+    std::signal(SIGHUP, on_hup);
     mprefill::coord::Coordinator c(opt);
     c.start();
-    std::fprintf(
-        stderr, "mprefill-coordinator: listening on %s:%u%s\n", opt.host.c_str(), c.port(),
-        c.metrics_port() ? (", metrics on :" + std::to_string(c.metrics_port())).c_str() : "");
+    const std::string metrics =
+        c.metrics_port() ? ", metrics on " + opt.host + ":" + std::to_string(c.metrics_port()) : "";
+    std::fprintf(stderr, "mprefill-coordinator: listening on %s:%u%s%s\n", opt.host.c_str(),
+                 c.port(), metrics.c_str(), opt.tls_cert.empty() ? "" : " (TLS)");
+    if (c.metrics_text().find("\nmprefill_insecure 1") != std::string::npos)
+      std::fprintf(stderr,
+                   "mprefill-coordinator: warning: --insecure: %s is beyond loopback without %s; "
+                   "anyone on the network can read and forge traffic\n",
+                   opt.host.c_str(), opt.tls_cert.empty() ? "TLS" : "credentials");
+    if (!opt.client_keys.empty())
+      std::fprintf(stderr, "mprefill-coordinator: client keys from %s (SIGHUP re-reads them)\n",
+                   opt.client_keys.c_str());
+    else if (!opt.secret.empty())
+      std::fprintf(stderr,
+                   "mprefill-coordinator: warning: clients prove the infrastructure secret "
+                   "(no --client-keys): every client can see every job and act as a worker\n");
     if (!opt.config_dir.empty())
       std::fprintf(stderr, "mprefill-coordinator: sparse configs by name from %s\n",
                    opt.config_dir.c_str());
@@ -156,6 +209,10 @@ int main(int argc, char** argv) {
         0, 100 * 1000 * 1000
       };
       nanosleep(&ts, nullptr);
+      if (g_reload) {
+        g_reload = 0;
+        c.reload_client_keys();
+      }
     }
     std::fprintf(stderr, "mprefill-coordinator: signal %d, shutting down\n", int(g_signal));
     c.stop();

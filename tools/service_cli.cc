@@ -18,13 +18,21 @@ const char* const kServiceCommandsUsage =
 namespace {
 
 const char* kSubmitUsage =
-    "usage: mprefill submit --coordinator HOST:PORT [--secret-file F]\n"
+    "usage: mprefill submit --coordinator HOST:PORT [--secret-file F | --key-file F] [--tls "
+    "[--tls-ca F]]\n"
     "                       (--prompt TEXT | --prompt-ids 1,2,3 | --prompt-file FILE)\n"
     "                       [--tokenizer PATH] [--decode N] [--sparse dense|auto|NAME|FILE]\n"
     "                       [--dense-below N] [--temperature T] [--top-p P] [--seed S]\n"
     "                       [--stop-ids a,b] [--group NAME] [--decoder NAME]\n"
     "                       [--kv-transport tcp|nccl] [--model NAME] [--tag TEXT]\n"
     "                       [--audit-heads K] [--no-wait] [--timeout-s S] [--json]\n"
+    "  --secret-file F     the coordinator's shared secret (no --client-keys there)\n"
+    "  --key-file F        this client's key: one line \"NAME SECRET\" (its line of the\n"
+    "                      coordinator's --client-keys). With either, a server that does\n"
+    "                      not ask for it or cannot prove it holds the key is refused\n"
+    "  --tls               TLS 1.3 to the coordinator (its --tls-cert); the hello proof\n"
+    "                      covers the TLS exporter\n"
+    "  --tls-ca F          verify the coordinator's certificate against the PEM CAs in F\n"
     "  --tokenizer PATH    tokenize --prompt here (BOS prepended) and print text; without\n"
     "                      it, text prompts go to the coordinator's tokenizer\n"
     "  --sparse SPEC       dense (default), auto, the NAME of a config in the coordinator's\n"
@@ -38,10 +46,14 @@ const char* kSubmitUsage =
     "  other options as in 'mprefill generate --help'; Ctrl-C cancels the job\n";
 
 const char* kStatusUsage =
-    "usage: mprefill status --coordinator HOST:PORT [--secret-file F] [--job ID] [--json]\n";
+    "usage: mprefill status --coordinator HOST:PORT [--secret-file F | --key-file F] [--tls "
+    "[--tls-ca F]] [--job ID] "
+    "[--json]\n";
 
 const char* kCancelUsage =
-    "usage: mprefill cancel --coordinator HOST:PORT [--secret-file F] (--job ID | ID) [--json]\n";
+    "usage: mprefill cancel --coordinator HOST:PORT [--secret-file F | --key-file F] [--tls "
+    "[--tls-ca F]] (--job ID | "
+    "ID) [--json]\n";
 
 const char* kRunUsage =
     "usage: mprefill run --model PATH [--ranks R] [--tp T] [--device cpu|cuda]\n"
@@ -86,6 +98,16 @@ ServiceArgs parse_args(const std::string& cmd, int argc, char** argv) {
     } else if (flag == "--secret-file") {
       only(cmd != "run");
       a.secret_file = r.value();
+    } else if (flag == "--key-file") {
+      only(cmd != "run");
+      a.key_file = r.value();
+    } else if (flag == "--tls") {
+      only(cmd != "run");
+      a.tls.enabled = true;
+    } else if (flag == "--tls-ca") {
+      only(cmd != "run");
+      a.tls.enabled = true;
+      a.tls.ca_file = r.value();
     } else if (flag == "--job") {
       only(cmd == "status" || cmd == "cancel");
       a.job = static_cast<uint64_t>(parse_int(flag, r.value(), 1, INT64_MAX));

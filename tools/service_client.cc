@@ -35,7 +35,8 @@ SigintGuard::~SigintGuard() {
   sigaction(SIGTERM, &old_term, nullptr);
 }
 
-std::unique_ptr<wire::Connection> dial(const std::string& hostport, const std::string& secret) {
+std::unique_ptr<wire::Connection> dial(const std::string& hostport, const wire::Credential& cred,
+                                       const wire::TlsClientOptions& tls) {
   std::string host;
   uint16_t port = 0;
   try {
@@ -44,7 +45,8 @@ std::unique_ptr<wire::Connection> dial(const std::string& hostport, const std::s
     throw UsageError(std::string("--coordinator: ") + e.what());
   }
   auto c = wire::Connection::connect(host, port, 10000);
-  c->client_handshake(v1::CLIENT, "mprefill-cli", secret, 10000);
+  c->start_tls(tls, 10000);
+  c->client_handshake(v1::CLIENT, "mprefill-cli", cred, 10000);
   return c;
 }
 

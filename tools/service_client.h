@@ -23,7 +23,8 @@ namespace v1 = ::mprefill::v1;
 // Options shared by submit / status / cancel / run.
 struct ServiceArgs : JobOptions {
   // connection
-  std::string coordinator, secret_file;
+  std::string coordinator, secret_file, key_file;
+  wire::TlsClientOptions tls;
   // job (the rest in JobOptions)
   std::string tokenizer;
   std::string group, decoder, kv_transport, model_name, tag;
@@ -56,7 +57,8 @@ struct Outcome {
 };
 
 // Connects and says hello as a client; a bad HOST:PORT is a UsageError.
-std::unique_ptr<wire::Connection> dial(const std::string& hostport, const std::string& secret);
+std::unique_ptr<wire::Connection> dial(const std::string& hostport, const wire::Credential& cred,
+                                       const wire::TlsClientOptions& tls = {});
 // The prompt, tokenized here when a tokenizer is given (ids stay empty for a text
 // prompt that goes to the coordinator).
 PromptInput make_prompt(const ServiceArgs& a, const std::optional<Tokenizer>& tok);
@@ -75,7 +77,7 @@ Outcome follow_job(wire::Connection& c, const v1::Envelope& submit, int timeout_
 // stderr) or one JSON object (plus extra's keys). Returns the exit status.
 int print_outcome(const Outcome& o, const ServiceArgs& a, const PromptInput& p,
                   const std::optional<Tokenizer>& tok, const nlohmann::json& extra = {});
-std::string secret_of(const ServiceArgs& a);
+wire::Credential secret_of(const ServiceArgs& a);  // --secret-file or --key-file
 v1::StatusReply request_status(wire::Connection& c, uint64_t job);
 
 int cmd_submit(const ServiceArgs& a);

@@ -11,8 +11,11 @@ namespace mprefill::cli {
 
 using Clock = std::chrono::steady_clock;
 
-std::string secret_of(const ServiceArgs& a) {
-  return a.secret_file.empty() ? std::string() : wire::load_secret_file(a.secret_file);
+wire::Credential secret_of(const ServiceArgs& a) {
+  if (!a.secret_file.empty() && !a.key_file.empty())
+    throw UsageError("--secret-file and --key-file exclude each other");
+  if (!a.key_file.empty()) return wire::load_key_file(a.key_file);
+  return {"", a.secret_file.empty() ? std::string() : wire::load_secret_file(a.secret_file)};
 }
 
 int cmd_submit(const ServiceArgs& a) {
@@ -22,7 +25,7 @@ int cmd_submit(const ServiceArgs& a) {
   const bool bar = !a.json && isatty(STDERR_FILENO);
   const v1::Envelope submit = make_submit(a, p, bar);  // reads a --sparse file before dialling
   SigintGuard guard;
-  auto c = dial(a.coordinator, secret_of(a));
+  auto c = dial(a.coordinator, secret_of(a), a.tls);
   const Outcome o = follow_job(*c, submit, a.timeout_s, bar, a.no_wait);
   return print_outcome(o, a, p, tok);
 }
@@ -58,7 +61,7 @@ nlohmann::json job_json(const v1::JobStatus& j) {
 }  // namespace
 
 int cmd_status(const ServiceArgs& a) {
-  auto c = dial(a.coordinator, secret_of(a));
+  auto c = dial(a.coordinator, secret_of(a), a.tls);
   const v1::StatusReply r = request_status(*c, a.job);
   if (a.json) {
     nlohmann::json j = {{"jobs", nlohmann::json::array()},
@@ -102,7 +105,7 @@ int cmd_status(const ServiceArgs& a) {
 }
 
 int cmd_cancel(const ServiceArgs& a) {
-  auto c = dial(a.coordinator, secret_of(a));
+  auto c = dial(a.coordinator, secret_of(a), a.tls);
   v1::Envelope env;
   env.mutable_cancel()->set_job_id(a.job);
   c->send(env, 10000);

@@ -177,7 +177,7 @@ int cmd_run(const ServiceArgs& a) {
     return "";
   };
 
-  auto c = dial(addr, secret);
+  auto c = dial(addr, wire::Credential{"", secret});
   // Wait for the group and the decoder to register.
   const auto until = Clock::now() + std::chrono::seconds(a.startup_timeout_s);
   for (;;) {

@@ -78,20 +78,30 @@ TEST(HmacSha256, Rfc4231Vectors) {
   EXPECT_FALSE(w::constant_time_equal("abc", "abcd"));
 }
 
-TEST(HelloProof, DependsOnSecretNonceAndRole) {
-  const std::string nonce = w::random_nonce();
-  ASSERT_EQ(nonce.size(), 32u);
-  EXPECT_NE(nonce, w::random_nonce());
-  const std::string p = w::hello_proof("s3cret", nonce, v1::WORKER);
+TEST(HelloProof, DependsOnSecretBothNoncesRoleKeyAndDirection) {
+  const std::string sn = w::random_nonce(), cn = w::random_nonce();
+  ASSERT_EQ(sn.size(), 32u);
+  EXPECT_NE(sn, w::random_nonce());
+  w::HelloBinding b{sn, cn, v1::WORKER, "", ""};
+  const std::string p = w::hello_proof("s3cret", b);
   EXPECT_EQ(p.size(), 32u);
-  EXPECT_EQ(p, w::hello_proof("s3cret", nonce, v1::WORKER));
-  EXPECT_NE(p, w::hello_proof("s3cres", nonce, v1::WORKER));
-  EXPECT_NE(p, w::hello_proof("s3cret", nonce, v1::DECODER));
-  EXPECT_NE(p, w::hello_proof("s3cret", w::random_nonce(), v1::WORKER));
-  // Definition: HMAC(secret, nonce || role as 4-byte LE).
-  std::string msg = nonce + std::string("\x02\x00\x00\x00", 4);
-  w::Digest d = w::hmac_sha256("s3cret", msg);
-  EXPECT_EQ(p, std::string(reinterpret_cast<const char*>(d.data()), 32));
+  EXPECT_EQ(p, w::hello_proof("s3cret", b));
+  EXPECT_NE(p, w::hello_proof("s3cres", b));
+  EXPECT_NE(p, w::server_proof("s3cret", b)) << "a client proof must not serve as the server's";
+  auto with = [&](auto change) {
+    w::HelloBinding c = b;
+    change(c);
+    return w::hello_proof("s3cret", c);
+  };
+  const std::string other = w::random_nonce();
+  EXPECT_NE(p, with([](w::HelloBinding& c) { c.role = v1::CLIENT; }));
+  EXPECT_NE(p, with([&](w::HelloBinding& c) { c.server_nonce = other; }));
+  EXPECT_NE(p, with([&](w::HelloBinding& c) { c.client_nonce = other; }));
+  EXPECT_NE(p, with([](w::HelloBinding& c) { c.key_id = "alice"; }));
+  EXPECT_NE(p, with([](w::HelloBinding& c) { c.channel = "tls-exporter"; }));
+  // Fields are length-prefixed: moving bytes between adjacent fields changes the proof.
+  w::HelloBinding k1{sn, cn, v1::CLIENT, "ab", ""}, k2{sn, cn, v1::CLIENT, "a", ""};
+  EXPECT_NE(w::hello_proof("s3cret", k1), w::hello_proof("s3cret", k2));
 }
 
 TEST(Frames, RoundTripWholeAndByteByByte) {

@@ -179,6 +179,10 @@ void RawPeer::close() {
   fd_ = -1;
 }
 
+void RawPeer::shutdown() {
+  if (fd_ >= 0) ::shutdown(fd_, SHUT_RDWR);
+}
+
 void RawPeer::send_bytes(const std::string& bytes) {
   size_t at = 0;
   while (fd_ >= 0 && at < bytes.size()) {
@@ -251,7 +255,7 @@ bool RawPeer::closed_within(int timeout_ms) {
 }
 
 bool RawPeer::hello(v1::Role role, const std::string& name, const std::string& secret,
-                    std::string* why, uint32_t version) {
+                    std::string* why, uint32_t version, const std::string& key_id) {
   v1::Envelope env;
   if (next(&env, 5000) != Got::kFrame || !env.has_server_hello()) {
     *why = "no ServerHello";
@@ -264,7 +268,9 @@ bool RawPeer::hello(v1::Role role, const std::string& name, const std::string& s
   ch->set_version(version);
   ch->set_role(role);
   ch->set_name(name);
-  if (!secret.empty()) ch->set_proof(wire::hello_proof(secret, nonce_, role));
+  ch->set_client_nonce(wire::random_nonce());
+  ch->set_key_id(key_id);
+  if (!secret.empty()) ch->set_proof(wire::hello_proof(secret, wire::binding_of(*ch, nonce_)));
   send(h);
   v1::Envelope ans;
   const Got g = next(&ans, 5000);
@@ -357,9 +363,10 @@ std::unique_ptr<Proc> start_decoder(const std::string& dir, const std::string& a
 
 // ------------------------------------------------------------------------------ Client
 
-Client::Client(uint16_t port, const std::string& secret, const std::string& name) {
+Client::Client(uint16_t port, const std::string& secret, const std::string& name,
+               const std::string& key_id) {
   conn_ = wire::Connection::connect("127.0.0.1", port, 5000);
-  conn_->client_handshake(v1::CLIENT, name, secret, 5000);
+  conn_->client_handshake(v1::CLIENT, name, wire::Credential{key_id, secret}, 5000);
 }
 
 v1::StatusReply Client::status(uint64_t job_id, int timeout_ms) {

@@ -73,9 +73,10 @@ class RawPeer {
   // Reads ServerHello (nonce), sends a ClientHello (proof when secret is non-empty) and
   // waits for HelloAccepted. false with *why on anything else.
   bool hello(v1::Role role, const std::string& name, const std::string& secret, std::string* why,
-             uint32_t version = wire::kProtocolVersion);
+             uint32_t version = wire::kProtocolVersion, const std::string& key_id = "");
   const std::string& nonce() const { return nonce_; }
   void close();
+  void shutdown();  // from another thread: wakes a send_bytes blocked on a full socket
 
  private:
   int fd_ = -1;
@@ -106,7 +107,9 @@ std::unique_ptr<Proc> start_decoder(const std::string& dir, const std::string& a
 // Blocking client over wire::Connection (hello included).
 class Client {
  public:
-  Client(uint16_t port, const std::string& secret = "", const std::string& name = "test-client");
+  // key_id: a client key of --client-keys (secret is then that key's secret).
+  Client(uint16_t port, const std::string& secret = "", const std::string& name = "test-client",
+         const std::string& key_id = "");
   v1::StatusReply status(uint64_t job_id = 0, int timeout_ms = 10000);
   // Sends SubmitJob; returns the JobAccepted or the Error that answered it.
   bool submit(const v1::SubmitJob& job, v1::JobAccepted* accepted, v1::Error* error,

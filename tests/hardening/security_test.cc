@@ -109,8 +109,9 @@ TEST(Security, SharedSecretIsRequiredProvedAndNeverLogged) {
       e.set_version(wire::kProtocolVersion);
       e.mutable_client_hello()->set_version(wire::kProtocolVersion);
       e.mutable_client_hello()->set_role(role);
+      e.mutable_client_hello()->set_client_nonce(wire::random_nonce());
       e.mutable_client_hello()->set_proof(
-          wire::hello_proof(secret, sa.server_hello().nonce(), role));
+          wire::hello_proof(secret, wire::binding_of(e.client_hello(), sa.server_hello().nonce())));
       b.send(e);
       v1::Error err;
       ASSERT_TRUE(b.next_error(&err, 5000)) << r;
