@@ -65,6 +65,18 @@ def _load_messages():
     return importlib.import_module("envelope_pb2"), importlib.import_module("common_pb2")
 
 
+def _require_protobuf():
+    """One clear line (exit 2) when this python3 has no protobuf runtime."""
+    try:
+        importlib.import_module("google.protobuf")
+    except ModuleNotFoundError:
+        sys.stderr.write("mprefill_client: error: this python3 has no protobuf module: install "
+                         "python3-protobuf (Debian; launch/setup.sh does) or 'pip install "
+                         "protobuf'\n")
+        sys.exit(2)
+
+
+_require_protobuf()
 pb, common = _load_messages()
 
 STATE_NAMES = {v: k for k, v in common.JobState.items()}
@@ -282,13 +294,16 @@ def _parse_hostport(text: str):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Submit a job to an mprefill coordinator and follow it.")
+    # No abbreviations: "--prompt" must never be read as "--prompt-ids".
+    ap = argparse.ArgumentParser(description="Submit a job to an mprefill coordinator and follow it.",
+                                 allow_abbrev=False)
     ap.add_argument("--coordinator", required=True, type=_parse_hostport, help="HOST:PORT")
     ap.add_argument("--secret-file", help="shared secret of the service")
     ap.add_argument("--key-file", help='this client\'s key: one line "NAME SECRET"')
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-ids", help="comma-separated token ids")
-    src.add_argument("--text", help="text prompt (needs the coordinator's --tokenizer)")
+    src.add_argument("--prompt", "--text", dest="text",
+                     help="text prompt (needs the coordinator's --tokenizer); as `mprefill submit`")
     ap.add_argument("--decode", type=int, default=0, help="tokens decoded after the first one")
     ap.add_argument("--sparse", default="dense")
     ap.add_argument("--temperature", type=float, default=0.0)

@@ -357,6 +357,24 @@ TEST(ServiceE2E, PythonClientRunsAJob) {
   EXPECT_NE(out.find("token id 32000 at position 1"), std::string::npos) << out;
 }
 
+// New-user edges of the python client (issue 17): option names are never abbreviated
+// ("--prompt" once ran as "--prompt-ids"), and a python3 without protobuf gets one line
+// saying what to install (python3 -S: no site packages, so no protobuf).
+TEST(ServiceE2E, PythonClientRefusesAbbreviationsAndNamesMissingProtobuf) {
+  const std::string py = MPREFILL_PYTHON3;
+  if (py.empty())
+    GTEST_SKIP() << "no python3 with google.protobuf (launch/setup.sh installs python3-protobuf)";
+  const std::string client = t::source_dir() + "/python/mprefill_client.py";
+  std::string out;
+  int rc = t::run_command(py + " " + client + " --coordinator 127.0.0.1:9 --prompt-i 1 2>&1", &out);
+  EXPECT_EQ(rc, 2) << out;
+  EXPECT_NE(out.find("--prompt-ids --prompt/--text is required"), std::string::npos) << out;
+  rc = t::run_command(py + " -S " + client + " --coordinator 127.0.0.1:9 --prompt hi 2>&1", &out);
+  EXPECT_EQ(rc, 2) << out;
+  EXPECT_EQ(out, "mprefill_client: error: this python3 has no protobuf module: install "
+                 "python3-protobuf (Debian; launch/setup.sh does) or 'pip install protobuf'\n");
+}
+
 TEST(ServiceE2E, AuditHeadsComeBackInTheResult) {
   // random:tiny, 700 tokens, every head sparse (auto, dense below 64): the group audits
   // two heads per layer against dense attention and the result carries them.
