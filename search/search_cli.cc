@@ -114,8 +114,20 @@ void progress_line(int l, int n) {
   std::fprintf(stderr, "mprefill-search: layer %d/%d\n", l + 1, n);
 }
 
+// The smallest candidate of every head (block_sparse(1): one tile per query block) needs
+// num_blocks(n) tiles; a budget below it is refused before any layer is computed.
+void check_budget_fits(double budget, int64_t n) {
+  const int64_t tiles = budget <= 1.0 ? static_cast<int64_t>(std::floor(budget * dense_tiles(n)))
+                                      : static_cast<int64_t>(std::floor(budget));
+  if (tiles < num_blocks(n))
+    throw std::runtime_error("budget of " + std::to_string(tiles) + " tiles fits no candidate at " +
+                             std::to_string(n) + " tokens (block_sparse(1) alone needs " +
+                             std::to_string(num_blocks(n)) + " tiles); raise --budget-tiles");
+}
+
 int run_search(const SearchArgs& a, const ModelWeights& w) {
   const std::vector<int> ids = calibration_ids(a, w.config);
+  check_budget_fits(a.budget, static_cast<int64_t>(ids.size()));
   SearchOptions opt;
   opt.budgets = {a.budget};
   opt.error_rows = a.error_rows;

@@ -592,10 +592,11 @@ TEST(PatternSearchCli, BadInputGivesOneClearErrorLine) {
                                   dir + "/c.json --budget-tiles 3",
                               &out),
             1);
-  // Progress lines come first; the error is the last line.
-  EXPECT_EQ(last_line(out).rfind("mprefill-search: error: budget of 3 tiles fits no candidate", 0),
+  // Refused before any layer is computed: the error is the only line (no progress lines).
+  EXPECT_EQ(first_line(out).rfind("mprefill-search: error: budget of 3 tiles fits no candidate", 0),
             0u)
       << out;
+  EXPECT_EQ(out.find("mprefill-search: layer"), std::string::npos) << out;
   EXPECT_FALSE(test::file_exists(dir + "/c.json"));
   std::filesystem::remove_all(dir);
 }
