@@ -94,33 +94,15 @@ CUTE_DEVICE void load_tile(P const& p, int tid, int kv_head, bool gather, const 
   if (!gather) {
     if (tid == 0) {
       full.arrive_and_expect_tx(T::kTmaBytesKV);
-      Tensor gX = local_tile(domain_offset(make_coord(int32_t(ts - p.k_pos0), _0{}),
-                                           mX(_, _, kv_head)),
-                             Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_0{}, _0{}));
-      auto [tXg, tXs] =
-          tma_partition(tma, _0{}, Layout<_1>{}, group_modes<0, 2>(sX), group_modes<0, 2>(gX));
-      copy(tma.with(reinterpret_cast<uint64_t&>(full), 0), tXg, tXs(_, stage));
+      tma_load_rows<kBlockN, kHeadDim>(tma, reinterpret_cast<uint64_t&>(full), mX, kv_head,
+                                       int32_t(ts - p.k_pos0), sX, stage);
     } else {
       full.arrive();
     }
     return;
   }
-  constexpr int kChunksPerRow = kHeadDim / 8;
-  constexpr int kRowStep = 128 / kChunksPerRow;
-  constexpr int kIters = kBlockN / kRowStep;
-  const int ch = tid % kChunksPerRow, row0 = tid / kChunksPerRow;
-  int cols[kIters];
-  CUTLASS_PRAGMA_UNROLL
-  for (int i = 0; i < kIters; ++i) {
-    const int pos = ts + row0 + i * kRowStep;
-    cols[i] = pos < te ? __ldg(list + pos) : -1;
-  }
-  CUTLASS_PRAGMA_UNROLL
-  for (int i = 0; i < kIters; ++i) {
-    const bool ok = cols[i] >= 0;
-    const auto* src = base + (ok ? (int64_t(cols[i]) - p.k_pos0) * row_stride : 0) + ch * 8;
-    cp_async_16(cute::cast_smem_ptr_to_uint(&sX(row0 + i * kRowStep, ch * 8, stage)), src, ok);
-  }
+  const RowGather<kBlockN, kHeadDim> g(tid, list, ts, te);
+  g.issue(sX, stage, base, row_stride, p.k_pos0);
   cutlass::arch::cpasync_barrier_arrive(reinterpret_cast<uint64_t const*>(&full));
   full.arrive();
 }
