@@ -143,7 +143,7 @@ struct Options {
   int topk = 100;
   std::string bs_select = "estimate";  // estimate | random
   int n_init = 128, n_local = 4096;    // A-shape
-  std::string sparse_kernel = "auto";  // auto | v1 | v2 | skel (kernels/cuda/sparse: SparseKernelGen)
+  std::string sparse_kernel = "auto";  // auto | v1 | v2 | skel | skel-owner (SparseKernelGen)
   int warmup = 2, repeat = 10;
   int check_rows = 6;
   bool json = false;
@@ -160,7 +160,7 @@ void usage() {
       "         [--budget-class V,S[;V,S]] [--mix llama3-8b|FILE.json] [--budgets FILE.json "
       "[--layers all|L,..]]\n"
       "         [--topk 100] [--bs-select estimate|random] [--a-shape N_INIT,N_LOCAL] "
-      "[--sparse-kernel auto|v1|v2|skel]\n"
+      "[--sparse-kernel auto|v1|v2|skel|skel-owner]\n"
       "         [--dump-indices PREFIX|DIR/|FILE] [--load-indices FILE[,FILE]] [--warmup 2] "
       "[--repeat 10]\n"
       "         [--check-rows 6] [--seed 1] [--json] [--index-only]\n"
@@ -169,7 +169,8 @@ void usage() {
       "defaults: --seq 32768; heads/kv-heads 32/8 up to 128K, 4/1 up to 512K, 2/1 above; "
       "vertical_slash budgets --mix llama3-8b; --a-shape 128,4096; --topk 100.\n"
       "--sparse-kernel: sparse kernel generation of every sparse case (auto: v2 for "
-      "vertical_slash and a_shape, v1 for block_sparse; skel: the attention skeleton).\n");
+      "vertical_slash and a_shape, v1 for block_sparse; skel: the attention skeleton; "
+      "skel-owner: the skeleton with owner tiles).\n");
 }
 
 Options parse(int argc, char** argv, int first) {
@@ -246,8 +247,8 @@ Options parse(int argc, char** argv, int first) {
     if (s != "uniform" && s != "clustered") die("unknown --index-set " + s);
   if (o.bs_select != "estimate" && o.bs_select != "random") die("unknown --bs-select");
   if (o.sparse_kernel != "auto" && o.sparse_kernel != "v1" && o.sparse_kernel != "v2" &&
-      o.sparse_kernel != "skel")
-    die("unknown --sparse-kernel " + o.sparse_kernel + " (auto, v1, v2 or skel)");
+      o.sparse_kernel != "skel" && o.sparse_kernel != "skel-owner")
+    die("unknown --sparse-kernel " + o.sparse_kernel + " (auto, v1, v2, skel or skel-owner)");
   if (o.repeat < 1 || o.warmup < 0) die("--repeat >= 1 and --warmup >= 0 required");
   if (o.head_dim <= 0) die("bad --head-dim");
   return o;
@@ -675,7 +676,9 @@ void run_shape(const Options& o, const Shape& s, std::vector<Case> cases, const 
   const cuda::SparseKernelGen gen = o.sparse_kernel == "v1"     ? cuda::SparseKernelGen::kV1
                                     : o.sparse_kernel == "v2"   ? cuda::SparseKernelGen::kV2
                                     : o.sparse_kernel == "skel" ? cuda::SparseKernelGen::kSkel
-                                                                : cuda::SparseKernelGen::kAuto;
+                                    : o.sparse_kernel == "skel-owner"
+                                        ? cuda::SparseKernelGen::kSkelOwner
+                                        : cuda::SparseKernelGen::kAuto;
 #endif
   for (Case& c : cases) {
     if (c.pattern == "dense") continue;

@@ -51,9 +51,10 @@ struct Launch {
 using Visible = std::function<bool(int64_t, int64_t)>;  // (row, key), global positions
 
 // Replays the launch for one head; counts each (row, key) cell the consumers keep.
-void replay(const WalkParams& p0, const Launch& l, const Visible& ref, bool union_gather,
-            const std::string& what) {
-  SCOPED_TRACE(what + (union_gather ? " (union gathers)" : " (alternating gathers)"));
+void replay_one(const WalkParams& p0, const Launch& l, const Visible& ref, bool union_gather,
+                int owner_max, const std::string& what) {
+  SCOPED_TRACE(what + (union_gather ? " (union gathers" : " (alternating gathers") +
+               ", owner tiles up to " + std::to_string(owner_max) + " keys)");
   WalkParams p = p0;
   p.k_pos0 = l.k0;
   p.n_k = int32_t(l.nk);
@@ -71,7 +72,7 @@ void replay(const WalkParams& p0, const Launch& l, const Visible& ref, bool unio
     const bool valid_b = block_a + 1 <= block_first + num_m_blocks - 1;
     const int64_t m0a = block_a * 64;
     walk::SparseWalk<128> wk;
-    wk.init(p, 0, m0a, valid_b, union_gather);
+    wk.init(p, 0, m0a, valid_b, union_gather, owner_max);
     // count[w][r][c]: cells of consumer w's row m0w + r, keys k0 + c.
     std::vector<std::vector<int>> count(128, std::vector<int>(size_t(l.nk), 0));
     int tiles = 0;
@@ -82,6 +83,14 @@ void replay(const WalkParams& p0, const Launch& l, const Visible& ref, bool unio
       ASSERT_LT(++tiles, 1 << 20) << "walk does not end";
       ASSERT_GT(d.te, d.ts);
       ASSERT_LE(d.te - d.ts, 128);
+      if (d.flags & walk::kHalves) {
+        ASSERT_LE(d.te - d.ts, 64);
+        ASSERT_LE(d.te2 - d.ts2, 64);
+        ASSERT_GE(d.te2, d.ts2);
+        ASSERT_GT(owner_max, 0) << "owner tile with owner tiles off";
+        const bool use_a = d.flags & walk::kUse0, use_b = d.flags & (walk::kUse0 << 1);
+        ASSERT_NE(use_a, use_b) << "owner tile of both consumers";
+      }
       for (int w = 0; w < 2; ++w) {
         if (!(d.flags & (walk::kUse0 << w))) continue;
         ASSERT_TRUE(w == 0 || valid_b) << "tile used by the absent block B";
@@ -119,6 +128,16 @@ void replay(const WalkParams& p0, const Launch& l, const Visible& ref, bool unio
         ASSERT_EQ(count[rr][size_t(c)], want) << "row " << row << " key " << l.k0 + c;
       }
     }
+  }
+}
+
+// Every walk mode: owner tiles off, for intervals up to 256 keys (the kernel's choice),
+// and for every interval.
+void replay(const WalkParams& p, const Launch& l, const Visible& ref, bool union_gather,
+            const std::string& what) {
+  for (const int owner_max : {0, 256, 1 << 30}) {
+    replay_one(p, l, ref, union_gather, owner_max, what);
+    if (testing::Test::HasFatalFailure()) return;
   }
 }
 

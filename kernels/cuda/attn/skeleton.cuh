@@ -43,25 +43,46 @@ using namespace attn;
 // Flags of a K slot (sparse_walk.h): kUse0 << w / kMask0 << w, kGather, kEnd.
 using walk::kEnd;
 using walk::kGather;
+using walk::kHalves;
 using walk::kMask0;
 using walk::kUse0;
 
-// 128 query rows (two consumer warpgroups of 64) x 128 keys, two K/V stages.
+#ifndef MPREFILL_SKEL_STAGES
+#define MPREFILL_SKEL_STAGES 2
+#endif
+// 128 query rows (two consumer warpgroups of 64) x 128 keys, MPREFILL_SKEL_STAGES K/V
+// stages (2: 160 KB of smem with Q at head_dim 128; 3 fits, 224 KB).
 template <typename Element_, int kHeadDim_>
-struct SkelTraits : attn::TileTypes<Element_, 128, 128, kHeadDim_, 2, 2> {
-  using Base = attn::TileTypes<Element_, 128, 128, kHeadDim_, 2, 2>;
+struct SkelTraits : attn::TileTypes<Element_, 128, 128, kHeadDim_, MPREFILL_SKEL_STAGES, 2> {
+  using Base = attn::TileTypes<Element_, 128, 128, kHeadDim_, MPREFILL_SKEL_STAGES, 2>;
   using Element = Element_;
   static constexpr int kStages = Base::kStages;
   static constexpr int kNumMmaThreads = 256;
   static constexpr int kNumThreads = 384;
   // setmaxnreg moves registers within the CTA's launch pool, 384 x 168 = 3 x 168 per
-  // thread slot: the producer's walkers need more than the dense kernel's 24.
+  // thread slot: the producer's walkers need more than the dense kernel's 24. ptxas
+  // (nvcc 13.0, bf16 / 128, sparse walker): producer 72 / consumers 216 spill 200 bytes
+  // (stores) and 380 (loads) per thread, 88: 120 / 244, 104: 36 / 96, 120 / 192: none,
+  // 136 / 184: 64 / 64.
 #ifndef MPREFILL_SKEL_PRODUCER_REGS
-#define MPREFILL_SKEL_PRODUCER_REGS 72
+#define MPREFILL_SKEL_PRODUCER_REGS 120
 #endif
   static constexpr int kProducerRegs = MPREFILL_SKEL_PRODUCER_REGS;
   static constexpr int kConsumerRegs = (3 * 168 - kProducerRegs) / 2 / 8 * 8;
   static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "register pool of the CTA");
+
+  // Rows [0, 64) of one K / V slot (rows [64, 128) are the same layout kHalfElems further:
+  // 8 whole 8-row atoms), the smem side of a 64-row TMA box (owner tiles' halves).
+  using SmemLayoutKHalf =
+      decltype(composition(take<0, 2>(typename Base::SmemLayoutK{}),
+                           Layout<Shape<_64, Int<kHeadDim_>>, Stride<_1, Int<Base::kBlockN>>>{}));
+  using TmaKVHalf =
+      decltype(make_tma_copy(SM90_TMA_LOAD{},
+                             make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)),
+                                         typename Base::GmemLayoutQKV{}),
+                             SmemLayoutKHalf{}, Shape<_64, Int<kHeadDim_>>{}, _1{}));
+  static constexpr int kHalfElems = 64 * 64;
+  static constexpr int kSlotElems = Base::kBlockN * kHeadDim_;
 
   struct SharedStorage {
     cute::array_aligned<Element, cosize_v<typename Base::SmemLayoutQ>, 1024> q;
@@ -105,6 +126,28 @@ CUTE_DEVICE void load_tile(P const& p, int tid, int kv_head, bool gather, const 
   g.issue(sX, stage, base, row_stride, p.k_pos0);
   cutlass::arch::cpasync_barrier_arrive(reinterpret_cast<uint64_t const*>(&full));
   full.arrive();
+}
+
+// Writes keys [r0, r0 + 64) and [r1, r1 + 64) (global key positions) of K or V into rows
+// [0, 64) and [64, 128) of slot `stage` of sX (base: the ring's first element): two TMA
+// boxes of 64 rows, one expect of a whole slot's bytes.
+template <class T, class P, class TensorM>
+CUTE_DEVICE void load_halves(P const& p, int tid, int kv_head, int r0, int r1,
+                             typename T::TmaKVHalf const& tma, TensorM const& mX,
+                             typename T::Element* base, int stage,
+                             cutlass::arch::ClusterTransactionBarrier& full) {
+  if (tid == 0) {
+    full.arrive_and_expect_tx(T::kTmaBytesKV);
+    typename T::Element* slot = base + stage * T::kSlotElems;
+    Tensor s0 = make_tensor(make_smem_ptr(slot), typename T::SmemLayoutKHalf{});
+    Tensor s1 = make_tensor(make_smem_ptr(slot + T::kHalfElems), typename T::SmemLayoutKHalf{});
+    tma_load_rows<64, T::kHeadDim>(tma, reinterpret_cast<uint64_t&>(full), mX, kv_head,
+                                   int32_t(r0 - p.k_pos0), s0);
+    tma_load_rows<64, T::kHeadDim>(tma, reinterpret_cast<uint64_t&>(full), mX, kv_head,
+                                   int32_t(r1 - p.k_pos0), s1);
+  } else {
+    full.arrive();
+  }
 }
 
 // ---------------------------------------------------------------- consumer mainloop
@@ -185,9 +228,24 @@ CUTE_DEVICE void consume(P const& p, typename T::SharedStorage& ss, int w, int t
     const uint32_t f = ss.flags[sk];
     if (f & kEnd) break;
     if (!(f & use_bit)) {
-      turn_begin();
-      if (pending) flush();
-      turn_end();
+      // The pending P V goes out in this turn and is waited for after it, so that the
+      // other consumer's GEMMs queue behind it. (Each branch ends with every wgmma
+      // retired: see below.)
+      if (pending) {
+        turn_begin();
+        ss.full_v[sv].wait(pv);
+        if (pend_gather) cutlass::arch::fence_view_async_shared();
+        wg_gemm_issue<false>(mma_o, tOrP, tOrV(_, _, _, sv), tOrO);
+        turn_end();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        ss.empty_v[sv].arrive();
+        next_v();
+        pending = false;
+      } else {
+        turn_begin();
+        turn_end();
+      }
       ss.empty_k[sk].arrive();
       next_k();
       ss.full_v[sv].wait(pv);  // this tile's V: released unread, in order

@@ -18,6 +18,14 @@
 //      gathered columns, or in B's list. A column of B's list inside A's ranges is A's in
 //      the piece only (it is not in A's list). Without B, or with union gathers off: A's
 //      and B's lists alternating, each tile used by its owner only.
+//   Owner tiles (owner_max > 0; VS and block-sparse): a union interval of at most
+//      owner_max keys is not cut into pieces; each consumer takes its own keys in it as
+//      64-key halves (each from its next member key), two halves per tile (two TMA boxes
+//      of 64 rows), used by that consumer alone, owners alternating. A lone slash (A
+//      [x, x + 64), B [x + 64, x + 128)) or two unrelated block lists then cost each
+//      consumer its own 64-key pieces instead of a 128-key piece half its own. A half left
+//      over waits for its owner's next short interval; the last ones go before the
+//      gathers. Under union gathers an interval holding A's gathered columns stays pieces.
 // A consumer masks a tile (key <= row && member && A-shape predicate) unless every key of
 // the tile is a member and visible to each of its 64 rows.
 //
@@ -41,8 +49,9 @@ namespace mprefill::cuda::walk {
 
 enum class Kind : int { kVs = 0, kBlockSparse = 1, kAShape = 2 };
 
-// Flags of a K slot: consumer w uses the tile (kUse0 << w) / masks it (kMask0 << w).
-constexpr uint32_t kUse0 = 1, kMask0 = 4, kGather = 16, kEnd = 32;
+// Flags of a K slot: consumer w uses the tile (kUse0 << w) / masks it (kMask0 << w);
+// kHalves: an owner tile of two 64-key halves (TileDesc).
+constexpr uint32_t kUse0 = 1, kMask0 = 4, kGather = 16, kEnd = 32, kHalves = 64;
 
 MPREFILL_HD int imin(int a, int b) { return a < b ? a : b; }
 MPREFILL_HD int imax(int a, int b) { return a > b ? a : b; }
@@ -185,11 +194,29 @@ MPREFILL_HD void init_intervals(KeyIntervals& it, P const& p, int head, int64_t 
 // One key tile: keys [ts, te) of a union piece, or positions [ts, te) of the gathered
 // list (gw: owner 0 / 1; -1 for a piece), the K slot flags and the interval membership
 // of each consumer (words 0 / 1 = key rows 0..63 / 64..127). end: no more tiles.
+// Owner tile (kHalves): keys [ts, te) in key rows 0..63 and [ts2, te2) in rows 64..127
+// (te2 == ts2: no second half), a0/a1 (or b0/b1) the owner's membership of each half.
 struct TileDesc {
-  int ts, te, gw;
+  int ts, te, ts2, te2, gw;
   uint32_t flags;
   uint64_t a0, a1, b0, b1;
+  int64_t sa0, sa1;  // union gathers: A's gathered columns inside the tile, list positions
   bool end;
+};
+
+// The positions [c0, c1) of an ascending list's entries in [lo, hi] (hi inclusive), from
+// cursor c on (entries before c are below lo); moves c to c1. Tiles ask in ascending key
+// order within each phase, so the cursor only advances. One thread alone (the CPU
+// replay); the producer's warps use WarpSpan (walk_sparse.cuh), which gives the same span
+// with one coalesced load per 32 entries instead of a binary search per tile.
+struct ScalarSpan {
+  const int* col;
+  MPREFILL_HD void operator()(int64_t& c, int64_t end, int lo, int hi, int64_t& c0,
+                              int64_t& c1) const {
+    c0 = lower_bound(col, c, end, lo);
+    c1 = lower_bound(col, c0, end, int64_t(hi) + 1);
+    c = c1;
+  }
 };
 
 template <int kBlockN>
@@ -197,21 +224,37 @@ struct SparseWalk {
   static_assert(kBlockN == 128, "membership is two 64-bit words per consumer");
   KeyIntervals ua, ub, ma, mb;  // union walk, membership walk (A, B)
   int64_t ga, ga_end, gb, gb_end;
+  int64_t cur_p, cur_g;  // union gathers: cursors into A's list (pieces, gathered tiles)
   int64_t m0a;
   int ulo, uhi, s;  // current union interval, next piece start
   int turn;         // alternating gathers: whose list goes next
   Kind kind;
   bool union_gather;
+  // Owner tiles: the short interval's next half start per owner (h >= uhi: none left), the
+  // pending half per owner, which owner goes first.
+  int owner_max;
+  bool short_iv;
+  int oha, ohb, oturn;
+  bool pa, pb;
+  int pa_lo, pa_hi, pb_lo, pb_hi;
+  uint64_t pa_bits, pb_bits;
 
   template <class P>
-  MPREFILL_HD void init(P const& p, int head, int64_t m0a_, bool valid_b, bool union_allowed) {
+  MPREFILL_HD void init(P const& p, int head, int64_t m0a_, bool valid_b, bool union_allowed,
+                        int owner_max_ = 0) {
     m0a = m0a_;
     kind = p.kind;
     init_intervals(ua, p, head, m0a, true, &ga, &ga_end);
     init_intervals(ub, p, head, m0a + 64, valid_b, &gb, &gb_end);
     ma = ua;
     mb = ub;
+    cur_p = cur_g = ga;
     ulo = uhi = s = turn = 0;
+    owner_max = kind == Kind::kAShape ? 0 : owner_max_;
+    short_iv = pa = pb = false;
+    oha = ohb = oturn = 0;
+    pa_lo = pa_hi = pb_lo = pb_hi = 0;
+    pa_bits = pb_bits = 0;
     // ga stays at the start of A's list under union gathers: it is searched, not walked.
     union_gather = union_allowed && kind == Kind::kVs && valid_b;
   }
@@ -226,14 +269,92 @@ struct SparseWalk {
 
   template <class P>
   MPREFILL_HD void next(P const& p, TileDesc& d) {
-    d.ts = d.te = 0;
+    next(p, d, ScalarSpan{p.col});
+  }
+
+  // The owner's next 64-key half in the short interval (from its next member key, ending
+  // at uhi at the latest); false when the owner has no key left in it.
+  MPREFILL_HD bool take_half(KeyIntervals& m, int& h, int& lo, int& hi, uint64_t& bits) {
+    while (m.has && m.hi <= h) m.advance(kind);
+    if (m.has && m.lo > h) h = m.lo;
+    if (!m.has || h >= uhi) {
+      h = uhi;
+      return false;
+    }
+    lo = h;
+    hi = imin(h + 64, uhi);
+    h = hi;
+    bits = member_bits(m, kind, lo, hi);
+    return true;
+  }
+
+  // An owner tile for consumer w (m, h, pending: its walker, half cursor and leftover
+  // half): the leftover or its next half, then its next half; with one half only, it is
+  // kept as the leftover (or, when `flush`, sent alone). True when d holds a tile.
+  MPREFILL_HD bool owner_tile(int w, KeyIntervals& m, int& h, bool& pend, int& plo, int& phi,
+                              uint64_t& pbits, bool flush, TileDesc& d) {
+    int lo0, hi0, lo1 = 0, hi1 = 0;
+    uint64_t b0, b1 = 0;
+    if (pend) {
+      lo0 = plo;
+      hi0 = phi;
+      b0 = pbits;
+    } else if (flush || !take_half(m, h, lo0, hi0, b0)) {
+      return false;
+    }
+    if (flush || !take_half(m, h, lo1, hi1, b1)) {
+      if (!flush) {
+        pend = true;
+        plo = lo0;
+        phi = hi0;
+        pbits = b0;
+        return false;
+      }
+      lo1 = hi1 = lo0;  // no second half (its rows load a copy of the first: finite data)
+      b1 = 0;
+    }
+    pend = false;
+    d.ts = lo0;
+    d.te = hi0;
+    d.ts2 = lo1;
+    d.te2 = hi1;
+    const int64_t m0w = m0a + 64 * w;
+    const bool mask = hi0 - lo0 < 64 || hi1 - lo1 < 64 || b0 != ~0ull || b1 != ~0ull ||
+                      int64_t(hi0) - 1 > m0w || int64_t(hi1) - 1 > m0w;
+    if (w == 0) {
+      d.a0 = b0;
+      d.a1 = b1;
+    } else {
+      d.b0 = b0;
+      d.b1 = b1;
+    }
+    d.flags = ((kUse0 | (mask ? kMask0 : 0u)) << w) | kHalves;
+    return true;
+  }
+
+  // `span` finds A's gathered columns in a key range (ScalarSpan's contract).
+  template <class P, class Span>
+  MPREFILL_HD void next(P const& p, TileDesc& d, Span const& span) {
+    d.ts = d.te = d.ts2 = d.te2 = 0;
+    d.sa0 = d.sa1 = 0;
     d.gw = -1;
     d.flags = 0;
     d.a0 = d.a1 = d.b0 = d.b1 = 0;
     d.end = false;
-    if (s >= uhi && (ua.has || ub.has)) {
-      // (Explicit branches: a reference chosen at run time would put the walkers in
-      // local memory.)
+    for (;;) {
+      if (short_iv) {
+        // (Explicit branches: a reference chosen at run time would put the walkers in
+        // local memory.)
+        if (oturn == 0) {
+          if (owner_tile(0, ma, oha, pa, pa_lo, pa_hi, pa_bits, false, d)) return (void)(oturn = 1);
+          if (owner_tile(1, mb, ohb, pb, pb_lo, pb_hi, pb_bits, false, d)) return (void)(oturn = 0);
+        } else {
+          if (owner_tile(1, mb, ohb, pb, pb_lo, pb_hi, pb_bits, false, d)) return (void)(oturn = 0);
+          if (owner_tile(0, ma, oha, pa, pa_lo, pa_hi, pa_bits, false, d)) return (void)(oturn = 1);
+        }
+        short_iv = false;
+      }
+      if (s < uhi || !(ua.has || ub.has)) break;
       if (ua.has && (!ub.has || ua.lo <= ub.lo)) {
         ulo = ua.lo;
         uhi = ua.hi;
@@ -255,6 +376,21 @@ struct SparseWalk {
         }
       }
       s = ulo;
+      if (uhi - ulo <= owner_max) {
+        bool a_cols = false;
+        if (union_gather) {  // A's gathered columns in B's ranges need pieces
+          const int64_t keep = cur_p;
+          int64_t c0, c1;
+          span(cur_p, ga_end, ulo, uhi - 1, c0, c1);
+          a_cols = c1 > c0;
+          cur_p = keep;
+        }
+        if (!a_cols) {
+          short_iv = true;
+          oha = ohb = ulo;
+          s = uhi;
+        }
+      }
     }
     if (s < uhi) {
       const int ts = s, te = imin(s + kBlockN, uhi);
@@ -270,8 +406,8 @@ struct SparseWalk {
       // they are outside A's ranges, so such a piece is masked anyway.
       bool a_extra = false;
       if (union_gather) {
-        const int64_t q = lower_bound(p.col, ga, ga_end, ts);
-        a_extra = q < ga_end && MPREFILL_LDG(p.col + q) < te;
+        span(cur_p, ga_end, ts, te - 1, d.sa0, d.sa1);
+        a_extra = d.sa1 > d.sa0;
       }
       if (d.a0 | d.a1 || a_extra)
         d.flags |= kUse0 | (need_mask(p, m0a, ts, te, d.a0, d.a1) ? kMask0 : 0u);
@@ -279,6 +415,8 @@ struct SparseWalk {
         d.flags |= (kUse0 << 1) | (need_mask(p, m0a + 64, ts, te, d.b0, d.b1) ? kMask0 << 1 : 0u);
       return;
     }
+    if (pa && owner_tile(0, ma, oha, pa, pa_lo, pa_hi, pa_bits, true, d)) return;
+    if (pb && owner_tile(1, mb, ohb, pb, pb_lo, pb_hi, pb_bits, true, d)) return;
     if (union_gather ? gb < gb_end : (ga < ga_end || gb < gb_end)) {
       const int gw = union_gather ? 1 : ((turn == 0 && ga < ga_end) || gb >= gb_end ? 0 : 1);
       turn = gw ^ 1;
@@ -305,9 +443,8 @@ struct SparseWalk {
       // Union: A uses the tile iff A's list has a column in [col[ts], col[te - 1]] (a
       // superset test: such a column is in this tile or in B's ranges).
       if (union_gather) {
-        const int64_t q = lower_bound(p.col, ga, ga_end, MPREFILL_LDG(p.col + ts));
-        if (q < ga_end && MPREFILL_LDG(p.col + q) <= MPREFILL_LDG(p.col + te - 1))
-          d.flags |= kUse0 | kMask0;
+        span(cur_g, ga_end, MPREFILL_LDG(p.col + ts), MPREFILL_LDG(p.col + te - 1), d.sa0, d.sa1);
+        if (d.sa1 > d.sa0) d.flags |= kUse0 | kMask0;
       }
       return;
     }
@@ -317,20 +454,25 @@ struct SparseWalk {
   // Global key position of key row t of tile d (INT32_MAX past the tile's end).
   template <class P>
   MPREFILL_HD static int key(P const& p, TileDesc const& d, int t) {
+    if (d.flags & kHalves) {
+      const int pos = t < 64 ? d.ts + t : d.ts2 + (t - 64);
+      return pos < (t < 64 ? d.te : d.te2) ? pos : INT32_MAX;
+    }
     const int pos = d.ts + t;
     if (pos >= d.te) return INT32_MAX;
     return d.gw >= 0 ? MPREFILL_LDG(p.col + pos) : pos;
   }
 
   // Consumer 0's membership of key row t (key = key(p, d, t)): its intervals, and under
-  // union gathers its gathered columns (binary search in A's list) when it uses the tile.
+  // union gathers its gathered columns (a search of the tile's span [sa0, sa1) of A's
+  // list: a few entries, just loaded by the span) when it uses the tile.
   template <class P>
   MPREFILL_HD bool member_a(P const& p, TileDesc const& d, int t, int key) const {
     const uint64_t w = t < 64 ? d.a0 : d.a1;
     if ((w >> (t & 63)) & 1ull) return true;
-    if (!union_gather || !(d.flags & kUse0) || d.ts + t >= d.te) return false;
-    const int64_t q = lower_bound(p.col, ga, ga_end, key);
-    return q < ga_end && MPREFILL_LDG(p.col + q) == key;
+    if (!union_gather || d.sa1 <= d.sa0 || d.ts + t >= d.te) return false;
+    const int64_t q = lower_bound(p.col, d.sa0, d.sa1, key);
+    return q < d.sa1 && MPREFILL_LDG(p.col + q) == key;
   }
   MPREFILL_HD static bool member_b(TileDesc const& d, int t) {
     return ((t < 64 ? d.b0 : d.b1) >> (t & 63)) & 1ull;

@@ -22,12 +22,38 @@ using walk::Kind;
 // used by its owner only (0).
 constexpr bool kUnionGather = MPREFILL_SKEL_UNION_GATHER != 0;
 
+// ScalarSpan's contract (sparse_walk.h) for the producer's warps: each warp finds the span
+// on its own (same loads, same answer), 32 entries per coalesced load; a tile usually needs
+// one load where a binary search over A's list took ~log2(list) dependent ones.
+struct WarpSpan {
+  const int* col;
+  CUTE_DEVICE void operator()(int64_t& c, int64_t end, int lo, int hi, int64_t& c0,
+                              int64_t& c1) const {
+    const int lane = int(threadIdx.x) & 31;
+    auto skip_to_above = [&](int x) {  // moves c past the entries <= x
+      for (;;) {
+        const int64_t i = c + lane;
+        const int v = i < end ? __ldg(col + i) : INT_MAX;
+        const uint32_t below = __ballot_sync(0xffffffffu, v <= x);  // a prefix: ascending
+        c += __popc(below);
+        if (below != 0xffffffffu) return;
+      }
+    };
+    skip_to_above(lo - 1);
+    c0 = c;
+    skip_to_above(hi);
+    c1 = c;
+  }
+};
+
 struct SparseWalker {
   template <class T>
   struct Params {
     typename T::TmaQ tma_q;
     typename T::TmaKV tma_k;
     typename T::TmaKV tma_v;
+    typename T::TmaKVHalf tma_k_half;  // 64-row boxes (owner tiles)
+    typename T::TmaKVHalf tma_v_half;
     using TmaKV = typename T::TmaKV;
     const typename T::Element* k;  // gather sources (token-major, strides in elements)
     const typename T::Element* v;
@@ -51,6 +77,7 @@ struct SparseWalker {
     const int* blocks;
     int bs_k;
     int64_t n_init, n_local;
+    int owner_max;  // owner tiles for union intervals up to this many keys (0: off)
   };
 
   struct Cta {
@@ -85,7 +112,7 @@ struct SparseWalker {
     static_assert(kBlockN == 128, "one producer thread per key row");
     const int head = cta.head, kv_head = head / p.head_ratio;
     walk::SparseWalk<kBlockN> wk;
-    wk.init(p, head, cta.row0, cta.valid_b, kUnionGather);
+    wk.init(p, head, cta.row0, cta.valid_b, kUnionGather, p.owner_max);
 
     Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename T::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename T::SmemLayoutK{});
@@ -99,10 +126,12 @@ struct SparseWalker {
     int sk = 0, sv = 0;
     uint32_t pk = 0, pv = 0;
     bool q_issued = false, have_prev = false;
-    int prev_s = 0, prev_e = 0, prev_gw = -1;  // previous tile (its V goes after this K)
+    // previous tile (its V goes after this K)
+    int prev_s = 0, prev_e = 0, prev_s2 = 0, prev_gw = -1;
+    bool prev_halves = false;
     for (;;) {
       walk::TileDesc d;
-      wk.next(p, d);
+      wk.next(p, d, WarpSpan{p.col});
       // ---- K of this tile (or the end marker)
       ss.empty_k[sk].wait(pk ^ 1);
       if (d.end) {
@@ -113,8 +142,8 @@ struct SparseWalker {
           q_issued = true;
           if (tid == 0) {
             ss.bar_q.arrive_and_expect_tx(T::kTmaBytesQ);
-            tma_load_rows<T::kBlockM, kHeadDim>(p.tma_q, reinterpret_cast<uint64_t&>(ss.bar_q),
-                                                mQ, head, int32_t(cta.row0 - p.q_pos0), sQ);
+            tma_load_rows<T::kBlockM, kHeadDim>(p.tma_q, reinterpret_cast<uint64_t&>(ss.bar_q), mQ,
+                                                head, int32_t(cta.row0 - p.q_pos0), sQ);
           }
         }
         // Thread tid writes key row tid's position; warp w the 32-bit quarter w of each
@@ -128,22 +157,32 @@ struct SparseWalker {
           reinterpret_cast<uint32_t*>(&ss.member[sk][1][0])[tid / 32] = qb;
         }
         if (tid == 0) ss.flags[sk] = d.flags;
-        load_tile<T>(p, tid, kv_head, d.gw >= 0, p.col, d.ts, d.te, k_base, p.k_row_stride,
-                     p.tma_k, mK, sK, sk, ss.full_k[sk]);
+        if (d.flags & kHalves)
+          load_halves<T>(p, tid, kv_head, d.ts, d.ts2, p.tma_k_half, mK, ss.k.data(), sk,
+                         ss.full_k[sk]);
+        else
+          load_tile<T>(p, tid, kv_head, d.gw >= 0, p.col, d.ts, d.te, k_base, p.k_row_stride,
+                       p.tma_k, mK, sK, sk, ss.full_k[sk]);
         if (++sk == kStages) sk = 0, pk ^= 1;
       }
       // ---- V of the previous tile
       if (have_prev) {
         ss.empty_v[sv].wait(pv ^ 1);
-        load_tile<T>(p, tid, kv_head, prev_gw >= 0, p.col, prev_s, prev_e, v_base, p.v_row_stride,
-                     p.tma_v, mV, sV, sv, ss.full_v[sv]);
+        if (prev_halves)
+          load_halves<T>(p, tid, kv_head, prev_s, prev_s2, p.tma_v_half, mV, ss.v.data(), sv,
+                         ss.full_v[sv]);
+        else
+          load_tile<T>(p, tid, kv_head, prev_gw >= 0, p.col, prev_s, prev_e, v_base, p.v_row_stride,
+                       p.tma_v, mV, sV, sv, ss.full_v[sv]);
         if (++sv == kStages) sv = 0, pv ^= 1;
       }
       if (d.end) return;
       have_prev = true;
       prev_s = d.ts;
       prev_e = d.te;
+      prev_s2 = d.ts2;
       prev_gw = d.gw;
+      prev_halves = (d.flags & kHalves) != 0;
     }
   }
 };
@@ -163,6 +202,15 @@ Status run_skel_sparse(const AttentionParams& a, typename SparseWalker::Params<T
   P p = sp;
   const int32_t n_k_desc = a.n_k > 0 ? a.n_k : 1;  // no tile is read when n_k = 0
   set_qkv_tma<T>(a, int32_t(T::kHeadDim), n_k_desc, p);
+  auto gmem_kv = [&](const void* ptr, int64_t row_stride, int64_t head_stride) {
+    return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)),
+                       make_layout(make_shape(n_k_desc, int32_t(T::kHeadDim), a.num_kv_heads),
+                                   make_stride(row_stride, _1{}, head_stride)));
+  };
+  p.tma_k_half = make_tma_copy(SM90_TMA_LOAD{}, gmem_kv(a.k, a.k_row_stride, a.k_head_stride),
+                               typename T::SmemLayoutKHalf{}, Shape<_64, Int<T::kHeadDim>>{}, _1{});
+  p.tma_v_half = make_tma_copy(SM90_TMA_LOAD{}, gmem_kv(a.v, a.v_row_stride, a.v_head_stride),
+                               typename T::SmemLayoutKHalf{}, Shape<_64, Int<T::kHeadDim>>{}, _1{});
   set_attention_params(a, p);
   p.k = static_cast<const Element*>(a.k);
   p.v = static_cast<const Element*>(a.v);
@@ -201,6 +249,7 @@ Status run_skel_fwd(const AttentionParams& a, const PatternArgs& pat, cudaStream
   sp.bs_k = pat.bs_k;
   sp.n_init = pat.n_init;
   sp.n_local = pat.n_local;
+  sp.owner_max = pat.version == 4 ? 256 : 0;
   return skel::run_skel_sparse<T>(a, sp, stream);
 }
 

@@ -45,10 +45,10 @@ Status check_common(const char* fn, const AttentionParams& p) {
 // dense mask; v1 +25% on random top-100 block lists, whose adjacent blocks share few key
 // tiles).
 Status run(const AttentionParams& p, PatternArgs pat, SparseKernelGen gen, cudaStream_t s) {
-  MPREFILL_CHECK_ARG(
-      gen == SparseKernelGen::kAuto || gen == SparseKernelGen::kV1 ||
-          gen == SparseKernelGen::kV2 || gen == SparseKernelGen::kSkel,
-      Status::kInvalidArgument);
+  MPREFILL_CHECK_ARG(gen == SparseKernelGen::kAuto || gen == SparseKernelGen::kV1 ||
+                         gen == SparseKernelGen::kV2 || gen == SparseKernelGen::kSkel ||
+                         gen == SparseKernelGen::kSkelOwner,
+                     Status::kInvalidArgument);
   if (p.n_q == 0) return Status::kOk;
   switch (gen) {
     case SparseKernelGen::kV1:
@@ -59,6 +59,9 @@ Status run(const AttentionParams& p, PatternArgs pat, SparseKernelGen gen, cudaS
       break;
     case SparseKernelGen::kSkel:
       pat.version = 3;
+      break;
+    case SparseKernelGen::kSkelOwner:
+      pat.version = 4;
       break;
     default:
       pat.version = pat.kind == 1 ? 1 : 2;

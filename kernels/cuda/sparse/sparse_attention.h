@@ -34,8 +34,10 @@ namespace mprefill::cuda {
 // Any other value: kInvalidArgument.
 // kSkel = the one attention skeleton (kernels/cuda/attn/skeleton.cuh) with the sparse
 // walker: 128-row CTAs over the union of two blocks' key tiles in 128-key tiles, pingpong
-// consumers (bf16 / head_dim 128, positions < 2^31 - 256; else v1 runs).
-enum class SparseKernelGen : int { kAuto = 0, kV1 = 1, kV2 = 2, kSkel = 3 };
+// consumers (bf16 / head_dim 128, positions < 2^31 - 256; else v1 runs). kSkelOwner = the
+// skeleton with owner tiles (kernels/cuda/attn/sparse_walk.h): union intervals of up to 256
+// keys go to the consumers as their own 64-key halves, two per tile.
+enum class SparseKernelGen : int { kAuto = 0, kV1 = 1, kV2 = 2, kSkel = 3, kSkelOwner = 4 };
 
 // Vertical-slash: per 64-row query block, its ranges [lo, hi) and gathered columns.
 Status vs_attention_fwd(const AttentionParams& p, const VsIndexView& ix, int head_offset,

@@ -29,8 +29,8 @@ struct PatternArgs {
   int bs_k = 0;
   int64_t n_init = 0, n_local = 0;
   // Kernel generation, resolved from SparseKernelGen (sparse_attention.h): 1
-  // (sparse_fwd_kernel.cuh), 2 (sparse_fwd_v2_kernel.cuh) or 3 (the skeleton,
-  // kernels/cuda/attn/walk_sparse.cuh).
+  // (sparse_fwd_kernel.cuh), 2 (sparse_fwd_v2_kernel.cuh), 3 (the skeleton,
+  // kernels/cuda/attn/walk_sparse.cuh) or 4 (the skeleton with owner tiles).
   int version = 2;
 };
 
@@ -67,7 +67,7 @@ inline constexpr bool kSparseV2Built = (D == 128) && std::is_same_v<E, Bf16>;
     sp.n_init = pat.n_init;                                                     \
     sp.n_local = pat.n_local;                                                   \
     if constexpr (kSparseV2Built<TAG, HDIM>) {                                  \
-      if (pat.version == 3 && sparse_v2_positions_ok(p))                        \
+      if (pat.version >= 3 && sparse_v2_positions_ok(p))                        \
         return run_skel_fwd<ELEMENT, HDIM>(p, pat, stream);                     \
       if (pat.version == 2 && sparse_v2_positions_ok(p))                        \
         return run_sparse_fwd_v2<SparseTraitsV2<ELEMENT, HDIM>>(p, sp, stream); \
