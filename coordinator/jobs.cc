@@ -180,6 +180,7 @@ void Coordinator::Impl::send_assignment(Job& j) {
   de->set_host(d.host);
   de->set_port(d.reg.kv_port());
   de->set_transport(a->options().kv_transport());
+  de->set_tls(d.reg.kv_tls());
   a->set_handoff_timeout_ms(static_cast<uint32_t>(opt.handoff_timeout_ms));
   j.prefill_started = Clock::now();
   send_to(g.session, env);
@@ -285,7 +286,9 @@ void Coordinator::Impl::handle_status(const SessionPtr& s, uint64_t job_id) {
   for (const auto& [name, d] : decoders) {
     auto* ds = r->add_decoders();
     ds->set_name(name);
-    if (s->admin()) ds->set_endpoint(d.host + ":" + std::to_string(d.reg.kv_port()));
+    if (s->admin())
+      ds->set_endpoint((d.reg.kv_tls() ? wire::kTlsScheme : "") + d.host + ":" +
+                       std::to_string(d.reg.kv_port()));
     ds->set_active_jobs(static_cast<int32_t>(d.jobs.size()));
     ds->set_alive(d.alive);
   }

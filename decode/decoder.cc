@@ -228,6 +228,7 @@ std::unique_ptr<wire::Connection> Decoder::register_with(const std::string& host
     r->set_name(opt_.name);
     r->set_host(opt_.advertise_host.empty() ? opt_.receiver.listen_host : opt_.advertise_host);
     r->set_kv_port(kv_port());
+    r->set_kv_tls(receiver_->tls());
     r->set_capacity_bytes(opt_.receiver.capacity_bytes);
     r->set_max_jobs(opt_.receiver.max_jobs);
     *r->mutable_kv() = contract();
@@ -281,8 +282,9 @@ int Decoder::serve(const std::string& host, uint16_t port, const std::string& se
     std::fprintf(stderr, "mprefill-decoder: coordinator %s: %s\n", where.c_str(), why.c_str());
     return 1;
   }
-  std::fprintf(stderr, "mprefill-decoder: registered as '%s' with %s (KV port %u, %s)\n",
-               opt_.name.c_str(), where.c_str(), kv_port(), fp_.to_string().c_str());
+  std::fprintf(stderr, "mprefill-decoder: registered as '%s' with %s (KV port %u%s, %s)\n",
+               opt_.name.c_str(), where.c_str(), kv_port(), receiver_->tls() ? " TLS" : "",
+               fp_.to_string().c_str());
   for (;;) {
     {
       std::lock_guard<std::mutex> lock(send_mu_);
