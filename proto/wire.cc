@@ -620,10 +620,19 @@ const std::string& Connection::peer_name() const { return impl_->peer_name; }
 void Connection::client_handshake(v1::Role role, const std::string& name, const Credential& cred,
                                   int timeout_ms) {
   const auto deadline = deadline_after(timeout_ms);
+  // A TLS server says nothing to a plain-TCP peer: name the likely cause.
+  const std::string hint = impl_->tls ? "" : " (a TLS port? connect with tls://HOST:PORT)";
   v1::Envelope env;
-  if (!recv(&env, remaining_ms(deadline)))
+  bool got = false;
+  try {
+    got = recv(&env, remaining_ms(deadline));
+  } catch (const WireError& e) {
+    if (e.kind() != WireError::Kind::kClosed) throw;
+    throw WireError(e.kind(), std::string(e.what()) + " before its ServerHello" + hint);
+  }
+  if (!got)
     throw WireError(WireError::Kind::kTimeout, "hello from " + peer() + ": no ServerHello within " +
-                                                   std::to_string(timeout_ms) + " ms");
+                                                   std::to_string(timeout_ms) + " ms" + hint);
   if (env.has_error())  // a full server (connection cap) may take us later: kConnect
     throw WireError(env.error().code() == v1::RESOURCE_EXHAUSTED ? WireError::Kind::kConnect
                                                                  : WireError::Kind::kAuth,
@@ -659,7 +668,7 @@ void Connection::client_handshake(v1::Role role, const std::string& name, const 
     ch->set_proof(hello_proof(cred.secret, binding_of(*ch, sh.nonce(), channel)));
   send(reply, std::max(remaining_ms(deadline), 1));
   v1::Envelope ack;
-  bool got = false;
+  got = false;
   try {
     got = recv(&ack, remaining_ms(deadline));
   } catch (const WireError& e) {
