@@ -131,6 +131,9 @@ v1::DecodeDone Decoder::decode(uint64_t job_id, const v1::StartDecode& start) {
   if (!receiver_->wait_complete(job_id, &why)) throw std::runtime_error(why);
   auto store = receiver_->store(job_id);
   if (!store) throw std::runtime_error(where + "KV store gone (released)");
+  v1::Envelope started;  // the coordinator's HANDING_OFF -> DECODING
+  started.mutable_decode_started()->set_job_id(job_id);
+  emit(started);
   const KvReceiver::JobInfo info = receiver_->info(job_id);
   const ModelConfig& c = w_.config;
   check_token_id(c, start.first_token_id(), where + "first token id");

@@ -359,6 +359,48 @@ TEST(ServiceE2E, CancelMidRunThenTheServiceStillWorks) {
   EXPECT_EQ(sj["groups"][0]["busy"], false) << out;
 }
 
+// Issue 17 leftover: while the decoder decodes, status says DECODING (not HANDING_OFF)
+// and the client's progress stream reports it; the job then ends DONE with generate's ids.
+TEST(ServiceE2E, StatusShowsDecodingWhileTheDecoderDecodes) {
+  SKIP_WITHOUT_STORIES();
+  Service s(model(), 1, 1, "dec");
+  const Prompt& p = prompts()[2];
+  // 230 decode steps (11 + 1 + 230 <= 256 positions): long enough to be seen decoding.
+  Proc submit(
+      {"/bin/sh", "-c", s.cli("submit") + " --prompt-ids " + p.value + " --decode 230 --json"},
+      s.dir + "/submit.log");
+  std::vector<std::string> seen;  // distinct states of job 1, in order
+  const auto until = Clock::now() + std::chrono::seconds(120);
+  while (Clock::now() < until) {
+    std::string out;
+    t::run_command(s.cli("status") + " --json 2>&1", &out);
+    const json j = last_json(out);
+    if (j.is_object() && j.contains("jobs"))
+      for (const auto& job : j["jobs"])
+        if (job.value("job_id", 0) == 1) {
+          const std::string st = job.value("status", "");
+          if (seen.empty() || seen.back() != st) seen.push_back(st);
+        }
+    if (!seen.empty() && (seen.back() == "DONE" || seen.back() == "FAILED")) break;
+  }
+  std::string trace;
+  for (const auto& st : seen) trace += st + " ";
+  ASSERT_FALSE(seen.empty()) << s.logs();
+  EXPECT_EQ(seen.back(), "DONE") << trace << s.logs();
+  ASSERT_GE(seen.size(), 2u) << trace;
+  EXPECT_EQ(seen[seen.size() - 2], "DECODING") << trace;  // DONE comes from DECODING
+  for (int i = 0; i < 100 && submit.running(); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const json r = last_json(read_file(s.dir + "/submit.log"));
+  EXPECT_EQ(r.value("status", ""), "DONE") << read_file(s.dir + "/submit.log");
+  EXPECT_EQ(ids_of(r).size(), 231u);
+  EXPECT_NE(read_file(s.dir + "/coordinator.log")
+                .find("job 1: KV complete on decoder 'd-dec'; "
+                      "DECODING"),
+            std::string::npos)
+      << s.logs();
+}
+
 TEST(ServiceE2E, PythonClientRunsAJob) {
   SKIP_WITHOUT_STORIES();
   const std::string py = MPREFILL_PYTHON3;
