@@ -58,6 +58,8 @@ Decoder::~Decoder() {
 void Decoder::stop() {
   stop_ = true;
   cv_.notify_all();
+  std::lock_guard<std::mutex> lock(registering_mu_);
+  if (registering_) registering_->close();
 }
 
 void Decoder::emit(const v1::Envelope& env) {
@@ -223,8 +225,19 @@ std::unique_ptr<wire::Connection> Decoder::register_with(const std::string& host
                                                          const std::string& secret, int timeout_ms,
                                                          std::string* why, bool* refused) {
   *refused = false;
+  std::unique_ptr<wire::Connection> conn;  // outlives `registering` (declared after it)
+  struct Registering {  // visible to stop() while the hello and DecoderRegister run
+    Decoder* d;
+    void set(wire::Connection* c) {
+      std::lock_guard<std::mutex> lock(d->registering_mu_);
+      d->registering_ = c;
+      if (c && d->stop_) c->close();
+    }
+    ~Registering() { set(nullptr); }
+  } registering{this};
   try {
-    auto conn = wire::Connection::connect(host, port, timeout_ms);
+    conn = wire::Connection::connect(host, port, timeout_ms);
+    registering.set(conn.get());
     conn->client_handshake(v1::DECODER, opt_.name, secret, timeout_ms);
     v1::Envelope reg;
     auto* r = reg.mutable_decoder_register();
@@ -282,6 +295,7 @@ int Decoder::serve(const std::string& host, uint16_t port, const std::string& se
   std::unique_ptr<wire::Connection> conn =
       register_with(host, port, secret, opt_.io_timeout_ms, &why, &refused);
   if (!conn) {
+    if (stop_) return 0;  // stop() cut the registration short
     std::fprintf(stderr, "mprefill-decoder: coordinator %s: %s\n", where.c_str(), why.c_str());
     return 1;
   }
@@ -352,6 +366,7 @@ int Decoder::serve(const std::string& host, uint16_t port, const std::string& se
                            static_cast<int>(std::min<int64_t>(left, opt_.io_timeout_ms)), &why,
                            &refused);
       if (conn) break;
+      if (stop_) return 0;
       if (refused) {
         std::fprintf(stderr, "mprefill-decoder: error: coordinator %s: %s; exiting\n",
                      where.c_str(), why.c_str());

@@ -1,5 +1,6 @@
 // `mprefill run`: a coordinator in this process, a decoder and an mpirun worker group as
 // children (own process groups, stopped on every exit path), one job, its result.
+#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -11,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -31,6 +33,28 @@ std::string self_dir() {
   if (n <= 0) return ".";
   std::string p(buf, static_cast<size_t>(n));
   return p.substr(0, p.rfind('/'));
+}
+
+// Processes whose parent is pid (/proc/*/stat field 4).
+std::vector<pid_t> children_of(pid_t pid) {
+  std::vector<pid_t> out;
+  DIR* d = ::opendir("/proc");
+  if (!d) return out;
+  while (dirent* e = ::readdir(d)) {
+    const pid_t p = static_cast<pid_t>(std::atoi(e->d_name));
+    if (p <= 0) continue;
+    std::ifstream f("/proc/" + std::string(e->d_name) + "/stat");
+    std::string stat;
+    std::getline(f, stat);
+    const size_t close = stat.rfind(')');  // the command name may hold spaces
+    if (close == std::string::npos) continue;
+    char state = 0;
+    int ppid = 0;
+    if (std::sscanf(stat.c_str() + close + 1, " %c %d", &state, &ppid) == 2 && ppid == pid)
+      out.push_back(p);
+  }
+  ::closedir(d);
+  return out;
 }
 
 // A child in its own process group (so that mpirun and every rank it starts can be
@@ -72,15 +96,29 @@ struct Child {
     if (WIFSIGNALED(status)) return "killed by signal " + std::to_string(WTERMSIG(status));
     return "ended";
   }
-  // SIGTERM to the process group, up to grace_ms, then SIGKILL.
-  void stop(int grace_ms) {
+  // SIGTERM to the process group, up to grace_ms, then SIGKILL. children_first (mpirun):
+  // SIGTERM goes to the leader's children (the ranks, in process groups of their own)
+  // first: each stops at once and finalizes, and mpirun exits 0 with them (mpirun itself
+  // signalled waits ~2 s before it forwards the signal, then exits 1). The leader's group
+  // is signalled only if they have not ended within grace_ms / 2.
+  void stop(int grace_ms, bool children_first = false) {
     if (pid <= 0 || poll()) return;
-    ::kill(-pid, SIGTERM);
     const auto until = Clock::now() + std::chrono::milliseconds(grace_ms);
-    while (Clock::now() < until) {
-      if (poll()) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    auto wait_until = [&](Clock::time_point t) {
+      while (Clock::now() < t && !poll())
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      return exited;
+    };
+    std::vector<pid_t> kids;
+    if (children_first) {
+      kids = children_of(pid);
+      for (pid_t k : kids) ::kill(k, SIGTERM);
     }
+    if (kids.empty() || !wait_until(Clock::now() + std::chrono::milliseconds(grace_ms / 2))) {
+      ::kill(-pid, SIGTERM);
+      wait_until(until);
+    }
+    for (pid_t k : kids) ::kill(k, SIGKILL);  // no-op for the ones that ended
     ::kill(-pid, SIGKILL);  // stragglers of the group (ranks) even when the leader exited
     if (!exited) {
       ::waitpid(pid, &status, 0);
@@ -91,9 +129,16 @@ struct Child {
 
 struct RunCleanup {
   std::vector<Child*> children;
+  Child* mpirun = nullptr;  // stopped through its ranks (Child::stop children_first)
   std::string secret_path;
+  // All at once (each stops within a few hundred ms; one after another would add up).
+  void stop_children() {
+    std::vector<std::thread> t;
+    for (Child* c : children) t.emplace_back([c, this] { c->stop(5000, c == mpirun); });
+    for (auto& th : t) th.join();
+  }
   ~RunCleanup() {
-    for (Child* c : children) c->stop(5000);
+    stop_children();
     if (!secret_path.empty()) ::unlink(secret_path.c_str());
   }
 };
@@ -170,6 +215,7 @@ int cmd_run(const ServiceArgs& a) {
     wargs.push_back(s);
   workers.spawn(wargs, wenv);
   cleanup.children.push_back(&workers);
+  cleanup.mpirun = &workers;
 
   auto children_ok = [&]() -> std::string {
     if (workers.poll()) return "the worker group (" + a.mpirun + ") " + workers.exit_text();
@@ -203,7 +249,15 @@ int cmd_run(const ServiceArgs& a) {
                           {"kv_transport", a.kv_transport.empty() ? "tcp" : a.kv_transport}};
   const int rc = print_outcome(o, a, p, tok, extra);
   c->close();
-  return rc;  // cleanup stops the children; the coordinator stops with its destructor
+  // The children stop while the coordinator still serves: none of them sees it vanish
+  // (which started their re-registration and held the exit for seconds).
+  const auto t_stop = Clock::now();
+  cleanup.stop_children();
+  if (std::getenv("MPREFILL_RUN_VERBOSE"))
+    std::fprintf(stderr, "mprefill: children stopped in %.3f s (decoder %s, workers %s)\n",
+                 std::chrono::duration<double>(Clock::now() - t_stop).count(),
+                 decoder.exit_text().c_str(), workers.exit_text().c_str());
+  return rc;
 }
 
 }  // namespace mprefill::cli
