@@ -1,24 +1,20 @@
 // `mprefill run`: a coordinator in this process, a decoder and an mpirun worker group as
 // children (own process groups, stopped on every exit path), one job, its result.
-#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
-#include <fstream>
 #include <stdexcept>
 #include <thread>
 #include <vector>
 
 #include "coordinator/coordinator.h"
 #include "proto/hmac.h"
+#include "tools/service_children.h"
 #include "tools/service_client.h"
 
 namespace mprefill::cli {
@@ -34,114 +30,6 @@ std::string self_dir() {
   std::string p(buf, static_cast<size_t>(n));
   return p.substr(0, p.rfind('/'));
 }
-
-// Processes whose parent is pid (/proc/*/stat field 4).
-std::vector<pid_t> children_of(pid_t pid) {
-  std::vector<pid_t> out;
-  DIR* d = ::opendir("/proc");
-  if (!d) return out;
-  while (dirent* e = ::readdir(d)) {
-    const pid_t p = static_cast<pid_t>(std::atoi(e->d_name));
-    if (p <= 0) continue;
-    std::ifstream f("/proc/" + std::string(e->d_name) + "/stat");
-    std::string stat;
-    std::getline(f, stat);
-    const size_t close = stat.rfind(')');  // the command name may hold spaces
-    if (close == std::string::npos) continue;
-    char state = 0;
-    int ppid = 0;
-    if (std::sscanf(stat.c_str() + close + 1, " %c %d", &state, &ppid) == 2 && ppid == pid)
-      out.push_back(p);
-  }
-  ::closedir(d);
-  return out;
-}
-
-// A child in its own process group (so that mpirun and every rank it starts can be
-// signalled together); its stdout goes to our stderr (stdout stays clean for --json).
-struct Child {
-  std::string what;
-  pid_t pid = -1;
-  int status = 0;
-  bool exited = false;
-
-  void spawn(const std::vector<std::string>& args, const std::vector<std::string>& env_extra) {
-    std::vector<char*> argv;
-    for (const auto& s : args) argv.push_back(const_cast<char*>(s.c_str()));
-    argv.push_back(nullptr);
-    pid = ::fork();
-    if (pid < 0) throw std::runtime_error("fork failed for " + what + ": " + std::strerror(errno));
-    if (pid == 0) {
-      ::setpgid(0, 0);
-      ::dup2(STDERR_FILENO, STDOUT_FILENO);
-      signal(SIGINT, SIG_DFL);
-      signal(SIGTERM, SIG_DFL);
-      signal(SIGPIPE, SIG_DFL);
-      for (const auto& e : env_extra) ::putenv(const_cast<char*>(e.c_str()));
-      ::execvp(argv[0], argv.data());
-      std::fprintf(stderr, "mprefill: error: cannot run %s: %s\n", argv[0], std::strerror(errno));
-      ::_exit(127);
-    }
-    ::setpgid(pid, pid);  // also from the parent: no race with the signal below
-  }
-  // Non-blocking: true when it has exited (status recorded).
-  bool poll() {
-    if (pid <= 0 || exited) return exited;
-    const pid_t r = ::waitpid(pid, &status, WNOHANG);
-    if (r == pid) exited = true;
-    return exited;
-  }
-  std::string exit_text() const {
-    if (WIFEXITED(status)) return "exited with status " + std::to_string(WEXITSTATUS(status));
-    if (WIFSIGNALED(status)) return "killed by signal " + std::to_string(WTERMSIG(status));
-    return "ended";
-  }
-  // SIGTERM to the process group, up to grace_ms, then SIGKILL. children_first (mpirun):
-  // SIGTERM goes to the leader's children (the ranks, in process groups of their own)
-  // first: each stops at once and finalizes, and mpirun exits 0 with them (mpirun itself
-  // signalled waits ~2 s before it forwards the signal, then exits 1). The leader's group
-  // is signalled only if they have not ended within grace_ms / 2.
-  void stop(int grace_ms, bool children_first = false) {
-    if (pid <= 0 || poll()) return;
-    const auto until = Clock::now() + std::chrono::milliseconds(grace_ms);
-    auto wait_until = [&](Clock::time_point t) {
-      while (Clock::now() < t && !poll())
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      return exited;
-    };
-    std::vector<pid_t> kids;
-    if (children_first) {
-      kids = children_of(pid);
-      for (pid_t k : kids) ::kill(k, SIGTERM);
-    }
-    if (kids.empty() || !wait_until(Clock::now() + std::chrono::milliseconds(grace_ms / 2))) {
-      ::kill(-pid, SIGTERM);
-      wait_until(until);
-    }
-    for (pid_t k : kids) ::kill(k, SIGKILL);  // no-op for the ones that ended
-    ::kill(-pid, SIGKILL);  // stragglers of the group (ranks) even when the leader exited
-    if (!exited) {
-      ::waitpid(pid, &status, 0);
-      exited = true;
-    }
-  }
-};
-
-struct RunCleanup {
-  std::vector<Child*> children;
-  Child* mpirun = nullptr;  // stopped through its ranks (Child::stop children_first)
-  std::string secret_path;
-  // All at once (each stops within a few hundred ms; one after another would add up).
-  void stop_children() {
-    std::vector<std::thread> t;
-    for (Child* c : children) t.emplace_back([c, this] { c->stop(5000, c == mpirun); });
-    for (auto& th : t) th.join();
-  }
-  ~RunCleanup() {
-    stop_children();
-    if (!secret_path.empty()) ::unlink(secret_path.c_str());
-  }
-};
 
 }  // namespace
 
@@ -251,12 +139,7 @@ int cmd_run(const ServiceArgs& a) {
   c->close();
   // The children stop while the coordinator still serves: none of them sees it vanish
   // (which started their re-registration and held the exit for seconds).
-  const auto t_stop = Clock::now();
   cleanup.stop_children();
-  if (std::getenv("MPREFILL_RUN_VERBOSE"))
-    std::fprintf(stderr, "mprefill: children stopped in %.3f s (decoder %s, workers %s)\n",
-                 std::chrono::duration<double>(Clock::now() - t_stop).count(),
-                 decoder.exit_text().c_str(), workers.exit_text().c_str());
   return rc;
 }
 
