@@ -3,6 +3,9 @@
 // sender's role to the registry (registry.cc) and the jobs (jobs.cc).
 #include "coordinator/coordinator.h"
 
+#include <fcntl.h>
+
+#include <cerrno>
 #include <cstdarg>
 #include <cstdio>
 #include <ctime>
@@ -58,6 +61,10 @@ Coordinator::Impl::Impl(CoordinatorOptions o) : opt(std::move(o)) {
     if (!ec) a.set_option(tcp::acceptor::reuse_address(true), ec);
     if (!ec) a.bind(ep, ec);
     if (!ec) a.listen(asio::socket_base::max_listen_connections, ec);
+    // Not inherited by processes this one starts (`mprefill run`'s decoder and mpirun held
+    // the port open after the coordinator ended: their re-registration hung in its backlog).
+    if (!ec && ::fcntl(a.native_handle(), F_SETFD, FD_CLOEXEC) != 0)
+      ec.assign(errno, boost::system::system_category());
     if (ec)
       throw std::runtime_error(std::string("coordinator: cannot listen (") + what + ") on " +
                                opt.host + ":" + std::to_string(port) + ": " + ec.message());

@@ -95,6 +95,13 @@ int cmd_run(const ServiceArgs& a) {
     // CPU ranks share the cores: no binding, oversubscription allowed.
     for (const char* f : {"--oversubscribe", "--bind-to", "none"}) wargs.push_back(f);
   }
+  // Every rank is on this host: MPI stays off the network (issue 17). Shared memory only
+  // between ranks (each rank's TCP BTL listened on 0.0.0.0:1024+, and with it merely
+  // excluded the OFI BTL on the host address), the runtime's out-of-band channel on lo.
+  // OpenMPI 4.1's OOB listener in mpirun itself still binds the wildcard address whatever
+  // oob_tcp_if_include says (measured with ss): a host firewall closes that one.
+  for (const char* f : {"--mca", "btl", "self,vader", "--mca", "oob_tcp_if_include", "lo"})
+    wargs.push_back(f);
   if (::geteuid() == 0) wenv = {"OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"};
   for (const auto& s :
        std::vector<std::string>{bin + "/mprefill-worker", "--coordinator", addr, "--model", a.model,
