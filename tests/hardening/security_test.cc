@@ -469,7 +469,10 @@ std::string describe(const std::vector<Listening>& ls) {
 TEST(Security, RunKeepsMpiOffTheNetwork) {
   const std::string dir = h::make_dir("run-lo");
   std::string ids;
-  for (int i = 0; i < 3000; ++i) ids += (i ? "," : "") + std::to_string(3 + (i * 7919) % 250);
+  for (int i = 0; i < 3000; ++i) {
+    if (i) ids += ',';
+    ids += std::to_string(3 + (i * 7919) % 250);
+  }
   h::Proc run({h::bin("mprefill"), "run", "--model", kModel, "--ranks", "2", "--prompt-ids", ids,
                "--decode", "2", "--json", "--mpirun", MPREFILL_MPIEXEC},
               dir + "/run.log");

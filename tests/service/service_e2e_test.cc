@@ -193,7 +193,7 @@ struct Service {
     if (port <= 0)
       throw std::runtime_error("coordinator did not start: " + read_file(dir + "/coordinator.log"));
     addr = "127.0.0.1:" + std::to_string(port);
-    const std::string peer_addr = (tls ? "tls://" : "") + addr;
+    const std::string peer_addr = tls ? "tls://" + addr : addr;
     workers = std::make_unique<Proc>(
         std::vector<std::string>{MPREFILL_MPIEXEC, "--oversubscribe", "--bind-to", "none", "-np",
                                  std::to_string(ranks), bin("mprefill-worker"), "--coordinator",
@@ -314,7 +314,10 @@ TEST(ServiceE2E, CancelMidRunThenTheServiceStillWorks) {
   // while RUNNING.
   Service s("random:tiny:7", 2, 1, "cancel");
   std::string ids;
-  for (int i = 0; i < 6144; ++i) ids += (i ? "," : "") + std::to_string(3 + (i * 7919) % 250);
+  for (int i = 0; i < 6144; ++i) {
+    if (i) ids += ',';  // not `(i ? "," : "") + ...`: gcc 12 -Wrestrict false positive
+    ids += std::to_string(3 + (i * 7919) % 250);
+  }
   const std::string ids_file = s.dir + "/ids.txt";
   std::ofstream(ids_file) << ids;
   std::string out;
@@ -501,7 +504,10 @@ TEST(ServiceE2E, AuditHeadsComeBackInTheResult) {
   // (dense_below 0 means the default, 32768, on the wire.)
   Service s("random:tiny:5", 2, 1, "audit");
   std::string ids;
-  for (int i = 0; i < 700; ++i) ids += (i ? "," : "") + std::to_string(3 + (i * 7919) % 250);
+  for (int i = 0; i < 700; ++i) {
+    if (i) ids += ',';  // not `(i ? "," : "") + ...`: gcc 12 -Wrestrict false positive
+    ids += std::to_string(3 + (i * 7919) % 250);
+  }
   std::string out;
   ASSERT_EQ(t::run_command(s.cli("submit") + " --prompt-ids " + ids +
                                " --sparse auto --dense-below 64 --audit-heads 2 --decode 1 "
