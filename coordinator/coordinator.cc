@@ -3,6 +3,9 @@
 // sender's role to the registry (registry.cc) and the jobs (jobs.cc).
 #include "coordinator/coordinator.h"
 
+#include <fcntl.h>
+
+#include <cerrno>
 #include <cstdarg>
 #include <cstdio>
 #include <ctime>
@@ -11,6 +14,7 @@
 
 #include "coordinator/session.h"
 #include "coordinator/state.h"
+#include "proto/tls.h"
 
 namespace mprefill::coord {
 
@@ -57,6 +61,10 @@ Coordinator::Impl::Impl(CoordinatorOptions o) : opt(std::move(o)) {
     if (!ec) a.set_option(tcp::acceptor::reuse_address(true), ec);
     if (!ec) a.bind(ep, ec);
     if (!ec) a.listen(asio::socket_base::max_listen_connections, ec);
+    // Not inherited by processes this one starts (`mprefill run`'s decoder and mpirun held
+    // the port open after the coordinator ended: their re-registration hung in its backlog).
+    if (!ec && ::fcntl(a.native_handle(), F_SETFD, FD_CLOEXEC) != 0)
+      ec.assign(errno, boost::system::system_category());
     if (ec)
       throw std::runtime_error(std::string("coordinator: cannot listen (") + what + ") on " +
                                opt.host + ":" + std::to_string(port) + ": " + ec.message());
@@ -71,27 +79,16 @@ void Coordinator::Impl::setup_tls(bool loopback) {
     throw std::invalid_argument("coordinator: --tls-cert and --tls-key go together");
   if (!opt.tls_cert.empty()) {
     tls = std::make_unique<asio::ssl::context>(asio::ssl::context::tls_server);
-    SSL_CTX_set_min_proto_version(tls->native_handle(), TLS1_3_VERSION);
-    boost::system::error_code ec;
-    tls->use_certificate_chain_file(opt.tls_cert, ec);
-    if (ec)
-      throw std::runtime_error("coordinator: --tls-cert " + opt.tls_cert + ": " + ec.message());
-    tls->use_private_key_file(opt.tls_key, asio::ssl::context::pem, ec);
-    if (ec) throw std::runtime_error("coordinator: --tls-key " + opt.tls_key + ": " + ec.message());
+    wire::configure_tls_server(tls->native_handle(), opt.tls_cert, opt.tls_key, "coordinator");
   }
-  if (loopback) return;
-  if (opt.insecure) {
-    metrics.insecure = !tls || opt.secret.empty();
-    return;
-  }
-  if (!tls)
-    throw std::invalid_argument("coordinator: --host " + opt.host +
-                                " is beyond loopback: TLS is required (--tls-cert, --tls-key), or "
-                                "--insecure");
-  if (opt.secret.empty())
-    throw std::invalid_argument("coordinator: --host " + opt.host +
-                                " is beyond loopback: credentials are required in addition to "
-                                "TLS (--secret-file, --client-keys), or --insecure");
+  wire::ListenSecurity s;
+  s.where = "coordinator: --host " + opt.host;
+  s.loopback = loopback;
+  s.tls = tls != nullptr;
+  s.credentials = !opt.secret.empty();
+  s.credential_flags = "--secret-file, --client-keys";
+  s.insecure = opt.insecure;
+  metrics.insecure = wire::check_listen_security(s);
 }
 
 bool Coordinator::Impl::post_prep(std::function<void()> task) {

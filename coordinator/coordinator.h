@@ -7,7 +7,8 @@
 //
 // Job states: QUEUED -> RUNNING (Expect sent to the decoder, then Assignment to the group
 // once the decoder is Ready) -> HANDING_OFF (WorkerDone: prefill finished, StartDecode
-// sent) -> DONE (DecodeDone, JobResult to the client) / FAILED / CANCELLED.
+// sent) -> DECODING (DecodeStarted: the KV is complete on the decoder) -> DONE
+// (DecodeDone, JobResult to the client) / FAILED / CANCELLED.
 #pragma once
 #include <cstdint>
 #include <memory>

@@ -1,5 +1,5 @@
 // Jobs: submission, the FIFO queue and its dispatch onto a free group + decoder, the
-// state machine (QUEUED -> RUNNING -> HANDING_OFF -> DONE / FAILED / CANCELLED, see
+// state machine (QUEUED -> RUNNING -> HANDING_OFF -> DECODING -> DONE / FAILED / CANCELLED, see
 // coordinator.h), cancel and status, progress events, the per-state deadlines, the job
 // events of groups (WorkerProgress / WorkerDone / WorkerFailed) and decoders (Ready /
 // DecodeDone / DecodeFailed), and the JobResult.
@@ -24,6 +24,9 @@ void Coordinator::Impl::count_state(v1::JobState s, int delta) {
       break;
     case v1::HANDING_OFF:
       metrics.handing_off += delta;
+      break;
+    case v1::DECODING:
+      metrics.decoding += delta;
       break;
     case v1::DONE:
       metrics.done += delta > 0 ? 1 : 0;
@@ -64,7 +67,7 @@ void Coordinator::Impl::progress(Job& j) {
   p->set_state(j.state);
   p->set_layer(j.layer);
   p->set_n_layers(j.n_layers);
-  if (j.state == v1::HANDING_OFF) {  // prefill finished: its final rate
+  if (j.state == v1::HANDING_OFF || j.state == v1::DECODING) {  // prefill's final rate
     const double ms = j.worker_done.prefill_ms();
     p->set_elapsed_ms(ms);
     if (ms > 0) p->set_tokens_per_s(static_cast<double>(j.prompt_tokens) / (ms / 1000.0));
@@ -180,6 +183,7 @@ void Coordinator::Impl::send_assignment(Job& j) {
   de->set_host(d.host);
   de->set_port(d.reg.kv_port());
   de->set_transport(a->options().kv_transport());
+  de->set_tls(d.reg.kv_tls());
   a->set_handoff_timeout_ms(static_cast<uint32_t>(opt.handoff_timeout_ms));
   j.prefill_started = Clock::now();
   send_to(g.session, env);
@@ -285,7 +289,9 @@ void Coordinator::Impl::handle_status(const SessionPtr& s, uint64_t job_id) {
   for (const auto& [name, d] : decoders) {
     auto* ds = r->add_decoders();
     ds->set_name(name);
-    if (s->admin()) ds->set_endpoint(d.host + ":" + std::to_string(d.reg.kv_port()));
+    if (s->admin())
+      ds->set_endpoint((d.reg.kv_tls() ? wire::kTlsScheme : "") + d.host + ":" +
+                       std::to_string(d.reg.kv_port()));
     ds->set_active_jobs(static_cast<int32_t>(d.jobs.size()));
     ds->set_alive(d.alive);
   }
@@ -295,7 +301,8 @@ void Coordinator::Impl::handle_status(const SessionPtr& s, uint64_t job_id) {
 void Coordinator::Impl::expire_deadlines(Clock::time_point now) {
   std::vector<uint64_t> late;
   for (auto& [id, j] : jobs)
-    if ((j.state == v1::RUNNING && !j.ready) || j.state == v1::HANDING_OFF)
+    if ((j.state == v1::RUNNING && !j.ready) || j.state == v1::HANDING_OFF ||
+        j.state == v1::DECODING)
       if (now > j.deadline) late.push_back(id);
   for (uint64_t id : late) {
     Job& j = jobs.at(id);
@@ -425,9 +432,20 @@ void Coordinator::Impl::on_ready(Decoder& d, uint64_t job_id) {
   }
 }
 
+void Coordinator::Impl::on_decode_started(Decoder& d, uint64_t job_id) {
+  Job* j = live_job_of(d, job_id);
+  if (!j || j->state != v1::HANDING_OFF) return;  // late, or a second one: ignored
+  set_state(*j, v1::DECODING);
+  log("job %llu: KV complete on decoder '%s'; DECODING", static_cast<unsigned long long>(j->id),
+      d.name.c_str());
+  progress(*j);
+}
+
 void Coordinator::Impl::on_decode_done(Decoder& d, const v1::DecodeDone& m) {
   Job* j = live_job_of(d, m.job_id());
-  if (!j || j->state != v1::HANDING_OFF) return;
+  // DecodeDone may overtake nothing (one connection, in order), but a decoder that never
+  // says DecodeStarted (an older one) still finishes its job from HANDING_OFF.
+  if (!j || (j->state != v1::HANDING_OFF && j->state != v1::DECODING)) return;
   for (int id : m.generated_ids())
     if (id < 0 || id >= contract->model().vocab()) {
       finish(*j, v1::FAILED, v1::DECODER_FAILED,

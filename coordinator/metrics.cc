@@ -56,6 +56,7 @@ std::string render_metrics(const MetricsSnapshot& m) {
   line(&o, "mprefill_jobs", "state=\"queued\"", static_cast<double>(m.queued));
   line(&o, "mprefill_jobs", "state=\"running\"", static_cast<double>(m.running));
   line(&o, "mprefill_jobs", "state=\"handing_off\"", static_cast<double>(m.handing_off));
+  line(&o, "mprefill_jobs", "state=\"decoding\"", static_cast<double>(m.decoding));
   head(&o, "mprefill_jobs_finished_total", "counter", "Jobs that reached a terminal state.");
   line(&o, "mprefill_jobs_finished_total", "state=\"done\"", static_cast<double>(m.done));
   line(&o, "mprefill_jobs_finished_total", "state=\"failed\"", static_cast<double>(m.failed));

@@ -27,7 +27,7 @@ class Histogram {
 
 struct MetricsSnapshot {
   // Jobs now in each active state, and jobs that ended in each terminal state.
-  int64_t queued = 0, running = 0, handing_off = 0;
+  int64_t queued = 0, running = 0, handing_off = 0, decoding = 0;
   uint64_t done = 0, failed = 0, cancelled = 0, refused = 0;
   uint64_t kv_bytes_handed_off = 0;
   uint64_t bad_frames = 0;

@@ -210,6 +210,7 @@ void Coordinator::Impl::handle_decoder_message(const SessionPtr& s, v1::Envelope
   d.last_seen = Clock::now();
   if (env.has_heartbeat()) return;
   if (env.has_ready()) return on_ready(d, env.ready().job_id());
+  if (env.has_decode_started()) return on_decode_started(d, env.decode_started().job_id());
   if (env.has_decode_done()) return on_decode_done(d, env.decode_done());
   if (env.has_decode_failed()) return on_decode_failed(d, env.decode_failed());
   unexpected_message(s, env, "decoder");

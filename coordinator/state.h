@@ -73,6 +73,8 @@ inline const char* state_name(v1::JobState s) {
       return "RUNNING";
     case v1::HANDING_OFF:
       return "HANDING_OFF";
+    case v1::DECODING:
+      return "DECODING";
     case v1::DONE:
       return "DONE";
     case v1::FAILED:
@@ -306,6 +308,7 @@ struct Coordinator::Impl : std::enable_shared_from_this<Coordinator::Impl> {
   void on_worker_failed(Group& g, const v1::WorkerFailed& m);
   Job* live_job_of(Decoder& d, uint64_t id);
   void on_ready(Decoder& d, uint64_t job_id);
+  void on_decode_started(Decoder& d, uint64_t job_id);
   void on_decode_done(Decoder& d, const v1::DecodeDone& m);
   void on_decode_failed(Decoder& d, const v1::DecodeFailed& m);
 };

@@ -58,6 +58,8 @@ Decoder::~Decoder() {
 void Decoder::stop() {
   stop_ = true;
   cv_.notify_all();
+  std::lock_guard<std::mutex> lock(registering_mu_);
+  if (registering_) registering_->close();
 }
 
 void Decoder::emit(const v1::Envelope& env) {
@@ -131,6 +133,9 @@ v1::DecodeDone Decoder::decode(uint64_t job_id, const v1::StartDecode& start) {
   if (!receiver_->wait_complete(job_id, &why)) throw std::runtime_error(why);
   auto store = receiver_->store(job_id);
   if (!store) throw std::runtime_error(where + "KV store gone (released)");
+  v1::Envelope started;  // the coordinator's HANDING_OFF -> DECODING
+  started.mutable_decode_started()->set_job_id(job_id);
+  emit(started);
   const KvReceiver::JobInfo info = receiver_->info(job_id);
   const ModelConfig& c = w_.config;
   check_token_id(c, start.first_token_id(), where + "first token id");
@@ -220,14 +225,26 @@ std::unique_ptr<wire::Connection> Decoder::register_with(const std::string& host
                                                          const std::string& secret, int timeout_ms,
                                                          std::string* why, bool* refused) {
   *refused = false;
+  std::unique_ptr<wire::Connection> conn;  // outlives `registering` (declared after it)
+  struct Registering {  // visible to stop() while the hello and DecoderRegister run
+    Decoder* d;
+    void set(wire::Connection* c) {
+      std::lock_guard<std::mutex> lock(d->registering_mu_);
+      d->registering_ = c;
+      if (c && d->stop_) c->close();
+    }
+    ~Registering() { set(nullptr); }
+  } registering{this};
   try {
-    auto conn = wire::Connection::connect(host, port, timeout_ms);
+    conn = wire::Connection::connect(host, port, timeout_ms);
+    registering.set(conn.get());
     conn->client_handshake(v1::DECODER, opt_.name, secret, timeout_ms);
     v1::Envelope reg;
     auto* r = reg.mutable_decoder_register();
     r->set_name(opt_.name);
     r->set_host(opt_.advertise_host.empty() ? opt_.receiver.listen_host : opt_.advertise_host);
     r->set_kv_port(kv_port());
+    r->set_kv_tls(receiver_->tls());
     r->set_capacity_bytes(opt_.receiver.capacity_bytes);
     r->set_max_jobs(opt_.receiver.max_jobs);
     *r->mutable_kv() = contract();
@@ -278,11 +295,13 @@ int Decoder::serve(const std::string& host, uint16_t port, const std::string& se
   std::unique_ptr<wire::Connection> conn =
       register_with(host, port, secret, opt_.io_timeout_ms, &why, &refused);
   if (!conn) {
+    if (stop_) return 0;  // stop() cut the registration short
     std::fprintf(stderr, "mprefill-decoder: coordinator %s: %s\n", where.c_str(), why.c_str());
     return 1;
   }
-  std::fprintf(stderr, "mprefill-decoder: registered as '%s' with %s (KV port %u, %s)\n",
-               opt_.name.c_str(), where.c_str(), kv_port(), fp_.to_string().c_str());
+  std::fprintf(stderr, "mprefill-decoder: registered as '%s' with %s (KV port %u%s, %s)\n",
+               opt_.name.c_str(), where.c_str(), kv_port(), receiver_->tls() ? " TLS" : "",
+               fp_.to_string().c_str());
   for (;;) {
     {
       std::lock_guard<std::mutex> lock(send_mu_);
@@ -347,6 +366,7 @@ int Decoder::serve(const std::string& host, uint16_t port, const std::string& se
                            static_cast<int>(std::min<int64_t>(left, opt_.io_timeout_ms)), &why,
                            &refused);
       if (conn) break;
+      if (stop_) return 0;
       if (refused) {
         std::fprintf(stderr, "mprefill-decoder: error: coordinator %s: %s; exiting\n",
                      where.c_str(), why.c_str());

@@ -96,6 +96,10 @@ class Decoder {
   std::thread decode_thread_;
 
   uint64_t epoch_ = 0;  // coordinator connections so far (mu_): results of older ones are dropped
+  // The connection register_with is setting up: stop() closes it, so a SIGTERM during a
+  // re-registration (a coordinator that accepted but does not answer) ends it at once.
+  std::mutex registering_mu_;
+  wire::Connection* registering_ = nullptr;
 
   void emit(const v1::Envelope& env);
   void decode_loop();

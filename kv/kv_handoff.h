@@ -47,7 +47,9 @@ struct KvHandoffOptions {
   int rank = 0;      // sender rank in the worker group (KvPageHeader.sender_rank)
   std::string host;  // decoder KV endpoint
   uint16_t port = 0;
-  std::string secret;                    // service shared secret (empty: none)
+  std::string secret;  // service shared secret (empty: none)
+  // TLS to the decoder's KV port (DecoderEndpoint.tls; ca_file: the worker's --tls-ca).
+  wire::TlsClientOptions tls;
   std::string name = "mprefill-worker";  // ClientHello name
   v1::KvContract contract;  // sent in KvStreamHello; page_tokens and kv_dtype cut pages
   int timeout_ms = 30000;   // connect, each send, each queue wait, each layer's ack

@@ -204,7 +204,8 @@ TcpKvHandoff::TcpKvHandoff(KvHandoffOptions opt) : impl_(std::make_unique<Impl>(
   I.stream_send_ms.assign(o.streams, 0.0);
   for (int s = 0; s < o.streams; ++s) {
     try {
-      auto conn = wire::Connection::connect(o.host, o.port, o.timeout_ms);
+      auto conn =
+          wire::Connection::connect(o.host, o.port, o.timeout_ms, wire::kDefaultMaxFrame, o.tls);
       conn->client_handshake(v1::WORKER, o.name, o.secret, o.timeout_ms);
       v1::Envelope env;
       auto* h = env.mutable_kv_hello();

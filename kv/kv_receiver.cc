@@ -7,6 +7,7 @@
 #include "kv/crc32c.h"
 #include "kv/kv_handoff.h"
 #include "kv/kv_page_frame.h"
+#include "proto/tls.h"
 
 namespace mprefill::kv {
 namespace {
@@ -102,8 +103,19 @@ KvReceiver::KvReceiver(ReceiverOptions opt, FailFn on_fail)
                              std::to_string(page_frame) + " bytes)");
   if (opt_.max_prehello < 1 || opt_.prehello_timeout_ms < 1)
     throw std::runtime_error("KV receiver: max_prehello and prehello_timeout_ms must be >= 1");
+  if (opt_.tls_cert.empty() != opt_.tls_key.empty())
+    throw std::invalid_argument("decoder: --tls-cert and --tls-key go together");
   listener_ = std::make_unique<wire::Listener>(opt_.listen_host, opt_.listen_port, opt_.max_frame);
   listener_->set_server_name("mprefill-decoder");
+  if (!opt_.tls_cert.empty()) listener_->enable_tls(opt_.tls_cert, opt_.tls_key, "decoder");
+  wire::ListenSecurity sec;
+  sec.where = "decoder: --listen " + opt_.listen_host;
+  sec.loopback = listener_->loopback();
+  sec.tls = listener_->tls();
+  sec.credentials = !opt_.secret.empty();
+  sec.credential_flags = "--secret-file";
+  sec.insecure = opt_.insecure;
+  insecure_open_ = wire::check_listen_security(sec);
   accept_thread_ = std::thread([this] { accept_loop(); });
   monitor_thread_ = std::thread([this] { monitor_loop(); });
 }

@@ -50,7 +50,12 @@ struct ReceiverOptions {
   std::string listen_host = "127.0.0.1";  // bind address of the KV port
   uint16_t listen_port = 0;               // 0: any free port
   std::string secret;                     // streams must prove it (empty: no auth)
-  v1::KvContract contract;                // what every stream must declare
+  // TLS 1.3 on the KV port (PEM chain and key; both or neither). Beyond loopback TLS and
+  // a secret are required unless insecure (wire::check_listen_security, as the
+  // coordinator's ports).
+  std::string tls_cert, tls_key;
+  bool insecure = false;
+  v1::KvContract contract;  // what every stream must declare
   uint64_t capacity_bytes = uint64_t{2} << 30;
   int max_jobs = 4;
   int default_timeout_ms = 30000;  // Expect.timeout_ms when 0
@@ -78,6 +83,9 @@ class KvReceiver {
   ~KvReceiver();
   uint16_t port() const;
   const v1::KvContract& contract() const { return opt_.contract; }
+  bool tls() const { return listener_->tls(); }
+  // Listening beyond loopback without TLS or a secret (allowed by insecure): warn.
+  bool insecure_open() const { return insecure_open_; }
 
   // Reserves the job's pages. false with *why (duplicate id, too many jobs, no room).
   bool expect(const v1::Expect& e, std::string* why);
@@ -112,6 +120,7 @@ class KvReceiver {
   KvStoreShape shape_;
   std::unique_ptr<PagePool> pool_;
   std::unique_ptr<wire::Listener> listener_;
+  bool insecure_open_ = false;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::map<uint64_t, std::shared_ptr<Job>> jobs_;

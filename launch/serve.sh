@@ -5,7 +5,7 @@
 #   launch/serve.sh --model PATH [--ranks R] [--tp T] [--device cpu|cuda]
 #                   [--host ADDR] [--port P] [--metrics-port P] [--tokenizer PATH]
 #                   [--secret-file F] [--client-keys F] [--tls-cert F --tls-key F]
-#                   [--insecure] [--capacity-mb MB] [--build-dir DIR]
+#                   [--insecure] [--capacity-mb MB] [--mpi-open] [--build-dir DIR]
 #                   [-- EXTRA mpirun ARGS...]
 #
 # Defaults: 1 rank, tp 1, cpu, 127.0.0.1:7070, metrics on 9464, a fresh secret in
@@ -14,6 +14,12 @@
 # (with --client-keys: --key-file K, one "NAME SECRET" line of it; with --tls-cert: --tls).
 # A --host beyond loopback needs --tls-cert/--tls-key (the group and decoder then connect
 # over tls://) or --insecure.
+# MPI stays on this host: the ranks talk through shared memory only (--mca btl self,vader)
+# and OpenMPI's out-of-band channel uses lo (--mca oob_tcp_if_include lo; mpirun's OOB
+# listener itself binds the wildcard address in OpenMPI 4.1 whatever the option says: a
+# host firewall closes it). A group over several hosts: --mpi-open, then the network in the
+# mpirun args, e.g. -- --host a,b --mca btl self,vader,tcp --mca btl_tcp_if_include eth0
+# --mca oob_tcp_if_include eth0.
 # Logs: $BUILD_DIR/serve-{coordinator,workers,decoder}.log
 set -euo pipefail
 LOG_TAG=serve
@@ -33,6 +39,7 @@ CLIENT_KEYS=""
 TLS_CERT=""
 TLS_KEY=""
 INSECURE=0
+MPI_OPEN=0
 MPI_EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -49,10 +56,11 @@ while [ $# -gt 0 ]; do
     --tls-cert) TLS_CERT="$2"; shift ;;
     --tls-key) TLS_KEY="$2"; shift ;;
     --insecure) INSECURE=1 ;;
+    --mpi-open) MPI_OPEN=1 ;;
     --capacity-mb) CAPACITY_MB="$2"; shift ;;
     --build-dir) BUILD_DIR="$(realpath -m "$2")"; shift ;;
     --) shift; MPI_EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see launch/serve.sh --help)" ;;
   esac
   shift
@@ -102,6 +110,7 @@ METRICS_PORT="$(cut -d' ' -f2 "$PORT_FILE")"
 
 MPI_ARGS=(-np "$RANKS")
 [ "$DEVICE" = cpu ] && MPI_ARGS+=(--oversubscribe --bind-to none)
+[ "$MPI_OPEN" = 0 ] && MPI_ARGS+=(--mca btl self,vader --mca oob_tcp_if_include lo)
 [ "$(id -u)" = 0 ] && export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 setsid mpirun "${MPI_ARGS[@]}" "${MPI_EXTRA[@]}" "$BIN/mprefill-worker" --coordinator "$ADDR" \
   --model "$MODEL" --tp "$TP" --device "$DEVICE" --group serve --secret-file "$SECRET_FILE" \

@@ -14,7 +14,7 @@
 #include <sstream>
 
 #include "proto/hmac.h"
-#include "proto/tls_client.h"
+#include "proto/tls.h"
 
 namespace mprefill::wire {
 
@@ -390,9 +390,10 @@ struct Connection::Impl {
   bool admin = false;
   std::atomic<bool> closed{false};
   bool send_broken = false;  // a partial frame went out: the stream is unusable
-  std::string host;      // as given to connect (TLS name check)
-  std::string exporter;  // TLS exporter value; empty without TLS
-  std::unique_ptr<TlsClient> tls;
+  std::string host;          // as given to connect (TLS name check)
+  std::string exporter;      // TLS exporter value; empty without TLS
+  std::unique_ptr<TlsSession> tls;
+  std::shared_ptr<const TlsServerContext> server_tls;  // accepted on a TLS listener
 
   explicit Impl(size_t max_frame) : parser(max_frame) {}
 
@@ -408,6 +409,40 @@ struct Connection::Impl {
   }
 
   int fd() { return socket.native_handle(); }
+
+  // The TLS handshake of an accepted connection (server_tls) until the deadline; sets the
+  // exporter. false with a one-line *error.
+  bool accept_tls(Clock::time_point deadline, int timeout_ms, std::string* error) {
+    try {
+      tls = TlsSession::server(fd(), *server_tls);
+      int wait = 0;
+      while (!tls->handshake(&wait)) {
+        if (poll_until(fd(), static_cast<short>(wait), deadline) != 0) continue;
+        if (tls->bytes_read() > 0) {
+          *error = "hello from " + peer + ": TLS handshake timed out after " +
+                   std::to_string(timeout_ms) + " ms";
+          return false;
+        }
+        // Silent: a plain-TCP mprefill peer waits for our ServerHello. Tell it in its
+        // own framing why nothing comes.
+        tls.reset();
+        try {
+          const std::string f = encode_frame(make_error(
+              0, v1::BAD_FRAME, "this port speaks TLS 1.3: connect with TLS (tls://HOST)"));
+          write_all(f.data(), f.size(), 500);
+        } catch (const WireError&) {
+        }
+        *error = "hello from " + peer + ": plain TCP to a TLS port (the peer sent nothing for " +
+                 std::to_string(timeout_ms) + " ms; told it to use TLS)";
+        return false;
+      }
+      exporter = tls->exporter(kTlsExporterLabel);
+      return true;
+    } catch (const std::exception& e) {
+      *error = "hello from " + peer + ": TLS: " + e.what();
+      return false;
+    }
+  }
 
   [[noreturn]] void throw_closed(const char* op) {
     throw WireError(WireError::Kind::kClosed, std::string(op) + " " + peer + ": connection closed");
@@ -497,11 +532,14 @@ Connection::~Connection() {
 }
 
 std::unique_ptr<Connection> Connection::connect(const std::string& host, uint16_t port,
-                                                int timeout_ms, size_t max_frame) {
-  if (host.rfind(kTlsScheme, 0) == 0) {  // "tls://HOST": TLS right after the connect
+                                                int timeout_ms, size_t max_frame,
+                                                const TlsClientOptions& tls) {
+  const bool scheme = host.rfind(kTlsScheme, 0) == 0;
+  if (scheme || tls.enabled) {  // TLS right after the connect
     const auto deadline = deadline_after(timeout_ms);
-    auto c = connect(host.substr(std::strlen(kTlsScheme)), port, timeout_ms, max_frame);
-    c->start_tls(TlsClientOptions{true, ""}, std::max(remaining_ms(deadline), 1));
+    auto c =
+        connect(scheme ? host.substr(std::strlen(kTlsScheme)) : host, port, timeout_ms, max_frame);
+    c->start_tls(TlsClientOptions{true, tls.ca_file}, std::max(remaining_ms(deadline), 1));
     return c;
   }
   auto impl = std::make_unique<Impl>(max_frame);
@@ -582,10 +620,19 @@ const std::string& Connection::peer_name() const { return impl_->peer_name; }
 void Connection::client_handshake(v1::Role role, const std::string& name, const Credential& cred,
                                   int timeout_ms) {
   const auto deadline = deadline_after(timeout_ms);
+  // A TLS server says nothing to a plain-TCP peer: name the likely cause.
+  const std::string hint = impl_->tls ? "" : " (a TLS port? connect with tls://HOST:PORT)";
   v1::Envelope env;
-  if (!recv(&env, remaining_ms(deadline)))
+  bool got = false;
+  try {
+    got = recv(&env, remaining_ms(deadline));
+  } catch (const WireError& e) {
+    if (e.kind() != WireError::Kind::kClosed) throw;
+    throw WireError(e.kind(), std::string(e.what()) + " before its ServerHello" + hint);
+  }
+  if (!got)
     throw WireError(WireError::Kind::kTimeout, "hello from " + peer() + ": no ServerHello within " +
-                                                   std::to_string(timeout_ms) + " ms");
+                                                   std::to_string(timeout_ms) + " ms" + hint);
   if (env.has_error())  // a full server (connection cap) may take us later: kConnect
     throw WireError(env.error().code() == v1::RESOURCE_EXHAUSTED ? WireError::Kind::kConnect
                                                                  : WireError::Kind::kAuth,
@@ -621,7 +668,7 @@ void Connection::client_handshake(v1::Role role, const std::string& name, const 
     ch->set_proof(hello_proof(cred.secret, binding_of(*ch, sh.nonce(), channel)));
   send(reply, std::max(remaining_ms(deadline), 1));
   v1::Envelope ack;
-  bool got = false;
+  got = false;
   try {
     got = recv(&ack, remaining_ms(deadline));
   } catch (const WireError& e) {
@@ -656,7 +703,7 @@ void Connection::client_handshake(v1::Role role, const std::string& name, const 
 void Connection::start_tls(const TlsClientOptions& o, int timeout_ms) {
   if (!o.enabled || impl_->tls) return;
   try {
-    impl_->tls = std::make_unique<TlsClient>(impl_->fd(), impl_->host, o.ca_file);
+    impl_->tls = TlsSession::client(impl_->fd(), impl_->host, o.ca_file);
     const auto deadline = deadline_after(timeout_ms);
     int wait = 0;
     while (!impl_->tls->handshake(&wait)) {
@@ -686,6 +733,7 @@ struct Listener::Impl {
   int hello_timeout_ms = 5000;
   std::string server_name = "mprefill";
   std::atomic<bool> closed{false};
+  std::shared_ptr<const TlsServerContext> tls;
 };
 
 Listener::Listener(const std::string& host, uint16_t port, size_t max_frame)
@@ -726,6 +774,18 @@ uint16_t Listener::port() const {
 
 void Listener::set_hello_timeout_ms(int ms) { impl_->hello_timeout_ms = std::max(ms, 1); }
 void Listener::set_server_name(const std::string& name) { impl_->server_name = name; }
+
+void Listener::enable_tls(const std::string& cert, const std::string& key, const std::string& who) {
+  impl_->tls = std::make_shared<const TlsServerContext>(cert, key, who);
+}
+
+bool Listener::tls() const { return impl_->tls != nullptr; }
+
+bool Listener::loopback() const {
+  boost::system::error_code ec;
+  const auto ep = impl_->acceptor.local_endpoint(ec);
+  return !ec && ep.address().is_loopback();
+}
 
 void Listener::close() {
   impl_->closed = true;
@@ -770,6 +830,7 @@ std::unique_ptr<Connection> Listener::accept_raw(int timeout_ms, std::string* er
   auto remote = impl->socket.remote_endpoint(ec);
   impl->peer = ec ? std::string("?") : endpoint_text(remote);
   impl->parser.set_max_frame(std::min(impl_->max_frame, kHelloMaxFrame));
+  impl->server_tls = impl_->tls;
   set_error("");
   return std::unique_ptr<Connection>(new Connection(std::move(impl)));
 }
@@ -782,6 +843,14 @@ bool Connection::server_handshake(v1::Role expected_role, const std::string& sec
   };
   const int ht = std::max(timeout_ms, 1);
   const auto deadline = deadline_after(ht);
+  if (impl_->server_tls && !impl_->tls) {
+    std::string why;
+    if (!impl_->accept_tls(deadline, ht, &why)) {
+      set_error(why);
+      return false;
+    }
+  }
+  const std::string& channel = impl_->exporter;
   const std::string nonce = random_nonce();
   try {
     send(make_server_hello(nonce, !secret.empty()), ht);
@@ -797,14 +866,16 @@ bool Connection::server_handshake(v1::Role expected_role, const std::string& sec
     }
     std::string why;
     v1::ErrorCode code = v1::ERROR_CODE_UNSPECIFIED;
-    if (!check_client_hello(env.client_hello(), nonce, expected_role, secret, &why, &code)) {
+    if (!check_client_hello(env.client_hello(), nonce, expected_role, secret, &why, &code,
+                            channel)) {
       send(make_error(0, code, why), ht);
       set_error("hello from " + peer() + ": " + why);
       return false;
     }
     impl_->peer_name = env.client_hello().name();
     impl_->parser.set_max_frame(max_frame);  // authenticated: full frames
-    send(make_hello_accepted(server_name, env.client_hello(), nonce, secret), ht);
+    send(make_hello_accepted(server_name, env.client_hello(), nonce, secret, "", false, channel),
+         ht);
   } catch (const WireError& e) {
     set_error(e.what());
     return false;

@@ -43,7 +43,8 @@ struct TlsClientOptions {
   std::string ca_file;  // PEM; verifies the chain and the host name / IP address
 };
 // A host given as "tls://HOST" (e.g. --coordinator tls://HOST:PORT, for every component)
-// makes Connection::connect run TLS without certificate verification right away.
+// makes Connection::connect run TLS right away (verifying against its tls.ca_file when
+// one is given, else without certificate verification).
 constexpr const char* kTlsScheme = "tls://";
 // Label of the TLS exporter value the hello proofs cover (32 bytes, no context).
 constexpr const char* kTlsExporterLabel = "EXPORTER-mprefill-hello";
@@ -107,9 +108,11 @@ class FrameParser {
 // concurrently with each other).
 class Connection {
  public:
-  // Connects within timeout_ms; throws WireError(kConnect / kTimeout).
+  // Connects within timeout_ms; throws WireError(kConnect / kTimeout). TLS (start_tls)
+  // within the same timeout when tls.enabled or host is "tls://HOST".
   static std::unique_ptr<Connection> connect(const std::string& host, uint16_t port, int timeout_ms,
-                                             size_t max_frame = kDefaultMaxFrame);
+                                             size_t max_frame = kDefaultMaxFrame,
+                                             const TlsClientOptions& tls = {});
   ~Connection();
 
   // Throws WireError on timeout or a closed peer.
@@ -142,10 +145,12 @@ class Connection {
   // kAuth after the exchange: the server's proof is missing or wrong.
   void client_handshake(v1::Role role, const std::string& name, const Credential& cred,
                         int timeout_ms);
-  // Accepting side (a connection from Listener::accept_raw): sends ServerHello, checks the
-  // ClientHello (role expected, proof when secret is non-empty) within timeout_ms, answers
+  // Accepting side (a connection from Listener::accept_raw): on a TLS listener first the
+  // TLS handshake, then sends ServerHello, checks the ClientHello (role expected, proof
+  // when secret is non-empty, bound to the TLS exporter) within timeout_ms in all, answers
   // HelloAccepted with server_name and raises the frame limit to max_frame. false with a
-  // one-line *error (the peer was told why where it could be).
+  // one-line *error (the peer was told why where it could be: a plain-TCP peer that said
+  // nothing to a TLS listener gets a plain Error frame saying the port speaks TLS).
   bool server_handshake(v1::Role expected_role, const std::string& secret,
                         const std::string& server_name, size_t max_frame, int timeout_ms,
                         std::string* error);
@@ -183,6 +188,12 @@ class Listener {
   void set_hello_timeout_ms(int ms);
   // Name sent in HelloAccepted (default "mprefill").
   void set_server_name(const std::string& name);
+  // TLS 1.3 on every connection accepted from now on (PEM chain and key; `who` starts the
+  // error messages). Throws std::runtime_error naming the file on a bad one.
+  void enable_tls(const std::string& cert, const std::string& key, const std::string& who);
+  bool tls() const;
+  // The bound address is a loopback address (127.0.0.0/8, ::1).
+  bool loopback() const;
   // Waits up to timeout_ms for a connection (nullptr on timeout), sends ServerHello and
   // checks the ClientHello (role expected, proof when secret is non-empty); a peer that
   // fails the hello is closed and nullptr returned with *error set.

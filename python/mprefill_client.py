@@ -2,8 +2,10 @@
 """A small client of the mprefill service (standard library + protobuf).
 
 Speaks the coordinator's wire protocol (proto/envelope.proto): 4-byte little-endian
-length-prefixed protobuf Envelopes over TCP, the hello exchange with the optional
-HMAC-SHA256 proof, then SubmitJob / Progress / JobResult, CancelJob and StatusRequest.
+length-prefixed protobuf Envelopes over TCP (or TLS 1.3: tls://HOST:PORT, --tls, --tls-ca as
+`mprefill submit`), the hello exchange with the optional HMAC-SHA256 proof (over TLS bound to
+the TLS exporter, as proto/wire.cc), then SubmitJob / Progress / JobResult, CancelJob and
+StatusRequest.
 
 The Python message classes are generated from proto/*.proto by protoc (3.21, matching
 python3-protobuf 3.21): from $MPREFILL_PROTO_PY when set (e.g. build/proto/python, the
@@ -11,17 +13,19 @@ python3-protobuf 3.21): from $MPREFILL_PROTO_PY when set (e.g. build/proto/pytho
 
 Command line:
     python3 python/mprefill_client.py --coordinator 127.0.0.1:7070 \\
-        --prompt-ids 1,450,4996 --decode 16 [--secret-file F] [--json]
+        --prompt-ids 1,450,4996 --decode 16 [--secret-file F] [--tls [--tls-ca F]] [--json]
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import hmac
 import importlib
 import json
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -29,6 +33,8 @@ import tempfile
 import time
 
 PROTOCOL_VERSION = 1
+TLS_SCHEME = "tls://"
+TLS_EXPORTER_LABEL = b"EXPORTER-mprefill-hello"  # wire::kTlsExporterLabel
 MAX_FRAME = 64 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTO_DIR = os.path.join(ROOT, "proto")
@@ -94,25 +100,87 @@ class ServiceError(Exception):
 
 
 def _proof(secret: bytes, side: bytes, role: int, key_id: str, server_nonce: bytes,
-           client_nonce: bytes) -> bytes:
+           client_nonce: bytes, channel: bytes = b"") -> bytes:
     """wire::hello_proof / server_proof (proto/wire.cc): HMAC-SHA256 over a label and
-    length-prefixed fields (role, key id, both nonces, channel binding)."""
+    length-prefixed fields (role, key id, both nonces, channel binding: the TLS exporter
+    value over TLS, empty on plain TCP)."""
     msg = b"mprefill hello: " + side + b" proof v1"
-    for f in (struct.pack("<I", role), key_id.encode(), server_nonce, client_nonce, b""):
+    for f in (struct.pack("<I", role), key_id.encode(), server_nonce, client_nonce, channel):
         msg += struct.pack("<I", len(f)) + f
     return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def _tls_exporter(sock: ssl.SSLSocket) -> bytes:
+    """The TLS exporter value the hello proofs cover (RFC 5705/8446: label
+    EXPORTER-mprefill-hello, no context, 32 bytes). Python's ssl module has no call for it,
+    so it is read through the libssl this interpreter's _ssl module links (ctypes): the
+    SSL* sits after PyObject_HEAD and the socket weakref in _ssl's PySSLSocket. The pointer
+    is checked (its descriptor is this socket's, its version TLS 1.3) before use."""
+    import _ssl
+    why = "this python3's ssl module cannot give the TLS exporter the hello proof needs"
+    try:
+        lib = ctypes.CDLL(getattr(_ssl, "__file__", None))
+        export = lib.SSL_export_keying_material
+        get_fd, version = lib.SSL_get_fd, lib.SSL_version
+    except (OSError, AttributeError) as e:
+        raise RuntimeError(f"{why} ({e}); use the mprefill CLI") from None
+    export.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
+                       ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    get_fd.argtypes = version.argtypes = [ctypes.c_void_p]
+    ptr_size = ctypes.sizeof(ctypes.c_void_p)
+    ssl_ptr = ctypes.c_void_p.from_address(id(sock._sslobj) + 3 * ptr_size).value
+    if not ssl_ptr or get_fd(ssl_ptr) != sock.fileno() or version(ssl_ptr) != 0x0304:
+        raise RuntimeError(f"{why} (unknown _ssl layout); use the mprefill CLI")
+    out = ctypes.create_string_buffer(32)
+    if export(ssl_ptr, out, 32, TLS_EXPORTER_LABEL, len(TLS_EXPORTER_LABEL), None, 0, 0) != 1:
+        raise RuntimeError(f"{why} (SSL_export_keying_material failed)")
+    return out.raw
 
 
 class Client:
     """One connection to the coordinator, as role CLIENT."""
 
     def __init__(self, host: str, port: int, secret: bytes | None = None,
-                 timeout_s: float = 10.0, name: str = "mprefill-python", key_id: str = ""):
-        """secret: the shared secret, or with key_id this client's key (--client-keys)."""
+                 timeout_s: float = 10.0, name: str = "mprefill-python", key_id: str = "",
+                 tls: bool = False, ca_file: str | None = None):
+        """secret: the shared secret, or with key_id this client's key (--client-keys).
+        tls (or host "tls://HOST", or a ca_file): TLS 1.3 to a coordinator started with
+        --tls-cert; ca_file verifies its certificate and name, without one the hello's
+        server proof (bound to the TLS exporter) alone vouches for the server."""
+        if host.startswith(TLS_SCHEME):
+            host, tls = host[len(TLS_SCHEME):], True
+        tls = tls or bool(ca_file)
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
-        hello = self.recv(timeout_s)
+        channel = b""
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            if ca_file:
+                try:
+                    ctx.load_verify_locations(ca_file)
+                except (OSError, ssl.SSLError) as e:
+                    raise RuntimeError(f"cannot load CA file {ca_file}: {e}") from None
+            else:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            try:
+                self.sock = ctx.wrap_socket(self.sock, server_hostname=host)
+            except ssl.SSLCertVerificationError as e:
+                raise RuntimeError(f"TLS with {host}:{port}: certificate not trusted: "
+                                   f"{e.verify_message}") from None
+            except (ssl.SSLError, ConnectionError) as e:
+                raise RuntimeError(f"TLS with {host}:{port}: handshake failed (not a TLS "
+                                   f"server?): {e}") from None
+            channel = _tls_exporter(self.sock)
+        try:
+            hello = self.recv(timeout_s)
+        except (TimeoutError, ConnectionError) as e:
+            if tls:
+                raise
+            raise ConnectionError(f"{e} before its ServerHello (a TLS port? use "
+                                  f"tls://HOST:PORT or --tls)") from None
         if hello.WhichOneof("msg") == "error":
             raise ServiceError(hello.error.code, hello.error.message)
         if hello.WhichOneof("msg") != "server_hello":
@@ -135,7 +203,7 @@ class Client:
             if not secret:
                 raise RuntimeError("the coordinator requires a secret (--secret-file)")
             env.client_hello.proof = _proof(secret, b"client", common.CLIENT, key_id,
-                                            sh.nonce, env.client_hello.client_nonce)
+                                            sh.nonce, env.client_hello.client_nonce, channel)
         self.send(env)
         ack = self.recv(timeout_s)
         kind = ack.WhichOneof("msg")
@@ -145,7 +213,7 @@ class Client:
             raise RuntimeError("expected HelloAccepted, got " + str(kind))
         if sh.auth_required:
             want = _proof(secret, b"server", common.CLIENT, key_id, sh.nonce,
-                          env.client_hello.client_nonce)
+                          env.client_hello.client_nonce, channel)
             if not hmac.compare_digest(ack.hello_accepted.server_proof, want):
                 raise RuntimeError("the server did not prove it holds the key: refusing it "
                                    "(an impostor?)")
@@ -287,19 +355,29 @@ class Client:
 
 
 def _parse_hostport(text: str):
-    host, sep, port = text.rpartition(":")
+    """HOST:PORT or tls://HOST:PORT -> (host, port, tls)."""
+    rest = text[len(TLS_SCHEME):] if text.startswith(TLS_SCHEME) else text
+    host, sep, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got '{text}'")
-    return host, int(port)
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT or tls://HOST:PORT, got '{text}'")
+    return host, int(port), rest != text
 
 
 def main(argv=None) -> int:
     # No abbreviations: "--prompt" must never be read as "--prompt-ids".
     ap = argparse.ArgumentParser(description="Submit a job to an mprefill coordinator and follow it.",
                                  allow_abbrev=False)
-    ap.add_argument("--coordinator", required=True, type=_parse_hostport, help="HOST:PORT")
+    ap.add_argument("--coordinator", required=True, type=_parse_hostport,
+                    help="HOST:PORT (tls://HOST:PORT: TLS)")
     ap.add_argument("--secret-file", help="shared secret of the service")
     ap.add_argument("--key-file", help='this client\'s key: one line "NAME SECRET"')
+    ap.add_argument("--tls", action="store_true",
+                    help="TLS 1.3 to the coordinator (its --tls-cert); the hello proof covers "
+                         "the TLS exporter")
+    ap.add_argument("--tls-ca", help="verify the coordinator's certificate against the PEM "
+                                     "CAs in this file (implies --tls)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-ids", help="comma-separated token ids")
     src.add_argument("--prompt", "--text", dest="text",
@@ -335,7 +413,8 @@ def main(argv=None) -> int:
             return 2
     tty = sys.stderr.isatty() and not a.json
     try:
-        c = Client(*a.coordinator, secret=secret, key_id=key_id)
+        host, port, tls = a.coordinator
+        c = Client(host, port, secret=secret, key_id=key_id, tls=tls or a.tls, ca_file=a.tls_ca)
         job = c.submit(token_ids=ids, text=a.text, decode_tokens=a.decode, sparse=a.sparse,
                        temperature=a.temperature, top_p=a.top_p, seed=a.seed, want_progress=tty)
 

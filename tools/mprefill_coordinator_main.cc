@@ -9,6 +9,7 @@
 #include <string>
 
 #include "coordinator/coordinator.h"
+#include "proto/tls.h"
 #include "tools/cli_args.h"
 
 namespace {
@@ -181,10 +182,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "mprefill-coordinator: listening on %s:%u%s%s\n", opt.host.c_str(),
                  c.port(), metrics.c_str(), opt.tls_cert.empty() ? "" : " (TLS)");
     if (c.metrics_text().find("\nmprefill_insecure 1") != std::string::npos)
-      std::fprintf(stderr,
-                   "mprefill-coordinator: warning: --insecure: %s is beyond loopback without %s; "
-                   "anyone on the network can read and forge traffic\n",
-                   opt.host.c_str(), opt.tls_cert.empty() ? "TLS" : "credentials");
+      std::fprintf(stderr, "mprefill-coordinator: warning: %s\n",
+                   mprefill::wire::insecure_warning(opt.host, !opt.tls_cert.empty()).c_str());
     if (!opt.client_keys.empty())
       std::fprintf(stderr, "mprefill-coordinator: client keys from %s (SIGHUP re-reads them)\n",
                    opt.client_keys.c_str());

@@ -18,6 +18,7 @@
 #include "kv/kv_transport.h"
 #include "model/fingerprint.h"
 #include "model/weights.h"
+#include "proto/tls.h"
 #include "proto/wire.h"
 #include "tools/cli_args.h"
 
@@ -35,13 +36,16 @@ const char* kUsage =
     "                        [--max-jobs N] [--page-tokens P] [--timeout-ms MS]\n"
     "                        [--secret-file F] [--threads N] [--device cpu|cuda[:N]]\n"
     "                        [--reconnect-s S] [--max-frame BYTES]\n"
+    "                        [--tls-cert F --tls-key F] [--insecure]\n"
     "The reference decoder: receives the KV pages of each job from the worker ranks over\n"
     "TCP, then continues generation from the first token (CPU, fp32 KV).\n"
     "  --coordinator HOST:PORT  the coordinator to register with\n"
     "  --model PATH             the weights the worker groups serve (HF directory, llama2.c\n"
     "                           .bin, random:NAME[:SEED]); the fingerprint must match\n"
     "  --name NAME              decoder name (default decoder-HOSTNAME-PID)\n"
-    "  --listen HOST:PORT       KV port bind address (default 127.0.0.1:0, any free port)\n"
+    "  --listen HOST:PORT       KV port bind address (default 127.0.0.1:0, any free port);\n"
+    "                           beyond loopback it needs --tls-cert/--tls-key and\n"
+    "                           --secret-file, or --insecure\n"
     "  --advertise HOST         host workers connect to (default: the --listen host)\n"
     "  --capacity-mb MB         KV memory for all jobs (default 2048)\n"
     "  --max-jobs N             jobs held at once (default 4)\n"
@@ -49,6 +53,10 @@ const char* kUsage =
     "  --timeout-ms MS          fail a job whose pages stop for this long when the\n"
     "                           coordinator's Expect gives none (default 30000)\n"
     "  --secret-file F          shared secret: proof to the coordinator, required of workers\n"
+    "  --tls-cert F, --tls-key F  TLS 1.3 on the KV port (PEM chain and key): workers\n"
+    "                           connect with TLS (and verify it with their --tls-ca)\n"
+    "  --insecure               allow a non-loopback --listen without TLS or --secret-file\n"
+    "                           (warns)\n"
     "  --threads N              CPU threads (default: all cores or MPREFILL_THREADS)\n"
     "  --device cpu|cuda[:N]    cuda: also serve kv_transport nccl, receiving K/V on GPU N\n"
     "                           (default 0; CUDA builds with NCCL); decoding stays on the CPU\n"
@@ -100,6 +108,12 @@ int main(int argc, char** argv) {
         opt.receiver.default_timeout_ms = static_cast<int>(parse_int(flag, value(), 100, 86400000));
       else if (flag == "--secret-file")
         secret_file = value();
+      else if (flag == "--tls-cert")
+        opt.receiver.tls_cert = value();
+      else if (flag == "--tls-key")
+        opt.receiver.tls_key = value();
+      else if (flag == "--insecure")
+        opt.receiver.insecure = true;
       else if (flag == "--threads")
         threads = static_cast<int>(parse_int(flag, value(), 1, 4096));
       else if (flag == "--max-frame")
@@ -153,6 +167,9 @@ int main(int argc, char** argv) {
     opt.kv_transports = kv::receiver_transports(opt.receiver.payload);
     const ModelWeights w = load_model(model);
     decode::Decoder d(w, opt);
+    if (d.receiver().insecure_open())
+      std::fprintf(stderr, "mprefill-decoder: warning: %s\n",
+                   wire::insecure_warning(opt.receiver.listen_host, d.receiver().tls()).c_str());
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
     std::atomic<bool> done{false};

@@ -17,6 +17,7 @@ using mprefill::cli::UsageError;
 const char* kUsage =
     "usage: mpirun -np N mprefill-worker --coordinator HOST:PORT --model PATH [--tp T]\n"
     "                                    [--device cpu|cuda] [--group NAME] [--secret-file F]\n"
+    "                                    [--tls-ca F]\n"
     "                                    [--threads N] [--kv-streams S] [--page-tokens P]\n"
     "                                    [--comm-timeout-ms MS]\n"
     "                                    [--handoff-timeout-ms MS] [--connect-timeout-ms MS]\n"
@@ -33,6 +34,9 @@ const char* kUsage =
     "                           sent from the GPU by NCCL for kv_transport nccl jobs (one rank)\n"
     "  --group NAME             group name (default worker-HOSTNAME-PID)\n"
     "  --secret-file F          shared secret for the coordinator and decoder hellos\n"
+    "  --tls-ca F               verify TLS peers against the PEM CAs in F: a tls://\n"
+    "                           coordinator, and decoders whose KV port speaks TLS (their\n"
+    "                           --tls-cert); without it the hello proofs alone vouch for them\n"
     "  --threads N              CPU threads per rank (default: all cores or MPREFILL_THREADS)\n"
     "  --kv-streams S           TCP streams per rank to the decoder (default 1)\n"
     "  --page-tokens P          tokens per KV page (default 256; the decoder must agree)\n"
@@ -76,6 +80,8 @@ Args parse_args(int argc, char** argv) {
       o.group = r.value();
     else if (flag == "--secret-file")
       o.secret_file = r.value();
+    else if (flag == "--tls-ca")
+      o.tls_ca = r.value();
     else if (flag == "--threads")
       a.threads = int_value(1, 4096);
     else if (flag == "--kv-streams")

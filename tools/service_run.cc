@@ -3,20 +3,18 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <stdexcept>
 #include <thread>
 #include <vector>
 
 #include "coordinator/coordinator.h"
 #include "proto/hmac.h"
+#include "tools/service_children.h"
 #include "tools/service_client.h"
 
 namespace mprefill::cli {
@@ -32,71 +30,6 @@ std::string self_dir() {
   std::string p(buf, static_cast<size_t>(n));
   return p.substr(0, p.rfind('/'));
 }
-
-// A child in its own process group (so that mpirun and every rank it starts can be
-// signalled together); its stdout goes to our stderr (stdout stays clean for --json).
-struct Child {
-  std::string what;
-  pid_t pid = -1;
-  int status = 0;
-  bool exited = false;
-
-  void spawn(const std::vector<std::string>& args, const std::vector<std::string>& env_extra) {
-    std::vector<char*> argv;
-    for (const auto& s : args) argv.push_back(const_cast<char*>(s.c_str()));
-    argv.push_back(nullptr);
-    pid = ::fork();
-    if (pid < 0) throw std::runtime_error("fork failed for " + what + ": " + std::strerror(errno));
-    if (pid == 0) {
-      ::setpgid(0, 0);
-      ::dup2(STDERR_FILENO, STDOUT_FILENO);
-      signal(SIGINT, SIG_DFL);
-      signal(SIGTERM, SIG_DFL);
-      signal(SIGPIPE, SIG_DFL);
-      for (const auto& e : env_extra) ::putenv(const_cast<char*>(e.c_str()));
-      ::execvp(argv[0], argv.data());
-      std::fprintf(stderr, "mprefill: error: cannot run %s: %s\n", argv[0], std::strerror(errno));
-      ::_exit(127);
-    }
-    ::setpgid(pid, pid);  // also from the parent: no race with the signal below
-  }
-  // Non-blocking: true when it has exited (status recorded).
-  bool poll() {
-    if (pid <= 0 || exited) return exited;
-    const pid_t r = ::waitpid(pid, &status, WNOHANG);
-    if (r == pid) exited = true;
-    return exited;
-  }
-  std::string exit_text() const {
-    if (WIFEXITED(status)) return "exited with status " + std::to_string(WEXITSTATUS(status));
-    if (WIFSIGNALED(status)) return "killed by signal " + std::to_string(WTERMSIG(status));
-    return "ended";
-  }
-  // SIGTERM to the process group, up to grace_ms, then SIGKILL.
-  void stop(int grace_ms) {
-    if (pid <= 0 || poll()) return;
-    ::kill(-pid, SIGTERM);
-    const auto until = Clock::now() + std::chrono::milliseconds(grace_ms);
-    while (Clock::now() < until) {
-      if (poll()) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    ::kill(-pid, SIGKILL);  // stragglers of the group (ranks) even when the leader exited
-    if (!exited) {
-      ::waitpid(pid, &status, 0);
-      exited = true;
-    }
-  }
-};
-
-struct RunCleanup {
-  std::vector<Child*> children;
-  std::string secret_path;
-  ~RunCleanup() {
-    for (Child* c : children) c->stop(5000);
-    if (!secret_path.empty()) ::unlink(secret_path.c_str());
-  }
-};
 
 }  // namespace
 
@@ -162,6 +95,13 @@ int cmd_run(const ServiceArgs& a) {
     // CPU ranks share the cores: no binding, oversubscription allowed.
     for (const char* f : {"--oversubscribe", "--bind-to", "none"}) wargs.push_back(f);
   }
+  // Every rank is on this host: MPI stays off the network (issue 17). Shared memory only
+  // between ranks (each rank's TCP BTL listened on 0.0.0.0:1024+, and with it merely
+  // excluded the OFI BTL on the host address), the runtime's out-of-band channel on lo.
+  // OpenMPI 4.1's OOB listener in mpirun itself still binds the wildcard address whatever
+  // oob_tcp_if_include says (measured with ss): a host firewall closes that one.
+  for (const char* f : {"--mca", "btl", "self,vader", "--mca", "oob_tcp_if_include", "lo"})
+    wargs.push_back(f);
   if (::geteuid() == 0) wenv = {"OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"};
   for (const auto& s :
        std::vector<std::string>{bin + "/mprefill-worker", "--coordinator", addr, "--model", a.model,
@@ -170,6 +110,7 @@ int cmd_run(const ServiceArgs& a) {
     wargs.push_back(s);
   workers.spawn(wargs, wenv);
   cleanup.children.push_back(&workers);
+  cleanup.mpirun = &workers;
 
   auto children_ok = [&]() -> std::string {
     if (workers.poll()) return "the worker group (" + a.mpirun + ") " + workers.exit_text();
@@ -203,7 +144,10 @@ int cmd_run(const ServiceArgs& a) {
                           {"kv_transport", a.kv_transport.empty() ? "tcp" : a.kv_transport}};
   const int rc = print_outcome(o, a, p, tok, extra);
   c->close();
-  return rc;  // cleanup stops the children; the coordinator stops with its destructor
+  // The children stop while the coordinator still serves: none of them sees it vanish
+  // (which started their re-registration and held the exit for seconds).
+  cleanup.stop_children();
+  return rc;
 }
 
 }  // namespace mprefill::cli

@@ -143,13 +143,15 @@ v1::RankInfo parse_rank_info(int rank, const std::string& record) {
 
 std::unique_ptr<CoordinatorLink> register_group(const std::string& coordinator,
                                                 const std::string& secret,
-                                                const v1::WorkerRegister& reg, int timeout_ms) {
+                                                const v1::WorkerRegister& reg, int timeout_ms,
+                                                const std::string& tls_ca) {
   const std::string who = "coordinator " + coordinator + ": ";
   try {
     std::string host;
     uint16_t port = 0;
     wire::parse_host_port(coordinator, &host, &port);
-    auto conn = wire::Connection::connect(host, port, timeout_ms);
+    auto conn = wire::Connection::connect(host, port, timeout_ms, wire::kDefaultMaxFrame,
+                                          wire::TlsClientOptions{false, tls_ca});
     conn->client_handshake(v1::WORKER, reg.group(), secret, timeout_ms);
     v1::Envelope env;
     *env.mutable_worker_register() = reg;

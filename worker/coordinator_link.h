@@ -63,10 +63,12 @@ struct RegisterRefused : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Connects to coordinator (HOST:PORT), proves the secret, sends reg and waits for
-// WorkerRegistered, each step within timeout_ms. Errors name the coordinator.
+// Connects to coordinator (HOST:PORT, tls://HOST:PORT for TLS verified against tls_ca
+// when given), proves the secret, sends reg and waits for WorkerRegistered, each step
+// within timeout_ms. Errors name the coordinator.
 std::unique_ptr<CoordinatorLink> register_group(const std::string& coordinator,
                                                 const std::string& secret,
-                                                const v1::WorkerRegister& reg, int timeout_ms);
+                                                const v1::WorkerRegister& reg, int timeout_ms,
+                                                const std::string& tls_ca = "");
 
 }  // namespace mprefill::worker

@@ -33,6 +33,8 @@ std::unique_ptr<Handoff> make_handoff(const v1::Assignment& job, const HandoffPa
   ho.host = job.decoder().host();
   ho.port = static_cast<uint16_t>(job.decoder().port());
   ho.secret = p.secret;
+  ho.tls.enabled = job.decoder().tls();
+  ho.tls.ca_file = p.tls_ca;
   ho.name = "worker-rank-" + std::to_string(p.rank);
   ho.contract = p.contract;
   ho.timeout_ms = job.handoff_timeout_ms() > 0 ? static_cast<int>(job.handoff_timeout_ms())

@@ -22,6 +22,7 @@ using Handoff = kv::KvSender;
 struct HandoffParams {
   int rank = 0, local_rank = 0;  // world rank (sender rank), node-local rank (its GPU)
   std::string secret;
+  std::string tls_ca;  // verifies a TLS decoder's certificate (empty: the hello proof only)
   v1::KvContract contract;
   int default_timeout_ms = 30000;  // when the Assignment gives none
   int streams = 1;

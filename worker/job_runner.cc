@@ -51,6 +51,7 @@ bool prepare(const GroupContext& g, const v1::Assignment& job, JobSpec* spec,
     hp.rank = g.wi.rank;
     hp.local_rank = g.wi.local_rank;
     hp.secret = g.secret;
+    hp.tls_ca = g.opt->tls_ca;
     hp.contract = *g.contract;
     hp.default_timeout_ms = g.opt->handoff_timeout_ms;
     hp.streams = g.opt->streams;

@@ -13,6 +13,7 @@ struct WorkerOptions {
   std::string device = "cpu";  // the executor's backend: "cpu" | "cuda"
   std::string group;           // group name; empty: worker-HOSTNAME-PID
   std::string secret_file;     // shared secret of the coordinator and decoder hellos
+  std::string tls_ca;          // PEM CAs verifying TLS peers (tls:// coordinator, TLS decoders)
   int tp = 1;                  // tensor-parallel ranks (divides the ranks and the KV heads)
   int streams = 1;             // TCP streams per rank to the decoder
   int page_tokens = kDefaultPageTokens;  // tokens per KV page (the decoder must agree)

@@ -132,7 +132,7 @@ class Service {
     *r.mutable_kv() = contract_;
     for (const std::string& t : served_kv_transports(*exec_)) r.add_kv_transports(t);
     try {
-      link_ = register_group(o_.coordinator, secret_, r, timeout_ms);
+      link_ = register_group(o_.coordinator, secret_, r, timeout_ms, o_.tls_ca);
     } catch (const RegisterRefused& e) {
       *refused = true;
       return e.what();

@@ -107,7 +107,7 @@ NcclKvSink::NcclKvSink(KvHandoffOptions opt, int device) : impl_(std::make_uniqu
         throw std::runtime_error("cudaEventCreate failed");
     ncclUniqueId id;
     if (ncclGetUniqueId(&id) != ncclSuccess) throw std::runtime_error("ncclGetUniqueId failed");
-    I.conn = wire::Connection::connect(o.host, o.port, o.timeout_ms);
+    I.conn = wire::Connection::connect(o.host, o.port, o.timeout_ms, wire::kDefaultMaxFrame, o.tls);
     I.conn->client_handshake(v1::WORKER, o.name, o.secret, o.timeout_ms);
     v1::Envelope env;
     auto* h = env.mutable_kv_hello();

@@ -498,6 +498,15 @@ TEST(Coordinator, RunsAJobThroughEveryState) {
   EXPECT_EQ(sd.start_decode().job_id(), id);
   EXPECT_EQ(sd.start_decode().first_token_id(), 306);
   EXPECT_EQ(job_status(s.coord, id).state(), v1::HANDING_OFF);
+  auto ho = recv_until(*cl, [](auto& e) { return e.has_progress(); });
+  EXPECT_EQ(ho.progress().state(), v1::HANDING_OFF);
+  // The decoder has the whole KV and decodes: DECODING until DecodeDone (issue 17).
+  v1::Envelope ds;
+  ds.mutable_decode_started()->set_job_id(id);
+  s.dec->send_msg(ds);
+  auto dp = recv_until(*cl, [](auto& e) { return e.has_progress(); });
+  EXPECT_EQ(dp.progress().state(), v1::DECODING);
+  EXPECT_EQ(job_status(s.coord, id).state(), v1::DECODING);
 
   v1::Envelope dd;
   auto* d = dd.mutable_decode_done();

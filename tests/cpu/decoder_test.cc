@@ -165,6 +165,9 @@ class DecoderTest : public ::testing::Test {
     start.mutable_start_decode()->set_first_token_id(first.id);
     start.mutable_start_decode()->set_first_token_logit(first.logit);
     decoder_->handle(start);
+    EXPECT_TRUE(out_.pop(&env));  // the KV is complete: the coordinator's DECODING
+    EXPECT_TRUE(env.has_decode_started()) << env.ShortDebugString();
+    EXPECT_EQ(env.decode_started().job_id(), job);
     EXPECT_TRUE(out_.pop(&env));
     EXPECT_TRUE(env.has_decode_done()) << env.ShortDebugString();
     return env.decode_done();
@@ -308,6 +311,8 @@ TEST_F(DecoderTest, Bf16ModelKeepsBf16Kv) {
   start.mutable_start_decode()->set_job_id(60);
   start.mutable_start_decode()->set_first_token_id(first);
   dec.handle(start);
+  ASSERT_TRUE(out.pop(&env));
+  ASSERT_TRUE(env.has_decode_started()) << env.ShortDebugString();
   ASSERT_TRUE(out.pop(&env));
   ASSERT_TRUE(env.has_decode_done()) << env.ShortDebugString();
   const std::vector<int> got(env.decode_done().generated_ids().begin(),

@@ -4,8 +4,12 @@
 // is left, and nothing leaks (group freed, decoder room returned, worker memory back).
 // Long jobs: random:tiny at 4096 tokens on 2 ranks, seconds of CPU prefill per layer, so
 // kills land mid-job (after the first layer's progress and KV handoff).
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <thread>
@@ -285,4 +289,58 @@ TEST(Faults, ClientDisconnectDoesNotLeakItsJobs) {
       << co.proc->log() << g->log();
   EXPECT_NE(job_status(co.port, running).error().find("client disconnected"), std::string::npos);
   expect_good_job(co.port, "a client that disconnected");
+}
+
+// Issue 17 rough edge: a decoder signalled while it registers (here with a coordinator
+// port that accepts TCP but never answers) stops at once and exits 0; before, it sat in
+// the hello for its whole 10 s I/O timeout and was killed.
+TEST(Faults, DecoderStopsAtOnceWhileRegistering) {
+  const std::string dir = h::make_dir("dec-stop");
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::listen(fd, 8), 0);  // never accept(): the kernel completes the connect
+  ASSERT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  const std::string addr = "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+  auto dec = h::start_decoder(dir, addr, kModel, "d-stop", "");
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // model loaded, in the hello
+  ASSERT_TRUE(dec->running()) << dec->log();
+  const auto t0 = Clock::now();
+  dec->signal_group(SIGTERM);
+  int status = -1;
+  ASSERT_TRUE(dec->wait_exit(5000, &status)) << dec->log();
+  const double s = seconds_since(t0);
+  ::close(fd);
+  EXPECT_EQ(status, 0) << dec->log();
+  EXPECT_LT(s, 1.0) << dec->log();
+  EXPECT_EQ(dec->log().find("error"), std::string::npos) << dec->log();
+}
+
+// Issue 17 rough edge: `mprefill run` ends within 1 s of printing the result, exit 0, with
+// no re-registration (it stops the decoder and the ranks while its coordinator still
+// serves; mpirun exits 0 with its ranks). Before: ~7 s, "re-registering ... within 60 s".
+TEST(Faults, RunExitsPromptlyAfterTheResult) {
+  const std::string dir = h::make_dir("run-exit");
+  h::Proc run({h::bin("mprefill"), "run", "--model", kModel, "--prompt-ids", "5,6,7,8", "--decode",
+               "2", "--json", "--mpirun", MPREFILL_MPIEXEC},
+              dir + "/run.log");
+  Clock::time_point t_result{};
+  const auto until = Clock::now() + std::chrono::seconds(120);
+  while (Clock::now() < until && t_result == Clock::time_point{}) {
+    if (run.log().find("\"status\":\"DONE\"") != std::string::npos) t_result = Clock::now();
+    if (!run.running()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_NE(t_result, Clock::time_point{}) << run.log();
+  int status = -1;
+  ASSERT_TRUE(run.wait_exit(10000, &status)) << run.log();
+  const double s = seconds_since(t_result);
+  EXPECT_EQ(status, 0) << run.log();
+  EXPECT_LT(s, 1.0) << run.log();
+  EXPECT_EQ(run.log().find("re-registering"), std::string::npos) << run.log();
+  EXPECT_EQ(run.log().find("error"), std::string::npos) << run.log();
 }

@@ -8,6 +8,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
@@ -398,4 +399,115 @@ TEST(Security, RunTakesASparseConfigByNameFromItsConfigDir) {
   EXPECT_EQ(mprefill::test::run_command(run + " --sparse nope 2>&1", &out), 1) << out;
   EXPECT_NE(out.find("INVALID_ARGUMENT: sparse config 'nope': no such config"), std::string::npos)
       << out;
+}
+
+namespace {
+
+// A listening TCP socket: its address as text, whether it is loopback, and its port.
+struct Listening {
+  std::string addr;
+  bool loopback = false;
+  unsigned port = 0;
+};
+
+// Listening sockets (/proc/net/tcp and tcp6, st 0A) by inode.
+std::map<std::string, Listening> listening_sockets() {
+  std::map<std::string, Listening> out;
+  for (const char* file : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::ifstream f(file);
+    std::string line;
+    std::getline(f, line);  // header
+    while (std::getline(f, line)) {
+      std::istringstream is(line);
+      std::string sl, local, remote, st, txq, tr, retr, uid, timeout, inode;
+      is >> sl >> local >> remote >> st >> txq >> tr >> retr >> uid >> timeout >> inode;
+      const size_t colon = local.find(':');
+      if (st != "0A" || colon == std::string::npos) continue;
+      Listening l;
+      l.addr = local.substr(0, colon);
+      l.port = static_cast<unsigned>(std::stoul(local.substr(colon + 1), nullptr, 16));
+      // Hex of the raw address words in host order: IPv4 127.x.x.x ends in 7F; IPv6 ::1
+      // is 0...0 01000000; an IPv4-mapped ::ffff:127.x.x.x ends in FFFF0000 ..7F.
+      l.loopback =
+          (l.addr.size() == 8 && l.addr.substr(6) == "7F") ||
+          l.addr == "00000000000000000000000001000000" ||
+          (l.addr.size() == 32 && l.addr.substr(16, 8) == "FFFF0000" && l.addr.substr(30) == "7F");
+      out[inode] = l;
+    }
+  }
+  return out;
+}
+
+// The listening sockets a process holds (its /proc/PID/fd links "socket:[INODE]").
+std::vector<Listening> listeners_of(pid_t pid, const std::map<std::string, Listening>& all) {
+  std::vector<Listening> out;
+  std::error_code ec;
+  for (const auto& e :
+       std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
+    const std::string link = std::filesystem::read_symlink(e.path(), ec).string();
+    if (link.rfind("socket:[", 0) != 0) continue;
+    auto it = all.find(link.substr(8, link.size() - 9));
+    if (it != all.end()) out.push_back(it->second);
+  }
+  return out;
+}
+
+std::string describe(const std::vector<Listening>& ls) {
+  std::string s;
+  for (const auto& l : ls) s += l.addr + ":" + std::to_string(l.port) + " ";
+  return s;
+}
+
+}  // namespace
+
+// Issue 17 item 7: during `mprefill run` (every rank on this host) MPI stays off the
+// network: the ranks listen on nothing (shared memory between them; before, each rank's
+// TCP BTL listened on 0.0.0.0:1024+), the decoder and the in-process coordinator only on
+// loopback, and no child holds the coordinator's listening socket (it was inherited by
+// the decoder and mpirun). mpirun's own OOB listener binds the wildcard address in
+// OpenMPI 4.1 whatever oob_tcp_if_include says: not asserted (see launch/serve.sh).
+TEST(Security, RunKeepsMpiOffTheNetwork) {
+  const std::string dir = h::make_dir("run-lo");
+  std::string ids;
+  for (int i = 0; i < 3000; ++i) {
+    if (i) ids += ',';
+    ids += std::to_string(3 + (i * 7919) % 250);
+  }
+  h::Proc run({h::bin("mprefill"), "run", "--model", kModel, "--ranks", "2", "--prompt-ids", ids,
+               "--decode", "2", "--json", "--mpirun", MPREFILL_MPIEXEC},
+              dir + "/run.log");
+  // Once the group registered, the ranks are up and connected to each other.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (std::chrono::steady_clock::now() < until &&
+         run.log().find("group 'run' registered") == std::string::npos && run.running())
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  ASSERT_NE(run.log().find("group 'run' registered"), std::string::npos) << run.log();
+  const auto all = listening_sockets();
+  const auto own = listeners_of(run.pid(), all);
+  pid_t mpirun = -1, decoder = -1;
+  for (pid_t c : h::children_of(run.pid())) {  // the decoder, and the launcher (mpiexec)
+    const std::string comm = h::read_file("/proc/" + std::to_string(c) + "/comm");
+    (comm.rfind("mprefill-decode", 0) == 0 ? decoder : mpirun) = c;
+  }
+  ASSERT_GT(mpirun, 0) << run.log();
+  ASSERT_GT(decoder, 0) << run.log();
+  const auto ranks = h::children_of(mpirun);
+  ASSERT_EQ(ranks.size(), 2u) << run.log();
+  ASSERT_FALSE(own.empty());  // the coordinator's service port
+  for (const auto& l : own) EXPECT_TRUE(l.loopback) << "mprefill: " << describe(own);
+  const auto dec = listeners_of(decoder, all);
+  EXPECT_EQ(dec.size(), 1u) << "decoder (its KV port only): " << describe(dec);
+  for (const auto& l : dec) EXPECT_TRUE(l.loopback) << "decoder: " << describe(dec);
+  for (pid_t r : ranks) {
+    const auto rl = listeners_of(r, all);
+    EXPECT_TRUE(rl.empty()) << "rank pid " << r << " listens on " << describe(rl);
+  }
+  const auto ml = listeners_of(mpirun, all);
+  for (const auto& o : own)
+    for (const auto& m : ml)
+      EXPECT_NE(m.port, o.port) << "mpirun holds the coordinator's port " << o.port;
+  int status = -1;
+  ASSERT_TRUE(run.wait_exit(120000, &status)) << run.log();
+  EXPECT_EQ(status, 0) << run.log();
+  EXPECT_NE(run.log().find("\"status\":\"DONE\""), std::string::npos) << run.log();
 }

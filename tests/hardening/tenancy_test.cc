@@ -735,3 +735,118 @@ TEST(Tls, ServiceOverTlsWithProofsBoundToTheChannel) {
   EXPECT_NE(out.find("\nmprefill_insecure 0"), std::string::npos) << out;
   EXPECT_NE(mprefill::test::run_command("curl -s --max-time 5 http://" + murl, &out), 0);
 }
+
+// Issue 17 leftover: TLS on the decoder's KV port. Beyond loopback it follows the
+// coordinator's rule; with --tls-cert the workers' KV crosses over TLS 1.3 (verified with
+// their --tls-ca), the stream proofs cover the exporter, a plain-TCP peer is told in one
+// line that the port speaks TLS, a certificate the CA does not vouch for is refused, and
+// the decoder serves on after each.
+TEST(Tls, DecoderKvPortOverTls) {
+  const std::string dir = h::make_dir("kv-tls");
+  ASSERT_EQ(make_cert(dir, "server"), "");
+  ASSERT_EQ(make_cert(dir, "other"), "");
+  Keys k(dir);
+  const std::string cert = dir + "/server.pem", key = dir + "/server.key";
+  {  // Beyond loopback: TLS, then credentials, are required (or --insecure).
+    const std::string dec = h::bin("mprefill-decoder") + " --coordinator 127.0.0.1:1 --model " +
+                            kModel + " --threads 1 --reconnect-s 0 --listen 0.0.0.0:0";
+    std::string out;
+    EXPECT_EQ(mprefill::test::run_command(dec + " 2>&1", &out), 1) << out;
+    EXPECT_NE(out.find("decoder: --listen 0.0.0.0 is beyond loopback: TLS is required "
+                       "(--tls-cert, --tls-key), or --insecure"),
+              std::string::npos)
+        << out;
+    EXPECT_EQ(count_lines(out, {"error"}), 1) << out;
+    const std::string tls = " --tls-cert " + cert + " --tls-key " + key;
+    EXPECT_EQ(mprefill::test::run_command(dec + tls + " 2>&1", &out), 1) << out;
+    EXPECT_NE(out.find("credentials are required in addition to TLS (--secret-file)"),
+              std::string::npos)
+        << out;
+    EXPECT_EQ(mprefill::test::run_command(dec + " --insecure 2>&1", &out), 1) << out;
+    EXPECT_NE(out.find("warning: --insecure: 0.0.0.0 is beyond loopback without TLS"),
+              std::string::npos)
+        << out;
+    EXPECT_EQ(mprefill::test::run_command(dec + " --tls-cert " + cert + " 2>&1", &out), 1) << out;
+    EXPECT_NE(out.find("--tls-cert and --tls-key go together"), std::string::npos) << out;
+  }
+  h::Coordinator co(dir, k.args());
+  auto dec = h::start_decoder(dir, co.addr(), kModel, "d0", k.infra_file,
+                              {"--tls-cert", cert, "--tls-key", key});
+  auto wrk = h::start_workers(dir, co.addr(), kModel, 1, "g0", k.infra_file, {"--tls-ca", cert});
+  ASSERT_TRUE(wait_keyed(k, co.port, 1, 1, 120000)) << co.proc->log() << dec->log() << wrk->log();
+  std::string ep;
+  {
+    auto root = k.client(co.port, "root");
+    auto r = root.status(0, 5000);
+    ASSERT_EQ(r.decoders_size(), 1);
+    ep = r.decoders(0).endpoint();
+  }
+  ASSERT_EQ(ep.rfind("tls://127.0.0.1:", 0), 0u) << ep;
+  const uint16_t kv_port = static_cast<uint16_t>(std::stoi(ep.substr(ep.rfind(':') + 1)));
+  auto run_job = [&](int tokens) {
+    auto alice = k.client(co.port, "alice");
+    v1::JobAccepted acc;
+    v1::Error err;
+    if (!alice.submit(h::tiny_job(tokens, 2), &acc, &err)) return "refused: " + err.message();
+    v1::JobResult res;
+    if (!alice.wait_result(acc.job_id(), &res, &err, 60000)) return "failed: " + err.message();
+    if (res.state() != v1::DONE || res.kv_bytes_handed_off() == 0)
+      return "state " + v1::JobState_Name(res.state());
+    return std::string("DONE");
+  };
+  EXPECT_EQ(run_job(37), "DONE") << dec->log() << wrk->log();
+
+  // A worker's stream proof without the TLS exporter is refused; with it, accepted.
+  for (bool bound : {false, true}) {
+    auto c = wire::Connection::connect("127.0.0.1", kv_port, 5000, wire::kDefaultMaxFrame,
+                                       wire::TlsClientOptions{true, cert});
+    ASSERT_EQ(c->channel_binding().size(), 32u);
+    v1::Envelope sh;
+    ASSERT_TRUE(c->recv(&sh, 5000));
+    ASSERT_TRUE(sh.has_server_hello());
+    v1::Envelope e;
+    e.set_version(wire::kProtocolVersion);
+    auto* ch = e.mutable_client_hello();
+    ch->set_version(wire::kProtocolVersion);
+    ch->set_role(v1::WORKER);
+    ch->set_client_nonce(wire::random_nonce());
+    ch->set_proof(wire::hello_proof(k.infra, wire::binding_of(*ch, sh.server_hello().nonce(),
+                                                              bound ? c->channel_binding() : "")));
+    c->send(e, 5000);
+    v1::Envelope ans;
+    ASSERT_TRUE(c->recv(&ans, 5000));
+    if (bound) {
+      EXPECT_TRUE(ans.has_hello_accepted()) << ans.ShortDebugString();
+    } else {
+      ASSERT_TRUE(ans.has_error()) << ans.ShortDebugString();
+      EXPECT_EQ(ans.error().code(), v1::UNAUTHENTICATED);
+    }
+  }
+
+  // Plain TCP to the TLS port: the peer is told why, in one line, within the hello bound.
+  {
+    auto c = wire::Connection::connect("127.0.0.1", kv_port, 5000);
+    const auto t0 = Clock::now();
+    try {
+      c->client_handshake(v1::WORKER, "plain-peer", k.infra, 10000);
+      ADD_FAILURE() << "a plain-TCP hello to a TLS KV port was accepted";
+    } catch (const wire::WireError& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("this port speaks TLS 1.3: connect with TLS"), std::string::npos) << what;
+      EXPECT_EQ(what.find('\n'), std::string::npos) << what;
+    }
+    EXPECT_LT(ms_since(t0), 4000.0);  // the KV port's pre-hello deadline (2 s)
+  }
+  // A certificate the CA file does not vouch for.
+  try {
+    wire::Connection::connect("127.0.0.1", kv_port, 5000, wire::kDefaultMaxFrame,
+                              wire::TlsClientOptions{true, dir + "/other.pem"});
+    ADD_FAILURE() << "a TLS connection to an untrusted certificate was accepted";
+  } catch (const wire::WireError& e) {
+    EXPECT_NE(std::string(e.what()).find("certificate not trusted"), std::string::npos) << e.what();
+  }
+  // The decoder served on; one refusal line per bad peer (rate limit: a second apart).
+  EXPECT_EQ(run_job(41), "DONE") << dec->log() << wrk->log();
+  EXPECT_EQ(count_lines(dec->log(), {"plain TCP to a TLS port"}), 1) << dec->log();
+  EXPECT_TRUE(dec->running());
+}

@@ -1,4 +1,4 @@
-#include "proto/tls_client.h"
+#include "proto/tls.h"
 
 #include <arpa/inet.h>
 #include <openssl/err.h>
@@ -62,10 +62,56 @@ class NoSigpipe {
 
 }  // namespace
 
-TlsClient::TlsClient(int fd, const std::string& host, const std::string& ca_file) {
+void configure_tls_server(void* ssl_ctx, const std::string& cert, const std::string& key,
+                          const std::string& who) {
+  SSL_CTX* ctx = static_cast<SSL_CTX*>(ssl_ctx);
+  SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+  SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  ERR_clear_error();
+  if (SSL_CTX_use_certificate_chain_file(ctx, cert.c_str()) != 1)
+    throw std::runtime_error(ssl_reason((who + ": --tls-cert " + cert).c_str()));
+  if (SSL_CTX_use_PrivateKey_file(ctx, key.c_str(), SSL_FILETYPE_PEM) != 1)
+    throw std::runtime_error(ssl_reason((who + ": --tls-key " + key).c_str()));
+  if (SSL_CTX_check_private_key(ctx) != 1)
+    throw std::runtime_error(
+        ssl_reason((who + ": --tls-key " + key + " does not match --tls-cert " + cert).c_str()));
+}
+
+TlsServerContext::TlsServerContext(const std::string& cert, const std::string& key,
+                                   const std::string& who) {
+  SSL_CTX* ctx = SSL_CTX_new(TLS_server_method());
+  if (!ctx) throw std::runtime_error(ssl_reason((who + ": cannot create a TLS context").c_str()));
+  ctx_ = ctx;
+  configure_tls_server(ctx, cert, key, who);
+}
+
+TlsServerContext::~TlsServerContext() { SSL_CTX_free(static_cast<SSL_CTX*>(ctx_)); }
+
+bool check_listen_security(const ListenSecurity& s) {
+  if (s.loopback) return false;
+  if (s.insecure) return !s.tls || !s.credentials;
+  if (!s.tls)
+    throw std::invalid_argument(
+        s.where + " is beyond loopback: TLS is required (--tls-cert, --tls-key), or --insecure");
+  if (!s.credentials)
+    throw std::invalid_argument(s.where +
+                                " is beyond loopback: credentials are required in addition to "
+                                "TLS (" +
+                                s.credential_flags + "), or --insecure");
+  return false;
+}
+
+std::string insecure_warning(const std::string& host, bool tls) {
+  return "--insecure: " + host + " is beyond loopback without " + (tls ? "credentials" : "TLS") +
+         "; anyone on the network can read and forge traffic";
+}
+
+std::unique_ptr<TlsSession> TlsSession::client(int fd, const std::string& host,
+                                               const std::string& ca_file) {
+  std::unique_ptr<TlsSession> t(new TlsSession());
   SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
   if (!ctx) throw std::runtime_error(ssl_reason("cannot create a TLS context"));
-  ctx_ = ctx;
+  t->ctx_ = ctx;
   SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
   SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
   if (!ca_file.empty()) {
@@ -75,7 +121,7 @@ TlsClient::TlsClient(int fd, const std::string& host, const std::string& ca_file
   }
   SSL* ssl = SSL_new(ctx);
   if (!ssl) throw std::runtime_error(ssl_reason("cannot create a TLS session"));
-  ssl_ = ssl;
+  t->ssl_ = ssl;
   SSL_set_fd(ssl, fd);
   SSL_set_connect_state(ssl);
   if (!is_ip(host)) SSL_set_tlsext_host_name(ssl, host.c_str());
@@ -85,14 +131,26 @@ TlsClient::TlsClient(int fd, const std::string& host, const std::string& ca_file
                     : SSL_set1_host(ssl, host.c_str()) != 1)
       throw std::runtime_error(ssl_reason("cannot set the name to verify"));
   }
+  return t;
 }
 
-TlsClient::~TlsClient() {
+std::unique_ptr<TlsSession> TlsSession::server(int fd, const TlsServerContext& ctx) {
+  std::unique_ptr<TlsSession> t(new TlsSession());
+  t->server_ = true;
+  SSL* ssl = SSL_new(static_cast<SSL_CTX*>(ctx.native()));
+  if (!ssl) throw std::runtime_error(ssl_reason("cannot create a TLS session"));
+  t->ssl_ = ssl;
+  SSL_set_fd(ssl, fd);
+  SSL_set_accept_state(ssl);
+  return t;
+}
+
+TlsSession::~TlsSession() {
   SSL_free(static_cast<SSL*>(ssl_));
-  SSL_CTX_free(static_cast<SSL_CTX*>(ctx_));
+  SSL_CTX_free(static_cast<SSL_CTX*>(ctx_));  // nullptr on the server end: the listener's
 }
 
-bool TlsClient::handshake(int* wait) {
+bool TlsSession::handshake(int* wait) {
   std::lock_guard<std::mutex> lk(mu_);
   NoSigpipe no_sigpipe;
   SSL* ssl = static_cast<SSL*>(ssl_);
@@ -104,6 +162,7 @@ bool TlsClient::handshake(int* wait) {
     *wait = e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT;
     return false;
   }
+  if (server_) throw std::runtime_error(ssl_reason("handshake failed (not a TLS client?)"));
   const long v = SSL_get_verify_result(ssl);
   if (v != X509_V_OK)
     throw std::runtime_error(std::string("certificate not trusted: ") +
@@ -111,7 +170,13 @@ bool TlsClient::handshake(int* wait) {
   throw std::runtime_error(ssl_reason("handshake failed (not a TLS server?)"));
 }
 
-size_t TlsClient::io(bool write, char* data, size_t n, int* wait, boost::system::error_code* ec) {
+uint64_t TlsSession::bytes_read() {
+  std::lock_guard<std::mutex> lk(mu_);
+  BIO* rbio = SSL_get_rbio(static_cast<SSL*>(ssl_));
+  return rbio ? BIO_number_read(rbio) : 0;
+}
+
+size_t TlsSession::io(bool write, char* data, size_t n, int* wait, boost::system::error_code* ec) {
   std::lock_guard<std::mutex> lk(mu_);
   NoSigpipe no_sigpipe;
   SSL* ssl = static_cast<SSL*>(ssl_);
@@ -132,7 +197,7 @@ size_t TlsClient::io(bool write, char* data, size_t n, int* wait, boost::system:
   return 0;
 }
 
-std::string TlsClient::exporter(const char* label) {
+std::string TlsSession::exporter(const char* label) {
   std::lock_guard<std::mutex> lk(mu_);
   unsigned char out[32];
   if (SSL_export_keying_material(static_cast<SSL*>(ssl_), out, sizeof(out), label,
