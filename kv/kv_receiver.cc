@@ -591,7 +591,8 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
         for (auto& f : fails) f();
         return drain_and_close(s->conn.get(), kNotifyTimeoutMs);
       }
-      handle_page(*s, job, page, /*bf16_ok=*/false, /*in_place=*/true);
+      // bf16 pages may have been widened into an fp32 contract's region (ipc).
+      handle_page(*s, job, page, /*bf16_ok=*/true, /*in_place=*/true);
     } else if (is_page && payload) {
       try {
         payload->fetch(page.header, &fk, &fv);

@@ -47,9 +47,12 @@ void wait_event(cudaEvent_t ev, int timeout_ms, const std::string& what) {
 
 // The page's pieces for kvsum (contiguous runs of its heads inside region rows); a full
 // batch is launched on `stream` first.
+// A bf16 page in an fp32 region (widened by the sender) is summed as the bf16 it was.
 void add_pieces(const IpcRegionLayout& L, const char* base, const v1::KvPageHeader& h, bool v,
                 uint32_t* out, kvsum::PageSumBatch* b, cudaStream_t stream) {
-  const uint32_t hw = static_cast<uint32_t>(L.head_dim * L.elem_bytes / 4);  // words per head
+  const bool widened = h.dtype() == v1::BF16 && L.elem_bytes == 4;
+  const int page_elem = widened ? 2 : L.elem_bytes;
+  const uint32_t hw = static_cast<uint32_t>(L.head_dim * page_elem / 4);  // words per head
   const uint32_t packed_row = hw * static_cast<uint32_t>(h.kv_heads_size());
   for (int j0 = 0; j0 < h.kv_heads_size();) {
     int j1 = j0 + 1;
@@ -66,6 +69,7 @@ void add_pieces(const IpcRegionLayout& L, const char* base, const v1::KvPageHead
     p.packed_row_words = packed_row;
     p.packed_base_words = hw * static_cast<uint32_t>(j0);
     p.out = out;
+    p.widened = widened;
     j0 = j1;
   }
 }
@@ -268,6 +272,11 @@ class IpcPayloadSource final : public PagePayloadSource {
     if (h.token_begin() < 0 || h.token_end() <= h.token_begin() || h.token_end() > L.n_tokens)
       bad("tokens outside the job's");
     if (h.head_dim() != L.head_dim) bad("head_dim is not the contract's");
+    const bool same =
+        (h.dtype() == v1::BF16 && L.elem_bytes == 2) || (h.dtype() == v1::F32 && L.elem_bytes == 4);
+    const bool widened = h.dtype() == v1::BF16 && L.elem_bytes == 4;
+    if (!same && !widened) bad("dtype is neither the contract's nor bf16 widened into it");
+    if (h.head_dim() % 2 != 0) bad("odd head_dim");
     if (h.kv_heads_size() < 1) bad("no KV heads");
     for (int j = 0; j < h.kv_heads_size(); ++j)
       if (h.kv_heads(j) < 0 || h.kv_heads(j) >= L.n_kv_heads ||

@@ -197,7 +197,10 @@ void IpcKvSink::put(const KvSlice& s) {
   auto give_up = [&](const std::string& msg) { I.give_up(msg); };
   std::string bad =
       I.slice_problem(s, true, "the IPC handoff copies device slices; this one is on the host");
-  if (bad.empty() && to_proto(s.dtype) != I.opt.contract.kv_dtype())
+  // The region holds the contract's dtype: a slice of it is copied as is, a bf16 slice on an
+  // fp32 contract is widened (exactly) on the way.
+  const bool widen = s.dtype == DType::kBF16 && I.opt.contract.kv_dtype() == v1::F32;
+  if (bad.empty() && to_proto(s.dtype) != I.opt.contract.kv_dtype() && !widen)
     bad = std::string("the IPC handoff copies KV in the contract's dtype (") +
           v1::DType_Name(I.opt.contract.kv_dtype()) + "); this slice is " + to_string(s.dtype);
   if (!bad.empty()) return give_up(bad);
@@ -242,6 +245,11 @@ void IpcKvSink::put(const KvSlice& s) {
   const size_t head_bytes = static_cast<size_t>(s.head_dim) * esz;
   const size_t row_bytes = s.kv_heads.size() * head_bytes;
   const uint32_t row_words = static_cast<uint32_t>(row_bytes / 4);
+  if (head_bytes % 4 != 0)
+    return give_up(
+        "the IPC handoff's page checksums need head_dim x dtype bytes to be a "
+        "multiple of 4, got " +
+        std::to_string(head_bytes));
   const bool all_heads = static_cast<int>(s.kv_heads.size()) == L.n_kv_heads;
   const char* k = static_cast<const char*>(s.k);
   const char* v = static_cast<const char*>(s.v);
@@ -296,7 +304,7 @@ void IpcKvSink::put(const KvSlice& s) {
     const size_t rows = static_cast<size_t>(te - tb);
     for (int t = 0; t < 2 && err.empty(); ++t) {
       const char* src = (t == 0 ? k : v) + static_cast<size_t>(row0) * row_bytes;
-      if (all_heads) {
+      if (all_heads && !widen) {
         ok(cudaMemcpyAsync(I.region + L.kv_offset(layer, t == 1, tb, 0), src, rows * row_bytes,
                            cudaMemcpyDeviceToDevice, st),
            "cudaMemcpyAsync into the decoder's region");
@@ -305,10 +313,16 @@ void IpcKvSink::put(const KvSlice& s) {
       for (size_t j0 = 0; j0 < s.kv_heads.size() && err.empty();) {
         size_t j1 = j0 + 1;
         while (j1 < s.kv_heads.size() && s.kv_heads[j1] == s.kv_heads[j1 - 1] + 1) ++j1;
-        ok(cudaMemcpy2DAsync(I.region + L.kv_offset(layer, t == 1, tb, s.kv_heads[j0]),
-                             L.row_bytes(), src + j0 * head_bytes, row_bytes,
-                             (j1 - j0) * head_bytes, rows, cudaMemcpyDeviceToDevice, st),
-           "cudaMemcpy2DAsync into the decoder's region");
+        char* dst = I.region + L.kv_offset(layer, t == 1, tb, s.kv_heads[j0]);
+        if (widen)
+          ok(kvsum::launch_widen_bf16_rows(dst, L.row_bytes(), src + j0 * head_bytes, row_bytes,
+                                           static_cast<uint32_t>(rows),
+                                           static_cast<uint32_t>((j1 - j0) * s.head_dim), st),
+             "widening copy into the decoder's region");
+        else
+          ok(cudaMemcpy2DAsync(dst, L.row_bytes(), src + j0 * head_bytes, row_bytes,
+                               (j1 - j0) * head_bytes, rows, cudaMemcpyDeviceToDevice, st),
+             "cudaMemcpy2DAsync into the decoder's region");
         j0 = j1;
       }
     }

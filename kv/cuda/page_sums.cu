@@ -14,8 +14,14 @@ __global__ void page_sums_kernel(PageSumBatch b) {
   for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += uint64_t(gridDim.x) * blockDim.x) {
     const uint64_t r = i / p.width_words, c = i % p.width_words;
-    const uint32_t w =
-        *reinterpret_cast<const uint32_t*>(static_cast<const char*>(p.src) + r * p.pitch + c * 4);
+    uint32_t w;
+    if (p.widened) {
+      const uint2 f =
+          *reinterpret_cast<const uint2*>(static_cast<const char*>(p.src) + r * p.pitch + c * 8);
+      w = (f.x >> 16) | (f.y & 0xffff0000u);
+    } else {
+      w = *reinterpret_cast<const uint32_t*>(static_cast<const char*>(p.src) + r * p.pitch + c * 4);
+    }
     const uint64_t packed = r * p.packed_row_words + p.packed_base_words + c;
     acc += w * static_cast<uint32_t>(2 * packed + 1);
   }
@@ -31,7 +37,29 @@ __global__ void page_sums_kernel(PageSumBatch b) {
   }
 }
 
+__global__ void widen_kernel(char* dst, uint64_t dpitch, const char* src, uint64_t spitch,
+                             uint32_t rows, uint32_t width) {
+  const uint64_t total = uint64_t(rows) * width;
+  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += uint64_t(gridDim.x) * blockDim.x) {
+    const uint64_t r = i / width, c = i % width;
+    const uint16_t h = *reinterpret_cast<const uint16_t*>(src + r * spitch + c * 2);
+    *reinterpret_cast<uint32_t*>(dst + r * dpitch + c * 4) = uint32_t(h) << 16;
+  }
+}
+
 }  // namespace
+
+cudaError_t launch_widen_bf16_rows(void* dst, uint64_t dpitch, const void* src, uint64_t spitch,
+                                   uint32_t rows, uint32_t width, cudaStream_t stream) {
+  const uint64_t total = uint64_t(rows) * width;
+  if (total == 0) return cudaSuccess;
+  uint64_t blocks = (total + 4 * kThreads - 1) / (4 * kThreads);
+  blocks = blocks < 1 ? 1 : (blocks > 4096 ? 4096 : blocks);
+  widen_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      static_cast<char*>(dst), dpitch, static_cast<const char*>(src), spitch, rows, width);
+  return cudaGetLastError();
+}
 
 cudaError_t launch_page_sums(const PageSumBatch& b, cudaStream_t stream) {
   if (b.n <= 0) return cudaSuccess;

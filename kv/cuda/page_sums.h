@@ -22,6 +22,10 @@ struct PageSumPiece {
   uint32_t packed_row_words = 0;   // u32 words of one row of the packed page
   uint32_t packed_base_words = 0;  // where a row of the piece starts inside a packed row
   uint32_t* out = nullptr;         // device u32 the piece's sum is added to (zeroed first)
+  // The piece holds fp32 values widened from bf16 (an fp32 region fed by bf16 slices): each
+  // word is read as two fp32 values, narrowed back to bf16 (exact), low value first; pitch
+  // is in bytes of the fp32 rows, width_words counts bf16 words.
+  bool widened = false;
 };
 
 constexpr int kMaxPieces = 64;  // per launch: 64 x 40 bytes of kernel parameters
@@ -33,6 +37,11 @@ struct PageSumBatch {
 
 // Adds each piece's weighted sum into its out on `stream` (no allocation, no sync).
 cudaError_t launch_page_sums(const PageSumBatch& batch, cudaStream_t stream);
+
+// dst[r][c] = fp32(src[r][c]) for rows x width bf16 values (pitches in bytes) on `stream`:
+// how a bf16 slice lands in an fp32 region, exactly.
+cudaError_t launch_widen_bf16_rows(void* dst, uint64_t dpitch, const void* src, uint64_t spitch,
+                                   uint32_t rows, uint32_t width, cudaStream_t stream);
 
 // The same sum of `bytes` packed bytes on the host (tests, diagnostics).
 uint32_t page_sum_host(const void* data, size_t bytes);

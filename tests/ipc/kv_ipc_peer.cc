@@ -9,6 +9,7 @@
 //     GPU N, handed to the decoder through kv::make_sender("ipc"); writes what it computed
 //     to --out ([layer][K, V][rows][heads][head_dim], rows in range order).
 //   SHAPE: --tokens N --layers L --kv-heads H --head-dim D --page-tokens P --senders S
+//          [--contract bf16|f32] (f32: the decoder's region is fp32, the ranks' slices bf16)
 // Exit status 0 on success, 1 with one error line on stderr.
 #include <cuda_runtime_api.h>
 
@@ -34,6 +35,7 @@ struct Args {
   int layers = 0, kv_heads = 0, head_dim = 0, page_tokens = 0, senders = 1;
   int device = 0, port = 0, rank = 0, timeout_ms = 30000;
   uint64_t seed = 1;
+  bool f32 = false;  // --contract f32: an fp32 KV contract (the slices stay bf16)
   std::string port_file, out;
   std::vector<int> heads;
   std::vector<std::pair<int64_t, int64_t>> ranges;
@@ -76,6 +78,8 @@ Args parse(int argc, char** argv) {
       a.seed = std::stoull(v);
     else if (f == "--port-file")
       a.port_file = v;
+    else if (f == "--contract")
+      a.f32 = v == "f32";
     else if (f == "--out")
       a.out = v;
     else if (f == "--heads")
@@ -102,7 +106,7 @@ v1::KvContract contract_of(const Args& a) {
   fp.vocab = 1000;
   fp.max_position = a.tokens + 16;
   fp.weights_digest = "0123456789abcdef0123456789abcdef";
-  fp.kv_dtype = DType::kBF16;
+  fp.kv_dtype = a.f32 ? DType::kF32 : DType::kBF16;
   return make_kv_contract(fp, a.page_tokens);
 }
 
@@ -136,7 +140,8 @@ int run_decoder(const Args& a) {
   if (!rx.wait_complete(7, &why)) throw std::runtime_error("job 7: " + why);
   auto dev = rx.device_kv(7);
   if (!dev) throw std::runtime_error("job 7 complete but holds no device KV");
-  const size_t layer_bytes = static_cast<size_t>(a.tokens) * a.kv_heads * a.head_dim * 2;
+  const size_t layer_bytes =
+      static_cast<size_t>(a.tokens) * a.kv_heads * a.head_dim * (a.f32 ? 4 : 2);
   std::vector<char> out(2 * layer_bytes * a.layers);
   for (int l = 0; l < a.layers; ++l)
     dev->export_layer(l, out.data() + 2 * l * layer_bytes, out.data() + (2 * l + 1) * layer_bytes);

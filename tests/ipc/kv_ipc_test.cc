@@ -2,7 +2,8 @@
 // job's KV region on its GPU) and three worker-rank processes (kv::make_sender("ipc")) on
 // one GPU hand off a random bf16 KV of an awkward shape (777 tokens, 64-token pages, 3 KV
 // heads of 40, 5 layers; ranks with two token ranges and non-contiguous head subsets).
-// The KV the decoder's region holds must equal, byte for byte, what each rank computed.
+// The KV the decoder's region holds must equal, byte for byte, what each rank computed
+// (widened exactly to fp32 when the contract is fp32).
 // Without a GPU each test skips (MPREFILL_REQUIRE_GPU=1 turns the skip into a failure).
 #include <cuda_runtime_api.h>
 #include <fcntl.h>
@@ -13,6 +14,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -103,14 +105,16 @@ std::string join_ranges(const std::vector<std::pair<int64_t, int64_t>>& r) {
 
 // Runs the decoder on dec_dev and the ranks on work_dev; compares the decoder's region with
 // what the ranks computed.
-void run_handoff(int dec_dev, int work_dev) {
+// f32: an fp32 KV contract, so the ranks' bf16 slices are widened into the region.
+void run_handoff(int dec_dev, int work_dev, bool f32 = false) {
   const int64_t N = 777;
   const int layers = 5, kvh = 3, hd = 40, P = 64;
   // Ranks: heads {0, 2} split over two sequence shards (one with two ranges), head {1} whole.
   const std::vector<Rank> ranks = {
       {{0, 2}, {{0, 300}, {650, 777}}}, {{0, 2}, {{300, 650}}}, {{1}, {{0, 777}}}};
-  const fs::path dir = fs::temp_directory_path() /
-                       ("kv_ipc_test_" + std::to_string(getpid()) + "_" + std::to_string(dec_dev));
+  const fs::path dir =
+      fs::temp_directory_path() / ("kv_ipc_test_" + std::to_string(getpid()) + "_" +
+                                   std::to_string(dec_dev) + (f32 ? "_f32" : ""));
   fs::remove_all(dir);
   fs::create_directories(dir);
   const std::vector<std::string> shape = {"--tokens",      std::to_string(N),
@@ -119,7 +123,8 @@ void run_handoff(int dec_dev, int work_dev) {
                                           "--head-dim",    std::to_string(hd),
                                           "--page-tokens", std::to_string(P),
                                           "--senders",     std::to_string(ranks.size()),
-                                          "--timeout-ms",  "20000"};
+                                          "--timeout-ms",  "20000",
+                                          "--contract",    f32 ? "f32" : "bf16"};
   auto with = [&](std::vector<std::string> a, const std::vector<std::string>& more) {
     a.insert(a.end(), shape.begin(), shape.end());
     a.insert(a.end(), more.begin(), more.end());
@@ -159,7 +164,8 @@ void run_handoff(int dec_dev, int work_dev) {
   std::printf("%s", slurp(dlog).c_str());
 
   // The expected KV: every rank's rows put at their (token, head) cells.
-  const size_t row = static_cast<size_t>(kvh) * hd * 2, tensor = N * row;
+  const size_t esz = f32 ? 4 : 2;
+  const size_t row = static_cast<size_t>(kvh) * hd * esz, tensor = N * row;
   const std::string got = slurp((dir / "decoder.bin").string());
   ASSERT_EQ(got.size(), 2 * tensor * layers);
   std::string want(got.size(), '\0');
@@ -178,8 +184,18 @@ void run_handoff(int dec_dev, int work_dev) {
           for (int64_t tok = b; tok < e; ++tok, ++i)
             for (size_t j = 0; j < nh; ++j) {
               const int h = ranks[r].heads[j];
-              std::memcpy(want.data() + (2 * l + t) * tensor + tok * row + h * hd * 2,
-                          src + (i * nh + j) * hd * 2, hd * 2);
+              char* dst = want.data() + (2 * l + t) * tensor + tok * row + h * hd * esz;
+              const char* from = src + (i * nh + j) * hd * 2;
+              if (!f32) {
+                std::memcpy(dst, from, hd * 2);
+              } else {
+                for (int d = 0; d < hd; ++d) {  // bf16 -> fp32: the upper 16 bits
+                  uint16_t b16;
+                  std::memcpy(&b16, from + 2 * d, 2);
+                  const uint32_t w = uint32_t(b16) << 16;
+                  std::memcpy(dst + 4 * d, &w, 4);
+                }
+              }
               if (t == 0) covered[(l * N + tok) * kvh + h]++;
             }
       }
@@ -198,6 +214,11 @@ void run_handoff(int dec_dev, int work_dev) {
 TEST(KvIpc, ThreeRanksToDecoderOnTheSameGpu) {
   REQUIRE_GPUS(1);
   run_handoff(0, 0);
+}
+
+TEST(KvIpc, Bf16SlicesWidenIntoAnFp32Region) {
+  REQUIRE_GPUS(1);
+  run_handoff(0, 0, /*f32=*/true);
 }
 
 TEST(KvIpc, ThreeRanksToDecoderOnAnotherGpu) {
