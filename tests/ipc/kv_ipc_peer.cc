@@ -2,7 +2,8 @@
 //   kv_ipc_peer decoder SHAPE --device N --port-file F --out F
 //     a KV port (kv::KvReceiver with the ipc payload on GPU N) expecting job 7 of SHAPE from
 //     --senders ranks; writes its port to F, waits for the job, writes the KV the job's
-//     device region holds to --out ([layer][K, V][tokens][kv heads][head_dim] bf16).
+//     device region holds to --out ([layer][K, V][tokens][kv heads][head_dim] bf16), then
+//     keeps its KV port up until --exit-file exists (at most 120 s).
 //   kv_ipc_peer worker SHAPE --device N --port P --rank R --heads 0,2 --ranges 0:300,650:777
 //                      --seed S --out F
 //     random bf16 K / V of its heads and token ranges (std::mt19937 of seed, layer, rank) on
@@ -13,6 +14,7 @@
 // Exit status 0 on success, 1 with one error line on stderr.
 #include <cuda_runtime_api.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -20,6 +22,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kv/kv_handoff.h"
@@ -36,7 +39,7 @@ struct Args {
   int device = 0, port = 0, rank = 0, timeout_ms = 30000;
   uint64_t seed = 1;
   bool f32 = false;  // --contract f32: an fp32 KV contract (the slices stay bf16)
-  std::string port_file, out;
+  std::string port_file, out, exit_file;
   std::vector<int> heads;
   std::vector<std::pair<int64_t, int64_t>> ranges;
 };
@@ -80,6 +83,8 @@ Args parse(int argc, char** argv) {
       a.port_file = v;
     else if (f == "--contract")
       a.f32 = v == "f32";
+    else if (f == "--exit-file")
+      a.exit_file = v;
     else if (f == "--out")
       a.out = v;
     else if (f == "--heads")
@@ -150,6 +155,13 @@ int run_decoder(const Args& a) {
   std::printf("decoder: job 7 complete: %llu KV bytes, %llu device bytes, %.2f ms\n",
               static_cast<unsigned long long>(info.bytes),
               static_cast<unsigned long long>(dev->device_bytes()), info.receive_ms);
+  std::fflush(stdout);
+  // The KV port stays up until the test says the ranks are done (their last acks are sent
+  // after the job completes here; closing at once could cut them off).
+  for (int i = 0; i < 6000 && !a.exit_file.empty(); ++i) {
+    if (std::ifstream(a.exit_file)) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
   return 0;
 }
 

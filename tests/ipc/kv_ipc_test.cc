@@ -133,8 +133,9 @@ void run_handoff(int dec_dev, int work_dev, bool f32 = false) {
   const std::string peer = KV_IPC_PEER;
   const std::string port_file = (dir / "port").string();
   const pid_t dec =
-      spawn(with({peer, "decoder"}, {"--device", std::to_string(dec_dev), "--port-file", port_file,
-                                     "--out", (dir / "decoder.bin").string()}),
+      spawn(with({peer, "decoder"},
+                 {"--device", std::to_string(dec_dev), "--port-file", port_file, "--out",
+                  (dir / "decoder.bin").string(), "--exit-file", (dir / "exit").string()}),
             (dir / "decoder.log").string());
   ASSERT_GT(dec, 0) << "cannot start " << peer;
   std::string port;
@@ -156,9 +157,14 @@ void run_handoff(int dec_dev, int work_dev, bool f32 = false) {
         (dir / ("worker" + std::to_string(r) + ".log")).string()));
   for (size_t r = 0; r < ranks.size(); ++r) {
     const std::string log = (dir / ("worker" + std::to_string(r) + ".log")).string();
+    if (workers[r] <= 0) {
+      ADD_FAILURE() << "cannot start worker rank " << r;
+      continue;
+    }
     EXPECT_EQ(wait_exit(workers[r], 120000), 0) << "worker rank " << r << ": " << slurp(log);
     std::printf("%s", slurp(log).c_str());
   }
+  std::ofstream(dir / "exit") << "done\n";  // the ranks are through: the decoder may close
   const std::string dlog = (dir / "decoder.log").string();
   ASSERT_EQ(wait_exit(dec, 60000), 0) << "decoder: " << slurp(dlog);
   std::printf("%s", slurp(dlog).c_str());
