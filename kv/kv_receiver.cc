@@ -81,14 +81,16 @@ struct KvReceiver::Job {
   int layers_complete = 0;
 };
 
-// Drops the job's device KV (its last user frees it). Under mu_.
-void KvReceiver::release_device(const std::shared_ptr<Job>& job) {
+// Takes the job's device KV out of its slot (under mu_); the caller drops the returned
+// reference outside mu_ (freeing device memory may synchronise the device).
+std::shared_ptr<DeviceJobKv> KvReceiver::release_device(const std::shared_ptr<Job>& job) {
   std::shared_ptr<DeviceJobKv> kv;
   {
     std::lock_guard<std::mutex> lock(job->device->mu);
     kv.swap(job->device->kv);
   }
   if (kv) job->device_bytes = std::max(job->device_bytes, kv->device_bytes());
+  return kv;
 }
 
 KvReceiver::KvReceiver(ReceiverOptions opt, FailFn on_fail)
@@ -182,7 +184,7 @@ void KvReceiver::fail_locked(const std::shared_ptr<Job>& job, const std::string&
   job->error = message;
   job->last_activity = Clock::now();  // failed jobs are forgotten a minute later
   job->store.reset();                 // pages go back to the pool once in-flight puts finish
-  release_device(job);
+  after->push_back([kv = release_device(job)]() mutable { kv.reset(); });  // device KV too
   const uint64_t id = job->expect.job_id();
   const std::string frame = wire::encode_frame(failed_env(id, message));
   auto streams = job->streams;
@@ -247,6 +249,7 @@ std::shared_ptr<JobKvStore> KvReceiver::store(uint64_t job_id) {
 
 void KvReceiver::release(uint64_t job_id) {
   std::vector<std::shared_ptr<Stream>> streams;
+  std::shared_ptr<DeviceJobKv> device;  // freed here, outside mu_
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = jobs_.find(job_id);
@@ -255,7 +258,7 @@ void KvReceiver::release(uint64_t job_id) {
     it->second->failed = true;  // late pages of a released job are refused
     it->second->error = "job " + std::to_string(job_id) + " released";
     it->second->store.reset();
-    release_device(it->second);
+    device = release_device(it->second);
     jobs_.erase(it);
     cv_.notify_all();
   }

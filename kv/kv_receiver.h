@@ -179,7 +179,7 @@ class KvReceiver {
   void monitor_loop();
   void serve_stream(std::shared_ptr<Stream> s);
   bool job_failed(const std::shared_ptr<Job>& job) const;
-  void release_device(const std::shared_ptr<Job>& job);
+  std::shared_ptr<DeviceJobKv> release_device(const std::shared_ptr<Job>& job);
   // in_place: the bytes are in the job's DeviceJobKv (page.k / v empty).
   void handle_page(Stream& s, const std::shared_ptr<Job>& job, const KvPageView& page,
                    bool bf16_ok = false, bool in_place = false);

@@ -226,14 +226,16 @@ class IpcPayloadSource final : public PagePayloadSource {
     if (sh.head_dim * sh.elem_bytes() % 4 != 0)
       throw std::runtime_error("ipc needs head_dim x dtype bytes to be a multiple of 4, got " +
                                std::to_string(sh.head_dim * sh.elem_bytes()));
+    std::shared_ptr<IpcJobKv> kv;
     {
       std::lock_guard<std::mutex> lock(job.device->mu);
       if (!job.device->kv)
         job.device->kv = std::make_shared<IpcJobKv>(
             device_, IpcRegionLayout::make(sh, job.n_tokens, job.senders));
-      kv_ = std::dynamic_pointer_cast<IpcJobKv>(job.device->kv);
+      kv = std::dynamic_pointer_cast<IpcJobKv>(job.device->kv);
     }
-    if (!kv_) throw std::runtime_error("the job's device KV is not an ipc region");
+    if (!kv) throw std::runtime_error("the job's device KV is not an ipc region");
+    kv_ = kv;
     check(cudaSetDevice(device_), "cudaSetDevice");
     for (int i = 0; i < 2; ++i) {
       check(cudaEventCreateWithFlags(&ev_[i], cudaEventInterprocess | cudaEventDisableTiming),
@@ -249,6 +251,7 @@ class IpcPayloadSource final : public PagePayloadSource {
   }
 
   bool setup_reply(v1::Envelope* env) override {
+    const auto kv_ = region();
     v1::KvIpcOffer* o = env->mutable_kv_ipc_offer();
     o->set_job_id(job_id_);
     o->set_mem_handle(
@@ -265,6 +268,7 @@ class IpcPayloadSource final : public PagePayloadSource {
 
   void land(const v1::KvPageHeader& h) override {
     // Everything a checksum kernel would read is inside the region: check before launching.
+    const auto kv_ = region();
     const IpcRegionLayout& L = kv_->layout();
     auto bad = [&](const std::string& m) { throw std::runtime_error("ipc page header: " + m); };
     if (h.sender_rank() != rank_) bad("sender_rank is not the stream's rank");
@@ -292,8 +296,16 @@ class IpcPayloadSource final : public PagePayloadSource {
   int device_, timeout_ms_, rank_;
   uint64_t job_id_;
   std::string host_;
-  std::shared_ptr<IpcJobKv> kv_;
+  // The job owns its region (JobDeviceSlot); a stream only borrows it, so a failed or
+  // released job frees its device memory at once, not when its last stream ends.
+  std::weak_ptr<IpcJobKv> kv_;
   cudaEvent_t ev_[2] = {nullptr, nullptr};
+
+  std::shared_ptr<IpcJobKv> region() const {
+    auto kv = kv_.lock();
+    if (!kv) throw std::runtime_error("the job's KV region was released");
+    return kv;
+  }
   cudaIpcEventHandle_t ev_handle_[2]{};
 };
 

@@ -9,6 +9,8 @@
 //     random bf16 K / V of its heads and token ranges (std::mt19937 of seed, layer, rank) on
 //     GPU N, handed to the decoder through kv::make_sender("ipc"); writes what it computed
 //     to --out ([layer][K, V][rows][heads][head_dim], rows in range order).
+//   decoder --expect-failure 1: the job must fail (a rank dies: worker --die-after-layer L)
+//     and its device region be freed (cudaMemGetInfo before the job and after the failure).
 //   SHAPE: --tokens N --layers L --kv-heads H --head-dim D --page-tokens P --senders S
 //          [--contract bf16|f32] (f32: the decoder's region is fp32, the ranks' slices bf16)
 // Exit status 0 on success, 1 with one error line on stderr.
@@ -16,6 +18,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <random>
@@ -38,7 +41,9 @@ struct Args {
   int layers = 0, kv_heads = 0, head_dim = 0, page_tokens = 0, senders = 1;
   int device = 0, port = 0, rank = 0, timeout_ms = 30000;
   uint64_t seed = 1;
-  bool f32 = false;  // --contract f32: an fp32 KV contract (the slices stay bf16)
+  bool f32 = false;             // --contract f32: an fp32 KV contract (the slices stay bf16)
+  int die_after = -1;           // worker: exit abruptly (no finish) after putting this layer
+  bool expect_failure = false;  // decoder: the job must fail and its region be freed
   std::string port_file, out, exit_file;
   std::vector<int> heads;
   std::vector<std::pair<int64_t, int64_t>> ranges;
@@ -85,6 +90,10 @@ Args parse(int argc, char** argv) {
       a.f32 = v == "f32";
     else if (f == "--exit-file")
       a.exit_file = v;
+    else if (f == "--die-after-layer")
+      a.die_after = std::stoi(v);
+    else if (f == "--expect-failure")
+      a.expect_failure = v == "1";
     else if (f == "--out")
       a.out = v;
     else if (f == "--heads")
@@ -136,11 +145,36 @@ int run_decoder(const Args& a) {
   e.set_senders(a.senders);
   e.set_timeout_ms(a.timeout_ms);
   std::string why;
+  size_t free0 = 0, total = 0;
+  if (cudaSetDevice(a.device) != cudaSuccess || cudaMemGetInfo(&free0, &total) != cudaSuccess)
+    throw std::runtime_error("cudaMemGetInfo failed");
   if (!rx.expect(e, &why)) throw std::runtime_error("expect: " + why);
   {
     const std::string tmp = a.port_file + ".tmp";
     std::ofstream(tmp) << rx.port() << "\n";
     std::rename(tmp.c_str(), a.port_file.c_str());
+  }
+  if (a.expect_failure) {
+    // A rank died mid-handoff: the job fails naming it and its device region is freed at
+    // once (measured: free device memory back to what it was before the job).
+    if (rx.wait_complete(7, &why)) throw std::runtime_error("job 7 completed; expected a failure");
+    std::printf("decoder: job 7 failed as expected: %s\n", why.c_str());
+    const auto info = rx.info(7);
+    if (!info.sender_failed) throw std::runtime_error("the failure is not counted as the senders'");
+    if (rx.device_kv(7)) throw std::runtime_error("the failed job still holds its device KV");
+    size_t free1 = 0;
+    for (int i = 0; i < 100; ++i) {  // frees are synchronous; a few polls for the driver
+      cudaMemGetInfo(&free1, &total);
+      if (free1 + (size_t{8} << 20) >= free0) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    std::printf(
+        "decoder: device free before the job %zu, after its failure %zu (region was %llu)\n", free0,
+        free1, static_cast<unsigned long long>(info.device_bytes));
+    if (info.device_bytes == 0) throw std::runtime_error("no device region was ever allocated");
+    if (free1 + (size_t{8} << 20) < free0)
+      throw std::runtime_error("device memory not released after the failure");
+    return 0;
   }
   if (!rx.wait_complete(7, &why)) throw std::runtime_error("job 7: " + why);
   auto dev = rx.device_kv(7);
@@ -210,6 +244,10 @@ int run_worker(const Args& a) {
     s.stream = st;
     sender->put(s);
     cudaStreamSynchronize(st);  // the host buffers of the next layer are rewritten
+    if (l == a.die_after) {
+      std::fprintf(stderr, "worker rank %d: dying after layer %d\n", a.rank, l);
+      std::_Exit(3);  // no finish(), no cleanup: as a killed rank
+    }
   }
   sender->finish();
   const auto stats = sender->stats();

@@ -227,6 +227,64 @@ TEST(KvIpc, Bf16SlicesWidenIntoAnFp32Region) {
   run_handoff(0, 0, /*f32=*/true);
 }
 
+// A rank killed after its layer 1 (of 4): the decoder fails the job as the senders' failure and
+// frees the job's region at once; the other ranks' handoffs fail within the timeout with a
+// line naming the decoder (never a hang).
+TEST(KvIpc, RankKilledMidHandoffFailsTheJobAndFreesTheRegion) {
+  REQUIRE_GPUS(1);
+  const fs::path dir = fs::temp_directory_path() / ("kv_ipc_kill_" + std::to_string(getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  // A 512 MiB region (32768 tokens x 8 KV heads x 128 x bf16 x K, V x 4 layers), so that
+  // its release shows in cudaMemGetInfo.
+  const std::vector<std::string> shape = {
+      "--tokens",  "32768", "--layers",      "4",   "--kv-heads",   "8",    "--head-dim", "128",
+      "--senders", "2",     "--page-tokens", "256", "--timeout-ms", "10000"};
+  auto with = [&](std::vector<std::string> a, const std::vector<std::string>& more) {
+    a.insert(a.end(), shape.begin(), shape.end());
+    a.insert(a.end(), more.begin(), more.end());
+    return a;
+  };
+  const std::string peer = KV_IPC_PEER, port_file = (dir / "port").string();
+  const pid_t dec =
+      spawn(with({peer, "decoder"}, {"--device", "0", "--port-file", port_file, "--out",
+                                     (dir / "decoder.bin").string(), "--expect-failure", "1"}),
+            (dir / "decoder.log").string());
+  ASSERT_GT(dec, 0);
+  std::string port;
+  for (auto end = Clock::now() + std::chrono::seconds(60); port.empty() && Clock::now() < end;) {
+    std::ifstream f(port_file);
+    if (!(f >> port)) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_FALSE(port.empty()) << slurp((dir / "decoder.log").string());
+  std::vector<pid_t> w;
+  for (int r = 0; r < 2; ++r) {
+    std::vector<std::string> more = {
+        "--device", "0",
+        "--port",   port,
+        "--rank",   std::to_string(r),
+        "--heads",  "0,1,2,3,4,5,6,7",
+        "--ranges", r == 0 ? "0:16000" : "16000:32768",
+        "--seed",   "5",
+        "--out",    (dir / ("w" + std::to_string(r) + ".bin")).string()};
+    if (r == 1) more.insert(more.end(), {"--die-after-layer", "1"});
+    w.push_back(
+        spawn(with({peer, "worker"}, more), (dir / ("w" + std::to_string(r) + ".log")).string()));
+    ASSERT_GT(w.back(), 0);
+  }
+  const std::string log0 = (dir / "w0.log").string(), log1 = (dir / "w1.log").string();
+  EXPECT_EQ(wait_exit(w[1], 60000), 3) << slurp(log1);
+  const auto t0 = Clock::now();
+  EXPECT_EQ(wait_exit(w[0], 60000), 1) << "the surviving rank must fail: " << slurp(log0);
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 30.0);
+  EXPECT_NE(slurp(log0).find("IPC KV handoff to decoder"), std::string::npos) << slurp(log0);
+  const std::string dlog = (dir / "decoder.log").string();
+  EXPECT_EQ(wait_exit(dec, 60000), 0) << slurp(dlog);
+  EXPECT_NE(slurp(dlog).find("rank 1"), std::string::npos) << slurp(dlog);
+  std::printf("%s%s%s", slurp(log0).c_str(), slurp(log1).c_str(), slurp(dlog).c_str());
+  fs::remove_all(dir);
+}
+
 TEST(KvIpc, ThreeRanksToDecoderOnAnotherGpu) {
   REQUIRE_GPUS(2);
   run_handoff(1, 0);
