@@ -7,6 +7,7 @@
 
 #include "coordinator/session.h"
 #include "coordinator/state.h"
+#include "coordinator/transport_choice.h"
 
 namespace mprefill::coord {
 
@@ -43,9 +44,9 @@ std::string Coordinator::Impl::check_options(const v1::JobOptions& o,
   if (o.audit_heads() < 0 || o.audit_heads() > model.n_heads())
     return bad(code, v1::INVALID_ARGUMENT,
                "audit_heads must be in [0, " + std::to_string(model.n_heads()) + "]");
-  if (!o.kv_transport().empty() && o.kv_transport() != "tcp" && o.kv_transport() != "nccl")
+  if (!known_kv_request(o.kv_transport()))
     return bad(code, v1::INVALID_ARGUMENT,
-               "kv_transport must be tcp or nccl, not '" + o.kv_transport() + "'");
+               "kv_transport must be tcp, nccl, ipc or auto, not '" + o.kv_transport() + "'");
   return "";
 }
 
@@ -73,10 +74,27 @@ std::string Coordinator::Impl::check_capacity(const v1::JobOptions& o, int64_t n
                                               v1::ErrorCode* code) {
   const v1::KvContract& kc = *contract;
   const auto& model = kc.model();
-  const std::string transport = o.kv_transport().empty() ? "tcp" : o.kv_transport();
+  // "auto" takes any pair (tcp at worst); "ipc" pairs are matched by host at dispatch.
+  const std::string transport =
+      o.kv_transport().empty() || o.kv_transport() == "auto" ? "tcp" : o.kv_transport();
   auto has = [&](const auto& list) {
     return std::find(list.begin(), list.end(), transport) != list.end();
   };
+  if (transport == "ipc") {
+    std::string why = "no worker group and decoder are registered for ipc";
+    bool pair = false;
+    for (const auto& [gn, g] : groups)
+      for (const auto& [dn, d] : decoders) {
+        if ((!o.group().empty() && gn != o.group()) || (!o.decoder().empty() && dn != o.decoder()))
+          continue;
+        const KvTransportChoice c = choose_kv_transport("ipc", site_of(g.reg), site_of(d.reg));
+        if (!c.transport.empty())
+          pair = true;
+        else
+          why = "group '" + gn + "', decoder '" + dn + "': " + c.why;
+      }
+    if (!pair) return bad(code, v1::UNAVAILABLE, "no pair for kv_transport ipc: " + why);
+  }
   *kv = kv_bytes(kc, n);
   uint64_t best_cap = 0;
   std::string best_dec;

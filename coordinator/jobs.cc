@@ -131,7 +131,8 @@ void Coordinator::Impl::dispatch() {
   for (auto it = queue.begin(); it != queue.end();) {
     Job& j = jobs[*it];
     Group* g = pick_group(j);
-    Decoder* d = g ? pick_decoder(j) : nullptr;
+    std::string transport;
+    Decoder* d = g ? pick_decoder(j, *g, &transport) : nullptr;
     if (!g || !d) {
       ++it;  // a later job may fit another group / decoder
       continue;
@@ -140,6 +141,7 @@ void Coordinator::Impl::dispatch() {
     const auto now = Clock::now();
     j.group = g->name;
     j.decoder = d->name;
+    j.kv_transport = transport;
     g->job = j.id;
     d->reserved_bytes += j.kv_bytes;
     d->jobs.insert(j.id);
@@ -159,8 +161,9 @@ void Coordinator::Impl::dispatch() {
     *e->mutable_stop_ids() = j.options.stop_ids();
     e->set_timeout_ms(static_cast<uint32_t>(opt.handoff_timeout_ms));
     send_to(d->session, env);
-    log("job %llu: RUNNING on group '%s', decoder '%s' (waited %.1f ms)",
-        static_cast<unsigned long long>(j.id), g->name.c_str(), d->name.c_str(), j.queue_ms);
+    log("job %llu: RUNNING on group '%s', decoder '%s', KV over %s (waited %.1f ms)",
+        static_cast<unsigned long long>(j.id), g->name.c_str(), d->name.c_str(),
+        j.kv_transport.c_str(), j.queue_ms);
     progress(j);
   }
 }
@@ -173,7 +176,7 @@ void Coordinator::Impl::send_assignment(Job& j) {
   a->set_job_id(j.id);
   *a->mutable_token_ids() = {j.tokens.begin(), j.tokens.end()};
   *a->mutable_options() = j.options;
-  if (a->options().kv_transport().empty()) a->mutable_options()->set_kv_transport("tcp");
+  a->mutable_options()->set_kv_transport(j.kv_transport.empty() ? "tcp" : j.kv_transport);
   *a->mutable_plan() = make_shard_plan(
       contract->model(), *j.policy, static_cast<int64_t>(j.tokens.size()), g.reg.tp(), g.reg.sp());
   // The policy as resolved here: the worker never opens the path a client named.
@@ -481,6 +484,8 @@ void Coordinator::Impl::on_decode_done(Decoder& d, const v1::DecodeDone& m) {
   r->set_kv_ready_ms(wd.kv_ready_ms());
   r->set_exposed_handoff_ms(wd.exposed_handoff_ms());
   r->set_decode_ms(m.decode_ms());
+  r->set_worker_peak_device_bytes(wd.peak_device_bytes());
+  r->set_decoder_peak_device_bytes(m.peak_device_bytes());
   *r->mutable_ranks() = wd.ranks();
   *r->mutable_audit() = wd.audit();
   r->set_queue_ms(j->queue_ms);

@@ -6,6 +6,7 @@
 
 #include "coordinator/session.h"
 #include "coordinator/state.h"
+#include "coordinator/transport_choice.h"
 
 namespace mprefill::coord {
 
@@ -83,7 +84,7 @@ void Coordinator::Impl::handle_worker_register(const SessionPtr& s, const v1::Wo
                                             std::to_string(m.kv().model().n_kv_heads()) +
                                             " KV heads");
   for (const auto& t : m.kv_transports())
-    if (t != "tcp" && t != "nccl")
+    if (!known_kv_transport(t))
       return refuse(v1::INVALID_ARGUMENT, "unknown KV transport '" + t + "'");
   std::string why;
   if (!check_contract(m.kv(), &why)) return refuse(v1::MODEL_MISMATCH, why);
@@ -121,7 +122,7 @@ void Coordinator::Impl::handle_decoder_register(const SessionPtr& s, const v1::D
   if (m.capacity_bytes() == 0) return refuse(v1::INVALID_ARGUMENT, "capacity_bytes must be > 0");
   if (m.max_jobs() < 0) return refuse(v1::INVALID_ARGUMENT, "max_jobs must be >= 0");
   for (const auto& t : m.kv_transports())
-    if (t != "tcp" && t != "nccl")
+    if (!known_kv_transport(t))
       return refuse(v1::INVALID_ARGUMENT, "unknown KV transport '" + t + "'");
   std::string why;
   if (!check_contract(m.kv(), &why)) return refuse(v1::MODEL_MISMATCH, why);
@@ -145,7 +146,8 @@ void Coordinator::Impl::handle_decoder_register(const SessionPtr& s, const v1::D
 }
 
 Group* Coordinator::Impl::pick_group(const Job& j) {
-  const std::string transport = j.options.kv_transport().empty() ? "tcp" : j.options.kv_transport();
+  const std::string& req = j.options.kv_transport();
+  const std::string transport = req.empty() || req == "auto" ? "tcp" : req;
   for (auto& [name, g] : groups) {
     if (!g.alive || g.job != 0 || g.cancelled_job != 0) continue;
     if (!j.options.group().empty() && name != j.options.group()) continue;
@@ -161,20 +163,27 @@ Group* Coordinator::Impl::pick_group(const Job& j) {
   return nullptr;
 }
 
-Decoder* Coordinator::Impl::pick_decoder(const Job& j) {
-  const std::string transport = j.options.kv_transport().empty() ? "tcp" : j.options.kv_transport();
+Decoder* Coordinator::Impl::pick_decoder(const Job& j, const Group& g, std::string* transport) {
+  // The pair's transport (coordinator/transport_choice.h); for "auto" a decoder that takes
+  // ipc from this group comes first, then the most free room.
+  const KvPeerSite gs = site_of(g.reg);
   Decoder* best = nullptr;
+  bool best_ipc = false;
   for (auto& [name, d] : decoders) {
     if (!d.alive) continue;
     if (!j.options.decoder().empty() && name != j.options.decoder()) continue;
-    const auto& ts = d.reg.kv_transports();
-    if (std::find(ts.begin(), ts.end(), transport) == ts.end()) continue;
+    const KvTransportChoice c = choose_kv_transport(j.options.kv_transport(), gs, site_of(d.reg));
+    if (c.transport.empty()) continue;
     if (d.reserved_bytes + j.kv_bytes > d.reg.capacity_bytes()) continue;
     if (d.reg.max_jobs() > 0 && static_cast<int>(d.jobs.size()) >= d.reg.max_jobs()) continue;
-    // Most free room first.
-    if (!best || d.reg.capacity_bytes() - d.reserved_bytes >
-                     best->reg.capacity_bytes() - best->reserved_bytes)
+    const bool ipc = c.transport == "ipc";
+    if (!best || ipc > best_ipc ||
+        (ipc == best_ipc && d.reg.capacity_bytes() - d.reserved_bytes >
+                                best->reg.capacity_bytes() - best->reserved_bytes)) {
       best = &d;
+      best_ipc = ipc;
+      *transport = c.transport;
+    }
   }
   return best;
 }

@@ -145,7 +145,8 @@ struct Job {
   std::string client_tag;
   uint64_t kv_bytes = 0;
   std::string group, decoder;
-  bool ready = false;  // decoder answered Ready; Assignment sent
+  std::string kv_transport;  // chosen at dispatch (coordinator/transport_choice.h)
+  bool ready = false;        // decoder answered Ready; Assignment sent
   int layer = 0, n_layers = 0;
   Clock::time_point submitted, started, prefill_started, deadline;
   double queue_ms = 0;
@@ -256,7 +257,8 @@ struct Coordinator::Impl : std::enable_shared_from_this<Coordinator::Impl> {
   bool check_contract(const v1::KvContract& kv, std::string* why);
   void maybe_reset_contract();
   Group* pick_group(const Job& j);
-  Decoder* pick_decoder(const Job& j);
+  // A decoder for j next to group g, and the pair's KV transport (*transport).
+  Decoder* pick_decoder(const Job& j, const Group& g, std::string* transport);
   void fail_group(Group& g, const std::string& why);
   void fail_decoder(Decoder& d, const std::string& why);
   void expire_silent_peers(Clock::time_point now);

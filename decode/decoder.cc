@@ -5,6 +5,7 @@
 #include <cstdio>
 
 #include "kv/kv_handoff.h"
+#include "kv/kv_ipc.h"
 #include "model/prompt.h"
 #include "model/sampler.h"
 
@@ -136,6 +137,9 @@ v1::DecodeDone Decoder::decode(uint64_t job_id, const v1::StartDecode& start) {
   v1::Envelope started;  // the coordinator's HANDING_OFF -> DECODING
   started.mutable_decode_started()->set_job_id(job_id);
   emit(started);
+  // Transport "ipc" wrote the KV into a region on this decoder's GPU (the store then keeps
+  // the page bookkeeping only): the KV stays there, in the contract's dtype.
+  auto device_kv = receiver_->device_kv(job_id);
   const KvReceiver::JobInfo info = receiver_->info(job_id);
   const ModelConfig& c = w_.config;
   check_token_id(c, start.first_token_id(), where + "first token id");
@@ -144,14 +148,19 @@ v1::DecodeDone Decoder::decode(uint64_t job_id, const v1::StartDecode& start) {
   const int64_t n = store->n_tokens();
   const int steps = e.decode_tokens();
   // The cache keeps the store's dtype (a bf16 model's KV stays bf16; the engine widens
-  // it on read).
+  // it on read). Decoding runs on the CPU engine: a device KV is copied to it as is.
   KvCache cache(c, n + steps, store->shape().dtype);
   for (int l = 0; l < c.n_layers; ++l) {  // pages go back to the pool layer by layer
-    store->export_layer(l, cache.k_data(l), cache.v_data(l));
+    if (device_kv)
+      device_kv->export_layer(l, cache.k_data(l), cache.v_data(l));
+    else
+      store->export_layer(l, cache.k_data(l), cache.v_data(l));
     store->release_layer(l);
   }
   cache.n_tokens = n;
   store.reset();
+  const uint64_t device_bytes = device_kv ? device_kv->device_bytes() : info.device_bytes;
+  device_kv.reset();
 
   SamplerOptions so;
   so.temperature = e.sampling().temperature();
@@ -189,6 +198,7 @@ v1::DecodeDone Decoder::decode(uint64_t job_id, const v1::StartDecode& start) {
   done.set_decode_ms(ms_between(t0, Clock::now()));
   done.set_kv_bytes_received(info.bytes);
   done.set_receive_ms(info.receive_ms);
+  done.set_peak_device_bytes(device_bytes);
   return done;
 }
 
@@ -247,6 +257,7 @@ std::unique_ptr<wire::Connection> Decoder::register_with(const std::string& host
     r->set_kv_tls(receiver_->tls());
     r->set_capacity_bytes(opt_.receiver.capacity_bytes);
     r->set_max_jobs(opt_.receiver.max_jobs);
+    r->set_host_id(kv::host_identity());
     *r->mutable_kv() = contract();
     for (const std::string& t : opt_.kv_transports) r->add_kv_transports(t);
     conn->send(reg, timeout_ms);

@@ -72,13 +72,27 @@ struct KvReceiver::Job {
   v1::Expect expect;
   int timeout_ms = 0;
   std::shared_ptr<JobKvStore> store;
+  std::shared_ptr<JobDeviceSlot> device = std::make_shared<JobDeviceSlot>();
   std::vector<std::shared_ptr<Stream>> streams;
   Clock::time_point last_activity, first_page, complete_at;
   bool any_page = false, complete = false, failed = false, sender_failed = false;
   std::string error;
   uint64_t bytes = 0;
+  uint64_t device_bytes = 0;  // of the DeviceJobKv while held (kept after its release)
   int layers_complete = 0;
 };
+
+// Takes the job's device KV out of its slot (under mu_); the caller drops the returned
+// reference outside mu_ (freeing device memory may synchronise the device).
+std::shared_ptr<DeviceJobKv> KvReceiver::release_device(const std::shared_ptr<Job>& job) {
+  std::shared_ptr<DeviceJobKv> kv;
+  {
+    std::lock_guard<std::mutex> lock(job->device->mu);
+    kv.swap(job->device->kv);
+  }
+  if (kv) job->device_bytes = std::max(job->device_bytes, kv->device_bytes());
+  return kv;
+}
 
 KvReceiver::KvReceiver(ReceiverOptions opt, FailFn on_fail)
     : opt_(std::move(opt)), on_fail_(std::move(on_fail)) {
@@ -182,6 +196,7 @@ void KvReceiver::fail_locked(const std::shared_ptr<Job>& job, const std::string&
   job->error = message;
   job->last_activity = Clock::now();  // failed jobs are forgotten a minute later
   job->store.reset();                 // pages go back to the pool once in-flight puts finish
+  after->push_back([kv = release_device(job)]() mutable { kv.reset(); });  // device KV too
   const uint64_t id = job->expect.job_id();
   const std::string frame = wire::encode_frame(failed_env(id, message));
   auto streams = job->streams;
@@ -246,6 +261,7 @@ std::shared_ptr<JobKvStore> KvReceiver::store(uint64_t job_id) {
 
 void KvReceiver::release(uint64_t job_id) {
   std::vector<std::shared_ptr<Stream>> streams;
+  std::shared_ptr<DeviceJobKv> device;  // freed here, outside mu_
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = jobs_.find(job_id);
@@ -254,10 +270,23 @@ void KvReceiver::release(uint64_t job_id) {
     it->second->failed = true;  // late pages of a released job are refused
     it->second->error = "job " + std::to_string(job_id) + " released";
     it->second->store.reset();
+    device = release_device(it->second);
     jobs_.erase(it);
     cv_.notify_all();
   }
   for (auto& s : streams) s->conn->close();
+}
+
+std::shared_ptr<DeviceJobKv> KvReceiver::device_kv(uint64_t job_id) {
+  std::shared_ptr<JobDeviceSlot> slot;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = jobs_.find(job_id);
+    if (it == jobs_.end() || it->second->failed) return nullptr;
+    slot = it->second->device;
+  }
+  std::lock_guard<std::mutex> lock(slot->mu);
+  return slot->kv;
 }
 
 KvReceiver::JobInfo KvReceiver::info(uint64_t job_id) const {
@@ -272,6 +301,7 @@ KvReceiver::JobInfo KvReceiver::info(uint64_t job_id) const {
   r.layers_complete = j.layers_complete;
   r.streams = static_cast<int>(j.streams.size());
   r.bytes = j.bytes;
+  r.device_bytes = j.device_bytes;
   r.receive_ms = j.complete && j.any_page ? ms_between(j.first_page, j.complete_at) : 0;
   r.error = j.error;
   r.sender_failed = j.sender_failed;
@@ -467,10 +497,28 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
       for (const auto& [name, f] : opt_.payload) served += ", " + name;
       why = "this decoder does not serve kv_transport " + transport + " (it serves " + served + ")";
     } else {
+      PayloadJob pj;
+      pj.job_id = s->job_id;
+      pj.n_tokens = job->expect.prompt_tokens();
+      pj.senders = std::max(1, job->expect.senders());
+      pj.shape = shape_;
+      pj.device = job->device;
       try {
-        payload = it->second(hello, job->timeout_ms);
+        payload = it->second(hello, job->timeout_ms, pj);
+        v1::Envelope reply;
+        if (payload && payload->setup_reply(&reply)) {
+          std::lock_guard<std::mutex> lock(s->send_mu);
+          s->conn->send_frame(wire::encode_frame(reply), job->timeout_ms);
+        }
       } catch (const std::exception& e) {
+        payload.reset();
         why = e.what();
+      }
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        std::lock_guard<std::mutex> dlock(job->device->mu);
+        if (job->device->kv)
+          job->device_bytes = std::max(job->device_bytes, job->device->kv->device_bytes());
       }
     }
     if (!payload) {
@@ -542,7 +590,25 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
       for (auto& f : fails) f();
       return;
     }
-    if (is_page && payload) {
+    if (is_page && payload && payload->in_place()) {
+      try {
+        payload->land(page.header);
+      } catch (const std::exception& e) {
+        std::vector<std::function<void()>> fails;
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          fail_locked(job,
+                      "job " + std::to_string(s->job_id) + ": rank " + std::to_string(s->rank) +
+                          " (" + s->peer + "): page of layer " +
+                          std::to_string(page.header.layer()) + " (" + transport + "): " + e.what(),
+                      &fails);
+        }
+        for (auto& f : fails) f();
+        return drain_and_close(s->conn.get(), kNotifyTimeoutMs);
+      }
+      // bf16 pages may have been widened into an fp32 contract's region (ipc).
+      handle_page(*s, job, page, /*bf16_ok=*/true, /*in_place=*/true);
+    } else if (is_page && payload) {
       try {
         payload->fetch(page.header, &fk, &fv);
       } catch (const std::exception& e) {
@@ -587,13 +653,18 @@ bool KvReceiver::job_failed(const std::shared_ptr<Job>& job) const {
 }
 
 void KvReceiver::handle_page(Stream& s, const std::shared_ptr<Job>& job, const KvPageView& page,
-                             bool bf16_ok) {
+                             bool bf16_ok, bool in_place) {
   const v1::KvPageHeader& h = page.header;
   std::shared_ptr<JobKvStore> store;
+  std::shared_ptr<DeviceJobKv> device;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (job->failed) return;
     store = job->store;
+    if (in_place) {
+      std::lock_guard<std::mutex> dlock(job->device->mu);
+      device = job->device->kv;
+    }
     job->last_activity = Clock::now();
     if (!job->any_page) {
       job->any_page = true;
@@ -624,12 +695,16 @@ void KvReceiver::handle_page(Stream& s, const std::shared_ptr<Job>& job, const K
     p.v_bytes = page.v.size();
     p.crc32c = h.crc32c();
     try {
-      layer_done = store->put(p);
+      if (in_place && !device) throw std::runtime_error("in-place page of a job without device KV");
+      layer_done = in_place ? store->mark(p) : store->put(p);
+      // An in-place layer is complete once its bytes check out on the device.
+      if (layer_done && in_place) device->verify_layer(h.layer(), job->timeout_ms);
     } catch (const std::exception& e) {
       bad = e.what();
     }
   }
-  store.reset();  // a failed job's pages go back to the pool with the last reference
+  store.reset();
+  device.reset();  // a failed job's pages go back to the pool with the last reference
   std::vector<std::function<void()>> after;
   std::vector<std::shared_ptr<Stream>> to_ack;
   {
@@ -640,7 +715,9 @@ void KvReceiver::handle_page(Stream& s, const std::shared_ptr<Job>& job, const K
                       s.peer + "): " + bad,
                   &after);
     } else if (!job->failed) {
-      job->bytes += page.k.size() + page.v.size();
+      job->bytes += in_place ? 2 * static_cast<uint64_t>(h.token_end() - h.token_begin()) *
+                                   h.kv_heads_size() * h.head_dim() * shape_.elem_bytes()
+                             : page.k.size() + page.v.size();
       if (layer_done) {
         job->layers_complete++;
         to_ack = job->streams;

@@ -29,22 +29,68 @@ namespace v1 = ::mprefill::v1;
 // The DecodeFailed envelope of a job (sent to the coordinator and to the job's streams).
 v1::Envelope decode_failed_envelope(uint64_t job, const std::string& msg);
 
+// A job's KV held on a GPU by the transport that wrote it there ("ipc": the region the
+// worker ranks copy into, kv/cuda/ipc_kv_receiver.h): the decoder's store of that job, in
+// the contract's dtype, bytes as the workers computed them. Shared by the job's streams.
+class DeviceJobKv {
+ public:
+  virtual ~DeviceJobKv() = default;
+  virtual int device() const = 0;
+  virtual uint64_t device_bytes() const = 0;  // held on the device for this job
+  // Checks every page of a complete layer (device checksums of what landed against the
+  // senders'); throws std::runtime_error naming the first bad page. Bounded by timeout_ms.
+  virtual void verify_layer(int layer, int timeout_ms) = 0;
+  // Device K / V of a layer, each [n_tokens][n_kv_heads][head_dim] (KvCache rows).
+  virtual const void* k(int layer) const = 0;
+  virtual const void* v(int layer) const = 0;
+  // Copies a layer to host memory (each [n_tokens][kv_dim] of the contract's dtype).
+  virtual void export_layer(int layer, void* k_host, void* v_host) const = 0;
+};
+
+// What a payload source knows of its stream's job. `device` is the job's one slot for a
+// DeviceJobKv: the first in-place stream of the job fills it (under its mutex), the others
+// share it.
+struct JobDeviceSlot {
+  std::mutex mu;
+  std::shared_ptr<DeviceJobKv> kv;
+};
+struct PayloadJob {
+  uint64_t job_id = 0;
+  int64_t n_tokens = 0;
+  int senders = 1;
+  KvStoreShape shape;
+  std::shared_ptr<JobDeviceSlot> device;
+};
+
 // The K/V bytes of pages whose headers arrive on a KV stream while their payload travels
-// another way (kv_transport "nccl": kv/cuda/nccl_kv_receiver.h). One per stream, used from
-// that stream's thread only.
+// another way (kv_transport "nccl": kv/cuda/nccl_kv_receiver.h; "ipc":
+// kv/cuda/ipc_kv_receiver.h). One per stream, used from that stream's thread only.
 class PagePayloadSource {
  public:
   virtual ~PagePayloadSource() = default;
+  // A frame to send the worker once the source is set up ("ipc": the KvIpcOffer);
+  // false: none.
+  virtual bool setup_reply(v1::Envelope* env) {
+    (void)env;
+    return false;
+  }
+  // false (nccl): fetch() brings each page's bytes. true (ipc): the bytes are written in
+  // place into the job's DeviceJobKv; land() waits (bounded) until the page is there and
+  // queues its check (DeviceJobKv::verify_layer completes it).
+  virtual bool in_place() const { return false; }
+  virtual void land(const v1::KvPageHeader& h) { (void)h; }
   // Fills *k and *v with the page's bytes (size from the header's geometry and dtype),
   // checked end to end; throws std::runtime_error with context (transport failure,
   // checksum mismatch, a wait past its bound).
-  virtual void fetch(const v1::KvPageHeader& h, std::string* k, std::string* v) = 0;
+  virtual void fetch(const v1::KvPageHeader& h, std::string* k, std::string* v) {
+    (void)h, (void)k, (void)v;
+  }
 };
 // Makes the source of a stream whose KvStreamHello names its transport (setup bytes in the
 // hello: nccl_unique_id for "nccl", transport_setup for later ones) within timeout_ms.
 // Throws std::runtime_error on failure.
 using PayloadSourceFactory = std::function<std::unique_ptr<PagePayloadSource>(
-    const v1::KvStreamHello& hello, int timeout_ms)>;
+    const v1::KvStreamHello& hello, int timeout_ms, const PayloadJob& job)>;
 
 struct ReceiverOptions {
   std::string listen_host = "127.0.0.1";  // bind address of the KV port
@@ -94,6 +140,9 @@ class KvReceiver {
   bool wait_complete(uint64_t job_id, std::string* why);
   // The complete store of a job (nullptr when unknown or failed).
   std::shared_ptr<JobKvStore> store(uint64_t job_id);
+  // The job's KV on the device when an in-place transport ("ipc") wrote it there (then the
+  // store holds the page bookkeeping only); nullptr otherwise.
+  std::shared_ptr<DeviceJobKv> device_kv(uint64_t job_id);
   // Drops a job: memory released, its streams closed. Unknown ids are ignored.
   void release(uint64_t job_id);
   // Fails a job (as if a stream had failed it), telling its streams.
@@ -105,7 +154,8 @@ class KvReceiver {
     bool known = false, complete = false, failed = false;
     int layers_complete = 0, streams = 0;
     uint64_t bytes = 0;
-    double receive_ms = 0;  // first page -> last layer complete
+    uint64_t device_bytes = 0;  // the job's DeviceJobKv (0: host store)
+    double receive_ms = 0;      // first page -> last layer complete
     std::string error;
     bool sender_failed = false;  // a stream ended early, a rank gave up, or no page came
   };
@@ -138,8 +188,10 @@ class KvReceiver {
   void monitor_loop();
   void serve_stream(std::shared_ptr<Stream> s);
   bool job_failed(const std::shared_ptr<Job>& job) const;
+  std::shared_ptr<DeviceJobKv> release_device(const std::shared_ptr<Job>& job);
+  // in_place: the bytes are in the job's DeviceJobKv (page.k / v empty).
   void handle_page(Stream& s, const std::shared_ptr<Job>& job, const KvPageView& page,
-                   bool bf16_ok = false);
+                   bool bf16_ok = false, bool in_place = false);
   // sender: the failure is the KV senders' (JobInfo::sender_failed).
   void fail_locked(const std::shared_ptr<Job>& job, const std::string& message,
                    std::vector<std::function<void()>>* after, bool sender = false);

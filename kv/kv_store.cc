@@ -157,7 +157,7 @@ JobKvStore::~JobKvStore() {
   pool_->unreserve(pages_reserved_, bytes_reserved_);
 }
 
-void JobKvStore::check_page(const PageIn& p) const {
+void JobKvStore::check_geometry(const PageIn& p) const {
   const std::string where = "KV page layer " + std::to_string(p.layer) + " tokens " +
                             range_str(p.token_begin, p.token_end) + ": ";
   if (p.layer < 0 || p.layer >= shape_.n_layers)
@@ -180,6 +180,12 @@ void JobKvStore::check_page(const PageIn& p) const {
                     std::to_string(shape_.head_dim));
   if (p.dtype != DType::kF32 && p.dtype != DType::kBF16)
     throw PageError(where + "dtype " + to_string(p.dtype) + " is not f32 or bf16");
+}
+
+void JobKvStore::check_page(const PageIn& p) const {
+  check_geometry(p);
+  const std::string where = "KV page layer " + std::to_string(p.layer) + " tokens " +
+                            range_str(p.token_begin, p.token_end) + ": ";
   const size_t want = static_cast<size_t>(p.token_end - p.token_begin) * p.kv_heads.size() *
                       p.head_dim * dtype_size(p.dtype);
   if (p.k_bytes != want || p.v_bytes != want || !p.k || !p.v)
@@ -191,10 +197,7 @@ void JobKvStore::check_page(const PageIn& p) const {
                     std::to_string(p.crc32c) + ")");
 }
 
-bool JobKvStore::put(const PageIn& p) {
-  check_page(p);  // checksum outside the lock: receivers of one job run in parallel
-  std::lock_guard<std::mutex> lock(mu_);
-  Layer& L = layers_[p.layer];
+void JobKvStore::check_overlap_locked(const Layer& L, const PageIn& p) const {
   if (L.released)
     throw PageError("KV page for layer " + std::to_string(p.layer) + " after it was released");
   for (int h : p.kv_heads) {
@@ -207,6 +210,23 @@ bool JobKvStore::put(const PageIn& p) {
                       " tokens " + range_str(p.token_begin, p.token_end) +
                       " overlaps tokens already received");
   }
+}
+
+bool JobKvStore::mark(const PageIn& p) {
+  check_geometry(p);
+  std::lock_guard<std::mutex> lock(mu_);
+  Layer& L = layers_[p.layer];
+  check_overlap_locked(L, p);
+  bytes_ += 2 * static_cast<uint64_t>(p.token_end - p.token_begin) * p.kv_heads.size() *
+            p.head_dim * dtype_size(p.dtype);
+  return record_locked(L, p);
+}
+
+bool JobKvStore::put(const PageIn& p) {
+  check_page(p);  // checksum outside the lock: receivers of one job run in parallel
+  std::lock_guard<std::mutex> lock(mu_);
+  Layer& L = layers_[p.layer];
+  check_overlap_locked(L, p);
 
   const int P = shape_.page_tokens;
   const int64_t kvh = shape_.n_kv_heads, hd = shape_.head_dim, nh = p.kv_heads.size();
@@ -241,6 +261,12 @@ bool JobKvStore::put(const PageIn& p) {
         }
       }
   }
+  bytes_ += p.k_bytes + p.v_bytes;
+  return record_locked(L, p);
+}
+
+bool JobKvStore::record_locked(Layer& L, const PageIn& p) {
+  const int64_t rows = p.token_end - p.token_begin, nh = p.kv_heads.size();
   for (int h : p.kv_heads) {
     auto& m = L.received[h];
     // Insert and merge with touching neighbours so the map stays small.
@@ -259,8 +285,7 @@ bool JobKvStore::put(const PageIn& p) {
   }
   const int64_t before = L.cells;
   L.cells += rows * nh;
-  bytes_ += p.k_bytes + p.v_bytes;
-  const int64_t full = n_tokens_ * kvh;
+  const int64_t full = n_tokens_ * shape_.n_kv_heads;
   return before < full && L.cells == full;
 }
 

@@ -107,6 +107,10 @@ class JobKvStore {
   // Checks geometry, checksum and overlap, then stores. Returns true when this page
   // completed its layer. Throws PageError (the store is unchanged).
   bool put(const PageIn& page);
+  // A page whose bytes live elsewhere (transport "ipc": the job's device region): the
+  // same geometry and overlap checks and cell accounting as put(), no bytes (k / v and
+  // the sizes are ignored). Returns true when this page completed its layer.
+  bool mark(const PageIn& page);
 
   bool layer_complete(int layer) const;
   int layers_complete() const;
@@ -136,7 +140,11 @@ class JobKvStore {
   std::vector<Layer> layers_;
   uint64_t bytes_ = 0;
 
-  void check_page(const PageIn& p) const;
+  void check_geometry(const PageIn& p) const;
+  void check_page(const PageIn& p) const;  // geometry, sizes, checksum
+  void check_overlap_locked(const Layer& L, const PageIn& p) const;
+  // Records the page's cells; true when the layer became complete.
+  bool record_locked(Layer& L, const PageIn& p);
 };
 
 }  // namespace mprefill::kv

@@ -6,6 +6,10 @@
 #include "kv/cuda/nccl_kv_receiver.h"
 #include "kv/cuda/nccl_kv_sink.h"
 #endif
+#ifdef MPREFILL_HAVE_CUDA_IPC
+#include "kv/cuda/ipc_kv_receiver.h"
+#include "kv/cuda/ipc_kv_sink.h"
+#endif
 
 namespace mprefill::kv {
 
@@ -34,12 +38,25 @@ constexpr bool kHaveNccl = true;
 #else
 constexpr bool kHaveNccl = false;
 #endif
+#ifdef MPREFILL_HAVE_CUDA_IPC
+constexpr bool kHaveIpc = true;
+#else
+constexpr bool kHaveIpc = false;
+#endif
+
+std::string served_list() {
+  std::string s = "tcp";
+  if (kHaveNccl) s += ", nccl";
+  if (kHaveIpc) s += ", ipc";
+  return s;
+}
 
 }  // namespace
 
 std::vector<std::string> sender_transports(const SenderSite& site) {
   std::vector<std::string> t{"tcp"};
   if (sender_refusal("nccl", site).empty()) t.push_back("nccl");
+  if (sender_refusal("ipc", site).empty()) t.push_back("ipc");
   return t;
 }
 
@@ -54,8 +71,16 @@ std::string sender_refusal(const std::string& transport, const SenderSite& site)
              "rank pairs its GPU with the decoder's); it hands KV off over tcp";
     return "";
   }
-  return "KV transport '" + transport + "' is unknown (this build serves " +
-         (kHaveNccl ? std::string("tcp, nccl") : std::string("tcp")) + ")";
+  if (transport == "ipc") {
+    if (!kHaveIpc)
+      return "KV transport 'ipc' is not in this build (CUDA builds); this build serves " +
+             served_list();
+    if (site.device < 0)
+      return "KV transport 'ipc' copies device KV: this group's executor runs on the CPU; it hands "
+             "KV off over tcp";
+    return "";
+  }
+  return "KV transport '" + transport + "' is unknown (this build serves " + served_list() + ")";
 }
 
 std::unique_ptr<KvSender> make_sender(const std::string& transport, KvHandoffOptions opt,
@@ -69,6 +94,11 @@ std::unique_ptr<KvSender> make_sender(const std::string& transport, KvHandoffOpt
       return std::make_unique<SenderOf<gpu::NcclKvSink>>(
           name, std::make_unique<gpu::NcclKvSink>(std::move(opt), site.device));
 #endif
+#ifdef MPREFILL_HAVE_CUDA_IPC
+    if (name == "ipc")
+      return std::make_unique<SenderOf<gpu::IpcKvSink>>(
+          name, std::make_unique<gpu::IpcKvSink>(std::move(opt), site.device));
+#endif
     return std::make_unique<SenderOf<TcpKvHandoff>>(name,
                                                     std::make_unique<TcpKvHandoff>(std::move(opt)));
   } catch (const std::exception& e) {
@@ -81,11 +111,14 @@ std::map<std::string, PayloadSourceFactory> receiver_payloads(int device) {
   if (device < 0) return m;
 #ifdef MPREFILL_HAVE_NCCL
   m["nccl"] = make_nccl_payload_factory(device);
-#else
-  throw std::runtime_error(
-      "--device cuda: this build of mprefill-decoder has no device KV transport (nccl needs a "
-      "CUDA build with NCCL)");
 #endif
+#ifdef MPREFILL_HAVE_CUDA_IPC
+  m["ipc"] = make_ipc_payload_factory(device);
+#endif
+  if (m.empty())
+    throw std::runtime_error(
+        "--device cuda: this build of mprefill-decoder has no device KV transport (ipc and "
+        "nccl need a CUDA build)");
   return m;
 }
 

@@ -9,7 +9,10 @@
 //           streams per rank, large frames from reusable staging buffers)
 //   "nccl"  ncclSend / ncclRecv of a 2-rank communicator whose id rides in the KvStreamHello
 //           (kv/cuda/nccl_kv_sink.h, kv/cuda/nccl_kv_receiver.h; CUDA builds with NCCL)
-// A later transport (CUDA IPC, or RDMA through NIXL / UCX / Mooncake Transfer Engine) adds a
+//   "ipc"   device-to-device copies into the decoder's GPU memory on the same host, exported
+//           by CUDA IPC (kv/cuda/ipc_kv_sink.h, kv/cuda/ipc_kv_receiver.h, docs/kv_ipc.md;
+//           CUDA builds); the decoder keeps the job's KV there (kv_receiver.h DeviceJobKv)
+// A later transport (RDMA through NIXL / UCX / Mooncake Transfer Engine) adds a
 // KvSender on the worker side (headers on the control stream, bytes by its own engine) and a
 // PagePayloadSource on the decoder side (kv/kv_receiver.h; its setup bytes, e.g. an IPC
 // handle or an RDMA memory key, come in KvStreamHello.transport_setup), and one line in each
@@ -47,7 +50,8 @@ class KvSender : public KvSink {
 // What a worker rank's executor offers a transport.
 struct SenderSite {
   int device = -1;         // CUDA device of the rank (-1: a CPU executor)
-  bool device_kv = false;  // the executor can hand device slices to a GPU peer (nccl_kv cap)
+  bool device_kv = false;  // the executor can hand device slices to a GPU peer (nccl_kv cap;
+                           // "ipc" needs only device >= 0: each rank copies on its own)
 };
 
 // The transports a rank at `site` serves, in preference order ("tcp" always).

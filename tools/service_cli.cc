@@ -24,7 +24,7 @@ const char* kSubmitUsage =
     "                       [--tokenizer PATH] [--decode N] [--sparse dense|auto|NAME|FILE]\n"
     "                       [--dense-below N] [--temperature T] [--top-p P] [--seed S]\n"
     "                       [--stop-ids a,b] [--group NAME] [--decoder NAME]\n"
-    "                       [--kv-transport tcp|nccl] [--model NAME] [--tag TEXT]\n"
+    "                       [--kv-transport tcp|nccl|ipc|auto] [--model NAME] [--tag TEXT]\n"
     "                       [--audit-heads K] [--no-wait] [--timeout-s S] [--json]\n"
     "  --secret-file F     the coordinator's shared secret (no --client-keys there)\n"
     "  --key-file F        this client's key: one line \"NAME SECRET\" (its line of the\n"
@@ -60,7 +60,7 @@ const char* kRunUsage =
     "                    [--tokenizer PATH] (--prompt TEXT | --prompt-ids 1,2,3 |\n"
     "                    --prompt-file FILE) [--decode N] [--sparse SPEC] [--dense-below N]\n"
     "                    [--temperature T] [--top-p P] [--seed S] [--stop-ids a,b]\n"
-    "                    [--kv-transport tcp|nccl] [--max-prompt N] [--config-dir DIR]\n"
+    "                    [--kv-transport tcp|nccl|ipc|auto] [--max-prompt N] [--config-dir DIR]\n"
     "                    [--mpirun PATH]\n"
     "                    [--startup-timeout-s S] [--timeout-s S] [--json]\n"
     "                    [--decoder-device cpu|cuda[:N]] [--audit-heads K]\n"
@@ -72,7 +72,9 @@ const char* kRunUsage =
     "  --tp T              tensor-parallel ranks (divides R; default 1)\n"
     "  --device cpu|cuda   worker device (default cpu)\n"
     "  --decoder-device cpu|cuda[:N]  the decoder's KV receive device: cuda serves\n"
-    "                      --kv-transport nccl (K/V by NCCL from the GPU ranks; default cpu)\n"
+    "                      --kv-transport nccl (K/V by NCCL from the GPU ranks) and ipc (K/V\n"
+    "                      copied by the ranks into the decoder's GPU memory, same host;\n"
+    "                      auto picks it there) (default cpu)\n"
     "  --sparse SPEC       dense (default), auto, a NAME of --config-dir, or a local FILE\n"
     "                      (a '/' in it or a .json ending) sent with the job\n"
     "  --config-dir DIR    the coordinator's directory of named sparse configs (NAME.json)\n"
@@ -124,8 +126,10 @@ ServiceArgs parse_args(const std::string& cmd, int argc, char** argv) {
         throw UsageError("--top-p must be in (0, 1]");
     } else if (flag == "--kv-transport") {
       a.kv_transport = r.value();
-      if (a.kv_transport != "tcp" && a.kv_transport != "nccl")
-        throw UsageError("--kv-transport must be tcp or nccl, got '" + a.kv_transport + "'");
+      if (a.kv_transport != "tcp" && a.kv_transport != "nccl" && a.kv_transport != "ipc" &&
+          a.kv_transport != "auto")
+        throw UsageError("--kv-transport must be tcp, nccl, ipc or auto, got '" + a.kv_transport +
+                         "'");
     } else if (flag == "--timeout-s") {
       a.timeout_s = static_cast<int>(parse_int(flag, r.value(), 1, 7 * 24 * 3600));
     } else if (cmd == "submit" && flag == "--group") {

@@ -40,6 +40,8 @@ nlohmann::json outcome_json(const Outcome& o, const ServiceArgs& a, const Prompt
   j["prefill_end_ms"] = r.prefill_end_ms();
   j["kv_ready_ms"] = r.kv_ready_ms();
   j["exposed_handoff_ms"] = r.exposed_handoff_ms();
+  j["worker_peak_device_bytes"] = r.worker_peak_device_bytes();
+  j["decoder_peak_device_bytes"] = r.decoder_peak_device_bytes();
   j["sparse"] = {{"source", a.sparse}};
   // The work split the group ran: the coordinator's token layout, unless the sparse-aware
   // re-balance replaced it.

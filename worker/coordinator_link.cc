@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <fstream>
 
+#include "kv/kv_ipc.h"
+
 namespace mprefill::worker {
 
 namespace {
@@ -121,13 +123,13 @@ std::string rank_info_record(const std::string& device) {
   char host[256] = {};
   gethostname(host, sizeof host - 1);
   return std::string(host) + "\n" + device + "\n" + std::to_string(meminfo_bytes("MemAvailable:")) +
-         "\n" + std::to_string(meminfo_bytes("MemTotal:"));
+         "\n" + std::to_string(meminfo_bytes("MemTotal:")) + "\n" + kv::host_identity();
 }
 
 v1::RankInfo parse_rank_info(int rank, const std::string& record) {
   std::vector<std::string> f;
   size_t at = 0;
-  for (int k = 0; k < 4; ++k) {
+  for (int k = 0; k < 5; ++k) {
     const size_t nl = record.find('\n', at);
     f.push_back(record.substr(at, nl == std::string::npos ? std::string::npos : nl - at));
     at = nl == std::string::npos ? record.size() : nl + 1;
@@ -138,6 +140,7 @@ v1::RankInfo parse_rank_info(int rank, const std::string& record) {
   ri.set_device(f[1]);
   ri.set_free_memory_bytes(std::strtoull(f[2].c_str(), nullptr, 10));
   ri.set_total_memory_bytes(std::strtoull(f[3].c_str(), nullptr, 10));
+  ri.set_host_id(f[4]);
   return ri;
 }
 

@@ -148,6 +148,7 @@ void report(const GroupContext& g, const JobSpec& spec, const PrefillResult& r,
   auto since_t0 = [&](double at_ms) {
     return g.ctl->max(static_cast<int64_t>(std::max(0.0, at_ms - t0_ms) * 1000)) / 1000.0;
   };
+  const int64_t peak_device = g.ctl->max(static_cast<int64_t>(r.peak_device_bytes));
   const double prefill_end_ms = since_t0(hs.last_put_ms);
   const double kv_ready_ms = since_t0(hs.kv_ready_ms);
   char line[512];
@@ -181,6 +182,7 @@ void report(const GroupContext& g, const JobSpec& spec, const PrefillResult& r,
   done->set_prefill_end_ms(prefill_end_ms);
   done->set_kv_ready_ms(kv_ready_ms);
   done->set_exposed_handoff_ms(std::max(0.0, kv_ready_ms - prefill_end_ms));
+  done->set_peak_device_bytes(static_cast<uint64_t>(peak_device));
   done->set_prefill_ms(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
   for (const std::string& rank_line : per_rank) {
     double v[5] = {};

@@ -161,7 +161,7 @@ PayloadSourceFactory make_nccl_payload_factory(int device) {
   if (cudaGetDeviceCount(&n) != cudaSuccess || device < 0 || device >= n)
     throw std::runtime_error("CUDA device " + std::to_string(device) + " is not visible (" +
                              std::to_string(n) + " devices)");
-  return [device](const v1::KvStreamHello& hello, int timeout_ms) {
+  return [device](const v1::KvStreamHello& hello, int timeout_ms, const PayloadJob&) {
     return std::unique_ptr<PagePayloadSource>(
         std::make_unique<NcclPayloadSource>(hello, device, timeout_ms));
   };

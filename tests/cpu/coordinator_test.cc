@@ -108,7 +108,8 @@ struct GroupPeer {
   std::mutex send_mu;
 
   GroupPeer(const Coordinator& c, const std::string& name, int tp, int sp, uint64_t free_mem = 0,
-            const v1::KvContract& kv = contract()) {
+            const v1::KvContract& kv = contract(),
+            const std::vector<std::string>& transports = {"tcp"}, const std::string& host_id = "") {
     conn = dial(c, v1::WORKER, name);
     v1::Envelope env;
     auto* r = env.mutable_worker_register();
@@ -121,9 +122,10 @@ struct GroupPeer {
       ri->set_rank(i);
       ri->set_device("cpu");
       ri->set_free_memory_bytes(free_mem);
+      ri->set_host_id(host_id);
     }
     *r->mutable_kv() = kv;
-    r->add_kv_transports("tcp");
+    for (const auto& t : transports) r->add_kv_transports(t);
     send(*conn, env);
   }
   // After a successful registration: heartbeat every 50 ms.
@@ -160,7 +162,9 @@ struct DecoderPeer {
   std::thread hb;
   std::mutex send_mu;
   DecoderPeer(const Coordinator& c, const std::string& name, uint64_t capacity,
-              const v1::KvContract& kv = contract(), int max_jobs = 0) {
+              const v1::KvContract& kv = contract(), int max_jobs = 0,
+              const std::vector<std::string>& transports = {"tcp"},
+              const std::string& host_id = "") {
     conn = dial(c, v1::DECODER, name);
     v1::Envelope env;
     auto* r = env.mutable_decoder_register();
@@ -169,8 +173,9 @@ struct DecoderPeer {
     r->set_kv_port(45678);
     r->set_capacity_bytes(capacity);
     r->set_max_jobs(max_jobs);
+    r->set_host_id(host_id);
     *r->mutable_kv() = kv;
-    r->add_kv_transports("tcp");
+    for (const auto& t : transports) r->add_kv_transports(t);
     send(*conn, env);
   }
   void start_heartbeat() {
@@ -493,6 +498,7 @@ TEST(Coordinator, RunsAJobThroughEveryState) {
   wd->set_kv_bytes(150 * kKvPerToken);
   wd->set_handoff_ms(3.5);
   wd->set_prefill_ms(20);
+  wd->set_peak_device_bytes(123456789);
   s.group->send_msg(done);
   auto sd = recv_until(*s.dec->conn, [](auto& e) { return e.has_start_decode(); });
   EXPECT_EQ(sd.start_decode().job_id(), id);
@@ -514,6 +520,7 @@ TEST(Coordinator, RunsAJobThroughEveryState) {
   for (int t : {306, 263, 1407, 931, 13}) d->add_generated_ids(t);
   d->set_stopped_by("length");
   d->set_decode_ms(7);
+  d->set_peak_device_bytes(987654321);
   s.dec->send_msg(dd);
   auto res = recv_until(*cl, [](auto& e) { return e.has_result() || e.has_error(); });
   ASSERT_TRUE(res.has_result()) << res.DebugString();
@@ -524,6 +531,8 @@ TEST(Coordinator, RunsAJobThroughEveryState) {
   EXPECT_EQ(r.generated_ids(2), 1407);
   EXPECT_EQ(r.kv_bytes_handed_off(), 150 * kKvPerToken);
   EXPECT_DOUBLE_EQ(r.handoff_ms(), 3.5);
+  EXPECT_EQ(r.worker_peak_device_bytes(), 123456789u);  // both processes' peaks reach the client
+  EXPECT_EQ(r.decoder_peak_device_bytes(), 987654321u);
   EXPECT_GT(r.ttft_ms(), 0);
   EXPECT_EQ(r.client_tag(), "t");
   EXPECT_EQ(job_status(s.coord, id).state(), v1::DONE);
@@ -533,6 +542,65 @@ TEST(Coordinator, RunsAJobThroughEveryState) {
   EXPECT_EQ(metric(m, "mprefill_kv_bytes_handed_off_total"), 150.0 * kKvPerToken);
   EXPECT_EQ(metric(m, "mprefill_ttft_seconds_count"), 1);
   EXPECT_EQ(metric(m, "mprefill_jobs{state=\"running\"}"), 0);
+}
+
+// Issue 15: kv_transport "auto" pairs a group with a decoder of its host over ipc (even when
+// another decoder has more room), "ipc" without a same-host pair is refused with the hosts,
+// and a foreign-host decoder gets tcp.
+TEST(Coordinator, NegotiatesIpcForSameHostPairsOnly) {
+  Coordinator c(test_options());
+  c.start();
+  const std::vector<std::string> tcp_ipc = {"tcp", "ipc"};
+  GroupPeer g(c, "g0", 1, 1, 0, contract(), tcp_ipc, "hostA/boot-1");
+  ASSERT_TRUE(recv_one(*g.conn).has_worker_registered());
+  g.start_heartbeat();
+  auto far = std::make_unique<DecoderPeer>(c, "far", uint64_t{8} << 30, contract(), 0, tcp_ipc,
+                                           "hostB/boot-2");
+  ASSERT_TRUE(recv_one(*far->conn).has_decoder_registered());
+  far->start_heartbeat();
+
+  auto cl = dial(c, v1::CLIENT, "cli");
+  auto run = [&](DecoderPeer& d, const std::string& want, std::string* decoder) {
+    v1::Envelope sub = submit(prompt(100));
+    sub.mutable_submit()->mutable_options()->set_kv_transport(want);
+    send(*cl, sub);
+    auto a = recv_until(*cl, [](auto& e) { return e.has_accepted() || e.has_error(); });
+    if (!a.has_accepted()) return a.error().message();
+    const uint64_t id = a.accepted().job_id();
+    recv_until(*d.conn, [](auto& e) { return e.has_expect(); });
+    v1::Envelope ready;
+    ready.mutable_ready()->set_job_id(id);
+    d.send_msg(ready);
+    auto as = recv_until(*g.conn, [](auto& e) { return e.has_assignment(); });
+    *decoder = as.assignment().decoder().name();
+    EXPECT_EQ(as.assignment().decoder().transport(), as.assignment().options().kv_transport());
+    v1::Envelope cancel;
+    cancel.mutable_cancel()->set_job_id(id);
+    send(*cl, cancel);
+    recv_until(*cl, [](auto& e) { return e.has_result() || e.has_error(); });
+    v1::Envelope wf;  // the group ends the cancelled job
+    wf.mutable_worker_failed()->set_job_id(id);
+    wf.mutable_worker_failed()->set_message("cancelled");
+    g.send_msg(wf);
+    return as.assignment().decoder().transport();
+  };
+  std::string dec;
+  // Only a foreign-host decoder: ipc is refused naming both hosts, auto falls back to tcp.
+  const std::string refused = run(*far, "ipc", &dec);
+  EXPECT_NE(refused.find("one host"), std::string::npos) << refused;
+  EXPECT_NE(refused.find("hostB/boot-2"), std::string::npos) << refused;
+  EXPECT_EQ(run(*far, "auto", &dec), "tcp");
+  EXPECT_EQ(dec, "far");
+
+  DecoderPeer near(c, "near", uint64_t{1} << 30, contract(), 0, tcp_ipc, "hostA/boot-1");
+  ASSERT_TRUE(recv_one(*near.conn).has_decoder_registered());
+  near.start_heartbeat();
+  EXPECT_EQ(run(near, "auto", &dec), "ipc");
+  EXPECT_EQ(dec, "near");
+  EXPECT_EQ(run(near, "ipc", &dec), "ipc");
+  EXPECT_EQ(dec, "near");
+  EXPECT_EQ(run(*far, "tcp", &dec), "tcp");  // most room: the far decoder
+  EXPECT_EQ(dec, "far");
 }
 
 TEST(Coordinator, LimitsUnfinishedJobsPerClient) {
