@@ -53,6 +53,12 @@ TEST(AdaptiveSelect, HandBuiltScoresReachTauAtTheSmallestSet) {
   EXPECT_EQ(pick(0.9375), (std::vector<int>{0, 1, 2, 3}));
   // tau = 1 keeps every entry with mass and nothing else.
   EXPECT_EQ(pick(1.0), (std::vector<int>{0, 1, 2, 3, 4}));
+  // tau = 1 when the sum in rank order (1 + 2^-54 four times: 1) falls short of the total
+  // in index order (1 + 2^-52): the positive entries, not the massless ones after them.
+  const float t = std::ldexp(1.f, -54);
+  const std::vector<float> r = {t, t, t, t, 1.f, 0.f, 0.f};
+  EXPECT_EQ(sorted(cpu::select_by_mass(r.data(), r.data(), 7, 0, 0, 7, 1.0)),
+            (std::vector<int>{0, 1, 2, 3, 4}));
   // The cap wins over tau; tau = 0 is the fixed budget (the cap's best).
   EXPECT_EQ(pick(0.9, 2), (std::vector<int>{1, 3}));
   EXPECT_EQ(pick(0.0, 3), (std::vector<int>{0, 1, 3}));
