@@ -302,6 +302,27 @@ TEST(AdaptiveBlockSparse, CutsEachQueryBlockAtTauWithinTheCap) {
   EXPECT_EQ(cpu::block_sparse_estimate(p, topk, &ix, bad), Status::kInvalidArgument);
 }
 
+// Hand-built pooled blocks: head_dim 1, N = 129 (the last block holds one key). Query
+// block 2 scores key blocks 0, 1, 2 as 0, 0, 3: block mass 64, 64 and e^3 = 20.1 (the
+// diagonal stands for one key), so tau 0.5 needs the diagonal and block 0 (84 / 148),
+// while tau 0.1 keeps the diagonal alone; in query block 1 (64 e^0 each) the diagonal
+// alone is half, enough for 0.5.
+TEST(AdaptiveBlockSparse, BlockMassWeighsEachBlockByItsKeys) {
+  const int64_t n = 129;
+  const std::vector<float> qpool = {1.f, 1.f, 1.f}, kpool = {0.f, 0.f, 3.f};
+  const int topk = 3;
+  BlockSparseIndex ix;
+  auto lists = [&](double tau) {
+    EXPECT_EQ(
+        cpu::block_sparse_select(qpool.data(), kpool.data(), n, 1, 1, 1, 1.f, &topk, &ix, &tau),
+        Status::kOk);
+    return ix.blocks;
+  };
+  EXPECT_EQ(lists(0.5), (std::vector<int>{0, -1, -1, 1, -1, -1, 0, 2, -1}));
+  EXPECT_EQ(lists(0.1), (std::vector<int>{0, -1, -1, 1, -1, -1, 2, -1, -1}));
+  EXPECT_EQ(lists(1.0), (std::vector<int>{0, -1, -1, 0, 1, -1, 0, 1, 2}));
+}
+
 // ---------------------------------------------------------------- engine
 
 std::vector<int> random_ids(int n, int vocab, uint64_t seed) {
@@ -321,7 +342,7 @@ TEST(AdaptiveEngine, TauOneIsDenseAndLowerTauDrops) {
   // tau = 1 with caps >= N: every column (VS) and every block (BS) carries mass.
   const SparsePolicy all = test::mixed_policy(w.config, HeadPattern::a_shape(64, n),
                                               HeadPattern::vertical_slash(1 << 20, 1 << 20, 1.0),
-                                              HeadPattern::block_sparse(64, 1.0));
+                                              HeadPattern::block_sparse(8, 1.0));
   ASSERT_TRUE(all.any_adaptive());
   PrefillPlan plan;
   PrefillStats st;
@@ -334,10 +355,29 @@ TEST(AdaptiveEngine, TauOneIsDenseAndLowerTauDrops) {
     diff = std::max(diff, std::fabs(double{dense[i]} - one[i]));
   }
   EXPECT_LE(diff, 1e-4 * mx) << "tau = 1 differs from dense";
+  // ... because every column and diagonal (block) was kept.
+  int vs_heads = 0, bs_heads = 0;
+  for (const auto& layer : plan.layers)
+    for (const HeadPlan& hp : layer) {
+      if (hp.kind == PatternKind::kVerticalSlash) {
+        ++vs_heads;
+        EXPECT_EQ(hp.vs.columns.size(), static_cast<size_t>(n));
+        EXPECT_EQ(hp.vs.offsets.size(), static_cast<size_t>(n));
+      } else if (hp.kind == PatternKind::kBlockSparse) {
+        ++bs_heads;
+        for (int64_t b = 0; b < num_blocks(n); ++b)
+          EXPECT_EQ(
+              std::count_if(hp.blocks.begin() + b * hp.topk, hp.blocks.begin() + (b + 1) * hp.topk,
+                            [](int x) { return x >= 0; }),
+              b + 1);
+      }
+    }
+  EXPECT_GT(vs_heads, 0);
+  EXPECT_GT(bs_heads, 0);
   // Lower thresholds keep fewer columns / blocks than the caps and change the logits.
   const SparsePolicy low = test::mixed_policy(w.config, HeadPattern::a_shape(64, n),
                                               HeadPattern::vertical_slash(1 << 20, 1 << 20, 0.3),
-                                              HeadPattern::block_sparse(64, 0.3));
+                                              HeadPattern::block_sparse(8, 0.3));
   PrefillPlan lp;
   const std::vector<float> cut = eng.prefill(ids, low, &c2, &lp);
   size_t cols = 0, full_cols = 0;
