@@ -231,7 +231,9 @@ SparsePolicy parse_minference_config(const std::string& json_text, const std::st
   double default_tau = 0;  // {"tau": T, "layers": [...]}: T for every VS / BS head
   if (doc.is_object()) {
     if (!doc.contains("layers"))
-      throw policy_error(name, "an object config needs \"layers\" (and optionally \"tau\")");
+      throw policy_error(name,
+                         "expected a JSON list with one object per layer, or an object "
+                         "{\"layers\": [...], \"tau\": T}");
     for (const auto& [key, val] : doc.items())
       if (key != "layers" && key != "tau") throw policy_error(name, "unknown key '" + key + "'");
     if (doc.contains("tau")) default_tau = json_tau(doc["tau"], name, "top level");
