@@ -74,6 +74,8 @@ v1::SparsePolicyTable policy_table(const SparsePolicy& policy) {
     t.add_a(h.a);
     t.add_b(h.b);
   }
+  if (policy.any_adaptive())
+    for (const HeadPattern& h : policy.heads) t.add_tau(h.tau);
   return t;
 }
 

@@ -155,7 +155,7 @@ void check_sparse_option(const SparseSource& src, const v1::JobOptions& o) {
     return;
   }
   const std::string& s = o.sparse();
-  if (s.empty() || s == "dense" || s == "auto") return;
+  if (s.empty() || is_builtin_sparse_spec(s)) return;
   const std::string problem = name_problem(src, s);
   if (!problem.empty()) throw SparseSourceError(problem);
 }
@@ -167,7 +167,7 @@ SparsePolicy resolve_sparse(const SparseSource& src, const v1::JobOptions& o,
   if (!o.sparse_config().empty()) {
     pol = parse_config(o.sparse_config(), "(inline)", cfg);
     pol.source = "inline";
-  } else if (o.sparse().empty() || o.sparse() == "dense" || o.sparse() == "auto") {
+  } else if (o.sparse().empty() || is_builtin_sparse_spec(o.sparse())) {
     pol = load_sparse_policy(o.sparse().empty() ? "dense" : o.sparse(), cfg, dense_below);
   } else {
     pol = parse_config(read_named_config(src, o.sparse()), quoted(o.sparse()), cfg);

@@ -123,7 +123,8 @@ void LocalAttention::head(int l, int h, const AttentionParams& ph, const HeadPat
                                                         static_cast<const float*>(ph.k), c.kv_dim(),
                                                         c.head_dim, N, ph.scale);
           std::vector<VsSelection> sel;
-          MPREFILL_EDGE_CHECK(cpu::vs_estimate(e, &hp.a, &hp.b, &sel), at("vs_estimate", l, h), "");
+          MPREFILL_EDGE_CHECK(cpu::vs_estimate(e, &hp.a, &hp.b, &sel, &hp.tau),
+                              at("vs_estimate", l, h), "");
           if (sel.size() != 1)
             throw std::runtime_error("engine: vs_estimate returned " + std::to_string(sel.size()) +
                                      " selections for one head");
@@ -143,7 +144,7 @@ void LocalAttention::head(int l, int h, const AttentionParams& ph, const HeadPat
             static_cast<const float*>(ph.q), c.q_dim(), static_cast<const float*>(ph.k), c.kv_dim(),
             c.head_dim, N, ph.scale);
         BlockSparseIndex bix;
-        MPREFILL_EDGE_CHECK(cpu::block_sparse_estimate(e, &hp.a, &bix),
+        MPREFILL_EDGE_CHECK(cpu::block_sparse_estimate(e, &hp.a, &bix, &hp.tau),
                             at("block_sparse_estimate", l, h), "");
         hplan->topk = bix.k;
         hplan->blocks = std::move(bix.blocks);

@@ -471,23 +471,25 @@ class DistEngine::Impl::Ring final : public CpuAttention {
                       ks.data() + (r * ns + j) * hd);
         }
       std::vector<int> a(ns), b(ns);
+      std::vector<double> tau(ns);
       for (int j = 0; j < ns; ++j) {
         a[j] = pats[sel[j]].a;
         b[j] = pats[sel[j]].b;
+        tau[j] = pats[sel[j]].tau;
       }
       std::string err;
       if (kind == PatternKind::kVerticalSlash) {
         std::vector<VsSelection> out;
         MPREFILL_EDGE_CHECK(
             vs_estimate_distributed(*m_.sp_comm, mine_, n_, qs.data(), ks.data(), ns, ns, hd, scale,
-                                    a.data(), b.data(), &out, &err),
+                                    a.data(), b.data(), &out, &err, nullptr, tau.data()),
             m_.who() + ": vertical-slash estimation at layer " + std::to_string(l), err);
         for (int j = 0; j < ns; ++j) (*local)[sel[j]].vs = std::move(out[j]);
       } else {
         BlockSparseIndex bix;
         MPREFILL_EDGE_CHECK(
             block_sparse_estimate_distributed(*m_.sp_comm, mine_, n_, qs.data(), ks.data(), ns, ns,
-                                              hd, scale, a.data(), &bix, &err),
+                                              hd, scale, a.data(), &bix, &err, tau.data()),
             m_.who() + ": block-sparse estimation at layer " + std::to_string(l), err);
         for (int j = 0; j < ns; ++j) {
           HeadPlan& hp = (*local)[sel[j]];

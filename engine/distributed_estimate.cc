@@ -49,10 +49,13 @@ Status vs_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine, 
                                const float* q_local, const float* k_local, int num_heads,
                                int num_kv_heads, int head_dim, float scale, const int* v_budget,
                                const int* s_budget, std::vector<VsSelection>* out,
-                               std::string* error, VsGlobalScores* scores) {
+                               std::string* error, VsGlobalScores* scores, const double* tau) {
   const Status bad = Status::kInvalidArgument;
   if (!out || !v_budget || !s_budget)
     return fail(sp, bad, "vs_estimate_distributed", "arguments", "null output/budget", error);
+  for (int h = 0; tau && h < num_heads; ++h)
+    if (!cpu::valid_tau(tau[h]))
+      return fail(sp, bad, "vs_estimate_distributed", "arguments", "tau outside (0, 1]", error);
   if (n_total <= 0 || num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 ||
       num_heads % num_kv_heads != 0 || !(scale > 0.f) || !std::isfinite(scale)) {
     return fail(sp, bad, "vs_estimate_distributed", "arguments", "bad n_total/heads/head_dim/scale",
@@ -196,8 +199,8 @@ Status vs_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine, 
   // (4) The same deterministic selection on the same arrays on every rank.
   out->assign(num_heads, {});
   for (int h = 0; h < num_heads; ++h) {
-    (*out)[h] =
-        cpu::vs_select(col.data() + h * n, slash.data() + h * n, n, v_budget[h], s_budget[h]);
+    (*out)[h] = cpu::vs_select(col.data() + h * n, slash.data() + h * n, n, v_budget[h],
+                               s_budget[h], tau ? tau[h] : 0.0);
   }
   if (scores) {
     scores->col = std::move(col);
@@ -210,7 +213,8 @@ Status block_sparse_estimate_distributed(comm::Communicator& sp, const TokenRang
                                          int64_t n_total, const float* q_local,
                                          const float* k_local, int num_heads, int num_kv_heads,
                                          int head_dim, float scale, const int* topk,
-                                         BlockSparseIndex* out, std::string* error) {
+                                         BlockSparseIndex* out, std::string* error,
+                                         const double* tau) {
   const Status bad = Status::kInvalidArgument;
   if (!out || !topk)
     return fail(sp, bad, "block_sparse_estimate_distributed", "arguments", "null output/topk",
@@ -267,7 +271,7 @@ Status block_sparse_estimate_distributed(comm::Communicator& sp, const TokenRang
                 sp.last_error(), error);
   }
   if (const Status s = cpu::block_sparse_select(qpool.data(), kpool.data(), n_total, num_heads,
-                                                num_kv_heads, head_dim, scale, topk, out);
+                                                num_kv_heads, head_dim, scale, topk, out, tau);
       s != Status::kOk) {
     return fail(sp, s, "block_sparse_estimate_distributed", "block_sparse_select", to_string(s),
                 error);

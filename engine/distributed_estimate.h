@@ -44,6 +44,8 @@ VsEstimateParams vs_call_params(const VsCallShape& s, const void* q_last, const 
 //         lengths, may be 0, then the pointers may be null).
 //   v_budget, s_budget: [num_heads], the same on every rank.
 //   scores: if non-null, receives the global column and slash scores.
+//   tau: null (fixed budgets) or [num_heads] thresholds (cpu::vs_select), the same on
+//         every rank.
 // Every rank of `sp` must call this with the same n_total, shapes, scale and budgets. On
 // failure returns the status and, if error is non-null, a one-line message naming the
 // rank and the stage.
@@ -51,18 +53,21 @@ Status vs_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine, 
                                const float* q_local, const float* k_local, int num_heads,
                                int num_kv_heads, int head_dim, float scale, const int* v_budget,
                                const int* s_budget, std::vector<VsSelection>* out,
-                               std::string* error, VsGlobalScores* scores = nullptr);
+                               std::string* error, VsGlobalScores* scores = nullptr,
+                               const double* tau = nullptr);
 
 // Block-sparse estimation across sequence-parallel ranks: every rank mean-pools the
 // 64-token blocks of its ranges (which must be 64-aligned, so no block is split), the
 // pooled Q and K blocks are combined with a SUM all_reduce of zero-initialised arrays
 // (exact: each block is written by one rank), and every rank runs the same
 // cpu::block_sparse_select, so all ranks get the single-process index exactly.
-// Arguments as in vs_estimate_distributed; topk: [num_heads].
+// Arguments as in vs_estimate_distributed; topk: [num_heads]; tau as there
+// (cpu::block_sparse_select).
 Status block_sparse_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine,
                                          int64_t n_total, const float* q_local,
                                          const float* k_local, int num_heads, int num_kv_heads,
                                          int head_dim, float scale, const int* topk,
-                                         BlockSparseIndex* out, std::string* error);
+                                         BlockSparseIndex* out, std::string* error,
+                                         const double* tau = nullptr);
 
 }  // namespace mprefill

@@ -2,12 +2,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <stdexcept>
 #include <tuple>
+#include <vector>
 
 namespace mprefill {
 namespace {
@@ -28,7 +30,95 @@ int whole_number(const nlohmann::json& v, const std::string& name, const std::st
   return static_cast<int>(d);
 }
 
+// A JSON threshold: a number in (0, 1].
+double json_tau(const nlohmann::json& v, const std::string& name, const std::string& where) {
+  const double t = v.is_number() ? v.get<double>() : std::nan("");
+  if (!(t > 0 && t <= 1))
+    throw policy_error(name, where + ": tau must be a number in (0, 1], got " + v.dump());
+  return t;
+}
+
+// Thresholds object {"tau": T}: its tau, or throws naming the unknown key.
+double tau_object(const nlohmann::json& v, const std::string& name, const std::string& where) {
+  if (!v.is_object() || !v.contains("tau"))
+    throw policy_error(name, where + ": expected {\"tau\": T}, got " + v.dump());
+  for (const auto& [key, val] : v.items())
+    if (key != "tau") throw policy_error(name, where + ": unknown key '" + key + "'");
+  return json_tau(v["tau"], name, where);
+}
+
+// One head's [pattern, a, b, score(, {"tau": T})]; default_tau (0: none) applies to the
+// vertical-slash and block-sparse heads that carry no threshold of their own.
+HeadPattern parse_head(const nlohmann::json& val, const std::string& name, const std::string& where,
+                       double default_tau) {
+  if (!val.is_array() || val.size() < 3 || val.size() > 5 || !val[0].is_string())
+    throw policy_error(name, where +
+                                 ": expected [pattern, a, b, score] or [pattern, a, b, score, " +
+                                 "{\"tau\": T}], got " + val.dump());
+  const double tau = val.size() == 5 ? tau_object(val[4], name, where + " element 5") : default_tau;
+  const std::string pat = val[0].get<std::string>();
+  if (pat == "vertical_and_slash")
+    return HeadPattern::vertical_slash(whole_number(val[1], name, where, "vertical size", 0),
+                                       whole_number(val[2], name, where, "slash size", 0), tau);
+  if (pat == "block_sparse")
+    return HeadPattern::block_sparse(whole_number(val[1], name, where, "top-k", 1), tau);
+  if (pat == "stream_llm") {
+    if (val.size() == 5)
+      throw policy_error(name, where +
+                                   ": tau applies to vertical_and_slash and block_sparse, "
+                                   "not stream_llm");
+    return HeadPattern::a_shape(whole_number(val[1], name, where, "init size", 0),
+                                whole_number(val[2], name, where, "local window", 1));
+  }
+  throw policy_error(name, where + ": unknown pattern '" + pat +
+                               "' (expected vertical_and_slash, stream_llm, block_sparse)");
+}
+
+// "adaptive:TAU[:V:S]" (spec is "adaptive" or starts with "adaptive:").
+SparsePolicy adaptive_policy(const std::string& spec, const ModelConfig& cfg) {
+  std::vector<std::string> f;
+  for (size_t at = 0;;) {
+    const size_t colon = spec.find(':', at);
+    f.push_back(spec.substr(at, colon - at));
+    if (colon == std::string::npos) break;
+    at = colon + 1;
+  }
+  const std::string where = "sparse policy '" + spec + "'";
+  if (f[0] != "adaptive" || (f.size() != 2 && f.size() != 4))
+    throw std::runtime_error(where + ": expected adaptive:TAU or adaptive:TAU:V:S");
+  const double tau = parse_tau(f[1], where);
+  int cap[2] = {kAdaptiveVerticalCap, kAdaptiveSlashCap};
+  for (size_t i = 2; i < f.size(); ++i) {
+    size_t used = 0;
+    long long v = -1;
+    try {
+      v = std::stoll(f[i], &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != f[i].size() || v < 1 || v > 2147483647LL)
+      throw std::runtime_error(where + ": " + (i == 2 ? "V" : "S") +
+                               " must be a whole number >= 1, got '" + f[i] + "'");
+    cap[i - 2] = static_cast<int>(v);
+  }
+  SparsePolicy p = SparsePolicy::uniform(cfg, HeadPattern::vertical_slash(cap[0], cap[1], tau));
+  p.source = spec;
+  return p;
+}
+
 }  // namespace
+
+double parse_tau(const std::string& text, const std::string& where) {
+  char* end = nullptr;
+  const double t = text.empty() ? std::nan("") : std::strtod(text.c_str(), &end);
+  if (text.empty() || end != text.c_str() + text.size() || !(t > 0 && t <= 1))
+    throw std::runtime_error(where + ": tau must be a number in (0, 1], got '" + text + "'");
+  return t;
+}
+
+bool is_builtin_sparse_spec(const std::string& spec) {
+  return spec == "dense" || spec == "auto" || spec == "adaptive" || spec.rfind("adaptive:", 0) == 0;
+}
 
 const char* to_string(PatternKind k) {
   switch (k) {
@@ -42,6 +132,17 @@ const char* to_string(PatternKind k) {
       return "block_sparse";
   }
   return "unknown";
+}
+
+std::string pattern_label(const HeadPattern& p) {
+  std::ostringstream s;
+  s << to_string(p.kind);
+  if (p.kind == PatternKind::kDense) return s.str();
+  s << "(" << p.a;
+  if (p.kind != PatternKind::kBlockSparse) s << "," << p.b;
+  if (p.adaptive()) s << ",tau=" << p.tau;
+  s << ")";
+  return s.str();
 }
 
 HeadPattern SparsePolicy::at(int layer, int head, int64_t n) const {
@@ -66,14 +167,18 @@ void SparsePolicy::check_model(const ModelConfig& cfg) const {
     throw std::runtime_error("sparse policy " + source + ": head table has the wrong size");
 }
 
+bool SparsePolicy::any_adaptive() const {
+  return std::any_of(heads.begin(), heads.end(), [](const HeadPattern& p) { return p.adaptive(); });
+}
+
 std::vector<PatternCount> SparsePolicy::summary() const {
   std::vector<PatternCount> out;
   if (heads.empty()) return out;
-  std::map<std::tuple<int, int, int>, int> counts;
-  for (const HeadPattern& p : heads) ++counts[{static_cast<int>(p.kind), p.a, p.b}];
+  std::map<std::tuple<int, int, int, double>, int> counts;
+  for (const HeadPattern& p : heads) ++counts[{static_cast<int>(p.kind), p.a, p.b, p.tau}];
   for (const auto& [key, c] : counts) {
-    const auto [k, a, b] = key;
-    out.push_back({HeadPattern{static_cast<PatternKind>(k), a, b}, c});
+    const auto [k, a, b, tau] = key;
+    out.push_back({HeadPattern{static_cast<PatternKind>(k), a, b, tau}, c});
   }
   std::stable_sort(out.begin(), out.end(),
                    [](const PatternCount& x, const PatternCount& y) { return x.count > y.count; });
@@ -90,16 +195,7 @@ std::string SparsePolicy::summary_string() const {
   s << ":";
   bool first = true;
   for (const PatternCount& c : summary()) {
-    s << (first ? " " : ", ") << to_string(c.pattern.kind);
-    switch (c.pattern.kind) {
-      case PatternKind::kDense:
-        break;
-      case PatternKind::kBlockSparse:
-        s << "(" << c.pattern.a << ")";
-        break;
-      default:
-        s << "(" << c.pattern.a << "," << c.pattern.b << ")";
-    }
+    s << (first ? " " : ", ") << pattern_label(c.pattern);
     s << " x" << c.count;
     first = false;
   }
@@ -132,6 +228,18 @@ SparsePolicy parse_minference_config(const std::string& json_text, const std::st
   } catch (const nlohmann::json::exception& e) {
     throw policy_error(name, std::string("not valid JSON (") + e.what() + ")");
   }
+  double default_tau = 0;  // {"tau": T, "layers": [...]}: T for every VS / BS head
+  if (doc.is_object()) {
+    if (!doc.contains("layers"))
+      throw policy_error(name,
+                         "expected a JSON list with one object per layer, or an object "
+                         "{\"layers\": [...], \"tau\": T}");
+    for (const auto& [key, val] : doc.items())
+      if (key != "layers" && key != "tau") throw policy_error(name, "unknown key '" + key + "'");
+    if (doc.contains("tau")) default_tau = json_tau(doc["tau"], name, "top level");
+    nlohmann::json layers = std::move(doc["layers"]);
+    doc = std::move(layers);
+  }
   if (!doc.is_array()) throw policy_error(name, "expected a JSON list with one object per layer");
   if (doc.size() != static_cast<size_t>(cfg.n_layers))
     throw policy_error(name, "has " + std::to_string(doc.size()) + " layers but the model has " +
@@ -163,24 +271,8 @@ SparsePolicy parse_minference_config(const std::string& json_text, const std::st
                                      std::to_string(cfg.n_heads) + ")");
       if (seen[h]) throw policy_error(name, lw + ": head " + key + " appears twice");
       seen[h] = true;
-      const std::string where = lw + " head " + key;
-      if (!val.is_array() || val.size() < 3 || !val[0].is_string())
-        throw policy_error(name, where + ": expected [pattern, a, b, score], got " + val.dump());
-      const std::string pat = val[0].get<std::string>();
-      HeadPattern hp;
-      if (pat == "vertical_and_slash") {
-        hp = HeadPattern::vertical_slash(whole_number(val[1], name, where, "vertical size", 0),
-                                         whole_number(val[2], name, where, "slash size", 0));
-      } else if (pat == "stream_llm") {
-        hp = HeadPattern::a_shape(whole_number(val[1], name, where, "init size", 0),
-                                  whole_number(val[2], name, where, "local window", 1));
-      } else if (pat == "block_sparse") {
-        hp = HeadPattern::block_sparse(whole_number(val[1], name, where, "top-k", 1));
-      } else {
-        throw policy_error(name, where + ": unknown pattern '" + pat +
-                                     "' (expected vertical_and_slash, stream_llm, block_sparse)");
-      }
-      pol.heads[static_cast<size_t>(l) * cfg.n_heads + h] = hp;
+      pol.heads[static_cast<size_t>(l) * cfg.n_heads + h] =
+          parse_head(val, name, lw + " head " + key, default_tau);
     }
   }
   return pol;
@@ -196,11 +288,14 @@ SparsePolicy load_sparse_policy(const std::string& spec, const ModelConfig& cfg,
   } else if (spec == "auto") {
     pol = SparsePolicy::uniform(cfg, HeadPattern::vertical_slash(1000, 6096), dense_below);
     pol.source = "auto";
+  } else if (spec == "adaptive" || spec.rfind("adaptive:", 0) == 0) {
+    pol = adaptive_policy(spec, cfg);
   } else {
     std::ifstream f(spec, std::ios::binary);
     if (!f)
-      throw std::runtime_error("sparse config " + spec +
-                               ": cannot open (expected dense, auto or a JSON file)");
+      throw std::runtime_error(
+          "sparse config " + spec +
+          ": cannot open (expected dense, auto, adaptive:TAU[:V:S] or a JSON file)");
     std::ostringstream s;
     s << f.rdbuf();
     pol = parse_minference_config(s.str(), spec, cfg);

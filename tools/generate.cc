@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -80,17 +81,45 @@ std::string ran_summary(const SparsePolicy& p, const PrefillStats& st) {
 // One entry per audited head (engine/audit.h).
 nlohmann::json audit_json(const PrefillStats& st) {
   nlohmann::json out = nlohmann::json::array();
-  for (const HeadAuditResult& r : st.audit)
-    out.push_back({{"layer", r.layer},
-                   {"head", r.head},
-                   {"pattern", to_string(r.pattern.kind)},
-                   {"a", r.pattern.a},
-                   {"b", r.pattern.b},
-                   {"rows", r.rows},
-                   {"recall", r.recall},
-                   {"output_rel_error", r.output_rel_error},
-                   {"output_rel_error_fro", r.output_rel_error_fro}});
+  for (const HeadAuditResult& r : st.audit) {
+    nlohmann::json e = {{"layer", r.layer},
+                        {"head", r.head},
+                        {"pattern", to_string(r.pattern.kind)},
+                        {"a", r.pattern.a},
+                        {"b", r.pattern.b},
+                        {"rows", r.rows},
+                        {"recall", r.recall},
+                        {"output_rel_error", r.output_rel_error},
+                        {"output_rel_error_fro", r.output_rel_error_fro}};
+    if (r.pattern.adaptive()) e["tau"] = r.pattern.tau;
+    out.push_back(std::move(e));
+  }
   return out;
+}
+
+// The job's audit in one object: heads, mean and lowest recall, overall and over the
+// adaptive heads (the adaptive policy's recall; issue 18).
+nlohmann::json audit_summary_json(const PrefillStats& st) {
+  double sum = 0, lo = 1, asum = 0, alo = 1;
+  int adaptive = 0;
+  for (const HeadAuditResult& r : st.audit) {
+    sum += r.recall;
+    lo = std::min(lo, r.recall);
+    if (!r.pattern.adaptive()) continue;
+    ++adaptive;
+    asum += r.recall;
+    alo = std::min(alo, r.recall);
+  }
+  const size_t n = st.audit.size();
+  nlohmann::json j = {{"heads", n},
+                      {"mean_recall", n ? sum / n : 1.0},
+                      {"min_recall", lo},
+                      {"adaptive_heads", adaptive}};
+  if (adaptive) {
+    j["adaptive_mean_recall"] = asum / adaptive;
+    j["adaptive_min_recall"] = alo;
+  }
+  return j;
 }
 
 }  // namespace
@@ -182,6 +211,7 @@ int run_generate(const GenerateArgs& a) {
     if (tok) j["text"] = text;
     if (a.audit_heads > 0) {
       j["audit"] = audit_json(r.prefill);
+      j["audit_summary"] = audit_summary_json(r.prefill);
       j["audit_ms"] = r.prefill.audit_ms;
     }
     std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
@@ -204,10 +234,21 @@ int run_generate(const GenerateArgs& a) {
       std::fprintf(stderr, "mprefill: audit: no head to audit (the prompt ran dense)\n");
     for (const HeadAuditResult& h : r.prefill.audit)
       std::fprintf(stderr,
-                   "mprefill: audit layer %d head %d %s(%d,%d): recall %.6f, output error %.3g "
+                   "mprefill: audit layer %d head %d %s: recall %.6f, output error %.3g "
                    "(max), %.3g (fro) over %lld rows\n",
-                   h.layer, h.head, to_string(h.pattern.kind), h.pattern.a, h.pattern.b, h.recall,
-                   h.output_rel_error, h.output_rel_error_fro, static_cast<long long>(h.rows));
+                   h.layer, h.head, pattern_label(h.pattern).c_str(), h.recall, h.output_rel_error,
+                   h.output_rel_error_fro, static_cast<long long>(h.rows));
+    if (!r.prefill.audit.empty()) {
+      const nlohmann::json s = audit_summary_json(r.prefill);
+      std::fprintf(stderr, "mprefill: audit: %zu heads, recall mean %.6f, min %.6f",
+                   s["heads"].get<size_t>(), s["mean_recall"].get<double>(),
+                   s["min_recall"].get<double>());
+      if (s["adaptive_heads"].get<int>() > 0)
+        std::fprintf(stderr, "; adaptive heads %d: recall mean %.6f, min %.6f",
+                     s["adaptive_heads"].get<int>(), s["adaptive_mean_recall"].get<double>(),
+                     s["adaptive_min_recall"].get<double>());
+      std::fprintf(stderr, "\n");
+    }
   }
   return 0;
 }

@@ -130,9 +130,17 @@ int print_outcome(const Outcome& o, const ServiceArgs& a, const PromptInput& p,
                r.kv_transport().empty() ? "?" : r.kv_transport().c_str(), r.handoff_ms(),
                gbps(r.kv_bytes_handed_off(), r.handoff_ms()).c_str(), r.exposed_handoff_ms(),
                std::max(0, r.generated_ids_size() - 1), r.decode_ms(), r.stopped_by().c_str());
-  for (const auto& h : r.audit())
+  double sum = 0, lo = 1;
+  for (const auto& h : r.audit()) {
     std::fprintf(stderr, "mprefill: audit layer %d head %d (%s): recall %.4f, output error %.3g\n",
                  h.layer(), h.head(), h.pattern().c_str(), h.recall(), h.output_rel_error());
+    sum += h.recall();
+    lo = std::min(lo, h.recall());
+  }
+  if (r.audit_size() > 0)
+    std::fprintf(stderr, "mprefill: audit of job %llu: %d heads, recall mean %.4f, min %.4f\n",
+                 static_cast<unsigned long long>(o.job_id), r.audit_size(), sum / r.audit_size(),
+                 lo);
   return 0;
 }
 

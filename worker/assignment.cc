@@ -14,7 +14,7 @@ SparsePolicy decode_policy(const v1::Assignment& job, const ModelConfig& cfg) {
   const int64_t dense_below = o.dense_below() > 0 ? o.dense_below() : kDefaultDenseBelow;
   if (!job.has_policy()) {
     const std::string name = o.sparse().empty() ? "dense" : o.sparse();
-    if (name != "dense" && name != "auto")
+    if (!is_builtin_sparse_spec(name))
       throw std::runtime_error("sparse policy '" + name +
                                "': the assignment carries no resolved policy (the coordinator "
                                "resolves configs; the worker opens no path a client named)");
@@ -28,7 +28,7 @@ SparsePolicy decode_policy(const v1::Assignment& job, const ModelConfig& cfg) {
   p.dense_below = t.dense_below();
   const int64_t cells = int64_t{t.n_layers()} * t.n_heads();
   if (t.n_layers() < 0 || t.n_heads() < 0 || t.kind_size() != cells || t.a_size() != cells ||
-      t.b_size() != cells || t.dense_below() < 0)
+      t.b_size() != cells || (t.tau_size() != 0 && t.tau_size() != cells) || t.dense_below() < 0)
     throw std::runtime_error("sparse policy '" + p.source + "': the table of " +
                              std::to_string(t.n_layers()) + " layers x " +
                              std::to_string(t.n_heads()) + " heads has " +
@@ -39,8 +39,12 @@ SparsePolicy decode_policy(const v1::Assignment& job, const ModelConfig& cfg) {
     if (k < 0 || k > static_cast<int>(PatternKind::kBlockSparse))
       throw std::runtime_error("sparse policy '" + p.source + "': pattern kind " +
                                std::to_string(k) + " is not one of 0..3");
+    const double tau = t.tau_size() ? t.tau(static_cast<int>(i)) : 0.0;
+    if (!(tau == 0 || (tau > 0 && tau <= 1)))
+      throw std::runtime_error("sparse policy '" + p.source + "': tau " + std::to_string(tau) +
+                               " is not 0 or in (0, 1]");
     p.heads.push_back(HeadPattern{static_cast<PatternKind>(k), t.a(static_cast<int>(i)),
-                                  t.b(static_cast<int>(i))});
+                                  t.b(static_cast<int>(i)), tau});
   }
   p.check_model(cfg);
   return p;

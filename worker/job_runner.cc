@@ -171,7 +171,8 @@ void report(const GroupContext& g, const JobSpec& spec, const PrefillResult& r,
     auto* m = done->add_audit();
     m->set_layer(h.layer);
     m->set_head(h.head);
-    m->set_pattern(to_string(h.pattern.kind));
+    // Adaptive heads name their threshold ("vertical_slash(1000,6096,tau=0.95)").
+    m->set_pattern(h.pattern.adaptive() ? pattern_label(h.pattern) : to_string(h.pattern.kind));
     m->set_recall(h.recall);
     m->set_output_rel_error(h.output_rel_error);
   }

@@ -1,10 +1,10 @@
 // Block-sparse estimation: mean-pooled 64-token blocks of Q (per query head) and K (per
 // kv head), block scores scale * qpool[b] . kpool[j] for j <= b, top-k key blocks per
-// query block with the diagonal forced in; ties go to the lower block. All fp32.
+// query block with the diagonal forced in; ties go to the lower block. All fp32; an
+// adaptive head (tau > 0) cuts that ranking where its block mass reaches tau (cpu.h).
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <numeric>
 #include <vector>
 
 #include "kernels/cpu/cpu.h"
@@ -45,7 +45,7 @@ void block_mean_pool(const float* x, int64_t row_stride, int64_t head_stride, in
 
 Status block_sparse_select(const float* qpool, const float* kpool, int64_t seq_len, int num_heads,
                            int num_kv_heads, int head_dim, float scale, const int* topk,
-                           BlockSparseIndex* out) {
+                           BlockSparseIndex* out, const double* tau) {
   if (!qpool || !kpool || !topk || !out) return Status::kInvalidArgument;
   if (seq_len <= 0 || num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 ||
       num_heads % num_kv_heads != 0) {
@@ -54,7 +54,7 @@ Status block_sparse_select(const float* qpool, const float* kpool, int64_t seq_l
   if (!(scale > 0.f) || !std::isfinite(scale)) return Status::kInvalidArgument;
   int kmax = 0;
   for (int h = 0; h < num_heads; ++h) {
-    if (topk[h] < 1) return Status::kInvalidArgument;
+    if (topk[h] < 1 || (tau && !valid_tau(tau[h]))) return Status::kInvalidArgument;
     kmax = std::max(kmax, topk[h]);
   }
   const int d = head_dim, group = num_heads / num_kv_heads;
@@ -65,8 +65,7 @@ Status block_sparse_select(const float* qpool, const float* kpool, int64_t seq_l
   out->k = kmax;
   out->blocks.assign(static_cast<size_t>(num_heads) * nb * kmax, -1);
   parallel_for(num_heads * nb, 4, [&](int64_t b, int64_t e) {
-    std::vector<float> score;
-    std::vector<int> idx;
+    std::vector<float> score, mass;
     for (int64_t item = b; item < e; ++item) {
       const int h = static_cast<int>(item / nb);
       const int64_t qb = item % nb;
@@ -74,25 +73,27 @@ Status block_sparse_select(const float* qpool, const float* kpool, int64_t seq_l
       const float* kv = kpool + static_cast<int64_t>(h / group) * nb * d;
       score.resize(qb + 1);
       for (int64_t j = 0; j <= qb; ++j) score[j] = scale * detail::dot(qv, kv + j * d, d);
-      score[qb] = std::numeric_limits<float>::infinity();  // diagonal forced
-      for (float& s : score) {
-        if (std::isnan(s)) s = -std::numeric_limits<float>::infinity();
+      const double t = tau ? tau[h] : 0.0;
+      if (t > 0) {
+        float m = -std::numeric_limits<float>::infinity();
+        for (float s : score) m = std::isnan(s) ? m : std::max(m, s);
+        mass.resize(qb + 1);
+        for (int64_t j = 0; j <= qb; ++j) {
+          const int64_t keys = std::min<int64_t>(kBlock, seq_len - j * kBlock);
+          mass[j] = std::isnan(score[j]) ? 0.f : static_cast<float>(keys) * std::exp(score[j] - m);
+        }
       }
-      const int64_t take = std::min<int64_t>(topk[h], qb + 1);
-      idx.resize(qb + 1);
-      std::iota(idx.begin(), idx.end(), 0);
-      std::partial_sort(idx.begin(), idx.begin() + take, idx.end(), [&](int x, int y) {
-        return score[x] > score[y] || (score[x] == score[y] && x < y);
-      });
-      std::sort(idx.begin(), idx.begin() + take);
-      std::copy(idx.begin(), idx.begin() + take, out->blocks.begin() + item * kmax);
+      std::vector<int> idx =
+          select_by_mass(score.data(), mass.data(), qb + 1, qb, qb + 1, topk[h], t);
+      std::sort(idx.begin(), idx.end());
+      std::copy(idx.begin(), idx.end(), out->blocks.begin() + item * kmax);
     }
   });
   return Status::kOk;
 }
 
 Status block_sparse_estimate(const BlockSparseEstimateParams& p, const int* topk,
-                             BlockSparseIndex* out) {
+                             BlockSparseIndex* out, const double* tau) {
   if (!p.q || !p.k || !topk || !out) return Status::kInvalidArgument;
   if (p.seq_len <= 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 || p.head_dim <= 0 ||
       p.num_heads % p.num_kv_heads != 0) {
@@ -104,7 +105,7 @@ Status block_sparse_estimate(const BlockSparseEstimateParams& p, const int* topk
   }
   if (!(p.scale > 0.f) || !std::isfinite(p.scale)) return Status::kInvalidArgument;
   for (int h = 0; h < p.num_heads; ++h) {
-    if (topk[h] < 1) return Status::kInvalidArgument;
+    if (topk[h] < 1 || (tau && !valid_tau(tau[h]))) return Status::kInvalidArgument;
   }
   if (p.dtype != DType::kF32) return Status::kUnsupported;
   const int d = p.head_dim;
@@ -113,7 +114,7 @@ Status block_sparse_estimate(const BlockSparseEstimateParams& p, const int* topk
   const std::vector<float> kpool = mean_pool(static_cast<const float*>(p.k), p.k_row_stride,
                                              p.k_head_stride, p.num_kv_heads, d, p.seq_len);
   return block_sparse_select(qpool.data(), kpool.data(), p.seq_len, p.num_heads, p.num_kv_heads, d,
-                             p.scale, topk, out);
+                             p.scale, topk, out, tau);
 }
 
 }  // namespace mprefill::cpu

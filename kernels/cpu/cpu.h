@@ -32,15 +32,19 @@ Status vs_row_stats(const VsEstimateParams& p, RowStats* out);
 void combine_row_stats(RowStats& a, const RowStats& b);
 // Pass 2: accumulate (+=) this shard's column and slash scores. col_score is
 // [num_heads][n_k] (local columns), slash_score is [num_heads][seq_len].
-Status vs_scores(const VsEstimateParams& p, const RowStats& global_stats,
-                 float* col_score, float* slash_score);
+Status vs_scores(const VsEstimateParams& p, const RowStats& global_stats, float* col_score,
+                 float* slash_score);
 // Top-k with forced entries and deterministic tie-breaks (lower column, smaller offset).
 // col_score: [N] global column scores of one head; slash_score: [N].
-VsSelection vs_select(const float* col_score, const float* slash_score, int64_t n,
-                      int v_budget, int s_budget);
-// Single-process convenience: estimate + select for every head of a call.
+// tau == 0: fixed budgets, the clamped v / s best. 0 < tau <= 1 (adaptive): columns and
+// offsets each the shortest prefix of the same ranking whose share of the head's column
+// (diagonal) score reaches tau (select_by_mass), the clamped budgets as caps.
+VsSelection vs_select(const float* col_score, const float* slash_score, int64_t n, int v_budget,
+                      int s_budget, double tau = 0);
+// Single-process convenience: estimate + select for every head of a call. tau: null (all
+// fixed) or [num_heads], each 0 or in (0, 1] (else kInvalidArgument).
 Status vs_estimate(const VsEstimateParams& p, const int* v_budget, const int* s_budget,
-                   std::vector<VsSelection>* out);
+                   std::vector<VsSelection>* out, const double* tau = nullptr);
 // Canonical index of one or more heads' selections over global length n.
 VsIndex vs_build_index(const std::vector<VsSelection>& heads, int64_t n);
 
@@ -57,8 +61,14 @@ struct BlockSparseEstimateParams {
   float scale = 0.f;
   DType dtype = DType::kF32;
 };
+// tau: null or [num_heads] as for vs_estimate; an adaptive head keeps, per query block,
+// the shortest prefix of its ranking (diagonal first) whose share of the block mass
+// reaches tau, at most topk blocks. Block mass of key block j for query block b:
+// keys(j) * exp(s_j - max_j' s_j') over j <= b, s_j the pooled score, keys(j) the block's
+// tokens (64, fewer in the last block): the softmax of the pooled logits, each block
+// standing for its keys.
 Status block_sparse_estimate(const BlockSparseEstimateParams& p, const int* topk,
-                             BlockSparseIndex* out);
+                             BlockSparseIndex* out, const double* tau = nullptr);
 // The two stages of block_sparse_estimate, for estimation over sequence-parallel shards
 // (64-aligned shards pool their own blocks; the pooled blocks are combined, then every
 // rank selects on the same arrays):
@@ -69,12 +79,31 @@ void block_mean_pool(const float* x, int64_t row_stride, int64_t head_stride, in
 // seq_len tokens -> top-k lists (exactly what block_sparse_estimate selects).
 Status block_sparse_select(const float* qpool, const float* kpool, int64_t seq_len, int num_heads,
                            int num_kv_heads, int head_dim, float scale, const int* topk,
-                           BlockSparseIndex* out);
+                           BlockSparseIndex* out, const double* tau = nullptr);
+
+// ---- selection (kernels/cpu/select.cc), shared by the estimators above
+// Ranking of score[0..n): entries in [forced_lo, forced_hi) first (ascending), then higher
+// score, ties to the lower index, NaN last; returns the first `take` (clamped to [0, n]).
+std::vector<int> rank_indices(const float* score, int64_t n, int64_t forced_lo, int64_t forced_hi,
+                              int64_t take);
+// Length of the shortest prefix of `order` (a ranking whose first n_forced entries are
+// forced) that keeps the forced entries and whose mass, summed in order in double,
+// reaches tau * total (total: the finite positive mass of all n entries, index order). It
+// never takes an entry of no positive mass (nothing to gain: tau = 1 keeps the forced and
+// every positive entry) and never more than order.size() (the cap).
+int64_t mass_prefix(const std::vector<int>& order, int64_t n_forced, const float* mass, int64_t n,
+                    double tau);
+// rank_indices(score, n, forced_lo, forced_hi, cap), cut by mass_prefix when tau > 0.
+// Best first. mass may equal score (vertical-slash) or differ (block-sparse).
+std::vector<int> select_by_mass(const float* score, const float* mass, int64_t n, int64_t forced_lo,
+                                int64_t forced_hi, int64_t cap, double tau);
+// A threshold a kernel accepts: 0 (fixed budgets) or in (0, 1].
+inline bool valid_tau(double tau) { return tau == 0 || (tau > 0 && tau <= 1); }
 
 // ---- layer ops (fp32)
 // y[n][out] = x[n][in] * W^T, W row-major [out][in]; bias may be null. Multi-threaded.
-void gemm_xwt(const float* x, const float* w, const float* bias, float* y, int64_t n,
-              int64_t in, int64_t out);
+void gemm_xwt(const float* x, const float* w, const float* bias, float* y, int64_t n, int64_t in,
+              int64_t out);
 void rmsnorm(const float* x, const float* w, float* y, int64_t n, int64_t dim, float eps);
 // In-place RoPE on x[t][h][d] with row stride / head stride; token t at positions[t]
 // (or pos0 + t when positions is null). Angles: double(pos) * inv_freq[i] in double.

@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <numeric>
 #include <vector>
 
 #include "kernels/cpu/cpu.h"
@@ -53,24 +52,6 @@ EstRow est_row(const VsEstimateParams& p, int h, int i) {
   e.r = p.seq_len - p.n_last + i;
   e.n_keys = std::clamp<int64_t>(e.r - p.k_pos0 + 1, 0, p.n_k);
   return e;
-}
-
-// Indices 0..n-1 of the `take` best scores, best first: higher score, then lower index.
-// Forced indices (i < n_forced) rank as +inf; NaN ranks as -inf.
-std::vector<int> top_indices(const float* score, int64_t n, int64_t n_forced, int64_t take) {
-  std::vector<float> key(n);
-  for (int64_t i = 0; i < n; ++i) {
-    key[i] = i < n_forced           ? std::numeric_limits<float>::infinity()
-             : std::isnan(score[i]) ? kNegInf
-                                    : score[i];
-  }
-  std::vector<int> idx(n);
-  std::iota(idx.begin(), idx.end(), 0);
-  take = std::clamp<int64_t>(take, 0, n);
-  std::partial_sort(idx.begin(), idx.begin() + take, idx.end(),
-                    [&](int a, int b) { return key[a] > key[b] || (key[a] == key[b] && a < b); });
-  idx.resize(take);
-  return idx;
 }
 
 }  // namespace
@@ -166,19 +147,24 @@ Status vs_scores(const VsEstimateParams& p, const RowStats& stats, float* col_sc
 }
 
 VsSelection vs_select(const float* col_score, const float* slash_score, int64_t n, int v_budget,
-                      int s_budget) {
+                      int s_budget, double tau) {
   VsSelection sel;
   if (n <= 0 || !col_score || !slash_score) return sel;
-  sel.columns = top_indices(col_score, n, kForcedColumns, clamp_vertical_budget(v_budget, n));
+  sel.columns = select_by_mass(col_score, col_score, n, 0, kForcedColumns,
+                               clamp_vertical_budget(v_budget, n), tau);
   std::sort(sel.columns.begin(), sel.columns.end());
-  sel.offsets = top_indices(slash_score, n, kForcedOffsets, clamp_slash_budget(s_budget, n));
+  sel.offsets = select_by_mass(slash_score, slash_score, n, 0, kForcedOffsets,
+                               clamp_slash_budget(s_budget, n), tau);
   std::sort(sel.offsets.begin(), sel.offsets.end(), std::greater<int>());
   return sel;
 }
 
 Status vs_estimate(const VsEstimateParams& p, const int* v_budget, const int* s_budget,
-                   std::vector<VsSelection>* out) {
+                   std::vector<VsSelection>* out, const double* tau) {
   if (!v_budget || !s_budget || !out) return Status::kInvalidArgument;
+  for (int h = 0; tau && h < p.num_heads; ++h) {
+    if (!valid_tau(tau[h])) return Status::kInvalidArgument;
+  }
   if (const Status s = check(p); s != Status::kOk) return s;
   if (p.k_pos0 != 0 || p.n_k != p.seq_len) return Status::kInvalidArgument;  // all keys needed
   RowStats stats;
@@ -190,7 +176,7 @@ Status vs_estimate(const VsEstimateParams& p, const int* v_budget, const int* s_
   parallel_for(p.num_heads, 1, [&](int64_t b, int64_t e) {
     for (int64_t h = b; h < e; ++h) {
       (*out)[h] = vs_select(col.data() + h * p.seq_len, slash.data() + h * p.seq_len, p.seq_len,
-                            v_budget[h], s_budget[h]);
+                            v_budget[h], s_budget[h], tau ? tau[h] : 0.0);
     }
   });
   return Status::kOk;

@@ -127,6 +127,32 @@ TEST(WorkerAssignment, PolicyIsTheCoordinatorsAndNoPathIsOpened) {
   EXPECT_THROW((void)worker::decode_policy(c, cfg), std::runtime_error);
 }
 
+TEST(WorkerAssignment, AdaptiveThresholdsTravelWithThePolicy) {
+  const ModelConfig cfg = tiny();
+  SparsePolicy p = SparsePolicy::uniform(cfg, HeadPattern::vertical_slash(100, 200, 0.95), 77);
+  p.heads[2] = HeadPattern::block_sparse(9, 0.5);
+  p.heads[3] = HeadPattern::a_shape(64, 128);
+  v1::Assignment a;
+  *a.mutable_policy() = coord::policy_table(p);
+  EXPECT_EQ(a.policy().tau_size(), static_cast<int>(p.heads.size()));
+  EXPECT_EQ(worker::decode_policy(a, cfg).heads, p.heads);
+  // A fixed policy sends no thresholds (the table stays as before).
+  EXPECT_EQ(
+      coord::policy_table(SparsePolicy::uniform(cfg, HeadPattern::vertical_slash(1, 2))).tau_size(),
+      0);
+  // The builtin spec resolves without a table too.
+  v1::Assignment b;
+  b.mutable_options()->set_sparse("adaptive:0.9");
+  EXPECT_EQ(worker::decode_policy(b, cfg).heads[0], HeadPattern::vertical_slash(1000, 6096, 0.9));
+  // Thresholds outside (0, 1] or of the wrong count are refused.
+  v1::Assignment c = a;
+  c.mutable_policy()->set_tau(1, 1.5);
+  EXPECT_THROW((void)worker::decode_policy(c, cfg), std::runtime_error);
+  c = a;
+  c.mutable_policy()->mutable_tau()->RemoveLast();
+  EXPECT_THROW((void)worker::decode_policy(c, cfg), std::runtime_error);
+}
+
 TEST(WorkerAssignment, DecodeAssignmentChecksThePrompt) {
   v1::Assignment a;
   a.set_job_id(7);

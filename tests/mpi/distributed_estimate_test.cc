@@ -176,6 +176,75 @@ TEST(DistributedEstimate, MatchesSingleProcess) {
   expect_all_ranks_ok(*c, ok);
 }
 
+// Adaptive thresholds (issue 18): the selections are cpu::vs_select's mass cut of the global
+// scores (compared with the single process within tolerance), the same on every rank.
+// The cut is checked against the run's own scores: fp32 sums in another order may move a
+// cut whose cumulative mass lies within rounding of tau.
+TEST(DistributedEstimate, AdaptiveThresholdsCutTheGlobalScores) {
+  auto c = world();
+  const int sp = c->size(), r = c->rank();
+  const int heads = 4, kv_heads = 2, d = 32;
+  const float scale = 1.f / 4.f;
+  const int vb[heads] = {1000, 40, 5000, 300}, sb[heads] = {1000, 100, 5000, 300};
+  const double tau[heads] = {0.5, 0.9, 1.0, 0.8};
+  bool ok = true;
+  for (int64_t n : {63, 700, 2050}) {
+    const int64_t q_row = int64_t{heads} * d, k_row = int64_t{kv_heads} * d;
+    const uint32_t seed = static_cast<uint32_t>(n * 31 + 7);
+    const auto q_all = random_tensor(n * q_row, seed, 2.f);
+    const auto k_all = random_tensor(n * k_row, seed + 1, 2.f);
+    const TokenRanges mine = plan_sequence_parallel(n, sp)[r];
+    const auto q = slice(q_all, mine, q_row), k = slice(k_all, mine, k_row);
+    std::vector<VsSelection> got;
+    VsGlobalScores gs;
+    std::string err;
+    const std::string what = "n " + std::to_string(n) + " rank " + std::to_string(r);
+    if (vs_estimate_distributed(*c, mine, n, q.empty() ? nullptr : q.data(),
+                                k.empty() ? nullptr : k.data(), heads, kv_heads, d, scale, vb, sb,
+                                &got, &err, &gs, tau) != Status::kOk) {
+      ADD_FAILURE() << what << ": " << err;
+      ok = false;
+      continue;
+    }
+    const Reference ref = single_process(q_all, k_all, n, heads, kv_heads, d, scale, vb, sb);
+    for (int h = 0; h < heads; ++h) {
+      const VsSelection want =
+          cpu::vs_select(gs.col.data() + h * n, gs.slash.data() + h * n, n, vb[h], sb[h], tau[h]);
+      if (got[h].columns != want.columns || got[h].offsets != want.offsets) {
+        ADD_FAILURE() << what << " head " << h << ": not the mass cut of the global scores";
+        ok = false;
+      }
+      for (int64_t i = 0; i < n; ++i)
+        if (!close(gs.col[h * n + i], ref.scores.col[h * n + i]) ||
+            !close(gs.slash[h * n + i], ref.scores.slash[h * n + i])) {
+          ADD_FAILURE() << what << " head " << h << " index " << i << ": scores differ";
+          ok = false;
+          break;
+        }
+      // tau 1 with caps >= N: every column and diagonal.
+      if (tau[h] == 1.0 && (got[h].columns.size() != static_cast<size_t>(n) ||
+                            got[h].offsets.size() != static_cast<size_t>(n))) {
+        ADD_FAILURE() << what << " head " << h << ": tau 1 kept " << got[h].columns.size()
+                      << " columns, " << got[h].offsets.size() << " offsets";
+        ok = false;
+      }
+    }
+    if (!same_on_all_ranks(*c, got)) {
+      ADD_FAILURE() << what << ": selections differ between ranks";
+      ok = false;
+    }
+    // A threshold outside (0, 1] fails on every rank.
+    const double bad[heads] = {0.5, 1.5, 0.5, 0.5};
+    if (vs_estimate_distributed(*c, mine, n, q.empty() ? nullptr : q.data(),
+                                k.empty() ? nullptr : k.data(), heads, kv_heads, d, scale, vb, sb,
+                                &got, &err, nullptr, bad) != Status::kInvalidArgument) {
+      ADD_FAILURE() << what << ": tau 1.5 accepted";
+      ok = false;
+    }
+  }
+  expect_all_ranks_ok(*c, ok);
+}
+
 // Planted pattern across shard boundaries: query row i of the last block is 8 e_i (+ small
 // noise); the keys at global positions c0 + i (i < 64), which straddle the shard edge
 // c0 + 32 between two ranks, are 8 e_i, so offset dp = N - 64 - c0 dominates the slash
