@@ -22,8 +22,15 @@ Why 64K-128K needs more than the 32K recipe (probe-kv32k: 1.00 at 32K, 0.52 at 6
   theta. Training at 64K and 128K then covers every distance the evaluation asks for.
 - Curriculum 32 -> 64 -> ... -> 131072 (doublings); a stage ends at --advance-acc running
   exact match, or after --stage-minutes once above 0.5, or on a schedule that reaches
-  max-len at 60% of the cap once above 0.3. 30% of the steps revisit one of the 3 shorter
-  lengths. The last 20% of the cap decays the learning rate.
+  max-len at 60% of the cap once above 0.3, or after --stage-steps steps whatever its
+  accuracy (the 2026-12-07 16-minute H100 run sat at 128 tokens, acc 0.19, below both
+  floors for 23,986 steps: those times scale with --minutes, a step count does not). 30% of
+  the steps revisit one of the 3 shorter lengths. The last 20% of the cap decays the
+  learning rate.
+- Records start at any token of the body (gpu_batch), not on probe_task's 5-token grid: on
+  the grid a short stage has a few fixed record places, and the same run learnt where they
+  are at 32 tokens (acc 0.906, gone at 64) and plateaued at 64 / 128 (docs/probe.md, "Why
+  the 16-minute run failed").
 - Leaving the first stage (issue 18's first H100 trial stayed at chance for 10,730 steps at
   256 tokens): at initialisation attention is uniform, so the gradient that builds the
   lookup (a head at k2 that finds the record and copies v1) is diluted over the whole
@@ -102,33 +109,44 @@ def gpu_batch(gen, batch, length, queries, device, stratified=False):
     complete query records at the end) and the supervised positions (next token = target):
     vpos (k2 -> v1, v1 -> v2: the answer, what accuracy counts) and kpos (k1 -> k2: a
     one-token induction target; k1 is unique among the records).
-    stratified: the queried records sit one per segment of the slots (queries segments),
+    Records start at any token of the body, not on probe_task's 5-token slot grid: the body
+    is a random order of `pairs` records and single filler tokens (units). On the grid with
+    the query tail at a fixed place, a short sequence has only a few record places per
+    length (4 at 32 tokens, 8 at 64), and the model learns where they are instead of
+    matching the key: the 2026-12-07 full run plateaued at 64 and 128 tokens (acc 0.37 /
+    0.19), and a CPU model trained at 32 tokens scored 0.73 there and <= 0.09 at 33-37 and
+    64 (docs/probe.md, "Why the 16-minute run failed"). probe_task's grid samples remain one
+    draw of this distribution.
+    stratified: the queried records are one per segment of the units (queries segments),
     as in probe_task.make_multikey_sample; else anywhere."""
     pairs = train_pairs(length)
     tail = RECORD * queries
     body = length - 1 - tail
-    nslots = body // RECORD
-    assert nslots >= pairs >= queries, (length, pairs, queries)
+    units = body - (RECORD - 1) * pairs  # each record one unit, each filler token one
+    assert body // RECORD >= pairs >= queries, (length, pairs, queries)
     ncontent = VOCAB - FIRST
     ids = torch.randint(FIRST, VOCAB, (batch, length), generator=gen, device=device)
     ids[:, 0] = BOS
     k1 = torch.rand(batch, ncontent, generator=gen, device=device).argsort(-1)[:, :pairs] + FIRST
     k2, v1, v2 = (torch.randint(FIRST, VOCAB, (batch, pairs), generator=gen, device=device)
                   for _ in range(3))
-    score = torch.rand(batch, nslots, generator=gen, device=device)
+    score = torch.rand(batch, units, generator=gen, device=device)
     if stratified:
-        # Records 0..queries-1 at one slot per segment; the rest at the other slots.
+        # Records 0..queries-1 at one unit per segment; the rest at the other units.
         seg = torch.arange(queries, device=device)
         u = torch.rand(batch, queries, generator=gen, device=device)
-        qslots = ((seg + u) * nslots / queries).long().clamp_(max=nslots - 1)
-        score.scatter_(1, qslots, 2.0)  # last in the order below: not drawn twice
+        qunits = ((seg + u) * units / queries).long().clamp_(max=units - 1)
+        score.scatter_(1, qunits, 2.0)  # last in the order below: not drawn twice
         rest = score.argsort(-1)[:, :pairs - queries]
-        slots = torch.cat([qslots, rest], 1)
+        unit = torch.cat([qunits, rest], 1)
         q = torch.rand(batch, queries, generator=gen, device=device).argsort(-1)
     else:
-        slots = score.argsort(-1)[:, :pairs]
+        unit = score.argsort(-1)[:, :pairs]
         q = torch.rand(batch, pairs, generator=gen, device=device).argsort(-1)[:, :queries]
-    pos = 1 + RECORD * slots[..., None] + torch.arange(RECORD, device=device)  # [B][P][5]
+    # Record r starts after the units before it: 1 + unit + 4 x (records before it).
+    before = (unit[:, :, None] > unit[:, None, :]).sum(-1)
+    first = 1 + unit + (RECORD - 1) * before
+    pos = first[..., None] + torch.arange(RECORD, device=device)  # [B][P][5]
     key_tok = torch.full_like(k1, KEY)
     rec = torch.stack([key_tok, k1, k2, v1, v2], -1)
     ids.scatter_(1, pos.view(batch, -1), rec.view(batch, -1))
@@ -511,6 +529,8 @@ def main():
     ap.add_argument("--advance-acc", type=float, default=0.9)
     ap.add_argument("--stage-minutes", type=float, default=0.0,
                     help="longest stage before the next length (0: 15%% of --minutes)")
+    ap.add_argument("--stage-steps", type=int, default=1500,
+                    help="leave a stage after this many steps whatever its accuracy (0: never)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--rope-theta", type=float, default=1e7)
@@ -632,10 +652,14 @@ def main():
         # learnt; and on a schedule that reaches max-len at 60% of the cap once above 0.3.
         forced = ts > budget * 0.6 * (stage + 1) / max(1, len(lengths) - 1) and run_acc >= 0.3
         capped = ts - st["stage_t0"] > stage_cap and run_acc >= 0.5
+        # A stage stuck below the floors above would hold the rest of the cap (the
+        # 2026-12-07 full run: 23,986 steps at 128 tokens, acc 0.19); a step count, unlike
+        # the times above, does not grow with --minutes.
+        stuck = args.stage_steps and step - st["stage_step0"] >= args.stage_steps
         if stage + 1 < len(lengths) and step - st["stage_step0"] >= 30 and (
-                run_acc >= args.advance_acc or capped or forced):
+                run_acc >= args.advance_acc or capped or forced or stuck):
             why = ("acc" if run_acc >= args.advance_acc else
-                   "stage time cap" if capped else "schedule")
+                   "stage time cap" if capped else "schedule" if forced else "step cap")
             log(stage_line(st, cur, step, ts, why))
             st["stage"] += 1
             st["stage_t0"], st["stage_step0"] = ts, step
