@@ -213,7 +213,10 @@ void run_handoff(int dec_dev, int work_dev, bool f32 = false) {
     nonzero += got[i] != 0;
   }
   EXPECT_EQ(bad, 0u) << "bytes differ, first at " << first_bad << " of " << got.size();
-  EXPECT_GT(nonzero, got.size() / 2) << "the KV is mostly zero bytes: nothing was copied?";
+  // bf16 widened into fp32 leaves the low two bytes of every value zero: a quarter is the
+  // bar there (H100 2026-12-07: 1,860,989 of 3,729,600 bytes non-zero, all bytes exact).
+  EXPECT_GT(nonzero, got.size() / (f32 ? 4 : 2))
+      << "the KV is mostly zero bytes: nothing was copied?";
   fs::remove_all(dir);
 }
 
