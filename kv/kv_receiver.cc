@@ -590,21 +590,25 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
       for (auto& f : fails) f();
       return;
     }
+    // A device page that cannot be landed or fetched fails the job (the stream ends).
+    auto page_failed = [&](const char* what) {
+      std::vector<std::function<void()>> fails;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        fail_locked(job,
+                    "job " + std::to_string(s->job_id) + ": rank " + std::to_string(s->rank) +
+                        " (" + s->peer + "): page of layer " + std::to_string(page.header.layer()) +
+                        " (" + transport + "): " + what,
+                    &fails);
+      }
+      for (auto& f : fails) f();
+      return drain_and_close(s->conn.get(), kNotifyTimeoutMs);
+    };
     if (is_page && payload && payload->in_place()) {
       try {
         payload->land(page.header);
       } catch (const std::exception& e) {
-        std::vector<std::function<void()>> fails;
-        {
-          std::lock_guard<std::mutex> lock(mu_);
-          fail_locked(job,
-                      "job " + std::to_string(s->job_id) + ": rank " + std::to_string(s->rank) +
-                          " (" + s->peer + "): page of layer " +
-                          std::to_string(page.header.layer()) + " (" + transport + "): " + e.what(),
-                      &fails);
-        }
-        for (auto& f : fails) f();
-        return drain_and_close(s->conn.get(), kNotifyTimeoutMs);
+        return page_failed(e.what());
       }
       // bf16 pages may have been widened into an fp32 contract's region (ipc).
       handle_page(*s, job, page, /*bf16_ok=*/true, /*in_place=*/true);
@@ -612,17 +616,7 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
       try {
         payload->fetch(page.header, &fk, &fv);
       } catch (const std::exception& e) {
-        std::vector<std::function<void()>> fails;
-        {
-          std::lock_guard<std::mutex> lock(mu_);
-          fail_locked(job,
-                      "job " + std::to_string(s->job_id) + ": rank " + std::to_string(s->rank) +
-                          " (" + s->peer + "): page of layer " +
-                          std::to_string(page.header.layer()) + " (" + transport + "): " + e.what(),
-                      &fails);
-        }
-        for (auto& f : fails) f();
-        return drain_and_close(s->conn.get(), kNotifyTimeoutMs);
+        return page_failed(e.what());
       }
       // The sender's crc32c cannot exist (its bytes never reach host memory); the device
       // checksum was compared in fetch(), this one guards the host copy into the store.
