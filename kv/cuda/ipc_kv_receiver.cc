@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "kv/cuda/cuda_check.h"
 #include "kv/cuda/page_sums.h"
 #include "kv/kv_handoff.h"
 #include "kv/kv_ipc.h"
@@ -19,15 +20,8 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-void check(cudaError_t e, const std::string& what) {
-  if (e != cudaSuccess) throw std::runtime_error(what + ": " + cudaGetErrorString(e));
-}
-
-std::string device_name(int device) {
-  char bus[64] = "?";
-  cudaDeviceGetPCIBusId(bus, sizeof bus, device);
-  return "cuda:" + std::to_string(device) + " " + bus;
-}
+using cuda_util::check;
+using cuda_util::device_name;
 
 // Polls `ev` until it completed or timeout_ms passed (then throws naming `what`).
 void wait_event(cudaEvent_t ev, int timeout_ms, const std::string& what) {

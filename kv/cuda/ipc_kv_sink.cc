@@ -8,6 +8,7 @@
 #include <thread>
 #include <vector>
 
+#include "kv/cuda/cuda_check.h"
 #include "kv/cuda/page_sums.h"
 #include "kv/kv_ack.h"
 #include "kv/kv_ipc.h"
@@ -22,15 +23,8 @@ double ms_between(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
-void check(cudaError_t e, const std::string& what) {
-  if (e != cudaSuccess) throw std::runtime_error(what + ": " + cudaGetErrorString(e));
-}
-
-std::string device_name(int device) {
-  char bus[64] = "?";
-  cudaDeviceGetPCIBusId(bus, sizeof bus, device);
-  return "cuda:" + std::to_string(device) + " " + bus;
-}
+using kv::cuda_util::check;
+using kv::cuda_util::device_name;
 
 // Waits until `stream` is idle or timeout_ms passed: "" or why not.
 std::string wait_stream(cudaStream_t stream, int timeout_ms) {
