@@ -138,7 +138,7 @@ void Coordinator::Impl::start() {
 
 void Coordinator::Impl::stop() {
   if (stopping.exchange(true)) return;
-  asio::post(io, [self = shared_from_this()] {
+  asio::post(listen_strand, [self = shared_from_this()] {
     boost::system::error_code ec;
     self->acceptor.close(ec);
     self->metrics_acceptor.close(ec);
@@ -216,7 +216,8 @@ void serve_http(Stream& stream, const std::shared_ptr<Http>& h,
 // Minimal HTTP/1.0 server (HTTPS with --tls-cert): GET /metrics -> the Prometheus text;
 // anything else 404. Each request is bounded by 5 s.
 void Coordinator::Impl::do_accept_metrics() {
-  metrics_acceptor.async_accept(
+  metrics_acceptor.async_accept(asio::bind_executor(
+      listen_strand,
       [self = shared_from_this()](const boost::system::error_code& ec, tcp::socket sock) {
         if (self->stopping) return;
         if (!ec) {
@@ -241,7 +242,7 @@ void Coordinator::Impl::do_accept_metrics() {
           }
         }
         self->do_accept_metrics();
-      });
+      }));
 }
 
 std::string Coordinator::Impl::metrics_text_locked_copy() {
@@ -362,9 +363,10 @@ void Coordinator::Impl::on_closed(Session* s) {
 
 void Coordinator::Impl::arm_ticker() {
   ticker.expires_after(std::chrono::milliseconds(100));
-  ticker.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
-    if (!ec) self->tick();
-  });
+  ticker.async_wait(asio::bind_executor(
+      listen_strand, [self = shared_from_this()](const boost::system::error_code& ec) {
+        if (!ec) self->tick();
+      }));
 }
 
 void Coordinator::Impl::tick() {

@@ -11,7 +11,8 @@
 namespace mprefill::coord {
 
 void Coordinator::Impl::do_accept() {
-  acceptor.async_accept(
+  acceptor.async_accept(asio::bind_executor(
+      listen_strand,
       [self = shared_from_this()](const boost::system::error_code& ec, tcp::socket sock) {
         if (self->stopping) return;
         if (!ec) {
@@ -30,7 +31,7 @@ void Coordinator::Impl::do_accept() {
                               s->peer().c_str(), self->opt.max_pre_hello);
         }
         self->do_accept();
-      });
+      }));
 }
 
 Session::Session(std::shared_ptr<Coordinator::Impl> c, tcp::socket sock)

@@ -169,6 +169,9 @@ struct Coordinator::Impl : std::enable_shared_from_this<Coordinator::Impl> {
   CoordinatorOptions opt;
   asio::io_context io;
   std::optional<asio::executor_work_guard<asio::io_context::executor_type>> work;
+  // The two acceptors and the ticker are touched only on listen_strand (their handlers,
+  // re-arming, and the close at stop), so that stop() never races an accept (TSan).
+  asio::strand<asio::io_context::executor_type> listen_strand{asio::make_strand(io)};
   tcp::acceptor acceptor{io};
   tcp::acceptor metrics_acceptor{io};
   asio::steady_timer ticker{io};
