@@ -96,10 +96,15 @@ std::vector<float> CudaBackend::prefill(const std::vector<int>& ids, const Spars
     rules.prefix = f.who;
     check_prefill_plan(*plan_inout, policy, c, n, rules);
   }
+  // Vertical-slash heads with tau select on the device (cuda::index::vs_select); the
+  // block-sparse estimator has no mass cut yet.
   if (!reuse && policy.any_adaptive() && !policy.all_dense(n))
-    f.raise("sparse policy " + policy.source +
-            ": adaptive thresholds (tau) are estimated on the CPU engine only so far (no CUDA "
-            "cumulative-mass selection yet); use --device cpu or fixed budgets");
+    for (const HeadPattern& hp : policy.heads)
+      if (hp.kind == PatternKind::kBlockSparse && hp.adaptive())
+        f.raise("sparse policy " + policy.source +
+                ": adaptive block-sparse heads (tau) are estimated on the CPU engine only so far "
+                "(no CUDA block-mass selection yet); use --device cpu, a fixed top-k or "
+                "vertical-slash heads");
   const bool fill_plan = plan_inout && !reuse;
   const Setup S = make_setup(c, g, opt_, n, policy, reuse ? plan_inout : nullptr, popt, f);
 

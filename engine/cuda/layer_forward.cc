@@ -28,6 +28,7 @@ LayerForward::LayerForward(const Inputs& in)
       scale_(1.f / std::sqrt(static_cast<float>(in.cfg->head_dim))) {
   vb_.resize(g.nh);
   sb_.resize(g.nh);
+  tau_.resize(g.nh);
   topk_.resize(g.nh);
   views_.resize(std::max(S.max_pieces, 1));
   for (int h = 0; h < g.nkv; ++h) kv_heads_.push_back(g.kv0 + h);
@@ -210,6 +211,7 @@ void LayerForward::estimate_vs(int l, const Piece& p, cuda::index::VsSelectionsD
     const HeadPattern hp = policy_.at(l, g.head0 + p.h0 + i, n);
     vb_[i] = clamp_vertical_budget(hp.a, n);
     sb_[i] = clamp_slash_budget(hp.b, n);
+    tau_[i] = hp.tau;
   }
   sel.columns = B.sel_cols;
   sel.offsets = B.sel_offs;
@@ -222,7 +224,7 @@ void LayerForward::estimate_vs(int l, const Piece& p, cuda::index::VsSelectionsD
     if (!qlast_ready_) est_->gather_last_rows(B.q, g.ql, B.q_last);
     qlast_ready_ = true;
     est_->vertical_slash(B.q_last + size_t(p.h0) * hd_, g.ql, k, g.kvl, p.nh, p.nkv, hd_, scale_,
-                         vb_.data(), sb_.data(), sel, l);
+                         vb_.data(), sb_.data(), sel, l, tau_.data());
     return;
   }
   const VsEstimateParams e = vs_call_params(
@@ -244,7 +246,8 @@ void LayerForward::estimate_vs(int l, const Piece& p, cuda::index::VsSelectionsD
     part.n_columns += h0;
     part.n_offsets += h0;
     f.ok(cuda::index::vs_select(B.col_score + size_t(h0) * n, B.slash_score + size_t(h0) * n,
-                                vb_.data() + h0, sb_.data() + h0, &part, B.est_ws, S.est_ws, st),
+                                vb_.data() + h0, sb_.data() + h0, &part, B.est_ws, S.est_ws, st,
+                                tau_.data() + h0),
          "vs_select", l);
   }
 }

@@ -115,6 +115,7 @@ class LayerForward {
   std::vector<Mark> marks_;
   size_t n_time_ = 0;
   std::vector<int> vb_, sb_, topk_;
+  std::vector<double> tau_;  // per head of a vertical-slash piece: 0 = fixed budgets
   std::vector<PieceView> views_;
   std::unique_ptr<SpEstimator> est_;  // sp > 1 with estimated heads
   bool qlast_ready_ = false;

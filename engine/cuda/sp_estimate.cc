@@ -84,7 +84,8 @@ void SpEstimator::gather_last_rows(const uint16_t* q_local, int64_t row_elems, u
 void SpEstimator::vertical_slash(const uint16_t* q_last, int64_t q_row, const uint16_t* k_local,
                                  int64_t k_row, int num_heads, int num_kv_heads, int head_dim,
                                  float scale, const int* v_budget, const int* s_budget,
-                                 const cuda::index::VsSelectionsDevice& out, int layer) {
+                                 const cuda::index::VsSelectionsDevice& out, int layer,
+                                 const double* tau) {
   namespace ix = cuda::index;
   const TokenRanges& mine = layout_[me_];
   const VsCallShape shape{num_heads, num_kv_heads, head_dim, n_last_,     n_,
@@ -171,7 +172,7 @@ void SpEstimator::vertical_slash(const uint16_t* q_last, int64_t q_row, const ui
     part.n_columns += h0;
     part.n_offsets += h0;
     f_.ok(ix::vs_select(col + size_t(h0) * n_, slash + size_t(h0) * n_, v_budget + h0,
-                        s_budget + h0, &part, ws, wsb, st_),
+                        s_budget + h0, &part, ws, wsb, st_, tau ? tau + h0 : nullptr),
           "sp estimation: vs_select", layer);
   }
 }

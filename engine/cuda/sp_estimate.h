@@ -59,11 +59,13 @@ class SpEstimator {
   // Selections of num_heads heads (GQA: num_heads / num_kv_heads per kv head). q_last:
   // [n_last] rows of stride q_row (head stride head_dim); k_local: local key rows of
   // stride k_row (head stride head_dim). v_budget / s_budget: host [num_heads], clamped
-  // (clamp_vertical_budget / clamp_slash_budget); out: capacities must hold them.
+  // (clamp_vertical_budget / clamp_slash_budget); out: capacities must hold them. tau:
+  // host [num_heads] or null, adaptive heads (cuda::index::vs_select).
   void vertical_slash(const uint16_t* q_last, int64_t q_row, const uint16_t* k_local, int64_t k_row,
                       int num_heads, int num_kv_heads, int head_dim, float scale,
                       const int* v_budget, const int* s_budget,
-                      const cuda::index::VsSelectionsDevice& out, int layer);
+                      const cuda::index::VsSelectionsDevice& out, int layer,
+                      const double* tau = nullptr);
 
   // Block lists [num_heads][nblocks][k_out] (block_sparse_estimate's layout). q_local /
   // k_local: local rows of stride q_row / k_row. topk: host [num_heads].

@@ -273,6 +273,54 @@ TEST(CudaBackend, EstimationMatchesCpuScores) {
   }
 }
 
+// Adaptive vertical-slash heads (tau) select on the device: the layer-0 counts follow the
+// CPU engine's mass cut (bf16 Q/K move scores by ~1e-2, so a count may differ by a few),
+// tau really cuts below the caps, and adaptive block-sparse heads are refused in one line.
+TEST(CudaBackend, AdaptiveVerticalSlashFollowsCpuMassCut) {
+  REQUIRE_GPU();
+  if (!cuda::sparse_attention_supported(DType::kBF16, 128)) GTEST_SKIP() << "no sparse kernels";
+  const ModelWeights w = small_model(15);
+  const ModelConfig& c = w.config;
+  const int64_t n = 900;
+  const auto ids = random_ids(n, c.vocab, 79);
+  const SparsePolicy policy =
+      SparsePolicy::uniform(c, HeadPattern::vertical_slash(400, 600, 0.8), 0);
+  gpu::CudaBackend eng(nullptr, w);
+  PrefillPlan gplan;
+  gpu::NullKvSink sink;
+  eng.prefill(ids, policy, &sink, &gplan);
+  Engine cpu(w);
+  KvCache cache(c, n);
+  PrefillPlan cplan;
+  cpu.prefill(ids, policy, &cache, &cplan);
+  int cut = 0;
+  for (int h = 0; h < c.n_heads; ++h) {
+    const HeadPlan& g = gplan.layers[0][h];
+    const HeadPlan& r = cplan.layers[0][h];
+    const std::string what = "head " + std::to_string(h);
+    ASSERT_EQ(g.kind, PatternKind::kVerticalSlash) << what;
+    const auto near = [](size_t a, size_t b) {
+      return std::abs(static_cast<long>(a) - static_cast<long>(b)) <= 2 + static_cast<long>(b) / 10;
+    };
+    EXPECT_TRUE(near(g.vs.columns.size(), r.vs.columns.size()))
+        << what << " columns " << g.vs.columns.size() << " vs cpu " << r.vs.columns.size();
+    EXPECT_TRUE(near(g.vs.offsets.size(), r.vs.offsets.size()))
+        << what << " offsets " << g.vs.offsets.size() << " vs cpu " << r.vs.offsets.size();
+    EXPECT_GE(g.vs.columns.size(), size_t(kForcedColumns)) << what;
+    EXPECT_TRUE(std::is_sorted(g.vs.columns.begin(), g.vs.columns.end())) << what;
+    cut += g.vs.columns.size() < size_t(clamp_vertical_budget(400, n));
+  }
+  EXPECT_GT(cut, 0) << "tau 0.8 never cut a head below its column cap";
+
+  const SparsePolicy bs = SparsePolicy::uniform(c, HeadPattern::block_sparse(4, 0.9), 0);
+  try {
+    eng.prefill(ids, bs, &sink);
+    ADD_FAILURE() << "adaptive block-sparse ran on the CUDA engine";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("adaptive block-sparse"), std::string::npos) << e.what();
+  }
+}
+
 // Block-sparse estimation on the GPU uses the CPU's order of operations (bit-equal scores
 // on equal inputs); through the engine the inputs differ by bf16 rounding, so the lists
 // of layer 0 must agree on most blocks and always hold the diagonal.

@@ -293,7 +293,7 @@ TEST_F(GpuIndex, BuildEqualsCpuOnArbitrarySelections) {
 // ---------------------------------------------------------------- top-k selection
 void run_gpu_select(const std::vector<float>& col, const std::vector<float>& slash, int H,
                     int64_t n, const std::vector<int>& vb, const std::vector<int>& sb,
-                    std::vector<VsSelection>* out) {
+                    std::vector<VsSelection>* out, const std::vector<double>& tau = {}) {
   DBuf dc(col.size() * 4), ds(slash.size() * 4);
   CUDA_OK(dc.up(col));
   CUDA_OK(ds.up(slash));
@@ -319,12 +319,117 @@ void run_gpu_select(const std::vector<float>& col, const std::vector<float>& sla
   sel.off_capacity = oc;
   DBuf ws(gi::vs_select_workspace_size(H, n));
   ST_OK(gi::vs_select(dc.get<float>(), ds.get<float>(), vb.data(), sb.data(), &sel, ws.get(),
-                      ws.bytes(), 0));
+                      ws.bytes(), 0, tau.empty() ? nullptr : tau.data()));
   CUDA_OK(cudaDeviceSynchronize());
   *out = download_selections(sel);
   for (int h = 0; h < H; ++h) {
+    if (!tau.empty() && tau[h] > 0) {  // adaptive: the budget is a cap
+      ASSERT_LE(static_cast<int>((*out)[h].columns.size()), clamp_vertical_budget(vb[h], n));
+      ASSERT_LE(static_cast<int>((*out)[h].offsets.size()), clamp_slash_budget(sb[h], n));
+      continue;
+    }
     ASSERT_EQ(static_cast<int>((*out)[h].columns.size()), clamp_vertical_budget(vb[h], n));
     ASSERT_EQ(static_cast<int>((*out)[h].offsets.size()), clamp_slash_budget(sb[h], n));
+  }
+}
+
+// An adaptive segment against cpu::select_by_mass: the GPU set must be a prefix of the
+// CPU's ranking, and of the CPU's length unless the goal sits within fp64 rounding of the
+// boundary (the GPU sums per-digit bins in another order), then one entry either way.
+void expect_mass_cut(const float* score, int64_t n, int forced, int cap, double tau,
+                     std::vector<int> got, bool descending, const std::string& what) {
+  const std::vector<int> order = cpu::rank_indices(score, n, 0, forced, cap);
+  const int64_t n_forced = std::min<int64_t>({forced, n, static_cast<int64_t>(order.size())});
+  const int64_t want = cpu::mass_prefix(order, n_forced, score, n, tau);
+  const int64_t k = static_cast<int64_t>(got.size());
+  std::vector<int> prefix(order.begin(), order.begin() + std::min<int64_t>(k, order.size()));
+  std::sort(prefix.begin(), prefix.end());
+  if (descending) std::reverse(prefix.begin(), prefix.end());
+  ASSERT_EQ(prefix, got) << what << ": not a prefix of the ranking (k " << k << ")";
+  if (k == want) return;
+  ASSERT_LE(std::abs(k - want), 1) << what << ": k " << k << " vs cpu " << want;
+  double total = 0, cum = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (std::isfinite(score[i]) && score[i] > 0) total += score[i];
+  for (int64_t i = 0; i < std::min(k, want); ++i)
+    if (std::isfinite(score[order[i]]) && score[order[i]] > 0) cum += score[order[i]];
+  EXPECT_NEAR(cum / (tau * total), 1.0, 1e-9)
+      << what << ": k " << k << " vs cpu " << want << " away from the rounding boundary";
+}
+
+TEST_F(GpuIndex, AdaptiveSelectIsTheCpuMassCut) {
+  std::mt19937_64 rng(4242);
+  std::lognormal_distribution<float> heavy(0.f, 2.5f);  // a few heads of mass, a long tail
+  int exact = 0, total_segments = 0;
+  for (int64_t n : {1, 31, 101, 4099, 70001, 300000}) {
+    const int H = 4;
+    std::vector<float> col(H * n), slash(H * n);
+    for (int h = 0; h < H; ++h)
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t r = rng() % 1000;
+        // head 3: few distinct values (exact ties at the cut); zeros, negatives, NaN
+        float a = h == 3 ? static_cast<float>(rng() % 6) * 0.125f : heavy(rng);
+        float b = h == 3 ? static_cast<float>(rng() % 4) : heavy(rng) * 1e-3f;
+        if (r == 0) a = std::numeric_limits<float>::quiet_NaN();
+        if (r == 1) b = 0.f;
+        if (r == 2) a = -2.f;
+        col[h * n + i] = a;
+        slash[h * n + i] = b;
+      }
+    const std::vector<int> vb = {1000, 3500, 1 << 30, 200}, sb = {6096, 100, 1 << 30, 500};
+    const std::vector<double> tau = {0.9, 0.5, 1.0, 0.95};
+    std::vector<VsSelection> gpu;
+    ASSERT_NO_FATAL_FAILURE(run_gpu_select(col, slash, H, n, vb, sb, &gpu, tau));
+    for (int h = 0; h < H; ++h) {
+      const std::string what = "N=" + std::to_string(n) + " head " + std::to_string(h);
+      ASSERT_NO_FATAL_FAILURE(expect_mass_cut(col.data() + h * n, n, kForcedColumns,
+                                              clamp_vertical_budget(vb[h], n), tau[h],
+                                              gpu[h].columns, false, what + " columns"));
+      ASSERT_NO_FATAL_FAILURE(expect_mass_cut(slash.data() + h * n, n, kForcedOffsets,
+                                              clamp_slash_budget(sb[h], n), tau[h], gpu[h].offsets,
+                                              true, what + " offsets"));
+      const VsSelection ref =
+          cpu::vs_select(col.data() + h * n, slash.data() + h * n, n, vb[h], sb[h], tau[h]);
+      exact += (ref.columns == gpu[h].columns) + (ref.offsets == gpu[h].offsets);
+      total_segments += 2;
+    }
+  }
+  // The rounding case is rare: most segments must match the CPU exactly.
+  EXPECT_GE(exact, total_segments - 2) << exact << " of " << total_segments << " exact";
+  std::printf("adaptive select: %d of %d segments equal to the CPU's\n", exact, total_segments);
+}
+
+// A head with tau mixes with fixed-budget heads in one call; tau out of (0, 1] is refused.
+TEST_F(GpuIndex, AdaptiveSelectMixesWithFixedHeadsAndRejectsBadTau) {
+  std::mt19937_64 rng(5);
+  std::lognormal_distribution<float> heavy(0.f, 2.f);
+  const int64_t n = 5000;
+  const int H = 2;
+  std::vector<float> col(H * n), slash(H * n);
+  for (auto& x : col) x = heavy(rng);
+  for (auto& x : slash) x = heavy(rng);
+  const std::vector<int> vb = {300, 300}, sb = {400, 400};
+  std::vector<VsSelection> gpu;
+  ASSERT_NO_FATAL_FAILURE(run_gpu_select(col, slash, H, n, vb, sb, &gpu, {0.0, 0.8}));
+  const VsSelection fixed = cpu::vs_select(col.data(), slash.data(), n, vb[0], sb[0]);
+  EXPECT_EQ(fixed.columns, gpu[0].columns);
+  EXPECT_EQ(fixed.offsets, gpu[0].offsets);
+  EXPECT_LT(gpu[1].columns.size(), 300u) << "tau 0.8 of a heavy-tailed score cuts the budget";
+  ASSERT_NO_FATAL_FAILURE(expect_mass_cut(col.data() + n, n, kForcedColumns, 300, 0.8,
+                                          gpu[1].columns, false, "mixed call, head 1"));
+  gi::VsSelectionsDevice sel;
+  sel.seq_len = n;
+  sel.num_heads = 1;
+  DBuf dc(n * 4), buf(4096 * 4), cnt(4);
+  sel.columns = sel.offsets = buf.get<int>();
+  sel.n_columns = sel.n_offsets = cnt.get<int>();
+  sel.col_capacity = sel.off_capacity = 4096;
+  DBuf ws(gi::vs_select_workspace_size(1, n));
+  for (double bad : {-0.1, 1.5, std::numeric_limits<double>::quiet_NaN()}) {
+    EXPECT_EQ(gi::vs_select(dc.get<float>(), dc.get<float>(), vb.data(), sb.data(), &sel, ws.get(),
+                            ws.bytes(), 0, &bad),
+              Status::kInvalidArgument)
+        << "tau " << bad;
   }
 }
 

@@ -64,11 +64,15 @@ struct VsSelectionsDevice {
 // with budgets v_budget / s_budget (host arrays [num_heads], clamped with
 // clamp_vertical_budget / clamp_slash_budget): columns 0..29 and offsets 0..99 are
 // forced, NaN ranks lowest, ties go to the lower index. Writes the sel arrays; the
-// capacities must hold the clamped budgets.
+// capacities must hold the clamped budgets. tau (host array [num_heads], null = all 0):
+// a head with 0 < tau <= 1 takes, of the same ranking, the shortest prefix whose score
+// mass (finite, > 0) reaches tau of its total, the clamped budgets as caps, never fewer
+// than the forced entries (cpu::select_by_mass); its counts are decided on the device
+// (n_columns / n_offsets), with no host sync.
 size_t vs_select_workspace_size(int num_heads, int64_t n);
 Status vs_select(const float* col_score, const float* slash_score, const int* v_budget,
                  const int* s_budget, const VsSelectionsDevice* sel, void* workspace,
-                 size_t workspace_bytes, cudaStream_t stream);
+                 size_t workspace_bytes, cudaStream_t stream, const double* tau = nullptr);
 
 // ---------------------------------------------------------------- VS index build
 // Canonical CSR (kernels/sparse.h) of the selections, equal to cpu::vs_build_index:
