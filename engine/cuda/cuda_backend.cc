@@ -96,10 +96,14 @@ std::vector<float> CudaBackend::prefill(const std::vector<int>& ids, const Spars
     rules.prefix = f.who;
     check_prefill_plan(*plan_inout, policy, c, n, rules);
   }
-  if (!reuse && policy.any_adaptive() && !policy.all_dense(n))
-    f.raise("sparse policy " + policy.source +
-            ": adaptive thresholds (tau) are estimated on the CPU engine only so far (no CUDA "
-            "cumulative-mass selection yet); use --device cpu or fixed budgets");
+  if (!reuse && (policy.any_adaptive() || policy.any_antidiagonal()) && !policy.all_dense(n))
+    f.raise("sparse policy " + policy.source + ": " +
+            (policy.any_adaptive()
+                 ? "adaptive thresholds (tau) are estimated on the CPU engine only so far (no "
+                   "CUDA cumulative-mass selection yet); use --device cpu or fixed budgets"
+                 : "antidiagonal block scores (stride) are estimated on the CPU engine only so "
+                   "far (no CUDA antidiagonal estimator yet); use --device cpu or the pooled "
+                   "block score"));
   const bool fill_plan = plan_inout && !reuse;
   const Setup S = make_setup(c, g, opt_, n, policy, reuse ? plan_inout : nullptr, popt, f);
 
