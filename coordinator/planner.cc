@@ -76,6 +76,8 @@ v1::SparsePolicyTable policy_table(const SparsePolicy& policy) {
   }
   if (policy.any_adaptive())
     for (const HeadPattern& h : policy.heads) t.add_tau(h.tau);
+  if (policy.any_antidiagonal())
+    for (const HeadPattern& h : policy.heads) t.add_stride(h.stride);
   return t;
 }
 

@@ -140,9 +140,10 @@ void LocalAttention::head(int l, int h, const AttentionParams& ph, const HeadPat
     case PatternKind::kBlockSparse: {
       timed(est_ms, [&] {
         if (!estimate) return;
-        const cpu::BlockSparseEstimateParams e = one_head_bs_params(
+        cpu::BlockSparseEstimateParams e = one_head_bs_params(
             static_cast<const float*>(ph.q), c.q_dim(), static_cast<const float*>(ph.k), c.kv_dim(),
             c.head_dim, N, ph.scale);
+        e.stride = hp.stride;  // 0: pooled blocks; S: antidiagonal scoring
         BlockSparseIndex bix;
         MPREFILL_EDGE_CHECK(cpu::block_sparse_estimate(e, &hp.a, &bix, &hp.tau),
                             at("block_sparse_estimate", l, h), "");

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <memory>
 #include <stdexcept>
+#include <utility>
 
 #include "engine/audit.h"
 #include "engine/cpu_layer.h"
@@ -447,8 +448,8 @@ class DistEngine::Impl::Ring final : public CpuAttention {
 
  private:
   // Indices of this rank's vertical-slash and block-sparse heads, estimated over the sp
-  // ranks. Heads of one kind are estimated together: packed q of those heads and the k of
-  // each one's kv head (repeated), so every head is its own kv head in the call.
+  // ranks. Heads of one kind (and block score) are estimated together: packed q of those
+  // heads and the k of each one's kv head (repeated), so every head is its own kv head.
   void estimate(int l, const float* q, float scale, const std::vector<HeadPattern>& pats,
                 std::vector<HeadPlan>* local) const {
     const ModelConfig& c = m_.w.cfg;
@@ -457,11 +458,16 @@ class DistEngine::Impl::Ring final : public CpuAttention {
     const int nq = static_cast<int>(lw.q_heads.size());
     const int64_t QL = int64_t{nq} * hd, KL = int64_t{static_cast<int>(lw.kv_heads.size())} * hd;
     const int64_t n_local = static_cast<int64_t>(pos_.size()), nb = num_blocks(n_);
-    for (PatternKind kind : {PatternKind::kVerticalSlash, PatternKind::kBlockSparse}) {
+    std::vector<std::pair<PatternKind, int>> groups;  // (kind, block score stride), VS first
+    for (const HeadPattern& p : pats)
+      if (p.kind == PatternKind::kVerticalSlash || p.kind == PatternKind::kBlockSparse)
+        groups.emplace_back(p.kind, p.stride);
+    std::sort(groups.begin(), groups.end());
+    groups.erase(std::unique(groups.begin(), groups.end()), groups.end());
+    for (const auto& [kind, stride] : groups) {
       std::vector<int> sel;
       for (int i = 0; i < nq; ++i)
-        if (pats[i].kind == kind) sel.push_back(i);
-      if (sel.empty()) continue;
+        if (pats[i].kind == kind && pats[i].stride == stride) sel.push_back(i);
       const int ns = static_cast<int>(sel.size());
       std::vector<float> qs(static_cast<size_t>(n_local * ns * hd)), ks(qs.size());
       for (int64_t r = 0; r < n_local; ++r)
@@ -489,7 +495,7 @@ class DistEngine::Impl::Ring final : public CpuAttention {
         BlockSparseIndex bix;
         MPREFILL_EDGE_CHECK(
             block_sparse_estimate_distributed(*m_.sp_comm, mine_, n_, qs.data(), ks.data(), ns, ns,
-                                              hd, scale, a.data(), &bix, &err, tau.data()),
+                                              hd, scale, a.data(), &bix, &err, tau.data(), stride),
             m_.who() + ": block-sparse estimation at layer " + std::to_string(l), err);
         for (int j = 0; j < ns; ++j) {
           HeadPlan& hp = (*local)[sel[j]];

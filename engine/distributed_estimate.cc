@@ -22,6 +22,87 @@ Status fail(const comm::Communicator& sp, Status s, const char* fn, const std::s
   return s;
 }
 
+// block_sparse_estimate_distributed's antidiagonal form (ranges and shapes checked there).
+// Every rank reaches both all_reduces, also when its own selection fails.
+Status antidiag_distributed(comm::Communicator& sp, const TokenRanges& mine, int64_t n,
+                            const float* q_local, const float* k_local, int num_heads,
+                            int num_kv_heads, int d, float scale, const int* topk,
+                            BlockSparseIndex* out, std::string* error, const double* tau,
+                            int stride) {
+  const char* fn = "block_sparse_estimate_distributed";
+  int kmax = 0;
+  for (int h = 0; h < num_heads; ++h) {
+    if (topk[h] < 1 || (tau && !cpu::valid_tau(tau[h])))
+      return fail(sp, Status::kInvalidArgument, fn, "arguments", "top-k < 1 or tau outside (0, 1]",
+                  error);
+    kmax = std::max(kmax, topk[h]);
+  }
+  if (!(scale > 0.f) || !std::isfinite(scale))
+    return fail(sp, Status::kInvalidArgument, fn, "arguments", "bad scale", error);
+  const int64_t rows = (n + stride - 1) / stride, w = int64_t{stride} * d, nb = num_blocks(n);
+  const int64_t q_row = int64_t{num_heads} * d, k_row = int64_t{num_kv_heads} * d;
+  std::vector<float> kp(static_cast<size_t>(num_kv_heads * rows * w), 0.f), part;
+  int64_t off = 0;
+  for (auto [b, e] : mine) {
+    const int64_t len = e - b, lr = (len + stride - 1) / stride;
+    if (len == 0) continue;
+    part.resize(static_cast<size_t>(num_kv_heads * lr * w));
+    cpu::antidiag_pack(k_local + off * k_row, k_row, d, num_kv_heads, d, len, stride, false,
+                       part.data());
+    for (int h = 0; h < num_kv_heads; ++h)
+      std::copy_n(part.data() + h * lr * w, lr * w, kp.data() + (h * rows + b / stride) * w);
+    off += len;
+  }
+  if (const Status s = sp.all_reduce(kp.data(), kp.data(), kp.size(), DType::kF32,
+                                     comm::ReduceOp::kSum, nullptr);
+      s != Status::kOk) {
+    return fail(sp, s, fn, "all_reduce strided keys", sp.last_error(), error);
+  }
+  std::vector<int32_t> lists(static_cast<size_t>(num_heads * nb * kmax), 0);
+  std::vector<int> sel;
+  Status mine_status = Status::kOk;
+  off = 0;
+  for (auto [b, e] : mine) {
+    const int64_t len = e - b, lr = (len + stride - 1) / stride;
+    if (len == 0 || mine_status != Status::kOk) continue;
+    part.resize(static_cast<size_t>(num_heads * lr * w));
+    cpu::antidiag_pack(q_local + off * q_row, q_row, d, num_heads, d, len, stride, true,
+                       part.data());
+    off += len;
+    cpu::AntidiagParams a;
+    a.q_packed = part.data();
+    a.k_packed = kp.data();
+    a.seq_len = n;
+    a.qb0 = b / kBlock;
+    a.qb1 = num_blocks(e);
+    a.num_heads = num_heads;
+    a.num_kv_heads = num_kv_heads;
+    a.head_dim = d;
+    a.stride = stride;
+    a.scale = scale;
+    const int64_t nq = a.qb1 - a.qb0;
+    sel.resize(static_cast<size_t>(num_heads * nq * kmax));
+    mine_status = cpu::antidiag_select(a, topk, tau, kmax, sel.data());
+    for (int64_t h = 0; mine_status == Status::kOk && h < num_heads; ++h)
+      for (int64_t i = 0; i < nq * kmax; ++i)
+        lists[(h * nb + a.qb0) * kmax + i] = sel[h * nq * kmax + i] + 1;
+  }
+  if (const Status s = sp.all_reduce(lists.data(), lists.data(), lists.size(), DType::kI32,
+                                     comm::ReduceOp::kSum, nullptr);
+      s != Status::kOk) {
+    return fail(sp, s, fn, "all_reduce block lists", sp.last_error(), error);
+  }
+  if (mine_status != Status::kOk)
+    return fail(sp, mine_status, fn, "antidiag_select", to_string(mine_status), error);
+  out->seq_len = n;
+  out->num_heads = num_heads;
+  out->nblocks = nb;
+  out->k = kmax;
+  out->blocks.resize(lists.size());
+  for (size_t i = 0; i < lists.size(); ++i) out->blocks[i] = lists[i] - 1;
+  return Status::kOk;
+}
+
 }  // namespace
 
 VsEstimateParams vs_call_params(const VsCallShape& s, const void* q_last, const void* k,
@@ -214,7 +295,7 @@ Status block_sparse_estimate_distributed(comm::Communicator& sp, const TokenRang
                                          const float* k_local, int num_heads, int num_kv_heads,
                                          int head_dim, float scale, const int* topk,
                                          BlockSparseIndex* out, std::string* error,
-                                         const double* tau) {
+                                         const double* tau, int stride) {
   const Status bad = Status::kInvalidArgument;
   if (!out || !topk)
     return fail(sp, bad, "block_sparse_estimate_distributed", "arguments", "null output/topk",
@@ -236,6 +317,13 @@ Status block_sparse_estimate_distributed(comm::Communicator& sp, const TokenRang
   }
   if (n_local > 0 && (!q_local || !k_local))
     return fail(sp, bad, "block_sparse_estimate_distributed", "arguments", "null q/k", error);
+  if (stride != 0) {
+    if (!valid_antidiag_stride(stride))
+      return fail(sp, bad, "block_sparse_estimate_distributed", "arguments",
+                  "stride " + std::to_string(stride) + " does not divide 64", error);
+    return antidiag_distributed(sp, mine, n_total, q_local, k_local, num_heads, num_kv_heads,
+                                head_dim, scale, topk, out, error, tau, stride);
+  }
   const int64_t nb = num_blocks(n_total), d = head_dim;
   const int64_t q_row = int64_t{num_heads} * d, k_row = int64_t{num_kv_heads} * d;
   std::vector<float> qpool(static_cast<size_t>(num_heads * nb * d), 0.f);

@@ -63,11 +63,18 @@ Status vs_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine, 
 // cpu::block_sparse_select, so all ranks get the single-process index exactly.
 // Arguments as in vs_estimate_distributed; topk: [num_heads]; tau as there
 // (cpu::block_sparse_select).
+// stride S > 0 scores every head of the call by antidiagonals instead (cpu::antidiag_select):
+// each rank packs the strided keys of its ranges into a zero-initialised array of all
+// ceil(N / S) strided rows, a SUM all_reduce completes it (exact: one writer per row, S
+// divides 64 so no strided row crosses a range), each rank selects the query blocks of its
+// own ranges, and a SUM all_reduce of the lists (block + 1, 0 elsewhere; int32) gives every
+// rank the single-process cpu::block_sparse_estimate index bit for bit. Traffic: the keys
+// of the call once (N * num_kv_heads * head_dim floats) plus the lists.
 Status block_sparse_estimate_distributed(comm::Communicator& sp, const TokenRanges& mine,
                                          int64_t n_total, const float* q_local,
                                          const float* k_local, int num_heads, int num_kv_heads,
                                          int head_dim, float scale, const int* topk,
                                          BlockSparseIndex* out, std::string* error,
-                                         const double* tau = nullptr);
+                                         const double* tau = nullptr, int stride = 0);
 
 }  // namespace mprefill

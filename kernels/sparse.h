@@ -26,6 +26,11 @@ namespace mprefill {
 
 inline int64_t num_blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
 
+// Block-sparse antidiagonal scoring (XAttention): a stride S divides the 64-token block, so
+// no strided row or column straddles two blocks; 8 is the paper's default for 64-128 blocks.
+constexpr int kDefaultAntidiagStride = 8;
+inline bool valid_antidiag_stride(int s) { return s >= 1 && s <= kBlock && kBlock % s == 0; }
+
 // ---------------------------------------------------------------- selections
 // What estimation chooses for one query head (and what index files store).
 struct VsSelection {

@@ -38,32 +38,79 @@ double json_tau(const nlohmann::json& v, const std::string& name, const std::str
   return t;
 }
 
-// Thresholds object {"tau": T}: its tau, or throws naming the unknown key.
-double tau_object(const nlohmann::json& v, const std::string& name, const std::string& where) {
-  if (!v.is_object() || !v.contains("tau"))
-    throw policy_error(name, where + ": expected {\"tau\": T}, got " + v.dump());
+// Options of a head, from a fifth element or the top level: {"tau": T, "score": "pooled" |
+// "antidiagonal", "stride": S}, each key optional (stride only with score antidiagonal, S
+// default 8). given_*: the key was there.
+struct HeadOptions {
+  bool given_tau = false, given_score = false;
+  double tau = 0;
+  int stride = 0;  // 0: pooled; S > 0: antidiagonal (block-sparse heads)
+};
+
+// The options in v (an object of those keys), or throws naming the bad key or value. The
+// top level's object also holds "layers".
+HeadOptions head_options(const nlohmann::json& v, const std::string& name, const std::string& where,
+                         bool top_level) {
+  HeadOptions o;
+  if (!top_level && !(v.is_object() && (v.contains("tau") || v.contains("score"))))
+    throw policy_error(name, where +
+                                 ": expected {\"tau\": T} and/or {\"score\": \"antidiagonal\", "
+                                 "\"stride\": S}, got " +
+                                 v.dump());
   for (const auto& [key, val] : v.items())
-    if (key != "tau") throw policy_error(name, where + ": unknown key '" + key + "'");
-  return json_tau(v["tau"], name, where);
+    if (key != "tau" && key != "score" && key != "stride" && !(top_level && key == "layers"))
+      throw policy_error(name, where + ": unknown key '" + key + "'");
+  if (v.contains("tau")) {
+    o.given_tau = true;
+    o.tau = json_tau(v["tau"], name, where);
+  }
+  if (v.contains("score")) {
+    const nlohmann::json& sc = v["score"];
+    const std::string kind = sc.is_string() ? sc.get<std::string>() : "";
+    if (kind != "pooled" && kind != "antidiagonal")
+      throw policy_error(
+          name, where + ": score must be \"pooled\" or \"antidiagonal\", got " + sc.dump());
+    o.given_score = true;
+    o.stride = kind == "antidiagonal" ? kDefaultAntidiagStride : 0;
+  }
+  if (v.contains("stride")) {
+    if (o.stride == 0)
+      throw policy_error(name, where + ": stride applies to \"score\": \"antidiagonal\" only");
+    const nlohmann::json& st = v["stride"];
+    const double d = st.is_number() ? st.get<double>() : std::nan("");
+    if (!(d >= 1 && d <= kBlock && d == std::floor(d)) ||
+        !valid_antidiag_stride(static_cast<int>(d)))
+      throw policy_error(name, where +
+                                   ": stride must be 1, 2, 4, 8, 16, 32 or 64 (a divisor of the "
+                                   "64-token block), got " +
+                                   st.dump());
+    o.stride = static_cast<int>(d);
+  }
+  return o;
 }
 
-// One head's [pattern, a, b, score(, {"tau": T})]; default_tau (0: none) applies to the
-// vertical-slash and block-sparse heads that carry no threshold of their own.
+// One head's [pattern, a, b, score(, options)]; the top level's options (defaults) apply
+// to the vertical-slash (tau) and block-sparse (tau, score) heads that carry none.
 HeadPattern parse_head(const nlohmann::json& val, const std::string& name, const std::string& where,
-                       double default_tau) {
+                       const HeadOptions& defaults) {
   if (!val.is_array() || val.size() < 3 || val.size() > 5 || !val[0].is_string())
     throw policy_error(name, where +
                                  ": expected [pattern, a, b, score] or [pattern, a, b, score, " +
                                  "{\"tau\": T}], got " + val.dump());
-  const double tau = val.size() == 5 ? tau_object(val[4], name, where + " element 5") : default_tau;
+  HeadOptions own;
+  if (val.size() == 5) own = head_options(val[4], name, where + " element 5", false);
+  const double tau = own.given_tau ? own.tau : defaults.tau;
   const std::string pat = val[0].get<std::string>();
+  if (pat != "block_sparse" && own.given_score)
+    throw policy_error(name, where + ": score and stride apply to block_sparse, not " + pat);
   if (pat == "vertical_and_slash")
     return HeadPattern::vertical_slash(whole_number(val[1], name, where, "vertical size", 0),
                                        whole_number(val[2], name, where, "slash size", 0), tau);
   if (pat == "block_sparse")
-    return HeadPattern::block_sparse(whole_number(val[1], name, where, "top-k", 1), tau);
+    return HeadPattern::block_sparse(whole_number(val[1], name, where, "top-k", 1), tau,
+                                     own.given_score ? own.stride : defaults.stride);
   if (pat == "stream_llm") {
-    if (val.size() == 5)
+    if (own.given_tau)
       throw policy_error(name, where +
                                    ": tau applies to vertical_and_slash and block_sparse, "
                                    "not stream_llm");
@@ -74,8 +121,8 @@ HeadPattern parse_head(const nlohmann::json& val, const std::string& name, const
                                "' (expected vertical_and_slash, stream_llm, block_sparse)");
 }
 
-// "adaptive:TAU[:V:S]" (spec is "adaptive" or starts with "adaptive:").
-SparsePolicy adaptive_policy(const std::string& spec, const ModelConfig& cfg) {
+// The fields of "NAME:F1:F2..." split at ':'.
+std::vector<std::string> spec_fields(const std::string& spec) {
   std::vector<std::string> f;
   for (size_t at = 0;;) {
     const size_t colon = spec.find(':', at);
@@ -83,25 +130,51 @@ SparsePolicy adaptive_policy(const std::string& spec, const ModelConfig& cfg) {
     if (colon == std::string::npos) break;
     at = colon + 1;
   }
+  return f;
+}
+
+// A whole number >= 1 from a spec field, or throws "WHERE: WHAT must be ...".
+int spec_number(const std::string& text, const std::string& where, const char* what) {
+  size_t used = 0;
+  long long v = -1;
+  try {
+    v = std::stoll(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size() || v < 1 || v > 2147483647LL)
+    throw std::runtime_error(where + ": " + what + " must be a whole number >= 1, got '" + text +
+                             "'");
+  return static_cast<int>(v);
+}
+
+// "adaptive:TAU[:V:S]" (spec is "adaptive" or starts with "adaptive:").
+SparsePolicy adaptive_policy(const std::string& spec, const ModelConfig& cfg) {
+  const std::vector<std::string> f = spec_fields(spec);
   const std::string where = "sparse policy '" + spec + "'";
   if (f[0] != "adaptive" || (f.size() != 2 && f.size() != 4))
     throw std::runtime_error(where + ": expected adaptive:TAU or adaptive:TAU:V:S");
   const double tau = parse_tau(f[1], where);
   int cap[2] = {kAdaptiveVerticalCap, kAdaptiveSlashCap};
-  for (size_t i = 2; i < f.size(); ++i) {
-    size_t used = 0;
-    long long v = -1;
-    try {
-      v = std::stoll(f[i], &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used == 0 || used != f[i].size() || v < 1 || v > 2147483647LL)
-      throw std::runtime_error(where + ": " + (i == 2 ? "V" : "S") +
-                               " must be a whole number >= 1, got '" + f[i] + "'");
-    cap[i - 2] = static_cast<int>(v);
-  }
+  for (size_t i = 2; i < f.size(); ++i) cap[i - 2] = spec_number(f[i], where, i == 2 ? "V" : "S");
   SparsePolicy p = SparsePolicy::uniform(cfg, HeadPattern::vertical_slash(cap[0], cap[1], tau));
+  p.source = spec;
+  return p;
+}
+
+// "xattn:TAU[:K[:S]]" (spec is "xattn" or starts with "xattn:").
+SparsePolicy xattn_policy(const std::string& spec, const ModelConfig& cfg) {
+  const std::vector<std::string> f = spec_fields(spec);
+  const std::string where = "sparse policy '" + spec + "'";
+  if (f[0] != "xattn" || f.size() < 2 || f.size() > 4)
+    throw std::runtime_error(where + ": expected xattn:TAU, xattn:TAU:K or xattn:TAU:K:S");
+  const double tau = parse_tau(f[1], where);
+  const int k = f.size() > 2 ? spec_number(f[2], where, "K") : kXattnBlockCap;
+  const int stride = f.size() > 3 ? spec_number(f[3], where, "S") : kDefaultAntidiagStride;
+  if (!valid_antidiag_stride(stride))
+    throw std::runtime_error(where + ": S must be 1, 2, 4, 8, 16, 32 or 64 (a divisor of the " +
+                             "64-token block), got '" + f[3] + "'");
+  SparsePolicy p = SparsePolicy::uniform(cfg, HeadPattern::block_sparse(k, tau, stride));
   p.source = spec;
   return p;
 }
@@ -117,7 +190,8 @@ double parse_tau(const std::string& text, const std::string& where) {
 }
 
 bool is_builtin_sparse_spec(const std::string& spec) {
-  return spec == "dense" || spec == "auto" || spec == "adaptive" || spec.rfind("adaptive:", 0) == 0;
+  return spec == "dense" || spec == "auto" || spec == "adaptive" ||
+         spec.rfind("adaptive:", 0) == 0 || spec == "xattn" || spec.rfind("xattn:", 0) == 0;
 }
 
 const char* to_string(PatternKind k) {
@@ -141,6 +215,7 @@ std::string pattern_label(const HeadPattern& p) {
   s << "(" << p.a;
   if (p.kind != PatternKind::kBlockSparse) s << "," << p.b;
   if (p.adaptive()) s << ",tau=" << p.tau;
+  if (p.antidiagonal()) s << ",antidiagonal=" << p.stride;
   s << ")";
   return s.str();
 }
@@ -171,14 +246,20 @@ bool SparsePolicy::any_adaptive() const {
   return std::any_of(heads.begin(), heads.end(), [](const HeadPattern& p) { return p.adaptive(); });
 }
 
+bool SparsePolicy::any_antidiagonal() const {
+  return std::any_of(heads.begin(), heads.end(),
+                     [](const HeadPattern& p) { return p.antidiagonal(); });
+}
+
 std::vector<PatternCount> SparsePolicy::summary() const {
   std::vector<PatternCount> out;
   if (heads.empty()) return out;
-  std::map<std::tuple<int, int, int, double>, int> counts;
-  for (const HeadPattern& p : heads) ++counts[{static_cast<int>(p.kind), p.a, p.b, p.tau}];
+  std::map<std::tuple<int, int, int, double, int>, int> counts;
+  for (const HeadPattern& p : heads)
+    ++counts[{static_cast<int>(p.kind), p.a, p.b, p.tau, p.stride}];
   for (const auto& [key, c] : counts) {
-    const auto [k, a, b, tau] = key;
-    out.push_back({HeadPattern{static_cast<PatternKind>(k), a, b, tau}, c});
+    const auto [k, a, b, tau, stride] = key;
+    out.push_back({HeadPattern{static_cast<PatternKind>(k), a, b, tau, stride}, c});
   }
   std::stable_sort(out.begin(), out.end(),
                    [](const PatternCount& x, const PatternCount& y) { return x.count > y.count; });
@@ -228,15 +309,14 @@ SparsePolicy parse_minference_config(const std::string& json_text, const std::st
   } catch (const nlohmann::json::exception& e) {
     throw policy_error(name, std::string("not valid JSON (") + e.what() + ")");
   }
-  double default_tau = 0;  // {"tau": T, "layers": [...]}: T for every VS / BS head
+  // {"tau": T, "score": ..., "stride": S, "layers": [...]}: for every VS / BS head
+  HeadOptions defaults;
   if (doc.is_object()) {
     if (!doc.contains("layers"))
       throw policy_error(name,
                          "expected a JSON list with one object per layer, or an object "
                          "{\"layers\": [...], \"tau\": T}");
-    for (const auto& [key, val] : doc.items())
-      if (key != "layers" && key != "tau") throw policy_error(name, "unknown key '" + key + "'");
-    if (doc.contains("tau")) default_tau = json_tau(doc["tau"], name, "top level");
+    defaults = head_options(doc, name, "top level", true);
     nlohmann::json layers = std::move(doc["layers"]);
     doc = std::move(layers);
   }
@@ -272,7 +352,7 @@ SparsePolicy parse_minference_config(const std::string& json_text, const std::st
       if (seen[h]) throw policy_error(name, lw + ": head " + key + " appears twice");
       seen[h] = true;
       pol.heads[static_cast<size_t>(l) * cfg.n_heads + h] =
-          parse_head(val, name, lw + " head " + key, default_tau);
+          parse_head(val, name, lw + " head " + key, defaults);
     }
   }
   return pol;
@@ -290,12 +370,15 @@ SparsePolicy load_sparse_policy(const std::string& spec, const ModelConfig& cfg,
     pol.source = "auto";
   } else if (spec == "adaptive" || spec.rfind("adaptive:", 0) == 0) {
     pol = adaptive_policy(spec, cfg);
+  } else if (spec == "xattn" || spec.rfind("xattn:", 0) == 0) {
+    pol = xattn_policy(spec, cfg);
   } else {
     std::ifstream f(spec, std::ios::binary);
     if (!f)
       throw std::runtime_error(
           "sparse config " + spec +
-          ": cannot open (expected dense, auto, adaptive:TAU[:V:S] or a JSON file)");
+          ": cannot open (expected dense, auto, adaptive:TAU[:V:S], xattn:TAU[:K[:S]] or a JSON "
+          "file)");
     std::ostringstream s;
     s << f.rdbuf();
     pol = parse_minference_config(s.str(), spec, cfg);

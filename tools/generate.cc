@@ -92,6 +92,7 @@ nlohmann::json audit_json(const PrefillStats& st) {
                         {"output_rel_error", r.output_rel_error},
                         {"output_rel_error_fro", r.output_rel_error_fro}};
     if (r.pattern.adaptive()) e["tau"] = r.pattern.tau;
+    if (r.pattern.antidiagonal()) e["stride"] = r.pattern.stride;
     out.push_back(std::move(e));
   }
   return out;

@@ -28,7 +28,8 @@ SparsePolicy decode_policy(const v1::Assignment& job, const ModelConfig& cfg) {
   p.dense_below = t.dense_below();
   const int64_t cells = int64_t{t.n_layers()} * t.n_heads();
   if (t.n_layers() < 0 || t.n_heads() < 0 || t.kind_size() != cells || t.a_size() != cells ||
-      t.b_size() != cells || (t.tau_size() != 0 && t.tau_size() != cells) || t.dense_below() < 0)
+      t.b_size() != cells || (t.tau_size() != 0 && t.tau_size() != cells) ||
+      (t.stride_size() != 0 && t.stride_size() != cells) || t.dense_below() < 0)
     throw std::runtime_error("sparse policy '" + p.source + "': the table of " +
                              std::to_string(t.n_layers()) + " layers x " +
                              std::to_string(t.n_heads()) + " heads has " +
@@ -43,8 +44,14 @@ SparsePolicy decode_policy(const v1::Assignment& job, const ModelConfig& cfg) {
     if (!(tau == 0 || (tau > 0 && tau <= 1)))
       throw std::runtime_error("sparse policy '" + p.source + "': tau " + std::to_string(tau) +
                                " is not 0 or in (0, 1]");
+    const int stride = t.stride_size() ? t.stride(static_cast<int>(i)) : 0;
+    if (stride != 0 &&
+        (k != static_cast<int>(PatternKind::kBlockSparse) || !valid_antidiag_stride(stride)))
+      throw std::runtime_error("sparse policy '" + p.source + "': stride " +
+                               std::to_string(stride) +
+                               " is not 0 or a divisor of 64 on a block-sparse head");
     p.heads.push_back(HeadPattern{static_cast<PatternKind>(k), t.a(static_cast<int>(i)),
-                                  t.b(static_cast<int>(i)), tau});
+                                  t.b(static_cast<int>(i)), tau, stride});
   }
   p.check_model(cfg);
   return p;

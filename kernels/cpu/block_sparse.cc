@@ -2,6 +2,7 @@
 // kv head), block scores scale * qpool[b] . kpool[j] for j <= b, top-k key blocks per
 // query block with the diagonal forced in; ties go to the lower block. All fp32; an
 // adaptive head (tau > 0) cuts that ranking where its block mass reaches tau (cpu.h).
+// A stride S > 0 in the params scores by antidiagonals instead (antidiagonal.cc).
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -107,7 +108,9 @@ Status block_sparse_estimate(const BlockSparseEstimateParams& p, const int* topk
   for (int h = 0; h < p.num_heads; ++h) {
     if (topk[h] < 1 || (tau && !valid_tau(tau[h]))) return Status::kInvalidArgument;
   }
+  if (p.stride != 0 && !valid_antidiag_stride(p.stride)) return Status::kInvalidArgument;
   if (p.dtype != DType::kF32) return Status::kUnsupported;
+  if (p.stride != 0) return block_sparse_estimate_antidiag(p, topk, out, tau);
   const int d = p.head_dim;
   const std::vector<float> qpool = mean_pool(static_cast<const float*>(p.q), p.q_row_stride,
                                              p.q_head_stride, p.num_heads, d, p.seq_len);

@@ -60,6 +60,8 @@ struct BlockSparseEstimateParams {
   int num_heads = 0, num_kv_heads = 0, head_dim = 0;
   float scale = 0.f;
   DType dtype = DType::kF32;
+  int stride = 0;  // 0: the pooled score above; S > 0 (valid_antidiag_stride): antidiagonal
+                   // block mass of stride S (block_sparse_estimate_antidiag), same selection
 };
 // tau: null or [num_heads] as for vs_estimate; an adaptive head keeps, per query block,
 // the shortest prefix of its ranking (diagonal first) whose share of the block mass
@@ -80,6 +82,48 @@ void block_mean_pool(const float* x, int64_t row_stride, int64_t head_stride, in
 Status block_sparse_select(const float* qpool, const float* kpool, int64_t seq_len, int num_heads,
                            int num_kv_heads, int head_dim, float scale, const int* topk,
                            BlockSparseIndex* out, const double* tau = nullptr);
+
+// ---- block-sparse antidiagonal estimation (XAttention, Xu et al. 2025; antidiagonal.cc)
+// Stride S (valid_antidiag_stride). Strided query row I of a head packs the rows
+// I S + S-1, I S + S-2, ..., I S (reversed), strided key row J the rows J S, ..., J S + S-1.
+// Strided logit x[I][J] = (scale / S) * sum_t q[I S + S-1-t] . k[J S + t], the mean logit
+// of the antidiagonal (i + j = S - 1) of the S x S sub-block (I, J), over J <= I; the
+// diagonal cell J == I sums only its causal cells (key <= row: t <= (S-1)/2). Past N, key
+// rows are zero and query rows repeat row N - 1, so the last (partial) strided row still
+// meets every key offset t (zero query rows would leave N mod S offsets of every key block
+// unseen by the prompt's last rows; measured on a planted pattern, antidiagonal_test).
+// Softmax over J <= I per strided row; block mass of (query block b, key block j) = sum of
+// those probabilities over the strided rows of b and columns of j (64 / S of each; a query
+// block's masses add up to its strided rows). Cost: N^2 d / (2 S) multiply-adds per head.
+// Selection: per query block the ranking by mass (diagonal first), cut by select_by_mass at
+// tau (adaptive) or at topk (fixed), so every query block is scored, not only the last.
+//
+// packed[h][I][t * head_dim + i] (I < ceil(n_rows / S)) from x[r][h][i] (row / head
+// strides); queries = true packs the reversed (query) order, rows past n_rows repeating
+// row n_rows - 1 (keys: zero). n_rows starts at a row that is a multiple of S (a block
+// start for a shard) and, when not a multiple of S itself, ends at N.
+void antidiag_pack(const float* x, int64_t row_stride, int64_t head_stride, int heads, int head_dim,
+                   int64_t n_rows, int stride, bool queries, float* packed);
+struct AntidiagParams {
+  const float* q_packed = nullptr;  // [num_heads][q_rows][stride * head_dim]: the strided rows
+                                    // of query blocks [qb0, qb1), q_rows = ceil((min(N, 64 qb1)
+                                    // - 64 qb0) / S) (antidiag_pack, queries = true)
+  const float* k_packed = nullptr;  // [num_kv_heads][ceil(N / S)][stride * head_dim]: every key
+  int64_t seq_len = 0;              // N
+  int64_t qb0 = 0, qb1 = 0;         // query blocks scored, 0 <= qb0 < qb1 <= ceil(N / 64)
+  int num_heads = 0, num_kv_heads = 0, head_dim = 0;  // query head h reads kv head h / group
+  int stride = 0;
+  float scale = 0.f;  // the attention scale (1 / sqrt(d))
+};
+// mass[0..qb] of query block qb (qb0 <= qb < qb1) of head `head`.
+Status antidiag_block_mass(const AntidiagParams& p, int head, int64_t qb, float* mass);
+// Selected key blocks of every (head, query block of [qb0, qb1)): blocks[h][qb - qb0][k_out],
+// ascending then -1 padded; topk [num_heads] each in [1, k_out]; tau null or [num_heads].
+Status antidiag_select(const AntidiagParams& p, const int* topk, const double* tau, int k_out,
+                       int* blocks);
+// block_sparse_estimate for p.stride > 0 (called by it after its checks).
+Status block_sparse_estimate_antidiag(const BlockSparseEstimateParams& p, const int* topk,
+                                      BlockSparseIndex* out, const double* tau);
 
 // ---- selection (kernels/cpu/select.cc), shared by the estimators above
 // Ranking of score[0..n): entries in [forced_lo, forced_hi) first (ascending), then higher

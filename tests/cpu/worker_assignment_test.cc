@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "coordinator/planner.h"
@@ -150,6 +151,34 @@ TEST(WorkerAssignment, AdaptiveThresholdsTravelWithThePolicy) {
   EXPECT_THROW((void)worker::decode_policy(c, cfg), std::runtime_error);
   c = a;
   c.mutable_policy()->mutable_tau()->RemoveLast();
+  EXPECT_THROW((void)worker::decode_policy(c, cfg), std::runtime_error);
+}
+
+TEST(WorkerAssignment, AntidiagonalStridesTravelWithThePolicy) {
+  const ModelConfig cfg = tiny();
+  SparsePolicy p = SparsePolicy::uniform(cfg, HeadPattern::block_sparse(9, 0.9, 8), 77);
+  p.heads[1] = HeadPattern::block_sparse(4, 0, 16);
+  p.heads[2] = HeadPattern::block_sparse(5);  // pooled
+  p.heads[3] = HeadPattern::vertical_slash(100, 200);
+  v1::Assignment a;
+  *a.mutable_policy() = coord::policy_table(p);
+  EXPECT_EQ(a.policy().stride_size(), static_cast<int>(p.heads.size()));
+  EXPECT_EQ(worker::decode_policy(a, cfg).heads, p.heads);
+  // A pooled policy sends no strides (the table stays as before).
+  EXPECT_EQ(
+      coord::policy_table(SparsePolicy::uniform(cfg, HeadPattern::block_sparse(3))).stride_size(),
+      0);
+  v1::Assignment b;
+  b.mutable_options()->set_sparse("xattn:0.9:7");
+  EXPECT_EQ(worker::decode_policy(b, cfg).heads[0], HeadPattern::block_sparse(7, 0.9, 8));
+  // A stride that does not divide 64, one on a vertical-slash head, or the wrong count.
+  for (const auto& [head, stride] : {std::pair{0, 3}, std::pair{0, 128}, std::pair{3, 8}}) {
+    v1::Assignment c = a;
+    c.mutable_policy()->set_stride(head, stride);
+    EXPECT_THROW((void)worker::decode_policy(c, cfg), std::runtime_error) << head << ":" << stride;
+  }
+  v1::Assignment c = a;
+  c.mutable_policy()->mutable_stride()->RemoveLast();
   EXPECT_THROW((void)worker::decode_policy(c, cfg), std::runtime_error);
 }
 

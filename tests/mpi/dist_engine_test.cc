@@ -367,6 +367,21 @@ TEST(DistEngine, StoriesSparseEstimated) {
                       budget_mix(cfg, 64, 64, 120, 3));
 }
 
+// Block-sparse heads scored by antidiagonals (fixed and adaptive, two strides) beside
+// pooled ones in every layer: the distributed estimate groups them by score and gives the
+// single process's plan exactly.
+TEST(DistEngine, StoriesAntidiagonalEstimated) {
+  MPREFILL_SKIP_IF_MISSING(stories_path());
+  const ModelConfig cfg = named_shape("stories15m");
+  estimated_plan_case(
+      "stories15M antidiagonal", stories_path(), story_ids(449),
+      test::cycled_policy(
+          cfg,
+          {HeadPattern::block_sparse(3, 0.9, 8), HeadPattern::block_sparse(3),
+           HeadPattern::vertical_slash(60, 120), HeadPattern::block_sparse(4, 0, 16)},
+          64));
+}
+
 // KV gathered to rank 0 and decoded there: the greedy ids equal the single process's.
 TEST(DistEngine, StoriesGreedyDecode) {
   MPREFILL_SKIP_IF_MISSING(stories_path());

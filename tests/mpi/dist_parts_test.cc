@@ -12,6 +12,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/distributed_estimate.h"
@@ -256,17 +257,24 @@ TEST(DistParts, BlockSparseEstimateIsExactOverShards) {
     e.num_kv_heads = kv_heads;
     e.head_dim = d;
     e.scale = scale;
-    BlockSparseIndex ref, got;
-    ASSERT_EQ(cpu::block_sparse_estimate(e, topk, &ref), Status::kOk);
     const TokenRanges mine = plan_sequence_parallel(n, sp)[rank];
     const auto q = slice(q_all, mine, q_row), k = slice(k_all, mine, kv_row);
-    std::string err;
-    const Status s = block_sparse_estimate_distributed(*c, mine, n, q.data(), k.data(), heads,
-                                                       kv_heads, d, scale, topk, &got, &err);
-    EXPECT_EQ(s, Status::kOk) << err;
-    const bool same = s == Status::kOk && got.blocks == ref.blocks && got.k == ref.k;
-    EXPECT_TRUE(same) << "n " << n;
-    ok &= same;
+    // Pooled, then antidiagonal (fixed and adaptive), each exactly the single process's.
+    const double tau[heads] = {0.9, 0.5, 1.0, 0.8};
+    for (const auto& [stride, tp] :
+         {std::pair<int, const double*>{0, nullptr}, {8, nullptr}, {16, tau}, {1, tau}}) {
+      if (stride == 1 && n > 1000) continue;  // N^2 d per head
+      e.stride = stride;
+      BlockSparseIndex ref, got;
+      ASSERT_EQ(cpu::block_sparse_estimate(e, topk, &ref, tp), Status::kOk);
+      std::string err;
+      const Status s = block_sparse_estimate_distributed(
+          *c, mine, n, q.data(), k.data(), heads, kv_heads, d, scale, topk, &got, &err, tp, stride);
+      EXPECT_EQ(s, Status::kOk) << err;
+      const bool same = s == Status::kOk && got.blocks == ref.blocks && got.k == ref.k;
+      EXPECT_TRUE(same) << "n " << n << " stride " << stride;
+      ok &= same;
+    }
   }
   expect_all_ranks_ok(*c, ok);
 }
