@@ -306,7 +306,7 @@ void LayerForward::index_vs(int l, const Piece& p, IndexCursor& cur, PieceView& 
             std::to_string(S.col_cap - cur.cols) + " (raise CudaOptions::vs_index_max_bytes)");
   int* lo = B.range_lo + cur.ranges;
   int* hi = B.range_hi + cur.ranges;
-  int* col = ncol ? B.col + cur.cols : nullptr;
+  int* col = B.col + cur.cols;  // non-null even when no column is gathered (the kernels check)
   f.ok(cuda::index::vs_index_fill(sel, rp, cp, lo, hi, col, B.est_ws, S.est_ws, st),
        "vs_index_fill", l);
   mark(kEst, l);
