@@ -191,7 +191,9 @@ int run(const Options& o) {
     for (int tls : o.tls) {
       kv::ReceiverOptions ro;
       ro.contract = c;
-      ro.capacity_bytes = uint64_t{2} * o.layers * n * row * 2 + (uint64_t{64} << 20);
+      // Room for two jobs: release() frees a job's pages only once its streams' in-flight
+      // puts drop the store, which may come after the next job's expect().
+      ro.capacity_bytes = uint64_t{4} * o.layers * n * row * 2 + (uint64_t{64} << 20);
       ro.max_frame = std::max<size_t>(ro.max_frame, 2 * size_t(P) * row * 2 + 65536);
       if (tls) ro.tls_cert = cert->cert(), ro.tls_key = cert->key();
       rx.push_back(std::make_unique<kv::KvReceiver>(ro, nullptr));
