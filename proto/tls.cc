@@ -176,6 +176,12 @@ uint64_t TlsSession::bytes_read() {
   return rbio ? BIO_number_read(rbio) : 0;
 }
 
+std::string TlsSession::negotiated() {
+  std::lock_guard<std::mutex> lk(mu_);
+  const SSL* ssl = static_cast<SSL*>(ssl_);
+  return std::string(SSL_get_version(ssl)) + " " + SSL_get_cipher_name(ssl);
+}
+
 size_t TlsSession::io(bool write, char* data, size_t n, int* wait, boost::system::error_code* ec) {
   std::lock_guard<std::mutex> lk(mu_);
   NoSigpipe no_sigpipe;

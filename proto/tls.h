@@ -72,6 +72,8 @@ class TlsSession {
   // Bytes read from the socket so far: 0 after a server handshake that timed out means
   // the peer never spoke (a plain-TCP mprefill peer waiting for our ServerHello).
   uint64_t bytes_read();
+  // "TLSv1.3 TLS_AES_256_GCM_SHA384": protocol and cipher suite after the handshake.
+  std::string negotiated();
 
  private:
   TlsSession() = default;
