@@ -93,6 +93,12 @@ bool normwise_close(const float* out, const double* ref, size_t n, double tol, s
   return ok;
 }
 
+std::string tiny_generate_command(const std::string& bin) {
+  std::string ids;
+  for (int i = 0; i < 300; ++i) ids += (i ? "," : "") + std::to_string(1 + (i * 37) % 500);
+  return bin + " generate --model random:tiny:2 --prompt-ids " + ids + " ";
+}
+
 int run_command(const std::string& cmd, std::string* output) {
   std::string full = cmd + " 2>&1";
   FILE* f = ::popen(full.c_str(), "r");

@@ -42,6 +42,10 @@ bool normwise_close(const float* out, const double* ref, size_t n, double tol, s
 // Run a command through the shell; returns exit status, captures stdout+stderr.
 int run_command(const std::string& cmd, std::string* output);
 
+// `BIN generate --model random:tiny:2 --prompt-ids <300 fixed ids> ` (the CLI tests' prompt;
+// the caller appends its options).
+std::string tiny_generate_command(const std::string& bin);
+
 // Runs fn and expects a std::runtime_error; returns its message ("" and a test failure
 // when nothing is thrown).
 std::string error_of(const std::function<void()>& fn);

@@ -511,11 +511,9 @@ TEST(AdaptiveConfig, CliSpec) {
 TEST(AdaptiveCli, GenerateWithAdaptivePolicyAndAudit) {
   const std::string bin = test::bin_dir() + "/mprefill";
   MPREFILL_SKIP_IF_MISSING(bin);
-  std::string ids;
-  for (int i = 0; i < 300; ++i) ids += (i ? "," : "") + std::to_string(1 + (i * 37) % 500);
   std::string out;
-  const std::string base = bin + " generate --model random:tiny:2 --prompt-ids " + ids +
-                           " --dense-below 0 --decode 2 --audit-heads 2 --sparse ";
+  const std::string base =
+      test::tiny_generate_command(bin) + "--dense-below 0 --decode 2 --audit-heads 2 --sparse ";
   ASSERT_EQ(test::run_command(base + "adaptive:0.9 --json", &out), 0) << out;
   const auto j = nlohmann::json::parse(out.substr(out.find('{')));
   ASSERT_EQ(j["audit"].size(), 8u) << out;  // 4 layers x 2 heads

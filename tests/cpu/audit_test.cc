@@ -315,11 +315,9 @@ TEST(AuditStories15M, RecallAndErrorsPerSampledHead) {
 TEST(AuditCli, GenerateAuditHeadsTextAndJson) {
   const std::string bin = test::bin_dir() + "/mprefill";
   MPREFILL_SKIP_IF_MISSING(bin);
-  std::string ids;
-  for (int i = 0; i < 300; ++i) ids += (i ? "," : "") + std::to_string(1 + (i * 37) % 500);
   std::string out;
-  const std::string base = bin + " generate --model random:tiny:2 --prompt-ids " + ids +
-                           " --sparse auto --dense-below 0 --decode 0 --audit-heads 2";
+  const std::string base =
+      test::tiny_generate_command(bin) + "--sparse auto --dense-below 0 --decode 0 --audit-heads 2";
   ASSERT_EQ(test::run_command(base + " --json", &out), 0) << out;
   const auto j = nlohmann::json::parse(out.substr(out.find('{')));
   ASSERT_TRUE(j.contains("audit")) << out;
