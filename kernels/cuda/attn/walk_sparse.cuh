@@ -103,6 +103,12 @@ struct SparseWalker {
     return c;
   }
 
+  // Visibility is key <= row alone (not A-shape's window).
+  template <class P>
+  CUTE_DEVICE static bool causal_only(P const& p) {
+    return p.kind != Kind::kAShape;
+  }
+
   template <class P>
   CUTE_DEVICE static bool visible(P const& p, int64_t key, int64_t row) {
     bool vis = key <= row;
@@ -237,6 +243,11 @@ struct SparseWalker {
           reinterpret_cast<uint32_t*>(&ss.member[sk][1][0])[tid / 32] = qb;
         }
         if (tid == 0) ss.flags[sk] = d.flags;
+        // Keys ascend with the key row (pieces, halves, gathered lists): the warp's largest
+        // is its highest row holding a key.
+        const uint32_t has = __ballot_sync(0xffffffffu, key != INT32_MAX);
+        if ((tid & 31) == (has ? 31 - __clz(has) : 0))
+          ss.kmax[sk][tid / 32] = has ? key : INT32_MIN;
         if (d.flags & kHalves)
           load_halves<T>(p, tid, kv_head, d.ts, d.ts2, p.tma_k_half, mK, ss.k.data(), sk,
                          ss.full_k[sk]);
