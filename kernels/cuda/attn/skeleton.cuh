@@ -200,8 +200,8 @@ CUTE_DEVICE void consume(P const& p, typename T::SharedStorage& ss, int w, int t
     uint32_t keep[kRows];
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) keep[r] = in;
-    const int32_t kmax = max(max(ss.kmax[slot][0], ss.kmax[slot][1]),
-                             max(ss.kmax[slot][2], ss.kmax[slot][3]));
+    const int32_t kmax =
+        max(max(ss.kmax[slot][0], ss.kmax[slot][1]), max(ss.kmax[slot][2], ss.kmax[slot][3]));
     if (!(Walker::causal_only(p) && int64_t(kmax) <= first_row)) {
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < 32; ++c) {
@@ -332,6 +332,11 @@ CUTE_DEVICE void consume(P const& p, typename T::SharedStorage& ss, int w, int t
 template <class T, class Walker>
 __global__ void __launch_bounds__(T::kNumThreads, 1)
     skel_fwd_kernel(CUTE_GRID_CONSTANT typename Walker::template Params<T> const p) {
+  // A walker may ask for its own register split (Walker::kProducerRegs > 0).
+  constexpr int kProducerRegs =
+      Walker::kProducerRegs > 0 ? Walker::kProducerRegs : T::kProducerRegs;
+  constexpr int kConsumerRegs = (3 * 168 - kProducerRegs) / 2 / 8 * 8;
+  static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "register pool of the CTA");
   extern __shared__ char smem_raw[];
   auto& ss = *reinterpret_cast<typename T::SharedStorage*>(smem_raw);
   const int warp_group = cutlass::canonical_warp_group_idx();
@@ -345,12 +350,12 @@ __global__ void __launch_bounds__(T::kNumThreads, 1)
   });
 
   if (warp_group == 0) {
-    cutlass::arch::warpgroup_reg_dealloc<T::kProducerRegs>();
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     Walker::template produce<T>(p, ss, cta, int(threadIdx.x));
     return;
   }
 
-  cutlass::arch::warpgroup_reg_alloc<T::kConsumerRegs>();
+  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
   const int tidx = int(threadIdx.x) - 128;  // [0, 256): both consumer warpgroups
   typename T::TiledMmaO mma_o;
   auto thr_o = mma_o.get_thread_slice(tidx);

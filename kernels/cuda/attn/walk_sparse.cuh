@@ -49,6 +49,8 @@ struct WarpSpan {
 };
 
 struct SparseWalker {
+  static constexpr int kProducerRegs = 0;  // SkelTraits' split (the walk needs 120)
+
   template <class T>
   struct Params {
     typename T::TmaQ tma_q;
@@ -166,6 +168,7 @@ struct SparseWalker {
           reinterpret_cast<uint32_t*>(&ss.member[sk][1][0])[tid / 32] = qb;
         }
         if (tid == 0) ss.flags[sk] = r.flags;
+        if (tid < 4) ss.kmax[sk][tid] = tid == 0 ? r.kmax : INT32_MIN;  // the record has it
         if (r.flags & kHalves)
           load_halves<T>(p, tid, kv_head, r.ts, r.ts2, p.tma_k_half, mK, ss.k.data(), sk,
                          ss.full_k[sk]);
@@ -281,6 +284,9 @@ struct SparseWalker {
 // The skeleton's producer for a planned launch (kernel 5): records instead of the walk, so
 // the walker's state is not in this kernel at all.
 struct PlannedSparseWalker : SparseWalker {
+  // ptxas (nvcc 13.0, with the keep-word masks): 104 / 200 spills nothing, 120 / 192 spills
+  // 60 bytes in the consumers; the walking producer needs 120.
+  static constexpr int kProducerRegs = 104;
   template <class T, class P>
   CUTE_DEVICE static void produce(P const& p, typename T::SharedStorage& ss, Cta const& cta,
                                   int tid) {
