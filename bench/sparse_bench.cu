@@ -156,11 +156,12 @@ int bench_main(int argc, char** argv) {
     }
   }
   for (int64_t ver : versions) {
-    if (ver < 1 || ver > 4) {
-      std::fprintf(stderr,
-                   "--kernels takes generations 1 to 4 (3: the skeleton, 4: with owner tiles), "
-                   "got %lld\n",
-                   (long long)ver);
+    if (ver < 1 || ver > 5) {
+      std::fprintf(
+          stderr,
+          "--kernels takes generations 1 to 5 (3: the skeleton, 4: with owner tiles, 5: planned), "
+          "got %lld\n",
+          (long long)ver);
       return 1;
     }
   }

@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <functional>
 #include <random>
@@ -71,61 +72,102 @@ void replay_one(const WalkParams& p0, const Launch& l, const Visible& ref, bool 
     const int64_t block_a = block_first + 2 * pair;
     const bool valid_b = block_a + 1 <= block_first + num_m_blocks - 1;
     const int64_t m0a = block_a * 64;
-    walk::SparseWalk<128> wk;
-    wk.init(p, 0, m0a, valid_b, union_gather, owner_max);
-    // count[w][r][c]: cells of consumer w's row m0w + r, keys k0 + c.
-    std::vector<std::vector<int>> count(128, std::vector<int>(size_t(l.nk), 0));
-    int tiles = 0;
-    for (;;) {
-      walk::TileDesc d;
-      wk.next(p, d);
-      if (d.end) break;
-      ASSERT_LT(++tiles, 1 << 20) << "walk does not end";
-      ASSERT_GT(d.te, d.ts);
-      ASSERT_LE(d.te - d.ts, 128);
-      if (d.flags & walk::kHalves) {
-        ASSERT_LE(d.te - d.ts, 64);
-        ASSERT_LE(d.te2 - d.ts2, 64);
-        ASSERT_GE(d.te2, d.ts2);
-        ASSERT_GT(owner_max, 0) << "owner tile with owner tiles off";
-        const bool use_a = d.flags & walk::kUse0, use_b = d.flags & (walk::kUse0 << 1);
-        ASSERT_NE(use_a, use_b) << "owner tile of both consumers";
-      }
-      for (int w = 0; w < 2; ++w) {
-        if (!(d.flags & (walk::kUse0 << w))) continue;
-        ASSERT_TRUE(w == 0 || valid_b) << "tile used by the absent block B";
-        const bool masked = d.flags & (walk::kMask0 << w);
-        const int64_t m0w = m0a + 64 * w;
-        for (int t = 0; t < 128; ++t) {
-          const int key = walk::SparseWalk<128>::key(p, d, t);
-          const bool member = w == 0 ? wk.member_a(p, d, t, key) : wk.member_b(d, t);
-          for (int r = 0; r < 64; ++r) {
-            const int64_t row = m0w + r;
-            if (masked) {
-              if (member && kernel_visible(key, row)) {
+    // Each CTA twice: from the walk as the producer runs it, and from the tile plan
+    // (plan_cta's records: keys and membership without walker state), same checks.
+    for (const bool planned : {false, true}) {
+      SCOPED_TRACE(planned ? "tile plan" : "walk");
+      // count[w][r][c]: cells of consumer w's row m0w + r, keys k0 + c.
+      std::vector<std::vector<int>> count(128, std::vector<int>(size_t(l.nk), 0));
+      // One tile: flags, key ranges, key of row t, membership of consumer w's row t.
+      auto check_tile = [&](uint32_t flags, int ts, int te, int ts2, int te2,
+                            const std::function<int(int)>& key_of,
+                            const std::function<bool(int, int, int)>& member_of) {
+        ASSERT_GT(te, ts);
+        ASSERT_LE(te - ts, 128);
+        if (flags & walk::kHalves) {
+          ASSERT_LE(te - ts, 64);
+          ASSERT_LE(te2 - ts2, 64);
+          ASSERT_GE(te2, ts2);
+          ASSERT_GT(owner_max, 0) << "owner tile with owner tiles off";
+          const bool use_a = flags & walk::kUse0, use_b = flags & (walk::kUse0 << 1);
+          ASSERT_NE(use_a, use_b) << "owner tile of both consumers";
+        }
+        for (int w = 0; w < 2; ++w) {
+          if (!(flags & (walk::kUse0 << w))) continue;
+          ASSERT_TRUE(w == 0 || valid_b) << "tile used by the absent block B";
+          const bool masked = flags & (walk::kMask0 << w);
+          const int64_t m0w = m0a + 64 * w;
+          for (int t = 0; t < 128; ++t) {
+            const int key = key_of(t);
+            const bool member = member_of(w, t, key);
+            for (int r = 0; r < 64; ++r) {
+              const int64_t row = m0w + r;
+              if (masked) {
+                if (member && kernel_visible(key, row)) {
+                  ASSERT_GE(key, l.k0);
+                  ASSERT_LT(key, l.k0 + l.nk);
+                  ++count[64 * w + r][size_t(key - l.k0)];
+                }
+              } else {
+                // Unmasked: the kernel keeps all 128 cells of the row.
+                ASSERT_TRUE(member && kernel_visible(key, row))
+                    << "unmasked tile [" << ts << ", " << te << ") of consumer " << w
+                    << " holds an invisible cell: row " << row << " key row " << t << " key "
+                    << key;
                 ASSERT_GE(key, l.k0);
                 ASSERT_LT(key, l.k0 + l.nk);
                 ++count[64 * w + r][size_t(key - l.k0)];
               }
-            } else {
-              // Unmasked: the kernel keeps all 128 cells of the row.
-              ASSERT_TRUE(member && kernel_visible(key, row))
-                  << "unmasked tile [" << d.ts << ", " << d.te << ") of consumer " << w
-                  << " holds an invisible cell: row " << row << " key row " << t << " key " << key;
-              ASSERT_GE(key, l.k0);
-              ASSERT_LT(key, l.k0 + l.nk);
-              ++count[64 * w + r][size_t(key - l.k0)];
             }
           }
         }
+      };
+      if (!planned) {
+        walk::SparseWalk<128> wk;
+        wk.init(p, 0, m0a, valid_b, union_gather, owner_max);
+        int tiles = 0;
+        for (;;) {
+          walk::TileDesc d;
+          wk.next(p, d);
+          if (d.end) break;
+          ASSERT_LT(++tiles, 1 << 20) << "walk does not end";
+          check_tile(
+              d.flags, d.ts, d.te, d.ts2, d.te2,
+              [&](int t) { return walk::SparseWalk<128>::key(p, d, t); },
+              [&](int w, int t, int key) {
+                return w == 0 ? wk.member_a(p, d, t, key) : wk.member_b(d, t);
+              });
+          if (testing::Test::HasFatalFailure()) return;
+        }
+      } else {
+        const walk::ScalarSpan span{p.col};
+        const int64_t n_tiles =
+            walk::plan_cta<128>(p, 0, m0a, valid_b, union_gather, owner_max, span, nullptr);
+        ASSERT_LT(n_tiles, 1 << 20) << "walk does not end";
+        std::vector<walk::TileRec> recs(static_cast<size_t>(n_tiles));
+        ASSERT_EQ(
+            walk::plan_cta<128>(p, 0, m0a, valid_b, union_gather, owner_max, span, recs.data()),
+            n_tiles);
+        for (const walk::TileRec& r : recs) {
+          int kmax = INT32_MIN;
+          for (int t = 0; t < 128; ++t) {
+            const int key = walk::rec_key(p, r, t);
+            if (key != INT32_MAX) kmax = std::max(kmax, key);
+          }
+          ASSERT_EQ(r.kmax, kmax) << "planned tile's largest key";
+          check_tile(
+              r.flags, r.ts, r.te, r.ts2, r.te2, [&](int t) { return walk::rec_key(p, r, t); },
+              [&](int w, int t, int) { return walk::rec_member(r, w, t); });
+          if (testing::Test::HasFatalFailure()) return;
+        }
       }
-    }
-    for (int rr = 0; rr < 128; ++rr) {
-      const int64_t row = m0a + rr;
-      if (row < l.q0 || row >= l.q0 + l.nq) continue;  // not stored
-      for (int64_t c = 0; c < l.nk; ++c) {
-        const int want = ref(row, l.k0 + c) ? 1 : 0;
-        ASSERT_EQ(count[rr][size_t(c)], want) << "row " << row << " key " << l.k0 + c;
+      for (int rr = 0; rr < 128; ++rr) {
+        const int64_t row = m0a + rr;
+        if (row < l.q0 || row >= l.q0 + l.nq) continue;  // not stored
+        for (int64_t c = 0; c < l.nk; ++c) {
+          const int want = ref(row, l.k0 + c) ? 1 : 0;
+          ASSERT_EQ(count[rr][size_t(c)], want) << "row " << row << " key " << l.k0 + c;
+        }
       }
     }
   }

@@ -98,7 +98,7 @@ void run_case(const Case& c) {
   // picks one of them per pattern), each on fresh, poisoned buffers.
   for (const cuda::SparseKernelGen gen :
        {cuda::SparseKernelGen::kV1, cuda::SparseKernelGen::kV2, cuda::SparseKernelGen::kSkel,
-        cuda::SparseKernelGen::kSkelOwner}) {
+        cuda::SparseKernelGen::kSkelOwner, cuda::SparseKernelGen::kSkelPlan}) {
     const int version = static_cast<int>(gen);
     SCOPED_TRACE("sparse kernel v" + std::to_string(version));
     test::gpu::DeviceBuffers dev(sh, h);
@@ -376,7 +376,7 @@ TEST(SparseAttentionApi, RejectsBadArguments) {
   EXPECT_EQ(cuda::block_sparse_attention_fwd(p, bs, 0, nullptr), Status::kInvalidArgument);
   // A generation outside SparseKernelGen is refused before any launch (p is launchable).
   p.q_pos0 = 0;
-  for (const int bad : {5, -1}) {
+  for (const int bad : {6, -1}) {
     const auto gen = static_cast<cuda::SparseKernelGen>(bad);
     EXPECT_EQ(cuda::ashape_attention_fwd(p, 4, 4, nullptr, gen), Status::kInvalidArgument) << bad;
     EXPECT_NE(cuda::last_error().find("gen"), std::string::npos) << cuda::last_error();

@@ -32,6 +32,7 @@
 // Positions are 32-bit: the launcher runs the walk only when every global query and key
 // position is below 2^31 - 256 (sparse::sparse_v2_positions_ok).
 #pragma once
+#include <climits>
 #include <cstdint>
 
 #ifdef __CUDACC__
@@ -478,5 +479,78 @@ struct SparseWalk {
     return ((t < 64 ? d.b0 : d.b1) >> (t & 63)) & 1ull;
   }
 };
+
+// ---------------------------------------------------------------- tile plan
+// A tile of a CTA's stream as the producer needs it, computable before the launch (NOTES
+// §3 run 4: the walk's four interval walkers do not fit the producer's registers and take
+// half of a sparse tile's time): the walk's TileDesc with consumer 0's gathered-column
+// membership folded into a0 / a1 (so member_a needs no search) and the tile's largest key.
+// Keys of row t follow SparseWalk::key; membership of consumer w is bit t of its words.
+struct TileRec {
+  int32_t ts, te, ts2, te2;
+  uint32_t flags;
+  int32_t gw;
+  int32_t kmax;  // largest key position of the tile (INT32_MIN: none)
+  int32_t pad;
+  uint64_t a0, a1, b0, b1;
+};
+static_assert(sizeof(TileRec) == 64, "one 64-byte record per tile");
+
+template <int kBlockN, class P>
+MPREFILL_HD TileRec make_tile_rec(P const& p, SparseWalk<kBlockN> const& wk, TileDesc const& d) {
+  TileRec r;
+  r.ts = d.ts;
+  r.te = d.te;
+  r.ts2 = d.ts2;
+  r.te2 = d.te2;
+  r.flags = d.flags;
+  r.gw = d.gw;
+  r.pad = 0;
+  r.a0 = d.a0;
+  r.a1 = d.a1;
+  r.b0 = d.b0;
+  r.b1 = d.b1;
+  r.kmax = INT32_MIN;
+  for (int t = 0; t < kBlockN; ++t) {
+    const int key = SparseWalk<kBlockN>::key(p, d, t);
+    if (key == INT32_MAX) continue;
+    r.kmax = key > r.kmax ? key : r.kmax;
+    if (d.sa1 > d.sa0 && wk.member_a(p, d, t, key)) (t < 64 ? r.a0 : r.a1) |= 1ull << (t & 63);
+  }
+  return r;
+}
+
+// The whole tile stream of one CTA (as SparseWalk::init's arguments) into out[0, count),
+// out null: count only. Returns the tile count.
+template <int kBlockN, class P, class Span>
+MPREFILL_HD int64_t plan_cta(P const& p, int head, int64_t m0a, bool valid_b, bool union_allowed,
+                             int owner_max, Span const& span, TileRec* out) {
+  SparseWalk<kBlockN> wk;
+  wk.init(p, head, m0a, valid_b, union_allowed, owner_max);
+  int64_t n = 0;
+  for (;;) {
+    TileDesc d;
+    wk.next(p, d, span);
+    if (d.end) return n;
+    if (out) out[n] = make_tile_rec(p, wk, d);
+    ++n;
+  }
+}
+
+// Key position of key row t of a planned tile (SparseWalk::key's rule).
+template <class P>
+MPREFILL_HD int rec_key(P const& p, TileRec const& r, int t) {
+  if (r.flags & kHalves) {
+    const int pos = t < 64 ? r.ts + t : r.ts2 + (t - 64);
+    return pos < (t < 64 ? r.te : r.te2) ? pos : INT32_MAX;
+  }
+  const int pos = r.ts + t;
+  if (pos >= r.te) return INT32_MAX;
+  return r.gw >= 0 ? MPREFILL_LDG(p.col + pos) : pos;
+}
+MPREFILL_HD bool rec_member(TileRec const& r, int w, int t) {
+  const uint64_t word = w == 0 ? (t < 64 ? r.a0 : r.a1) : (t < 64 ? r.b0 : r.b1);
+  return (word >> (t & 63)) & 1ull;
+}
 
 }  // namespace mprefill::cuda::walk

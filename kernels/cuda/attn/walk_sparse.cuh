@@ -6,6 +6,8 @@
 // at any key row for union pieces and by cp.async for gathered columns.
 #pragma once
 
+#include <cub/device/device_scan.cuh>
+
 #include "kernels/cuda/attn/skeleton.cuh"
 #include "kernels/cuda/attn/sparse_walk.h"
 #include "kernels/cuda/sparse/sparse_fwd_v2_kernel.cuh"
@@ -47,6 +49,8 @@ struct WarpSpan {
 };
 
 struct SparseWalker {
+  static constexpr int kProducerRegs = 0;  // SkelTraits' split (the walk needs 120)
+
   template <class T>
   struct Params {
     typename T::TmaQ tma_q;
@@ -78,6 +82,10 @@ struct SparseWalker {
     int bs_k;
     int64_t n_init, n_local;
     int owner_max;  // owner tiles for union intervals up to this many keys (0: off)
+    // Tile plan (kernel 5): CTA (head, pair) streams plan[plan_off[c], plan_off[c + 1])
+    // with c = head * num_pairs + pair; null: the producer walks in the kernel.
+    const walk::TileRec* plan;
+    const int64_t* plan_off;
   };
 
   struct Cta {
@@ -97,11 +105,92 @@ struct SparseWalker {
     return c;
   }
 
+  // Visibility is key <= row alone (not A-shape's window).
+  template <class P>
+  CUTE_DEVICE static bool causal_only(P const& p) {
+    return p.kind != Kind::kAShape;
+  }
+
   template <class P>
   CUTE_DEVICE static bool visible(P const& p, int64_t key, int64_t row) {
     bool vis = key <= row;
     if (p.kind == Kind::kAShape) vis = vis && (key < p.n_init || row - key < p.n_local);
     return vis;
+  }
+
+  // The producer of a planned launch: the same K / V order as produce(), tiles read from
+  // the plan (one 64-byte record per tile, the next one loaded while this one is issued),
+  // no walker state.
+  template <class T, class P>
+  CUTE_DEVICE static void produce_planned(P const& p, typename T::SharedStorage& ss, Cta const& cta,
+                                          int tid) {
+    constexpr int kHeadDim = T::kHeadDim, kStages = T::kStages;
+    const int head = cta.head, kv_head = head / p.head_ratio;
+    const int num_pairs = (p.num_m_blocks + 1) / 2;
+    const int64_t c = int64_t(head) * num_pairs + (cta.row0 / 64 - p.block_first) / 2;
+    int64_t i = p.plan_off[c];
+    const int64_t i_end = p.plan_off[c + 1];
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename T::SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename T::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename T::SmemLayoutV{});
+    Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.n_q, int32_t(kHeadDim), p.num_heads));
+    Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.n_k, int32_t(kHeadDim), p.num_kv_heads));
+    Tensor mV = p.tma_v.get_tma_tensor(make_shape(p.n_k, int32_t(kHeadDim), p.num_kv_heads));
+    const typename T::Element* k_base = p.k + int64_t(kv_head) * p.k_head_stride;
+    const typename T::Element* v_base = p.v + int64_t(kv_head) * p.v_head_stride;
+    int sk = 0, sv = 0;
+    uint32_t pk = 0, pv = 0;
+    bool q_issued = false, have_prev = false;
+    walk::TileRec prev{}, next{};
+    if (i < i_end) next = p.plan[i];
+    for (;;) {
+      const bool end = i >= i_end;
+      const walk::TileRec r = next;
+      if (!end && ++i < i_end) next = p.plan[i];
+      ss.empty_k[sk].wait(pk ^ 1);
+      if (end) {
+        if (tid == 0) ss.flags[sk] = kEnd;
+        ss.full_k[sk].arrive();
+      } else {
+        if (!q_issued) {
+          q_issued = true;
+          if (tid == 0) {
+            ss.bar_q.arrive_and_expect_tx(T::kTmaBytesQ);
+            tma_load_rows<T::kBlockM, kHeadDim>(p.tma_q, reinterpret_cast<uint64_t&>(ss.bar_q), mQ,
+                                                head, int32_t(cta.row0 - p.q_pos0), sQ);
+          }
+        }
+        ss.key[sk][tid] = walk::rec_key(p, r, tid);
+        const uint32_t qa = __ballot_sync(0xffffffffu, walk::rec_member(r, 0, tid));
+        const uint32_t qb = __ballot_sync(0xffffffffu, walk::rec_member(r, 1, tid));
+        if ((tid & 31) == 0) {
+          reinterpret_cast<uint32_t*>(&ss.member[sk][0][0])[tid / 32] = qa;
+          reinterpret_cast<uint32_t*>(&ss.member[sk][1][0])[tid / 32] = qb;
+        }
+        if (tid == 0) ss.flags[sk] = r.flags;
+        if (tid < 4) ss.kmax[sk][tid] = tid == 0 ? r.kmax : INT32_MIN;  // the record has it
+        if (r.flags & kHalves)
+          load_halves<T>(p, tid, kv_head, r.ts, r.ts2, p.tma_k_half, mK, ss.k.data(), sk,
+                         ss.full_k[sk]);
+        else
+          load_tile<T>(p, tid, kv_head, r.gw >= 0, p.col, r.ts, r.te, k_base, p.k_row_stride,
+                       p.tma_k, mK, sK, sk, ss.full_k[sk]);
+        if (++sk == kStages) sk = 0, pk ^= 1;
+      }
+      if (have_prev) {
+        ss.empty_v[sv].wait(pv ^ 1);
+        if (prev.flags & kHalves)
+          load_halves<T>(p, tid, kv_head, prev.ts, prev.ts2, p.tma_v_half, mV, ss.v.data(), sv,
+                         ss.full_v[sv]);
+        else
+          load_tile<T>(p, tid, kv_head, prev.gw >= 0, p.col, prev.ts, prev.te, v_base,
+                       p.v_row_stride, p.tma_v, mV, sV, sv, ss.full_v[sv]);
+        if (++sv == kStages) sv = 0, pv ^= 1;
+      }
+      if (end) return;
+      have_prev = true;
+      prev = r;
+    }
   }
 
   template <class T, class P>
@@ -157,6 +246,11 @@ struct SparseWalker {
           reinterpret_cast<uint32_t*>(&ss.member[sk][1][0])[tid / 32] = qb;
         }
         if (tid == 0) ss.flags[sk] = d.flags;
+        // Keys ascend with the key row (pieces, halves, gathered lists): the warp's largest
+        // is its highest row holding a key.
+        const uint32_t has = __ballot_sync(0xffffffffu, key != INT32_MAX);
+        if ((tid & 31) == (has ? 31 - __clz(has) : 0))
+          ss.kmax[sk][tid / 32] = has ? key : INT32_MIN;
         if (d.flags & kHalves)
           load_halves<T>(p, tid, kv_head, d.ts, d.ts2, p.tma_k_half, mK, ss.k.data(), sk,
                          ss.full_k[sk]);
@@ -187,16 +281,69 @@ struct SparseWalker {
   }
 };
 
+// The skeleton's producer for a planned launch (kernel 5): records instead of the walk, so
+// the walker's state is not in this kernel at all.
+struct PlannedSparseWalker : SparseWalker {
+  // ptxas (nvcc 13.0, with the keep-word masks): 104 / 200 spills nothing, 120 / 192 spills
+  // 60 bytes in the consumers; the walking producer needs 120.
+  static constexpr int kProducerRegs = 104;
+  template <class T, class P>
+  CUTE_DEVICE static void produce(P const& p, typename T::SharedStorage& ss, Cta const& cta,
+                                  int tid) {
+    produce_planned<T>(p, ss, cta, tid);
+  }
+};
+
 }  // namespace mprefill::cuda::skel
 
 namespace mprefill::cuda::skel {
 
+// ---------------------------------------------------------------- tile plan
+// One warp per CTA (head, pair) runs the walk its producer would run (walk::plan_cta with
+// WarpSpan): counts[c] = the CTA's tile count (counts non-null), or lane 0 writes its
+// records at p.plan + offsets[c].
+template <class P>
+__global__ void __launch_bounds__(128)
+    skel_plan_kernel(P const p, int64_t* counts, const int64_t* offsets) {
+  const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int num_pairs = (p.num_m_blocks + 1) / 2;
+  if (c >= int64_t(num_pairs) * p.num_heads) return;  // whole warps
+  const int head = int(c / num_pairs), pair = int(c % num_pairs);
+  const int64_t block_a = p.block_first + 2 * int64_t(pair);
+  const bool valid_b = block_a + 1 <= p.block_first + p.num_m_blocks - 1;
+  const bool lead = (threadIdx.x & 31) == 0;
+  walk::TileRec* out = offsets && lead ? const_cast<walk::TileRec*>(p.plan) + offsets[c] : nullptr;
+  const int64_t n = walk::plan_cta<128>(p, head, block_a * 64, valid_b, kUnionGather, p.owner_max,
+                                        WarpSpan{p.col}, out);
+  if (counts && lead) counts[c] = n;
+}
+
+// Stream-ordered scratch of one launch, freed on the stream whatever the outcome.
+struct StreamScratch {
+  cudaStream_t stream;
+  void* ptr[4] = {};
+  int n = 0;
+  template <class X>
+  cudaError_t take(X** out, size_t bytes) {
+    const cudaError_t e =
+        cudaMallocAsync(reinterpret_cast<void**>(out), bytes > 0 ? bytes : 1, stream);
+    if (e == cudaSuccess) ptr[n++] = *out;
+    return e;
+  }
+  ~StreamScratch() {
+    for (int i = 0; i < n; ++i) cudaFreeAsync(ptr[i], stream);
+  }
+};
+
 // ---------------------------------------------------------------- launcher
 // `sp` carries the pattern fields (kind, index views, A-shape windows); the caller has
-// checked the arguments and sparse::sparse_v2_positions_ok(a).
+// checked the arguments and sparse::sparse_v2_positions_ok(a). planned (kernel 5): the
+// tile plan is computed first (count, scan, a stream sync to size it, write); it holds 64
+// bytes per tile of the launch (a 128K dense mask over 32 heads: ~1 GB), so this is a
+// measurement path, not yet the engine's.
 template <class T>
 Status run_skel_sparse(const AttentionParams& a, typename SparseWalker::Params<T> sp,
-                       cudaStream_t stream) {
+                       cudaStream_t stream, bool planned = false) {
   using Element = typename T::Element;
   using P = typename SparseWalker::Params<T>;
   P p = sp;
@@ -223,9 +370,41 @@ Status run_skel_sparse(const AttentionParams& a, typename SparseWalker::Params<T
   p.k_pos0 = a.k_pos0;
   p.block_first = a.q_pos0 / 64;
   p.num_m_blocks = int32_t((a.q_pos0 + a.n_q - 1) / 64 - p.block_first + 1);
-  return launch_attention(skel_fwd_kernel<T, SparseWalker>,
-                          dim3((p.num_m_blocks + 1) / 2, a.num_heads), T::kNumThreads,
-                          T::kSmemBytes, stream, p, "launch skel_fwd_kernel<SparseWalker>");
+  p.plan = nullptr;
+  p.plan_off = nullptr;
+  StreamScratch scratch{stream};
+  if (planned) {
+    const int64_t nc = int64_t((p.num_m_blocks + 1) / 2) * a.num_heads;
+    int64_t *counts = nullptr, *off = nullptr;
+    void* tmp = nullptr;
+    size_t tmp_bytes = 0;
+    MPREFILL_CUDA_TRY(scratch.take(&counts, size_t(nc + 1) * 8));
+    MPREFILL_CUDA_TRY(scratch.take(&off, size_t(nc + 1) * 8));
+    MPREFILL_CUDA_TRY(cudaMemsetAsync(counts + nc, 0, 8, stream));
+    const unsigned blocks = unsigned((nc * 32 + 127) / 128);
+    skel_plan_kernel<<<blocks, 128, 0, stream>>>(p, counts, nullptr);
+    MPREFILL_CUDA_LAUNCH_CHECK("skel_plan_kernel (count)");
+    MPREFILL_CUDA_TRY(
+        cub::DeviceScan::ExclusiveSum(nullptr, tmp_bytes, counts, off, nc + 1, stream));
+    MPREFILL_CUDA_TRY(scratch.take(&tmp, tmp_bytes));
+    MPREFILL_CUDA_TRY(cub::DeviceScan::ExclusiveSum(tmp, tmp_bytes, counts, off, nc + 1, stream));
+    int64_t tiles = 0;
+    MPREFILL_CUDA_TRY(cudaMemcpyAsync(&tiles, off + nc, 8, cudaMemcpyDeviceToHost, stream));
+    MPREFILL_CUDA_TRY(cudaStreamSynchronize(stream));
+    walk::TileRec* recs = nullptr;
+    MPREFILL_CUDA_TRY(scratch.take(&recs, size_t(tiles) * sizeof(walk::TileRec)));
+    p.plan = recs;
+    p.plan_off = off;
+    skel_plan_kernel<<<blocks, 128, 0, stream>>>(p, nullptr, off);
+    MPREFILL_CUDA_LAUNCH_CHECK("skel_plan_kernel (write)");
+  }
+  const dim3 grid((p.num_m_blocks + 1) / 2, a.num_heads);
+  if (planned)
+    return launch_attention(skel_fwd_kernel<T, PlannedSparseWalker>, grid, T::kNumThreads,
+                            T::kSmemBytes, stream, p,
+                            "launch skel_fwd_kernel<PlannedSparseWalker>");
+  return launch_attention(skel_fwd_kernel<T, SparseWalker>, grid, T::kNumThreads, T::kSmemBytes,
+                          stream, p, "launch skel_fwd_kernel<SparseWalker>");
 }
 
 }  // namespace mprefill::cuda::skel
@@ -249,8 +428,8 @@ Status run_skel_fwd(const AttentionParams& a, const PatternArgs& pat, cudaStream
   sp.bs_k = pat.bs_k;
   sp.n_init = pat.n_init;
   sp.n_local = pat.n_local;
-  sp.owner_max = pat.version == 4 ? 256 : 0;
-  return skel::run_skel_sparse<T>(a, sp, stream);
+  sp.owner_max = pat.version >= 4 ? 256 : 0;
+  return skel::run_skel_sparse<T>(a, sp, stream, pat.version == 5);
 }
 
 }  // namespace mprefill::cuda::sparse

@@ -47,7 +47,7 @@ Status check_common(const char* fn, const AttentionParams& p) {
 Status run(const AttentionParams& p, PatternArgs pat, SparseKernelGen gen, cudaStream_t s) {
   MPREFILL_CHECK_ARG(gen == SparseKernelGen::kAuto || gen == SparseKernelGen::kV1 ||
                          gen == SparseKernelGen::kV2 || gen == SparseKernelGen::kSkel ||
-                         gen == SparseKernelGen::kSkelOwner,
+                         gen == SparseKernelGen::kSkelOwner || gen == SparseKernelGen::kSkelPlan,
                      Status::kInvalidArgument);
   if (p.n_q == 0) return Status::kOk;
   switch (gen) {
@@ -62,6 +62,9 @@ Status run(const AttentionParams& p, PatternArgs pat, SparseKernelGen gen, cudaS
       break;
     case SparseKernelGen::kSkelOwner:
       pat.version = 4;
+      break;
+    case SparseKernelGen::kSkelPlan:
+      pat.version = 5;
       break;
     default:
       pat.version = pat.kind == 1 ? 1 : 2;

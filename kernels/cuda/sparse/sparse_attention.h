@@ -36,8 +36,18 @@ namespace mprefill::cuda {
 // walker: 128-row CTAs over the union of two blocks' key tiles in 128-key tiles, pingpong
 // consumers (bf16 / head_dim 128, positions < 2^31 - 256; else v1 runs). kSkelOwner = the
 // skeleton with owner tiles (kernels/cuda/attn/sparse_walk.h): union intervals of up to 256
-// keys go to the consumers as their own 64-key halves, two per tile.
-enum class SparseKernelGen : int { kAuto = 0, kV1 = 1, kV2 = 2, kSkel = 3, kSkelOwner = 4 };
+// keys go to the consumers as their own 64-key halves, two per tile. kSkelPlan = kSkelOwner
+// with the tile plan computed before the launch (one warp per CTA runs the walk; the
+// producer streams 64-byte records): a measurement path, it synchronises the stream once
+// to size the plan and holds 64 bytes per tile.
+enum class SparseKernelGen : int {
+  kAuto = 0,
+  kV1 = 1,
+  kV2 = 2,
+  kSkel = 3,
+  kSkelOwner = 4,
+  kSkelPlan = 5
+};
 
 // Vertical-slash: per 64-row query block, its ranges [lo, hi) and gathered columns.
 Status vs_attention_fwd(const AttentionParams& p, const VsIndexView& ix, int head_offset,

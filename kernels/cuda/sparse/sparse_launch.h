@@ -30,7 +30,8 @@ struct PatternArgs {
   int64_t n_init = 0, n_local = 0;
   // Kernel generation, resolved from SparseKernelGen (sparse_attention.h): 1
   // (sparse_fwd_kernel.cuh), 2 (sparse_fwd_v2_kernel.cuh), 3 (the skeleton,
-  // kernels/cuda/attn/walk_sparse.cuh) or 4 (the skeleton with owner tiles).
+  // kernels/cuda/attn/walk_sparse.cuh), 4 (the skeleton with owner tiles) or 5 (4 from a
+  // tile plan computed before the launch).
   int version = 2;
 };
 
@@ -45,8 +46,8 @@ inline constexpr bool kSparseV2Built = (D == 128) && std::is_same_v<E, Bf16>;
 }  // namespace mprefill::cuda::sparse
 
 // Instance file body: MPREFILL_SPARSE_FWD_INSTANCE(Bf16, cutlass::bfloat16_t, 128); the
-// file includes kernels/cuda/attn/walk_sparse.cuh (which includes v2's and v1's). Version 2 needs 32-bit
-// positions (sparse_v2_positions_ok) and kSparseV2Built; otherwise version 1 runs.
+// file includes kernels/cuda/attn/walk_sparse.cuh (which includes v2's and v1's). Version 2 needs
+// 32-bit positions (sparse_v2_positions_ok) and kSparseV2Built; otherwise version 1 runs.
 #define MPREFILL_SPARSE_FWD_INSTANCE(TAG, ELEMENT, HDIM)                        \
   namespace mprefill::cuda::sparse {                                            \
   template <>                                                                   \
