@@ -104,6 +104,44 @@ void Proc::signal_group(int sig) {
   if (pid_ > 0) ::kill(-pid_, sig);
 }
 
+namespace {
+// Field 3 of /proc/PID/stat ('T' stopped, 't' traced; 0 when the process is gone).
+char proc_state(pid_t pid) {
+  const std::string st = read_file("/proc/" + std::to_string(pid) + "/stat");
+  const size_t paren = st.rfind(')');
+  return paren == std::string::npos || paren + 2 >= st.size() ? 0 : st[paren + 2];
+}
+void descendants(pid_t pid, std::vector<pid_t>* out) {
+  for (pid_t c : children_of(pid)) {
+    out->push_back(c);
+    descendants(c, out);
+  }
+}
+}  // namespace
+
+bool Proc::freeze(bool stop, int timeout_ms) {
+  if (pid_ <= 0) return false;
+  const int sig = stop ? SIGSTOP : SIGCONT;
+  ::kill(-pid_, sig);
+  const auto until = Clock::now() + std::chrono::milliseconds(timeout_ms);
+  while (true) {
+    std::vector<pid_t> all = {pid_};
+    descendants(pid_, &all);
+    bool done = true;
+    for (pid_t p : all) {
+      const char s = proc_state(p);
+      if (s == 0 || s == 'Z') continue;
+      if ((s == 'T' || s == 't') != stop) {
+        ::kill(p, sig);  // a descendant in another process group
+        done = false;
+      }
+    }
+    if (done) return true;
+    if (Clock::now() > until) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
 Proc::~Proc() {
   if (pid_ <= 0) return;
   // The group outlives its leader (mpirun's ranks): signal the group even when reaped.

@@ -41,6 +41,10 @@ class Proc {
   // Waits up to timeout_ms for the exit; true with *status (exit code, or 128 + signal).
   bool wait_exit(int timeout_ms, int* status);
   void signal_group(int sig);
+  // SIGSTOP (stop) or SIGCONT to the group and to every descendant (one that left the group
+  // too), then waits up to timeout_ms until each is stopped (or running again); false if
+  // one is not. A test that needs a frozen worker must not go on before this returns true.
+  bool freeze(bool stop, int timeout_ms = 10000);
 
  private:
   pid_t pid_ = -1;
