@@ -261,6 +261,9 @@ def main():
     ap.add_argument("--auto-density", type=float, default=0.1)
     ap.add_argument("--pilot", type=int, default=8, help="samples of the auto@D factor pilot")
     ap.add_argument("--adaptive", default="", help="';'-separated extra specs (adaptive policy)")
+    ap.add_argument("--only", default="",
+                    help="comma-separated policy labels to run (default all), e.g. "
+                         "adaptive0,adaptive1 to add rows to an earlier evaluation")
     ap.add_argument("--deadline-minutes", type=float, default=1e9)
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     a = ap.parse_args()
@@ -274,23 +277,33 @@ def main():
         ap.error(f"{a.bin} is not an executable")
     if not os.path.exists(os.path.join(a.model, "config.json")):
         ap.error(f"{a.model}/config.json not found")
+    adaptive = [s.strip() for s in a.adaptive.split(";") if s.strip()]
+    known = ["dense", "minference", "searched", "ashape", "auto10"] + list(ADAPTIVE_POLICIES) + \
+        [f"adaptive{i}" for i in range(len(adaptive))]
+    only = [x.strip() for x in a.only.split(",") if x.strip()] or known
+    bad = [x for x in only if x not in known]
+    if bad:
+        ap.error(f"--only: unknown policy label(s) {', '.join(bad)} (known: {', '.join(known)})")
     d = Driver(a)
-    base = {"dense": "dense", "minference": "auto", "searched": d.searched_config(),
-            "ashape": "ashape:128:1920"}
+    base = {"dense": "dense", "minference": "auto", "ashape": "ashape:128:1920"}
+    if "searched" in only:  # the search runs only when its rows are wanted
+        base["searched"] = d.searched_config()
     base.update(ADAPTIVE_POLICIES)
-    for i, spec in enumerate(s for s in a.adaptive.split(";") if s.strip()):
-        base[f"adaptive{i}"] = spec.strip()
+    for i, spec in enumerate(adaptive):
+        base[f"adaptive{i}"] = spec
+    base = {k: v for k, v in base.items() if k in only}
     labels, done = {}, True
     for task_name in a.tasks:
         for n in a.lengths:
             pol = dict(base)
-            # The pilot runs `auto@D` on --pilot prompts with ~16 prefills each: about 3x
-            # the time per sample of the policy set.
-            est = d.predict(task_name, n, 3 * a.pilot)
-            done = done and (est is None or time.time() + est <= d.deadline)
-            f = d.auto_factor(task_name, n, done)
-            if f is not None:
-                pol["auto10"] = scaled_auto(f)
+            if "auto10" in only:
+                # The pilot runs `auto@D` on --pilot prompts with ~16 prefills each: about 3x
+                # the time per sample of the policy set.
+                est = d.predict(task_name, n, 3 * a.pilot)
+                done = done and (est is None or time.time() + est <= d.deadline)
+                f = d.auto_factor(task_name, n, done)
+                if f is not None:
+                    pol["auto10"] = scaled_auto(f)
             labels[(task_name, n)] = {spec: label for label, spec in pol.items()}
             if done and not d.evaluate(task_name, n, pol):
                 done = False

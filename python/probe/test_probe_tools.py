@@ -4,6 +4,8 @@ interval (probe_stats.py) and the CSV aggregation of eval_probe.py. Run by ctest
 import json
 import os
 import random
+import subprocess
+import sys
 import tempfile
 import unittest
 
@@ -143,6 +145,23 @@ class Aggregation(unittest.TestCase):
         lo, hi = probe_stats.wilson(50, 90)
         self.assertEqual(by["auto10"]["wilson_low"], f"{lo:.4f}")
         self.assertEqual(by["auto10"]["wilson_high"], f"{hi:.4f}")
+
+    def test_only_runs_the_named_policies(self):
+        here = os.path.dirname(os.path.abspath(__file__))
+        model = os.path.join(here, "..", "..", "models", "probe-kv32k")
+        with tempfile.TemporaryDirectory() as d:
+            base = [sys.executable, os.path.join(here, "eval_probe.py"), "--model", model,
+                    "--bin", "/bin/true", "--out", d, "--dry-run", "--tasks", "kv",
+                    "--lengths", "1k", "--samples", "3", "--adaptive", "adaptive:0.9"]
+            out = subprocess.run(base + ["--only", "dense,adaptive0"], capture_output=True,
+                                 text=True, check=True).stdout
+            calls = [l for l in out.splitlines() if "--eval-retrieval" in l]
+            self.assertEqual(len(calls), 1, out)  # no pilot, no search: one shard call
+            self.assertIn("--policies dense;adaptive:0.9 ", calls[0])
+            bad = subprocess.run(base + ["--only", "dense,adaptive1"], capture_output=True,
+                                 text=True)
+            self.assertEqual(bad.returncode, 2)
+            self.assertIn("unknown policy label(s) adaptive1", bad.stderr)
 
     def test_scaled_auto_rounds_like_scale_policy(self):
         self.assertEqual(eval_probe.scaled_auto(0.0172), "vs:17:104")
