@@ -112,6 +112,18 @@ int run_command(const std::string& cmd, std::string* output) {
   return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
 }
 
+std::string make_self_signed_cert(const std::string& dir, const std::string& name,
+                                  const std::string& cn) {
+  auto q = [](const std::string& x) { return "'" + x + "'"; };  // test paths hold no quote
+  std::string out;
+  const int rc =
+      run_command("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout " +
+                      q(dir + "/" + name + ".key") + " -out " + q(dir + "/" + name + ".pem") +
+                      " -days 1 -subj /CN=" + cn + " -addext subjectAltName=IP:127.0.0.1",
+                  &out);
+  return rc == 0 ? "" : out;
+}
+
 std::string error_of(const std::function<void()>& fn) {
   try {
     fn();

@@ -42,6 +42,12 @@ bool normwise_close(const float* out, const double* ref, size_t n, double tol, s
 // Run a command through the shell; returns exit status, captures stdout+stderr.
 int run_command(const std::string& cmd, std::string* output);
 
+// A self-signed certificate for 127.0.0.1 (EC P-256, one day, CN cn) made now with the
+// openssl CLI (nothing downloaded): DIR/NAME.pem and DIR/NAME.key. "" when it worked, else
+// openssl's output.
+std::string make_self_signed_cert(const std::string& dir, const std::string& name,
+                                  const std::string& cn = "mprefill-test");
+
 // `BIN generate --model random:tiny:2 --prompt-ids <300 fixed ids> ` (the CLI tests' prompt;
 // the caller appends its options).
 std::string tiny_generate_command(const std::string& bin);

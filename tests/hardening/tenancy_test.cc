@@ -608,18 +608,6 @@ TEST(HalfSent, LargeFramesHoldBoundedMemory) {
 
 namespace {
 
-// A self-signed certificate for 127.0.0.1 made now with the openssl CLI (nothing
-// downloaded): DIR/NAME.pem and DIR/NAME.key. "" when it worked, else the output.
-std::string make_cert(const std::string& dir, const std::string& name) {
-  std::string out;
-  const int rc = mprefill::test::run_command(
-      "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout " +
-          quote(dir + "/" + name + ".key") + " -out " + quote(dir + "/" + name + ".pem") +
-          " -days 1 -subj /CN=mprefill-test -addext subjectAltName=IP:127.0.0.1 2>&1",
-      &out);
-  return rc == 0 ? "" : out;
-}
-
 int metrics_port_of(const std::string& dir) {
   std::istringstream ps(h::read_file(dir + "/port"));
   int port = 0, metrics = 0;
@@ -633,7 +621,7 @@ int metrics_port_of(const std::string& dir) {
 // warning and a gauge.
 TEST(Tls, BeyondLoopbackNeedsTlsAndCredentialsOrInsecure) {
   const std::string dir = h::make_dir("tls-bind");
-  ASSERT_EQ(make_cert(dir, "server"), "");
+  ASSERT_EQ(mprefill::test::make_self_signed_cert(dir, "server"), "");
   const std::string coord = h::bin("mprefill-coordinator") + " --port 0 --host 0.0.0.0";
   std::string out;
   EXPECT_EQ(mprefill::test::run_command(coord + " 2>&1", &out), 1) << out;
@@ -656,8 +644,8 @@ TEST(Tls, BeyondLoopbackNeedsTlsAndCredentialsOrInsecure) {
 // it; the hello proof covers the TLS exporter, so a proof made without it is refused.
 TEST(Tls, ServiceOverTlsWithProofsBoundToTheChannel) {
   const std::string dir = h::make_dir("tls");
-  ASSERT_EQ(make_cert(dir, "server"), "");
-  ASSERT_EQ(make_cert(dir, "other"), "");
+  ASSERT_EQ(mprefill::test::make_self_signed_cert(dir, "server"), "");
+  ASSERT_EQ(mprefill::test::make_self_signed_cert(dir, "other"), "");
   Keys k(dir);
   auto args = k.args();
   args.insert(args.end(), {"--tls-cert", dir + "/server.pem", "--tls-key", dir + "/server.key",
@@ -745,8 +733,8 @@ TEST(Tls, ServiceOverTlsWithProofsBoundToTheChannel) {
 // the decoder serves on after each.
 TEST(Tls, DecoderKvPortOverTls) {
   const std::string dir = h::make_dir("kv-tls");
-  ASSERT_EQ(make_cert(dir, "server"), "");
-  ASSERT_EQ(make_cert(dir, "other"), "");
+  ASSERT_EQ(mprefill::test::make_self_signed_cert(dir, "server"), "");
+  ASSERT_EQ(mprefill::test::make_self_signed_cert(dir, "other"), "");
   Keys k(dir);
   const std::string cert = dir + "/server.pem", key = dir + "/server.key";
   {  // Beyond loopback: TLS, then credentials, are required (or --insecure).

@@ -173,14 +173,8 @@ struct Service {
                                    "200"};
     if (tls) {
       tls_cert = dir + "/server.pem";
-      std::string out;
-      if (t::run_command("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
-                         "-keyout " +
-                             quote(dir + "/server.key") + " -out " + quote(tls_cert) +
-                             " -days 1 -subj /CN=mprefill-test -addext "
-                             "subjectAltName=IP:127.0.0.1 2>&1",
-                         &out) != 0)
-        throw std::runtime_error("openssl req failed: " + out);
+      const std::string out = t::make_self_signed_cert(dir, "server");
+      if (!out.empty()) throw std::runtime_error("openssl req failed: " + out);
       cargs.insert(cargs.end(), {"--tls-cert", tls_cert, "--tls-key", dir + "/server.key"});
     }
     coord = std::make_unique<Proc>(cargs, dir + "/coordinator.log");
@@ -456,14 +450,8 @@ TEST(ServiceE2E, PythonClientOverTls) {
   }
   // A CA file that does not vouch for the coordinator's certificate.
   const std::string other = s.dir + "/other.pem";
+  ASSERT_EQ(t::make_self_signed_cert(s.dir, "other", "other"), "");
   std::string out;
-  ASSERT_EQ(t::run_command("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
-                           "-keyout " +
-                               quote(s.dir + "/other.key") + " -out " + quote(other) +
-                               " -days 1 -subj /CN=other -addext subjectAltName=IP:127.0.0.1 2>&1",
-                           &out),
-            0)
-      << out;
   EXPECT_EQ(t::run_command(client + " --coordinator " + s.addr + " --tls-ca " + quote(other) +
                                secret + " --prompt-ids 5,6 2>&1",
                            &out),
