@@ -42,7 +42,10 @@ struct KvReceiver::Stream {
   uint64_t job_id = 0;
   int rank = -1;
   std::atomic<bool> done{false};
-  bool prehello = false;  // counted in KvReceiver::prehello_ until its hellos are done
+  // Counted in KvReceiver::prehello_ until its hellos are done (cleared by its reader);
+  // evicted: closed by the accept loop to make room (the oldest in its hello first).
+  std::atomic<bool> prehello{false};
+  bool evicted = false;  // under KvReceiver::mu_
   std::thread th;
 
   // Never throws: a stream that cannot take a frame is dropped by its reader.
@@ -342,7 +345,10 @@ void KvReceiver::accept_loop() {
       if (!error.empty() && !stop_) log_refusal(error);
       continue;
     }
-    if (prehello_.load() >= opt_.max_prehello) {
+    // A full pre-hello pool closes its oldest member for the new connection (a peer that
+    // says its hellos promptly always gets in, as on the coordinator's port); only when as
+    // many again are closed but not yet gone is the new one refused.
+    if (prehello_.load() >= opt_.max_prehello && !evict_oldest_prehello()) {
       log_refusal(conn->peer() + ": " + std::to_string(opt_.max_prehello) +
                   " connections already in their hello");
       conn->close();
@@ -358,6 +364,29 @@ void KvReceiver::accept_loop() {
     streams_.push_back(s);
     s->th = std::thread([this, s] { serve_stream(s); });
   }
+}
+
+bool KvReceiver::evict_oldest_prehello() {
+  std::shared_ptr<Stream> oldest;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    int evicted = 0;
+    for (const auto& st : streams_) {
+      if (!st->prehello) continue;
+      if (st->evicted) {
+        ++evicted;
+      } else if (!oldest) {
+        oldest = st;
+      }
+    }
+    if (!oldest || evicted >= opt_.max_prehello) return false;
+    oldest->evicted = true;
+  }
+  // shutdown, not close: its reader wakes from the hello with an error and leaves.
+  oldest->conn->close();
+  log_refusal(oldest->peer + ": closed in its hello for a new connection (" +
+              std::to_string(opt_.max_prehello) + " in their hello)");
+  return true;
 }
 
 void KvReceiver::monitor_loop() {
@@ -414,8 +443,7 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
     KvReceiver* rx;
     Stream* s;
     void done() {
-      if (s->prehello) --rx->prehello_;
-      s->prehello = false;
+      if (s->prehello.exchange(false)) --rx->prehello_;
     }
     ~Prehello() { done(); }
   } prehello{this, s.get()};

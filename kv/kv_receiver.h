@@ -108,9 +108,10 @@ struct ReceiverOptions {
   int hello_wait_ms = 5000;        // a stream for a job not expected yet waits this long
   // Connections that have not yet said hello (ClientHello, then KvStreamHello): each runs
   // its hello on its own thread (a silent one delays no other), at most max_prehello at
-  // once (more are closed at once, refusals logged at most once a second), each closed
-  // when both hellos did not arrive within prehello_timeout_ms.
-  int max_prehello = 32;
+  // once: a new connection to a full pool closes the oldest one in its hello (so a flood
+  // of silent sockets cannot lock out the workers' streams; refusals logged at most once a
+  // second), and each is closed when both hellos did not arrive within prehello_timeout_ms.
+  int max_prehello = 256;
   int prehello_timeout_ms = 2000;
   // Frame limit on the KV port after a stream's hello (before it: 64 KiB); at least one
   // full page of the contract (checked by the constructor).
@@ -185,6 +186,8 @@ class KvReceiver {
   void log_refusal(const std::string& line);
 
   void accept_loop();
+  // Closes the oldest connection still in its hello; false when none can be (see accept_loop).
+  bool evict_oldest_prehello();
   void monitor_loop();
   void serve_stream(std::shared_ptr<Stream> s);
   bool job_failed(const std::shared_ptr<Job>& job) const;

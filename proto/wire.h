@@ -89,6 +89,7 @@ class FrameParser {
   void release_memory();
   // Limit for frames not yet started (e.g. raised from kHelloMaxFrame after the hello).
   void set_max_frame(size_t max_frame) { max_frame_ = max_frame; }
+  size_t max_frame() const { return max_frame_; }
   // After kError: kBadVersion for a well-formed envelope of another protocol version,
   // kBadFrame otherwise.
   WireError::Kind error_kind() const { return error_kind_; }

@@ -1135,7 +1135,7 @@ TEST(TcpHandoff, TwoJobsInFlightToOneDecoder) {
 
 // The KV port runs each connection's hellos on its own thread: 20 connections that never
 // speak delay no handoff (the serial port took 5 s each), are closed after
-// prehello_timeout_ms, and past max_prehello a new connection is closed at once.
+// prehello_timeout_ms, and past max_prehello a new connection closes the oldest silent one.
 TEST(KvPort, SilentConnectionsDelayNoHandoff) {
   const int L = 2, kvh = 2, hd = 16, P = 64;
   const SourceKv src = make_source(L, 500, kvh, hd, 21);
@@ -1167,7 +1167,8 @@ TEST(KvPort, SilentConnectionsDelayNoHandoff) {
     EXPECT_TRUE(closed);
   }
 
-  // The cap: with max_prehello silent connections in, the next one is closed at once.
+  // The cap: with max_prehello silent connections in, the next one closes the oldest and
+  // says its hellos (a flood of silent sockets locks no worker out).
   kv::ReceiverOptions capped = receiver_opts(c);
   capped.max_prehello = 4;
   capped.prehello_timeout_ms = 1000;
@@ -1177,7 +1178,18 @@ TEST(KvPort, SilentConnectionsDelayNoHandoff) {
     silent.push_back(wire::Connection::connect("127.0.0.1", rx2.port(), 2000));
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
   auto extra = wire::Connection::connect("127.0.0.1", rx2.port(), 2000);
-  EXPECT_THROW(extra->client_handshake(v1::WORKER, "over-cap", "", 2000), wire::WireError);
+  EXPECT_NO_THROW(extra->client_handshake(v1::WORKER, "over-cap", "", 2000));
+  {  // the oldest silent one was closed for it (well before the 1 s hello deadline)
+    v1::Envelope env;
+    bool closed = false;
+    try {
+      while (silent[0]->recv(&env, 500)) {
+      }
+    } catch (const wire::WireError& e) {
+      closed = e.kind() == wire::WireError::Kind::kClosed;
+    }
+    EXPECT_TRUE(closed);
+  }
   // Once the silent ones expired, streams get in again.
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));
   ASSERT_TRUE(rx2.expect(expect_msg(2, src.n, L, 1), &why)) << why;

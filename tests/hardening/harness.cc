@@ -156,6 +156,52 @@ Proc::~Proc() {
   }
 }
 
+// ------------------------------------------------------------------------------ floods
+
+int connect_nonblocking(uint16_t port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+  if (fd < 0) return -1;
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 && errno != EINPROGRESS) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+SilentFlood::SilentFlood(uint16_t port, int n) {
+  th_ = std::thread([this, port, n] {
+    std::vector<int> fds;
+    for (int i = 0; i < n; ++i) fds.push_back(connect_nonblocking(port));
+    opened_ += n;
+    char buf[4096];
+    while (!stop_) {
+      std::vector<pollfd> p;
+      for (int fd : fds) p.push_back({fd, POLLIN, 0});
+      if (::poll(p.data(), p.size(), 50) <= 0) continue;
+      for (size_t i = 0; i < fds.size(); ++i) {
+        if (!(p[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+        const ssize_t got = ::recv(fds[i], buf, sizeof(buf), 0);  // a ServerHello, or the close
+        if (got == 0 || (got < 0 && errno != EAGAIN)) {
+          ::close(fds[i]);
+          fds[i] = connect_nonblocking(port);
+          ++opened_;
+        }
+      }
+    }
+    for (int fd : fds)
+      if (fd >= 0) ::close(fd);
+  });
+}
+
+void SilentFlood::stop() {
+  stop_ = true;
+  if (th_.joinable()) th_.join();
+}
+
 // ------------------------------------------------------------------------------ /proc
 
 long rss_kb(pid_t pid) {

@@ -4,6 +4,8 @@
 // TCP peers that send arbitrary bytes to 127.0.0.1, and a blocking client on
 // wire::Connection. Every wait is bounded.
 #pragma once
+#include <atomic>
+#include <thread>
 #include <sys/types.h>
 
 #include <chrono>
@@ -59,6 +61,26 @@ long rss_kb(pid_t pid);
 std::vector<pid_t> children_of(pid_t pid);
 // Value of an environment variable of another process ("" when absent or unreadable).
 std::string environ_of(pid_t pid, const std::string& key);
+
+// A non-blocking TCP connect to 127.0.0.1:port (-1 when it failed at once).
+int connect_nonblocking(uint16_t port);
+
+// n silent TCP connections to 127.0.0.1:port, each reopened as soon as the server closes it
+// (a slowloris), held on a thread of their own until stop() or destruction.
+class SilentFlood {
+ public:
+  SilentFlood(uint16_t port, int n);
+  ~SilentFlood() { stop(); }
+  SilentFlood(const SilentFlood&) = delete;
+  SilentFlood& operator=(const SilentFlood&) = delete;
+  void stop();
+  int opened() const { return opened_.load(); }  // connections opened so far
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::atomic<int> opened_{0};
+  std::thread th_;
+};
 
 // A TCP connection to 127.0.0.1:port that sends raw bytes and reads frames.
 class RawPeer {

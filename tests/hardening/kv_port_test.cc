@@ -1,10 +1,15 @@
 // The decoder's KV port under silent connections (issue 17 finding 3, issue 15): each
 // connection says its hellos on its own thread, with its own small cap and short deadline,
 // so 20 TCP connections that never speak delay no job's handoff; they are closed after the
-// pre-hello deadline and the refusals are logged at most once a second.
+// pre-hello deadline and the refusals are logged at most once a second. A flood larger
+// than the pre-hello pool (300 sockets, each reopened when closed) locks no worker out: a
+// new connection closes the oldest silent one.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <chrono>
 #include <memory>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -88,4 +93,56 @@ TEST(KvPort, TwentySilentSocketsDelayNoHandoff) {
       "ready %.1f ms, exposed %.1f ms\n",
       t_job, t_base, window_s, lines, attacked.kv_transport().c_str(), attacked.kv_gbps(),
       attacked.prefill_end_ms(), attacked.kv_ready_ms(), attacked.exposed_handoff_ms());
+}
+
+// Issue 17 audit: the pool refused NEW connections once 32 were in their hello, so 40
+// silent sockets failed every job (0 of 3 DONE, "connection closed before its ServerHello").
+TEST(KvPort, SilentFloodLocksNoWorkerOut) {
+  const std::string dir = h::make_dir("kvflood");
+  h::Coordinator co(dir, {});
+  auto dec = h::start_decoder(dir, co.addr(), kModel, "d0", "");
+  auto g = h::start_workers(dir, co.addr(), kModel, 1, "g0", "");
+  ASSERT_TRUE(h::wait_registered(co.port, "", 1, 1, 120000)) << co.proc->log() << g->log();
+  uint16_t kv_port = 0;
+  {
+    h::Client c(co.port);
+    const std::string ep = c.status().decoders(0).endpoint();
+    kv_port = static_cast<uint16_t>(std::stoi(ep.substr(ep.rfind(':') + 1)));
+  }
+  v1::JobResult warm, base;
+  timed_job(co.port, &warm);
+  const double t_base = timed_job(co.port, &base);
+  ASSERT_EQ(base.state(), v1::DONE);
+  const long rss_base = h::rss_kb(dec->pid());
+
+  const size_t log_before = dec->log().size();
+  h::SilentFlood flood(kv_port, 300);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const auto t_attack = Clock::now();
+  const int kJobs = 10;
+  int in_time = 0;
+  long rss_max = 0;
+  for (int i = 0; i < kJobs; ++i) {
+    v1::JobResult r;
+    const double t = timed_job(co.port, &r);
+    in_time += r.state() == v1::DONE && t <= t_base + 1.0;
+    rss_max = std::max(rss_max, h::rss_kb(dec->pid()));
+  }
+  const double window_s = seconds_since(t_attack) + 0.5;
+  flood.stop();
+  const std::string log = dec->log().substr(log_before);
+  const int lines = count_lines(log, "KV stream refused");
+  std::printf(
+      "[ figures ] 300 reopened silent KV-port sockets (%d opened over %.1f s): jobs DONE "
+      "within unattacked %.2f s + 1 s: %d / %d; decoder RSS %ld -> %ld KiB; %d refusal lines\n",
+      flood.opened(), window_s, t_base, in_time, kJobs, rss_base, rss_max, lines);
+  EXPECT_GE(in_time, kJobs * 95 / 100);
+  EXPECT_GT(flood.opened(), 300) << "the server closed none of the silent sockets";
+  EXPECT_LE(lines, static_cast<int>(window_s) + 2) << log;
+  // One thread and a frame buffer of the pre-hello limit per connection in its hello
+  // (max_prehello 256): +86 MiB measured on the 2-core machine (16 -> 103 MiB), so the
+  // coordinator's "2x baseline" does not hold for the decoder yet (bench/NOTES.md 7.3);
+  // bounded, not growing with the flood's length.
+  EXPECT_LE(rss_max, rss_base + 160 * 1024);
+  EXPECT_TRUE(dec->running());
 }

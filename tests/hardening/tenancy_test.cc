@@ -244,18 +244,6 @@ struct OpenService {
   }
 };
 
-int connect_nonblocking(uint16_t port) {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(port);
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 && errno != EINPROGRESS) {
-    ::close(fd);
-    return -1;
-  }
-  return fd;
-}
 
 }  // namespace
 
@@ -477,30 +465,8 @@ TEST(PreHello, SilentSocketsDoNotLockOutClients) {
   OpenService s("prehello", {});
   const double base = s.baseline_ms(4);
   const size_t log_before = s.co->proc->log().size();
-  std::atomic<bool> stop{false};
-  std::atomic<int> opened{0};
   // 300 silent sockets, each reopened as soon as the server closes it.
-  std::thread attacker([&] {
-    std::vector<int> fds;
-    for (int i = 0; i < 300; ++i) fds.push_back(connect_nonblocking(s.co->port));
-    opened += 300;
-    char buf[4096];
-    while (!stop) {
-      std::vector<pollfd> p;
-      for (int fd : fds) p.push_back({fd, POLLIN, 0});
-      if (::poll(p.data(), p.size(), 50) <= 0) continue;
-      for (size_t i = 0; i < fds.size(); ++i) {
-        if (!(p[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
-        ssize_t n = ::recv(fds[i], buf, sizeof(buf), 0);  // the ServerHello, or the close
-        if (n == 0 || (n < 0 && errno != EAGAIN)) {
-          ::close(fds[i]);
-          fds[i] = connect_nonblocking(s.co->port);
-          ++opened;
-        }
-      }
-    }
-    for (int fd : fds) ::close(fd);
-  });
+  h::SilentFlood flood(s.co->port, 300);
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   const auto t0 = Clock::now();
   int ok = 0, in_time = 0;
@@ -516,15 +482,14 @@ TEST(PreHello, SilentSocketsDoNotLockOutClients) {
   // Hold the attack for at least 8 s (two hello deadlines).
   while (ms_since(t0) < 8000) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   const double attack_s = ms_since(t0) / 1000.0 + 0.5;
-  stop = true;
-  attacker.join();
+  flood.stop();
   const std::string log = s.co->proc->log().substr(log_before);
   const int refusal_lines =
       count_lines(log, {"ClientHello", "refused", "pre-hello", "bad frame", "closing"});
   std::printf(
       "[ figures ] silent sockets opened %d over %.1f s; jobs DONE %d/%d, within "
       "unattacked %.0f ms + 1 s: %d; refusal log lines %d\n",
-      opened.load(), attack_s, ok, kJobs, base, in_time, refusal_lines);
+      flood.opened(), attack_s, ok, kJobs, base, in_time, refusal_lines);
   EXPECT_GE(in_time, kJobs * 95 / 100) << last_why;
   EXPECT_LE(refusal_lines, static_cast<int>(attack_s) + 2) << log;
   EXPECT_TRUE(s.co->proc->running());
@@ -537,7 +502,7 @@ TEST(PreHello, SilentSocketsDoNotLockOutClients) {
 TEST(PreHello, FullPoolClosesTheOldestNotTheNewClient) {
   OpenService s("prehello-pool", {"--max-pre-hello", "32", "--hello-timeout-ms", "20000"});
   std::vector<int> fds;
-  for (int i = 0; i < 300; ++i) fds.push_back(connect_nonblocking(s.co->port));
+  for (int i = 0; i < 300; ++i) fds.push_back(h::connect_nonblocking(s.co->port));
   std::this_thread::sleep_for(std::chrono::milliseconds(1000));
   int ok = 0;
   std::string why;
