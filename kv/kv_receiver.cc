@@ -156,17 +156,30 @@ KvReceiver::~KvReceiver() {
 uint16_t KvReceiver::port() const { return listener_->port(); }
 
 bool KvReceiver::expect(const v1::Expect& e, std::string* why) {
-  std::lock_guard<std::mutex> lock(mu_);
   auto say = [&](const std::string& m) {
     if (why) *why = "job " + std::to_string(e.job_id()) + ": " + m;
     return false;
   };
-  if (jobs_.count(e.job_id())) return say("already expected");
-  int active = 0;
-  for (const auto& [id, j] : jobs_) active += !j->failed;
-  if (active >= opt_.max_jobs)
-    return say("decoder holds " + std::to_string(active) + " jobs (max " +
-               std::to_string(opt_.max_jobs) + ")");
+  // Under mu_: the id is new and a slot is free (checked again before inserting).
+  auto admissible_locked = [&](std::string* no) {
+    if (jobs_.count(e.job_id())) {
+      *no = "already expected";
+      return false;
+    }
+    int active = 0;
+    for (const auto& [id, j] : jobs_) active += !j->failed;
+    if (active >= opt_.max_jobs) {
+      *no = "decoder holds " + std::to_string(active) + " jobs (max " +
+            std::to_string(opt_.max_jobs) + ")";
+      return false;
+    }
+    return true;
+  };
+  std::string no;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!admissible_locked(&no)) return say(no);
+  }
   if (e.prompt_tokens() < 1) return say("prompt_tokens must be >= 1");
   // 2 x dtype bytes x kv_dim x layers per token: a count past 2^62 bytes would overflow
   // the reservation arithmetic (the capacity check below then refuses what merely is large).
@@ -177,17 +190,28 @@ bool KvReceiver::expect(const v1::Expect& e, std::string* why) {
   if (e.n_layers() != 0 && e.n_layers() != shape_.n_layers)
     return say("expects " + std::to_string(e.n_layers()) + " layers, the model has " +
                std::to_string(shape_.n_layers));
-  auto job = std::make_shared<Job>();
-  job->expect = e;
-  job->timeout_ms = e.timeout_ms() > 0 ? static_cast<int>(e.timeout_ms()) : opt_.default_timeout_ms;
+  // The reservation, without mu_: it may wait (bounded) for released jobs' stores, whose
+  // last references are dropped by receiver threads that need mu_.
+  std::shared_ptr<JobKvStore> store;
   try {
-    job->store = std::make_shared<JobKvStore>(pool_.get(), e.prompt_tokens());
+    store = std::make_shared<JobKvStore>(pool_.get(), e.prompt_tokens(),
+                                         std::max(0, opt_.admission_wait_ms));
   } catch (const std::exception& ex) {
     return say(ex.what());
   }
-  job->last_activity = Clock::now();
-  jobs_[e.job_id()] = job;
-  cv_.notify_all();
+  auto job = std::make_shared<Job>();
+  job->expect = e;
+  job->timeout_ms = e.timeout_ms() > 0 ? static_cast<int>(e.timeout_ms()) : opt_.default_timeout_ms;
+  job->store = std::move(store);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    // Another expect() may have taken the id or the last slot meanwhile: the job (declared
+    // before the lock) is dropped after it, and its reservation returns.
+    if (!admissible_locked(&no)) return say(no);
+    job->last_activity = Clock::now();
+    jobs_[e.job_id()] = job;
+    cv_.notify_all();
+  }
   return true;
 }
 
@@ -198,7 +222,10 @@ void KvReceiver::fail_locked(const std::shared_ptr<Job>& job, const std::string&
   job->sender_failed = sender;
   job->error = message;
   job->last_activity = Clock::now();  // failed jobs are forgotten a minute later
-  job->store.reset();                 // pages go back to the pool once in-flight puts finish
+  // Pages go back to the pool once in-flight puts finish; meanwhile the reservation counts
+  // as draining (an expect() may wait for it).
+  if (job->store) job->store->retire();
+  job->store.reset();
   after->push_back([kv = release_device(job)]() mutable { kv.reset(); });  // device KV too
   const uint64_t id = job->expect.job_id();
   const std::string frame = wire::encode_frame(failed_env(id, message));
@@ -272,6 +299,7 @@ void KvReceiver::release(uint64_t job_id) {
     streams = it->second->streams;
     it->second->failed = true;  // late pages of a released job are refused
     it->second->error = "job " + std::to_string(job_id) + " released";
+    if (it->second->store) it->second->store->retire();  // see fail_locked
     it->second->store.reset();
     device = release_device(it->second);
     jobs_.erase(it);

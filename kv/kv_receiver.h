@@ -104,6 +104,10 @@ struct ReceiverOptions {
   v1::KvContract contract;  // what every stream must declare
   uint64_t capacity_bytes = uint64_t{2} << 30;
   int max_jobs = 4;
+  // A job that fits only once released / failed jobs' stores are gone (in-flight puts
+  // still hold them for a moment) waits up to this long in expect() for them (0: refused at
+  // once, as a job that would not fit even then always is).
+  int admission_wait_ms = 2000;
   int default_timeout_ms = 30000;  // Expect.timeout_ms when 0
   int hello_wait_ms = 5000;        // a stream for a job not expected yet waits this long
   // Connections that have not yet said hello (ClientHello, then KvStreamHello): each runs
@@ -135,6 +139,7 @@ class KvReceiver {
   bool insecure_open() const { return insecure_open_; }
 
   // Reserves the job's pages. false with *why (duplicate id, too many jobs, no room).
+  // May wait up to admission_wait_ms for released jobs' reservations (never under mu_).
   bool expect(const v1::Expect& e, std::string* why);
   // Waits until every layer arrived (true) or the job failed / was released (false,
   // *why). Bounded: a job whose pages stop for its timeout fails.

@@ -1,6 +1,7 @@
 #include "kv/kv_store.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include "kv/crc32c.h"
@@ -84,24 +85,59 @@ PagePool::PagePool(const KvStoreShape& shape, uint64_t capacity_bytes)
   shape_.validate();
 }
 
-bool PagePool::reserve(int64_t pages, uint64_t kv_bytes, std::string* why) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (pages < 0 || reserved_bytes_ + kv_bytes > capacity_) {
-    if (why)
-      *why = "KV needs " + std::to_string(kv_bytes) + " bytes, " +
-             std::to_string(capacity_ - std::min(reserved_bytes_, capacity_)) + " of " +
-             std::to_string(capacity_) + " bytes are free";
-    return false;
+bool PagePool::reserve(int64_t pages, uint64_t kv_bytes, std::string* why, int wait_ms) {
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  const auto deadline = start + std::chrono::milliseconds(std::max(0, wait_ms));
+  std::unique_lock<std::mutex> lock(mu_);
+  bool waited = false;
+  for (;;) {
+    if (pages >= 0 && reserved_bytes_ + kv_bytes <= capacity_) {
+      reserved_pages_ += pages;
+      reserved_bytes_ += kv_bytes;
+      return true;
+    }
+    // Live reservations alone (draining <= reserved) leave no room: waiting cannot help.
+    const bool fits_after_drain =
+        pages >= 0 && reserved_bytes_ - draining_bytes_ + kv_bytes <= capacity_;
+    if (!fits_after_drain || Clock::now() >= deadline) break;
+    waited = true;
+    drained_.wait_until(lock, deadline);
   }
-  reserved_pages_ += pages;
-  reserved_bytes_ += kv_bytes;
-  return true;
+  if (why) {
+    *why = "KV needs " + std::to_string(kv_bytes) + " bytes, " +
+           std::to_string(capacity_ - std::min(reserved_bytes_, capacity_)) + " of " +
+           std::to_string(capacity_) + " bytes are free";
+    if (waited) {
+      const auto ms =
+          std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count();
+      *why += " after waiting " + std::to_string(ms) + " ms for released jobs' pages (" +
+              std::to_string(draining_bytes_) + " bytes still draining)";
+    } else if (draining_bytes_ > 0) {
+      *why += " (" + std::to_string(draining_bytes_) + " bytes of released jobs still draining)";
+    }
+  }
+  return false;
 }
 
-void PagePool::unreserve(int64_t pages, uint64_t kv_bytes) {
+void PagePool::unreserve(int64_t pages, uint64_t kv_bytes, bool draining) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    reserved_pages_ -= pages;
+    reserved_bytes_ -= kv_bytes;
+    if (draining) draining_bytes_ -= kv_bytes;
+  }
+  drained_.notify_all();
+}
+
+void PagePool::retire(uint64_t kv_bytes) {
   std::lock_guard<std::mutex> lock(mu_);
-  reserved_pages_ -= pages;
-  reserved_bytes_ -= kv_bytes;
+  draining_bytes_ += kv_bytes;
+}
+
+uint64_t PagePool::draining_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return draining_bytes_;
 }
 
 uint64_t PagePool::reserved_bytes() const {
@@ -131,7 +167,7 @@ void PagePool::give(std::unique_ptr<char[]> page) {
 
 // ---- JobKvStore -------------------------------------------------------------------
 
-JobKvStore::JobKvStore(PagePool* pool, int64_t n_tokens)
+JobKvStore::JobKvStore(PagePool* pool, int64_t n_tokens, int wait_ms)
     : pool_(pool), shape_(pool->shape()), n_tokens_(n_tokens) {
   if (n_tokens < 1)
     throw PageError("job KV store: prompt tokens must be >= 1, got " + std::to_string(n_tokens));
@@ -139,7 +175,7 @@ JobKvStore::JobKvStore(PagePool* pool, int64_t n_tokens)
   pages_reserved_ = shape_.pages_for(n_tokens);
   bytes_reserved_ = shape_.kv_bytes(n_tokens);
   std::string why;
-  if (!pool_->reserve(pages_reserved_, bytes_reserved_, &why))
+  if (!pool_->reserve(pages_reserved_, bytes_reserved_, &why, wait_ms))
     throw PageError("decoder KV store full: " + std::to_string(n_tokens) + " tokens x " +
                     std::to_string(shape_.kv_bytes(1)) + " bytes per token (2 x " +
                     std::to_string(shape_.n_layers) + " layers x " +
@@ -154,7 +190,11 @@ JobKvStore::JobKvStore(PagePool* pool, int64_t n_tokens)
 
 JobKvStore::~JobKvStore() {
   for (int l = 0; l < shape_.n_layers; ++l) release_layer(l);
-  pool_->unreserve(pages_reserved_, bytes_reserved_);
+  pool_->unreserve(pages_reserved_, bytes_reserved_, retired_.load());
+}
+
+void JobKvStore::retire() {
+  if (!retired_.exchange(true)) pool_->retire(bytes_reserved_);
 }
 
 void JobKvStore::check_geometry(const PageIn& p) const {

@@ -8,6 +8,8 @@
 // contract's dtype (bf16 or fp32, token-major, the KvCache row layout), so a layer
 // exports with one copy per page and a bf16 KV costs bf16 bytes end to end.
 #pragma once
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -58,25 +60,38 @@ class PageError : public std::runtime_error {
 // a job's KV bytes in the stored dtype (KvStoreShape::kv_bytes: what the coordinator
 // admits jobs by), so both sides agree on what fits; the partly used last page of each layer makes
 // the memory held exceed it by less than one page per layer and job. Thread-safe.
+//
+// Draining bytes: reservations of stores that were released or failed (retire()) but are
+// still alive because an in-flight put holds a reference; they return within moments, so
+// an admission that fits once they are gone may wait for them (bounded), while one that
+// would not fit even then is refused at once. Invariant: draining <= reserved.
 class PagePool {
  public:
   PagePool(const KvStoreShape& shape, uint64_t capacity_bytes);
-  // false (with *why) when kv_bytes do not fit next to the reservations held.
-  bool reserve(int64_t pages, uint64_t kv_bytes, std::string* why);
-  void unreserve(int64_t pages, uint64_t kv_bytes);
+  // false (with *why: the byte numbers) when kv_bytes do not fit next to the reservations
+  // held. When they would fit once the draining reservations are gone, waits up to wait_ms
+  // for that (0: refuse at once); *why then says how long it waited and what still drained.
+  bool reserve(int64_t pages, uint64_t kv_bytes, std::string* why, int wait_ms = 0);
+  // Returns a reservation; draining: it was retired (its bytes leave the draining count).
+  void unreserve(int64_t pages, uint64_t kv_bytes, bool draining = false);
+  // Marks kv_bytes of the reservations held as draining (see above).
+  void retire(uint64_t kv_bytes);
   std::unique_ptr<char[]> take();  // a page_bytes() buffer (contents undefined)
   void give(std::unique_ptr<char[]> page);
   const KvStoreShape& shape() const { return shape_; }
   uint64_t capacity_bytes() const { return capacity_; }
   uint64_t reserved_bytes() const;
+  uint64_t draining_bytes() const;
   static constexpr size_t kKeepFreePages = 64;
 
  private:
   KvStoreShape shape_;
   uint64_t capacity_;
   mutable std::mutex mu_;
+  std::condition_variable drained_;  // a reservation returned (under mu_)
   int64_t reserved_pages_ = 0;
   uint64_t reserved_bytes_ = 0;
+  uint64_t draining_bytes_ = 0;
   std::vector<std::unique_ptr<char[]>> free_;
 };
 
@@ -97,12 +112,17 @@ struct PageIn {
 // senders in any order (thread-safe), each (layer, token, head) cell exactly once.
 class JobKvStore {
  public:
-  // Reserves the job's pages in pool (throws PageError with the numbers when they do not
-  // fit); the destructor returns buffers and reservation.
-  JobKvStore(PagePool* pool, int64_t n_tokens);
+  // Reserves the job's pages in pool (throws PageError "decoder KV store full" with the
+  // numbers when they do not fit; PagePool::reserve waits up to wait_ms for draining
+  // reservations); the destructor returns buffers and reservation.
+  JobKvStore(PagePool* pool, int64_t n_tokens, int wait_ms = 0);
   ~JobKvStore();
   JobKvStore(const JobKvStore&) = delete;
   JobKvStore& operator=(const JobKvStore&) = delete;
+
+  // The job was released or failed: its reservation counts as draining until the last
+  // reference (an in-flight put) drops the store. Idempotent.
+  void retire();
 
   // Checks geometry, checksum and overlap, then stores. Returns true when this page
   // completed its layer. Throws PageError (the store is unchanged).
@@ -136,6 +156,7 @@ class JobKvStore {
   KvStoreShape shape_;
   int64_t n_tokens_, n_blocks_, pages_reserved_;
   uint64_t bytes_reserved_;
+  std::atomic<bool> retired_{false};
   mutable std::mutex mu_;
   std::vector<Layer> layers_;
   uint64_t bytes_ = 0;

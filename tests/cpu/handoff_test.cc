@@ -325,6 +325,47 @@ TEST(KvStore, CapacityIsReservedUpFrontAndReturned) {
   EXPECT_EQ(pool.reserved_bytes(), 100u * 256);
 }
 
+// A retired store's reservation is draining until its last reference drops: an admission
+// that fits only once it is gone waits for it (bounded), one that would not fit even then
+// is refused at once.
+TEST(KvStore, AdmissionWaitsForDrainingReservationsOnly) {
+  const KvStoreShape shape{2, 2, 8, 16};  // 256 KV bytes per token
+  PagePool pool(shape, 100 * 256);
+  auto live = std::make_unique<JobKvStore>(&pool, 30);
+  auto gone = std::make_shared<JobKvStore>(&pool, 60);
+  gone->retire();
+  gone->retire();  // idempotent
+  EXPECT_EQ(pool.draining_bytes(), 60u * 256);
+  EXPECT_EQ(pool.reserved_bytes(), 90u * 256);
+
+  // 71 tokens would not fit even without the draining 60: refused at once.
+  auto t0 = Clock::now();
+  std::string why;
+  EXPECT_FALSE(pool.reserve(shape.pages_for(71), shape.kv_bytes(71), &why, 5000));
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 2.0);
+  EXPECT_NE(why.find("KV needs 18176 bytes, 2560 of 25600 bytes are free (15360 bytes of released "
+                     "jobs still draining)"),
+            std::string::npos)
+      << why;
+
+  // 70 tokens fit once the draining store is gone (its holder drops it after 300 ms).
+  std::thread holder([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    gone.reset();
+  });
+  t0 = Clock::now();
+  const bool ok = pool.reserve(shape.pages_for(70), shape.kv_bytes(70), &why, 5000);
+  const double waited = std::chrono::duration<double>(Clock::now() - t0).count();
+  holder.join();
+  ASSERT_TRUE(ok) << why;
+  EXPECT_GE(waited, 0.25);
+  EXPECT_EQ(pool.draining_bytes(), 0u);
+  EXPECT_EQ(pool.reserved_bytes(), 100u * 256);
+  pool.unreserve(shape.pages_for(70), shape.kv_bytes(70));
+  live.reset();
+  EXPECT_EQ(pool.reserved_bytes(), 0u);
+}
+
 // ---- fingerprint ---------------------------------------------------------------------------
 
 TEST(Fingerprint, DigestFollowsEveryWeight) {
@@ -1195,6 +1236,125 @@ TEST(KvPort, SilentConnectionsDelayNoHandoff) {
   ASSERT_TRUE(rx2.expect(expect_msg(2, src.n, L, 1), &why)) << why;
   run_group(src, c, rx2.port(), 2, 1, 1, 1);
   ASSERT_TRUE(rx2.wait_complete(2, &why)) << why;
+}
+
+// ---- admission: released jobs whose stores are still held ---------------------------------
+
+// A receiver with room for one 1000-token job (2 layers, 2 KV heads of 16, fp32: 512 KV
+// bytes per token) and 1000 bytes to spare.
+constexpr int64_t kAdmitTokens = 1000;
+constexpr uint64_t kAdmitJobBytes = kAdmitTokens * 512, kAdmitCapacity = kAdmitJobBytes + 1000;
+
+kv::ReceiverOptions admit_opts(int admission_wait_ms) {
+  kv::ReceiverOptions o = receiver_opts(test_contract(2, 2, 16, 64));
+  o.capacity_bytes = kAdmitCapacity;
+  o.admission_wait_ms = admission_wait_ms;
+  return o;
+}
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+const std::string kAdmitFull = "KV needs " + std::to_string(kAdmitJobBytes) + " bytes, 1000 of " +
+                               std::to_string(kAdmitCapacity) + " bytes are free";
+
+// A released job's store held by someone else (as an in-flight put holds it) blocks the
+// next job only until it is dropped; expect() waits for that without holding the
+// receiver's lock.
+TEST(KvAdmission, WaitsForAReleasedJobsStoreToDrain) {
+  kv::KvReceiver rx(admit_opts(2000), nullptr);
+  std::string why;
+  ASSERT_TRUE(rx.expect(expect_msg(1, kAdmitTokens, 2, 1), &why)) << why;
+  std::shared_ptr<JobKvStore> held = rx.store(1);
+  ASSERT_TRUE(held);
+  rx.release(1);
+  double info_s = -1;
+  std::thread holder([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    const auto t = Clock::now();
+    (void)rx.info(1);  // blocks if expect() waits under mu_
+    info_s = seconds_since(t);
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    held.reset();
+  });
+  const auto t0 = Clock::now();
+  const bool ok = rx.expect(expect_msg(2, kAdmitTokens, 2, 1), &why);
+  const double waited = seconds_since(t0);
+  holder.join();
+  ASSERT_TRUE(ok) << why;
+  EXPECT_GE(waited, 0.25) << "admitted before the released store was dropped";
+  EXPECT_LT(info_s, 1.0) << "the receiver's lock was held during the admission wait";
+  EXPECT_EQ(rx.reserved_bytes(), kAdmitJobBytes);
+  EXPECT_TRUE(rx.info(2).known);
+}
+
+// A live job is not waited for: refused at once with the byte numbers.
+TEST(KvAdmission, LiveJobRefusesAtOnce) {
+  kv::KvReceiver rx(admit_opts(2000), nullptr);
+  std::string why;
+  ASSERT_TRUE(rx.expect(expect_msg(1, kAdmitTokens, 2, 1), &why)) << why;
+  const auto t0 = Clock::now();
+  EXPECT_FALSE(rx.expect(expect_msg(2, kAdmitTokens, 2, 1), &why));
+  EXPECT_LT(seconds_since(t0), 1.0) << "waited for a live job";
+  EXPECT_NE(why.find("job 2: decoder KV store full"), std::string::npos) << why;
+  EXPECT_NE(why.find(kAdmitFull), std::string::npos) << why;
+  EXPECT_EQ(why.find("waiting"), std::string::npos) << why;
+  EXPECT_FALSE(rx.info(2).known);
+  EXPECT_EQ(rx.reserved_bytes(), kAdmitJobBytes);
+}
+
+// A failed job's store that stays held past admission_wait_ms: refused after about that
+// long, naming the wait; once dropped, the next expect() is admitted without waiting.
+TEST(KvAdmission, DrainPastTheWaitIsRefusedNamingIt) {
+  kv::KvReceiver rx(admit_opts(300), nullptr);
+  std::string why;
+  ASSERT_TRUE(rx.expect(expect_msg(1, kAdmitTokens, 2, 1), &why)) << why;
+  std::shared_ptr<JobKvStore> held = rx.store(1);
+  ASSERT_TRUE(held);
+  rx.fail_job(1, "job 1: test failure");
+  auto t0 = Clock::now();
+  EXPECT_FALSE(rx.expect(expect_msg(2, kAdmitTokens, 2, 1), &why));
+  const double waited = seconds_since(t0);
+  EXPECT_GE(waited, 0.28);
+  EXPECT_LT(waited, 2.0);
+  EXPECT_NE(why.find("job 2: decoder KV store full"), std::string::npos) << why;
+  EXPECT_NE(why.find(kAdmitFull + " after waiting "), std::string::npos) << why;
+  EXPECT_NE(why.find(" ms for released jobs' pages (" + std::to_string(kAdmitJobBytes) +
+                     " bytes still draining)"),
+            std::string::npos)
+      << why;
+  EXPECT_FALSE(rx.info(2).known);
+  held.reset();
+  EXPECT_EQ(rx.reserved_bytes(), 0u);
+  t0 = Clock::now();
+  ASSERT_TRUE(rx.expect(expect_msg(3, kAdmitTokens, 2, 1), &why)) << why;
+  EXPECT_LT(seconds_since(t0), 1.0);
+}
+
+// admission_wait_ms 0: the old behaviour, refused at once even while a store drains.
+TEST(KvAdmission, ZeroWaitRefusesAtOnce) {
+  kv::KvReceiver rx(admit_opts(0), nullptr);
+  std::string why;
+  ASSERT_TRUE(rx.expect(expect_msg(1, kAdmitTokens, 2, 1), &why)) << why;
+  std::shared_ptr<JobKvStore> held = rx.store(1);
+  rx.release(1);
+  std::thread holder([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    held.reset();
+  });
+  const auto t0 = Clock::now();
+  const bool ok = rx.expect(expect_msg(2, kAdmitTokens, 2, 1), &why);
+  const double waited = seconds_since(t0);
+  holder.join();
+  EXPECT_FALSE(ok);
+  EXPECT_LT(waited, 1.0) << "waited with admission_wait_ms 0";
+  EXPECT_NE(why.find("job 2: decoder KV store full"), std::string::npos) << why;
+  EXPECT_NE(why.find(kAdmitFull + " (" + std::to_string(kAdmitJobBytes) +
+                     " bytes of released jobs still draining)"),
+            std::string::npos)
+      << why;
+  ASSERT_TRUE(rx.expect(expect_msg(3, kAdmitTokens, 2, 1), &why)) << why;
 }
 
 }  // namespace
