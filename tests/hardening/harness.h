@@ -4,15 +4,15 @@
 // TCP peers that send arbitrary bytes to 127.0.0.1, and a blocking client on
 // wire::Connection. Every wait is bounded.
 #pragma once
-#include <atomic>
-#include <thread>
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "proto/wire.h"

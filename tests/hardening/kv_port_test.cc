@@ -9,8 +9,8 @@
 #include <algorithm>
 #include <chrono>
 #include <memory>
-#include <thread>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "tests/hardening/harness.h"
@@ -44,31 +44,48 @@ int count_lines(const std::string& text, const std::string& needle) {
   return n;
 }
 
+// A coordinator, one decoder and one worker group over loopback, registered; kv_port is
+// the decoder's KV port; base is a job after a warm-up one, t_base its wall time.
+struct KvService {
+  std::string dir;
+  std::unique_ptr<h::Coordinator> co;
+  std::unique_ptr<h::Proc> dec, g;
+  uint16_t kv_port = 0;
+  v1::JobResult base;
+  double t_base = 0;
+
+  explicit KvService(const std::string& tag) : dir(h::make_dir(tag)) {
+    co = std::make_unique<h::Coordinator>(dir, std::vector<std::string>{});
+    dec = h::start_decoder(dir, co->addr(), kModel, "d0", "");
+    g = h::start_workers(dir, co->addr(), kModel, 1, "g0", "");
+    EXPECT_TRUE(h::wait_registered(co->port, "", 1, 1, 120000)) << co->proc->log() << g->log();
+    h::Client c(co->port);
+    const auto s = c.status();
+    EXPECT_EQ(s.decoders_size(), 1);
+    if (s.decoders_size() < 1) return;
+    const std::string ep = s.decoders(0).endpoint();
+    kv_port = static_cast<uint16_t>(std::stoi(ep.substr(ep.rfind(':') + 1)));
+    v1::JobResult warm;
+    timed_job(co->port, &warm);
+    t_base = timed_job(co->port, &base);
+    EXPECT_EQ(base.state(), v1::DONE);
+  }
+};
+
 }  // namespace
 
 TEST(KvPort, TwentySilentSocketsDelayNoHandoff) {
-  const std::string dir = h::make_dir("kvport");
-  h::Coordinator co(dir, {});
-  auto dec = h::start_decoder(dir, co.addr(), kModel, "d0", "");
-  auto g = h::start_workers(dir, co.addr(), kModel, 1, "g0", "");
-  ASSERT_TRUE(h::wait_registered(co.port, "", 1, 1, 120000)) << co.proc->log() << g->log();
-  uint16_t kv_port = 0;
-  {
-    h::Client c(co.port);
-    const auto s = c.status();
-    ASSERT_EQ(s.decoders_size(), 1);
-    const std::string ep = s.decoders(0).endpoint();
-    kv_port = static_cast<uint16_t>(std::stoi(ep.substr(ep.rfind(':') + 1)));
-  }
-  v1::JobResult warm, base, attacked;
-  timed_job(co.port, &warm);
-  const double t_base = timed_job(co.port, &base);
-  ASSERT_EQ(base.state(), v1::DONE);
-
+  KvService sv("kvport");
+  ASSERT_FALSE(HasFailure());
+  const uint16_t kv_port = sv.kv_port;
+  const double t_base = sv.t_base;
+  const v1::JobResult& base = sv.base;
+  auto& dec = sv.dec;
+  v1::JobResult attacked;
   std::vector<std::unique_ptr<h::RawPeer>> silent;
   for (int i = 0; i < 20; ++i) silent.push_back(std::make_unique<h::RawPeer>(kv_port));
   const auto t_attack = Clock::now();
-  const double t_job = timed_job(co.port, &attacked);
+  const double t_job = timed_job(sv.co->port, &attacked);
   ASSERT_EQ(attacked.state(), v1::DONE);
   EXPECT_EQ(std::vector<int>(attacked.generated_ids().begin(), attacked.generated_ids().end()),
             std::vector<int>(base.generated_ids().begin(), base.generated_ids().end()));
@@ -98,25 +115,13 @@ TEST(KvPort, TwentySilentSocketsDelayNoHandoff) {
 // Issue 17 audit: the pool refused NEW connections once 32 were in their hello, so 40
 // silent sockets failed every job (0 of 3 DONE, "connection closed before its ServerHello").
 TEST(KvPort, SilentFloodLocksNoWorkerOut) {
-  const std::string dir = h::make_dir("kvflood");
-  h::Coordinator co(dir, {});
-  auto dec = h::start_decoder(dir, co.addr(), kModel, "d0", "");
-  auto g = h::start_workers(dir, co.addr(), kModel, 1, "g0", "");
-  ASSERT_TRUE(h::wait_registered(co.port, "", 1, 1, 120000)) << co.proc->log() << g->log();
-  uint16_t kv_port = 0;
-  {
-    h::Client c(co.port);
-    const std::string ep = c.status().decoders(0).endpoint();
-    kv_port = static_cast<uint16_t>(std::stoi(ep.substr(ep.rfind(':') + 1)));
-  }
-  v1::JobResult warm, base;
-  timed_job(co.port, &warm);
-  const double t_base = timed_job(co.port, &base);
-  ASSERT_EQ(base.state(), v1::DONE);
+  KvService sv("kvflood");
+  ASSERT_FALSE(HasFailure());
+  auto& dec = sv.dec;
   const long rss_base = h::rss_kb(dec->pid());
 
   const size_t log_before = dec->log().size();
-  h::SilentFlood flood(kv_port, 300);
+  h::SilentFlood flood(sv.kv_port, 300);
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   const auto t_attack = Clock::now();
   const int kJobs = 10;
@@ -124,8 +129,8 @@ TEST(KvPort, SilentFloodLocksNoWorkerOut) {
   long rss_max = 0;
   for (int i = 0; i < kJobs; ++i) {
     v1::JobResult r;
-    const double t = timed_job(co.port, &r);
-    in_time += r.state() == v1::DONE && t <= t_base + 1.0;
+    const double t = timed_job(sv.co->port, &r);
+    in_time += r.state() == v1::DONE && t <= sv.t_base + 1.0;
     rss_max = std::max(rss_max, h::rss_kb(dec->pid()));
   }
   const double window_s = seconds_since(t_attack) + 0.5;
@@ -135,7 +140,7 @@ TEST(KvPort, SilentFloodLocksNoWorkerOut) {
   std::printf(
       "[ figures ] 300 reopened silent KV-port sockets (%d opened over %.1f s): jobs DONE "
       "within unattacked %.2f s + 1 s: %d / %d; decoder RSS %ld -> %ld KiB; %d refusal lines\n",
-      flood.opened(), window_s, t_base, in_time, kJobs, rss_base, rss_max, lines);
+      flood.opened(), window_s, sv.t_base, in_time, kJobs, rss_base, rss_max, lines);
   EXPECT_GE(in_time, kJobs * 95 / 100);
   EXPECT_GT(flood.opened(), 300) << "the server closed none of the silent sockets";
   EXPECT_LE(lines, static_cast<int>(window_s) + 2) << log;
