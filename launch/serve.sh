@@ -19,7 +19,8 @@
 # listener itself binds the wildcard address in OpenMPI 4.1 whatever the option says: a
 # host firewall closes it). A group over several hosts: --mpi-open, then the network in the
 # mpirun args, e.g. -- --host a,b --mca btl self,vader,tcp --mca btl_tcp_if_include eth0
-# --mca oob_tcp_if_include eth0.
+# --mca oob_tcp_if_include eth0 (and NCCL_SOCKET_IFNAME=eth0 in the environment: on one
+# host it is set to lo).
 # Logs: $BUILD_DIR/serve-{coordinator,workers,decoder}.log
 set -euo pipefail
 LOG_TAG=serve
@@ -111,6 +112,11 @@ METRICS_PORT="$(cut -d' ' -f2 "$PORT_FILE")"
 MPI_ARGS=(-np "$RANKS")
 [ "$DEVICE" = cpu ] && MPI_ARGS+=(--oversubscribe --bind-to none)
 [ "$MPI_OPEN" = 0 ] && MPI_ARGS+=(--mca btl self,vader --mca oob_tcp_if_include lo)
+# NCCL's bootstrap listener on lo too (NCCL skips lo unless told), unless already chosen.
+if [ "$MPI_OPEN" = 0 ] && [ -z "${NCCL_SOCKET_IFNAME:-}" ]; then
+  export NCCL_SOCKET_IFNAME=lo
+  MPI_ARGS+=(-x NCCL_SOCKET_IFNAME)
+fi
 [ "$(id -u)" = 0 ] && export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 setsid mpirun "${MPI_ARGS[@]}" "${MPI_EXTRA[@]}" "$BIN/mprefill-worker" --coordinator "$ADDR" \
   --model "$MODEL" --tp "$TP" --device "$DEVICE" --group serve --secret-file "$SECRET_FILE" \

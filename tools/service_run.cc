@@ -86,7 +86,12 @@ int cmd_run(const ServiceArgs& a) {
                                     cleanup.secret_path,
                                     "--device",
                                     a.decoder_device};
-  decoder.spawn(dargs, {});
+  // NCCL's own bootstrap listener (a group's ncclGetUniqueId, the decoder's NCCL KV
+  // transport) binds the interface NCCL picks, and NCCL skips lo: every process of this
+  // one-host run keeps it on lo unless the user chose an interface (issue 17).
+  std::vector<std::string> nccl_env;
+  if (!std::getenv("NCCL_SOCKET_IFNAME")) nccl_env.push_back("NCCL_SOCKET_IFNAME=lo");
+  decoder.spawn(dargs, nccl_env);
   cleanup.children.push_back(&decoder);
 
   std::vector<std::string> wargs = {a.mpirun, "-np", std::to_string(a.ranks)};
@@ -103,6 +108,9 @@ int cmd_run(const ServiceArgs& a) {
   for (const char* f : {"--mca", "btl", "self,vader", "--mca", "oob_tcp_if_include", "lo"})
     wargs.push_back(f);
   if (::geteuid() == 0) wenv = {"OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"};
+  wenv.insert(wenv.end(), nccl_env.begin(), nccl_env.end());
+  for (const char* f : {"-x", "NCCL_SOCKET_IFNAME"})
+    if (!nccl_env.empty()) wargs.push_back(f);
   for (const auto& s :
        std::vector<std::string>{bin + "/mprefill-worker", "--coordinator", addr, "--model", a.model,
                                 "--tp", std::to_string(a.tp), "--device", a.device, "--group",

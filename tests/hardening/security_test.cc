@@ -501,7 +501,10 @@ TEST(Security, RunKeepsMpiOffTheNetwork) {
   for (pid_t r : ranks) {
     const auto rl = listeners_of(r, all);
     EXPECT_TRUE(rl.empty()) << "rank pid " << r << " listens on " << describe(rl);
+    // NCCL's bootstrap (GPU groups) would bind the interface NCCL picks, never lo.
+    EXPECT_EQ(h::environ_of(r, "NCCL_SOCKET_IFNAME"), "lo") << "rank pid " << r;
   }
+  EXPECT_EQ(h::environ_of(decoder, "NCCL_SOCKET_IFNAME"), "lo");
   const auto ml = listeners_of(mpirun, all);
   for (const auto& o : own)
     for (const auto& m : ml)
