@@ -69,6 +69,9 @@ TEST(Security, ListensOnLoopbackByDefault) {
   ASSERT_TRUE(listen_address(static_cast<uint16_t>(metrics), &a));
   EXPECT_EQ(a, 0x7f000001u) << "metrics port bound to " << std::hex << a;
   EXPECT_TRUE(h::file_contains(dir + "/coordinator.log", "listening on 127.0.0.1:"));
+  // Issue 17 rough edge: the log said "metrics on :PORT" for a loopback bind.
+  EXPECT_TRUE(h::file_contains(dir + "/coordinator.log", "metrics on 127.0.0.1:" +
+                                                             std::to_string(metrics)));
 }
 
 TEST(Security, SharedSecretIsRequiredProvedAndNeverLogged) {
