@@ -85,8 +85,12 @@ void Coordinator::Impl::setup_tls(bool loopback) {
   s.where = "coordinator: --host " + opt.host;
   s.loopback = loopback;
   s.tls = tls != nullptr;
-  s.credentials = !opt.secret.empty();
-  s.credential_flags = "--secret-file, --client-keys";
+  // Beyond loopback clients need keys of their own: with the shared secret alone every
+  // client is an admin holding the infrastructure credential (issue 17 findings 1 and 6).
+  s.credentials = !opt.secret.empty() && !opt.client_keys.empty();
+  s.credential_flags =
+      "--secret-file for worker groups and decoders and --client-keys for clients; with the "
+      "secret alone every client is an admin";
   s.insecure = opt.insecure;
   metrics.insecure = wire::check_listen_security(s);
 }

@@ -596,6 +596,23 @@ TEST(Tls, BeyondLoopbackNeedsTlsAndCredentialsOrInsecure) {
   const std::string tls = " --tls-cert " + dir + "/server.pem --tls-key " + dir + "/server.key";
   EXPECT_EQ(mprefill::test::run_command(coord + tls + " 2>&1", &out), 1) << out;
   EXPECT_NE(out.find("credentials are required in addition"), std::string::npos) << out;
+  // The shared secret alone is not enough: clients need keys of their own there.
+  Keys k(dir);
+  EXPECT_EQ(mprefill::test::run_command(coord + tls + " --secret-file " + k.infra_file + " 2>&1",
+                                        &out),
+            1)
+      << out;
+  EXPECT_NE(out.find("--client-keys for clients; with the secret alone every client is an admin"),
+            std::string::npos)
+      << out;
+  EXPECT_EQ(count_lines(out, {"error"}), 1) << out;
+  {  // TLS, the secret and client keys: it serves.
+    auto args = k.args();
+    args.insert(args.end(), {"--host", "0.0.0.0", "--tls-cert", dir + "/server.pem", "--tls-key",
+                             dir + "/server.key"});
+    h::Coordinator full(h::make_dir("tls-bind-keys"), args);
+    EXPECT_TRUE(full.proc->running()) << full.proc->log();
+  }
   h::Coordinator co(dir, {"--host", "0.0.0.0", "--insecure", "--metrics-port", "0"});
   EXPECT_NE(co.proc->log().find("warning: --insecure"), std::string::npos) << co.proc->log();
   ASSERT_EQ(mprefill::test::run_command("curl -s --max-time 5 http://127.0.0.1:" +
