@@ -6,7 +6,7 @@
 #include "kv/cuda/nccl_kv_receiver.h"
 #include "kv/cuda/nccl_kv_sink.h"
 #endif
-#ifdef MPREFILL_HAVE_CUDA_IPC
+#ifdef MPREFILL_HAVE_CUDA
 #include "kv/cuda/ipc_kv_receiver.h"
 #include "kv/cuda/ipc_kv_sink.h"
 #endif
@@ -38,7 +38,7 @@ constexpr bool kHaveNccl = true;
 #else
 constexpr bool kHaveNccl = false;
 #endif
-#ifdef MPREFILL_HAVE_CUDA_IPC
+#ifdef MPREFILL_HAVE_CUDA
 constexpr bool kHaveIpc = true;
 #else
 constexpr bool kHaveIpc = false;
@@ -94,7 +94,7 @@ std::unique_ptr<KvSender> make_sender(const std::string& transport, KvHandoffOpt
       return std::make_unique<SenderOf<gpu::NcclKvSink>>(
           name, std::make_unique<gpu::NcclKvSink>(std::move(opt), site.device));
 #endif
-#ifdef MPREFILL_HAVE_CUDA_IPC
+#ifdef MPREFILL_HAVE_CUDA
     if (name == "ipc")
       return std::make_unique<SenderOf<gpu::IpcKvSink>>(
           name, std::make_unique<gpu::IpcKvSink>(std::move(opt), site.device));
@@ -112,7 +112,7 @@ std::map<std::string, PayloadSourceFactory> receiver_payloads(int device) {
 #ifdef MPREFILL_HAVE_NCCL
   m["nccl"] = make_nccl_payload_factory(device);
 #endif
-#ifdef MPREFILL_HAVE_CUDA_IPC
+#ifdef MPREFILL_HAVE_CUDA
   m["ipc"] = make_ipc_payload_factory(device);
 #endif
   if (m.empty())
