@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/cuda/edge_check.h"
 #include "kv/cuda/cuda_check.h"
 #include "kv/cuda/page_sums.h"
 #include "kv/kv_handoff.h"
@@ -20,7 +21,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-using cuda_util::check;
 using cuda_util::device_name;
 
 // Polls `ev` until it completed or timeout_ms passed (then throws naming `what`).
@@ -29,7 +29,7 @@ void wait_event(cudaEvent_t ev, int timeout_ms, const std::string& what) {
   for (int spins = 0;; ++spins) {
     const cudaError_t q = cudaEventQuery(ev);
     if (q == cudaSuccess) return;
-    if (q != cudaErrorNotReady) check(q, what);
+    if (q != cudaErrorNotReady) MPREFILL_EDGE_CHECK_CUDA(cudaEventQuery(ev), what);  // sticky
     if (Clock::now() > deadline)
       throw std::runtime_error(what + ": not done after " + std::to_string(timeout_ms) + " ms");
     if (spins < 2000)
@@ -52,7 +52,7 @@ void add_pieces(const IpcRegionLayout& L, const char* base, const v1::KvPageHead
     int j1 = j0 + 1;
     while (j1 < h.kv_heads_size() && h.kv_heads(j1) == h.kv_heads(j1 - 1) + 1) ++j1;
     if (b->n == kvsum::kMaxPieces) {
-      check(kvsum::launch_page_sums(*b, stream), "page checksum kernel");
+      MPREFILL_EDGE_CHECK_CUDA(kvsum::launch_page_sums(*b, stream), "page checksum kernel");
       b->n = 0;
     }
     kvsum::PageSumPiece& p = b->piece[b->n++];
@@ -71,33 +71,39 @@ void add_pieces(const IpcRegionLayout& L, const char* base, const v1::KvPageHead
 class IpcJobKv final : public DeviceJobKv {
  public:
   IpcJobKv(int device, const IpcRegionLayout& layout) : device_(device), L_(layout) {
-    check(cudaSetDevice(device_), "cudaSetDevice(" + std::to_string(device_) + ")");
+    MPREFILL_EDGE_CHECK_CUDA(cudaSetDevice(device_),
+                             "cudaSetDevice(" + std::to_string(device_) + ")");
     size_t free_b = 0, total_b = 0;
     cudaMemGetInfo(&free_b, &total_b);
     landed_bytes_ = static_cast<size_t>(L_.region_bytes - L_.sums_offset);
     const cudaError_t e = cudaMalloc(&base_, L_.region_bytes);
     if (e != cudaSuccess) {
       cudaGetLastError();
-      throw std::runtime_error(
-          "the decoder's GPU " + device_name(device_) + " cannot hold the job's KV region: " +
-          std::to_string(L_.region_bytes) + " bytes, " + std::to_string(free_b) + " free of " +
-          std::to_string(total_b) + " (" + cudaGetErrorString(e) + ")");
+      throw_status(Status::kCudaError,
+                   "the decoder's GPU " + device_name(device_) +
+                       " cannot hold the job's KV region: " + std::to_string(L_.region_bytes) +
+                       " bytes, " + std::to_string(free_b) + " free of " + std::to_string(total_b),
+                   std::string("cudaMalloc: ") + cudaGetErrorString(e), __FILE__, __LINE__);
     }
     try {
-      check(cudaMalloc(reinterpret_cast<void**>(&landed_), landed_bytes_),
-            "cudaMalloc landed checksums");
-      check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+      MPREFILL_EDGE_CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&landed_), landed_bytes_),
+                               "cudaMalloc landed checksums");
+      MPREFILL_EDGE_CHECK_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking),
+                               "cudaStreamCreate");
       // Zeroed before the offer leaves (the worker writes the sender half, our kernels
       // add into the landed half on stream_).
-      check(cudaMemsetAsync(landed_, 0, landed_bytes_, stream_),
-            "cudaMemsetAsync landed checksums");
-      check(cudaMemsetAsync(static_cast<char*>(base_) + L_.sums_offset, 0, landed_bytes_, stream_),
-            "cudaMemsetAsync sender checksums");
-      check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-      check(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming), "cudaEventCreate");
-      check(cudaIpcGetMemHandle(&handle_, base_), "cudaIpcGetMemHandle");
-      check(cudaMallocHost(reinterpret_cast<void**>(&host_sums_), 2 * layer_sum_bytes()),
-            "cudaMallocHost");
+      MPREFILL_EDGE_CHECK_CUDA(cudaMemsetAsync(landed_, 0, landed_bytes_, stream_),
+                               "cudaMemsetAsync landed checksums");
+      MPREFILL_EDGE_CHECK_CUDA(
+          cudaMemsetAsync(static_cast<char*>(base_) + L_.sums_offset, 0, landed_bytes_, stream_),
+          "cudaMemsetAsync sender checksums");
+      MPREFILL_EDGE_CHECK_CUDA(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+      MPREFILL_EDGE_CHECK_CUDA(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming),
+                               "cudaEventCreate");
+      MPREFILL_EDGE_CHECK_CUDA(cudaIpcGetMemHandle(&handle_, base_), "cudaIpcGetMemHandle");
+      MPREFILL_EDGE_CHECK_CUDA(
+          cudaMallocHost(reinterpret_cast<void**>(&host_sums_), 2 * layer_sum_bytes()),
+          "cudaMallocHost");
     } catch (...) {
       release();
       throw;
@@ -124,29 +130,31 @@ class IpcJobKv final : public DeviceJobKv {
     const uint64_t slot = sum_index(h.layer(), h.sender_rank(), h.sum_slot());
     kvsum::PageSumBatch b;
     const char* base = static_cast<const char*>(base_);
-    check(cudaSetDevice(device_), "cudaSetDevice");
+    MPREFILL_EDGE_CHECK_CUDA(cudaSetDevice(device_), "cudaSetDevice");
     add_pieces(L_, base, h, false, landed_ + 2 * slot, &b, stream_);
     add_pieces(L_, base, h, true, landed_ + 2 * slot + 1, &b, stream_);
-    check(kvsum::launch_page_sums(b, stream_), "page checksum kernel");
+    MPREFILL_EDGE_CHECK_CUDA(kvsum::launch_page_sums(b, stream_), "page checksum kernel");
     pages_[h.layer()].push_back({h.sender_rank(), h.sum_slot(), h.token_begin(), h.token_end()});
   }
 
   void verify_layer(int layer, int timeout_ms) override {
     std::lock_guard<std::mutex> lock(mu_);
-    check(cudaSetDevice(device_), "cudaSetDevice");
-    check(cudaEventRecord(done_, stream_), "cudaEventRecord");
+    MPREFILL_EDGE_CHECK_CUDA(cudaSetDevice(device_), "cudaSetDevice");
+    MPREFILL_EDGE_CHECK_CUDA(cudaEventRecord(done_, stream_), "cudaEventRecord");
     const std::string where = "layer " + std::to_string(layer) + " device checksums";
     wait_event(done_, timeout_ms, where);
     const size_t n = layer_sum_bytes();
     const uint64_t first = sum_index(layer, 0, 0);
     uint32_t* sender = host_sums_;
     uint32_t* landed = host_sums_ + n / 4;
-    check(cudaMemcpyAsync(sender, static_cast<char*>(base_) + L_.sums_offset + first * 8, n,
-                          cudaMemcpyDeviceToHost, stream_),
-          "copy sender checksums");
-    check(cudaMemcpyAsync(landed, landed_ + 2 * first, n, cudaMemcpyDeviceToHost, stream_),
-          "copy landed checksums");
-    check(cudaEventRecord(done_, stream_), "cudaEventRecord");
+    MPREFILL_EDGE_CHECK_CUDA(
+        cudaMemcpyAsync(sender, static_cast<char*>(base_) + L_.sums_offset + first * 8, n,
+                        cudaMemcpyDeviceToHost, stream_),
+        "copy sender checksums");
+    MPREFILL_EDGE_CHECK_CUDA(
+        cudaMemcpyAsync(landed, landed_ + 2 * first, n, cudaMemcpyDeviceToHost, stream_),
+        "copy landed checksums");
+    MPREFILL_EDGE_CHECK_CUDA(cudaEventRecord(done_, stream_), "cudaEventRecord");
     wait_event(done_, timeout_ms, where);
     for (const PageRec& p : pages_[layer]) {
       const uint64_t i = 2 * (sum_index(layer, p.rank, p.slot) - first);
@@ -163,9 +171,9 @@ class IpcJobKv final : public DeviceJobKv {
   void export_layer(int layer, void* k_host, void* v_host) const override {
     std::lock_guard<std::mutex> lock(mu_);
     const size_t n = static_cast<size_t>(L_.n_tokens) * L_.row_bytes();
-    check(cudaSetDevice(device_), "cudaSetDevice");
-    check(cudaMemcpy(k_host, k(layer), n, cudaMemcpyDeviceToHost), "export K");
-    check(cudaMemcpy(v_host, v(layer), n, cudaMemcpyDeviceToHost), "export V");
+    MPREFILL_EDGE_CHECK_CUDA(cudaSetDevice(device_), "cudaSetDevice");
+    MPREFILL_EDGE_CHECK_CUDA(cudaMemcpy(k_host, k(layer), n, cudaMemcpyDeviceToHost), "export K");
+    MPREFILL_EDGE_CHECK_CUDA(cudaMemcpy(v_host, v(layer), n, cudaMemcpyDeviceToHost), "export V");
   }
 
  private:
@@ -230,11 +238,13 @@ class IpcPayloadSource final : public PagePayloadSource {
     }
     if (!kv) throw std::runtime_error("the job's device KV is not an ipc region");
     kv_ = kv;
-    check(cudaSetDevice(device_), "cudaSetDevice");
+    MPREFILL_EDGE_CHECK_CUDA(cudaSetDevice(device_), "cudaSetDevice");
     for (int i = 0; i < 2; ++i) {
-      check(cudaEventCreateWithFlags(&ev_[i], cudaEventInterprocess | cudaEventDisableTiming),
-            "cudaEventCreate (interprocess)");
-      check(cudaIpcGetEventHandle(&ev_handle_[i], ev_[i]), "cudaIpcGetEventHandle");
+      MPREFILL_EDGE_CHECK_CUDA(
+          cudaEventCreateWithFlags(&ev_[i], cudaEventInterprocess | cudaEventDisableTiming),
+          "cudaEventCreate (interprocess)");
+      MPREFILL_EDGE_CHECK_CUDA(cudaIpcGetEventHandle(&ev_handle_[i], ev_[i]),
+                               "cudaIpcGetEventHandle");
     }
     host_ = me;
   }

@@ -8,6 +8,7 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/cuda/edge_check.h"
 #include "kv/cuda/cuda_check.h"
 #include "kv/cuda/page_sums.h"
 #include "kv/kv_ack.h"
@@ -23,7 +24,6 @@ double ms_between(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
-using kv::cuda_util::check;
 using kv::cuda_util::device_name;
 
 // Waits until `stream` is idle or timeout_ms passed: "" or why not.
@@ -130,15 +130,16 @@ struct IpcKvSink::Impl : KvSinkCore {
     const cudaError_t e = cudaIpcOpenMemHandle(&p, mh, cudaIpcMemLazyEnablePeerAccess);
     if (e != cudaSuccess) {
       cudaGetLastError();
-      throw std::runtime_error(std::string("cudaIpcOpenMemHandle of the decoder's region (") +
-                               o.device() + ") on " + device_name(device) + ": " +
-                               cudaGetErrorString(e));
+      throw_status(Status::kCudaError,
+                   "opening the decoder's region (" + o.device() + ") on " + device_name(device),
+                   std::string("cudaIpcOpenMemHandle: ") + cudaGetErrorString(e), __FILE__,
+                   __LINE__);
     }
     region = static_cast<char*>(p);
     for (int i = 0; i < 2; ++i) {
       cudaIpcEventHandle_t eh;
       std::memcpy(&eh, o.event_handles(i).data(), sizeof eh);
-      check(cudaIpcOpenEventHandle(&ipc_ev[i], eh), "cudaIpcOpenEventHandle");
+      MPREFILL_EDGE_CHECK_CUDA(cudaIpcOpenEventHandle(&ipc_ev[i], eh), "cudaIpcOpenEventHandle");
     }
   }
 };
@@ -154,10 +155,11 @@ IpcKvSink::IpcKvSink(KvHandoffOptions opt, int device) : impl_(std::make_unique<
   I.ev_begin.assign(I.n_layers, nullptr);
   I.ev_end.assign(I.n_layers, nullptr);
   try {
-    check(cudaSetDevice(device), "cudaSetDevice(" + std::to_string(device) + ")");
+    MPREFILL_EDGE_CHECK_CUDA(cudaSetDevice(device),
+                             "cudaSetDevice(" + std::to_string(device) + ")");
     for (int l = 0; l < I.n_layers; ++l) {
-      check(cudaEventCreate(&I.ev_begin[l]), "cudaEventCreate");
-      check(cudaEventCreate(&I.ev_end[l]), "cudaEventCreate");
+      MPREFILL_EDGE_CHECK_CUDA(cudaEventCreate(&I.ev_begin[l]), "cudaEventCreate");
+      MPREFILL_EDGE_CHECK_CUDA(cudaEventCreate(&I.ev_end[l]), "cudaEventCreate");
     }
     I.conn = wire::Connection::connect(o.host, o.port, o.timeout_ms);
     I.conn->client_handshake(v1::WORKER, o.name, o.secret, o.timeout_ms);

@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/edge_check.h"
 #include "kv/cuda/nccl_kv_common.h"
 #include "kv/kv_ack.h"
 #include "kv/kv_store.h"
@@ -104,9 +105,13 @@ NcclKvSink::NcclKvSink(KvHandoffOptions opt, int device) : impl_(std::make_uniqu
     for (int l = 0; l < I.n_layers; ++l)
       if (cudaEventCreate(&I.ev_begin[l]) != cudaSuccess ||
           cudaEventCreate(&I.ev_end[l]) != cudaSuccess)
-        throw std::runtime_error("cudaEventCreate failed");
+        throw_status(Status::kCudaError, "NCCL KV sink: layer events",
+                     std::string("cudaEventCreate: ") + cudaGetErrorString(cudaGetLastError()),
+                     __FILE__, __LINE__);
     ncclUniqueId id;
-    if (ncclGetUniqueId(&id) != ncclSuccess) throw std::runtime_error("ncclGetUniqueId failed");
+    if (const ncclResult_t r = ncclGetUniqueId(&id); r != ncclSuccess)
+      throw_status(Status::kCommError, "NCCL KV sink: unique id",
+                   std::string("ncclGetUniqueId: ") + ncclGetErrorString(r), __FILE__, __LINE__);
     I.conn = wire::Connection::connect(o.host, o.port, o.timeout_ms, wire::kDefaultMaxFrame, o.tls);
     I.conn->client_handshake(v1::WORKER, o.name, o.secret, o.timeout_ms);
     v1::Envelope env;
@@ -142,7 +147,8 @@ NcclKvSink::NcclKvSink(KvHandoffOptions opt, int device) : impl_(std::make_uniqu
     if (r != ncclSuccess) {
       if (I.comm) ncclCommAbort(I.comm);
       I.comm = nullptr;
-      throw std::runtime_error(std::string("NCCL communicator init: ") + ncclGetErrorString(r));
+      throw_status(Status::kCommError, "NCCL KV sink: communicator init",
+                   std::string("ncclCommInitRank: ") + ncclGetErrorString(r), __FILE__, __LINE__);
     }
     // Warm-up word (the decoder's receiver posts the matching receive): the peer
     // connection is set up here, not inside the first layer's timing.
