@@ -465,6 +465,7 @@ TEST(PreHello, SilentSocketsDoNotLockOutClients) {
   OpenService s("prehello", {});
   const double base = s.baseline_ms(4);
   const size_t log_before = s.co->proc->log().size();
+  const long rss_base = h::rss_kb(s.co->proc->pid());
   // 300 silent sockets, each reopened as soon as the server closes it.
   h::SilentFlood flood(s.co->port, 300);
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
@@ -479,6 +480,7 @@ TEST(PreHello, SilentSocketsDoNotLockOutClients) {
     if (ms >= 0 && ms <= base + 1000) ++in_time;
     if (ms < 0) last_why = why;
   }
+  const long rss_attacked = h::rss_kb(s.co->proc->pid());
   // Hold the attack for at least 8 s (two hello deadlines).
   while (ms_since(t0) < 8000) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   const double attack_s = ms_since(t0) / 1000.0 + 0.5;
@@ -492,6 +494,9 @@ TEST(PreHello, SilentSocketsDoNotLockOutClients) {
       flood.opened(), attack_s, ok, kJobs, base, in_time, refusal_lines);
   EXPECT_GE(in_time, kJobs * 95 / 100) << last_why;
   EXPECT_LE(refusal_lines, static_cast<int>(attack_s) + 2) << log;
+  std::printf("[ figures ] coordinator RSS %ld -> %ld KiB under the flood\n", rss_base,
+              rss_attacked);
+  EXPECT_LE(rss_attacked, 2 * rss_base);  // issue 17: <= 2x its baseline
   EXPECT_TRUE(s.co->proc->running());
   // Authenticated peers are untouched: the group and the decoder are still registered.
   EXPECT_TRUE(h::wait_registered(s.co->port, "", 1, 1, 5000));
