@@ -8,7 +8,7 @@
 #
 #   --seconds N     run time of each target (default 60; >= 600 for a long campaign)
 #   --build-dir DIR the clang build (default: BUILD_DIR-fuzz, i.e. build-fuzz)
-#   --target NAME   frame_fuzz | safetensors_fuzz (repeatable; default both)
+#   --target NAME   frame_fuzz | safetensors_fuzz | sparse_config_fuzz (repeatable; default all)
 #   --jobs J        targets run at once (default 2: CI has 2 cores)
 # The corpus grows in DIR/corpus/NAME across runs; DIR/fuzz-logs/NAME.log has libFuzzer's
 # output. Prints one line per target: "NAME: E execs (R/s), C corpus inputs, ok".
@@ -33,9 +33,9 @@ while [ $# -gt 0 ]; do
 done
 [[ "$SECONDS_EACH" =~ ^[0-9]+$ ]] && [ "$SECONDS_EACH" -ge 1 ] || die "--seconds expects a positive integer"
 [[ "$PAR" =~ ^[0-9]+$ ]] && [ "$PAR" -ge 1 ] || die "--jobs expects a positive integer"
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(frame_fuzz safetensors_fuzz)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(frame_fuzz safetensors_fuzz sparse_config_fuzz)
 for t in "${TARGETS[@]}"; do
-  case "$t" in frame_fuzz|safetensors_fuzz) ;; *) die "unknown target '$t'" ;; esac
+  case "$t" in frame_fuzz|safetensors_fuzz|sparse_config_fuzz) ;; *) die "unknown target '$t'" ;; esac
 done
 [ -n "$FUZZ_BUILD" ] || FUZZ_BUILD="${BUILD_DIR}-fuzz"
 
@@ -63,6 +63,12 @@ T_BUILD=$(elapsed "$T0")
 SEEDS="$FUZZ_BUILD/seeds"
 rm -rf "$SEEDS"
 "$FUZZ_BUILD/bin/fuzz_seed_gen" "$SEEDS/frame_fuzz" "$SEEDS/safetensors_fuzz"
+# The sparse configs: the committed MInference files and the README's inline examples.
+mkdir -p "$SEEDS/sparse_config_fuzz"
+cp "$ROOT"/configs/minference/*.json "$SEEDS/sparse_config_fuzz/"
+printf '[{"0": ["vertical_and_slash", 1000, 6096, 0.5]}]' >"$SEEDS/sparse_config_fuzz/vs.json"
+printf '[{"0": ["block_sparse", 100, 0, 0.5], "1": ["a_shape", 64, 1024, 0.1]}]' \
+  >"$SEEDS/sparse_config_fuzz/mixed.json"
 LOGS="$FUZZ_BUILD/fuzz-logs"
 ART="$FUZZ_BUILD/artifacts"
 mkdir -p "$LOGS" "$ART"
