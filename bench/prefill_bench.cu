@@ -46,6 +46,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/backends.h"
 #include "engine/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda.h"
 #include "kernels/edge_check.h"
@@ -206,6 +207,7 @@ int run_dist(const Args& a) {
   // --index-set estimated: the ring engine estimates the indices itself, globally across
   // its sp ranks (engine/cuda/sp_estimate.h); otherwise a fixed synthetic plan.
   const bool estimated = !dense && a.index_set == "estimated";
+  check_policy(gpu::cuda_caps(/*nccl_kv=*/false), policy, n, nullptr, "mprefill-bench: ");
   auto mpi = comm::make_mpi_communicator(MPI_COMM_WORLD);
   comm::CommConfig cc;
   cc.timeout_ms = 600000;

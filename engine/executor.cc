@@ -24,6 +24,8 @@ void check_request(const Executor& e, const PrefillRequest& req) {
                              "--device cpu groups");
   if (req.plan && !req.plan->empty() && !c.fixed_plan)
     throw std::runtime_error(who + "fixed sparse indices (a filled plan) are not supported");
+  if (req.policy)
+    check_policy(c, *req.policy, static_cast<int64_t>(req.ids->size()), req.plan, who);
   if (!req.sp_layout.empty()) {
     const int64_t n = static_cast<int64_t>(req.ids->size());
     const int sp = e.topology().sp;
@@ -37,6 +39,30 @@ void check_request(const Executor& e, const PrefillRequest& req) {
                                "a token layout other than the zigzag split is not supported; "
                                "it runs on --device cpu groups");
   }
+}
+
+void check_policy(const ExecutorCaps& c, const SparsePolicy& policy, int64_t n,
+                  const PrefillPlan* plan, const std::string& who) {
+  if (policy.all_dense(n) || (c.adaptive_blocks && c.antidiagonal_blocks)) return;
+  for (int l = 0; l < policy.n_layers; ++l)
+    for (int h = 0; h < policy.n_heads; ++h) {
+      const HeadPattern hp = policy.at(l, h, n);
+      if (hp.kind != PatternKind::kBlockSparse) continue;
+      const bool given = plan && static_cast<size_t>(l) < plan->layers.size() &&
+                         static_cast<size_t>(h) < plan->layers[l].size() &&
+                         !plan->layers[l][h].blocks.empty();
+      if (given) continue;
+      if (hp.antidiagonal() && !c.antidiagonal_blocks)
+        throw std::runtime_error(who + "sparse policy " + policy.source +
+                                 ": antidiagonal block scores (stride) are not supported (no "
+                                 "antidiagonal estimator on this backend yet); use --device "
+                                 "cpu or the pooled block score");
+      if (hp.adaptive() && !c.adaptive_blocks)
+        throw std::runtime_error(who + "sparse policy " + policy.source +
+                                 ": adaptive block-sparse heads (tau) are not supported (no "
+                                 "block-mass selection on this backend yet); use --device "
+                                 "cpu, a fixed top-k or vertical-slash heads");
+    }
 }
 
 namespace {
@@ -58,6 +84,8 @@ class CpuExecutor final : public Executor {
     c.fixed_plan = true;
     c.abort_mid_prefill = true;
     c.sp_layout = true;
+    c.adaptive_blocks = true;
+    c.antidiagonal_blocks = true;
     return c;
   }
   const char* name() const override { return "cpu-dist"; }

@@ -59,6 +59,9 @@ struct ExecutorCaps {
   bool nccl_kv = false;     // the NCCL KV transport (kv/cuda/nccl_kv_sink.h) can carry its KV
   bool abort_mid_prefill = false;  // a throwing progress stops the prefill at that layer
   bool sp_layout = false;          // PrefillRequest::sp_layout other than plan_sequence_parallel's
+  // Block-sparse heads the backend can estimate (indices given in a plan need neither):
+  bool adaptive_blocks = false;      // a mass threshold (HeadPattern::tau)
+  bool antidiagonal_blocks = false;  // the antidiagonal block score (HeadPattern::stride)
 };
 
 struct PrefillRequest {
@@ -118,6 +121,13 @@ class Executor {
 // the executor's caps refuse, a request without ids, or an sp_layout that is not one of
 // the prompt over the executor's sp ranks; the one place such refusals live.
 void check_request(const Executor& e, const PrefillRequest& req);
+// The policy part of check_request, for the single-process paths that drive a backend
+// without an Executor (engine/single_process.h, the benches): throws std::runtime_error
+// "<who>sparse policy ...: <feature> is not supported ..." when a head of policy that the
+// backend would estimate on a prompt of n tokens needs an estimator caps lacks. A
+// block-sparse head whose indices plan gives (may be null) is not estimated.
+void check_policy(const ExecutorCaps& caps, const SparsePolicy& policy, int64_t n,
+                  const PrefillPlan* plan, const std::string& who);
 
 // Builds the executor of spec on this rank. world: the group's MPI communicator (CPU
 // collectives, and the bootstrap of the NCCL communicator of a multi-rank CUDA group);

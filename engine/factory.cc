@@ -82,6 +82,8 @@ CachePrefill make_cache_prefill(Backend b, int device, const Engine& cpu) {
   auto gpu = std::make_shared<gpu::CudaBackend>(nullptr, cpu.weights(), DistTopology{}, o);
   return [gpu](const std::vector<int>& ids, const SparsePolicy& pol, KvCache* cache,
                PrefillPlan* plan) {
+    check_policy(gpu::cuda_caps(/*nccl_kv=*/true), pol, static_cast<int64_t>(ids.size()), plan,
+                 "cuda executor (one GPU): ");
     if (cache == nullptr) return gpu->prefill(ids, pol, nullptr, plan);
     gpu::HostKvCacheSink sink(cache);
     return gpu->prefill(ids, pol, &sink, plan);

@@ -96,22 +96,6 @@ std::vector<float> CudaBackend::prefill(const std::vector<int>& ids, const Spars
     rules.prefix = f.who;
     check_prefill_plan(*plan_inout, policy, c, n, rules);
   }
-  // Vertical-slash heads with tau select on the device (cuda::index::vs_select); the
-  // block-sparse estimator has neither a mass cut nor the antidiagonal score yet.
-  if (!reuse && (policy.any_adaptive() || policy.any_antidiagonal()) && !policy.all_dense(n))
-    for (const HeadPattern& hp : policy.heads) {
-      if (hp.kind != PatternKind::kBlockSparse) continue;
-      if (hp.stride > 0)
-        f.raise("sparse policy " + policy.source +
-                ": antidiagonal block scores (stride) are estimated on the CPU engine only so "
-                "far (no CUDA antidiagonal estimator yet); use --device cpu or the pooled "
-                "block score");
-      if (hp.adaptive())
-        f.raise("sparse policy " + policy.source +
-                ": adaptive block-sparse heads (tau) are estimated on the CPU engine only so far "
-                "(no CUDA block-mass selection yet); use --device cpu, a fixed top-k or "
-                "vertical-slash heads");
-    }
   const bool fill_plan = plan_inout && !reuse;
   const Setup S = make_setup(c, g, opt_, n, policy, reuse ? plan_inout : nullptr, popt, f);
 

@@ -65,13 +65,6 @@ struct SinkChain {
   double copy_ms() const { return staging ? staging->copy_ms() : 0.0; }
 };
 
-ExecutorCaps cuda_caps(bool nccl_kv) {
-  ExecutorCaps c;
-  c.fixed_plan = true;
-  c.nccl_kv = nccl_kv;
-  return c;
-}
-
 // One rank (no communicator) or a group of several over NCCL: the same backend.
 class CudaExecutor final : public Executor {
  public:
@@ -143,6 +136,15 @@ class CudaExecutor final : public Executor {
 };
 
 }  // namespace
+
+// Block-sparse heads estimate by pooled blocks and a fixed top-k only (no CUDA
+// antidiagonal score or block-mass selection yet); vertical-slash tau selects on the device.
+ExecutorCaps cuda_caps(bool nccl_kv) {
+  ExecutorCaps c;
+  c.fixed_plan = true;
+  c.nccl_kv = nccl_kv;
+  return c;
+}
 
 std::unique_ptr<Executor> make_cuda_executor(const ExecutorSpec& spec, comm::Communicator* world) {
   if (!cuda_available()) throw std::runtime_error("--device cuda: no CUDA device is visible");

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "engine/backends.h"
 #include "engine/cuda/cuda_backend.h"
 #include "kv/cuda/kv_sinks.h"
 
@@ -11,7 +12,9 @@ GenerateResult generate_cuda(const ModelWeights& w, const std::vector<int>& ids,
                              const GenerateOptions& opt) {
   Engine cpu(w);                 // the decoder, and the same checks as the CPU path
   cpu.check_generate(ids, opt);  // before the GPU engine is set up
-  CudaBackend gpu(nullptr, w);   // one GPU: tp 1 x sp 1
+  check_policy(cuda_caps(/*nccl_kv=*/true), opt.policy, static_cast<int64_t>(ids.size()), nullptr,
+               "cuda executor (one GPU): ");
+  CudaBackend gpu(nullptr, w);  // one GPU: tp 1 x sp 1
   return cpu.generate_with(ids, opt, [&](KvCache* cache, PrefillStats* ps) {
     HostKvCacheSink sink(cache);
     CudaPrefillStats st;

@@ -19,6 +19,7 @@
 
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_generate.h"
+#include "engine/single_process.h"
 #include "kernels/cpu/cpu.h"
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/flash/flash.h"
@@ -312,12 +313,22 @@ TEST(CudaBackend, AdaptiveVerticalSlashFollowsCpuMassCut) {
   }
   EXPECT_GT(cut, 0) << "tau 0.8 never cut a head below its column cap";
 
+  // Adaptive and antidiagonal block-sparse heads: refused in one line by check_policy on
+  // the single-process path (the search's retrieval prefill); the executor path refuses in
+  // check_request (tests/mpi/executor_test.cc).
+  const CachePrefill pf = make_cache_prefill(Backend::kCuda, 0, cpu);
   const SparsePolicy bs = SparsePolicy::uniform(c, HeadPattern::block_sparse(4, 0.9), 0);
-  try {
-    eng.prefill(ids, bs, &sink);
-    ADD_FAILURE() << "adaptive block-sparse ran on the CUDA engine";
-  } catch (const std::runtime_error& e) {
-    EXPECT_NE(std::string(e.what()).find("adaptive block-sparse"), std::string::npos) << e.what();
+  const SparsePolicy ad = SparsePolicy::uniform(c, HeadPattern::block_sparse(4, 0, 8), 0);
+  for (const auto& [pol, what] :
+       {std::pair{&bs, "adaptive block-sparse"}, std::pair{&ad, "antidiagonal"}}) {
+    try {
+      pf(ids, *pol, nullptr, nullptr);
+      ADD_FAILURE() << what << " heads ran on the CUDA engine";
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("cuda executor (one GPU): "), std::string::npos)
+          << e.what();
+    }
   }
 }
 

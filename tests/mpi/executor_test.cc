@@ -265,6 +265,42 @@ TEST(Executor, RefusalsComeFromOnePlace) {
   req.ids = &ids;
   bare.topo = {};
 
+  // Block-sparse heads the backend would have to estimate without the estimator
+  // (caps.adaptive_blocks / antidiagonal_blocks): refused, unless the prompt runs dense or
+  // the indices are given (check_policy, also the single-process paths' check).
+  const ModelConfig mc = load_model(kModel).config;
+  const std::vector<int> ids300(300, 1);
+  const SparsePolicy adaptive = SparsePolicy::uniform(mc, HeadPattern::block_sparse(4, 0.9), 0);
+  const SparsePolicy antidiag = SparsePolicy::uniform(mc, HeadPattern::block_sparse(4, 0, 8), 0);
+  req.ids = &ids300;
+  for (const auto& [pol, what] :
+       {std::pair{&adaptive, "adaptive block-sparse heads (tau) are not supported"},
+        std::pair{&antidiag, "antidiagonal block scores (stride) are not supported"}}) {
+    req.policy = pol;
+    try {
+      bare.prefill(req, nullptr);
+      ADD_FAILURE() << what << ": passed an executor without the estimator";
+    } catch (const std::runtime_error& e) {
+      const std::string m = e.what();
+      EXPECT_EQ(m.rfind("bare executor (rank 3): sparse policy ", 0), 0u) << m;
+      EXPECT_NE(m.find(what), std::string::npos) << m;
+    }
+  }
+  const SparsePolicy late =
+      SparsePolicy::uniform(mc, HeadPattern::block_sparse(4, 0.9), /*dense_below=*/301);
+  req.policy = &late;
+  EXPECT_NO_THROW(bare.prefill(req, nullptr));
+  req.policy = nullptr;
+  req.ids = &ids;
+  PrefillPlan given;
+  given.seq_len = 300;
+  given.layers.assign(mc.n_layers, std::vector<HeadPlan>(mc.n_heads));
+  for (auto& layer : given.layers)
+    for (HeadPlan& hp : layer) hp = {PatternKind::kBlockSparse, {}, 1, {0}};
+  EXPECT_NO_THROW(check_policy(ExecutorCaps{}, adaptive, 300, &given, "x: "));
+  given.layers.back().back().blocks.clear();  // one head left to estimate
+  EXPECT_THROW(check_policy(ExecutorCaps{}, adaptive, 300, &given, "x: "), std::runtime_error);
+
   // A topology that does not match the group, and a bad backend name.
   ExecutorSpec bad = cpu_spec(c->size());
   bad.topo.sp += 1;
