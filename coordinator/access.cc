@@ -29,31 +29,54 @@ std::string printable(const std::string& s) {
 
 }  // namespace
 
-void Coordinator::Impl::log_refusal(const char* fmt, ...) {
+void Coordinator::Impl::log_limited(LogLimiter& l, const char* what, const char* fmt, va_list ap) {
   if (!opt.log) return;
   char msg[1024];
-  va_list ap;
-  va_start(ap, fmt);
   std::vsnprintf(msg, sizeof(msg), fmt, ap);
-  va_end(ap);
   uint64_t held = 0;
   {
-    std::lock_guard<std::mutex> lk(log_mu);
+    std::lock_guard<std::mutex> lk(l.mu);
     const auto now = Clock::now();
-    if (log_last != Clock::time_point{} && now - log_last < std::chrono::seconds(1)) {
-      ++log_held;
+    if (l.last != Clock::time_point{} && now - l.last < std::chrono::seconds(1)) {
+      ++l.held;
       ++log_suppressed;
       return;
     }
-    log_last = now;
-    held = log_held;
-    log_held = 0;
+    l.last = now;
+    held = l.held;
+    l.held = 0;
   }
   if (held)
-    log("%s (and %llu similar refusals in the last second(s), not logged)", msg,
-        static_cast<unsigned long long>(held));
+    log("%s (and %llu similar %s in the last second(s), not logged)", msg,
+        static_cast<unsigned long long>(held), what);
   else
     log("%s", msg);
+}
+
+void Coordinator::Impl::log_refusal(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  log_limited(refusal_log, "refusals", fmt, ap);
+  va_end(ap);
+}
+
+void Coordinator::Impl::log_job_refusal(const std::string& owner, const char* fmt, ...) {
+  LogLimiter* l = &refusal_log;
+  if (!owner.empty()) {
+    std::lock_guard<std::mutex> lk(key_logs_mu);
+    l = &key_logs[owner];  // std::map nodes stay put
+  }
+  va_list ap;
+  va_start(ap, fmt);
+  log_limited(*l, "refused jobs", fmt, ap);
+  va_end(ap);
+}
+
+void Coordinator::Impl::log_connect(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  log_limited(connect_log, "client connections", fmt, ap);
+  va_end(ap);
 }
 
 namespace {

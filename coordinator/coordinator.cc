@@ -33,9 +33,12 @@ Coordinator::Impl::Impl(CoordinatorOptions o) : opt(std::move(o)) {
   if (opt.client_max_jobs < 1 || opt.client_max_queued_tokens < 1)
     throw std::invalid_argument(
         "coordinator: client_max_jobs and client_max_queued_tokens must be >= 1");
-  if (opt.max_large_frame_bytes < opt.max_frame)
-    throw std::invalid_argument("coordinator: max_large_frame_bytes must be >= max_frame (" +
-                                std::to_string(opt.max_frame) + ")");
+  if (opt.max_client_frame < 1024)
+    throw std::invalid_argument("coordinator: max_client_frame must be >= 1024");
+  if (opt.max_large_frame_bytes < 2 * opt.client_frame_limit())
+    throw std::invalid_argument(
+        "coordinator: max_large_frame_bytes must be >= twice the client frame limit (2 x " +
+        std::to_string(opt.client_frame_limit()) + ", --max-client-frame / --max-frame)");
   if (!opt.client_keys.empty()) {
     if (opt.secret.empty())
       throw std::invalid_argument(
@@ -288,8 +291,10 @@ void Coordinator::Impl::unexpected_message(const SessionPtr& s, const v1::Envelo
 
 void Coordinator::Impl::on_hello(const SessionPtr& s) {
   if (!s->owner().empty())
-    log("%s connected as client key '%s'%s (name '%s')", s->peer().c_str(), s->owner().c_str(),
-        s->admin() ? " (admin)" : "", s->name().c_str());
+    log_connect("%s connected as client key '%s'%s (name '%s')", s->peer().c_str(),
+                s->owner().c_str(), s->admin() ? " (admin)" : "", s->name().c_str());
+  else if (s->role() == v1::CLIENT)
+    log_connect("%s connected as client '%s'", s->peer().c_str(), s->name().c_str());
   else
     log("%s connected as %s '%s'", s->peer().c_str(), role_name(s->role()), s->name().c_str());
 }

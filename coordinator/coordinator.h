@@ -10,6 +10,7 @@
 // sent) -> DECODING (DecodeStarted: the KV is complete on the decoder) -> DONE
 // (DecodeDone, JobResult to the client) / FAILED / CANCELLED.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -67,10 +68,16 @@ struct CoordinatorOptions {
   // frame and stalls is closed with an Error).
   int frame_timeout_ms = 30000;
   size_t max_frame = wire::kDefaultMaxFrame;  // larger frames: Error BAD_FRAME + close
-  // Bytes of partially received large client frames (> kSmallFrame) held at once, all
-  // connections together (>= max_frame): a client's large frame is read only once its
-  // whole length is granted; until then it waits (bounded by frame_timeout_ms).
-  size_t max_large_frame_bytes = wire::kDefaultMaxFrame;
+  // A client's frames after the hello (at most max_frame): a SubmitJob of 1M token ids
+  // (<= 3 bytes each below 2^21) with an inline config of max_config_bytes fits; a larger
+  // frame is refused at its length prefix, before any byte of it is held.
+  size_t max_client_frame = size_t{8} << 20;
+  // Bytes of large client frames (> kSmallFrame) held at once, all connections together
+  // (>= twice the client frame limit): a client's large frame is read only once twice its
+  // length is granted (its bytes, then the parsed message until it is handled); until then
+  // it waits (bounded by frame_timeout_ms).
+  size_t max_large_frame_bytes = size_t{16} << 20;
+  size_t client_frame_limit() const { return std::min(max_client_frame, max_frame); }
   // Authenticated connections at most (all roles); one more hello gets Error
   // RESOURCE_EXHAUSTED + close.
   int max_connections = 256;

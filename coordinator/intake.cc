@@ -225,9 +225,9 @@ void Coordinator::Impl::complete_submit(const SessionPtr& s, const v1::SubmitJob
 void Coordinator::Impl::refuse_submit(const SessionPtr& s, v1::ErrorCode code,
                                       const std::string& why) {
   ++metrics.refused;
-  log("job from %s (client '%s') refused (%s): %s", s->peer().c_str(),
-      (s->owner().empty() ? s->name() : s->owner()).c_str(), v1::ErrorCode_Name(code).c_str(),
-      why.c_str());
+  log_job_refusal(s->owner(), "job from %s (client '%s') refused (%s): %s", s->peer().c_str(),
+                  (s->owner().empty() ? s->name() : s->owner()).c_str(),
+                  v1::ErrorCode_Name(code).c_str(), why.c_str());
   s->send(wire::make_error(0, code, valid_utf8(why)));
 }
 

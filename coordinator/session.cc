@@ -153,6 +153,7 @@ void Session::resume() {
   asio::post(strand_, [self] {
     if (!self->paused_) return;
     self->paused_ = false;
+    self->release_grant();  // the message the pause was for is handled
     if (!self->closed_) self->drain();
   });
 }
@@ -240,11 +241,11 @@ void Session::drain() {
     auto r = parser_.next(&env, &err);
     if (r == wire::FrameParser::Result::kNeedMore) break;
     progressed = true;
-    if (granted_) {  // the large frame is complete (or broken): its bytes go back
-      release_grant();
-      parser_.release_memory();
-    }
+    // A large frame is complete (or broken): its buffer goes back; the grant still covers
+    // the parsed message until it is handled (here, or off the strand until resume()).
+    if (granted_) parser_.release_memory();
     if (r == wire::FrameParser::Result::kError) {
+      release_grant();
       bad_frame(parser_.error_kind() == wire::WireError::Kind::kBadVersion ? v1::BAD_VERSION
                                                                            : v1::BAD_FRAME,
                 err);
@@ -263,6 +264,7 @@ void Session::drain() {
       frame_timer_.cancel();
       return;
     }
+    release_grant();
   }
   if (hello_done_) watch_partial_frame(progressed);
   if (!grant_large_frame()) return;
@@ -273,8 +275,8 @@ bool Session::grant_large_frame() {
   if (!hello_done_ || role_ != v1::CLIENT || granted_) return true;
   const size_t need = parser_.pending_frame_bytes();
   if (need <= kSmallFrame) return true;
-  if (coord_->reserve_large_frame(need)) {
-    granted_ = need;
+  if (coord_->reserve_large_frame(2 * need)) {  // the bytes, then the parsed message
+    granted_ = 2 * need;
     parser_.reserve(need);
     return true;
   }
@@ -325,7 +327,8 @@ bool Session::take_hello(const v1::Envelope& env) {
   }
   hello_done_ = true;
   hello_timer_.cancel();
-  parser_.set_max_frame(coord_->opt.max_frame);
+  parser_.set_max_frame(role_ == v1::CLIENT ? coord_->opt.client_frame_limit()
+                                            : coord_->opt.max_frame);
   buf_.resize(kReadChunk);  // no read is pending: drain runs between reads
   write(wire::encode_frame(wire::make_hello_accepted("mprefill-coordinator", h, nonce_, secret,
                                                      identity, admin, exporter_)));
@@ -336,6 +339,9 @@ bool Session::take_hello(const v1::Envelope& env) {
 void Session::bad_frame(v1::ErrorCode code, const std::string& why) {
   if (!hello_done_)
     coord_->log_refusal("%s: bad frame before the hello: %s; closing", peer_.c_str(), why.c_str());
+  else if (role_ == v1::CLIENT)
+    coord_->log_refusal("%s (%s %s): bad frame: %s; closing this connection", peer_.c_str(),
+                        role_name(role_), name_.c_str(), why.c_str());
   else
     coord_->log("%s (%s %s): bad frame: %s; closing this connection", peer_.c_str(),
                 role_name(role_), name_.c_str(), why.c_str());

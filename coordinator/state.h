@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdarg>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -183,9 +184,18 @@ struct Coordinator::Impl : std::enable_shared_from_this<Coordinator::Impl> {
   std::unique_ptr<ClientKeyFile> client_keys;  // --client-keys (thread-safe itself)
   std::unique_ptr<asio::ssl::context> tls;     // --tls-cert / --tls-key
   std::atomic<int64_t> large_frame_bytes{0};   // granted to partial large client frames
-  std::mutex log_mu;                           // the refusal log's limiter
-  Clock::time_point log_last{};
-  uint64_t log_held = 0;  // refusal lines left out since the last one written
+  // Lines a stranger can cause at will (refusals; client connections) are limited to one a
+  // second each; the next line written says how many were left out.
+  struct LogLimiter {
+    std::mutex mu;
+    Clock::time_point last{};
+    uint64_t held = 0;  // lines left out since the last one written
+  };
+  LogLimiter refusal_log, connect_log;
+  // A keyed client's refused jobs: one limiter per key, so one tenant's flood does not hide
+  // another's refusals (bounded by the keys file).
+  std::mutex key_logs_mu;
+  std::map<std::string, LogLimiter> key_logs;
   std::atomic<uint64_t> log_suppressed{0};
   int key_check_ticks = 0;
   // Intake work (opt.prep_threads threads): created by start(), taken out, stopped and
@@ -232,9 +242,15 @@ struct Coordinator::Impl : std::enable_shared_from_this<Coordinator::Impl> {
   void do_accept();
 
   // ---- access.cc ----
-  // A refusal line (pre-hello events, refused hellos): at most one a second; the next one
-  // written says how many were left out. Not with mu held.
+  // A refusal line (pre-hello events, refused hellos, refused jobs, a client's bad frame):
+  // at most one a second; the next one written says how many were left out. Not with mu
+  // held. log_connect: the same for client connections (a flood of them).
   void log_refusal(const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+  void log_connect(const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+  // A refused job: limited per client key (owner), else with the other refusals.
+  void log_job_refusal(const std::string& owner, const char* fmt, ...)
+      __attribute__((format(printf, 3, 4)));
+  void log_limited(LogLimiter& l, const char* what, const char* fmt, va_list ap);
   // A new connection enters the pre-hello pool; returns those to close (the oldest) when
   // it is full. With max_connections authenticated peers already: *full says so and s
   // stays out (it could not be admitted after its hello either).

@@ -30,7 +30,8 @@ const char* kUsage =
     "                            [--threads N] [--heartbeat-ms MS]\n"
     "                            [--heartbeat-timeout-ms MS] [--handoff-timeout-ms MS]\n"
     "                            [--max-connections N] [--max-frame BYTES]\n"
-    "                            [--frame-timeout-ms MS] [--port-file F] [--quiet]\n"
+    "                            [--max-client-frame B] [--frame-timeout-ms MS]\n"
+    "                            [--port-file F] [--quiet]\n"
     "  --host ADDR             bind address (default 127.0.0.1; 0.0.0.0 for all)\n"
     "  --port P                service port (default 7070; 0: any free port)\n"
     "  --metrics-port P        Prometheus text metrics over HTTP GET /metrics (default off;\n"
@@ -49,8 +50,9 @@ const char* kUsage =
     "  --max-pre-hello N       connections before their hello (default 512; the oldest is\n"
     "                          closed for a new one); not counted in --max-connections\n"
     "  --hello-timeout-ms MS   hello deadline of a new connection (default 3000)\n"
-    "  --max-large-frame-bytes B  partial client frames over 256 KiB held at once, all\n"
-    "                          connections (default 67108864, >= --max-frame)\n"
+    "  --max-large-frame-bytes B  client frames over 256 KiB held at once (2x each: bytes\n"
+    "                          and parsed), all connections (default 16777216, >= 2x the\n"
+    "                          client frame limit)\n"
     "  --tokenizer PATH        llama2.c tokenizer.bin: text prompts and result text\n"
     "  --max-prompt N          prompt limit in tokens (default: the model's max position)\n"
     "  --config-dir DIR        sparse configs clients choose by name: --sparse NAME reads\n"
@@ -71,6 +73,8 @@ const char* kUsage =
     "                          gets Error RESOURCE_EXHAUSTED and is closed\n"
     "  --max-frame BYTES       frame size limit after the hello (default 67108864; before\n"
     "                          it: 65536 at most)\n"
+    "  --max-client-frame BYTES  a client's frames after the hello (default 8388608: 1M\n"
+    "                          token ids and an inline config; never over --max-frame)\n"
     "  --frame-timeout-ms MS   a frame begun must be complete within MS (default 30000)\n"
     "  --port-file F           write \"PORT METRICS_PORT\" to F once listening\n"
     "  --quiet                 no event log on stderr\n";
@@ -148,6 +152,9 @@ int main(int argc, char** argv) {
         opt.max_connections = static_cast<int>(parse_int(flag, value(), 1, 1 << 20));
       } else if (flag == "--max-frame") {
         opt.max_frame = static_cast<size_t>(parse_int(flag, value(), 1024, int64_t{1} << 30));
+      } else if (flag == "--max-client-frame") {
+        opt.max_client_frame =
+            static_cast<size_t>(parse_int(flag, value(), 1024, int64_t{1} << 30));
       } else if (flag == "--frame-timeout-ms") {
         opt.frame_timeout_ms = static_cast<int>(parse_int(flag, value(), 10, 3600000));
       } else if (flag == "--port-file") {
