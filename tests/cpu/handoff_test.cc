@@ -1259,15 +1259,29 @@ double seconds_since(Clock::time_point t0) {
 const std::string kAdmitFull = "KV needs " + std::to_string(kAdmitJobBytes) + " bytes, 1000 of " +
                                std::to_string(kAdmitCapacity) + " bytes are free";
 
+// A receiver of admit_opts(wait_ms) whose room job 1 fills; with hold, job 1's store is
+// taken as an in-flight put takes it (the receiver's release does not free it then).
+struct Admission {
+  kv::KvReceiver rx;
+  std::shared_ptr<JobKvStore> held;
+  explicit Admission(int wait_ms, bool hold = true) : rx(admit_opts(wait_ms), nullptr) {
+    std::string why;
+    EXPECT_TRUE(admit(1, &why)) << why;
+    if (hold) held = rx.store(1);
+    EXPECT_TRUE(!hold || held);
+  }
+  bool admit(uint64_t job, std::string* why) {
+    return rx.expect(expect_msg(job, kAdmitTokens, 2, 1), why);
+  }
+};
+
 // A released job's store held by someone else (as an in-flight put holds it) blocks the
 // next job only until it is dropped; expect() waits for that without holding the
 // receiver's lock.
 TEST(KvAdmission, WaitsForAReleasedJobsStoreToDrain) {
-  kv::KvReceiver rx(admit_opts(2000), nullptr);
+  Admission a(2000);
+  kv::KvReceiver& rx = a.rx;
   std::string why;
-  ASSERT_TRUE(rx.expect(expect_msg(1, kAdmitTokens, 2, 1), &why)) << why;
-  std::shared_ptr<JobKvStore> held = rx.store(1);
-  ASSERT_TRUE(held);
   rx.release(1);
   double info_s = -1;
   std::thread holder([&] {
@@ -1276,10 +1290,10 @@ TEST(KvAdmission, WaitsForAReleasedJobsStoreToDrain) {
     (void)rx.info(1);  // blocks if expect() waits under mu_
     info_s = seconds_since(t);
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
-    held.reset();
+    a.held.reset();
   });
   const auto t0 = Clock::now();
-  const bool ok = rx.expect(expect_msg(2, kAdmitTokens, 2, 1), &why);
+  const bool ok = a.admit(2, &why);
   const double waited = seconds_since(t0);
   holder.join();
   ASSERT_TRUE(ok) << why;
@@ -1291,11 +1305,11 @@ TEST(KvAdmission, WaitsForAReleasedJobsStoreToDrain) {
 
 // A live job is not waited for: refused at once with the byte numbers.
 TEST(KvAdmission, LiveJobRefusesAtOnce) {
-  kv::KvReceiver rx(admit_opts(2000), nullptr);
+  Admission a(2000, /*hold=*/false);
+  kv::KvReceiver& rx = a.rx;
   std::string why;
-  ASSERT_TRUE(rx.expect(expect_msg(1, kAdmitTokens, 2, 1), &why)) << why;
   const auto t0 = Clock::now();
-  EXPECT_FALSE(rx.expect(expect_msg(2, kAdmitTokens, 2, 1), &why));
+  EXPECT_FALSE(a.admit(2, &why));
   EXPECT_LT(seconds_since(t0), 1.0) << "waited for a live job";
   EXPECT_NE(why.find("job 2: decoder KV store full"), std::string::npos) << why;
   EXPECT_NE(why.find(kAdmitFull), std::string::npos) << why;
@@ -1307,14 +1321,12 @@ TEST(KvAdmission, LiveJobRefusesAtOnce) {
 // A failed job's store that stays held past admission_wait_ms: refused after about that
 // long, naming the wait; once dropped, the next expect() is admitted without waiting.
 TEST(KvAdmission, DrainPastTheWaitIsRefusedNamingIt) {
-  kv::KvReceiver rx(admit_opts(300), nullptr);
+  Admission a(300);
+  kv::KvReceiver& rx = a.rx;
   std::string why;
-  ASSERT_TRUE(rx.expect(expect_msg(1, kAdmitTokens, 2, 1), &why)) << why;
-  std::shared_ptr<JobKvStore> held = rx.store(1);
-  ASSERT_TRUE(held);
   rx.fail_job(1, "job 1: test failure");
   auto t0 = Clock::now();
-  EXPECT_FALSE(rx.expect(expect_msg(2, kAdmitTokens, 2, 1), &why));
+  EXPECT_FALSE(a.admit(2, &why));
   const double waited = seconds_since(t0);
   EXPECT_GE(waited, 0.28);
   EXPECT_LT(waited, 2.0);
@@ -1325,26 +1337,24 @@ TEST(KvAdmission, DrainPastTheWaitIsRefusedNamingIt) {
             std::string::npos)
       << why;
   EXPECT_FALSE(rx.info(2).known);
-  held.reset();
+  a.held.reset();
   EXPECT_EQ(rx.reserved_bytes(), 0u);
   t0 = Clock::now();
-  ASSERT_TRUE(rx.expect(expect_msg(3, kAdmitTokens, 2, 1), &why)) << why;
+  ASSERT_TRUE(a.admit(3, &why)) << why;
   EXPECT_LT(seconds_since(t0), 1.0);
 }
 
 // admission_wait_ms 0: the old behaviour, refused at once even while a store drains.
 TEST(KvAdmission, ZeroWaitRefusesAtOnce) {
-  kv::KvReceiver rx(admit_opts(0), nullptr);
+  Admission a(0);
   std::string why;
-  ASSERT_TRUE(rx.expect(expect_msg(1, kAdmitTokens, 2, 1), &why)) << why;
-  std::shared_ptr<JobKvStore> held = rx.store(1);
-  rx.release(1);
+  a.rx.release(1);
   std::thread holder([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
-    held.reset();
+    a.held.reset();
   });
   const auto t0 = Clock::now();
-  const bool ok = rx.expect(expect_msg(2, kAdmitTokens, 2, 1), &why);
+  const bool ok = a.admit(2, &why);
   const double waited = seconds_since(t0);
   holder.join();
   EXPECT_FALSE(ok);
@@ -1354,7 +1364,7 @@ TEST(KvAdmission, ZeroWaitRefusesAtOnce) {
                      " bytes of released jobs still draining)"),
             std::string::npos)
       << why;
-  ASSERT_TRUE(rx.expect(expect_msg(3, kAdmitTokens, 2, 1), &why)) << why;
+  ASSERT_TRUE(a.admit(3, &why)) << why;
 }
 
 }  // namespace
