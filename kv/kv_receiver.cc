@@ -1,8 +1,12 @@
 #include "kv/kv_receiver.h"
 
+#include <poll.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 
 #include "kv/crc32c.h"
 #include "kv/kv_handoff.h"
@@ -45,7 +49,8 @@ struct KvReceiver::Stream {
   // Counted in KvReceiver::prehello_ until its hellos are done (cleared by its reader);
   // evicted: closed by the accept loop to make room (the oldest in its hello first).
   std::atomic<bool> prehello{false};
-  bool evicted = false;  // under KvReceiver::mu_
+  bool evicted = false;              // under KvReceiver::mu_
+  Clock::time_point hello_deadline;  // both hellos by then
   std::thread th;
 
   // Never throws: a stream that cannot take a frame is dropped by its reader.
@@ -135,6 +140,7 @@ KvReceiver::KvReceiver(ReceiverOptions opt, FailFn on_fail)
   insecure_open_ = wire::check_listen_security(sec);
   accept_thread_ = std::thread([this] { accept_loop(); });
   monitor_thread_ = std::thread([this] { monitor_loop(); });
+  hello_thread_ = std::thread([this] { hello_loop(); });
 }
 
 KvReceiver::~KvReceiver() {
@@ -143,6 +149,12 @@ KvReceiver::~KvReceiver() {
   listener_->close();
   if (accept_thread_.joinable()) accept_thread_.join();
   if (monitor_thread_.joinable()) monitor_thread_.join();
+  if (hello_thread_.joinable()) hello_thread_.join();
+  {
+    std::lock_guard<std::mutex> lock(wait_mu_);
+    for (auto& s : waiting_) s->conn->close();
+    waiting_.clear();
+  }
   std::vector<std::shared_ptr<Stream>> streams;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -356,8 +368,8 @@ void KvReceiver::log_refusal(const std::string& line) {
   last_log_ = now;
 }
 
-// Accepts connections and hands each to its own thread at once: the hellos run
-// concurrently (a silent connection delays nobody), at most max_prehello at a time.
+// Accepts connections, sends each its ServerHello and adds it to the silent ones that
+// hello_loop polls (no thread until it speaks), at most max_prehello in their hello.
 void KvReceiver::accept_loop() {
   while (!stop_) {
     std::string error;
@@ -382,21 +394,94 @@ void KvReceiver::accept_loop() {
       conn->close();
       continue;
     }
-    ++prehello_;
     auto s = std::make_shared<Stream>();
     s->peer = conn->peer();
     s->conn = std::move(conn);
+    s->hello_deadline = Clock::now() + std::chrono::milliseconds(opt_.prehello_timeout_ms);
+    // A fresh socket's buffer takes the small ServerHello at once; a peer that does not
+    // read is found out by its hello deadline.
+    if (!s->conn->send_server_hello(!opt_.secret.empty(), 1000, &error)) {
+      log_refusal(s->peer + ": " + error);
+      s->conn->close();
+      continue;
+    }
+    ++prehello_;
     s->prehello = true;
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(wait_mu_);
     if (stop_) return;
-    streams_.push_back(s);
-    s->th = std::thread([this, s] { serve_stream(s); });
+    waiting_.push_back(std::move(s));
+  }
+}
+
+void KvReceiver::start_stream(std::shared_ptr<Stream> s) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (stop_) return s->conn->close();
+  streams_.push_back(s);
+  s->th = std::thread([this, s] { serve_stream(s); });
+}
+
+void KvReceiver::hello_loop() {
+  std::vector<std::shared_ptr<Stream>> polled;
+  std::vector<pollfd> fds;
+  while (!stop_) {
+    {
+      std::lock_guard<std::mutex> lock(wait_mu_);
+      polled.assign(waiting_.begin(), waiting_.end());
+    }
+    fds.clear();
+    for (const auto& s : polled) fds.push_back({s->conn->wait_fd(), POLLIN, 0});
+    if (fds.empty()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      continue;
+    }
+    const int n = ::poll(fds.data(), fds.size(), 20);
+    if (n < 0 && errno != EINTR) {
+      std::fprintf(stderr, "mprefill-decoder: KV port poll: %s\n", std::strerror(errno));
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      continue;
+    }
+    const auto now = Clock::now();
+    std::vector<std::shared_ptr<Stream>> spoke, expired;
+    {
+      std::lock_guard<std::mutex> lock(wait_mu_);
+      for (size_t i = 0; i < polled.size(); ++i) {
+        const auto& s = polled[i];
+        const bool ready = fds[i].revents != 0, late = now >= s->hello_deadline;
+        if (!ready && !late) continue;
+        // Still waiting (not evicted meanwhile): take it out.
+        auto it = std::find(waiting_.begin(), waiting_.end(), s);
+        if (it == waiting_.end()) continue;
+        waiting_.erase(it);
+        (ready ? spoke : expired).push_back(s);
+      }
+    }
+    for (auto& s : spoke) start_stream(std::move(s));
+    // A silent peer on a TLS port may be a plain-TCP client waiting for its ServerHello:
+    // its thread's handshake times out at once and tells it the port speaks TLS.
+    if (listener_->tls())
+      for (auto& s : expired) start_stream(std::move(s));
+    else
+      for (auto& s : expired) {
+        if (s->prehello.exchange(false)) --prehello_;
+        s->conn->close();
+        log_refusal("hello from " + s->peer + ": no ClientHello within " +
+                    std::to_string(opt_.prehello_timeout_ms) + " ms");
+      }
   }
 }
 
 bool KvReceiver::evict_oldest_prehello() {
   std::shared_ptr<Stream> oldest;
   {
+    std::lock_guard<std::mutex> lock(wait_mu_);
+    if (!waiting_.empty()) {  // the oldest silent one
+      oldest = std::move(waiting_.front());
+      waiting_.pop_front();
+    }
+  }
+  if (oldest) {
+    if (oldest->prehello.exchange(false)) --prehello_;
+  } else {  // the oldest one in its hellos on its own thread
     std::lock_guard<std::mutex> lock(mu_);
     int evicted = 0;
     for (const auto& st : streams_) {
@@ -408,9 +493,8 @@ bool KvReceiver::evict_oldest_prehello() {
       }
     }
     if (!oldest || evicted >= opt_.max_prehello) return false;
-    oldest->evicted = true;
+    oldest->evicted = true;  // its reader wakes from the hello with an error and leaves
   }
-  // shutdown, not close: its reader wakes from the hello with an error and leaves.
   oldest->conn->close();
   log_refusal(oldest->peer + ": closed in its hello for a new connection (" +
               std::to_string(opt_.max_prehello) + " in their hello)");
@@ -475,7 +559,7 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
     }
     ~Prehello() { done(); }
   } prehello{this, s.get()};
-  const auto hello_deadline = Clock::now() + std::chrono::milliseconds(opt_.prehello_timeout_ms);
+  const auto hello_deadline = s->hello_deadline;
   auto hello_left = [&] {
     return std::max(1, static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(
                                             hello_deadline - Clock::now())
@@ -483,7 +567,7 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
   };
   std::string hello_error;
   if (!s->conn->server_handshake(v1::WORKER, opt_.secret, "mprefill-decoder", opt_.max_frame,
-                                 opt_.prehello_timeout_ms, &hello_error)) {
+                                 hello_left(), &hello_error)) {
     log_refusal(hello_error);
     return s->conn->close();
   }

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -110,11 +111,13 @@ struct ReceiverOptions {
   int admission_wait_ms = 2000;
   int default_timeout_ms = 30000;  // Expect.timeout_ms when 0
   int hello_wait_ms = 5000;        // a stream for a job not expected yet waits this long
-  // Connections that have not yet said hello (ClientHello, then KvStreamHello): each runs
-  // its hello on its own thread (a silent one delays no other), at most max_prehello at
-  // once: a new connection to a full pool closes the oldest one in its hello (so a flood
-  // of silent sockets cannot lock out the workers' streams; refusals logged at most once a
-  // second), and each is closed when both hellos did not arrive within prehello_timeout_ms.
+  // Connections that have not yet said hello (ClientHello, then KvStreamHello): a silent
+  // one waits in one poll() set (no thread: a flood of them costs a socket each); the
+  // first bytes move it to its own thread for the hellos (a slow one delays no other). At
+  // most max_prehello at once: a new connection to a full pool closes the oldest one in
+  // its hello (so a flood of silent sockets cannot lock out the workers' streams; refusals
+  // logged at most once a second), and each is closed when both hellos did not arrive
+  // within prehello_timeout_ms.
   int max_prehello = 256;
   int prehello_timeout_ms = 2000;
   // Frame limit on the KV port after a stream's hello (before it: 64 KiB); at least one
@@ -182,9 +185,12 @@ class KvReceiver {
   std::map<uint64_t, std::shared_ptr<Job>> jobs_;
   std::vector<std::shared_ptr<Stream>> streams_;
   std::atomic<bool> stop_{false};
-  std::thread accept_thread_, monitor_thread_;
-  std::atomic<int> prehello_{0};  // connections in their hello
-  std::mutex log_mu_;             // refusal logging, at most a line a second
+  std::thread accept_thread_, monitor_thread_, hello_thread_;
+  std::atomic<int> prehello_{0};  // connections in their hello (waiting or on a thread)
+  // Silent connections in their hello, oldest first (accept_loop adds, hello_loop takes).
+  std::mutex wait_mu_;
+  std::deque<std::shared_ptr<Stream>> waiting_;
+  std::mutex log_mu_;  // refusal logging, at most a line a second
   std::chrono::steady_clock::time_point last_log_{};
   int suppressed_ = 0;
 
@@ -193,6 +199,10 @@ class KvReceiver {
   void accept_loop();
   // Closes the oldest connection still in its hello; false when none can be (see accept_loop).
   bool evict_oldest_prehello();
+  // Waits (poll) for the first bytes of the silent connections; moves a connection that
+  // spoke to its own thread (serve_stream), closes one past its hello deadline.
+  void hello_loop();
+  void start_stream(std::shared_ptr<Stream> s);
   void monitor_loop();
   void serve_stream(std::shared_ptr<Stream> s);
   bool job_failed(const std::shared_ptr<Job>& job) const;

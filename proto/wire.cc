@@ -394,6 +394,8 @@ struct Connection::Impl {
   std::string exporter;      // TLS exporter value; empty without TLS
   std::unique_ptr<TlsSession> tls;
   std::shared_ptr<const TlsServerContext> server_tls;  // accepted on a TLS listener
+  std::string hello_nonce;  // ServerHello sent early (send_server_hello); empty: not yet
+  bool hello_auth = false;
 
   explicit Impl(size_t max_frame) : parser(max_frame) {}
 
@@ -855,9 +857,14 @@ bool Connection::server_handshake(v1::Role expected_role, const std::string& sec
     }
   }
   const std::string& channel = impl_->exporter;
-  const std::string nonce = random_nonce();
+  const bool sent = !impl_->hello_nonce.empty();
+  if (sent && impl_->hello_auth != !secret.empty()) {
+    set_error("hello from " + peer() + ": ServerHello was sent with another auth setting");
+    return false;
+  }
+  const std::string nonce = sent ? impl_->hello_nonce : random_nonce();
   try {
-    send(make_server_hello(nonce, !secret.empty()), ht);
+    if (!sent) send(make_server_hello(nonce, !secret.empty()), ht);
     v1::Envelope env;
     if (!recv(&env, std::max(remaining_ms(deadline), 1))) {
       set_error("hello from " + peer() + ": no ClientHello within " + std::to_string(ht) + " ms");
@@ -887,6 +894,22 @@ bool Connection::server_handshake(v1::Role expected_role, const std::string& sec
   set_error("");
   return true;
 }
+
+bool Connection::send_server_hello(bool auth, int timeout_ms, std::string* error) {
+  if (impl_->server_tls || !impl_->hello_nonce.empty()) return true;
+  const std::string nonce = random_nonce();
+  try {
+    send(make_server_hello(nonce, auth), std::max(timeout_ms, 1));
+  } catch (const WireError& e) {
+    if (error) *error = e.what();
+    return false;
+  }
+  impl_->hello_nonce = nonce;
+  impl_->hello_auth = auth;
+  return true;
+}
+
+int Connection::wait_fd() const { return impl_->fd(); }
 
 std::unique_ptr<Connection> Listener::accept(int timeout_ms, v1::Role expected_role,
                                              const std::string& secret, std::string* peer_name,

@@ -155,6 +155,16 @@ class Connection {
   bool server_handshake(v1::Role expected_role, const std::string& secret,
                         const std::string& server_name, size_t max_frame, int timeout_ms,
                         std::string* error);
+  // Accepting side, optional first step: on a plain-TCP connection sends the ServerHello
+  // now (auth: the server requires a proof), so that the caller can wait for the peer's
+  // ClientHello with poll() on wait_fd() without a thread per connection;
+  // server_handshake then goes on from the ClientHello (same nonce). A no-op on a TLS
+  // connection (its handshake starts with the client's bytes). false with *error when the
+  // send fails.
+  bool send_server_hello(bool auth, int timeout_ms, std::string* error);
+  // The socket, for poll(POLLIN) by the caller: readable once the peer sent bytes (or
+  // closed). Not for reading or writing.
+  int wait_fd() const;
   // The shared secret (no key id).
   void client_handshake(v1::Role role, const std::string& name, const std::string& secret,
                         int timeout_ms) {
