@@ -51,6 +51,9 @@ struct KvReceiver::Stream {
   std::atomic<bool> prehello{false};
   bool evicted = false;              // under KvReceiver::mu_
   Clock::time_point hello_deadline;  // both hellos by then
+  // The socket as accepted, for hello_loop's poll(): read there without touching conn,
+  // which another thread may close meanwhile (a reused number is filtered by waiting_).
+  int wait_fd = -1;
   std::thread th;
 
   // Never throws: a stream that cannot take a frame is dropped by its reader.
@@ -398,6 +401,7 @@ void KvReceiver::accept_loop() {
     s->peer = conn->peer();
     s->conn = std::move(conn);
     s->hello_deadline = Clock::now() + std::chrono::milliseconds(opt_.prehello_timeout_ms);
+    s->wait_fd = s->conn->wait_fd();
     // A fresh socket's buffer takes the small ServerHello at once; a peer that does not
     // read is found out by its hello deadline.
     if (!s->conn->send_server_hello(!opt_.secret.empty(), 1000, &error)) {
@@ -429,7 +433,7 @@ void KvReceiver::hello_loop() {
       polled.assign(waiting_.begin(), waiting_.end());
     }
     fds.clear();
-    for (const auto& s : polled) fds.push_back({s->conn->wait_fd(), POLLIN, 0});
+    for (const auto& s : polled) fds.push_back({s->wait_fd, POLLIN, 0});
     if (fds.empty()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
       continue;
