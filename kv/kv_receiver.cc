@@ -1,6 +1,8 @@
 #include "kv/kv_receiver.h"
 
 #include <poll.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -54,6 +56,7 @@ struct KvReceiver::Stream {
   // The socket as accepted, for hello_loop's poll(): read there without touching conn,
   // which another thread may close meanwhile (a reused number is filtered by waiting_).
   int wait_fd = -1;
+  Clock::time_point recheck{};  // hello_loop: not polled before (a partial first frame)
   std::thread th;
 
   // Never throws: a stream that cannot take a frame is dropped by its reader.
@@ -424,45 +427,80 @@ void KvReceiver::start_stream(std::shared_ptr<Stream> s) {
   s->th = std::thread([this, s] { serve_stream(s); });
 }
 
+namespace {
+
+// A plain-TCP peer's first frame (its ClientHello) is all there, or cannot be one (too
+// long, the peer gone): either way its thread may take it without waiting on the peer.
+bool first_frame_ready(int fd) {
+  uint8_t head[4];
+  const ssize_t got = ::recv(fd, head, sizeof(head), MSG_PEEK | MSG_DONTWAIT);
+  if (got < 0) return errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR;
+  if (got == 0) return true;  // closed: its thread finds out at once
+  if (got < 4) return false;
+  const uint32_t len = uint32_t(head[0]) | uint32_t(head[1]) << 8 | uint32_t(head[2]) << 16 |
+                       uint32_t(head[3]) << 24;
+  if (len > wire::kHelloMaxFrame) return true;  // refused at once
+  int avail = 0;
+  if (::ioctl(fd, FIONREAD, &avail) != 0) return true;
+  return int64_t(avail) >= int64_t(4) + len;
+}
+
+}  // namespace
+
 void KvReceiver::hello_loop() {
+  // A peer that sent part of its first frame and stalls is looked at again after this
+  // (poll() would report it readable at once every time).
+  constexpr auto kRecheck = std::chrono::milliseconds(20);
+  const bool tls = listener_->tls();
   std::vector<std::shared_ptr<Stream>> polled;
   std::vector<pollfd> fds;
+  std::vector<int> slot;  // polled[i]'s entry in fds, or -1 (waiting for its recheck)
   while (!stop_) {
     {
       std::lock_guard<std::mutex> lock(wait_mu_);
       polled.assign(waiting_.begin(), waiting_.end());
     }
+    auto now = Clock::now();
     fds.clear();
-    for (const auto& s : polled) fds.push_back({s->wait_fd, POLLIN, 0});
+    slot.assign(polled.size(), -1);
+    for (size_t i = 0; i < polled.size(); ++i) {
+      if (polled[i]->recheck > now) continue;
+      slot[i] = int(fds.size());
+      fds.push_back({polled[i]->wait_fd, POLLIN, 0});
+    }
     if (fds.empty()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      continue;
-    }
-    const int n = ::poll(fds.data(), fds.size(), 20);
-    if (n < 0 && errno != EINTR) {
+    } else if (::poll(fds.data(), fds.size(), 20) < 0 && errno != EINTR) {
       std::fprintf(stderr, "mprefill-decoder: KV port poll: %s\n", std::strerror(errno));
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
       continue;
     }
-    const auto now = Clock::now();
+    now = Clock::now();
     std::vector<std::shared_ptr<Stream>> spoke, expired;
     {
+      // Under wait_mu_: a connection still in waiting_ is not closed meanwhile (eviction
+      // takes it out under this lock first), so peeking at its socket is safe.
       std::lock_guard<std::mutex> lock(wait_mu_);
       for (size_t i = 0; i < polled.size(); ++i) {
         const auto& s = polled[i];
-        const bool ready = fds[i].revents != 0, late = now >= s->hello_deadline;
-        if (!ready && !late) continue;
-        // Still waiting (not evicted meanwhile): take it out.
+        const short ev = slot[i] >= 0 ? fds[size_t(slot[i])].revents : 0;
+        const bool late = now >= s->hello_deadline;
+        if (ev == 0 && !late) continue;
         auto it = std::find(waiting_.begin(), waiting_.end(), s);
-        if (it == waiting_.end()) continue;
+        if (it == waiting_.end()) continue;  // evicted meanwhile
+        if (!late && !tls && !(ev & (POLLHUP | POLLERR | POLLNVAL)) &&
+            !first_frame_ready(s->wait_fd)) {
+          s->recheck = now + kRecheck;
+          continue;
+        }
         waiting_.erase(it);
-        (ready ? spoke : expired).push_back(s);
+        (late ? expired : spoke).push_back(s);
       }
     }
     for (auto& s : spoke) start_stream(std::move(s));
     // A silent peer on a TLS port may be a plain-TCP client waiting for its ServerHello:
     // its thread's handshake times out at once and tells it the port speaks TLS.
-    if (listener_->tls())
+    if (tls)
       for (auto& s : expired) start_stream(std::move(s));
     else
       for (auto& s : expired) {

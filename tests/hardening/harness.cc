@@ -172,9 +172,10 @@ int connect_nonblocking(uint16_t port) {
   return fd;
 }
 
-SilentFlood::SilentFlood(uint16_t port, int n) {
-  th_ = std::thread([this, port, n] {
+SilentFlood::SilentFlood(uint16_t port, int n, std::string prefix) {
+  th_ = std::thread([this, port, n, prefix] {
     std::vector<int> fds;
+    std::vector<char> sent(static_cast<size_t>(n), 0);
     for (int i = 0; i < n; ++i) fds.push_back(connect_nonblocking(port));
     opened_ += n;
     char buf[4096];
@@ -185,9 +186,14 @@ SilentFlood::SilentFlood(uint16_t port, int n) {
       for (size_t i = 0; i < fds.size(); ++i) {
         if (!(p[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
         const ssize_t got = ::recv(fds[i], buf, sizeof(buf), 0);  // a ServerHello, or the close
+        if (got > 0 && !prefix.empty() && !sent[i]) {
+          (void)!::send(fds[i], prefix.data(), prefix.size(), MSG_NOSIGNAL);
+          sent[i] = 1;
+        }
         if (got == 0 || (got < 0 && errno != EAGAIN)) {
           ::close(fds[i]);
           fds[i] = connect_nonblocking(port);
+          sent[i] = 0;
           ++opened_;
         }
       }

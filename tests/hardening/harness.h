@@ -69,7 +69,9 @@ int connect_nonblocking(uint16_t port);
 // (a slowloris), held on a thread of their own until stop() or destruction.
 class SilentFlood {
  public:
-  SilentFlood(uint16_t port, int n);
+  // prefix: bytes each connection sends once its ServerHello came (e.g. the start of a
+  // frame, then nothing: a slowloris); empty: silent.
+  SilentFlood(uint16_t port, int n, std::string prefix = "");
   ~SilentFlood() { stop(); }
   SilentFlood(const SilentFlood&) = delete;
   SilentFlood& operator=(const SilentFlood&) = delete;
