@@ -134,7 +134,7 @@ size_t FrameParser::buffered() const { return end_ - pos_; }
 size_t FrameParser::pending_frame_bytes() const {
   if (failed_ || buffered() < 4) return 0;
   const auto* p = reinterpret_cast<const uint8_t*>(buf_.data() + pos_);
-  return 4 + size_t{p[0]} + (size_t{p[1]} << 8) + (size_t{p[2]} << 16) + (size_t{p[3]} << 24);
+  return 4 + size_t{frame_body_length(p)};
 }
 
 void FrameParser::compact() {
@@ -168,8 +168,7 @@ FrameParser::Result FrameParser::next(v1::Envelope* out, std::string* error) {
   }
   if (buffered() < 4) return Result::kNeedMore;
   const auto* p = reinterpret_cast<const uint8_t*>(buf_.data() + pos_);
-  const uint64_t len =
-      uint64_t{p[0]} | uint64_t{p[1]} << 8 | uint64_t{p[2]} << 16 | uint64_t{p[3]} << 24;
+  const uint64_t len = frame_body_length(p);
   if (len > max_frame_)
     return fail(WireError::Kind::kBadFrame, "frame of " + std::to_string(len) +
                                                 " bytes exceeds the maximum of " +
@@ -198,8 +197,7 @@ FrameParser::Result FrameParser::next_raw(std::string_view* frame, std::string* 
   if (pos_ == end_) pos_ = end_ = 0;  // the previous raw frame is consumed
   if (buffered() < 4) return Result::kNeedMore;
   const auto* p = reinterpret_cast<const uint8_t*>(buf_.data() + pos_);
-  const uint64_t len =
-      uint64_t{p[0]} | uint64_t{p[1]} << 8 | uint64_t{p[2]} << 16 | uint64_t{p[3]} << 24;
+  const uint64_t len = frame_body_length(p);
   if (len > max_frame_) {
     failed_ = true;
     error_kind_ = WireError::Kind::kBadFrame;

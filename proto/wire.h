@@ -24,6 +24,11 @@ constexpr size_t kDefaultMaxFrame = size_t{64} << 20;
 // bytes): an unauthenticated peer cannot make the receiver buffer megabytes.
 constexpr size_t kHelloMaxFrame = size_t{64} << 10;
 
+// A frame's body length: its 4-byte little-endian prefix at p.
+inline uint32_t frame_body_length(const uint8_t* p) {
+  return uint32_t{p[0]} | uint32_t{p[1]} << 8 | uint32_t{p[2]} << 16 | uint32_t{p[3]} << 24;
+}
+
 // A connection-level failure: closed peer, timeout, malformed or oversize frame, version
 // mismatch, failed authentication. what() is one line with the peer and the operation.
 // What the connecting side proves in its hello: the shared infrastructure secret (key_id
