@@ -303,6 +303,8 @@ int Decoder::serve(const std::string& host, uint16_t port, const std::string& se
   const std::string where = host + ":" + std::to_string(port);
   std::string why;
   bool refused = false;
+  std::fprintf(stderr, "mprefill-decoder: registering with %s (KV port %u)\n", where.c_str(),
+               kv_port());
   std::unique_ptr<wire::Connection> conn =
       register_with(host, port, secret, opt_.io_timeout_ms, &why, &refused);
   if (!conn) {

@@ -307,7 +307,10 @@ TEST(Faults, DecoderStopsAtOnceWhileRegistering) {
   ASSERT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
   const std::string addr = "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
   auto dec = h::start_decoder(dir, addr, kModel, "d-stop", "");
-  std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // model loaded, in the hello
+  // In the hello: model loaded, connected, waiting for an answer that never comes. (A fixed
+  // 1.5 s sleep was too short under ASan in CI.)
+  ASSERT_TRUE(dec->wait_log("registering with " + addr, 60000)) << dec->log();
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
   ASSERT_TRUE(dec->running()) << dec->log();
   const auto t0 = Clock::now();
   dec->signal_group(SIGTERM);

@@ -90,6 +90,15 @@ bool Proc::running() {
   return r == 0;
 }
 
+bool Proc::wait_log(const std::string& text, int timeout_ms) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    if (log().find(text) != std::string::npos) return true;
+    if (!running() || std::chrono::steady_clock::now() >= until) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
 bool Proc::wait_exit(int timeout_ms, int* status) {
   const auto until = Clock::now() + std::chrono::milliseconds(timeout_ms);
   while (running()) {

@@ -40,6 +40,9 @@ class Proc {
   const std::string& log_path() const { return log_; }
   std::string log() const { return read_file(log_); }
   bool running();
+  // Waits up to timeout_ms until the log holds `text`; false if it did not or the process
+  // ended first.
+  bool wait_log(const std::string& text, int timeout_ms);
   // Waits up to timeout_ms for the exit; true with *status (exit code, or 128 + signal).
   bool wait_exit(int timeout_ms, int* status);
   void signal_group(int sig);
