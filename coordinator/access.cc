@@ -31,21 +31,13 @@ std::string printable(const std::string& s) {
 
 void Coordinator::Impl::log_limited(LogLimiter& l, const char* what, const char* fmt, va_list ap) {
   if (!opt.log) return;
+  uint64_t held = 0;
+  if (!l.admit(&held)) {
+    ++log_suppressed;
+    return;
+  }
   char msg[1024];
   std::vsnprintf(msg, sizeof(msg), fmt, ap);
-  uint64_t held = 0;
-  {
-    std::lock_guard<std::mutex> lk(l.mu);
-    const auto now = Clock::now();
-    if (l.last != Clock::time_point{} && now - l.last < std::chrono::seconds(1)) {
-      ++l.held;
-      ++log_suppressed;
-      return;
-    }
-    l.last = now;
-    held = l.held;
-    l.held = 0;
-  }
   if (held)
     log("%s (and %llu similar %s in the last second(s), not logged)", msg,
         static_cast<unsigned long long>(held), what);

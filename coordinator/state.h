@@ -47,6 +47,7 @@
 #include "coordinator/sparse_source.h"
 #include "model/sparse_policy.h"
 #include "model/tokenizer.h"
+#include "proto/line_limiter.h"
 
 namespace mprefill::coord {
 
@@ -116,6 +117,10 @@ struct Group {
   Clock::time_point cancel_time, cancel_deadline;
   Clock::time_point last_seen;
   bool alive = true;
+  // The KV-head placement of the last assignment (empty: the contiguous one every group
+  // loads); the next plan keeps it while it stays balanced (place_kv_heads), so that a
+  // group re-reads attention slices only when the balance asks for it.
+  TpPlan placement;
 };
 
 struct Decoder {
@@ -186,11 +191,7 @@ struct Coordinator::Impl : std::enable_shared_from_this<Coordinator::Impl> {
   std::atomic<int64_t> large_frame_bytes{0};   // granted to partial large client frames
   // Lines a stranger can cause at will (refusals; client connections) are limited to one a
   // second each; the next line written says how many were left out.
-  struct LogLimiter {
-    std::mutex mu;
-    Clock::time_point last{};
-    uint64_t held = 0;  // lines left out since the last one written
-  };
+  using LogLimiter = wire::LineLimiter;
   LogLimiter refusal_log, connect_log;
   // A keyed client's refused jobs: one limiter per key, so one tenant's flood does not hide
   // another's refusals (bounded by the keys file).

@@ -23,6 +23,36 @@ double ms_between(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
+// One KV stream to the decoder: connect, hello, KvHello. A hello the decoder closed
+// without answering (kBusy: its pre-hello pool full under a flood evicts the oldest
+// connection, which may be ours on a loaded host) is tried again after 5, 10, 20, ... ms,
+// at most 8 times and within timeout_ms; a refusal or a timeout is not.
+std::unique_ptr<wire::Connection> open_stream(const KvHandoffOptions& o) {
+  const auto deadline = Clock::now() + std::chrono::milliseconds(o.timeout_ms);
+  int backoff_ms = 5;
+  for (int attempt = 1;; ++attempt) {
+    const int left = static_cast<int>(std::max(1.0, ms_between(Clock::now(), deadline)));
+    try {
+      auto conn = wire::Connection::connect(o.host, o.port, left, wire::kDefaultMaxFrame, o.tls);
+      conn->client_handshake(v1::WORKER, o.name, o.secret, left);
+      v1::Envelope env;
+      auto* h = env.mutable_kv_hello();
+      h->set_job_id(o.job_id);
+      h->set_rank(o.rank);
+      *h->mutable_kv() = o.contract;
+      h->set_transport("tcp");
+      conn->send(env, left);
+      return conn;
+    } catch (const wire::WireError& e) {
+      const bool again = e.kind() == wire::WireError::Kind::kBusy && attempt < 8 &&
+                         Clock::now() + std::chrono::milliseconds(backoff_ms) < deadline;
+      if (!again) throw;
+      std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms));
+      backoff_ms *= 2;
+    }
+  }
+}
+
 // One reusable staging buffer: page frames of one layer back to back.
 struct Staging {
   char* data = nullptr;
@@ -204,17 +234,7 @@ TcpKvHandoff::TcpKvHandoff(KvHandoffOptions opt) : impl_(std::make_unique<Impl>(
   I.stream_send_ms.assign(o.streams, 0.0);
   for (int s = 0; s < o.streams; ++s) {
     try {
-      auto conn =
-          wire::Connection::connect(o.host, o.port, o.timeout_ms, wire::kDefaultMaxFrame, o.tls);
-      conn->client_handshake(v1::WORKER, o.name, o.secret, o.timeout_ms);
-      v1::Envelope env;
-      auto* h = env.mutable_kv_hello();
-      h->set_job_id(o.job_id);
-      h->set_rank(o.rank);
-      *h->mutable_kv() = o.contract;
-      h->set_transport("tcp");
-      conn->send(env, o.timeout_ms);
-      I.streams[s].conn = std::move(conn);
+      I.streams[s].conn = open_stream(o);
     } catch (const std::exception& e) {
       I.stop();
       throw bad(std::string("connecting stream ") + std::to_string(s) + ": " + e.what());

@@ -21,6 +21,7 @@
 
 #include "kv/kv_page_frame.h"
 #include "kv/kv_store.h"
+#include "proto/line_limiter.h"
 #include "proto/wire.h"
 
 namespace mprefill::kv {
@@ -190,9 +191,7 @@ class KvReceiver {
   // Silent connections in their hello, oldest first (accept_loop adds, hello_loop takes).
   std::mutex wait_mu_;
   std::deque<std::shared_ptr<Stream>> waiting_;
-  std::mutex log_mu_;  // refusal logging, at most a line a second
-  std::chrono::steady_clock::time_point last_log_{};
-  int suppressed_ = 0;
+  wire::LineLimiter refusal_log_;  // refusal lines: at most one a second
 
   void log_refusal(const std::string& line);
 

@@ -17,20 +17,14 @@
 namespace mprefill::kv {
 
 void KvReceiver::log_refusal(const std::string& line) {
-  std::lock_guard<std::mutex> lock(log_mu_);
-  const auto now = Clock::now();
-  if (ms_between(last_log_, now) < 1000) {
-    ++suppressed_;
-    return;
-  }
-  if (suppressed_ > 0)
+  uint64_t held = 0;
+  if (!refusal_log_.admit(&held)) return;
+  if (held > 0)
     std::fprintf(stderr,
-                 "mprefill-decoder: KV stream refused: %s (and %d more since the last line)\n",
-                 line.c_str(), suppressed_);
+                 "mprefill-decoder: KV stream refused: %s (and %llu more since the last line)\n",
+                 line.c_str(), static_cast<unsigned long long>(held));
   else
     std::fprintf(stderr, "mprefill-decoder: KV stream refused: %s\n", line.c_str());
-  suppressed_ = 0;
-  last_log_ = now;
 }
 
 // Accepts connections, sends each its ServerHello and adds it to the silent ones that

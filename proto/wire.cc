@@ -677,8 +677,9 @@ void Connection::client_handshake(v1::Role role, const std::string& name, const 
     got = recv(&ack, remaining_ms(deadline));
   } catch (const WireError& e) {
     if (e.kind() == WireError::Kind::kClosed)
-      throw WireError(WireError::Kind::kAuth,
-                      "hello to " + peer() + ": server closed the connection (refused)");
+      throw WireError(WireError::Kind::kBusy, "hello to " + peer() +
+                                                  ": server closed the connection before "
+                                                  "answering (busy, or stopping)");
     throw;
   }
   if (!got)

@@ -56,7 +56,11 @@ constexpr const char* kTlsExporterLabel = "EXPORTER-mprefill-hello";
 
 class WireError : public std::runtime_error {
  public:
-  enum class Kind { kClosed, kTimeout, kBadFrame, kBadVersion, kAuth, kConnect };
+  // kBusy: the server closed the connection after its ServerHello without answering the
+  // client's hello (a full pre-hello pool closes its oldest member under a flood, or the
+  // server is stopping); a refusal (auth, version) always comes as an Error frame, so
+  // kBusy is worth a bounded retry.
+  enum class Kind { kClosed, kTimeout, kBadFrame, kBadVersion, kAuth, kConnect, kBusy };
   WireError(Kind kind, const std::string& msg) : std::runtime_error(msg), kind_(kind) {}
   Kind kind() const { return kind_; }
 

@@ -4,12 +4,15 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <fstream>
 #include <random>
 #include <thread>
+#include <vector>
 
 #include "proto/hmac.h"
+#include "proto/line_limiter.h"
 
 namespace w = mprefill::wire;
 namespace v1 = mprefill::v1;
@@ -224,6 +227,33 @@ TEST(Frames, GarbageVersionAndEmptyAreErrors) {
   p3.feed(f3.data(), f3.size());
   EXPECT_EQ(p3.next(&env, &err), w::FrameParser::Result::kError);
   EXPECT_EQ(p3.error_kind(), w::WireError::Kind::kBadFrame);
+}
+
+// One line per interval; the next line written carries the count held back since the last,
+// from several threads at once.
+TEST(LineLimiter, OneLinePerIntervalAndTheCountHeldBack) {
+  w::LineLimiter l(std::chrono::milliseconds(300));
+  uint64_t held = 99;
+  ASSERT_TRUE(l.admit(&held));
+  EXPECT_EQ(held, 0u);
+  std::atomic<int> admitted{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < 4; ++t)
+    ts.emplace_back([&] {
+      for (int i = 0; i < 25; ++i) {
+        uint64_t h = 0;
+        if (l.admit(&h)) ++admitted;
+      }
+    });
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(admitted.load(), 0);  // 100 lines well inside the 300 ms
+  std::this_thread::sleep_for(std::chrono::milliseconds(350));
+  ASSERT_TRUE(l.admit(&held));
+  EXPECT_EQ(held, 100u);
+  EXPECT_FALSE(l.admit(&held));
+  std::this_thread::sleep_for(std::chrono::milliseconds(350));
+  ASSERT_TRUE(l.admit(&held));
+  EXPECT_EQ(held, 1u);
 }
 
 TEST(HostPort, ParsesAndRejects) {
