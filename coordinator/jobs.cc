@@ -177,8 +177,9 @@ void Coordinator::Impl::send_assignment(Job& j) {
   *a->mutable_token_ids() = {j.tokens.begin(), j.tokens.end()};
   *a->mutable_options() = j.options;
   a->mutable_options()->set_kv_transport(j.kv_transport.empty() ? "tcp" : j.kv_transport);
-  *a->mutable_plan() = make_shard_plan(
-      contract->model(), *j.policy, static_cast<int64_t>(j.tokens.size()), g.reg.tp(), g.reg.sp());
+  *a->mutable_plan() =
+      make_shard_plan(contract->model(), *j.policy, static_cast<int64_t>(j.tokens.size()),
+                      g.reg.tp(), g.reg.sp(), &g.placement, g.reg.tp_any_placement(), &g.placement);
   // The policy as resolved here: the worker never opens the path a client named.
   *a->mutable_policy() = policy_table(*j.policy);
   auto* de = a->mutable_decoder();
@@ -493,6 +494,8 @@ void Coordinator::Impl::on_decode_done(Decoder& d, const v1::DecodeDone& m) {
   r->set_sp_rebalanced(wd.sp_rebalanced());
   r->set_sp_imbalance(wd.sp_imbalance());
   r->set_tp_imbalance(wd.tp_imbalance());
+  r->set_tp_replaced(wd.tp_replaced());
+  r->set_tp_replace_ms(wd.tp_replace_ms());
   finish(*j, v1::DONE, v1::ERROR_CODE_UNSPECIFIED, "");
   send_to(j->client, out);
 }

@@ -53,13 +53,13 @@ ModelConfig config_of(const v1::ModelFingerprint& m) {
 }
 
 v1::ShardPlan make_shard_plan(const v1::ModelFingerprint& m, const SparsePolicy& policy, int64_t n,
-                              int tp, int sp) {
+                              int tp, int sp, const TpPlan* current, bool any, TpPlan* placement) {
   v1::ShardPlan plan = wire::encode_shard_layout(plan_sequence_parallel(n, sp), tp, sp);
-  const TpPlan tpp = plan_tensor_parallel(config_of(m), policy, n, tp);
-  for (const auto& heads : tpp.kv_heads.at(0)) {
-    auto* t = plan.add_tp_heads();
-    for (int h : heads) t->add_kv_heads(h);
-  }
+  const ModelConfig cfg = config_of(m);
+  const bool keep = current && !current->kv_heads.empty() && current->tp == tp;
+  TpPlan tpp = place_kv_heads(cfg, policy, n, tp, keep ? current : nullptr, any);
+  wire::encode_tp_heads(tpp.kv_heads, &plan);
+  if (placement) *placement = std::move(tpp);
   return plan;
 }
 

@@ -7,6 +7,7 @@
 
 #include "common.pb.h"
 #include "model/model_config.h"
+#include "model/parallel_plan.h"
 #include "model/sparse_policy.h"
 #include "worker.pb.h"
 
@@ -33,11 +34,14 @@ uint64_t rank_bytes_estimate(const v1::KvContract& kv, int64_t n, int tp, int sp
 // The model shape carried by a fingerprint, as a ModelConfig for the planner.
 ModelConfig config_of(const v1::ModelFingerprint& m);
 
-// Token split over sp ranks (zigzag, plan_sequence_parallel) and KV heads over tp ranks
-// (plan_tensor_parallel, layer 0) for a prompt of n tokens. Throws std::runtime_error
-// when tp does not divide the KV heads.
+// Token split over sp ranks (zigzag, plan_sequence_parallel) and the KV heads of every
+// layer over tp ranks (place_kv_heads from the group's current placement, null: the
+// contiguous one it loaded; any: the group runs any placement) for a prompt of n tokens.
+// *placement (may be null) receives the KV-head placement sent. Throws
+// std::runtime_error when tp does not divide the KV heads.
 v1::ShardPlan make_shard_plan(const v1::ModelFingerprint& m, const SparsePolicy& policy, int64_t n,
-                              int tp, int sp);
+                              int tp, int sp, const TpPlan* current = nullptr, bool any = false,
+                              TpPlan* placement = nullptr);
 
 // The policy as sent in Assignment.policy (the worker decodes it; it never loads one).
 v1::SparsePolicyTable policy_table(const SparsePolicy& policy);

@@ -44,22 +44,6 @@ double ms_since(Clock::time_point t0) {
 
 constexpr int64_t kKeepFullBytes = int64_t{2} << 30;
 
-// Expected tiles per (layer, tp rank) of a placement under a policy at n tokens.
-TpPlan placement_cost(const TpPlan& placement, const ModelConfig& c, const SparsePolicy& policy,
-                      int64_t n) {
-  const int group = c.n_heads / c.n_kv_heads;
-  TpPlan cost = placement;
-  for (size_t l = 0; l < placement.kv_heads.size(); ++l)
-    for (int r = 0; r < placement.tp; ++r) {
-      double sum = 0;
-      for (int g : placement.kv_heads[l][r])
-        for (int j = 0; j < group; ++j)
-          sum += expected_tiles(policy.at(static_cast<int>(l), g * group + j, n), n);
-      cost.cost[l][r] = sum;
-    }
-  return cost;
-}
-
 // Expected 64x64 tiles of query block b under a head pattern (planning weights, as
 // expected_tiles per block).
 double expected_block_tiles(const HeadPattern& p, int64_t b, int64_t n) {
@@ -146,11 +130,13 @@ struct DistEngine::Impl {
 
   DistPrefillResult prefill(const std::vector<int>& ids, const SparsePolicy& policy, KvSink* sink,
                             PrefillPlan* plan_inout, const LayerProgressFn& progress,
-                            const AuditOptions& audit, const std::vector<TokenRanges>* sp_layout);
+                            const AuditOptions& audit, const std::vector<TokenRanges>* sp_layout,
+                            const TpPlan* tp_placement);
   // Steps of prefill: the tp re-placement of the KV-head groups, the sp layout, the
   // logits of the last position (on every rank), the balance figures, the estimated plan
   // gathered over the world (identical on every rank).
-  void replace_heads(const SparsePolicy& policy, int64_t n, DistPrefillResult* res);
+  void replace_heads(const SparsePolicy& policy, int64_t n, const TpPlan* given,
+                     DistPrefillResult* res);
   void choose_layout(const SparsePolicy& policy, int64_t n, const PrefillPlan* fixed,
                      const std::vector<TokenRanges>* given, DistPrefillResult* res) const;
   std::vector<float> last_logits(const std::vector<float>& x, int64_t n,
@@ -197,7 +183,8 @@ DistEngine::DistEngine(comm::Communicator* world, const std::string& model_path,
     m.fail("tensor parallel size " + std::to_string(topo.tp) + " must divide the " +
            std::to_string(c.n_kv_heads) + " KV heads of the model");
   dist.placement_policy.check_model(c);
-  m.placement = plan_tensor_parallel(c, dist.placement_policy, dist.placement_tokens, topo.tp);
+  m.placement = place_kv_heads(c, dist.placement_policy, dist.placement_tokens, topo.tp, nullptr,
+                               /*any=*/true, dist.tp_replace_threshold);
   m.w = load_local(*src, m.placement, m.tp_rank);
   if (!src->full() || src->full_bytes() <= kKeepFullBytes) m.src = std::move(src);
   m.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
@@ -219,12 +206,14 @@ int DistEngine::rank() const { return impl_->rank; }
 int DistEngine::tp_rank() const { return impl_->tp_rank; }
 int DistEngine::sp_rank() const { return impl_->sp_rank; }
 const TpPlan& DistEngine::placement() const { return impl_->placement; }
+bool DistEngine::can_replace_heads() const { return impl_->topo.tp <= 1 || impl_->src; }
 
 DistPrefillResult DistEngine::prefill(const std::vector<int>& ids, const SparsePolicy& policy,
                                       KvSink* sink, PrefillPlan* plan_inout,
                                       const LayerProgressFn& progress, const AuditOptions& audit,
-                                      const std::vector<TokenRanges>* sp_layout) {
-  return impl_->prefill(ids, policy, sink, plan_inout, progress, audit, sp_layout);
+                                      const std::vector<TokenRanges>* sp_layout,
+                                      const TpPlan* tp_placement) {
+  return impl_->prefill(ids, policy, sink, plan_inout, progress, audit, sp_layout, tp_placement);
 }
 
 void DistEngine::Impl::audit_layer_dist(int l, const SparsePolicy& policy, int64_t n,
@@ -518,22 +507,42 @@ class DistEngine::Impl::Ring final : public CpuAttention {
   std::vector<float> k_, v_;  // this layer's K / V rows of this rank
 };
 
-// Re-places the KV-head groups for this policy and length when the current placement's
-// expected max/mean is over the threshold and a better one exists (only the attention
-// slices of the layers that change are re-read).
-void DistEngine::Impl::replace_heads(const SparsePolicy& policy, int64_t n,
+// Runs the given placement (the coordinator's plan), else re-places the KV-head groups for
+// this policy and length when the current placement's expected max/mean is over the
+// threshold and a better one exists (place_kv_heads). Only the attention slices of the
+// layers whose heads move on this rank are re-read.
+void DistEngine::Impl::replace_heads(const SparsePolicy& policy, int64_t n, const TpPlan* given,
                                      DistPrefillResult* res) {
-  if (topo.tp <= 1 || !src || !dopt.replace_heads_per_prefill) return;
   const ModelConfig& c = w.cfg;
-  const double cur = placement_cost(placement, c, policy, n).imbalance();
-  if (cur <= dopt.tp_replace_threshold) return;
-  TpPlan want = plan_tensor_parallel(c, policy, n, topo.tp);
-  if (want.imbalance() >= cur) return;
+  if (given) {
+    try {
+      check_tp_placement(*given, c, topo.tp);
+    } catch (const std::exception& e) {
+      fail(e.what());
+    }
+  }
+  if (topo.tp <= 1) return;
+  TpPlan want;
+  if (given)
+    want = *given;
+  else if (src && dopt.replace_heads_per_prefill)
+    want = place_kv_heads(c, policy, n, topo.tp, &placement, true, dopt.tp_replace_threshold);
+  else
+    return;
+  if (want.kv_heads == placement.kv_heads) return;
+  if (!src) {
+    int l = 0;
+    while (want.kv_heads[l] == placement.kv_heads[l]) ++l;
+    fail("KV-head placement: layer " + std::to_string(l) +
+         " moves heads between tp ranks, but this group cannot re-read attention slices (a "
+         "llama2.c or random model over 2 GiB is not kept in memory); it runs the contiguous "
+         "placement only");
+  }
   const auto t = Clock::now();
   for (int l = 0; l < c.n_layers; ++l)
     if (want.kv_heads[l][tp_rank] != placement.kv_heads[l][tp_rank])
       load_attention(*src, want.kv_heads[l][tp_rank], l, &w.layers[l]);
-  placement = std::move(want);
+  placement.kv_heads = std::move(want.kv_heads);
   res->tp_replaced = true;
   res->tp_replace_ms = ms_since(t);
 }
@@ -687,7 +696,8 @@ DistPrefillResult DistEngine::Impl::prefill(const std::vector<int>& ids, const S
                                             KvSink* sink, PrefillPlan* plan_inout,
                                             const LayerProgressFn& progress,
                                             const AuditOptions& audit,
-                                            const std::vector<TokenRanges>* sp_layout) {
+                                            const std::vector<TokenRanges>* sp_layout,
+                                            const TpPlan* tp_placement) {
   const auto t_start = Clock::now();
   audit.validate();
   const ModelConfig& c = w.cfg;
@@ -711,7 +721,7 @@ DistPrefillResult DistEngine::Impl::prefill(const std::vector<int>& ids, const S
     for (int h = 0; h < c.n_heads; ++h)
       ++st.heads_by_kind[all_dense ? 0 : static_cast<int>(policy.at(l, h, n).kind)];
 
-  replace_heads(policy, n, &res);
+  replace_heads(policy, n, tp_placement, &res);
   choose_layout(policy, n, reuse ? plan_inout : nullptr, sp_layout, &res);
   RingJob job;
   job.policy = &policy;

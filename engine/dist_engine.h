@@ -22,10 +22,10 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "engine/engine.h"
 #include "kv/kv_sink.h"
 #include "model/parallel_plan.h"
 #include "model/sparse_policy.h"
-#include "engine/engine.h"
 
 namespace mprefill {
 
@@ -35,18 +35,18 @@ struct DistTopology {
 
 // Load-time choices of a DistEngine (added by the dist helper; all have defaults).
 struct DistOptions {
-  // KV-head groups are placed on tp ranks once, at load time (each rank loads only the
-  // weight slices of its groups): plan_tensor_parallel(config, placement_policy,
-  // placement_tokens, tp). Default: the all-dense policy (every group costs the same).
+  // KV-head groups are placed on tp ranks at load time (each rank loads only the weight
+  // slices of its groups): place_kv_heads(config, placement_policy, placement_tokens, tp),
+  // which is the contiguous placement under the default all-dense policy (every group
+  // costs the same), the one a coordinator assumes a group holds when it registers.
   // A prefill under another policy is still exact; tp_imbalance reports its cost.
   SparsePolicy placement_policy;
   int64_t placement_tokens = 131072;
-  // Before a prefill whose policy makes the current placement's expected max/mean over tp
-  // ranks exceed tp_replace_threshold, the groups are re-placed with
-  // plan_tensor_parallel(config, policy, prompt length, tp) and the changed layers'
-  // attention slices re-read. Needs the weight source: an HF checkpoint (memory-mapped),
-  // or a llama2.c / random model of at most 2 GiB kept in memory; larger ones keep the
-  // load-time placement.
+  // Before a prefill without a given placement whose policy makes the current placement's
+  // expected max/mean over tp ranks exceed tp_replace_threshold, the groups are re-placed
+  // (place_kv_heads) and the changed layers' attention slices re-read. Needs the weight source: an
+  // HF checkpoint (memory-mapped), or a llama2.c / random model of at most 2 GiB kept in memory;
+  // larger ones keep the load-time placement.
   bool replace_heads_per_prefill = true;
   double tp_replace_threshold = 1.10;
   // The zigzag token split is replaced by a weighted one (plan_sequence_parallel_weighted)
@@ -101,20 +101,28 @@ class DistEngine {
   // sampled rows against its key shard, partials merged over sp, figures gathered over tp).
   // sp_layout (non-empty): the token ranges of every sp rank to start from (the
   // coordinator's plan; check_sp_layout's rules), in place of the zigzag; the sparse-aware
-  // re-balance may still replace it (sp_rebalanced).
+  // re-balance may still replace it (sp_rebalanced). tp_placement (non-null): the KV heads
+  // of every (layer, tp rank) to run (the coordinator's plan; check_tp_placement's rules);
+  // the attention slices of the layers whose heads move are re-read first (tp_replaced),
+  // which needs can_replace_heads() unless nothing moves. Null: the current placement, or
+  // place_kv_heads' when replace_heads_per_prefill and it is off by the threshold.
   DistPrefillResult prefill(const std::vector<int>& ids, const SparsePolicy& policy, KvSink* sink,
                             PrefillPlan* plan_inout = nullptr, const LayerProgressFn& progress = {},
                             const AuditOptions& audit = {},
-                            const std::vector<TokenRanges>* sp_layout = nullptr);
+                            const std::vector<TokenRanges>* sp_layout = nullptr,
+                            const TpPlan* tp_placement = nullptr);
 
   const ModelConfig& config() const;
   DistTopology topology() const;
   int rank() const;
   int tp_rank() const;
   int sp_rank() const;
-  // KV-head placement of every layer and tp rank: plan_tensor_parallel at load time, or
-  // the re-placement of the last prefill (DistOptions::replace_heads_per_prefill).
+  // KV-head placement of every layer and tp rank: place_kv_heads(placement_policy) at load
+  // time (the contiguous one for the dense default), then the one the last prefill ran.
   const TpPlan& placement() const;
+  // True when a prefill may move KV heads between tp ranks (the weight source is kept, so
+  // attention slices can be re-read; always at tp 1, where there is one placement).
+  bool can_replace_heads() const;
 
  private:
   struct Impl;

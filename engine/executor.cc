@@ -39,6 +39,17 @@ void check_request(const Executor& e, const PrefillRequest& req) {
                                "a token layout other than the zigzag split is not supported; "
                                "it runs on --device cpu groups");
   }
+  if (!req.tp_placement.kv_heads.empty()) {
+    try {
+      check_tp_placement(req.tp_placement, e.config(), e.topology().tp);
+    } catch (const std::exception& x) {
+      throw std::runtime_error(who + x.what());
+    }
+    if (!c.any_tp_placement && !is_contiguous(req.tp_placement, e.config()))
+      throw std::runtime_error(who +
+                               "a KV-head placement other than the contiguous one is not "
+                               "supported (its groups did not advertise tp_any_placement)");
+  }
 }
 
 void check_policy(const ExecutorCaps& c, const SparsePolicy& policy, int64_t n,
@@ -86,6 +97,7 @@ class CpuExecutor final : public Executor {
     c.sp_layout = true;
     c.adaptive_blocks = true;
     c.antidiagonal_blocks = true;
+    c.any_tp_placement = engine_.can_replace_heads();
     return c;
   }
   const char* name() const override { return "cpu-dist"; }
@@ -95,9 +107,9 @@ class CpuExecutor final : public Executor {
     const SparsePolicy dense = SparsePolicy::dense();
     PrefillPlan plan;
     if (req.plan) plan = *req.plan;
-    DistPrefillResult r =
-        engine_.prefill(*req.ids, req.policy ? *req.policy : dense, sink,
-                        req.plan ? &plan : nullptr, req.progress, req.audit, &req.sp_layout);
+    DistPrefillResult r = engine_.prefill(
+        *req.ids, req.policy ? *req.policy : dense, sink, req.plan ? &plan : nullptr, req.progress,
+        req.audit, &req.sp_layout, req.tp_placement.kv_heads.empty() ? nullptr : &req.tp_placement);
     PrefillResult out;
     out.logits = std::move(r.logits);
     const PrefillStats& s = r.stats;
@@ -116,6 +128,10 @@ class CpuExecutor final : public Executor {
     out.sp_rebalanced = r.sp_rebalanced;
     out.sp_imbalance = r.sp_imbalance;
     out.tp_imbalance = r.tp_imbalance;
+    out.tp_placement.tp = engine_.topology().tp;
+    out.tp_placement.kv_heads = engine_.placement().kv_heads;
+    out.tp_replaced = r.tp_replaced;
+    out.tp_replace_ms = r.tp_replace_ms;
     out.sp_imbalance_planned = r.sp_imbalance_zigzag;
     out.tiles_computed = r.tiles_computed;
     out.audit = s.audit;

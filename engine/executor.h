@@ -59,6 +59,9 @@ struct ExecutorCaps {
   bool nccl_kv = false;     // the NCCL KV transport (kv/cuda/nccl_kv_sink.h) can carry its KV
   bool abort_mid_prefill = false;  // a throwing progress stops the prefill at that layer
   bool sp_layout = false;          // PrefillRequest::sp_layout other than plan_sequence_parallel's
+  // PrefillRequest::tp_placement other than contiguous_tensor_parallel's (the executor
+  // re-reads the attention slices of the layers whose KV heads move).
+  bool any_tp_placement = false;
   // Block-sparse heads the backend can estimate (indices given in a plan need neither):
   bool adaptive_blocks = false;      // a mass threshold (HeadPattern::tau)
   bool antidiagonal_blocks = false;  // the antidiagonal block score (HeadPattern::stride)
@@ -75,6 +78,11 @@ struct PrefillRequest {
   // caps.sp_layout runs only the zigzag layout. The sparse-aware re-balance may replace
   // the layout at run time (PrefillResult::sp_rebalanced).
   std::vector<TokenRanges> sp_layout;
+  // The KV heads of every (layer, tp rank) (the coordinator's plan, model/parallel_plan.h
+  // check_tp_placement's rules); empty kv_heads: the executor keeps its placement, or
+  // re-places by place_kv_heads when it can. A backend without caps.any_tp_placement
+  // runs only the contiguous placement.
+  TpPlan tp_placement;
 };
 
 struct PrefillResult {
@@ -97,6 +105,9 @@ struct PrefillResult {
   std::vector<TokenRanges> sp_layout;
   bool sp_rebalanced = false;
   double sp_imbalance = 1.0, tp_imbalance = 1.0, sp_imbalance_planned = 1.0;
+  TpPlan tp_placement;                 // the KV heads run per (layer, tp rank); kv_heads only
+  bool tp_replaced = false;            // they moved for this prefill (attention slices re-read)
+  double tp_replace_ms = 0;            // this rank's time re-reading them
   int64_t tiles_computed = 0;          // 64x64 attention tiles this rank computed (all layers)
   std::vector<HeadAuditResult> audit;  // every audited head, identical on every rank
   double audit_ms = 0;

@@ -80,6 +80,107 @@ TpPlan plan_tensor_parallel(const ModelConfig& cfg, const SparsePolicy& policy, 
   return plan;
 }
 
+namespace {
+
+void check_tp_size(const ModelConfig& cfg, int tp) {
+  if (tp <= 0 || cfg.n_kv_heads % tp != 0)
+    throw std::runtime_error("tensor parallel size " + std::to_string(tp) + " must divide the " +
+                             std::to_string(cfg.n_kv_heads) + " KV heads of the model");
+}
+
+}  // namespace
+
+TpPlan placement_cost(const TpPlan& placement, const ModelConfig& cfg, const SparsePolicy& policy,
+                      int64_t n) {
+  const int group = cfg.n_heads / cfg.n_kv_heads;
+  TpPlan out = placement;
+  out.cost.assign(placement.kv_heads.size(), std::vector<double>(placement.tp, 0.0));
+  for (size_t l = 0; l < placement.kv_heads.size(); ++l)
+    for (int r = 0; r < placement.tp; ++r)
+      for (int g : placement.kv_heads[l][r])
+        for (int j = 0; j < group; ++j)
+          out.cost[l][r] += expected_tiles(policy.at(static_cast<int>(l), g * group + j, n), n);
+  return out;
+}
+
+TpPlan contiguous_tensor_parallel(const ModelConfig& cfg, const SparsePolicy& policy, int64_t n,
+                                  int tp) {
+  check_tp_size(cfg, tp);
+  const int slots = cfg.n_kv_heads / tp;
+  TpPlan plan;
+  plan.tp = tp;
+  plan.kv_heads.assign(cfg.n_layers, std::vector<std::vector<int>>(tp));
+  for (int l = 0; l < cfg.n_layers; ++l)
+    for (int r = 0; r < tp; ++r)
+      for (int g = 0; g < slots; ++g) plan.kv_heads[l][r].push_back(r * slots + g);
+  return placement_cost(plan, cfg, policy, n);
+}
+
+bool is_contiguous(const TpPlan& placement, const ModelConfig& cfg) {
+  if (placement.tp <= 0 || cfg.n_kv_heads % placement.tp != 0) return false;
+  const int slots = cfg.n_kv_heads / placement.tp;
+  if (static_cast<int>(placement.kv_heads.size()) != cfg.n_layers) return false;
+  for (const auto& layer : placement.kv_heads) {
+    if (static_cast<int>(layer.size()) != placement.tp) return false;
+    for (int r = 0; r < placement.tp; ++r) {
+      if (static_cast<int>(layer[r].size()) != slots) return false;
+      for (int g = 0; g < slots; ++g)
+        if (layer[r][g] != r * slots + g) return false;
+    }
+  }
+  return true;
+}
+
+void check_tp_placement(const TpPlan& placement, const ModelConfig& cfg, int tp) {
+  check_tp_size(cfg, tp);
+  const std::string what = "KV-head placement over tp " + std::to_string(tp) + ": ";
+  if (placement.tp != tp)
+    throw std::runtime_error(what + "it is one over tp " + std::to_string(placement.tp));
+  if (static_cast<int>(placement.kv_heads.size()) != cfg.n_layers)
+    throw std::runtime_error(what + "it has " + std::to_string(placement.kv_heads.size()) +
+                             " layers, the model " + std::to_string(cfg.n_layers));
+  const int slots = cfg.n_kv_heads / tp;
+  for (int l = 0; l < cfg.n_layers; ++l) {
+    const auto& layer = placement.kv_heads[l];
+    const std::string at = what + "layer " + std::to_string(l) + ": ";
+    if (static_cast<int>(layer.size()) != tp)
+      throw std::runtime_error(at + std::to_string(layer.size()) + " ranks");
+    std::vector<char> seen(cfg.n_kv_heads, 0);
+    for (int r = 0; r < tp; ++r) {
+      if (static_cast<int>(layer[r].size()) != slots)
+        throw std::runtime_error(at + "rank " + std::to_string(r) + " holds " +
+                                 std::to_string(layer[r].size()) + " KV heads, not " +
+                                 std::to_string(slots));
+      for (size_t i = 0; i < layer[r].size(); ++i) {
+        const int g = layer[r][i];
+        if (g < 0 || g >= cfg.n_kv_heads)
+          throw std::runtime_error(at + "KV head " + std::to_string(g) + " is not one of 0.." +
+                                   std::to_string(cfg.n_kv_heads - 1));
+        if (i > 0 && g <= layer[r][i - 1])
+          throw std::runtime_error(at + "rank " + std::to_string(r) +
+                                   "'s KV heads are not ascending");
+        if (seen[g]++)
+          throw std::runtime_error(at + "KV head " + std::to_string(g) + " is placed twice");
+      }
+    }
+  }
+}
+
+TpPlan place_kv_heads(const ModelConfig& cfg, const SparsePolicy& policy, int64_t n, int tp,
+                      const TpPlan* current, bool any, double threshold) {
+  if (!any) return contiguous_tensor_parallel(cfg, policy, n, tp);
+  TpPlan base;
+  if (current) {
+    check_tp_placement(*current, cfg, tp);
+    base = placement_cost(*current, cfg, policy, n);
+  } else {
+    base = contiguous_tensor_parallel(cfg, policy, n, tp);
+  }
+  if (base.imbalance() <= threshold) return base;
+  TpPlan want = plan_tensor_parallel(cfg, policy, n, tp);
+  return want.imbalance() < base.imbalance() ? want : base;
+}
+
 void check_sp_layout(const std::vector<TokenRanges>& layout, int64_t n, int sp) {
   const std::string what =
       "token layout for " + std::to_string(n) + " tokens over sp " + std::to_string(sp) + ": ";

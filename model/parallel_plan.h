@@ -33,6 +33,32 @@ struct TpPlan {
 // placed largest-cost first on the least-loaded rank with a free slot (ties: lower rank).
 TpPlan plan_tensor_parallel(const ModelConfig& cfg, const SparsePolicy& policy, int64_t n, int tp);
 
+// Rank r holds KV heads [r g, (r + 1) g) of every layer (g = n_kv_heads / tp): the only
+// placement the CUDA backend runs, and every group's placement at load time. Costs under
+// policy at n tokens. Throws like plan_tensor_parallel.
+TpPlan contiguous_tensor_parallel(const ModelConfig& cfg, const SparsePolicy& policy, int64_t n,
+                                  int tp);
+
+// The placement's expected tiles per (layer, rank) under policy at n tokens (kv_heads kept).
+TpPlan placement_cost(const TpPlan& placement, const ModelConfig& cfg, const SparsePolicy& policy,
+                      int64_t n);
+
+// True when placement is contiguous_tensor_parallel's.
+bool is_contiguous(const TpPlan& placement, const ModelConfig& cfg);
+
+// Throws std::runtime_error with one line unless placement places cfg's KV heads on tp
+// ranks: n_layers entries of tp ranks, each n_kv_heads / tp distinct heads, ascending,
+// together every KV head of the layer once.
+void check_tp_placement(const TpPlan& placement, const ModelConfig& cfg, int tp);
+
+// The one rule that places KV heads for a prefill (the coordinator runs it per job; an
+// executor without a given placement runs it itself): keep `current` (null: contiguous)
+// while its expected max/mean over tp ranks under policy at n stays <= threshold; else
+// plan_tensor_parallel's placement when it is better. `any`: the executor runs any
+// placement (false: the result is contiguous, whatever current is). Costs filled.
+TpPlan place_kv_heads(const ModelConfig& cfg, const SparsePolicy& policy, int64_t n, int tp,
+                      const TpPlan* current, bool any, double threshold = 1.10);
+
 // Global token ranges [begin, end) held by one sequence-parallel rank, ascending.
 using TokenRanges = std::vector<std::pair<int64_t, int64_t>>;
 

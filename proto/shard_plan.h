@@ -16,6 +16,9 @@ namespace v1 = ::mprefill::v1;
 
 using ShardLayout = std::vector<std::vector<std::pair<int64_t, int64_t>>>;
 
+// [layer][tp rank] -> KV heads (model/parallel_plan.h TpPlan::kv_heads).
+using TpHeads = std::vector<std::vector<std::vector<int>>>;
+
 // tp, sp and one sp shard per entry of layout (tp_heads left empty).
 inline v1::ShardPlan encode_shard_layout(const ShardLayout& layout, int tp, int sp) {
   v1::ShardPlan plan;
@@ -40,6 +43,28 @@ inline ShardLayout decode_shard_layout(const v1::ShardPlan& plan) {
     for (const auto& r : shard.ranges()) ranges.emplace_back(r.begin(), r.end());
   }
   return layout;
+}
+
+// Appends the placement as tp_heads ([layer * tp + tp rank]).
+inline void encode_tp_heads(const TpHeads& heads, v1::ShardPlan* plan) {
+  for (const auto& layer : heads)
+    for (const auto& rank : layer) {
+      auto* t = plan->add_tp_heads();
+      for (int h : rank) t->add_kv_heads(h);
+    }
+}
+
+// tp_heads as [layer][tp rank] (empty when none were sent); the last layer is short when
+// the count is not a multiple of tp (the worker's check names it).
+inline TpHeads decode_tp_heads(const v1::ShardPlan& plan) {
+  TpHeads heads;
+  const int tp = plan.tp() > 0 ? plan.tp() : 1;
+  for (int i = 0; i < plan.tp_heads_size(); ++i) {
+    if (i % tp == 0) heads.emplace_back();
+    const auto& h = plan.tp_heads(i).kv_heads();
+    heads.back().emplace_back(h.begin(), h.end());
+  }
+  return heads;
 }
 
 }  // namespace mprefill::wire

@@ -48,6 +48,8 @@ nlohmann::json outcome_json(const Outcome& o, const ServiceArgs& a, const Prompt
   j["sp_rebalanced"] = r.sp_rebalanced();
   j["sp_imbalance"] = r.sp_imbalance();
   j["tp_imbalance"] = r.tp_imbalance();
+  j["tp_replaced"] = r.tp_replaced();
+  j["tp_replace_ms"] = r.tp_replace_ms();
   if (r.audit_size() > 0) {
     nlohmann::json audit = nlohmann::json::array();
     for (const auto& h : r.audit())

@@ -65,9 +65,6 @@ std::vector<TokenRanges> decode_shard_plan(const v1::ShardPlan& plan, DistTopolo
     throw std::runtime_error("shard plan: tp " + std::to_string(plan.tp()) + " x sp " +
                              std::to_string(plan.sp()) + " does not match this group's tp " +
                              std::to_string(group.tp) + " x sp " + std::to_string(group.sp));
-  if (plan.tp_heads_size() != 0 && plan.tp_heads_size() != group.tp)
-    throw std::runtime_error("shard plan: " + std::to_string(plan.tp_heads_size()) +
-                             " tp head sets for tp " + std::to_string(group.tp));
   std::vector<TokenRanges> layout = wire::decode_shard_layout(plan);
   try {
     check_sp_layout(layout, n, group.sp);
@@ -77,6 +74,19 @@ std::vector<TokenRanges> decode_shard_plan(const v1::ShardPlan& plan, DistTopolo
   return layout;
 }
 
+TpPlan decode_tp_placement(const v1::ShardPlan& plan, const ModelConfig& cfg, int tp) {
+  TpPlan p;
+  p.tp = tp;
+  if (plan.tp_heads_size() == 0) return p;
+  p.kv_heads = wire::decode_tp_heads(plan);
+  try {
+    check_tp_placement(p, cfg, tp);
+  } catch (const std::exception& e) {
+    throw std::runtime_error(std::string("shard plan: ") + e.what());
+  }
+  return p;
+}
+
 JobSpec decode_assignment(const v1::Assignment& job, const ModelConfig& cfg, DistTopology group) {
   JobSpec s;
   s.id = job.job_id();
@@ -84,6 +94,7 @@ JobSpec decode_assignment(const v1::Assignment& job, const ModelConfig& cfg, Dis
   check_prompt_ids(cfg, s.ids);
   s.policy = decode_policy(job, cfg);
   s.sp_layout = decode_shard_plan(job.plan(), group, static_cast<int64_t>(s.ids.size()));
+  s.tp_placement = decode_tp_placement(job.plan(), cfg, group.tp);
   const v1::JobOptions& o = job.options();
   s.audit.heads_per_layer = std::max(0, o.audit_heads());
   s.sampling.temperature = o.sampling().temperature();

@@ -24,6 +24,7 @@ struct JobSpec {
   std::vector<int> ids;
   SparsePolicy policy;
   std::vector<TokenRanges> sp_layout;  // the coordinator's plan, checked
+  TpPlan tp_placement;  // its KV heads per (layer, tp rank), checked; empty: none sent
   AuditOptions audit;
   SamplerOptions sampling;
 };
@@ -37,6 +38,11 @@ SparsePolicy decode_policy(const v1::Assignment& job, const ModelConfig& cfg);
 // prompt tokens (model/parallel_plan.h check_sp_layout).
 std::vector<TokenRanges> decode_shard_plan(const v1::ShardPlan& plan, DistTopology group,
                                            int64_t n);
+
+// Assignment.plan's KV-head placement (empty kv_heads when it sends none). Throws
+// std::runtime_error "shard plan: ..." unless it places cfg's KV heads of every layer on
+// the tp ranks (model/parallel_plan.h check_tp_placement).
+TpPlan decode_tp_placement(const v1::ShardPlan& plan, const ModelConfig& cfg, int tp);
 
 // All of the above plus the prompt ids' range (check_prompt_ids).
 JobSpec decode_assignment(const v1::Assignment& job, const ModelConfig& cfg, DistTopology group);

@@ -46,6 +46,7 @@ bool prepare(const GroupContext& g, const v1::Assignment& job, JobSpec* spec,
     probe.ids = &spec->ids;
     probe.audit = spec->audit;
     probe.sp_layout = spec->sp_layout;
+    probe.tp_placement = spec->tp_placement;
     check_request(*g.exec, probe);  // refused features: one message, before any work
     HandoffParams hp;
     hp.rank = g.wi.rank;
@@ -97,6 +98,7 @@ bool prefill(const GroupContext& g, const JobSpec& spec, std::unique_ptr<Handoff
     req.audit = spec.audit;
     req.progress = progress;
     req.sp_layout = spec.sp_layout;
+    req.tp_placement = spec.tp_placement;
     *out = g.exec->prefill(req, sink.get());  // calls sink->finish()
   } catch (const HandoffStop&) {
     // The ranks whose handoff failed report why (below); the others report nothing.
@@ -127,9 +129,12 @@ bool prefill(const GroupContext& g, const JobSpec& spec, std::unique_ptr<Handoff
 
 // The work split the group ran, as WorkerDone reports it.
 void set_split(const GroupContext& g, const JobSpec& spec, const PrefillResult& r,
-               v1::WorkerDone* done) {
+               double tp_replace_ms, v1::WorkerDone* done) {
   *done->mutable_executed_plan() = wire::encode_shard_layout(
       r.sp_layout.empty() ? spec.sp_layout : r.sp_layout, g.topo.tp, g.topo.sp);
+  wire::encode_tp_heads(r.tp_placement.kv_heads, done->mutable_executed_plan());
+  done->set_tp_replaced(r.tp_replaced);
+  done->set_tp_replace_ms(tp_replace_ms);
   done->set_sp_rebalanced(r.sp_rebalanced);
   done->set_sp_imbalance(r.sp_imbalance);
   done->set_tp_imbalance(r.tp_imbalance);
@@ -155,6 +160,7 @@ void report(const GroupContext& g, const JobSpec& spec, const PrefillResult& r,
   std::snprintf(line, sizeof line, "%.3f %.3f %.3f %.3f %.3f", r.total_ms, r.gemm_ms,
                 r.attention_ms, r.estimate_ms, r.kv_export_ms + hs.copy_ms);
   const auto per_rank = g.ctl->all_gather(line);
+  const double tp_replace_ms = g.ctl->max(static_cast<int64_t>(r.tp_replace_ms * 1000)) / 1000.0;
   if (!g.root()) return;
   v1::Envelope d;
   auto* done = d.mutable_worker_done();
@@ -197,7 +203,7 @@ void report(const GroupContext& g, const JobSpec& spec, const PrefillResult& r,
     b->set_sp_imbalance(r.sp_imbalance);  // the same on every rank
     b->set_tp_imbalance(r.tp_imbalance);
   }
-  set_split(g, spec, r, done);
+  set_split(g, spec, r, tp_replace_ms, done);
   g.link->send(d);
   std::fprintf(stderr,
                "mprefill-worker: job %llu done: %.0f KV bytes handed off over %s, %.1f ms busy "

@@ -131,6 +131,7 @@ class Service {
     for (int i = 0; i < wi_.size; ++i) *r.add_ranks() = parse_rank_info(i, infos_[i]);
     *r.mutable_kv() = contract_;
     for (const std::string& t : served_kv_transports(*exec_)) r.add_kv_transports(t);
+    r.set_tp_any_placement(exec_->caps().any_tp_placement);
     try {
       link_ = register_group(o_.coordinator, secret_, r, timeout_ms, o_.tls_ca);
     } catch (const RegisterRefused& e) {

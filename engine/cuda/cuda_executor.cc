@@ -126,6 +126,12 @@ class CudaExecutor final : public Executor {
     out.peak_device_bytes = st.peak_device_bytes;
     out.sp_layout = st.sp_layout;
     out.sp_imbalance = st.sp_imbalance;
+    // The one placement this backend runs (caps.any_tp_placement is false) and its
+    // expected cost under the policy.
+    out.tp_placement =
+        contiguous_tensor_parallel(config(), req.policy ? *req.policy : dense,
+                                   static_cast<int64_t>(req.ids->size()), topology().tp);
+    out.tp_imbalance = out.tp_placement.imbalance();
     out.tiles_computed = st.attention_tiles;
     return out;
   }

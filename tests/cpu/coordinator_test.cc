@@ -476,8 +476,9 @@ TEST(Coordinator, RunsAJobThroughEveryState) {
     for (const auto& r : sh.ranges())
       for (int64_t t = r.begin(); t < r.end(); ++t) ++cover.at(t);
   for (int t = 0; t < 150; ++t) ASSERT_EQ(cover[t], 1) << t;
-  ASSERT_EQ(asg.plan().tp_heads_size(), 1);
-  EXPECT_EQ(asg.plan().tp_heads(0).kv_heads_size(), 6);
+  // tp 1: one entry per layer, all 6 KV heads.
+  ASSERT_EQ(asg.plan().tp_heads_size(), 6);
+  for (const auto& t : asg.plan().tp_heads()) EXPECT_EQ(t.kv_heads_size(), 6);
 
   for (int layer = 1; layer <= 6; ++layer) {
     v1::Envelope p;
@@ -847,6 +848,40 @@ TEST(Metrics, HeadAuditSummaryAndPerHeadGauges) {
       << body;
 }
 
+// The coordinator owns the KV-head placement (issue 14): heads 0 and 1 dense, the rest
+// A-shape, tp 2. A group that runs any placement gets the balanced one, and keeps it for a
+// dense job after it (no slices re-read); a contiguous-only group (CUDA) always gets the
+// contiguous one, whatever it was sent before.
+TEST(Planner, ShardPlanPlacesKvHeadsByTheGroupsRule) {
+  const mprefill::ModelConfig cfg = mprefill::coord::config_of(contract().model());
+  mprefill::SparsePolicy skew =
+      mprefill::SparsePolicy::uniform(cfg, mprefill::HeadPattern::a_shape(64, 64), 0);
+  for (int l = 0; l < 6; ++l)
+    for (int h : {0, 1}) skew.heads[l * 6 + h] = mprefill::HeadPattern::dense();
+  const int64_t n = 64 * 200;
+  mprefill::TpPlan held;
+  const auto any = mprefill::coord::make_shard_plan(contract().model(), skew, n, 2, 1, nullptr,
+                                                    /*any=*/true, &held);
+  ASSERT_EQ(any.tp_heads_size(), 12);
+  EXPECT_FALSE(mprefill::is_contiguous(held, cfg));
+  EXPECT_LE(held.imbalance(), 1.10);
+  for (int l = 0; l < 6; ++l) {  // the two dense heads on different ranks
+    const auto& r0 = any.tp_heads(l * 2).kv_heads();
+    EXPECT_NE(std::count(r0.begin(), r0.end(), 0), std::count(r0.begin(), r0.end(), 1)) << l;
+  }
+  mprefill::TpPlan next;
+  mprefill::coord::make_shard_plan(contract().model(), mprefill::SparsePolicy::dense(), n, 2, 1,
+                                   &held, true, &next);
+  EXPECT_EQ(next.kv_heads, held.kv_heads);
+  mprefill::TpPlan cuda;
+  const auto fixed = mprefill::coord::make_shard_plan(contract().model(), skew, n, 2, 1, &held,
+                                                      /*any=*/false, &cuda);
+  EXPECT_TRUE(mprefill::is_contiguous(cuda, cfg));
+  EXPECT_GT(cuda.imbalance(), 1.5);
+  EXPECT_EQ(fixed.tp_heads(0).kv_heads(0), 0);
+  EXPECT_EQ(fixed.tp_heads(1).kv_heads(0), 3);
+}
+
 TEST(Planner, ValidUtf8ReplacesBrokenSequences) {
   using mprefill::coord::valid_utf8;
   EXPECT_EQ(valid_utf8("plain ascii"), "plain ascii");
@@ -866,14 +901,18 @@ TEST(Planner, KvBytesAndShardPlan) {
   const auto plan = mprefill::coord::make_shard_plan(contract().model(),
                                                      mprefill::SparsePolicy::dense(), 1000, 3, 2);
   ASSERT_EQ(plan.sp_shards_size(), 2);
-  ASSERT_EQ(plan.tp_heads_size(), 3);
-  std::vector<int> heads;
-  for (const auto& t : plan.tp_heads()) {
-    EXPECT_EQ(t.kv_heads_size(), 2);
-    heads.insert(heads.end(), t.kv_heads().begin(), t.kv_heads().end());
+  // Every layer's KV heads over the 3 tp ranks ([layer * tp + rank]); dense: contiguous.
+  ASSERT_EQ(plan.tp_heads_size(), 6 * 3);
+  for (int l = 0; l < 6; ++l) {
+    std::vector<int> heads;
+    for (int r = 0; r < 3; ++r) {
+      const auto& t = plan.tp_heads(l * 3 + r);
+      ASSERT_EQ(t.kv_heads_size(), 2);
+      EXPECT_EQ(t.kv_heads(0), 2 * r);
+      heads.insert(heads.end(), t.kv_heads().begin(), t.kv_heads().end());
+    }
+    EXPECT_EQ(heads, (std::vector<int>{0, 1, 2, 3, 4, 5}));
   }
-  std::sort(heads.begin(), heads.end());
-  EXPECT_EQ(heads, (std::vector<int>{0, 1, 2, 3, 4, 5}));
   int64_t covered = 0;
   for (const auto& sh : plan.sp_shards())
     for (const auto& r : sh.ranges()) covered += r.end() - r.begin();

@@ -105,5 +105,77 @@ TEST(ParallelPlan, TensorParallelMustDivideKvHeads) {
   }
 }
 
+// The one placement rule (coordinator per job; an executor without a given placement):
+// contiguous while it is within 1.10 of balanced, the greedy plan when the policy skews
+// the heads and the group can run any placement, contiguous always for one that cannot.
+TEST(ParallelPlan, PlaceKvHeadsKeepsContiguousUntilTheBalanceAsks) {
+  const auto cfg = llama8b();
+  const int64_t n = 1 << 20;
+  const TpPlan c = contiguous_tensor_parallel(cfg, SparsePolicy::dense(), n, 4);
+  EXPECT_TRUE(is_contiguous(c, cfg));
+  EXPECT_EQ(c.kv_heads[5][1], (std::vector<int>{2, 3}));
+  EXPECT_DOUBLE_EQ(c.imbalance(), 1.0);
+  EXPECT_NO_THROW(check_tp_placement(c, cfg, 4));
+  // Dense: contiguous whatever the group can run.
+  for (bool any : {false, true})
+    EXPECT_TRUE(is_contiguous(place_kv_heads(cfg, SparsePolicy::dense(), n, 4, nullptr, any), cfg));
+
+  // The first two KV groups (8 query heads) of every layer dense, the rest A-shape: the
+  // contiguous placement puts both dense groups on rank 0.
+  SparsePolicy skew = SparsePolicy::uniform(cfg, HeadPattern::a_shape(64, 1024), 0);
+  for (int l = 0; l < cfg.n_layers; ++l)
+    for (int h = 0; h < 8; ++h) skew.heads[l * cfg.n_heads + h] = HeadPattern::dense();
+  const TpPlan cs = placement_cost(c, cfg, skew, n);
+  EXPECT_GT(cs.imbalance(), 1.5);
+  const TpPlan any = place_kv_heads(cfg, skew, n, 4, nullptr, true);
+  EXPECT_FALSE(is_contiguous(any, cfg));
+  EXPECT_NO_THROW(check_tp_placement(any, cfg, 4));
+  EXPECT_LT(any.imbalance(), cs.imbalance());
+  EXPECT_NEAR(any.imbalance(), plan_tensor_parallel(cfg, skew, n, 4).imbalance(), 1e-9);
+  EXPECT_DOUBLE_EQ(placement_cost(any, cfg, skew, n).imbalance(), any.imbalance());
+  const TpPlan fixed = place_kv_heads(cfg, skew, n, 4, &any, false);
+  EXPECT_TRUE(is_contiguous(fixed, cfg));
+  EXPECT_NEAR(fixed.imbalance(), cs.imbalance(), 1e-9);
+  // A balanced current placement is kept (no slices re-read for the next dense job), and
+  // one off by more than the threshold is replaced.
+  EXPECT_EQ(place_kv_heads(cfg, SparsePolicy::dense(), n, 4, &any, true).kv_heads, any.kv_heads);
+  EXPECT_EQ(place_kv_heads(cfg, skew, n, 4, &c, true).kv_heads, any.kv_heads);
+}
+
+TEST(ParallelPlan, CheckTpPlacementNamesTheFirstFault) {
+  const auto cfg = llama8b();  // 32 layers, 8 KV heads
+  auto refusal = [&](const TpPlan& p, int tp) -> std::string {
+    try {
+      check_tp_placement(p, cfg, tp);
+    } catch (const std::runtime_error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  const TpPlan good = contiguous_tensor_parallel(cfg, SparsePolicy::dense(), 4096, 2);
+  EXPECT_EQ(refusal(good, 2), "");
+  EXPECT_EQ(refusal(good, 4), "KV-head placement over tp 4: it is one over tp 2");
+  TpPlan p = good;
+  p.kv_heads.pop_back();
+  EXPECT_EQ(refusal(p, 2), "KV-head placement over tp 2: it has 31 layers, the model 32");
+  p = good;
+  p.kv_heads[7][1] = {4, 5, 6};
+  EXPECT_EQ(refusal(p, 2), "KV-head placement over tp 2: layer 7: rank 1 holds 3 KV heads, not 4");
+  p = good;
+  p.kv_heads[3][0] = {0, 2, 1, 3};
+  EXPECT_EQ(refusal(p, 2),
+            "KV-head placement over tp 2: layer 3: rank 0's KV heads are not ascending");
+  p = good;
+  p.kv_heads[3][0] = {0, 1, 2, 4};
+  EXPECT_EQ(refusal(p, 2), "KV-head placement over tp 2: layer 3: KV head 4 is placed twice");
+  p = good;
+  p.kv_heads[0][1] = {4, 5, 6, 8};
+  EXPECT_EQ(refusal(p, 2), "KV-head placement over tp 2: layer 0: KV head 8 is not one of 0..7");
+  p = good;
+  p.kv_heads[2].pop_back();
+  EXPECT_EQ(refusal(p, 2), "KV-head placement over tp 2: layer 2: 1 ranks");
+  EXPECT_NE(refusal(good, 3).find("must divide the 8 KV heads"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace mprefill

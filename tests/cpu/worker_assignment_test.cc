@@ -85,10 +85,46 @@ TEST(WorkerAssignment, RefusesAPlanThatDoesNotFit) {
       refusal(wire::encode_shard_layout({{{256, 512}, {0, 128}}, {{128, 256}}}, 1, 2), {1, 2}, 512),
       "shard plan: token layout for 512 tokens over sp 2: sp rank 0 range [0, 128) is not "
       "in ascending order");
-  v1::ShardPlan heads = wire::encode_shard_layout(zz, 1, 2);
-  heads.add_tp_heads();
-  heads.add_tp_heads();
-  EXPECT_EQ(refusal(heads, {1, 2}, 512), "shard plan: 2 tp head sets for tp 1");
+}
+
+// The KV-head placement of every layer, run as sent: decoded and checked (tiny: 2 layers,
+// 2 KV heads), none sent leaves it to the executor.
+TEST(WorkerAssignment, DecodesTheTpPlacementAsSent) {
+  const ModelConfig cfg = tiny();
+  v1::ShardPlan plan = wire::encode_shard_layout({{{0, 512}}}, 2, 1);
+  EXPECT_TRUE(worker::decode_tp_placement(plan, cfg, 2).kv_heads.empty());
+  const wire::TpHeads swapped = {{{1}, {0}}, {{0}, {1}}};
+  wire::encode_tp_heads(swapped, &plan);
+  const TpPlan p = worker::decode_tp_placement(plan, cfg, 2);
+  EXPECT_EQ(p.tp, 2);
+  EXPECT_EQ(p.kv_heads, swapped);
+  EXPECT_FALSE(is_contiguous(p, cfg));
+  auto placement_refusal = [&](const wire::TpHeads& h) -> std::string {
+    v1::ShardPlan q = wire::encode_shard_layout({{{0, 512}}}, 2, 1);
+    wire::encode_tp_heads(h, &q);
+    try {
+      (void)worker::decode_tp_placement(q, cfg, 2);
+    } catch (const std::exception& e) {
+      return e.what();
+    }
+    return "";
+  };
+  // Layer 0 only (what coordinators before the full plan sent).
+  EXPECT_EQ(placement_refusal({{{0}, {1}}}),
+            "shard plan: KV-head placement over tp 2: it has 1 layers, the model 2");
+  EXPECT_EQ(placement_refusal({{{0}, {1}}, {{1}, {1}}}),
+            "shard plan: KV-head placement over tp 2: layer 1: KV head 1 is placed twice");
+  EXPECT_EQ(placement_refusal({{{0}, {1}}, {{0}, {7}}}),
+            "shard plan: KV-head placement over tp 2: layer 1: KV head 7 is not one of 0..1");
+  // A count that is not a multiple of tp leaves the last layer short.
+  v1::ShardPlan odd = wire::encode_shard_layout({{{0, 512}}}, 2, 1);
+  wire::encode_tp_heads({{{0}, {1}}, {{0}}}, &odd);
+  try {
+    (void)worker::decode_tp_placement(odd, cfg, 2);
+    ADD_FAILURE() << "a placement with 3 rank entries for tp 2 was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_STREQ(e.what(), "shard plan: KV-head placement over tp 2: layer 1: 1 ranks");
+  }
 }
 
 TEST(WorkerAssignment, PolicyIsTheCoordinatorsAndNoPathIsOpened) {

@@ -274,9 +274,11 @@ void fixed_plan_case(const std::string& what, const std::string& model, const st
   EXPECT_GE(r.res.sp_imbalance, 1.0);
   EXPECT_GT(r.res.tiles_computed, 0);
   // The layout used is never predicted worse than the plain zigzag, and the heads are
-  // placed at least as well as the planner does for this policy and length.
+  // placed within the re-placement threshold (1.10) or as well as the planner does for
+  // this policy and length (place_kv_heads).
   EXPECT_LE(r.res.sp_imbalance_predicted, r.res.sp_imbalance_zigzag + 1e-12);
-  EXPECT_LE(r.res.tp_imbalance, plan_tensor_parallel(cfg, policy, n, topo.tp).imbalance() + 1e-9);
+  EXPECT_LE(r.res.tp_imbalance,
+            std::max(1.10, plan_tensor_parallel(cfg, policy, n, topo.tp).imbalance()) + 1e-9);
   EXPECT_EQ(static_cast<int>(r.res.sp_layout.size()), topo.sp);
   ok &= calls == cfg.n_layers;
   print_balance(what, r, ref, c->rank(), topo);

@@ -154,6 +154,73 @@ TEST(Executor, CpuRunsTheGivenTokenLayout) {
   expect_all_ranks_ok(*c, ok);
 }
 
+// The coordinator's KV-head placement runs as given (tiny: 4 layers, 2 KV heads): at tp 2
+// the heads of layers 1 and 3 swapped between the ranks give the contiguous placement's
+// logits and KV, the result names the placement and that slices moved; the same placement
+// again moves nothing; back to contiguous moves them back. At tp 1 the one placement runs.
+TEST(Executor, CpuRunsTheGivenTpPlacement) {
+  auto c = world();
+  const ExecutorSpec spec = cpu_spec(c->size());
+  std::unique_ptr<Executor> ex = make_executor(spec, c.get());
+  ASSERT_TRUE(ex->caps().any_tp_placement);
+  const ModelConfig& cfg = ex->config();
+  const int tp = spec.topo.tp;
+  const int64_t n = 300;
+  const std::vector<int> ids = random_ids(n, cfg.vocab, 9);
+  const TpPlan contiguous = contiguous_tensor_parallel(cfg, SparsePolicy::dense(), n, tp);
+  KvCache base_kv(cfg, n), moved_kv(cfg, n);
+  KvCacheSink base_sink(&base_kv, cfg.head_dim), moved_sink(&moved_kv, cfg.head_dim);
+  PrefillRequest req;
+  req.ids = &ids;
+  req.tp_placement = contiguous;
+  const PrefillResult base = ex->prefill(req, &base_sink);
+  EXPECT_FALSE(base.tp_replaced);  // loaded contiguous
+  EXPECT_EQ(base.tp_placement.kv_heads, contiguous.kv_heads);
+  TpPlan swapped = contiguous;
+  if (tp == 2)
+    for (int l : {1, 3}) std::swap(swapped.kv_heads[l][0], swapped.kv_heads[l][1]);
+  req.tp_placement = swapped;
+  const PrefillResult r = ex->prefill(req, &moved_sink);
+  EXPECT_EQ(r.tp_placement.kv_heads, swapped.kv_heads);
+  EXPECT_EQ(r.tp_replaced, tp == 2);
+  bool ok = r.logits.size() == base.logits.size() &&
+            max_abs_diff(r.logits, base.logits, base.logits.size()) <=
+                1e-4 * max_abs(base.logits, base.logits.size());
+  EXPECT_TRUE(ok) << "rank " << c->rank() << ": the given placement changed the logits";
+  // This rank exported the KV heads the placement gave it, and the gathered caches of the
+  // two runs are the same.
+  const int tp_rank = c->rank() % tp;
+  int pieces = 0;
+  for (const KvPiece& p : moved_sink.pieces()) {
+    ++pieces;
+    EXPECT_EQ(p.kv_heads, swapped.kv_heads[p.layer][tp_rank]) << "layer " << p.layer;
+    ok = ok && p.kv_heads == swapped.kv_heads[p.layer][tp_rank];
+  }
+  EXPECT_GT(pieces, 0);
+  KvCache g_base(cfg, n), g_moved(cfg, n);
+  gather_kv_cache(*c, base_sink, 0, n, c->rank() == 0 ? &g_base : nullptr);
+  gather_kv_cache(*c, moved_sink, 0, n, c->rank() == 0 ? &g_moved : nullptr);
+  if (c->rank() == 0) {
+    const size_t cells = static_cast<size_t>(n) * g_base.kv_dim;
+    for (int l = 0; l < cfg.n_layers; ++l) {
+      const double dk = max_abs_diff(g_moved.k[l], g_base.k[l], cells);
+      const double dv = max_abs_diff(g_moved.v[l], g_base.v[l], cells);
+      EXPECT_LE(dk, 1e-4 * max_abs(g_base.k[l], cells)) << "layer " << l;
+      EXPECT_LE(dv, 1e-4 * max_abs(g_base.v[l], cells)) << "layer " << l;
+      ok = ok && dk <= 1e-4 * max_abs(g_base.k[l], cells) &&
+           dv <= 1e-4 * max_abs(g_base.v[l], cells);
+    }
+  }
+  ok = ok && pieces > 0;
+  const PrefillResult again = ex->prefill(req, nullptr);
+  EXPECT_FALSE(again.tp_replaced);
+  req.tp_placement = contiguous;
+  const PrefillResult back = ex->prefill(req, nullptr);
+  EXPECT_EQ(back.tp_replaced, tp == 2);
+  EXPECT_EQ(back.tp_placement.kv_heads, contiguous.kv_heads);
+  expect_all_ranks_ok(*c, ok);
+}
+
 // A progress that throws at layer 1 on every rank stops the CPU prefill there: no
 // layer after it reaches the sink, and the exception reaches the caller.
 TEST(Executor, ThrowingProgressStopsTheCpuPrefill) {
@@ -187,7 +254,7 @@ TEST(Executor, ThrowingProgressStopsTheCpuPrefill) {
 // names the executor and the feature.
 class NoFeatures final : public Executor {
  public:
-  const ModelConfig& config() const override { return cfg_; }
+  const ModelConfig& config() const override { return cfg; }
   DistTopology topology() const override { return topo; }
   int rank() const override { return 3; }
   Backend backend() const override { return Backend::kCuda; }
@@ -198,10 +265,7 @@ class NoFeatures final : public Executor {
     return {};
   }
 
- private:
-  ModelConfig cfg_;
-
- public:
+  ModelConfig cfg;
   DistTopology topo;
 };
 
@@ -262,6 +326,35 @@ TEST(Executor, RefusalsComeFromOnePlace) {
         << e.what();
   }
   req.sp_layout.clear();
+
+  // A KV-head placement (the coordinator's plan): checked against the model and tp; one
+  // other than the contiguous placement is refused without caps.any_tp_placement.
+  bare.cfg = load_model(kModel).config;  // 4 layers, 2 KV heads
+  bare.topo = {2, 1};
+  req.tp_placement = contiguous_tensor_parallel(bare.cfg, SparsePolicy::dense(), 512, 2);
+  EXPECT_NO_THROW(bare.prefill(req, nullptr));
+  std::swap(req.tp_placement.kv_heads[2][0], req.tp_placement.kv_heads[2][1]);
+  try {
+    bare.prefill(req, nullptr);
+    ADD_FAILURE() << "a non-contiguous placement passed an executor without any_tp_placement";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("bare executor (rank 3): a KV-head placement other "
+                                         "than the contiguous one is not supported"),
+              std::string::npos)
+        << e.what();
+  }
+  req.tp_placement.kv_heads[2][0] = {0};  // swapped: rank 1 holds KV head 0 too
+  try {
+    bare.prefill(req, nullptr);
+    ADD_FAILURE() << "a placement with a KV head twice passed";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("bare executor (rank 3): KV-head placement over tp 2: "
+                                         "layer 2: KV head 0 is placed twice"),
+              std::string::npos)
+        << e.what();
+  }
+  req.tp_placement = {};
+  bare.cfg = {};
   req.ids = &ids;
   bare.topo = {};
 

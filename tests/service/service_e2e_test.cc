@@ -521,6 +521,70 @@ TEST(ServiceE2E, AuditHeadsComeBackInTheResult) {
   EXPECT_GE(layers.size(), 2u) << out;  // every layer audits its own heads
 }
 
+// The coordinator owns the KV-head placement (issue 14): a tp 2 group of the stories15M
+// shape (6 KV heads, 3 per rank) under a policy whose heads 0 and 1 are dense (block-sparse
+// top-100) and 2..5 keep one block: the contiguous placement would put both heavy heads on
+// rank 0 (1.33 of balanced), so the plan moves them apart; the job reports the move and a
+// tp imbalance within 1.10, and its ids equal the single-process generate's under the same
+// policy. The same job again and a dense job after it move nothing (the plan keeps the
+// placement the group holds while it stays balanced).
+TEST(ServiceE2E, CoordinatorPlacesKvHeadsAndTheGroupRunsThem) {
+  const std::string model_spec = "random:stories15m:3";
+  Service s(model_spec, 2, 2, "tpplace");
+  const std::string policy_file = s.dir + "/skew.json";
+  {
+    std::ofstream f(policy_file);
+    f << "[";
+    for (int l = 0; l < 6; ++l) {
+      f << (l ? ", " : "") << "{";
+      for (int h = 0; h < 6; ++h)
+        f << (h ? ", " : "") << "\"" << h << "\": [\"block_sparse\", " << (h < 2 ? 100 : 1)
+          << ", 0, 0]";
+      f << "}";
+    }
+    f << "]";
+  }
+  std::string ids;
+  for (int i = 0; i < 240; ++i) {  // + 8 decoded within max_position 256
+    if (i) ids += ',';
+    ids += std::to_string(5 + (i * 7919) % 30000);
+  }
+  const std::string sparse = " --sparse " + quote(policy_file) + " --dense-below 1";
+  auto submit = [&](const std::string& extra) {
+    std::string out;
+    const int rc = t::run_command(
+        s.cli("submit") + " --prompt-ids " + ids + extra + " --decode 8 --json 2>&1", &out);
+    EXPECT_EQ(rc, 0) << out << s.logs();
+    const json j = last_json(out);
+    EXPECT_TRUE(j.is_object()) << out;
+    EXPECT_EQ(j.value("status", ""), "DONE") << out << s.logs();
+    return j;
+  };
+  auto generate = [&](const std::string& extra) {
+    std::string out;
+    const int rc = t::run_command(bin("mprefill") + " generate --model " + model_spec +
+                                      " --prompt-ids " + ids + extra + " --decode 8 --json 2>&1",
+                                  &out);
+    EXPECT_EQ(rc, 0) << out;
+    return last_json(out);
+  };
+  const json first = submit(sparse);
+  ASSERT_TRUE(first.contains("tp_replaced")) << first.dump();
+  EXPECT_TRUE(first.at("tp_replaced").get<bool>()) << first.dump();
+  EXPECT_LE(first.at("tp_imbalance").get<double>(), 1.10) << first.dump();
+  EXPECT_GE(first.at("tp_replace_ms").get<double>(), 0.0);
+  const json ref = generate(sparse);
+  ASSERT_TRUE(ref.is_object());
+  EXPECT_EQ(ids_of(first), ids_of(ref));
+  const json again = submit(sparse);
+  EXPECT_FALSE(again.at("tp_replaced").get<bool>()) << again.dump();
+  EXPECT_EQ(ids_of(again), ids_of(first));
+  const json dense = submit("");
+  EXPECT_FALSE(dense.at("tp_replaced").get<bool>()) << dense.dump();
+  EXPECT_DOUBLE_EQ(dense.at("tp_imbalance").get<double>(), 1.0);
+  EXPECT_EQ(ids_of(dense), ids_of(generate("")));
+}
+
 // A bf16 model through the service (stories15M converted by mprefill-convert --dtype bf16):
 // the KV crosses as bf16 pages (half the fp32 bytes), the decoder's ids equal an fp32-KV
 // reference whose KV was rounded to bf16, and the capacity counts bf16 bytes (a decoder
