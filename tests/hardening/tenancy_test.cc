@@ -473,46 +473,62 @@ TEST(Ownership, ClientsSeeAndCancelOnlyTheirOwnJobs) {
   EXPECT_NE(log.find("(client 'bob') refused"), std::string::npos) << log;
 }
 
+// Legitimate jobs during an attack: n jobs, figures, and the checks every attack shares
+// (>= 95% DONE within the unattacked time + 1 s, RSS <= 2x the baseline or rss_cap_kb,
+// refusal log <= 1 line/s).
+struct UnderAttack {
+  OpenService& s;
+  double base;
+  long rss_base;
+  size_t log_before;
+  Clock::time_point t0 = Clock::now();
+  UnderAttack(OpenService& svc, double b)
+      : s(svc),
+        base(b),
+        rss_base(h::rss_kb(svc.co->proc->pid())),
+        log_before(svc.co->proc->log().size()) {}
+  // hold_ms: the attack goes on (the caller's threads or flood) until then from t0, before
+  // the log is read (e.g. two hello deadlines, so that every silent socket timed out).
+  void run_jobs(const char* what, int n, int seed, long rss_cap_kb = 0, double hold_ms = 0) {
+    int ok = 0, in_time = 0;
+    std::string why, last_why;
+    for (int i = 0; i < n; ++i) {
+      const double ms = s.job(seed + i, &why);
+      ok += ms >= 0;
+      in_time += ms >= 0 && ms <= base + 1000;
+      if (ms < 0) last_why = why;
+    }
+    const long rss = h::rss_kb(s.co->proc->pid());
+    while (ms_since(t0) < hold_ms) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    const double attack_s = ms_since(t0) / 1000.0;
+    const std::string log = s.co->proc->log().substr(log_before);
+    const int lines = count_lines(
+        log, {"ClientHello", "pre-hello", "refused", "bad frame", "closing", "exceeds"});
+    std::printf(
+        "[ figures ] %s: jobs DONE %d/%d, within unattacked %.0f ms + 1 s: %d; coordinator RSS "
+        "%ld -> %ld KiB; refusal log lines %d over %.1f s\n",
+        what, ok, n, base, in_time, rss_base, rss, lines, attack_s);
+    EXPECT_GE(in_time, n * 95 / 100) << what << ": " << last_why;
+    EXPECT_LE(rss, rss_cap_kb > 0 ? rss_cap_kb : 2 * rss_base) << what;
+    EXPECT_LE(lines, static_cast<int>(attack_s) + 2) << what << ":\n" << log;
+  }
+};
+
 // Finding 4: connections that never say hello filled --max-connections (1 of 72 jobs got
-// in during a 15 s slowloris) and wrote a log line each.
+// in during a 15 s slowloris) and wrote a log line each. 300 silent sockets, each reopened
+// as soon as the server closes it, held for 8 s (two hello deadlines); authenticated peers
+// stay registered.
 TEST(PreHello, SilentSocketsDoNotLockOutClients) {
   OpenService s("prehello", {});
   const double base = s.baseline_ms(4);
-  const size_t log_before = s.co->proc->log().size();
-  const long rss_base = h::rss_kb(s.co->proc->pid());
-  // 300 silent sockets, each reopened as soon as the server closes it.
+  UnderAttack u(s, base);
   h::SilentFlood flood(s.co->port, 300);
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  const auto t0 = Clock::now();
-  int ok = 0, in_time = 0;
-  const int kJobs = 20;
-  std::string last_why;
-  for (int i = 0; i < kJobs; ++i) {
-    std::string why;
-    const double ms = timed_job(s.co->port, i, &why);
-    if (ms >= 0) ++ok;
-    if (ms >= 0 && ms <= base + 1000) ++in_time;
-    if (ms < 0) last_why = why;
-  }
-  const long rss_attacked = h::rss_kb(s.co->proc->pid());
-  // Hold the attack for at least 8 s (two hello deadlines).
-  while (ms_since(t0) < 8000) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  const double attack_s = ms_since(t0) / 1000.0 + 0.5;
+  u.run_jobs("300 silent sockets", 20, 0, 0, 8000);
   flood.stop();
-  const std::string log = s.co->proc->log().substr(log_before);
-  const int refusal_lines =
-      count_lines(log, {"ClientHello", "refused", "pre-hello", "bad frame", "closing"});
-  std::printf(
-      "[ figures ] silent sockets opened %d over %.1f s; jobs DONE %d/%d, within "
-      "unattacked %.0f ms + 1 s: %d; refusal log lines %d\n",
-      flood.opened(), attack_s, ok, kJobs, base, in_time, refusal_lines);
-  EXPECT_GE(in_time, kJobs * 95 / 100) << last_why;
-  EXPECT_LE(refusal_lines, static_cast<int>(attack_s) + 2) << log;
-  std::printf("[ figures ] coordinator RSS %ld -> %ld KiB under the flood\n", rss_base,
-              rss_attacked);
-  EXPECT_LE(rss_attacked, 2 * rss_base);  // issue 17: <= 2x its baseline
+  std::printf("[ figures ] silent sockets opened %d\n", flood.opened());
+  EXPECT_GT(flood.opened(), 300) << "the server closed none of the silent sockets";
   EXPECT_TRUE(s.co->proc->running());
-  // Authenticated peers are untouched: the group and the decoder are still registered.
   EXPECT_TRUE(h::wait_registered(s.co->port, "", 1, 1, 5000));
 }
 
@@ -611,43 +627,6 @@ TEST(HalfSent, LargeFramesHoldBoundedMemory) {
       << "RSS " << rss_base << " -> " << under.rss1;
   EXPECT_TRUE(s.co->proc->running());
 }
-
-// Legitimate jobs during an attack: n jobs, figures, and the checks every attack shares
-// (>= 95% DONE within the unattacked time + 1 s, RSS <= 2x the baseline or rss_cap_kb,
-// refusal log <= 1 line/s).
-struct UnderAttack {
-  OpenService& s;
-  double base;
-  long rss_base;
-  size_t log_before;
-  Clock::time_point t0 = Clock::now();
-  UnderAttack(OpenService& svc, double b)
-      : s(svc),
-        base(b),
-        rss_base(h::rss_kb(svc.co->proc->pid())),
-        log_before(svc.co->proc->log().size()) {}
-  void run_jobs(const char* what, int n, int seed, long rss_cap_kb = 0) {
-    int ok = 0, in_time = 0;
-    std::string why, last_why;
-    for (int i = 0; i < n; ++i) {
-      const double ms = s.job(seed + i, &why);
-      ok += ms >= 0;
-      in_time += ms >= 0 && ms <= base + 1000;
-      if (ms < 0) last_why = why;
-    }
-    const long rss = h::rss_kb(s.co->proc->pid());
-    const double attack_s = ms_since(t0) / 1000.0;
-    const std::string log = s.co->proc->log().substr(log_before);
-    const int lines = count_lines(log, {"refused", "bad frame", "closing", "exceeds"});
-    std::printf(
-        "[ figures ] %s: jobs DONE %d/%d, within unattacked %.0f ms + 1 s: %d; coordinator RSS "
-        "%ld -> %ld KiB; refusal log lines %d over %.1f s\n",
-        what, ok, n, base, in_time, rss_base, rss, lines, attack_s);
-    EXPECT_GE(in_time, n * 95 / 100) << what << ": " << last_why;
-    EXPECT_LE(rss, rss_cap_kb > 0 ? rss_cap_kb : 2 * rss_base) << what;
-    EXPECT_LE(lines, static_cast<int>(attack_s) + 2) << what << ":\n" << log;
-  }
-};
 
 // Finding 1 under load: forged worker groups and decoders (a client key, or no key) hello
 // over and over from 4 threads while alice's jobs run; none registers.
