@@ -360,13 +360,34 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
     Stream* s;
     ~Done() { s->done = true; }
   } done_guard{s.get()};
-  auto refuse = [&](v1::ErrorCode code, const std::string& msg) {
-    s->send(wire::encode_frame(wire::make_error(s->job_id, code, msg)), kNotifyTimeoutMs);
-    drain_and_close(s->conn.get(), kNotifyTimeoutMs);
-    log_refusal("from " + s->peer + ": " + msg);
-  };
+  v1::KvStreamHello hello;
+  if (!stream_hellos(*s, &hello)) return;
+  std::vector<int> complete_layers;
+  const std::shared_ptr<Job> job = join_job(s, hello, &complete_layers);
+  if (!job) return;
+  // The stream's transport: "tcp" carries K/V in the page frames; any other one gets its
+  // bytes from a payload source set up here (nccl: joins the sender's communicator).
+  const std::string transport = !hello.transport().empty()
+                                    ? hello.transport()
+                                    : (hello.nccl_unique_id().empty() ? "tcp" : "nccl");
+  std::unique_ptr<PagePayloadSource> payload;
+  if (transport != "tcp" && !(payload = open_payload(*s, job, hello, transport))) return;
+  for (int l : complete_layers) {  // a stream that joins late still hears every ack
+    v1::Envelope ack;
+    ack.mutable_layer_ack()->set_job_id(s->job_id);
+    ack.mutable_layer_ack()->set_layer(l);
+    s->send(wire::encode_frame(ack), job->timeout_ms);
+  }
+  read_pages(*s, job, transport, payload.get());
+}
 
-  // 1. The hellos (ClientHello, then KvStreamHello) within prehello_timeout_ms together.
+void KvReceiver::refuse_stream(Stream& s, v1::ErrorCode code, const std::string& msg) {
+  s.send(wire::encode_frame(wire::make_error(s.job_id, code, msg)), kNotifyTimeoutMs);
+  drain_and_close(s.conn.get(), kNotifyTimeoutMs);
+  log_refusal("from " + s.peer + ": " + msg);
+}
+
+bool KvReceiver::stream_hellos(Stream& s, v1::KvStreamHello* hello) {
   struct Prehello {
     KvReceiver* rx;
     Stream* s;
@@ -374,131 +395,138 @@ void KvReceiver::serve_stream(std::shared_ptr<Stream> s) {
       if (s->prehello.exchange(false)) --rx->prehello_;
     }
     ~Prehello() { done(); }
-  } prehello{this, s.get()};
-  const auto hello_deadline = s->hello_deadline;
+  } prehello{this, &s};
+  const auto hello_deadline = s.hello_deadline;
   auto hello_left = [&] {
     return std::max(1, static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(
                                             hello_deadline - Clock::now())
                                             .count()));
   };
   std::string hello_error;
-  if (!s->conn->server_handshake(v1::WORKER, opt_.secret, "mprefill-decoder", opt_.max_frame,
-                                 hello_left(), &hello_error)) {
+  if (!s.conn->server_handshake(v1::WORKER, opt_.secret, "mprefill-decoder", opt_.max_frame,
+                                hello_left(), &hello_error)) {
     log_refusal(hello_error);
-    return s->conn->close();
+    s.conn->close();
+    return false;
   }
   v1::Envelope env;
   try {
-    if (!s->conn->recv(&env, hello_left())) {
+    if (!s.conn->recv(&env, hello_left())) {
       prehello.done();
-      return refuse(v1::BAD_FRAME,
+      refuse_stream(s, v1::BAD_FRAME,
                     "no KvStreamHello within " + std::to_string(opt_.prehello_timeout_ms) + " ms");
+      return false;
     }
   } catch (const std::exception& e) {
-    return;  // gone before saying anything
+    return false;  // gone before saying anything
   }
   prehello.done();
-  if (!env.has_kv_hello()) return refuse(v1::BAD_FRAME, "first frame is not KvStreamHello");
-  const v1::KvStreamHello hello = env.kv_hello();
-  s->job_id = hello.job_id();
-  s->rank = hello.rank();
+  if (!env.has_kv_hello()) {
+    refuse_stream(s, v1::BAD_FRAME, "first frame is not KvStreamHello");
+    return false;
+  }
+  *hello = env.kv_hello();
+  s.job_id = hello->job_id();
+  s.rank = hello->rank();
+  return true;
+}
 
-  // 2. The job (its Expect may still be on its way from the coordinator).
-  std::shared_ptr<Job> job;
+std::shared_ptr<KvReceiver::Job> KvReceiver::join_job(const std::shared_ptr<Stream>& s,
+                                                      const v1::KvStreamHello& hello,
+                                                      std::vector<int>* complete_layers) {
   std::vector<std::function<void()>> after;
-  std::vector<int> complete_layers;
-  {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait_for(lock, std::chrono::milliseconds(opt_.hello_wait_ms),
-                 [&] { return stop_ || jobs_.count(s->job_id) > 0; });
-    auto it = jobs_.find(s->job_id);
-    if (it == jobs_.end()) {
-      lock.unlock();
-      return refuse(v1::NOT_FOUND, "job " + std::to_string(s->job_id) + " is not expected here");
-    }
-    job = it->second;
-    if (job->failed) {
-      const std::string err = job->error;
-      lock.unlock();
-      return refuse(v1::DECODER_FAILED, err);
-    }
-    const std::string mismatch = kv_contract_mismatch(hello.kv(), opt_.contract);
-    const int senders = job->expect.senders();
-    if (!mismatch.empty() || s->rank < 0 || (senders > 0 && s->rank >= senders)) {
-      const std::string msg =
-          "job " + std::to_string(s->job_id) + ": KV stream of rank " + std::to_string(s->rank) +
-          " from " + s->peer + ": " +
-          (mismatch.empty() ? "rank outside [0, " + std::to_string(senders) + ")" : mismatch);
-      fail_locked(job, msg, &after);
-      lock.unlock();
-      for (auto& f : after) f();
-      return refuse(mismatch.empty() ? v1::INVALID_ARGUMENT : v1::MODEL_MISMATCH, msg);
-    }
-    job->streams.push_back(s);
-    job->last_activity = Clock::now();
-    for (int l = 0; l < shape_.n_layers; ++l)
-      if (job->store->layer_complete(l)) complete_layers.push_back(l);
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait_for(lock, std::chrono::milliseconds(opt_.hello_wait_ms),
+               [&] { return stop_ || jobs_.count(s->job_id) > 0; });
+  auto it = jobs_.find(s->job_id);
+  if (it == jobs_.end()) {
+    lock.unlock();
+    refuse_stream(*s, v1::NOT_FOUND, "job " + std::to_string(s->job_id) + " is not expected here");
+    return nullptr;
   }
-  // The stream's transport: "tcp" carries K/V in the page frames; any other one gets its
-  // bytes from a payload source set up here (nccl: joins the sender's communicator).
-  const std::string transport = !hello.transport().empty()
-                                    ? hello.transport()
-                                    : (hello.nccl_unique_id().empty() ? "tcp" : "nccl");
-  std::unique_ptr<PagePayloadSource> payload;
-  if (transport != "tcp") {
-    std::string why;
-    auto it = opt_.payload.find(transport);
-    if (it == opt_.payload.end() || !it->second) {
-      std::string served = "tcp";
-      for (const auto& [name, f] : opt_.payload) served += ", " + name;
-      why = "this decoder does not serve kv_transport " + transport + " (it serves " + served + ")";
-    } else {
-      PayloadJob pj;
-      pj.job_id = s->job_id;
-      pj.n_tokens = job->expect.prompt_tokens();
-      pj.senders = std::max(1, job->expect.senders());
-      pj.shape = shape_;
-      pj.device = job->device;
-      try {
-        payload = it->second(hello, job->timeout_ms, pj);
-        v1::Envelope reply;
-        if (payload && payload->setup_reply(&reply)) {
-          std::lock_guard<std::mutex> lock(s->send_mu);
-          s->conn->send_frame(wire::encode_frame(reply), job->timeout_ms);
-        }
-      } catch (const std::exception& e) {
-        payload.reset();
-        why = e.what();
-      }
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        std::lock_guard<std::mutex> dlock(job->device->mu);
-        if (job->device->kv)
-          job->device_bytes = std::max(job->device_bytes, job->device->kv->device_bytes());
-      }
-    }
-    if (!payload) {
-      const std::string msg = "job " + std::to_string(s->job_id) + ": " + transport +
-                              " KV stream of rank " + std::to_string(s->rank) +
-                              " cannot be set up: " + why;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        fail_locked(job, msg, &after);
-      }
-      for (auto& f : after) f();
-      return refuse(v1::INVALID_ARGUMENT, msg);
-    }
+  std::shared_ptr<Job> job = it->second;
+  if (job->failed) {
+    const std::string err = job->error;
+    lock.unlock();
+    refuse_stream(*s, v1::DECODER_FAILED, err);
+    return nullptr;
   }
-  for (int l : complete_layers) {  // a stream that joins late still hears every ack
-    v1::Envelope ack;
-    ack.mutable_layer_ack()->set_job_id(s->job_id);
-    ack.mutable_layer_ack()->set_layer(l);
-    s->send(wire::encode_frame(ack), job->timeout_ms);
+  const std::string mismatch = kv_contract_mismatch(hello.kv(), opt_.contract);
+  const int senders = job->expect.senders();
+  if (!mismatch.empty() || s->rank < 0 || (senders > 0 && s->rank >= senders)) {
+    const std::string msg =
+        "job " + std::to_string(s->job_id) + ": KV stream of rank " + std::to_string(s->rank) +
+        " from " + s->peer + ": " +
+        (mismatch.empty() ? "rank outside [0, " + std::to_string(senders) + ")" : mismatch);
+    fail_locked(job, msg, &after);
+    lock.unlock();
+    for (auto& f : after) f();
+    refuse_stream(*s, mismatch.empty() ? v1::INVALID_ARGUMENT : v1::MODEL_MISMATCH, msg);
+    return nullptr;
   }
+  job->streams.push_back(s);
+  job->last_activity = Clock::now();
+  for (int l = 0; l < shape_.n_layers; ++l)
+    if (job->store->layer_complete(l)) complete_layers->push_back(l);
+  return job;
+}
 
-  // 3. Pages until the sender closes. Page frames are read in place (kv_page_frame.h: the
-  // K/V bytes go from the socket buffer into the store, one copy); other frames through
-  // protobuf.
+std::unique_ptr<PagePayloadSource> KvReceiver::open_payload(Stream& s,
+                                                            const std::shared_ptr<Job>& job,
+                                                            const v1::KvStreamHello& hello,
+                                                            const std::string& transport) {
+  std::unique_ptr<PagePayloadSource> payload;
+  std::string why;
+  auto it = opt_.payload.find(transport);
+  if (it == opt_.payload.end() || !it->second) {
+    std::string served = "tcp";
+    for (const auto& [name, f] : opt_.payload) served += ", " + name;
+    why = "this decoder does not serve kv_transport " + transport + " (it serves " + served + ")";
+  } else {
+    PayloadJob pj;
+    pj.job_id = s.job_id;
+    pj.n_tokens = job->expect.prompt_tokens();
+    pj.senders = std::max(1, job->expect.senders());
+    pj.shape = shape_;
+    pj.device = job->device;
+    try {
+      payload = it->second(hello, job->timeout_ms, pj);
+      v1::Envelope reply;
+      if (payload && payload->setup_reply(&reply)) {
+        std::lock_guard<std::mutex> lock(s.send_mu);
+        s.conn->send_frame(wire::encode_frame(reply), job->timeout_ms);
+      }
+    } catch (const std::exception& e) {
+      payload.reset();
+      why = e.what();
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      std::lock_guard<std::mutex> dlock(job->device->mu);
+      if (job->device->kv)
+        job->device_bytes = std::max(job->device_bytes, job->device->kv->device_bytes());
+    }
+  }
+  if (!payload) {
+    const std::string msg = "job " + std::to_string(s.job_id) + ": " + transport +
+                            " KV stream of rank " + std::to_string(s.rank) +
+                            " cannot be set up: " + why;
+    std::vector<std::function<void()>> after;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fail_locked(job, msg, &after);
+    }
+    for (auto& f : after) f();
+    refuse_stream(s, v1::INVALID_ARGUMENT, msg);
+  }
+  return payload;
+}
+
+// Page frames are read in place (kv_page_frame.h: the K/V bytes go from the socket buffer
+// into the store, one copy); other frames through protobuf.
+void KvReceiver::read_pages(Stream& st, const std::shared_ptr<Job>& job,
+                            const std::string& transport, PagePayloadSource* payload) {
+  Stream* s = &st;
   v1::Envelope in;
   KvPageView page;
   std::string fk, fv;  // payload-source transports: the page's bytes

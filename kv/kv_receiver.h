@@ -204,6 +204,18 @@ class KvReceiver {
   void start_stream(std::shared_ptr<Stream> s);
   void monitor_loop();
   void serve_stream(std::shared_ptr<Stream> s);
+  // serve_stream's steps: the hellos (false: refused or gone), the job the stream joins
+  // (null: refused), a transport's payload source other than tcp's (null: the job failed
+  // and the stream was refused), then the pages until the sender closes.
+  void refuse_stream(Stream& s, v1::ErrorCode code, const std::string& msg);
+  bool stream_hellos(Stream& s, v1::KvStreamHello* hello);
+  std::shared_ptr<Job> join_job(const std::shared_ptr<Stream>& s, const v1::KvStreamHello& hello,
+                                std::vector<int>* complete_layers);
+  std::unique_ptr<PagePayloadSource> open_payload(Stream& s, const std::shared_ptr<Job>& job,
+                                                  const v1::KvStreamHello& hello,
+                                                  const std::string& transport);
+  void read_pages(Stream& s, const std::shared_ptr<Job>& job, const std::string& transport,
+                  PagePayloadSource* payload);
   bool job_failed(const std::shared_ptr<Job>& job) const;
   std::shared_ptr<DeviceJobKv> release_device(const std::shared_ptr<Job>& job);
   // in_place: the bytes are in the job's DeviceJobKv (page.k / v empty).
