@@ -299,11 +299,57 @@ struct PlannedSparseWalker : SparseWalker {
 namespace mprefill::cuda::skel {
 
 // ---------------------------------------------------------------- tile plan
-// One warp per CTA (head, pair) runs the walk its producer would run (walk::plan_cta with
-// WarpSpan): counts[c] = the CTA's tile count (counts non-null), or lane 0 writes its
-// records at p.plan + offsets[c].
+// walk::make_tile_rec built by the whole warp: lane l takes key rows l, l + 32, l + 64,
+// l + 96 (key and consumer 0's membership), the membership words are the four ballots and
+// kmax a warp max. (NOTES §3 v3 run 6: lane 0 alone looping over the 128 rows made the
+// write pass cost 5-20x the count pass.) Call with the whole warp; every lane gets the
+// record.
 template <class P>
-__global__ void __launch_bounds__(128)
+CUTE_DEVICE walk::TileRec make_tile_rec_warp(P const& p, walk::SparseWalk<128> const& wk,
+                                             walk::TileDesc const& d) {
+  const int lane = int(threadIdx.x) & 31;
+  int kmax = INT32_MIN;
+  uint64_t w0 = 0, w1 = 0;  // consumer 0's extra membership, rows 0-63 and 64-127
+  // Not unrolled: one inlined member_a search instead of four.
+#pragma unroll 1
+  for (int i = 0; i < 4; ++i) {
+    const int t = lane + 32 * i;
+    const int key = walk::SparseWalk<128>::key(p, d, t);
+    bool m = false;
+    if (key != INT32_MAX) {
+      kmax = key > kmax ? key : kmax;
+      m = d.sa1 > d.sa0 && wk.member_a(p, d, t, key);
+    }
+    const uint64_t b = uint64_t(__ballot_sync(0xffffffffu, m)) << (32 * (i & 1));
+    if (i < 2)
+      w0 |= b;
+    else
+      w1 |= b;
+  }
+  walk::TileRec r;
+  r.ts = d.ts;
+  r.te = d.te;
+  r.ts2 = d.ts2;
+  r.te2 = d.te2;
+  r.flags = d.flags;
+  r.gw = d.gw;
+  r.pad = 0;
+  r.a0 = d.a0 | w0;
+  r.a1 = d.a1 | w1;
+  r.b0 = d.b0;
+  r.b1 = d.b1;
+  r.kmax = __reduce_max_sync(0xffffffffu, kmax);
+  return r;
+}
+
+// One warp per CTA (head, pair) runs the walk its producer would run (walk::plan_cta's
+// loop with WarpSpan): counts[c] = the CTA's tile count (counts non-null), or the warp
+// builds each record (make_tile_rec_warp) and lane 0 writes it at p.plan + offsets[c].
+// Launched with 128 threads. __maxnreg__(128), not __launch_bounds__(128): under the latter
+// ptxas kept this kernel to 96 registers and spilled 80 B (ptxas -v, CUDA 13.0); now 113
+// registers, no spill (the lane-0 version: 114, no spill).
+template <class P>
+__global__ void __maxnreg__(128)
     skel_plan_kernel(P const p, int64_t* counts, const int64_t* offsets) {
   const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int num_pairs = (p.num_m_blocks + 1) / 2;
@@ -312,9 +358,21 @@ __global__ void __launch_bounds__(128)
   const int64_t block_a = p.block_first + 2 * int64_t(pair);
   const bool valid_b = block_a + 1 <= p.block_first + p.num_m_blocks - 1;
   const bool lead = (threadIdx.x & 31) == 0;
-  walk::TileRec* out = offsets && lead ? const_cast<walk::TileRec*>(p.plan) + offsets[c] : nullptr;
-  const int64_t n = walk::plan_cta<128>(p, head, block_a * 64, valid_b, kUnionGather, p.owner_max,
-                                        WarpSpan{p.col}, out);
+  walk::TileRec* out = offsets ? const_cast<walk::TileRec*>(p.plan) + offsets[c] : nullptr;
+  walk::SparseWalk<128> wk;
+  wk.init(p, head, block_a * 64, valid_b, kUnionGather, p.owner_max);
+  const WarpSpan span{p.col};
+  int64_t n = 0;
+  for (;;) {  // d.end is warp-uniform: every lane runs the same walk
+    walk::TileDesc d;
+    wk.next(p, d, span);
+    if (d.end) break;
+    if (out) {
+      const walk::TileRec r = make_tile_rec_warp(p, wk, d);
+      if (lead) out[n] = r;
+    }
+    ++n;
+  }
   if (counts && lead) counts[c] = n;
 }
 
