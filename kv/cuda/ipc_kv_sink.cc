@@ -10,6 +10,7 @@
 
 #include "kernels/cuda/edge_check.h"
 #include "kv/cuda/cuda_check.h"
+#include "kv/cuda/device_sink_core.h"
 #include "kv/cuda/page_sums.h"
 #include "kv/kv_ack.h"
 #include "kv/kv_ipc.h"
@@ -44,30 +45,15 @@ std::string wait_stream(cudaStream_t stream, int timeout_ms) {
 
 }  // namespace
 
-struct IpcKvSink::Impl : KvSinkCore {
-  int device = 0;
-  std::unique_ptr<wire::Connection> conn;
-  std::thread reader;
+// DeviceSinkCore's events bracket the layer's checksums and copies; sums holds [pages of
+// a layer][K, V].
+struct IpcKvSink::Impl : DeviceSinkCore {
   kv::IpcRegionLayout layout;
   char* region = nullptr;  // the decoder's region, mapped here
   cudaEvent_t ipc_ev[2] = {nullptr, nullptr};
-  uint32_t* sums = nullptr;  // device [pages of a layer][K, V]
-  size_t sums_cap = 0;       // pages
-  cudaStream_t last_stream = nullptr;
-  std::vector<cudaEvent_t> ev_begin, ev_end;  // [layer]: around the layer's copies
-
-  void close_connections() override {
-    if (conn) conn->close();
-  }
 
   void stop() {
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      stopping = true;
-    }
-    cv.notify_all();
-    if (conn) conn->close();
-    if (reader.joinable()) reader.join();
+    stop_reader();
     cudaSetDevice(device);
     // The copies into the mapped region end before it is unmapped (they only need this GPU
     // and the decoder's memory, which stays allocated while mapped here).
@@ -78,14 +64,7 @@ struct IpcKvSink::Impl : KvSinkCore {
     for (auto& e : ipc_ev)
       if (e) cudaEventDestroy(e);
     ipc_ev[0] = ipc_ev[1] = nullptr;
-    if (sums) cudaFree(sums);
-    sums = nullptr;
-    for (auto e : ev_begin)
-      if (e) cudaEventDestroy(e);
-    for (auto e : ev_end)
-      if (e) cudaEventDestroy(e);
-    ev_begin.clear();
-    ev_end.clear();
+    free_device_state();
   }
 
   // The decoder's KvIpcOffer (or its refusal) within timeout_ms.
@@ -147,20 +126,11 @@ struct IpcKvSink::Impl : KvSinkCore {
 IpcKvSink::IpcKvSink(KvHandoffOptions opt, int device) : impl_(std::make_unique<Impl>()) {
   Impl& I = *impl_;
   I.device = device;
-  std::string where = "IPC KV handoff to decoder " + opt.host + ":" + std::to_string(opt.port) +
-                      " (job " + std::to_string(opt.job_id) + ", rank " + std::to_string(opt.rank) +
-                      ", device " + std::to_string(device) + ")";
+  std::string where = DeviceSinkCore::where_of("IPC", opt, device);
   I.init(std::move(opt), std::move(where));
   const KvHandoffOptions& o = I.opt;
-  I.ev_begin.assign(I.n_layers, nullptr);
-  I.ev_end.assign(I.n_layers, nullptr);
   try {
-    MPREFILL_EDGE_CHECK_CUDA(cudaSetDevice(device),
-                             "cudaSetDevice(" + std::to_string(device) + ")");
-    for (int l = 0; l < I.n_layers; ++l) {
-      MPREFILL_EDGE_CHECK_CUDA(cudaEventCreate(&I.ev_begin[l]), "cudaEventCreate");
-      MPREFILL_EDGE_CHECK_CUDA(cudaEventCreate(&I.ev_end[l]), "cudaEventCreate");
-    }
+    I.create_layer_events();
     I.conn = wire::Connection::connect(o.host, o.port, o.timeout_ms);
     I.conn->client_handshake(v1::WORKER, o.name, o.secret, o.timeout_ms);
     v1::Envelope env;
@@ -368,25 +338,8 @@ void IpcKvSink::put(const KvSlice& s) {
 
 void IpcKvSink::finish() {
   Impl& I = *impl_;
-  I.await_acks();
-  if (!failed() && I.last_stream) {
-    cudaSetDevice(I.device);
-    const std::string w = wait_stream(I.last_stream, I.opt.timeout_ms);
-    if (!w.empty()) {
-      I.fail("finish: " + w);
-    } else {
-      double busy = 0;
-      for (int l = 0; l < I.n_layers; ++l) {
-        float ms = 0;
-        if (cudaEventElapsedTime(&ms, I.ev_begin[l], I.ev_end[l]) == cudaSuccess) busy += ms;
-      }
-      std::lock_guard<std::mutex> lock(I.mu);
-      I.st.send_ms = busy;
-    }
-  }
-  const bool failed_now = failed();
-  I.stop();
-  if (failed_now) throw std::runtime_error(error());
+  I.finish_layers([&](cudaStream_t st) { return wait_stream(st, I.opt.timeout_ms); },
+                  [&] { I.stop(); });
 }
 
 bool IpcKvSink::failed() const { return impl_->has_failed(); }

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "kernels/edge_check.h"
+#include "kv/cuda/device_sink_core.h"
 #include "kv/cuda/nccl_kv_common.h"
 #include "kv/kv_ack.h"
 #include "kv/kv_store.h"
@@ -29,16 +30,10 @@ double ms_between(Clock::time_point a, Clock::time_point b) {
 
 }  // namespace
 
-struct NcclKvSink::Impl : KvSinkCore {
-  int device = 0;
-  std::unique_ptr<wire::Connection> conn;
+// DeviceSinkCore's events bracket the layer's sends; sums holds [2 * pages of a layer].
+struct NcclKvSink::Impl : DeviceSinkCore {
   ncclComm_t comm = nullptr;
-  std::thread reader;
-  uint32_t* sums = nullptr;  // device [2 * pages of a layer]: K, V checksum of each page
-  size_t sums_cap = 0;       // pages
-  cudaStream_t last_stream = nullptr;
-  std::vector<cudaEvent_t> ev_begin, ev_end;  // [layer]: around the layer's sends
-  bool aborted = false;                       // under mu
+  bool aborted = false;  // under mu
 
   // A failure aborts the communicator (the engine's stream may hold sends that would
   // never complete) and closes the connection.
@@ -48,18 +43,8 @@ struct NcclKvSink::Impl : KvSinkCore {
       ncclCommAbort(comm);
     }
   }
-  void close_connections() override {
-    if (conn) conn->close();
-  }
-
   void stop() {
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      stopping = true;
-    }
-    cv.notify_all();
-    if (conn) conn->close();
-    if (reader.joinable()) reader.join();
+    stop_reader();
     cudaSetDevice(device);
     if (comm) {
       // The engine's stream holds no unfinished send here unless the handoff failed (then
@@ -77,37 +62,19 @@ struct NcclKvSink::Impl : KvSinkCore {
       comm = nullptr;
     }
     if (last_stream) cudaStreamSynchronize(last_stream);
-    if (sums) cudaFree(sums);
-    sums = nullptr;
-    for (auto e : ev_begin)
-      if (e) cudaEventDestroy(e);
-    for (auto e : ev_end)
-      if (e) cudaEventDestroy(e);
-    ev_begin.clear();
-    ev_end.clear();
+    free_device_state();
   }
 };
 
 NcclKvSink::NcclKvSink(KvHandoffOptions opt, int device) : impl_(std::make_unique<Impl>()) {
   Impl& I = *impl_;
   I.device = device;
-  std::string where = "NCCL KV handoff to decoder " + opt.host + ":" + std::to_string(opt.port) +
-                      " (job " + std::to_string(opt.job_id) + ", rank " + std::to_string(opt.rank) +
-                      ", device " + std::to_string(device) + ")";
+  std::string where = DeviceSinkCore::where_of("NCCL", opt, device);
   I.init(std::move(opt), std::move(where));
   const KvHandoffOptions& o = I.opt;
   auto bad = [&](const std::string& m) { return std::runtime_error(I.where + ": " + m); };
-  I.ev_begin.assign(I.n_layers, nullptr);
-  I.ev_end.assign(I.n_layers, nullptr);
   try {
-    if (cudaSetDevice(device) != cudaSuccess)
-      throw std::runtime_error("cudaSetDevice(" + std::to_string(device) + ") failed");
-    for (int l = 0; l < I.n_layers; ++l)
-      if (cudaEventCreate(&I.ev_begin[l]) != cudaSuccess ||
-          cudaEventCreate(&I.ev_end[l]) != cudaSuccess)
-        throw_status(Status::kCudaError, "NCCL KV sink: layer events",
-                     std::string("cudaEventCreate: ") + cudaGetErrorString(cudaGetLastError()),
-                     __FILE__, __LINE__);
+    I.create_layer_events();
     ncclUniqueId id;
     if (const ncclResult_t r = ncclGetUniqueId(&id); r != ncclSuccess)
       throw_status(Status::kCommError, "NCCL KV sink: unique id",
@@ -280,27 +247,11 @@ void NcclKvSink::put(const KvSlice& s) {
 
 void NcclKvSink::finish() {
   Impl& I = *impl_;
-  I.await_acks();
   // Every layer acked: the sends are done or finishing; wait (bounded) so the events can
-  // be read, then sum the time the sends occupied the stream.
-  if (!failed() && I.last_stream) {
-    cudaSetDevice(I.device);
-    const std::string w = ncclkv::wait_stream(I.comm, I.last_stream, I.opt.timeout_ms);
-    if (!w.empty()) {
-      I.fail("finish: " + w);
-    } else {
-      double busy = 0;
-      for (int l = 0; l < I.n_layers; ++l) {
-        float ms = 0;
-        if (cudaEventElapsedTime(&ms, I.ev_begin[l], I.ev_end[l]) == cudaSuccess) busy += ms;
-      }
-      std::lock_guard<std::mutex> lock(I.mu);
-      I.st.send_ms = busy;
-    }
-  }
-  const bool failed_now = failed();
-  I.stop();
-  if (failed_now) throw std::runtime_error(error());
+  // be read.
+  I.finish_layers(
+      [&](cudaStream_t st) { return ncclkv::wait_stream(I.comm, st, I.opt.timeout_ms); },
+      [&] { I.stop(); });
 }
 
 bool NcclKvSink::failed() const { return impl_->has_failed(); }
