@@ -259,23 +259,30 @@ bool JobKvStore::mark(const PageIn& p) {
   check_overlap_locked(L, p);
   bytes_ += 2 * static_cast<uint64_t>(p.token_end - p.token_begin) * p.kv_heads.size() *
             p.head_dim * dtype_size(p.dtype);
-  return record_locked(L, p);
+  record_locked(L, p);
+  return report_locked(L);
 }
 
 bool JobKvStore::put(const PageIn& p) {
   check_page(p);  // checksum outside the lock: receivers of one job run in parallel
-  std::lock_guard<std::mutex> lock(mu_);
-  Layer& L = layers_[p.layer];
-  check_overlap_locked(L, p);
-
   const int P = shape_.page_tokens;
   const int64_t kvh = shape_.n_kv_heads, hd = shape_.head_dim, nh = p.kv_heads.size();
   const int64_t block = p.token_begin / P;
-  auto& page = L.pages[block];
-  if (!page) page = pool_->take();
   const int64_t esz = shape_.elem_bytes();
-  char* pk = page.get();
-  char* pv = page.get() + shape_.page_elems() * esz;
+  char *pk = nullptr, *pv = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    Layer& L = layers_[p.layer];
+    check_overlap_locked(L, p);
+    auto& page = L.pages[block];
+    if (!page) page = pool_->take();
+    pk = page.get();
+    pv = page.get() + shape_.page_elems() * esz;
+    record_locked(L, p);  // the cells are this put's: an overlapping page is refused now
+    ++L.inflight;
+  }
+  // The bytes, outside the lock (disjoint cells of the page; the layer is not complete,
+  // exported or released while inflight > 0).
   const int64_t rows = p.token_end - p.token_begin;
   const int64_t r0 = p.token_begin - block * P;
   if (p.dtype == shape_.dtype && nh == kvh) {  // the common case: one copy, bytes as sent
@@ -301,11 +308,14 @@ bool JobKvStore::put(const PageIn& p) {
         }
       }
   }
+  std::lock_guard<std::mutex> lock(mu_);
+  Layer& L = layers_[p.layer];
   bytes_ += p.k_bytes + p.v_bytes;
-  return record_locked(L, p);
+  if (--L.inflight == 0) idle_.notify_all();
+  return report_locked(L);
 }
 
-bool JobKvStore::record_locked(Layer& L, const PageIn& p) {
+void JobKvStore::record_locked(Layer& L, const PageIn& p) {
   const int64_t rows = p.token_end - p.token_begin, nh = p.kv_heads.size();
   for (int h : p.kv_heads) {
     auto& m = L.received[h];
@@ -323,21 +333,28 @@ bool JobKvStore::record_locked(Layer& L, const PageIn& p) {
     }
     m.emplace(b, e);
   }
-  const int64_t before = L.cells;
   L.cells += rows * nh;
-  const int64_t full = n_tokens_ * shape_.n_kv_heads;
-  return before < full && L.cells == full;
+}
+
+bool JobKvStore::complete_locked(const Layer& L) const {
+  return L.cells == n_tokens_ * shape_.n_kv_heads && L.inflight == 0;
+}
+
+bool JobKvStore::report_locked(Layer& L) {
+  if (L.reported || !complete_locked(L)) return false;
+  L.reported = true;
+  return true;
 }
 
 bool JobKvStore::layer_complete(int layer) const {
   std::lock_guard<std::mutex> lock(mu_);
-  return layers_.at(layer).cells == n_tokens_ * shape_.n_kv_heads;
+  return complete_locked(layers_.at(layer));
 }
 
 int JobKvStore::layers_complete() const {
   std::lock_guard<std::mutex> lock(mu_);
   int n = 0;
-  for (const Layer& L : layers_) n += L.cells == n_tokens_ * shape_.n_kv_heads;
+  for (const Layer& L : layers_) n += complete_locked(L);
   return n;
 }
 
@@ -351,7 +368,7 @@ uint64_t JobKvStore::bytes_received() const {
 void JobKvStore::export_layer(int layer, void* k_out, void* v_out) const {
   std::lock_guard<std::mutex> lock(mu_);
   const Layer& L = layers_.at(layer);
-  if (L.released || L.cells != n_tokens_ * shape_.n_kv_heads)
+  if (L.released || !complete_locked(L))
     throw PageError("KV layer " + std::to_string(layer) + " is not complete");
   const int64_t P = shape_.page_tokens, row = shape_.kv_dim() * shape_.elem_bytes();
   char* ko = static_cast<char*>(k_out);
@@ -365,8 +382,11 @@ void JobKvStore::export_layer(int layer, void* k_out, void* v_out) const {
 }
 
 void JobKvStore::release_layer(int layer) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
   Layer& L = layers_.at(layer);
+  // A put still copying into the layer's pages (a job released mid-transfer) ends first:
+  // a bounded wait (one page's memcpy), never a buffer freed under a writer.
+  idle_.wait(lock, [&] { return L.inflight == 0; });
   for (auto& p : L.pages) pool_->give(std::move(p));
   L.pages.clear();
   L.released = true;

@@ -125,7 +125,9 @@ class JobKvStore {
   void retire();
 
   // Checks geometry, checksum and overlap, then stores. Returns true when this page
-  // completed its layer. Throws PageError (the store is unchanged).
+  // completed its layer. Throws PageError (the store is unchanged). Puts of one job run in
+  // parallel: the checksum and the copy of the bytes run outside the store's lock (the
+  // page's cells are taken under it first, so an overlapping page is refused).
   bool put(const PageIn& page);
   // A page whose bytes live elsewhere (transport "ipc": the job's device region): the
   // same geometry and overlap checks and cell accounting as put(), no bytes (k / v and
@@ -149,8 +151,10 @@ class JobKvStore {
   struct Layer {
     std::vector<std::unique_ptr<char[]>> pages;        // [block]: K then V
     std::vector<std::map<int64_t, int64_t>> received;  // [head]: begin -> end
-    int64_t cells = 0;                                 // (token, head) pairs stored
+    int64_t cells = 0;  // (token, head) pairs taken by a put (stored once inflight is 0)
+    int inflight = 0;   // puts copying their bytes outside mu_
     bool released = false;
+    bool reported = false;  // a put or mark returned true for this layer
   };
   PagePool* pool_;
   KvStoreShape shape_;
@@ -164,8 +168,13 @@ class JobKvStore {
   void check_geometry(const PageIn& p) const;
   void check_page(const PageIn& p) const;  // geometry, sizes, checksum
   void check_overlap_locked(const Layer& L, const PageIn& p) const;
-  // Records the page's cells; true when the layer became complete.
-  bool record_locked(Layer& L, const PageIn& p);
+  // Records the page's cells (an overlapping page is refused from here on).
+  void record_locked(Layer& L, const PageIn& p);
+  // Every cell taken and no copy in flight: complete. True once per layer (the caller that
+  // completed it).
+  bool complete_locked(const Layer& L) const;
+  bool report_locked(Layer& L);
+  std::condition_variable idle_;  // a layer's inflight fell to 0 (under mu_)
 };
 
 }  // namespace mprefill::kv

@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <numeric>
@@ -242,6 +243,65 @@ TEST(KvStore, ReassemblesTpSpShardsInAnyOrder) {
   EXPECT_TRUE(store.complete());
   expect_store_equals(store, src);
   EXPECT_EQ(store.bytes_received(), uint64_t(2 * L * n * kvh * hd * 4));
+}
+
+// The receivers of one job put in parallel (their copies run outside the store's lock):
+// 6 threads put the tp x sp shards' pages of 3 layers, each thread its share in shuffled
+// order, with duplicates of pages already put mixed in (refused as overlaps, the store
+// unchanged). Each layer is reported complete exactly once, by a put that saw every cell
+// stored, and the store equals the source. Repeated to give the interleavings a chance.
+TEST(KvStore, ParallelPutsCompleteEachLayerOnce) {
+  const int L = 3, kvh = 4, hd = 32, P = 16, tp = 2, sp = 3;
+  const int64_t n = 777;
+  const SourceKv src = make_source(L, n, kvh, hd, 11);
+  std::vector<RankSlice> slices;
+  std::vector<std::pair<int, PageIn>> pages;
+  for (int l = 0; l < L; ++l)
+    for (int r = 0; r < tp * sp; ++r)
+      slices.push_back(cut_slice(src, l, zigzag(n, sp, r / tp), heads_of(kvh, tp, r % tp)));
+  for (int l = 0; l < L; ++l)
+    for (int r = 0; r < tp * sp; ++r) {
+      const RankSlice& rs = slices[l * tp * sp + r];
+      for (const PageCut& c : kv::cut_pages(rs.tokens, P))
+        pages.push_back({l, page_of(rs, l, hd, c)});
+    }
+  KvStoreShape shape{L, kvh, hd, P};
+  PagePool pool(shape, uint64_t{1} << 30);
+  for (int round = 0; round < 20; ++round) {
+    JobKvStore store(&pool, n);
+    std::shuffle(pages.begin(), pages.end(), std::mt19937(round));
+    constexpr int kThreads = 6;
+    std::vector<std::vector<int>> reported(kThreads);
+    std::atomic<int> overlaps{0}, other_errors{0};
+    std::vector<std::thread> ts;
+    for (int t = 0; t < kThreads; ++t)
+      ts.emplace_back([&, t] {
+        for (size_t i = t; i < pages.size(); i += kThreads) {
+          const auto& [layer, pg] = pages[i];
+          if (store.put(pg)) {
+            reported[t].push_back(layer);
+            if (!store.layer_complete(layer)) other_errors++;  // complete when reported
+          }
+          if (i % 7 == 0 && i >= kThreads) {  // a page put before (by some thread) again
+            try {
+              store.put(pages[i - kThreads].second);
+              other_errors++;
+            } catch (const PageError& e) {
+              overlaps += std::string(e.what()).find("overlaps") != std::string::npos;
+            }
+          }
+        }
+      });
+    for (auto& th : ts) th.join();
+    std::vector<int> all;
+    for (const auto& r : reported) all.insert(all.end(), r.begin(), r.end());
+    std::sort(all.begin(), all.end());
+    ASSERT_EQ(all, (std::vector<int>{0, 1, 2})) << "round " << round;
+    EXPECT_EQ(other_errors.load(), 0) << "round " << round;
+    EXPECT_GT(overlaps.load(), 0);
+    expect_store_equals(store, src);
+    EXPECT_EQ(store.bytes_received(), uint64_t(2 * L * n * kvh * hd * 4));
+  }
 }
 
 TEST(KvStore, RejectsBadPagesAndStaysUsable) {
