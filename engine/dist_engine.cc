@@ -542,7 +542,7 @@ void DistEngine::Impl::replace_heads(const SparsePolicy& policy, int64_t n, cons
   for (int l = 0; l < c.n_layers; ++l)
     if (want.kv_heads[l][tp_rank] != placement.kv_heads[l][tp_rank])
       load_attention(*src, want.kv_heads[l][tp_rank], l, &w.layers[l]);
-  placement.kv_heads = std::move(want.kv_heads);
+  placement = placement_cost(want, c, policy, n);  // costs under this prefill's policy
   res->tp_replaced = true;
   res->tp_replace_ms = ms_since(t);
 }
