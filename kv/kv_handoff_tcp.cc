@@ -24,33 +24,23 @@ double ms_between(Clock::time_point a, Clock::time_point b) {
 }
 
 // One KV stream to the decoder: connect, hello, KvHello. A hello the decoder closed
-// without answering (kBusy: its pre-hello pool full under a flood evicts the oldest
-// connection, which may be ours on a loaded host) is tried again after 5, 10, 20, ... ms,
-// at most 8 times and within timeout_ms; a refusal or a timeout is not.
+// without answering (its pre-hello pool evicting under a flood) is tried again
+// (wire::open_retrying_busy).
 std::unique_ptr<wire::Connection> open_stream(const KvHandoffOptions& o) {
-  const auto deadline = Clock::now() + std::chrono::milliseconds(o.timeout_ms);
-  int backoff_ms = 5;
-  for (int attempt = 1;; ++attempt) {
-    const int left = static_cast<int>(std::max(1.0, ms_between(Clock::now(), deadline)));
-    try {
-      auto conn = wire::Connection::connect(o.host, o.port, left, wire::kDefaultMaxFrame, o.tls);
-      conn->client_handshake(v1::WORKER, o.name, o.secret, left);
-      v1::Envelope env;
-      auto* h = env.mutable_kv_hello();
-      h->set_job_id(o.job_id);
-      h->set_rank(o.rank);
-      *h->mutable_kv() = o.contract;
-      h->set_transport("tcp");
-      conn->send(env, left);
-      return conn;
-    } catch (const wire::WireError& e) {
-      const bool again = e.kind() == wire::WireError::Kind::kBusy && attempt < 8 &&
-                         Clock::now() + std::chrono::milliseconds(backoff_ms) < deadline;
-      if (!again) throw;
-      std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms));
-      backoff_ms *= 2;
-    }
-  }
+  return wire::open_retrying_busy(
+      [&](int left) {
+        auto conn = wire::Connection::connect(o.host, o.port, left, wire::kDefaultMaxFrame, o.tls);
+        conn->client_handshake(v1::WORKER, o.name, o.secret, left);
+        v1::Envelope env;
+        auto* h = env.mutable_kv_hello();
+        h->set_job_id(o.job_id);
+        h->set_rank(o.rank);
+        *h->mutable_kv() = o.contract;
+        h->set_transport("tcp");
+        conn->send(env, left);
+        return conn;
+      },
+      o.timeout_ms);
 }
 
 // One reusable staging buffer: page frames of one layer back to back.

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "proto/hmac.h"
 #include "proto/tls.h"
@@ -359,6 +360,27 @@ Credential load_key_file(const std::string& path) {
   if (text.find('\n') != std::string::npos || !(is >> c.key_id >> c.secret) || (is >> extra))
     throw std::runtime_error("key file " + path + ": expected one line \"NAME SECRET\"");
   return c;
+}
+
+std::unique_ptr<Connection> open_retrying_busy(
+    const std::function<std::unique_ptr<Connection>(int left_ms)>& open, int timeout_ms,
+    int tries) {
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+  int backoff_ms = 5;
+  for (int attempt = 1;; ++attempt) {
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    try {
+      return open(std::max(1, static_cast<int>(left.count())));
+    } catch (const WireError& e) {
+      const bool again = e.kind() == WireError::Kind::kBusy && attempt < tries &&
+                         Clock::now() + std::chrono::milliseconds(backoff_ms) < deadline;
+      if (!again) throw;
+      std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms));
+      backoff_ms *= 2;
+    }
+  }
 }
 
 void parse_host_port(const std::string& text, std::string* host, uint16_t* port) {

@@ -7,6 +7,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -277,6 +278,16 @@ std::string load_secret_file(const std::string& path);
 // coordinator's --client-keys file, without the role). Throws std::runtime_error naming
 // the path (never the secret) when it is missing, unreadable or not of that form.
 Credential load_key_file(const std::string& path);
+
+// A connection through its hello: open(left_ms) connects, runs TLS and the hello within
+// left_ms and returns the connection. A hello the server closed without answering
+// (WireError::kBusy: a full pre-hello pool evicts its oldest member under a flood, which
+// may be this one on a loaded host; or the server is stopping) is tried again after 5,
+// 10, 20 ... ms, at most `tries` times in all and within timeout_ms; any other error, and
+// the last kBusy, is thrown as it came.
+std::unique_ptr<Connection> open_retrying_busy(
+    const std::function<std::unique_ptr<Connection>(int left_ms)>& open, int timeout_ms,
+    int tries = 8);
 
 // "host:port" (or "[v6]:port") -> host, port in [0, 65535] (0: any port, for listening);
 // throws std::invalid_argument with the text on a bad value.

@@ -44,10 +44,16 @@ std::unique_ptr<wire::Connection> dial(const std::string& hostport, const wire::
   } catch (const std::invalid_argument& e) {
     throw UsageError(std::string("--coordinator: ") + e.what());
   }
-  auto c = wire::Connection::connect(host, port, 10000);
-  c->start_tls(tls, 10000);
-  c->client_handshake(v1::CLIENT, "mprefill-cli", cred, 10000);
-  return c;
+  // A coordinator under a flood of silent connections may close this one in its hello
+  // (kBusy): tried again, within the 10 s.
+  return wire::open_retrying_busy(
+      [&](int left) {
+        auto c = wire::Connection::connect(host, port, left);
+        c->start_tls(tls, left);
+        c->client_handshake(v1::CLIENT, "mprefill-cli", cred, left);
+        return c;
+      },
+      10000);
 }
 
 PromptInput make_prompt(const ServiceArgs& a, const std::optional<Tokenizer>& tok) {

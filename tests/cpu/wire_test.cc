@@ -256,6 +256,87 @@ TEST(LineLimiter, OneLinePerIntervalAndTheCountHeldBack) {
   EXPECT_EQ(held, 1u);
 }
 
+// A hello the server closes without answering is WireError::kBusy, and
+// open_retrying_busy tries it again (a server whose pre-hello pool evicts under a flood):
+// two busy closes then a real hello take three tries; a budget of two tries throws the
+// kBusy; a refusal (wrong secret: an Error frame) is not tried again.
+TEST(Loopback, BusyHelloIsTriedAgainARefusalIsNot) {
+  w::Listener l("127.0.0.1", 0);
+  auto serve = [&l](int busy, const std::string& secret) {
+    return std::thread([&l, busy, secret] {
+      std::string err;
+      for (int i = 0; i < busy; ++i) {  // ServerHello, read the ClientHello, close: busy
+        auto c = l.accept_raw(5000, &err);
+        if (!c) return;
+        c->send_server_hello(!secret.empty(), 1000, &err);
+        v1::Envelope env;
+        try {
+          c->recv(&env, 1000);
+        } catch (const std::exception&) {
+        }
+        c->close();
+      }
+      std::string name;
+      auto ok = l.accept(5000, v1::DECODER, secret, &name, &err);
+      if (ok) {
+        v1::Envelope env;
+        try {
+          ok->recv(&env, 1000);  // until the client closes
+        } catch (const std::exception&) {
+        }
+      }
+    });
+  };
+  auto dial = [&](const std::string& secret, int* tries) {
+    return [&, secret, tries](int left) {
+      ++*tries;
+      auto c = w::Connection::connect("127.0.0.1", l.port(), left);
+      c->client_handshake(v1::DECODER, "d", secret, left);
+      return c;
+    };
+  };
+  {
+    std::thread server = serve(2, "s3cret");
+    int tries = 0;
+    auto c = w::open_retrying_busy(dial("s3cret", &tries), 5000);
+    EXPECT_NE(c, nullptr);
+    EXPECT_EQ(tries, 3);
+    c.reset();
+    server.join();
+  }
+  {
+    std::thread server = serve(2, "s3cret");
+    int tries = 0;
+    try {
+      w::open_retrying_busy(dial("s3cret", &tries), 5000, 2);
+      ADD_FAILURE() << "a busy server accepted";
+    } catch (const w::WireError& e) {
+      EXPECT_EQ(e.kind(), w::WireError::Kind::kBusy) << e.what();
+      EXPECT_NE(std::string(e.what()).find("closed the connection before answering"),
+                std::string::npos)
+          << e.what();
+    }
+    EXPECT_EQ(tries, 2);
+    // The server's third connection: a real hello, then it waits for the client to close.
+    auto last = w::Connection::connect("127.0.0.1", l.port(), 2000);
+    last->client_handshake(v1::DECODER, "d", "s3cret", 2000);
+    last.reset();
+    server.join();
+  }
+  {
+    std::thread server = serve(0, "s3cret");
+    int tries = 0;
+    try {
+      w::open_retrying_busy(dial("wrong", &tries), 5000);
+      ADD_FAILURE() << "a wrong secret accepted";
+    } catch (const w::WireError& e) {
+      EXPECT_EQ(e.kind(), w::WireError::Kind::kAuth) << e.what();
+    }
+    EXPECT_EQ(tries, 1);
+    server.join();
+  }
+}
+
 TEST(HostPort, ParsesAndRejects) {
   std::string h;
   uint16_t port = 0;
