@@ -207,6 +207,27 @@ void expect_store_equals(const JobKvStore& store, const SourceKv& s) {
   }
 }
 
+// The pages of every layer's tp x sp shards (zigzag tokens over sp, heads over tp), cut at
+// P tokens; pages point into slices.
+struct ShardPages {
+  std::vector<RankSlice> slices;              // [layer * tp * sp + rank]
+  std::vector<std::pair<int, PageIn>> pages;  // (layer, page)
+};
+ShardPages shard_pages(const SourceKv& src, int tp, int sp, int P) {
+  ShardPages out;
+  for (int l = 0; l < src.n_layers; ++l)
+    for (int r = 0; r < tp * sp; ++r)
+      out.slices.push_back(
+          cut_slice(src, l, zigzag(src.n, sp, r / tp), heads_of(src.kvh, tp, r % tp)));
+  for (int l = 0; l < src.n_layers; ++l)
+    for (int r = 0; r < tp * sp; ++r) {
+      const RankSlice& rs = out.slices[l * tp * sp + r];
+      for (const PageCut& c : kv::cut_pages(rs.tokens, P))
+        out.pages.push_back({l, page_of(rs, l, src.hd, c)});
+    }
+  return out;
+}
+
 // ---- the store ---------------------------------------------------------------------------
 
 TEST(KvStore, ReassemblesTpSpShardsInAnyOrder) {
@@ -217,17 +238,8 @@ TEST(KvStore, ReassemblesTpSpShardsInAnyOrder) {
   PagePool pool(shape, uint64_t{1} << 30);
   JobKvStore store(&pool, n);
 
-  std::vector<RankSlice> slices;  // [layer][rank]
-  std::vector<std::pair<int, PageIn>> pages;
-  for (int l = 0; l < L; ++l)
-    for (int r = 0; r < tp * sp; ++r)
-      slices.push_back(cut_slice(src, l, zigzag(n, sp, r / tp), heads_of(kvh, tp, r % tp)));
-  for (int l = 0; l < L; ++l)
-    for (int r = 0; r < tp * sp; ++r) {
-      const RankSlice& rs = slices[l * tp * sp + r];
-      for (const PageCut& c : kv::cut_pages(rs.tokens, P))
-        pages.push_back({l, page_of(rs, l, hd, c)});
-    }
+  ShardPages sp_pages = shard_pages(src, tp, sp, P);
+  auto& pages = sp_pages.pages;
   std::shuffle(pages.begin(), pages.end(), std::mt19937(5));
   int completed = 0;
   for (size_t i = 0; i < pages.size(); ++i) {
@@ -254,17 +266,8 @@ TEST(KvStore, ParallelPutsCompleteEachLayerOnce) {
   const int L = 3, kvh = 4, hd = 32, P = 16, tp = 2, sp = 3;
   const int64_t n = 777;
   const SourceKv src = make_source(L, n, kvh, hd, 11);
-  std::vector<RankSlice> slices;
-  std::vector<std::pair<int, PageIn>> pages;
-  for (int l = 0; l < L; ++l)
-    for (int r = 0; r < tp * sp; ++r)
-      slices.push_back(cut_slice(src, l, zigzag(n, sp, r / tp), heads_of(kvh, tp, r % tp)));
-  for (int l = 0; l < L; ++l)
-    for (int r = 0; r < tp * sp; ++r) {
-      const RankSlice& rs = slices[l * tp * sp + r];
-      for (const PageCut& c : kv::cut_pages(rs.tokens, P))
-        pages.push_back({l, page_of(rs, l, hd, c)});
-    }
+  ShardPages sp_pages = shard_pages(src, tp, sp, P);
+  auto& pages = sp_pages.pages;
   KvStoreShape shape{L, kvh, hd, P};
   PagePool pool(shape, uint64_t{1} << 30);
   for (int round = 0; round < 20; ++round) {

@@ -496,8 +496,8 @@ struct TileRec {
 };
 static_assert(sizeof(TileRec) == 64, "one 64-byte record per tile");
 
-template <int kBlockN, class P>
-MPREFILL_HD TileRec make_tile_rec(P const& p, SparseWalk<kBlockN> const& wk, TileDesc const& d) {
+// The record's fields as the walk gave them (no gathered membership yet, kmax INT32_MIN).
+MPREFILL_HD TileRec tile_rec_of(TileDesc const& d) {
   TileRec r;
   r.ts = d.ts;
   r.te = d.te;
@@ -511,6 +511,12 @@ MPREFILL_HD TileRec make_tile_rec(P const& p, SparseWalk<kBlockN> const& wk, Til
   r.b0 = d.b0;
   r.b1 = d.b1;
   r.kmax = INT32_MIN;
+  return r;
+}
+
+template <int kBlockN, class P>
+MPREFILL_HD TileRec make_tile_rec(P const& p, SparseWalk<kBlockN> const& wk, TileDesc const& d) {
+  TileRec r = tile_rec_of(d);
   for (int t = 0; t < kBlockN; ++t) {
     const int key = SparseWalk<kBlockN>::key(p, d, t);
     if (key == INT32_MAX) continue;

@@ -326,18 +326,9 @@ CUTE_DEVICE walk::TileRec make_tile_rec_warp(P const& p, walk::SparseWalk<128> c
     else
       w1 |= b;
   }
-  walk::TileRec r;
-  r.ts = d.ts;
-  r.te = d.te;
-  r.ts2 = d.ts2;
-  r.te2 = d.te2;
-  r.flags = d.flags;
-  r.gw = d.gw;
-  r.pad = 0;
-  r.a0 = d.a0 | w0;
-  r.a1 = d.a1 | w1;
-  r.b0 = d.b0;
-  r.b1 = d.b1;
+  walk::TileRec r = walk::tile_rec_of(d);
+  r.a0 |= w0;
+  r.a1 |= w1;
   r.kmax = __reduce_max_sync(0xffffffffu, kmax);
   return r;
 }
