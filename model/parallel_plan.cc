@@ -19,6 +19,12 @@ double capped_causal_sum(int64_t nb, int64_t width) {
   return static_cast<double>(w) * (w + 1) / 2 + static_cast<double>(nb - w) * w;
 }
 
+void check_tp_size(const ModelConfig& cfg, int tp) {
+  if (tp <= 0 || cfg.n_kv_heads % tp != 0)
+    throw std::runtime_error("tensor parallel size " + std::to_string(tp) + " must divide the " +
+                             std::to_string(cfg.n_kv_heads) + " KV heads of the model");
+}
+
 }  // namespace
 
 double expected_tiles(const HeadPattern& p, int64_t n) {
@@ -48,10 +54,7 @@ double TpPlan::imbalance() const {
 }
 
 TpPlan plan_tensor_parallel(const ModelConfig& cfg, const SparsePolicy& policy, int64_t n, int tp) {
-  if (tp <= 0 || cfg.n_kv_heads % tp != 0) {
-    throw std::runtime_error("tensor parallel size " + std::to_string(tp) + " must divide the " +
-                             std::to_string(cfg.n_kv_heads) + " KV heads of the model");
-  }
+  check_tp_size(cfg, tp);
   const int group = cfg.n_heads / cfg.n_kv_heads, slots = cfg.n_kv_heads / tp;
   TpPlan plan;
   plan.tp = tp;
@@ -79,16 +82,6 @@ TpPlan plan_tensor_parallel(const ModelConfig& cfg, const SparsePolicy& policy, 
   }
   return plan;
 }
-
-namespace {
-
-void check_tp_size(const ModelConfig& cfg, int tp) {
-  if (tp <= 0 || cfg.n_kv_heads % tp != 0)
-    throw std::runtime_error("tensor parallel size " + std::to_string(tp) + " must divide the " +
-                             std::to_string(cfg.n_kv_heads) + " KV heads of the model");
-}
-
-}  // namespace
 
 TpPlan placement_cost(const TpPlan& placement, const ModelConfig& cfg, const SparsePolicy& policy,
                       int64_t n) {
