@@ -196,7 +196,7 @@ std::string Coordinator::Impl::prepare(const v1::SubmitJob& m, PreparedJob* p,
   p->options = m.options();
   p->options.clear_sparse_config();  // resolved into the policy; the record stays small
   const int64_t dense_below =
-      m.options().dense_below() > 0 ? m.options().dense_below() : kDefaultDenseBelow;
+      m.options().has_dense_below() ? m.options().dense_below() : kDefaultDenseBelow;
   try {
     p->policy = std::make_shared<const SparsePolicy>(
         resolve_sparse(sparse_source, m.options(), config_of(model), dense_below));

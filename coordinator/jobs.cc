@@ -496,6 +496,7 @@ void Coordinator::Impl::on_decode_done(Decoder& d, const v1::DecodeDone& m) {
   r->set_tp_imbalance(wd.tp_imbalance());
   r->set_tp_replaced(wd.tp_replaced());
   r->set_tp_replace_ms(wd.tp_replace_ms());
+  *r->mutable_heads_run() = wd.heads_run();
   finish(*j, v1::DONE, v1::ERROR_CODE_UNSPECIFIED, "");
   send_to(j->client, out);
 }

@@ -165,32 +165,6 @@ HeadAuditResult audit_result(int layer, int head, const HeadPattern& pattern,
   return r;
 }
 
-void audit_layer(int layer, const ModelConfig& cfg, const SparsePolicy& policy,
-                 const std::vector<HeadPlan>& plans, const float* q, int64_t q_stride,
-                 const float* k, const float* v, int64_t kv_stride, int64_t n,
-                 const AuditOptions& opt, std::vector<HeadAuditResult>* out) {
-  const int hd = cfg.head_dim, group = cfg.n_heads / cfg.n_kv_heads;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
-  const std::vector<int64_t> blocks = audit_blocks(n, layer, opt);
-  for (int h : audit_heads(policy, layer, cfg.n_heads, n, opt)) {
-    const HeadPattern pat = policy.at(layer, h, n);
-    const HeadPlan& plan = plans.at(h);
-    if (plan.kind != pat.kind)
-      throw std::runtime_error("audit: layer " + std::to_string(layer) + " head " +
-                               std::to_string(h) + " has a " + to_string(plan.kind) +
-                               " plan but the policy says " + to_string(pat.kind));
-    const AuditRows ar = audit_rows(plan, pat, n, blocks);
-    std::vector<float> qr(ar.rows.size() * hd);
-    for (size_t i = 0; i < ar.rows.size(); ++i)
-      std::memcpy(qr.data() + i * hd, q + ar.rows[i] * q_stride + int64_t{h} * hd,
-                  sizeof(float) * hd);
-    const int64_t kvo = int64_t{h / group} * hd;
-    const std::vector<RowPartial> parts =
-        audit_partials(ar, qr.data(), k + kvo, v + kvo, kv_stride, nullptr, n, hd, scale);
-    out->push_back(audit_result(layer, h, pat, parts));
-  }
-}
-
 void encode_partial(const RowPartial& p, int d, double* out) {
   out[0] = p.m;
   out[1] = p.s;

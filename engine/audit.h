@@ -59,13 +59,6 @@ std::vector<RowPartial> audit_partials(const AuditRows& ar, const float* q, cons
 HeadAuditResult audit_result(int layer, int head, const HeadPattern& pattern,
                              const std::vector<RowPartial>& rows);
 
-// Single process: audits layer l. q [n][q_stride] (after RoPE), k / v [n][kv_stride] of
-// every head; plans: the layer's HeadPlan per query head. Appends to out.
-void audit_layer(int layer, const ModelConfig& cfg, const SparsePolicy& policy,
-                 const std::vector<HeadPlan>& plans, const float* q, int64_t q_stride,
-                 const float* k, const float* v, int64_t kv_stride, int64_t n,
-                 const AuditOptions& opt, std::vector<HeadAuditResult>* out);
-
 // Wire form of a partial (m, s, s_mask, o[d], o_mask[d]): 3 + 2 d doubles.
 void encode_partial(const RowPartial& p, int d, double* out);
 RowPartial decode_partial(const double* in, int d);

@@ -1,7 +1,7 @@
-// The CPU Llama layer forward (fp32), written once: Engine (single process: prefill and
-// decode steps), DistEngine (tp x sp over MPI; one process is tp1 x sp1) and the pattern
-// search's capture (search/) all run cpu_forward() and differ only in their attention
-// (CpuAttention) and in the tensor-parallel sum (CpuForwardParams::reduce).
+// The CPU Llama layer forward (fp32), written once: DistEngine (every prefill: tp x sp over
+// MPI, or Engine's tp 1 x sp 1 over the one-rank group), Engine's decode steps and the
+// pattern search's capture (search/) all run cpu_forward() and differ only in their
+// attention (CpuAttention) and in the tensor-parallel sum (CpuForwardParams::reduce).
 //
 // One layer on this rank's n token rows, x [n][hidden] the residual stream:
 //   xb = rmsnorm(x, attn_norm)

@@ -6,7 +6,6 @@
 #include <stdexcept>
 #include <string>
 
-#include "engine/audit.h"
 #include "engine/distributed_estimate.h"
 #include "kernels/edge_check.h"
 
@@ -16,21 +15,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
-
-// "what at layer L[ head H]" for the edge check.
-std::string at(const char* what, int layer, int head) {
-  std::string s = std::string("engine: ") + what + " at layer " + std::to_string(layer);
-  if (head >= 0) s += " head " + std::to_string(head);
-  return s;
-}
-
-// Adds the time of a kernel call to *ms (when stats are kept).
-template <class F>
-void timed(double* ms, F&& f) {
-  const auto t = Clock::now();
-  f();
-  if (ms) *ms += ms_since(t);
 }
 
 }  // namespace
@@ -92,81 +76,9 @@ void LocalAttention::kv_rows(int layer, float** k, float** v) {
   *v = const_cast<float*>(values(layer)) + at;
 }
 
-void LocalAttention::head(int l, int h, const AttentionParams& ph, const HeadPattern& hp,
-                          HeadPlan* hplan) {
-  const ModelConfig& c = *p_.config;
-  PrefillStats* st = p_.stats;
-  double* att_ms = st ? &st->attention_ms : nullptr;
-  double* est_ms = st ? &st->estimate_ms : nullptr;
-  const int64_t N = p_.pos0 + p_.n;
-  const bool estimate = !p_.plan || p_.fill_plan;
-  switch (hp.kind) {
-    case PatternKind::kDense:
-      timed(att_ms, [&] {
-        MPREFILL_EDGE_CHECK(cpu::attention_dense(ph), at("attention_dense", l, h), "");
-      });
-      break;
-    case PatternKind::kAShape: {
-      AShapeParams a;
-      a.n_init = &hp.a;
-      a.n_local = &hp.b;
-      timed(att_ms, [&] {
-        MPREFILL_EDGE_CHECK(cpu::attention_ashape(ph, a), at("attention_ashape", l, h), "");
-      });
-      break;
-    }
-    case PatternKind::kVerticalSlash: {
-      VsIndex ix;
-      timed(est_ms, [&] {
-        if (estimate) {
-          const VsEstimateParams e = one_head_vs_params(static_cast<const float*>(ph.q), c.q_dim(),
-                                                        static_cast<const float*>(ph.k), c.kv_dim(),
-                                                        c.head_dim, N, ph.scale);
-          std::vector<VsSelection> sel;
-          MPREFILL_EDGE_CHECK(cpu::vs_estimate(e, &hp.a, &hp.b, &sel, &hp.tau),
-                              at("vs_estimate", l, h), "");
-          if (sel.size() != 1)
-            throw std::runtime_error("engine: vs_estimate returned " + std::to_string(sel.size()) +
-                                     " selections for one head");
-          hplan->vs = std::move(sel[0]);
-        }
-        ix = cpu::vs_build_index({hplan->vs}, N);
-      });
-      timed(att_ms, [&] {
-        MPREFILL_EDGE_CHECK(cpu::attention_vs(ph, view(ix), 0), at("attention_vs", l, h), "");
-      });
-      break;
-    }
-    case PatternKind::kBlockSparse: {
-      timed(est_ms, [&] {
-        if (!estimate) return;
-        cpu::BlockSparseEstimateParams e = one_head_bs_params(
-            static_cast<const float*>(ph.q), c.q_dim(), static_cast<const float*>(ph.k), c.kv_dim(),
-            c.head_dim, N, ph.scale);
-        e.stride = hp.stride;  // 0: pooled blocks; S: antidiagonal scoring
-        BlockSparseIndex bix;
-        MPREFILL_EDGE_CHECK(cpu::block_sparse_estimate(e, &hp.a, &bix, &hp.tau),
-                            at("block_sparse_estimate", l, h), "");
-        hplan->topk = bix.k;
-        hplan->blocks = std::move(bix.blocks);
-      });
-      BlockSparseView bv;
-      bv.seq_len = N;
-      bv.nblocks = num_blocks(N);
-      bv.k = hplan->topk;
-      bv.blocks = hplan->blocks.data();
-      timed(att_ms, [&] {
-        MPREFILL_EDGE_CHECK(cpu::attention_block_sparse(ph, bv, 0),
-                            at("attention_block_sparse", l, h), "");
-      });
-      break;
-    }
-  }
-}
-
 void LocalAttention::attend(int l, const float* q, float* att) {
   const ModelConfig& c = *p_.config;
-  const int hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
+  const int hd = c.head_dim;
   const int64_t n = p_.n, pos0 = p_.pos0, N = pos0 + n;
   if (widen_) {  // store the new rows in bf16; attend to what the cache holds
     float* kn = k_.data() + pos0 * c.kv_dim();
@@ -178,7 +90,6 @@ void LocalAttention::attend(int l, const float* q, float* att) {
   const float* V = values(l);
   if (p_.observe) p_.observe(l, q, K, V);
   PrefillStats* st = p_.stats;
-  PrefillPlan* plan = p_.plan;
   AttentionParams p;
   p.q = q;
   p.k = K;
@@ -196,37 +107,14 @@ void LocalAttention::attend(int l, const float* q, float* att) {
   p.scale = 1.f / std::sqrt(static_cast<float>(hd));
   p.dtype = DType::kF32;
 
-  const SparsePolicy dense = SparsePolicy::dense();
-  const SparsePolicy& policy = p_.policy ? *p_.policy : dense;
-  if (plan && p_.fill_plan) plan->layers[l].assign(c.n_heads, HeadPlan{});
-  if (pos0 > 0 || policy.all_dense(N)) {
-    p.num_heads = c.n_heads;
-    p.num_kv_heads = c.n_kv_heads;
-    timed(st ? &st->attention_ms : nullptr,
-          [&] { MPREFILL_EDGE_CHECK(cpu::attention_dense(p), at("attention_dense", l, -1), ""); });
-    if (st) st->heads_by_kind[0] += c.n_heads;
-  } else {
-    for (int h = 0; h < c.n_heads; ++h) {
-      const HeadPattern hp = policy.at(l, h, N);
-      const int kvh = h / group;
-      AttentionParams ph = p;
-      ph.num_heads = ph.num_kv_heads = 1;
-      ph.q = q + static_cast<int64_t>(h) * hd;
-      ph.o = att + static_cast<int64_t>(h) * hd;
-      ph.k = K + static_cast<int64_t>(kvh) * hd;
-      ph.v = V + static_cast<int64_t>(kvh) * hd;
-      HeadPlan local;
-      HeadPlan& hplan = plan ? plan->layers[l][h] : local;
-      hplan.kind = hp.kind;
-      if (st) ++st->heads_by_kind[static_cast<int>(hp.kind)];
-      head(l, h, ph, hp, &hplan);
-    }
-  }
-  if (p_.audit && p_.audit->enabled() && pos0 == 0 && plan && st) {
-    const auto ta = Clock::now();
-    audit_layer(l, c, policy, plan->layers[l], q, c.q_dim(), K, V, c.kv_dim(), n, *p_.audit,
-                &st->audit);
-    st->audit_ms += ms_since(ta);
+  p.num_heads = c.n_heads;
+  p.num_kv_heads = c.n_kv_heads;
+  const auto t = Clock::now();
+  MPREFILL_EDGE_CHECK(cpu::attention_dense(p),
+                      "engine: attention_dense at layer " + std::to_string(l), "");
+  if (st) {
+    st->attention_ms += ms_since(t);
+    st->heads_by_kind[0] += c.n_heads;
   }
 }
 

@@ -1,7 +1,7 @@
-// The single-process case of the CPU layer forward (engine/cpu_layer.h): every head on
-// this process, K / V rows kept in a KV cache. Engine's prefill and decode steps and the
-// pattern search's capture run local_forward(); DistEngine runs the same layer forward
-// with the sp ring for attention.
+// The single-process dense case of the CPU layer forward (engine/cpu_layer.h): every head
+// on this process, K / V rows kept in a KV cache. Engine's decode steps and the pattern
+// search's capture run local_forward(); prefills (Engine's too) run the same layer forward
+// in DistEngine, whose attention is the sparse sp ring.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -31,13 +31,7 @@ struct LocalAttentionParams {
   // cache (a bf16 model's decoder) is read widened into one fp32 layer buffer, and the
   // new rows are stored rounded to bf16 before the attention reads them back.
   KvCache* cache = nullptr;
-  const SparsePolicy* policy = nullptr;  // null: dense
-  // Indices: filled per layer when fill_plan (plan->layers sized by the caller), read
-  // when not; null: estimated and dropped.
-  PrefillPlan* plan = nullptr;
-  bool fill_plan = false;
-  PrefillStats* stats = nullptr;        // may be null
-  const AuditOptions* audit = nullptr;  // enabled: needs plan and stats (prefill only)
+  PrefillStats* stats = nullptr;  // may be null: attention_ms, gemm_ms, mlp_ms added
   // Called with each layer's q [n][q_dim], k / v [pos0 + n][kv_dim] (after RoPE) before
   // its attention; may be empty.
   std::function<void(int layer, const float* q, const float* k, const float* v)> observe;
@@ -55,8 +49,6 @@ class LocalAttention final : public CpuAttention {
   bool widen_ = false;        // the cache is bf16: layers go through k_ / v_
   const float* keys(int layer) const;
   const float* values(int layer) const;
-  // One head of a prefill under its pattern (estimating its indices when asked).
-  void head(int layer, int h, const AttentionParams& ph, const HeadPattern& hp, HeadPlan* plan);
 };
 
 // The whole model's forward of rows ids[0, n) at positions [a.pos0, a.pos0 + n) with

@@ -6,6 +6,14 @@
 
 namespace mprefill {
 
+void set_heads(const ModelConfig& c, const std::vector<int>& kv_heads, LocalLayer* out) {
+  const int group = c.n_heads / c.n_kv_heads;
+  out->kv_heads = kv_heads;
+  out->q_heads.clear();
+  for (int g : kv_heads)
+    for (int j = 0; j < group; ++j) out->q_heads.push_back(g * group + j);
+}
+
 void load_attention(const WeightSource& src, const std::vector<int>& kv_heads, int l,
                     LocalLayer* out) {
   const ModelConfig& c = src.config();
@@ -13,18 +21,14 @@ void load_attention(const WeightSource& src, const std::vector<int>& kv_heads, i
   const LayerWeights* L = fw ? &fw->layers[l] : nullptr;
   const std::string p = "model.layers." + std::to_string(l) + ".";
   const int64_t H = c.hidden, hd = c.head_dim, Q = c.q_dim(), KV = c.kv_dim();
-  const int group = c.n_heads / c.n_kv_heads;
   LocalLayer& o = *out;
-  o.q_heads.clear();
   o.wq.clear();
   o.wk.clear();
   o.wv.clear();
   o.bq.clear();
   o.bk.clear();
   o.bv.clear();
-  o.kv_heads = kv_heads;
-  for (int g : o.kv_heads)
-    for (int j = 0; j < group; ++j) o.q_heads.push_back(g * group + j);
+  set_heads(c, kv_heads, &o);
   for (int h : o.q_heads)
     src.rows(p + "self_attn.q_proj.weight", L ? &L->wq : nullptr, Q, H, h * hd, hd, &o.wq);
   for (int g : o.kv_heads) {

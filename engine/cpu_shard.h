@@ -33,6 +33,8 @@ struct LocalWeights {
   std::vector<LocalLayer> layers;
 };
 
+// The head lists of a layer holding the given kv heads (ascending) and their query heads.
+void set_heads(const ModelConfig& c, const std::vector<int>& kv_heads, LocalLayer* out);
 // The attention slices of layer l for the given kv heads (ascending): rows of Wq / Wk / Wv
 // (and biases) of their heads, columns of Wo; replaces those of *out.
 void load_attention(const WeightSource& src, const std::vector<int>& kv_heads, int l,

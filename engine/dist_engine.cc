@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <utility>
@@ -44,56 +45,6 @@ double ms_since(Clock::time_point t0) {
 
 constexpr int64_t kKeepFullBytes = int64_t{2} << 30;
 
-// Expected 64x64 tiles of query block b under a head pattern (planning weights, as
-// expected_tiles per block).
-double expected_block_tiles(const HeadPattern& p, int64_t b, int64_t n) {
-  const int64_t causal = b + 1;
-  auto cdiv = [](int64_t a, int64_t d) { return (a + d - 1) / d; };
-  switch (p.kind) {
-    case PatternKind::kDense:
-      return static_cast<double>(causal);
-    case PatternKind::kAShape:
-      return static_cast<double>(std::min(causal, cdiv(p.a, kBlock) + cdiv(p.b, kBlock) + 1));
-    case PatternKind::kVerticalSlash:
-      return static_cast<double>(std::min<int64_t>(
-          causal, clamp_slash_budget(p.b, n) + cdiv(clamp_vertical_budget(p.a, n), kBlock)));
-    case PatternKind::kBlockSparse:
-      return static_cast<double>(std::min<int64_t>(causal, p.a));
-  }
-  return 0;
-}
-
-// Masks of a set of heads with their index storage.
-struct MaskSet {
-  std::vector<HeadMask> masks;
-  std::vector<VsIndex> vs;  // one per vertical-slash head (stable: reserved up front)
-
-  void build(const std::vector<const HeadPlan*>& plans, const std::vector<HeadPattern>& pats,
-             int64_t n) {
-    masks.assign(plans.size(), {});
-    vs.clear();
-    vs.reserve(plans.size());
-    for (size_t i = 0; i < plans.size(); ++i) {
-      HeadMask& m = masks[i];
-      m.kind = plans[i]->kind;
-      if (m.kind == PatternKind::kAShape) {
-        m.n_init = pats[i].a;
-        m.n_local = pats[i].b;
-      } else if (m.kind == PatternKind::kVerticalSlash) {
-        vs.push_back(cpu::vs_build_index({plans[i]->vs}, n));
-        m.vs = view(vs.back());
-        m.vs_head = 0;
-      } else if (m.kind == PatternKind::kBlockSparse) {
-        m.bs.seq_len = n;
-        m.bs.nblocks = num_blocks(n);
-        m.bs.k = plans[i]->topk;
-        m.bs.blocks = plans[i]->blocks.data();
-        m.bs_head = 0;
-      }
-    }
-  }
-};
-
 }  // namespace
 
 struct DistEngine::Impl {
@@ -105,12 +56,36 @@ struct DistEngine::Impl {
   int rank = 0, tp_rank = 0, sp_rank = 0;
   TpPlan placement;
   LocalWeights w;
+  // tp 1 over an in-memory model (llama2.c, random:, or borrowed): the forward reads it in
+  // place and w holds the head lists only (no copy of the weights).
+  const ModelWeights* whole = nullptr;
   // Kept for re-placing the heads per prefill: an HF checkpoint (mmap, no copy) or a
-  // full in-memory model up to kKeepFullBytes; null otherwise (placement stays fixed).
+  // full in-memory model up to kKeepFullBytes (any size when `whole` points into it);
+  // null otherwise (placement stays fixed).
   std::unique_ptr<WeightSource> src;
   std::vector<double> inv_freq;
 
+  void init(comm::Communicator* comm, DistTopology t, const EngineOptions& o,
+            const DistOptions& dist, const std::function<std::unique_ptr<WeightSource>()>& open);
+  // The forward's view of this rank's weights.
+  std::vector<CpuLayer> layer_views() const {
+    std::vector<CpuLayer> v;
+    for (int l = 0; l < w.cfg.n_layers; ++l)
+      v.push_back(whole ? whole_layer(w.cfg, whole->layers[l])
+                        : cpu_layer(w.layers[l], w.f1 - w.f0));
+    return v;
+  }
+  const float* embed() const { return whole ? whole->embed.data.data() : w.embed.data(); }
+  const float* final_norm() const {
+    return whole ? whole->final_norm.data.data() : w.final_norm.data();
+  }
+  const float* lm_rows() const {  // [v1 - v0][hidden]
+    return whole ? whole->output_matrix().data.data() : w.lm_rows.data();
+  }
+
   std::string who() const {
+    // The single-process Engine runs this over the one-rank group (comm/self_comm.h).
+    if (world && std::string(world->backend()) == "self") return "engine";
     return "dist engine rank " + std::to_string(rank) + " (sp " + std::to_string(sp_rank) +
            ", tp " + std::to_string(tp_rank) + ")";
   }
@@ -157,45 +132,67 @@ struct DistEngine::Impl {
 DistEngine::DistEngine(comm::Communicator* world, const std::string& model_path, DistTopology topo,
                        EngineOptions opt, DistOptions dist)
     : impl_(std::make_unique<Impl>()) {
-  Impl& m = *impl_;
-  if (!world) throw std::runtime_error("dist engine: no communicator");
-  m.world = world;
-  m.topo = topo;
-  m.opt = opt;
-  m.dopt = dist;
-  m.rank = world->rank();
+  impl_->init(world, topo, opt, dist, [&] { return std::make_unique<WeightSource>(model_path); });
+}
+
+DistEngine::DistEngine(comm::Communicator* world, const ModelWeights& w, DistTopology topo,
+                       EngineOptions opt, DistOptions dist)
+    : impl_(std::make_unique<Impl>()) {
+  impl_->init(world, topo, opt, dist, [&] { return std::make_unique<WeightSource>(w); });
+}
+
+void DistEngine::Impl::init(comm::Communicator* comm, DistTopology t, const EngineOptions& o,
+                            const DistOptions& dist,
+                            const std::function<std::unique_ptr<WeightSource>()>& open) {
+  if (!comm) throw std::runtime_error("dist engine: no communicator");
+  world = comm;
+  topo = t;
+  opt = o;
+  dopt = dist;
+  rank = world->rank();
   if (topo.tp < 1 || topo.sp < 1)
-    throw std::runtime_error("dist engine rank " + std::to_string(m.rank) + ": tp " +
+    throw std::runtime_error("dist engine rank " + std::to_string(rank) + ": tp " +
                              std::to_string(topo.tp) + " and sp " + std::to_string(topo.sp) +
                              " must be >= 1");
   if (world->size() != topo.tp * topo.sp)
-    throw std::runtime_error("dist engine rank " + std::to_string(m.rank) + ": the group has " +
+    throw std::runtime_error("dist engine rank " + std::to_string(rank) + ": the group has " +
                              std::to_string(world->size()) + " ranks, tp " +
                              std::to_string(topo.tp) + " x sp " + std::to_string(topo.sp) +
                              " needs " + std::to_string(topo.tp * topo.sp));
-  if (opt.mlp_chunk < 1) m.fail("mlp_chunk must be >= 1");
-  m.tp_rank = m.rank % topo.tp;
-  m.sp_rank = m.rank / topo.tp;
+  if (opt.mlp_chunk < 1) fail("mlp_chunk must be >= 1");
+  tp_rank = rank % topo.tp;
+  sp_rank = rank / topo.tp;
 
-  auto src = std::make_unique<WeightSource>(model_path);
-  const ModelConfig& c = src->config();
+  std::unique_ptr<WeightSource> s = open();
+  const ModelConfig& c = s->config();
   if (c.n_kv_heads % topo.tp != 0)
-    m.fail("tensor parallel size " + std::to_string(topo.tp) + " must divide the " +
-           std::to_string(c.n_kv_heads) + " KV heads of the model");
+    fail("tensor parallel size " + std::to_string(topo.tp) + " must divide the " +
+         std::to_string(c.n_kv_heads) + " KV heads of the model");
   dist.placement_policy.check_model(c);
-  m.placement = place_kv_heads(c, dist.placement_policy, dist.placement_tokens, topo.tp, nullptr,
-                               /*any=*/true, dist.tp_replace_threshold);
-  m.w = load_local(*src, m.placement, m.tp_rank);
-  if (!src->full() || src->full_bytes() <= kKeepFullBytes) m.src = std::move(src);
-  m.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+  placement = place_kv_heads(c, dist.placement_policy, dist.placement_tokens, topo.tp, nullptr,
+                             /*any=*/true, dist.tp_replace_threshold);
+  if (topo.tp == 1 && s->full()) {
+    // One tp rank holds every weight: the forward reads the in-memory model in place.
+    whole = s->full();
+    w.cfg = c;
+    w.v1 = c.vocab;
+    w.f1 = c.intermediate;
+    w.layers.resize(c.n_layers);
+    for (int l = 0; l < c.n_layers; ++l) set_heads(c, placement.kv_heads[l][0], &w.layers[l]);
+    src = std::move(s);
+  } else {
+    w = load_local(*s, placement, tp_rank);
+    if (!s->full() || s->full_bytes() <= kKeepFullBytes) src = std::move(s);
+  }
+  inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
 
   // tp group: same sp rank, ordered by tp rank; sp group: same tp rank, by sp rank.
-  m.tp_comm = world->split(m.sp_rank, m.tp_rank);
-  MPREFILL_EDGE_CHECK(m.tp_comm ? Status::kOk : Status::kCommError,
-                      m.who() + ": split of the tp communicator", world->last_error());
-  m.sp_comm = world->split(m.tp_rank, m.sp_rank);
-  MPREFILL_EDGE_CHECK(m.sp_comm ? Status::kOk : Status::kCommError,
-                      m.who() + ": split of the sp communicator", world->last_error());
+  tp_comm = world->split(sp_rank, tp_rank);
+  MPREFILL_EDGE_CHECK(tp_comm ? Status::kOk : Status::kCommError,
+                      who() + ": split of the tp communicator", world->last_error());
+  sp_comm = world->split(tp_rank, sp_rank);
+  MPREFILL_EDGE_CHECK(sp_comm ? Status::kOk : Status::kCommError,
+                      who() + ": split of the sp communicator", world->last_error());
 }
 
 DistEngine::~DistEngine() = default;
@@ -388,7 +385,7 @@ class DistEngine::Impl::Ring final : public CpuAttention {
     }
     std::vector<const HeadPlan*> plan_ptrs;
     for (const auto& hp : local) plan_ptrs.push_back(&hp);
-    MaskSet ms;
+    HeadMaskSet ms;
     ms.build(plan_ptrs, pats, n_);
     j_.stats->estimate_ms += ms_since(t);
 
@@ -556,6 +553,11 @@ void DistEngine::Impl::choose_layout(const SparsePolicy& policy, int64_t n,
                                      const std::vector<TokenRanges>* given,
                                      DistPrefillResult* res) const {
   const ModelConfig& c = w.cfg;
+  if (given && !given->empty()) check_sp_layout(*given, n, topo.sp);
+  if (topo.sp == 1) {  // one rank: nothing to balance
+    res->sp_layout = given && !given->empty() ? *given : plan_sequence_parallel(n, 1);
+    return;
+  }
   const int64_t nb = num_blocks(n);
   const bool all_dense = policy.all_dense(n);
   std::vector<double> bw(static_cast<size_t>(nb), 0.0);
@@ -566,7 +568,7 @@ void DistEngine::Impl::choose_layout(const SparsePolicy& policy, int64_t n,
     // layer's at once).
     for (int l = 0; l < c.n_layers; ++l)
       for (int h = 0; h < c.n_heads; ++h) {
-        MaskSet ms;
+        HeadMaskSet ms;
         ms.build({&fixed->layers[l][h]}, {policy.at(l, h, n)}, n);
         for (int64_t b = 0; b < nb; ++b)
           bw[b] += static_cast<double>(mask_tiles(ms.masks[0], b, 0, n, n));
@@ -578,13 +580,12 @@ void DistEngine::Impl::choose_layout(const SparsePolicy& policy, int64_t n,
         for (int64_t b = 0; b < nb; ++b) bw[b] += expected_block_tiles(p, b, n);
       }
   }
-  // The caller's layout (the coordinator's plan, checked by check_sp_layout), else zigzag.
-  if (given && !given->empty()) check_sp_layout(*given, n, topo.sp);
+  // The caller's layout (the coordinator's plan, checked above), else zigzag.
   std::vector<TokenRanges> layout =
       given && !given->empty() ? *given : plan_sequence_parallel(n, topo.sp);
   res->sp_imbalance_zigzag = layout_imbalance(layout, bw);
   res->sp_imbalance_predicted = res->sp_imbalance_zigzag;
-  if (topo.sp > 1 && res->sp_imbalance_zigzag > dopt.sp_rebalance_threshold) {
+  if (res->sp_imbalance_zigzag > dopt.sp_rebalance_threshold) {
     std::vector<TokenRanges> cand = plan_sequence_parallel_weighted(n, topo.sp, bw);
     const double imb = layout_imbalance(cand, bw);
     if (imb < res->sp_imbalance_zigzag) {
@@ -611,8 +612,8 @@ std::vector<float> DistEngine::Impl::last_logits(const std::vector<float>& x, in
   if (owner == sp_rank) {
     std::vector<float> part(static_cast<size_t>(vchunk), 0.f);
     const int64_t n_local = static_cast<int64_t>(x.size()) / H;
-    cpu_logits(cpu_shape(c, inv_freq, opt.mlp_chunk), x.data() + (n_local - 1) * H,
-               w.final_norm.data(), w.lm_rows.data(), w.v1 - w.v0, part.data());
+    cpu_logits(cpu_shape(c, inv_freq, opt.mlp_chunk), x.data() + (n_local - 1) * H, final_norm(),
+               lm_rows(), w.v1 - w.v0, part.data());
     MPREFILL_EDGE_CHECK(
         tp_comm->all_gather(part.data(), logits.data(), part.size(), DType::kF32, nullptr),
         who() + ": all_gather of the logits over tp", tp_comm->last_error());
@@ -717,11 +718,10 @@ DistPrefillResult DistEngine::Impl::prefill(const std::vector<int>& ids, const S
   st.tokens = n;
   st.all_dense = all_dense;
   st.plan_reused = reuse;
-  for (int l = 0; l < c.n_layers; ++l)
-    for (int h = 0; h < c.n_heads; ++h)
-      ++st.heads_by_kind[all_dense ? 0 : static_cast<int>(policy.at(l, h, n).kind)];
-
   replace_heads(policy, n, tp_placement, &res);
+  for (int l = 0; l < c.n_layers; ++l)  // this rank's heads under the placement it runs
+    for (int h : w.layers[l].q_heads)
+      ++st.heads_by_kind[all_dense ? 0 : static_cast<int>(policy.at(l, h, n).kind)];
   choose_layout(policy, n, reuse ? plan_inout : nullptr, sp_layout, &res);
   RingJob job;
   job.policy = &policy;
@@ -730,9 +730,9 @@ DistPrefillResult DistEngine::Impl::prefill(const std::vector<int>& ids, const S
   job.all_dense = all_dense;
   job.keep_plans = plan_inout && !reuse;
   // At sp 1 the rank holds every row in order (check_sp_layout: ascending ranges, each
-  // token once): one range, so that its attention is the single-process kernel call,
-  // bit-identical to Engine::prefill (the zigzag's two touching ranges would be two
-  // partial results merged by log-sum-exp).
+  // token once): one range, so that its attention is one kernel call per head group,
+  // bit-identical to the dense single-process forward (the zigzag's two touching ranges
+  // would be two partial results merged by log-sum-exp).
   job.layout = topo.sp == 1 ? std::vector<TokenRanges>{{{0, n}}} : res.sp_layout;
   job.exported = res.sp_layout[sp_rank];
   job.sink = sink;
@@ -746,13 +746,12 @@ DistPrefillResult DistEngine::Impl::prefill(const std::vector<int>& ids, const S
       local_ids.push_back(ids[t]);
     }
   Ring ring(*this, job);
-  std::vector<CpuLayer> layers;
-  for (const LocalLayer& lw : w.layers) layers.push_back(cpu_layer(lw, w.f1 - w.f0));
+  const std::vector<CpuLayer> layers = layer_views();
   CpuForwardParams f;
   f.shape = cpu_shape(c, inv_freq, opt.mlp_chunk);
   f.layers = layers.data();
   f.n_layers = c.n_layers;
-  f.embed = w.embed.data();
+  f.embed = embed();
   f.vocab = c.vocab;
   f.ids = local_ids.data();
   f.n = static_cast<int64_t>(local_ids.size());

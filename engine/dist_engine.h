@@ -89,6 +89,11 @@ class DistEngine {
   // model_path as in load_model(); each rank loads only its tensor-parallel slices.
   DistEngine(comm::Communicator* world, const std::string& model_path, DistTopology topo,
              EngineOptions opt = {}, DistOptions dist = {});
+  // The same over a model already in memory (borrowed: w must outlive the engine). At tp 1
+  // the forward reads w in place; at tp > 1 each rank copies its slices. Engine runs this
+  // at tp 1 x sp 1 over the one-rank group (comm/self_comm.h).
+  DistEngine(comm::Communicator* world, const ModelWeights& w, DistTopology topo,
+             EngineOptions opt = {}, DistOptions dist = {});
   ~DistEngine();
 
   // Collective. ids: the whole prompt (every rank passes it); each rank computes its

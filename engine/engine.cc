@@ -5,8 +5,10 @@
 #include <stdexcept>
 #include <string>
 
+#include "comm/self_comm.h"
 #include "engine/cpu_local.h"
-#include "engine/plan_codec.h"
+#include "engine/dist_engine.h"
+#include "kv/kv_cache_sink.h"
 #include "model/prompt.h"
 
 namespace mprefill {
@@ -53,7 +55,13 @@ Engine::Engine(const ModelWeights& w, EngineOptions opt) : w_(w), opt_(opt) {
     if (!L.bv.empty()) check_tensor(L.bv, KV, p + "bv");
   }
   inv_freq_ = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+  self_ = comm::make_self_communicator();
+  EngineOptions dopt;
+  dopt.mlp_chunk = opt_.mlp_chunk;
+  dist_ = std::make_unique<DistEngine>(self_.get(), w, DistTopology{1, 1}, dopt);
 }
+
+Engine::~Engine() = default;
 
 void Engine::check_prompt(const std::vector<int>& ids, int64_t max_prompt) const {
   mprefill::check_prompt(w_.config, ids, max_prompt);
@@ -82,42 +90,19 @@ std::vector<float> Engine::prefill(const std::vector<int>& ids, const SparsePoli
   audit.validate();
   if (audit.enabled() && !stats)
     throw std::runtime_error("engine: an audited prefill needs a stats object for the results");
-  // The audit reads each layer's indices: a prefill without a plan fills a local one.
-  PrefillPlan audit_plan;
-  if (audit.enabled() && !plan_inout) plan_inout = &audit_plan;
   const ModelConfig& c = w_.config;
   check_prompt_ids(c, ids);  // no length limit here
   const int64_t n = static_cast<int64_t>(ids.size());
   check_cache(cache, c, 0, n);
-  policy.check_model(c);
-  const bool reuse = plan_inout && !plan_inout->empty();
-  if (reuse) check_prefill_plan(*plan_inout, policy, c, n);
-  if (plan_inout && !reuse) {
-    plan_inout->seq_len = n;
-    plan_inout->layers.assign(c.n_layers, {});
-  }
-  PrefillStats st;
-  st.tokens = n;
-  st.all_dense = policy.all_dense(n);
-  st.plan_reused = reuse;
-  LocalAttentionParams a;
-  a.config = &c;
-  a.n = n;
-  a.cache = cache;
-  a.policy = &policy;
-  a.plan = plan_inout;
-  a.fill_plan = !reuse;
-  a.stats = &st;
-  a.audit = &audit;
-  if (opt_.on_layer)
-    a.observe = [this, &c](int layer, const float*, const float*, const float*) {
-      opt_.on_layer(layer, c.n_layers);
-    };
-  std::vector<float> logits = local_forward(w_, inv_freq_, opt_.mlp_chunk, ids.data(), a);
+  KvCacheSink sink(cache, c.head_dim);
+  LayerProgressFn progress;
+  if (opt_.on_layer) progress = opt_.on_layer;
+  std::lock_guard<std::mutex> lock(prefill_mu_);
+  DistPrefillResult r = dist_->prefill(ids, policy, &sink, plan_inout, progress, audit);
   cache->n_tokens = n;
-  st.total_ms = ms_since(t0);
-  if (stats) *stats = st;
-  return logits;
+  r.stats.total_ms = ms_since(t0);
+  if (stats) *stats = std::move(r.stats);
+  return std::move(r.logits);
 }
 
 std::vector<float> Engine::decode_step(int token, int64_t pos, KvCache* cache) const {

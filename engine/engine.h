@@ -1,11 +1,15 @@
 // Single-process CPU engine (fp32): prefill of every layer into a KV cache with the
 // per-head sparse policy, logits of the last position, then decoding on that cache.
-// The reference that the GPU and distributed executors are compared against. Prefill and
-// decode steps run the one CPU layer forward (engine/cpu_layer.h) with the single-process
-// attention (engine/cpu_local.h); DistEngine at tp 1 x sp 1 gives the same bits.
+// The reference that the GPU executors are compared against. A prefill is the tp 1 x sp 1
+// case of the distributed engine (engine/dist_engine.h) over the one-rank group
+// (comm/self_comm.h), reading the weights in place: one prefill code path for every CPU
+// shape. Decode steps run the same layer forward (engine/cpu_layer.h) with dense attention
+// over the cache (engine/cpu_local.h).
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -16,6 +20,11 @@
 #include "model/weights.h"
 
 namespace mprefill {
+
+namespace comm {
+class Communicator;
+}
+class DistEngine;
 
 // Estimated sparse indices of one query head for one prompt.
 struct HeadPlan {
@@ -61,7 +70,7 @@ struct PrefillStats {
   int64_t tokens = 0;
   bool all_dense = true;      // the policy ran dense on every head (short prompt or "dense")
   bool plan_reused = false;   // the plan came filled in
-  int heads_by_kind[4] = {};  // (layer, head) pairs per PatternKind
+  int heads_by_kind[4] = {};  // this rank's (layer, head) pairs per PatternKind
   double total_ms = 0, attention_ms = 0, estimate_ms = 0, gemm_ms = 0, mlp_ms = 0;
   std::vector<HeadAuditResult> audit;  // layer-major, heads ascending (AuditOptions)
   double audit_ms = 0;
@@ -69,7 +78,7 @@ struct PrefillStats {
 
 struct EngineOptions {
   int64_t mlp_chunk = 512;  // tokens per MLP chunk (never a [N x ffn] buffer)
-  // Called by prefill as each layer's attention starts (progress lines); may be empty.
+  // Engine::prefill calls it after each layer (progress lines); may be empty.
   std::function<void(int layer, int n_layers)> on_layer;
 };
 
@@ -97,10 +106,14 @@ struct GenerateResult {
 class Engine {
  public:
   explicit Engine(const ModelWeights& w, EngineOptions opt = {});
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
 
-  // ids: the whole prompt (positions 0..N-1) into an empty cache of capacity >= N.
-  // Returns the logits of position N-1 ([vocab]). plan_inout and stats may be null;
-  // an enabled audit fills stats->audit (stats must then be given).
+  // ids: the whole prompt (positions 0..N-1) into an empty cache of capacity >= N (fp32,
+  // or bf16: rows rounded as a worker's KV export rounds them). Returns the logits of
+  // position N-1 ([vocab]). plan_inout and stats may be null; an enabled audit fills
+  // stats->audit (stats must then be given). Prefills of one engine run one at a time.
   std::vector<float> prefill(const std::vector<int>& ids, const SparsePolicy& policy,
                              KvCache* cache, PrefillPlan* plan_inout = nullptr,
                              PrefillStats* stats = nullptr, const AuditOptions& audit = {}) const;
@@ -127,6 +140,9 @@ class Engine {
   const ModelWeights& w_;
   EngineOptions opt_;
   std::vector<double> inv_freq_;
+  std::unique_ptr<comm::Communicator> self_;  // the one-rank group of dist_
+  std::unique_ptr<DistEngine> dist_;          // tp 1 x sp 1 over w_ (prefill)
+  mutable std::mutex prefill_mu_;             // dist_ runs one prefill at a time
 };
 
 }  // namespace mprefill

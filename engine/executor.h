@@ -89,7 +89,7 @@ struct PrefillResult {
   std::vector<float> logits;  // [vocab] of the last prompt position, on every rank
   int64_t tokens = 0;
   bool all_dense = true;
-  int heads_by_kind[4] = {};  // (layer, head) pairs per PatternKind (0 when not measured)
+  int heads_by_kind[4] = {};  // this rank's (layer, head) pairs per PatternKind
   // This rank's time, ms. total_ms: host wall time of prefill(); the terms are measured
   // where `measured` says so (the CUDA backends time per category only on request).
   double total_ms = 0, gemm_ms = 0, attention_ms = 0, estimate_ms = 0, kv_export_ms = 0;

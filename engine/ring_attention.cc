@@ -1,6 +1,7 @@
 #include "engine/ring_attention.h"
 
 #include <algorithm>
+#include <chrono>
 #include <limits>
 #include <vector>
 
@@ -218,6 +219,89 @@ int64_t mask_tiles(const HeadMask& m, int64_t qb, int64_t kb, int64_t ke, int64_
   return 0;
 }
 
+namespace {
+
+// The ranges follow each other with no gap: local row i is global position r[0].first + i.
+bool in_order(const TokenRanges& r) {
+  for (size_t i = 1; i < r.size(); ++i)
+    if (r[i].first != r[i - 1].second) return false;
+  return true;
+}
+
+// One rank holding every row and key in order (the single process, Engine's prefill):
+// each head's kernel over the whole sequence straight into o / lse, with no partial buffer
+// and no merge, and a layer whose heads all run dense as one call.
+Status one_shard_sparse(int64_t n, const float* q, const float* k, const float* v, float* o,
+                        float* lse, int num_heads, int num_kv_heads, int head_dim, float scale,
+                        const HeadMask* masks, RingStats* stats, const std::string& who,
+                        std::string* error) {
+  const auto t0 = std::chrono::steady_clock::now();
+  RingStats st;
+  bool all_dense = true;
+  for (int h = 0; h < num_heads; ++h) {
+    all_dense &= masks[h].kind == PatternKind::kDense;
+    for (int64_t b = 0; b < num_blocks(n); ++b) st.tiles += mask_tiles(masks[h], b, 0, n, n);
+  }
+  AttentionParams p;
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.o = o;
+  p.lse = lse;
+  p.q_row_stride = p.o_row_stride = int64_t{num_heads} * head_dim;
+  p.k_row_stride = p.v_row_stride = int64_t{num_kv_heads} * head_dim;
+  p.q_head_stride = p.o_head_stride = p.k_head_stride = p.v_head_stride = head_dim;
+  p.lse_head_stride = n;
+  p.n_q = p.n_k = static_cast<int>(n);
+  p.num_heads = num_heads;
+  p.num_kv_heads = num_kv_heads;
+  p.head_dim = head_dim;
+  p.causal = true;
+  p.scale = scale;
+  p.dtype = DType::kF32;
+  Status s = Status::kOk;
+  if (all_dense) {
+    s = cpu::attention_dense(p);
+  } else {
+    const int group = num_heads / num_kv_heads;
+    for (int h = 0; h < num_heads && s == Status::kOk; ++h) {
+      const HeadMask& m = masks[h];
+      AttentionParams ph = p;
+      ph.num_heads = ph.num_kv_heads = 1;
+      ph.q = q + int64_t{h} * head_dim;
+      ph.o = o + int64_t{h} * head_dim;
+      ph.lse = lse ? lse + int64_t{h} * n : nullptr;
+      ph.k = k + int64_t{h / group} * head_dim;
+      ph.v = v + int64_t{h / group} * head_dim;
+      switch (m.kind) {
+        case PatternKind::kDense:
+          s = cpu::attention_dense(ph);
+          break;
+        case PatternKind::kAShape: {
+          AShapeParams a;
+          a.n_init = &m.n_init;
+          a.n_local = &m.n_local;
+          s = cpu::attention_ashape(ph, a);
+          break;
+        }
+        case PatternKind::kVerticalSlash:
+          s = cpu::attention_vs(ph, m.vs, m.vs_head);
+          break;
+        case PatternKind::kBlockSparse:
+          s = cpu::attention_block_sparse(ph, m.bs, m.bs_head);
+          break;
+      }
+    }
+  }
+  if (s != Status::kOk) return fail(error, s, who + "attention kernel failed");
+  st.compute_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  if (stats) *stats = st;
+  return Status::kOk;
+}
+
+}  // namespace
+
 Status ring_attention_sparse_cpu(comm::Communicator& sp, const std::vector<TokenRanges>& layout,
                                  int64_t n_total, const float* q, const float* k, const float* v,
                                  float* o, float* lse, int num_heads, int num_kv_heads,
@@ -258,6 +342,9 @@ Status ring_attention_sparse_cpu(comm::Communicator& sp, const std::vector<Token
   const int group = num_heads / num_kv_heads;
   const int64_t q_row = int64_t{num_heads} * head_dim;
   const int64_t kv_row = int64_t{num_kv_heads} * head_dim;
+  if (size == 1 && in_order(mine))
+    return one_shard_sparse(n_total, q, k, v, o, lse, num_heads, num_kv_heads, head_dim, scale,
+                            masks, stats, who, error);
   RingOutput out(o, lse, n_local, q_row, num_heads);
   RingStats st;
 
@@ -352,6 +439,48 @@ Status ring_attention_sparse_cpu(comm::Communicator& sp, const std::vector<Token
   const Status s = run_ring(sp, layout, kv_row, k, v, who, &st, error, compute);
   if (s == Status::kOk && stats) *stats = st;
   return s;
+}
+
+double expected_block_tiles(const HeadPattern& p, int64_t b, int64_t n) {
+  const int64_t causal = b + 1;
+  auto cdiv = [](int64_t a, int64_t d) { return (a + d - 1) / d; };
+  switch (p.kind) {
+    case PatternKind::kDense:
+      return static_cast<double>(causal);
+    case PatternKind::kAShape:
+      return static_cast<double>(std::min(causal, cdiv(p.a, kBlock) + cdiv(p.b, kBlock) + 1));
+    case PatternKind::kVerticalSlash:
+      return static_cast<double>(std::min<int64_t>(
+          causal, clamp_slash_budget(p.b, n) + cdiv(clamp_vertical_budget(p.a, n), kBlock)));
+    case PatternKind::kBlockSparse:
+      return static_cast<double>(std::min<int64_t>(causal, p.a));
+  }
+  return 0;
+}
+
+void HeadMaskSet::build(const std::vector<const HeadPlan*>& plans,
+                        const std::vector<HeadPattern>& pats, int64_t n) {
+  masks.assign(plans.size(), {});
+  vs.clear();
+  vs.reserve(plans.size());
+  for (size_t i = 0; i < plans.size(); ++i) {
+    HeadMask& m = masks[i];
+    m.kind = plans[i]->kind;
+    if (m.kind == PatternKind::kAShape) {
+      m.n_init = pats[i].a;
+      m.n_local = pats[i].b;
+    } else if (m.kind == PatternKind::kVerticalSlash) {
+      vs.push_back(cpu::vs_build_index({plans[i]->vs}, n));
+      m.vs = view(vs.back());
+      m.vs_head = 0;
+    } else if (m.kind == PatternKind::kBlockSparse) {
+      m.bs.seq_len = n;
+      m.bs.nblocks = num_blocks(n);
+      m.bs.k = plans[i]->topk;
+      m.bs.blocks = plans[i]->blocks.data();
+      m.bs_head = 0;
+    }
+  }
 }
 
 }  // namespace mprefill

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "engine/engine.h"
 #include "kernels/sparse.h"
 #include "kernels/status.h"
 #include "model/parallel_plan.h"
@@ -55,6 +56,21 @@ struct RingStats {
   double compute_ms = 0;  // attention + merge
   double wait_ms = 0;     // waiting for a transfer after the step's compute (exposed)
   int64_t bytes_sent = 0;
+};
+
+// Expected 64x64 tiles of query block b of an n-token prompt under a head pattern (the
+// planning weights of the sp layout, as expected_tiles per block).
+double expected_block_tiles(const HeadPattern& p, int64_t b, int64_t n);
+
+// The masks of a set of heads with their index storage (vertical-slash indices built
+// here from each head's selection; block-sparse lists stay in the plans, which must
+// outlive the set).
+struct HeadMaskSet {
+  std::vector<HeadMask> masks;
+  std::vector<VsIndex> vs;  // one per vertical-slash head (stable: reserved up front)
+
+  void build(const std::vector<const HeadPlan*>& plans, const std::vector<HeadPattern>& pats,
+             int64_t n);
 };
 
 // Sparse-aware ring attention: like ring_attention_cpu, for any layout of 64-aligned

@@ -104,12 +104,12 @@ struct SearchResult {
   SparsePolicy policy(int budget) const;
 };
 
-// Dense fp32 forward of a prompt: Engine::prefill's forward under a dense policy (the one
-// CPU layer forward, engine/cpu_local.h local_forward, with K / V in one reused layer
-// buffer instead of a cache), handing each layer's Q (after RoPE) [N][q_dim], K (after
-// RoPE) and V [N][kv_dim] to fn before the layer's attention. Returns the logits of the
-// last row, bit-identical to Engine::prefill's. No length limit (the calibration prompt may
-// exceed max_position).
+// Dense fp32 forward of a prompt: the one CPU layer forward (engine/cpu_local.h
+// local_forward, with K / V in one reused layer buffer instead of a cache), handing each
+// layer's Q (after RoPE) [N][q_dim], K (after RoPE) and V [N][kv_dim] to fn before the
+// layer's attention. Returns the logits of the last row, bit-identical to a dense
+// Engine::prefill's (tests/mpi/dist_engine_one_rank_test.cc). No length limit (the calibration
+// prompt may exceed max_position).
 std::vector<float> capture_qkv(
     const ModelWeights& w, const std::vector<int>& ids,
     const std::function<void(int layer, const float* q, const float* k, const float* v)>& fn);

@@ -19,7 +19,7 @@ struct JobOptions {
   int decode = 16;  // tokens decoded after the first one
   int audit_heads = 0;  // heads per layer audited against dense attention
   std::string sparse = "dense";
-  int64_t dense_below = 0;
+  std::optional<int64_t> dense_below;  // --dense-below; unset: the default (32768)
   double temperature = 0.0, top_p = 1.0;
   uint64_t seed = 0;
   std::vector<int> stop_ids;

@@ -81,7 +81,7 @@ int run_generate(const GenerateArgs& a) {
   opt.max_prompt = a.max_prompt;
   opt.audit.heads_per_layer = a.audit_heads;
   engine.check_prompt(ids, a.max_prompt);  // before reading a sparse config: cheap errors first
-  opt.policy = load_sparse_policy(a.sparse, w.config, a.dense_below);
+  opt.policy = load_sparse_policy(a.sparse, w.config, *a.dense_below);
   opt.policy.check_model(w.config);
 
   // cuda: GPU prefill, KV into a host cache, decoding on the CPU engine.

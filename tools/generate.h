@@ -16,7 +16,7 @@ struct DeviceError : std::runtime_error {
 };
 
 struct GenerateArgs : cli::JobOptions {
-  GenerateArgs() { dense_below = kDefaultDenseBelow; }
+  GenerateArgs() { dense_below = kDefaultDenseBelow; }  // (the service's default too)
   std::string model, tokenizer;
   int64_t max_prompt = 0;
   std::string device = "cpu";

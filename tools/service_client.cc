@@ -96,7 +96,7 @@ v1::Envelope make_submit(const ServiceArgs& a, const PromptInput& p, bool progre
     o->set_sparse_config(read_sparse_file(a.sparse));
   else
     o->set_sparse(a.sparse);
-  o->set_dense_below(a.dense_below);
+  if (a.dense_below) o->set_dense_below(*a.dense_below);  // else the coordinator's default
   o->set_decode_tokens(a.decode);
   o->set_audit_heads(a.audit_heads);
   o->mutable_sampling()->set_temperature(static_cast<float>(a.temperature));

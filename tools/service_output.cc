@@ -43,6 +43,11 @@ nlohmann::json outcome_json(const Outcome& o, const ServiceArgs& a, const Prompt
   j["worker_peak_device_bytes"] = r.worker_peak_device_bytes();
   j["decoder_peak_device_bytes"] = r.decoder_peak_device_bytes();
   j["sparse"] = {{"source", a.sparse}};
+  if (r.heads_run_size() == 4)  // what ran, as generate --json reports it
+    j["sparse"]["heads_run"] = {{"dense", r.heads_run(0)},
+                                {"a_shape", r.heads_run(1)},
+                                {"vertical_slash", r.heads_run(2)},
+                                {"block_sparse", r.heads_run(3)}};
   // The work split the group ran: the coordinator's token layout, unless the sparse-aware
   // re-balance replaced it.
   j["sp_rebalanced"] = r.sp_rebalanced();

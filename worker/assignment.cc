@@ -11,7 +11,7 @@ namespace mprefill::worker {
 
 SparsePolicy decode_policy(const v1::Assignment& job, const ModelConfig& cfg) {
   const v1::JobOptions& o = job.options();
-  const int64_t dense_below = o.dense_below() > 0 ? o.dense_below() : kDefaultDenseBelow;
+  const int64_t dense_below = o.has_dense_below() ? o.dense_below() : kDefaultDenseBelow;
   if (!job.has_policy()) {
     const std::string name = o.sparse().empty() ? "dense" : o.sparse();
     if (!is_builtin_sparse_spec(name))

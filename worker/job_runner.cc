@@ -161,6 +161,11 @@ void report(const GroupContext& g, const JobSpec& spec, const PrefillResult& r,
                 r.attention_ms, r.estimate_ms, r.kv_export_ms + hs.copy_ms);
   const auto per_rank = g.ctl->all_gather(line);
   const double tp_replace_ms = g.ctl->max(static_cast<int64_t>(r.tp_replace_ms * 1000)) / 1000.0;
+  // Each rank counts its own heads; the sp ranks of one tp rank count the same ones.
+  int64_t heads_run[4];
+  for (int k = 0; k < 4; ++k)
+    heads_run[k] =
+        static_cast<int64_t>(g.ctl->sum(static_cast<double>(r.heads_by_kind[k]))) / g.topo.sp;
   if (!g.root()) return;
   v1::Envelope d;
   auto* done = d.mutable_worker_done();
@@ -203,6 +208,7 @@ void report(const GroupContext& g, const JobSpec& spec, const PrefillResult& r,
     b->set_sp_imbalance(r.sp_imbalance);  // the same on every rank
     b->set_tp_imbalance(r.tp_imbalance);
   }
+  for (int64_t h : heads_run) done->add_heads_run(h);
   set_split(g, spec, r, tp_replace_ms, done);
   g.link->send(d);
   std::fprintf(stderr,

@@ -267,6 +267,42 @@ TEST(Engine, MlpChunkDoesNotChangeResult) {
     EXPECT_LE(test::max_abs_diff(outs[i].data(), outs[0].data(), outs[0].size()), 1e-5) << i;
 }
 
+// A prefill into a bf16 cache stores the rows a worker's KV export stores (the fp32 rows
+// rounded to bf16) and leaves the logits alone: the attention reads the fp32 rows.
+TEST(Engine, PrefillIntoBf16CacheStoresTheRoundedRows) {
+  const ModelWeights w = make_model(small_config(RopeStyle::kRotateHalf, true, false), 13);
+  const Engine eng(w);
+  const int n = 97;
+  const auto ids = random_ids(n, w.config.vocab, 17);
+  KvCache f32(w.config, n), b16(w.config, n, DType::kBF16);
+  const std::vector<float> a = eng.prefill(ids, SparsePolicy::dense(), &f32);
+  const std::vector<float> b = eng.prefill(ids, SparsePolicy::dense(), &b16);
+  EXPECT_EQ(b16.n_tokens, n);
+  EXPECT_EQ(test::max_abs_diff(a.data(), b.data(), a.size()), 0.0);
+  const KvCache rounded = round_to_bf16(f32, n);
+  const int64_t kvd = w.config.kv_dim();
+  std::vector<float> k1(n * kvd), v1(n * kvd), k2(n * kvd), v2(n * kvd);
+  for (int l = 0; l < w.config.n_layers; ++l) {
+    b16.read_rows(l, 0, n, k1.data(), v1.data());
+    rounded.read_rows(l, 0, n, k2.data(), v2.data());
+    EXPECT_EQ(test::max_abs_diff(k1.data(), k2.data(), k1.size()), 0.0) << "K layer " << l;
+    EXPECT_EQ(test::max_abs_diff(v1.data(), v2.data(), v1.size()), 0.0) << "V layer " << l;
+  }
+}
+
+// The engine reads the caller's weights in place (no copy): a change after construction
+// shows in the next prefill.
+TEST(Engine, PrefillReadsTheWeightsInPlace) {
+  ModelWeights w = make_model(small_config(RopeStyle::kRotateHalf, false, false), 19);
+  const Engine eng(w);
+  const auto ids = random_ids(40, w.config.vocab, 23);
+  KvCache c1(w.config, 40), c2(w.config, 40);
+  const std::vector<float> before = eng.prefill(ids, SparsePolicy::dense(), &c1);
+  for (float& x : w.layers[0].w_up.data) x *= 2.f;
+  const std::vector<float> after = eng.prefill(ids, SparsePolicy::dense(), &c2);
+  EXPECT_GT(test::max_abs_diff(before.data(), after.data(), before.size()), 1e-4);
+}
+
 // ---------------------------------------------------------------- sparse
 TEST(EngineSparse, FullBudgetsEqualDense) {
   const ModelWeights w = make_model(small_config(RopeStyle::kRotateHalf, true, false), 21);

@@ -197,7 +197,7 @@ TEST_F(RandomModelSearch, TilesEqualTheEnginesEstimatedIndices) {
     const float* k = (*qkv_)[h.layer][1].data() + (h.head / group) * c.head_dim;
     for (const Candidate& cand : h.candidates) {
       if (cand.pattern.kind == PatternKind::kVerticalSlash) {
-        // As Engine::prefill runs it (engine/cpu_local.h).
+        // The single-head estimate (engine/cpu_local.h); DistEngine's over sp shards equals it.
         const VsEstimateParams e =
             one_head_vs_params(q, c.q_dim(), k, c.kv_dim(), c.head_dim, n, scale);
         std::vector<VsSelection> sel;

@@ -1,8 +1,10 @@
 // One layer forward for every CPU path (engine/cpu_layer.h): on the same random model and
-// prompt, Engine::prefill, DistEngine at tp 1 x sp 1 (mpirun -np 1) and the pattern
-// search's capture_qkv give bit-identical K / V of every layer and logits, and the
-// capture's Q equals the Q that Engine::prefill's forward (local_forward with a KV cache)
-// hands its attention. Dense and a sparse mix (indices estimated, then fixed).
+// prompt, Engine::prefill (DistEngine over the one-rank group, weights read in place),
+// DistEngine at tp 1 x sp 1 over MPI (mpirun -np 1, weights loaded by path), the pattern
+// search's capture_qkv and the dense single-process forward of decode steps
+// (local_forward with a KV cache) give bit-identical K / V of every layer and logits, and
+// the capture's Q equals the Q local_forward hands its attention. Dense and a sparse mix
+// (indices estimated, then fixed).
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -90,7 +92,8 @@ TEST(OneLayerForward, EngineDistAndCaptureAgreeBitwiseDense) {
         cv[l].assign(v, v + n * cfg.kv_dim());
       });
   EXPECT_TRUE(same_bits(clogits.data(), ref.logits.data(), ref.logits.size())) << "logits";
-  // Engine::prefill's forward (KV in a cache), observed before each attention.
+  // The dense single-process forward (decode steps' path, KV in a cache), observed before
+  // each attention.
   const std::vector<double> inv_freq =
       rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling);
   KvCache cache(cfg, n);

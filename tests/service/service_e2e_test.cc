@@ -489,7 +489,6 @@ TEST(ServiceE2E, PythonClientRefusesAbbreviationsAndNamesMissingProtobuf) {
 TEST(ServiceE2E, AuditHeadsComeBackInTheResult) {
   // random:tiny, 700 tokens, every head sparse (auto, dense below 64): the group audits
   // two heads per layer against dense attention and the result carries them.
-  // (dense_below 0 means the default, 32768, on the wire.)
   Service s("random:tiny:5", 2, 1, "audit");
   std::string ids;
   for (int i = 0; i < 700; ++i) {
@@ -650,3 +649,85 @@ TEST(ServiceE2E, Bf16ModelHandsOffBf16Kv) {
       << out;
   std::filesystem::remove_all(dir);
 }
+
+// Issue 19's equality check, on the CPU service path: the long-context probe model's
+// retrieval samples (models/probe-kv32k/retrieval_1k.jsonl) through the coordinator, one
+// 4-rank worker group and the decoder, at tp 1 x sp 4 and tp 2 x sp 2, give the ids of
+// single-process `generate`: dense (then also the samples' answers) and under the searched
+// config (docs/probe/searched_8k_b0.1.json: block-sparse and vertical-slash heads whose
+// indices the group estimates over its sp ranks).
+namespace {
+
+struct ProbeSample {
+  std::string ids_file;
+  std::vector<int> answer;
+};
+
+std::string probe_dir() { return t::source_dir() + "/models/probe-kv32k"; }
+std::string probe_config() { return t::source_dir() + "/docs/probe/searched_8k_b0.1.json"; }
+
+std::vector<ProbeSample> probe_samples(const std::string& dir) {
+  std::vector<ProbeSample> out;
+  std::istringstream in(read_file(probe_dir() + "/retrieval_1k.jsonl"));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    const json j = json::parse(line);
+    std::string csv;
+    for (int id : j.at("ids").get<std::vector<int>>())
+      csv += (csv.empty() ? "" : ",") + std::to_string(id);
+    ProbeSample s;
+    s.ids_file = dir + "/probe" + std::to_string(out.size()) + ".ids";
+    std::ofstream(s.ids_file) << csv;
+    s.answer = j.at("answer").get<std::vector<int>>();
+    out.push_back(s);
+  }
+  return out;
+}
+
+std::string probe_args(const ProbeSample& s, const std::string& sparse) {
+  return "--prompt-ids \"$(cat " + quote(s.ids_file) + ")\" --decode 1 --sparse " + quote(sparse) +
+         " --dense-below 0 --json 2>&1";
+}
+
+void check_probe_through_service(int tp) {
+  MPREFILL_SKIP_IF_MISSING(probe_dir() + "/model.safetensors");
+  SKIP_WITHOUT_STORIES();  // the coordinator's tokenizer
+  const std::string dir =
+      ::testing::TempDir() + "/probe_tp" + std::to_string(tp) + "_" + std::to_string(::getpid());
+  std::filesystem::create_directories(dir);
+  const std::vector<ProbeSample> samples = probe_samples(dir);
+  ASSERT_EQ(samples.size(), 8u);
+  Service s(probe_dir(), 4, tp, "probe" + std::to_string(tp));
+  int dense_right = 0;
+  for (const ProbeSample& p : samples) {
+    for (const std::string& sparse : {std::string("dense"), probe_config()}) {
+      std::string ref_out, out;
+      ASSERT_EQ(t::run_command(bin("mprefill") + " generate --model " + quote(probe_dir()) + " " +
+                                   probe_args(p, sparse),
+                               &ref_out),
+                0)
+          << ref_out;
+      ASSERT_EQ(t::run_command(s.cli("submit") + " " + probe_args(p, sparse), &out), 0)
+          << out << s.logs();
+      const json ref = last_json(ref_out), j = last_json(out);
+      ASSERT_TRUE(j.is_object()) << out;
+      EXPECT_EQ(j.value("status", ""), "DONE") << out;
+      EXPECT_EQ(j.at("rank_breakdown").size(), 4u) << out;
+      EXPECT_EQ(ids_of(j), ids_of(ref)) << p.ids_file << " " << sparse << "\n" << out;
+      // What ran, over the group, as generate counts it: --dense-below 0 reaches the
+      // workers (before, 0 on the wire meant the 32768 default and every head ran dense).
+      EXPECT_EQ(j.at("sparse").at("heads_run"), ref.at("sparse").at("heads_run")) << out;
+      EXPECT_EQ(j.at("sparse").at("heads_run").at("dense").get<int>(), sparse == "dense" ? 16 : 0)
+          << out;
+      if (sparse == "dense") dense_right += ids_of(j) == p.answer;
+    }
+  }
+  EXPECT_EQ(dense_right, 8);  // every sample answered (tests/cpu/probe_model_test.cc: 8 of 8)
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+
+TEST(ServiceE2E, ProbeAnswersAtTp1Sp4EqualTheEngine) { check_probe_through_service(1); }
+TEST(ServiceE2E, ProbeAnswersAtTp2Sp2EqualTheEngine) { check_probe_through_service(2); }
