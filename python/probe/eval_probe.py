@@ -3,7 +3,7 @@
 tile density and prefill time (issue 18, item 3): a CSV that plot_probe.py draws.
 
   python3 python/probe/eval_probe.py --model models/probe-kv128k --bin BUILD/bin/mprefill-search \\
-      --out DIR [--samples 200] [--lengths 8k,16k,32k,64k,128k] [--tasks kv,mk] \\
+      --out DIR [--samples 200] [--lengths 8k,16k,32k,64k,128k] [--tasks kv,mk,mw] \\
       [--deadline-minutes 9] [--adaptive 'SPEC;SPEC;SPEC']
 
 Resumable in chunks: every (task, length, shard of --shard samples) is one mprefill-search
@@ -30,7 +30,8 @@ most of its heads spread their mass; the issue asks for <= 10% at 128K.
 Cost (to be measured; the estimate behind the defaults): a prefill of this 16-head model is
 ~7 ms of dense attention per head at 128K (bench/NOTES.md: ~6.8 ms per head, H100) plus
 estimation, index download and density count, so ~0.2-0.3 s at 128K and 4x less per halving.
-kv: 1 prefill per sample and policy; mk: --keys prefills (one per fact). With 6 policies,
+kv: 1 prefill per sample and policy; mk: --keys prefills (one per fact); mw: 4 prefills
+(its scored facts, probe_task.WINDOW_SCORED). With 6 policies,
 200 samples, keys 4 and one-token answers that is ~0.5 h at 128K, ~0.2 h at 64K and
 < 0.1 h for 8K-32K. --answer-tokens 1 (default) scores the value token that the prefill
 itself produces: the second value token comes from a dense decode step and adds the
@@ -158,8 +159,7 @@ class Driver:
         if all(os.path.exists(p) for p in paths):
             return paths
         self.log(f"generating {a.samples} {task_name} samples of {n} tokens")
-        samples = (task.eval_set(n, a.samples) if task_name == "kv" else
-                   task.multikey_eval_set(n, a.samples, a.keys))
+        samples = task.task_eval_set(task_name, n, a.samples, a.keys)
         for k, p in enumerate(paths):
             task.write_eval(p + ".tmp", samples[k * a.shard:(k + 1) * a.shard], a.answer_tokens)
             os.replace(p + ".tmp", p)
@@ -279,8 +279,8 @@ def main():
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     a = ap.parse_args()
     a.tasks = [t for t in a.tasks.split(",") if t]
-    if any(t not in ("kv", "mk") for t in a.tasks):
-        ap.error("--tasks takes kv and/or mk")
+    if any(t not in ("kv", "mk", "mw") for t in a.tasks):
+        ap.error("--tasks takes kv, mk and/or mw")
     a.lengths = [parse_length(x) for x in a.lengths.split(",") if x]
     if a.samples < 1 or a.shard < 1 or a.pilot < 1 or not 0 < a.auto_density <= 1:
         ap.error("--samples, --shard and --pilot must be >= 1, --auto-density in (0, 1]")

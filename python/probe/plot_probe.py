@@ -48,7 +48,8 @@ def main():
         ax.set_xlabel("tile density (computed 64x64 tiles / causal tiles)")
         ax.set_ylabel("accuracy (Wilson 95%)")
         ax.set_ylim(-0.03, 1.03)
-        ax.set_title({"kv": "single key", "mk": "multi-key (all facts)"}.get(t, t))
+        ax.set_title({"kv": "single key", "mk": "multi-key (all facts)",
+                      "mw": "multi-key, full window (all 4 facts)"}.get(t, t))
         ax.grid(True, which="both", alpha=0.3)
     # Legends: policies by marker (grey), lengths by colour.
     ax = axes[0][0]

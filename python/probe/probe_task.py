@@ -22,6 +22,15 @@ query j also holds j - 1 answered queries in its last 64 rows, whose records com
 the scored one for the verticals of an estimated mask: a budget with too few verticals
 drops some of them.
 
+Task "mw" (multi-key with a full estimation window, issue 18): the mk layout with
+WINDOW_KEYS = 16 queries, of which only the last WINDOW_SCORED = 4 are scored. The prefill
+that ends at a scored query holds 12 answered queries (63 rows) in the last 64 rows that
+the vertical-slash estimate reads, so about 13 records compete for the verticals: a
+budget that keeps fewer loses the scored one, while every fact stays reachable under dense
+attention. Measured on the CPU engine (24 samples at 8K, the final query after 12 answered
+ones, 2026-12-08): `auto` scaled to 10% (vs:17:106) answers 3 of 24, dense 24 of 24, and
+the same budget answers 24 of 24 with one query at the end (bench/NOTES.md §8.8).
+
 Eval line format (what `mprefill-search --eval-retrieval` reads): {"ids": [...], "answer":
 [...]} and, for mk, "checks": [[P, [...]], ...]: greedy answers after prefills of ids[:P];
 the sample is correct iff the answer after ids and after every check's prefix all match.
@@ -31,7 +40,7 @@ seed (Python's `random`, stable across versions), so they are regenerated rather
 committed; train_probe.py draws its training batches from the same distribution on the GPU.
 
   python3 python/probe/probe_task.py --out DIR [--lengths 8192,16384,32768] [--samples 50]
-      [--task kv|mk] [--keys 4] [--answer-tokens 2] [--shard N]
+      [--task kv|mk|mw] [--keys 4] [--answer-tokens 2] [--shard N]
   (the CI set beside the committed model: --lengths 1024 --samples 8 --seed 1024
    --prefix retrieval --calib-length 0)
 """
@@ -46,6 +55,8 @@ VOCAB = 512
 RECORD = 5  # KEY k1 k2 v1 v2
 EVAL_SEED = 20261126  # seed of the published eval sets (MODEL_CARD.md)
 CALIB_SEED = 7
+WINDOW_KEYS = 16    # "mw": queries per sample ...
+WINDOW_SCORED = 4   # ... of which the last ones are scored
 
 
 def pairs_for(length):
@@ -129,6 +140,28 @@ def multikey_eval_set(length, samples, keys=4, seed=EVAL_SEED):
     return [make_multikey_sample(rng, length, keys) for _ in range(samples)]
 
 
+def window_eval_set(length, samples, seed=EVAL_SEED):
+    """"mw" samples as (ids, checks): multi-key samples with WINDOW_KEYS queries, only the
+    last WINDOW_SCORED checks kept (each after >= 12 answered queries); own seed stream."""
+    rng = random.Random((seed * 1000003 + length) * 41 + WINDOW_KEYS)
+    out = []
+    for _ in range(samples):
+        ids, checks = make_multikey_sample(rng, length, WINDOW_KEYS)
+        out.append((ids, checks[-WINDOW_SCORED:]))
+    return out
+
+
+def task_eval_set(name, length, samples, keys=4, seed=EVAL_SEED):
+    """The eval set of task kv, mk (keys facts) or mw."""
+    if name == "kv":
+        return eval_set(length, samples, seed)
+    if name == "mk":
+        return multikey_eval_set(length, samples, keys, seed)
+    if name == "mw":
+        return window_eval_set(length, samples, seed)
+    raise ValueError(f"unknown task {name!r} (kv, mk or mw)")
+
+
 def eval_line(ids, answer, checks=(), answer_tokens=2):
     """One JSON line of the evaluator's format; answers cut to their first answer_tokens
     tokens (1: only the value token produced by the prefill itself, no dense decode)."""
@@ -167,15 +200,14 @@ def main():
     ap.add_argument("--seed", type=int, default=EVAL_SEED)
     ap.add_argument("--calib-length", type=int, default=8192, help="0: no calibration prompt")
     ap.add_argument("--prefix", default="eval", help="file names PREFIX_<length>.jsonl")
-    ap.add_argument("--task", choices=("kv", "mk"), default="kv")
+    ap.add_argument("--task", choices=("kv", "mk", "mw"), default="kv")
     ap.add_argument("--keys", type=int, default=4, help="mk: queried records per sample")
     ap.add_argument("--answer-tokens", type=int, choices=(1, 2), default=2,
                     help="answer tokens scored per query (1: the prefill's own token only)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     for n in (int(x) for x in args.lengths.split(",") if x):
-        samples = (eval_set(n, args.samples, args.seed) if args.task == "kv" else
-                   multikey_eval_set(n, args.samples, args.keys, args.seed))
+        samples = task_eval_set(args.task, n, args.samples, args.keys, args.seed)
         write_eval(os.path.join(args.out, f"{args.prefix}_{length_name(n)}.jsonl"), samples,
                    args.answer_tokens)
     if args.calib_length <= 0:

@@ -119,6 +119,30 @@ class MultiKey(unittest.TestCase):
         self.assertEqual(rec["answer"], checks[-1][1][:1])
         self.assertEqual(rec["checks"], [[p, a[:1]] for p, a in checks[:-1]])
 
+    def test_window_task_scores_the_last_facts_behind_a_full_window(self):
+        a = task.window_eval_set(4096, 3)
+        self.assertEqual(a, task.window_eval_set(4096, 3))
+        self.assertNotEqual([s[0] for s in a], [s[0] for s in task.multikey_eval_set(4096, 3, 4)])
+        for ids, checks in a:
+            self.assertEqual(len(ids), 4096)
+            self.assertEqual(len(checks), task.WINDOW_SCORED)
+            self.assertEqual(checks[-1][0], 4096)
+            for p, ans in checks:
+                # The estimate's last 64 rows: 12 answered queries and the scored one.
+                self.assertGreaterEqual(ids[p - 64:p].count(task.QUERY), 13)
+                k1, k2 = ids[p - 2], ids[p - 1]
+                at = [i for i in range(1, p - 64) if ids[i:i + 3] == [task.KEY, k1, k2]]
+                self.assertEqual(len(at), 1)  # the record is in the body, once
+                self.assertEqual(ids[at[0] + 3:at[0] + 5], ans)
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "mw.jsonl")
+            task.write_eval(out, a[:1], answer_tokens=1)
+            with open(out) as f:
+                rec = json.loads(f.readline())
+        self.assertEqual(len(rec["checks"]), task.WINDOW_SCORED - 1)
+        with self.assertRaises(ValueError):
+            task.task_eval_set("nope", 4096, 1)
+
     def test_too_short_is_refused(self):
         with self.assertRaises(AssertionError):
             task.make_multikey_sample(random.Random(1), 90, 4, pairs=16)
