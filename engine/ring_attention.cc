@@ -221,6 +221,25 @@ int64_t mask_tiles(const HeadMask& m, int64_t qb, int64_t kb, int64_t ke, int64_
 
 namespace {
 
+// One head's attention under its mask (p: one query head and its KV head).
+Status head_kernel(const HeadMask& m, const AttentionParams& p) {
+  switch (m.kind) {
+    case PatternKind::kDense:
+      return cpu::attention_dense(p);
+    case PatternKind::kAShape: {
+      AShapeParams a;
+      a.n_init = &m.n_init;
+      a.n_local = &m.n_local;
+      return cpu::attention_ashape(p, a);
+    }
+    case PatternKind::kVerticalSlash:
+      return cpu::attention_vs(p, m.vs, m.vs_head);
+    case PatternKind::kBlockSparse:
+      return cpu::attention_block_sparse(p, m.bs, m.bs_head);
+  }
+  return Status::kInvalidArgument;
+}
+
 // The ranges follow each other with no gap: local row i is global position r[0].first + i.
 bool in_order(const TokenRanges& r) {
   for (size_t i = 1; i < r.size(); ++i)
@@ -248,14 +267,12 @@ Status one_shard_sparse(int64_t n, const float* q, const float* k, const float* 
   p.v = v;
   p.o = o;
   p.lse = lse;
-  p.q_row_stride = p.o_row_stride = int64_t{num_heads} * head_dim;
-  p.k_row_stride = p.v_row_stride = int64_t{num_kv_heads} * head_dim;
-  p.q_head_stride = p.o_head_stride = p.k_head_stride = p.v_head_stride = head_dim;
-  p.lse_head_stride = n;
   p.n_q = p.n_k = static_cast<int>(n);
   p.num_heads = num_heads;
   p.num_kv_heads = num_kv_heads;
   p.head_dim = head_dim;
+  set_packed_strides(p);
+  p.lse_head_stride = n;
   p.causal = true;
   p.scale = scale;
   p.dtype = DType::kF32;
@@ -273,24 +290,7 @@ Status one_shard_sparse(int64_t n, const float* q, const float* k, const float* 
       ph.lse = lse ? lse + int64_t{h} * n : nullptr;
       ph.k = k + int64_t{h / group} * head_dim;
       ph.v = v + int64_t{h / group} * head_dim;
-      switch (m.kind) {
-        case PatternKind::kDense:
-          s = cpu::attention_dense(ph);
-          break;
-        case PatternKind::kAShape: {
-          AShapeParams a;
-          a.n_init = &m.n_init;
-          a.n_local = &m.n_local;
-          s = cpu::attention_ashape(ph, a);
-          break;
-        }
-        case PatternKind::kVerticalSlash:
-          s = cpu::attention_vs(ph, m.vs, m.vs_head);
-          break;
-        case PatternKind::kBlockSparse:
-          s = cpu::attention_block_sparse(ph, m.bs, m.bs_head);
-          break;
-      }
+      s = head_kernel(m, ph);
     }
   }
   if (s != Status::kOk) return fail(error, s, who + "attention kernel failed");
@@ -373,25 +373,7 @@ Status ring_attention_sparse_cpu(comm::Communicator& sp, const std::vector<Token
     p.causal = true;
     p.scale = scale;
     p.dtype = DType::kF32;
-    Status s = Status::kOk;
-    switch (m.kind) {
-      case PatternKind::kDense:
-        s = cpu::attention_dense(p);
-        break;
-      case PatternKind::kAShape: {
-        AShapeParams a;
-        a.n_init = &m.n_init;
-        a.n_local = &m.n_local;
-        s = cpu::attention_ashape(p, a);
-        break;
-      }
-      case PatternKind::kVerticalSlash:
-        s = cpu::attention_vs(p, m.vs, m.vs_head);
-        break;
-      case PatternKind::kBlockSparse:
-        s = cpu::attention_block_sparse(p, m.bs, m.bs_head);
-        break;
-    }
+    const Status s = head_kernel(m, p);
     if (s != Status::kOk) return s;
     MergeParams mp;
     mp.o_a = o + r0 * q_row + int64_t{h} * head_dim;
