@@ -259,8 +259,10 @@ class Client:
     def submit(self, token_ids=None, text: str | None = None, decode_tokens: int = 0,
                sparse: str = "dense", temperature: float = 0.0, top_p: float = 1.0,
                seed: int = 0, stop_ids=(), want_progress: bool = True, tag: str = "",
-               timeout_s: float = 30.0) -> int:
-        """Submits a job; returns its id once accepted (raises ServiceError if refused)."""
+               timeout_s: float = 30.0, dense_below: int | None = None) -> int:
+        """Submits a job; returns its id once accepted (raises ServiceError if refused).
+        dense_below: prompts of fewer tokens run dense (None: the coordinator's default,
+        32768; 0: never dense)."""
         env = pb.Envelope(version=PROTOCOL_VERSION)
         s = env.submit
         if token_ids is not None:
@@ -269,6 +271,8 @@ class Client:
             s.text = text
         o = s.options
         o.sparse = sparse
+        if dense_below is not None:
+            o.dense_below = dense_below
         o.decode_tokens = decode_tokens
         o.sampling.temperature = temperature
         o.sampling.top_p = top_p
@@ -312,6 +316,9 @@ class Client:
                     "queue_ms": res.queue_ms,
                     "kv_bytes_handed_off": res.kv_bytes_handed_off,
                     "handoff_ms": res.handoff_ms,
+                    # (layer, head) pairs per pattern that ran, over the worker group
+                    "heads_run": dict(zip(("dense", "a_shape", "vertical_slash",
+                                           "block_sparse"), res.heads_run)),
                 }
             elif kind == "error" and r.error.job_id in (0, job_id):
                 raise ServiceError(r.error.code, r.error.message, r.error.job_id)
@@ -384,6 +391,8 @@ def main(argv=None) -> int:
                      help="text prompt (needs the coordinator's --tokenizer); as `mprefill submit`")
     ap.add_argument("--decode", type=int, default=0, help="tokens decoded after the first one")
     ap.add_argument("--sparse", default="dense")
+    ap.add_argument("--dense-below", type=int, default=None,
+                    help="prompts of fewer tokens run dense (default: the coordinator's, 32768)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -416,7 +425,8 @@ def main(argv=None) -> int:
         host, port, tls = a.coordinator
         c = Client(host, port, secret=secret, key_id=key_id, tls=tls or a.tls, ca_file=a.tls_ca)
         job = c.submit(token_ids=ids, text=a.text, decode_tokens=a.decode, sparse=a.sparse,
-                       temperature=a.temperature, top_p=a.top_p, seed=a.seed, want_progress=tty)
+                       temperature=a.temperature, top_p=a.top_p, seed=a.seed, want_progress=tty,
+                       dense_below=a.dense_below)
 
         def bar(layer, n, tps, state):
             print(f"\rjob {job} {state} layer {layer}/{n} {tps:.0f} tok/s ", end="",

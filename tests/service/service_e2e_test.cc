@@ -416,6 +416,16 @@ TEST(ServiceE2E, PythonClientRunsAJob) {
   EXPECT_EQ(j.value("status", ""), "DONE") << out;
   EXPECT_EQ(ids_of(j), ids_of(reference(p)));
   EXPECT_EQ(j.at("kv_bytes_handed_off").get<uint64_t>(), kKvPerToken * 11);
+  EXPECT_EQ(j.at("heads_run").at("dense").get<int>(), 36) << out;  // 6 layers x 6 heads
+  // --dense-below reaches the workers: `auto` on these 11 tokens runs vertical-slash.
+  ASSERT_EQ(
+      t::run_command(py + " " + t::source_dir() + "/python/mprefill_client.py --coordinator " +
+                         s.addr + " --secret-file " + quote(s.secret_file) + " --prompt-ids " +
+                         p.value + " --sparse auto --dense-below 0 --json 2>&1",
+                     &out),
+      0)
+      << out;
+  EXPECT_EQ(last_json(out).at("heads_run").at("vertical_slash").get<int>(), 36) << out;
   // And a refusal comes back as a clear error with a non-zero status.
   const int rc2 = t::run_command(
       py + " " + t::source_dir() + "/python/mprefill_client.py --coordinator " + s.addr +
