@@ -47,14 +47,19 @@ std::string ran_summary(const SparsePolicy& p, const PrefillStats& st) {
     return "dense on every head (" + std::to_string(st.tokens) + " tokens < --dense-below " +
            std::to_string(p.dense_below) + "; policy: " + one_line(p.source) + ")";
   }
+  return heads_summary(
+             {st.heads_by_kind[0], st.heads_by_kind[1], st.heads_by_kind[2], st.heads_by_kind[3]}) +
+         " (policy: " + one_line(p.source) + ")";
+}
+
+std::string heads_summary(const std::array<int64_t, 4>& per_kind) {
   static const char* kNames[] = {"dense", "a_shape", "vertical_slash", "block_sparse"};
   std::string out;
   for (int k : {2, 3, 1, 0}) {
-    if (st.heads_by_kind[k] == 0) continue;
-    out += (out.empty() ? "" : ", ") + std::string(kNames[k]) + " x" +
-           std::to_string(st.heads_by_kind[k]);
+    if (per_kind[k] == 0) continue;
+    out += (out.empty() ? "" : ", ") + std::string(kNames[k]) + " x" + std::to_string(per_kind[k]);
   }
-  return out + " (policy: " + one_line(p.source) + ")";
+  return out;
 }
 
 nlohmann::json audit_json(const PrefillStats& st) {

@@ -3,6 +3,7 @@
 #include <iostream>
 #include <vector>
 
+#include "tools/generate_report.h"
 #include "tools/service_client.h"
 
 namespace mprefill::cli {
@@ -80,6 +81,14 @@ nlohmann::json outcome_json(const Outcome& o, const ServiceArgs& a, const Prompt
   return j;
 }
 
+// What ran over the group, as generate says it.
+std::string heads_ran(const v1::JobResult& r) {
+  if (r.heads_run_size() != 4) return "?";
+  const std::string s =
+      heads_summary({r.heads_run(0), r.heads_run(1), r.heads_run(2), r.heads_run(3)});
+  return s.empty() ? "?" : s;
+}
+
 }  // namespace
 
 int print_outcome(const Outcome& o, const ServiceArgs& a, const PromptInput& p,
@@ -130,13 +139,14 @@ int print_outcome(const Outcome& o, const ServiceArgs& a, const PromptInput& p,
   std::fprintf(stderr,
                "mprefill: job %llu DONE: %lld prompt tokens, ttft %.1f ms (queue %.1f, prefill "
                "%.1f), KV %llu bytes handed off over %s in %.1f ms (%s GB/s; exposed %.1f ms after "
-               "the prefill), %d decoded in %.1f ms, stop: %s\n",
+               "the prefill), %d decoded in %.1f ms, stop: %s, heads: %s\n",
                static_cast<unsigned long long>(o.job_id), static_cast<long long>(r.prompt_tokens()),
                r.ttft_ms(), r.queue_ms(), r.prefill_ms(),
                static_cast<unsigned long long>(r.kv_bytes_handed_off()),
                r.kv_transport().empty() ? "?" : r.kv_transport().c_str(), r.handoff_ms(),
                gbps(r.kv_bytes_handed_off(), r.handoff_ms()).c_str(), r.exposed_handoff_ms(),
-               std::max(0, r.generated_ids_size() - 1), r.decode_ms(), r.stopped_by().c_str());
+               std::max(0, r.generated_ids_size() - 1), r.decode_ms(), r.stopped_by().c_str(),
+               heads_ran(r).c_str());
   double sum = 0, lo = 1;
   for (const auto& h : r.audit()) {
     std::fprintf(stderr, "mprefill: audit layer %d head %d (%s): recall %.4f, output error %.3g\n",

@@ -734,6 +734,13 @@ void check_probe_through_service(int tp) {
     }
   }
   EXPECT_EQ(dense_right, 8);  // every sample answered (tests/cpu/probe_model_test.cc: 8 of 8)
+  // Without --json the DONE line names what ran (the searched config: layers 0, 2, 3
+  // block-sparse, layer 1 vertical-slash, 4 heads each).
+  std::string out;
+  std::string args = probe_args(samples[0], probe_config());
+  args.erase(args.find(" --json"), 7);
+  ASSERT_EQ(t::run_command(s.cli("submit") + " " + args, &out), 0) << out;
+  EXPECT_NE(out.find("heads: vertical_slash x4, block_sparse x12"), std::string::npos) << out;
   std::filesystem::remove_all(dir);
 }
 
