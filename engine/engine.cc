@@ -95,10 +95,8 @@ std::vector<float> Engine::prefill(const std::vector<int>& ids, const SparsePoli
   const int64_t n = static_cast<int64_t>(ids.size());
   check_cache(cache, c, 0, n);
   KvCacheSink sink(cache, c.head_dim);
-  LayerProgressFn progress;
-  if (opt_.on_layer) progress = opt_.on_layer;
   std::lock_guard<std::mutex> lock(prefill_mu_);
-  DistPrefillResult r = dist_->prefill(ids, policy, &sink, plan_inout, progress, audit);
+  DistPrefillResult r = dist_->prefill(ids, policy, &sink, plan_inout, opt_.on_layer, audit);
   cache->n_tokens = n;
   r.stats.total_ms = ms_since(t0);
   if (stats) *stats = std::move(r.stats);

@@ -156,16 +156,13 @@ void report(const GroupContext& g, const JobSpec& spec, const PrefillResult& r,
   const int64_t peak_device = g.ctl->max(static_cast<int64_t>(r.peak_device_bytes));
   const double prefill_end_ms = since_t0(hs.last_put_ms);
   const double kv_ready_ms = since_t0(hs.kv_ready_ms);
+  // Each rank's times and the heads it ran per pattern kind, in one gather.
   char line[512];
-  std::snprintf(line, sizeof line, "%.3f %.3f %.3f %.3f %.3f", r.total_ms, r.gemm_ms,
-                r.attention_ms, r.estimate_ms, r.kv_export_ms + hs.copy_ms);
+  std::snprintf(line, sizeof line, "%.3f %.3f %.3f %.3f %.3f %d %d %d %d", r.total_ms, r.gemm_ms,
+                r.attention_ms, r.estimate_ms, r.kv_export_ms + hs.copy_ms, r.heads_by_kind[0],
+                r.heads_by_kind[1], r.heads_by_kind[2], r.heads_by_kind[3]);
   const auto per_rank = g.ctl->all_gather(line);
   const double tp_replace_ms = g.ctl->max(static_cast<int64_t>(r.tp_replace_ms * 1000)) / 1000.0;
-  // Each rank counts its own heads; the sp ranks of one tp rank count the same ones.
-  int64_t heads_run[4];
-  for (int k = 0; k < 4; ++k)
-    heads_run[k] =
-        static_cast<int64_t>(g.ctl->sum(static_cast<double>(r.heads_by_kind[k]))) / g.topo.sp;
   if (!g.root()) return;
   v1::Envelope d;
   auto* done = d.mutable_worker_done();
@@ -196,9 +193,13 @@ void report(const GroupContext& g, const JobSpec& spec, const PrefillResult& r,
   done->set_exposed_handoff_ms(std::max(0.0, kv_ready_ms - prefill_end_ms));
   done->set_peak_device_bytes(static_cast<uint64_t>(peak_device));
   done->set_prefill_ms(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  int64_t heads_run[4] = {};  // summed over ranks; the sp ranks of a tp rank count the same
   for (const std::string& rank_line : per_rank) {
     double v[5] = {};
-    std::sscanf(rank_line.c_str(), "%lf %lf %lf %lf %lf", &v[0], &v[1], &v[2], &v[3], &v[4]);
+    int h[4] = {};
+    std::sscanf(rank_line.c_str(), "%lf %lf %lf %lf %lf %d %d %d %d", &v[0], &v[1], &v[2], &v[3],
+                &v[4], &h[0], &h[1], &h[2], &h[3]);
+    for (int k = 0; k < 4; ++k) heads_run[k] += h[k];
     auto* b = done->add_ranks();
     b->set_total_ms(v[0]);
     b->set_gemm_ms(v[1]);
@@ -208,7 +209,7 @@ void report(const GroupContext& g, const JobSpec& spec, const PrefillResult& r,
     b->set_sp_imbalance(r.sp_imbalance);  // the same on every rank
     b->set_tp_imbalance(r.tp_imbalance);
   }
-  for (int64_t h : heads_run) done->add_heads_run(h);
+  for (int64_t h : heads_run) done->add_heads_run(h / g.topo.sp);
   set_split(g, spec, r, tp_replace_ms, done);
   g.link->send(d);
   std::fprintf(stderr,
